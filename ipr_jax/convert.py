@@ -1,0 +1,132 @@
+r"""Imports official SRM PyTorch checkpoints (and the srmbench MNIST classifier) into ipr-jax.
+
+  python -m ipr_jax.convert --torch_checkpoint=last.ckpt \
+      --config=configs/mnist_sudoku.py --workdir=runs/ms1000_28_official
+
+writes an Orbax checkpoint in `workdir/checkpoints/<global_step>` that `python -m ipr_jax.evaluate`
+(and `python -m ipr_jax.train`, to fine-tune) load as if it had been trained here. The EMA weights
+(what the reference samples with) are imported by default; `--weights=live` takes the live ones.
+Accepted inputs: a Lightning `.ckpt` (`denoiser.*` / `ema_denoiser.module.*`), a torch
+state_dict (`.pth`/`.pt`) or an `.npz` of the denoiser state_dict (no torch needed for `.npz`).
+
+  python -m ipr_jax.convert --torch_classifier=mnist_classifier.pth --classifier_out=clf.npz
+
+converts the srmbench MNIST classifier (`conv1`, `conv2`, `fc1`, `fc2`) for the Sudoku metric.
+The mapping is strict: every key used, every shape checked, and for the reference presets the key
+count of reference_spec.md §1.10 (424 / 504 / 584) is checked too.
+"""
+
+from typing import Any, Mapping, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from ipr_jax import checkpoint
+from ipr_jax import train
+from ipr_jax import torch_files
+from ipr_jax.models import classifier as classifier_lib
+from ipr_jax.models import state_dict as state_dict_lib
+
+# State_dict key counts of the reference presets, duplicated time-embedding keys included.
+REFERENCE_KEY_COUNTS = {"unet_32": 424, "unet_128": 504, "unet_256": 584}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset]).",
+    lock_config=True)
+_TORCH_CHECKPOINT = flags.DEFINE_string(
+    "torch_checkpoint", None, "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to write the Orbax checkpoint to.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "live"],
+                             "Which weights of a Lightning checkpoint to import.")
+_STEP = flags.DEFINE_integer("step", None,
+                             "Step to record (default: the checkpoint's global_step, else 0).")
+_TORCH_CLASSIFIER = flags.DEFINE_string(
+    "torch_classifier", None, "srmbench MNIST classifier state_dict (.pth/.pt/.npz).")
+_CLASSIFIER_OUT = flags.DEFINE_string(
+    "classifier_out", None, "Where to write the converted classifier (.npz).")
+
+
+def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
+                     weights: str = "ema") -> dict[str, Any]:
+  """A Lightning or plain SRM state_dict -> Flax U-Net params for `config.model`.
+
+  Args:
+    state_dict: numpy arrays by reference key name (see `torch_files.load_state_dict_file`).
+    config: the task config; its `model` and `data` sections define the expected network.
+    weights: 'ema' or 'live' for Lightning state_dicts.
+
+  Returns:
+    The params dict (`model.apply({'params': params}, ...)`).
+
+  Raises:
+    ValueError: missing, unexpected or mis-shaped keys, or a key count that differs from the
+      reference preset's.
+  """
+  denoiser_sd = torch_files.select_denoiser(state_dict, weights)
+  model = train.make_model(config)
+  expected = REFERENCE_KEY_COUNTS.get(config.model.get("name", ""))
+  if expected is not None and _is_reference_preset(config) and len(denoiser_sd) != expected:
+    raise ValueError(
+        f"a {config.model.name} denoiser state_dict has {expected} keys, this one has "
+        f"{len(denoiser_sd)}: is it a checkpoint of another config?")
+  return state_dict_lib.unet_params_from_state_dict(denoiser_sd, model)
+
+
+def _is_reference_preset(config: ml_collections.ConfigDict) -> bool:
+  from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top
+  preset = unet.UNET_PRESETS.get(config.model.name)
+  return preset is not None and all(
+      tuple(config.model[k]) == tuple(v) for k, v in preset.items()
+      if k in ("hid_dims", "attention"))
+
+
+def convert_checkpoint(torch_checkpoint: str, config: ml_collections.ConfigDict, workdir: str,
+                       weights: str = "ema", step: Optional[int] = None) -> str:
+  """Converts a PyTorch SRM checkpoint file into an Orbax checkpoint in `workdir`.
+
+  Returns:
+    The written checkpoint step directory.
+  """
+  state_dict, extras = torch_files.load_state_dict_file(torch_checkpoint)
+  params = convert_denoiser(state_dict, config, weights)
+  if step is None:
+    step = int(extras.get("global_step", 0))
+  step_dir = checkpoint.save_params_checkpoint(
+      workdir, params, config, train.make_optimizer(config), step=step, seed=config.seed)
+  return str(step_dir)
+
+
+def convert_classifier(torch_classifier: str, out_path: str) -> str:
+  """Converts the srmbench MNIST classifier state_dict into a Flax params `.npz`."""
+  state_dict, _ = torch_files.load_state_dict_file(torch_classifier)
+  params = classifier_lib.classifier_params_from_state_dict(state_dict)
+  classifier_lib.save_classifier_params(out_path, params, {'source': torch_classifier})
+  return out_path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _TORCH_CHECKPOINT.value and not _TORCH_CLASSIFIER.value:
+    raise app.UsageError("give --torch_checkpoint (with --config, --workdir) and/or "
+                         "--torch_classifier (with --classifier_out)")
+  if _TORCH_CHECKPOINT.value:
+    if _CONFIG.value is None or not _WORKDIR.value:
+      raise app.UsageError("--torch_checkpoint needs --config and --workdir")
+    step_dir = convert_checkpoint(_TORCH_CHECKPOINT.value, _CONFIG.value, _WORKDIR.value,
+                                  _WEIGHTS.value, _STEP.value)
+    logging.info("Wrote %s (%s weights of %s).", step_dir, _WEIGHTS.value, _TORCH_CHECKPOINT.value)
+    print(f"converted {_TORCH_CHECKPOINT.value} -> {step_dir}")
+  if _TORCH_CLASSIFIER.value:
+    if not _CLASSIFIER_OUT.value:
+      raise app.UsageError("--torch_classifier needs --classifier_out")
+    out = convert_classifier(_TORCH_CLASSIFIER.value, _CLASSIFIER_OUT.value)
+    print(f"converted {_TORCH_CLASSIFIER.value} -> {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,309 @@
+"""MNIST Sudoku puzzle batches (spec §5.1), built on device under jit.
+
+A batch is a dict:
+* 'image': float32 [B, H, W, 1] in [-1, 1], the solved grid drawn with MNIST digits (white on a -1
+  background), H = W = n * cell_size (252 for 9x9 with 28-pixel cells);
+* 'mask': float32 [B, H, W, 1], 1 = cell to generate, 0 = given, constant over each cell;
+* 'cell_mask': bool [B, n*n], True = unknown, cells in row-major order;
+* 'grid': int32 [B, n, n], the solution's digits 1..n;
+* 'num_given': int32 [B], the number of given cells.
+
+Given-cell counts are uniform integers in an inclusive range: training U{0..n*n-1} (U{0..80} for
+9x9, as the reference); test difficulties by name (`difficulty_range`): hard [0, 26], medium
+[27, 53], easy [54, 80] for 9x9. For 4x4 (16 cells) the same thirds of 0..15 are used: hard [0, 5],
+medium [6, 10], easy [11, 15]. `(n*n, n*n)` (everything given) is allowed too.
+
+Usage::
+
+  task = make_sudoku_task(box_size=3, cell_size=28, seed=0)
+  batch = task.train_batch(jax.random.key(0), 32)                   # jitted, on device
+  hard = task.test_batch(seed=0, indices=jnp.arange(100), given_range='hard')
+
+Inside pmap, pass the task as an argument (it is a pytree of arrays) rather than closing over it,
+so the digit bank is not baked into the compiled program as a constant:
+`jax.pmap(lambda task, key: task.train_batch(key, per_device), in_axes=(None, 0))`.
+
+Deviations from the reference, on purpose: grids are generated (`sudoku_grids`) instead of read
+from `sudokus.npy`; randomness is JAX's counter-based PRNG instead of numpy's, so test puzzle i is a
+pure function of (task, seed, i) but not the reference's puzzle i; test puzzles use held-out digits
+(the reference draws test digits from the same top-1000 MNIST-train bank as training).
+"""
+
+import functools
+from collections.abc import Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from ipr_jax.data import digits as digits_lib
+from ipr_jax.data import sudoku_grids
+
+DIFFICULTIES = ("hard", "medium", "easy")
+
+
+def difficulty_range(name: str, box_size: int = 3) -> tuple[int, int]:
+  """Inclusive given-cell range of a test difficulty: thirds of 0..n*n-1.
+
+  9x9: hard (0, 26), medium (27, 53), easy (54, 80) as in the reference's eval configs;
+  4x4: hard (0, 5), medium (6, 10), easy (11, 15).
+  """
+  last = (sudoku_grids.check_box_size(box_size) ** 2) ** 2 - 1
+  first_cut, second_cut = last // 3, 2 * last // 3
+  ranges = {"hard": (0, first_cut), "medium": (first_cut + 1, second_cut),
+            "easy": (second_cut + 1, last)}
+  if name not in ranges:
+    raise ValueError(f"difficulty {name!r}: expected one of {DIFFICULTIES}")
+  return ranges[name]
+
+
+def check_given_range(given_range, box_size: int = 3) -> tuple[int, int]:
+  """Validates a given-cell range: a difficulty name or an inclusive pair 0 <= lo <= hi <= n*n."""
+  if isinstance(given_range, str):
+    return difficulty_range(given_range, box_size)
+  num_cells = (sudoku_grids.check_box_size(box_size) ** 2) ** 2
+  try:
+    lo, hi = given_range
+    lo, hi = int(lo), int(hi)
+    ok = (lo, hi) == tuple(given_range)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
+                     "a pair of integers (lo, hi)")
+  if not 0 <= lo <= hi <= num_cells:
+    raise ValueError(f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
+                     "of cells)")
+  return lo, hi
+
+
+def render_grids(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank) -> jax.Array:
+  """Draws each cell's digit with a random image of that digit from the bank.
+
+  Args:
+    key: PRNG key.
+    grids: int [B, n, n] digits (0..9).
+    bank: DigitBank with tiles of side c.
+
+  Returns:
+    float32 [B, n*c, n*c, 1] in [-1, 1].
+  """
+  grids = jnp.asarray(grids, jnp.int32)
+  batch, n, _ = grids.shape
+  tiles = bank.gather(grids, bank.sample_indices(key, grids))  # [B, n, n, c, c]
+  c = tiles.shape[-1]
+  image = tiles.transpose(0, 1, 3, 2, 4).reshape(batch, n * c, n * c, 1)
+  return digits_lib.to_unit_range(image)
+
+
+def random_given_masks(key: jax.Array, num_given: jax.Array, num_cells: int) -> jax.Array:
+  """bool [B, num_cells], True = unknown, with exactly num_given[b] False (given) cells at random."""
+  keys = jax.random.split(key, num_given.shape[0])
+  order = jax.vmap(lambda k: jax.random.permutation(k, num_cells))(keys)  # order[b, rank] = cell
+  rank = jnp.argsort(order, axis=1)  # rank[b, cell]
+  return rank >= num_given[:, None]
+
+
+def cell_mask_to_image(cell_mask: jax.Array, n: int, cell_size: int) -> jax.Array:
+  """bool [B, n*n] (True = unknown) -> float32 [B, n*c, n*c, 1] (1 = unknown), cell-constant."""
+  grid = cell_mask.reshape(-1, n, n).astype(jnp.float32)
+  return jnp.repeat(jnp.repeat(grid, cell_size, axis=1), cell_size, axis=2)[..., None]
+
+
+def make_puzzles(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank,
+                 num_given: jax.Array) -> dict[str, jax.Array]:
+  """A batch dict (see the module docstring) for given solution grids and given-cell counts."""
+  grids = jnp.asarray(grids, jnp.int32)
+  k_render, k_cells = jax.random.split(key)
+  n = grids.shape[1]
+  num_given = jnp.asarray(num_given, jnp.int32)
+  cell_mask = random_given_masks(k_cells, num_given, n * n)
+  return {
+      "image": render_grids(k_render, grids, bank),
+      "mask": cell_mask_to_image(cell_mask, n, bank.cell_size),
+      "cell_mask": cell_mask,
+      "grid": grids,
+      "num_given": num_given,
+  }
+
+
+@flax.struct.dataclass
+class SudokuTask:
+  """Everything needed to draw MNIST Sudoku batches on device; a pytree (jit/pmap argument).
+
+  Build it with `make_sudoku_task`. Training puzzles use the training grids and the training
+  digits; test puzzles use the test grids and the held-out digits.
+
+  Attributes:
+    train_digits: DigitBank of the training digits.
+    test_digits: DigitBank of the held-out digits.
+    train_grids: int8 [Ntr, n, n] training base grids.
+    test_grids: int8 [Nte, n, n] test base grids.
+    box_size: 3 (9x9) or 2 (4x4).
+    transform_grids: apply a random Sudoku-group element to each base grid (9x9).
+    train_given_range: inclusive given-count range of training puzzles.
+  """
+  train_digits: digits_lib.DigitBank
+  test_digits: digits_lib.DigitBank
+  train_grids: jax.Array
+  test_grids: jax.Array
+  box_size: int = flax.struct.field(pytree_node=False, default=3)
+  transform_grids: bool = flax.struct.field(pytree_node=False, default=True)
+  train_given_range: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 80))
+
+  @property
+  def grid_size(self) -> int:
+    """n, the number of cells per row."""
+    return self.box_size * self.box_size
+
+  @property
+  def cell_size(self) -> int:
+    return self.train_digits.cell_size
+
+  @property
+  def image_size(self) -> int:
+    return self.grid_size * self.cell_size
+
+  def _grids(self, key, base_grids, base_index):
+    grids = base_grids[base_index]
+    if self.transform_grids:
+      grids = sudoku_grids.transform_grids(key, grids, self.box_size)
+    return grids
+
+  @functools.partial(jax.jit, static_argnames="batch_size")
+  def train_batch(self, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
+    """A random training batch (pure function of the key).
+
+    Args:
+      key: PRNG key.
+      batch_size: B (static).
+
+    Returns:
+      the batch dict of the module docstring.
+    """
+    k_base, k_group, k_given, k_puzzle = jax.random.split(key, 4)
+    base_index = jax.random.randint(k_base, (batch_size,), 0, self.train_grids.shape[0])
+    grids = self._grids(k_group, self.train_grids, base_index)
+    lo, hi = self.train_given_range
+    num_given = jax.random.randint(k_given, (batch_size,), lo, hi + 1)
+    return make_puzzles(k_puzzle, grids, self.train_digits, num_given)
+
+  def test_batch(self, seed: int | jax.Array, indices, given_range="hard") -> dict[str, jax.Array]:
+    """Test puzzles `indices`: puzzle i is a pure function of (task, seed, i, given_range).
+
+    The grid and the digit images of puzzle i do not depend on the given range; its given count
+    and given cells do.
+
+    Args:
+      seed: integer seed of the test set.
+      indices: int [B] puzzle indices (any non-negative integers).
+      given_range: 'hard' | 'medium' | 'easy' or an inclusive (lo, hi) pair of given-cell counts.
+
+    Returns:
+      the batch dict of the module docstring.
+    """
+    lo, hi = check_given_range(given_range, self.box_size)
+    indices = jnp.asarray(indices, jnp.int32)
+    if indices.ndim != 1:
+      raise ValueError(f"indices shape {indices.shape}: expected [B]")
+    return self._test_batch(jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi))
+
+  @jax.jit
+  def _test_batch(self, seed, indices, lo, hi):
+    def one_key(i):
+      return jax.random.fold_in(jax.random.key(seed), i)
+
+    keys = jax.vmap(one_key)(indices)
+    subkeys = jax.vmap(lambda k: jax.random.split(k, 5))(keys)  # [B, 5]
+    base_index = jax.vmap(
+        lambda k: jax.random.randint(k, (), 0, self.test_grids.shape[0]))(subkeys[:, 0])
+    base = self.test_grids[base_index]
+    if self.transform_grids:
+      grids = jax.vmap(
+          lambda k, g: sudoku_grids.transform_grids(k, g[None], self.box_size)[0])(
+              subkeys[:, 1], base)
+    else:
+      grids = base
+    grids = grids.astype(jnp.int32)
+    num_given = jax.vmap(lambda k: jax.random.randint(k, (), lo, hi + 1))(subkeys[:, 2])
+    n = self.grid_size
+    image = jax.vmap(lambda k, g: render_grids(k, g[None], self.test_digits)[0])(
+        subkeys[:, 3], grids)
+    cell_mask = jax.vmap(lambda k, g: random_given_masks(k, g[None], n * n)[0])(
+        subkeys[:, 4], num_given)
+    return {
+        "image": image,
+        "mask": cell_mask_to_image(cell_mask, n, self.cell_size),
+        "cell_mask": cell_mask,
+        "grid": grids,
+        "num_given": num_given,
+    }
+
+
+def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str = "bundled",
+                     top_n: int | None = None, seed: int = 0,
+                     train_given_range: tuple[int, int] | None = None,
+                     num_train_grids: int | None = None, num_test_grids: int | None = None,
+                     digits_path: str | None = None, tfds_data_dir: str | None = None,
+                     classifier_params=None) -> SudokuTask:
+  """Builds a SudokuTask from config-like arguments (host work: a few seconds for 9x9).
+
+  Args:
+    box_size: 3 for 9x9 Sudoku (252x252 images at cell_size 28), 2 for 4x4 (digits 1-4).
+    cell_size: 28, or 14 (digits box-averaged 2x down).
+    digits_source: 'bundled' (offline default) or 'tfds'.
+    top_n: if set, keep only the top-N digits per class by classifier confidence (the reference's
+      ms1000 uses 1000 from MNIST-train), in both the training and the held-out part.
+    seed: seed of the grid generation.
+    train_given_range: inclusive given-count range of training puzzles; default (0, n*n-1).
+    num_train_grids, num_test_grids: numbers of base grids (see `sudoku_grids.make_grid_sets`).
+    digits_path: bundled source only: another .npz in the bundled format.
+    tfds_data_dir: tfds source only.
+    classifier_params: classifier used for top-N (default: the shipped one).
+
+  Returns:
+    SudokuTask whose arrays are on the default device.
+  """
+  sudoku_grids.check_box_size(box_size)
+  n = box_size * box_size
+  train_given_range = (0, n * n - 1) if train_given_range is None else train_given_range
+  train_given_range = check_given_range(train_given_range, box_size)
+  grids = sudoku_grids.make_grid_sets(seed, box_size, num_train_grids, num_test_grids)
+  banks = [
+      digits_lib.load_digit_bank(part, digits_source, cell_size=cell_size, top_n=top_n,
+                                 classifier_params=classifier_params, path=digits_path,
+                                 data_dir=tfds_data_dir)
+      for part in ("train", "test")
+  ]
+  return jax.device_put(SudokuTask(
+      train_digits=banks[0], test_digits=banks[1], train_grids=grids.train,
+      test_grids=grids.test, box_size=box_size, transform_grids=grids.transform,
+      train_given_range=train_given_range))
+
+
+_TASK_KEYS = ("box_size", "cell_size", "digits_source", "top_n", "seed", "train_given_range",
+              "num_train_grids", "num_test_grids", "digits_path", "tfds_data_dir")
+
+
+def make_sudoku_task_from_config(data_config: Mapping) -> SudokuTask:
+  """`make_sudoku_task` from a config mapping (e.g. `config.data`), checking its image fields.
+
+  Keys read (all optional): box_size, cell_size, digits_source, top_n, seed (the grid seed;
+  default 0), train_given_range, num_train_grids, num_test_grids, digits_path, tfds_data_dir.
+  If present, `image_size` must equal n * cell_size, `channels` must be 1 and `patch_size` must
+  equal cell_size. Other keys are ignored.
+  """
+  kwargs = {k: data_config[k] for k in _TASK_KEYS if k in data_config}
+  if "train_given_range" in kwargs and kwargs["train_given_range"] is not None:
+    kwargs["train_given_range"] = tuple(kwargs["train_given_range"])
+  box_size = kwargs.get("box_size", 3)
+  cell_size = kwargs.get("cell_size", 28)
+  sudoku_grids.check_box_size(box_size)
+  expected = {"image_size": box_size * box_size * cell_size, "channels": 1,
+              "patch_size": cell_size}
+  for name, value in expected.items():
+    if name in data_config and data_config[name] != value:
+      raise ValueError(f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
+                       f"cell_size={cell_size}: expected {value}")
+  return make_sudoku_task(**kwargs)
+

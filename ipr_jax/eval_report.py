@@ -1,0 +1,179 @@
+"""Per-budget evaluation results: aggregation, confidence intervals, files and plots.
+
+The sampler returns, for every puzzle and every IPR budget b = 0..B, a dict of per-puzzle scores
+(b = 0 is the plain SRM sample). This module turns those arrays into the table a researcher reads:
+one row per budget with the valid rate, its 95% Wilson interval and the mean of every other score,
+written as `results.json` and `results.csv`, plus the two plots of the evaluation binary.
+"""
+
+import csv
+import json
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+# Two-sided 95% normal quantile.
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, total: int, z: float = _Z95) -> tuple[float, float]:
+  """Wilson score interval for a binomial proportion.
+
+  Args:
+    successes: number of successes.
+    total: number of trials; 0 gives the uninformative interval (0, 1).
+    z: normal quantile (1.96 for 95%).
+
+  Returns:
+    (low, high), both in [0, 1].
+  """
+  if total < 0 or successes < 0 or successes > total:
+    raise ValueError(f"need 0 <= successes <= total, got successes={successes}, total={total}")
+  if total == 0:
+    return 0.0, 1.0
+  p = successes / total
+  denom = 1.0 + z * z / total
+  centre = (p + z * z / (2 * total)) / denom
+  half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def budget_table(scores: Mapping[str, np.ndarray], nfe: Optional[np.ndarray] = None
+                 ) -> list[dict[str, Any]]:
+  """Aggregates per-puzzle scores into one row per budget.
+
+  Args:
+    scores: name -> array [num_budgets, num_puzzles]. Must contain 'valid' (bool or 0/1); every
+      other entry is averaged over puzzles as `mean_<name>`.
+    nfe: optional [num_budgets, num_puzzles] cumulative denoiser passes spent up to each budget.
+
+  Returns:
+    A list of rows (dicts) with keys budget, num_puzzles, valid_rate, valid_ci_low,
+    valid_ci_high, mean_<name>..., and mean_nfe when `nfe` is given.
+  """
+  if "valid" not in scores:
+    raise ValueError(f"scores need a 'valid' entry, got keys {sorted(scores)}")
+  valid = np.asarray(scores["valid"])
+  if valid.ndim != 2:
+    raise ValueError(f"scores['valid'] must be [num_budgets, num_puzzles], got shape {valid.shape}")
+  num_budgets, num_puzzles = valid.shape
+  for name, value in scores.items():
+    if np.shape(value) != valid.shape:
+      raise ValueError(f"scores[{name!r}] has shape {np.shape(value)}, expected {valid.shape}")
+  rows = []
+  for b in range(num_budgets):
+    count = int(np.sum(valid[b].astype(bool)))
+    low, high = wilson_interval(count, num_puzzles)
+    row = {
+        "budget": b,
+        "num_puzzles": num_puzzles,
+        "valid_rate": count / num_puzzles if num_puzzles else float("nan"),
+        "valid_ci_low": low,
+        "valid_ci_high": high,
+    }
+    for name in sorted(scores):
+      if name != "valid":
+        row[f"mean_{name}"] = float(np.mean(np.asarray(scores[name][b], np.float64)))
+    if nfe is not None:
+      row["mean_nfe"] = float(np.mean(np.asarray(nfe[b], np.float64)))
+    rows.append(row)
+  return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Renders budget rows as a fixed-width text table for the terminal."""
+  if not rows:
+    return "(no rows)"
+  columns = list(rows[0].keys())
+  cells = [[_format_cell(row[c]) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+  lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+  return "\n".join(lines)
+
+
+def _format_cell(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return str(value)
+
+
+def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
+                  metadata: Mapping[str, Any]) -> None:
+  """Writes `results.json` (metadata + rows) and `results.csv` (rows) into out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump({"metadata": dict(metadata), "budgets": list(rows)}, f, indent=2)
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str) -> None:
+  """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  budgets = [r["budget"] for r in rows]
+  rate = [r["valid_rate"] for r in rows]
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  ax.fill_between(budgets, [r["valid_ci_low"] for r in rows],
+                  [r["valid_ci_high"] for r in rows], alpha=0.25, label="95% interval")
+  ax.plot(budgets, rate, marker="o", ms=3, label="SRM + IPR")
+  ax.scatter([budgets[0]], [rate[0]], color="k", zorder=3, label="SRM (b = 0)")
+  ax.set_xlabel("IPR budget (iterations)")
+  ax.set_ylabel("valid rate")
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_ipr_process(path: str, snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
+                     cell_size: int, budgets_to_show: Optional[Sequence[int]] = None) -> None:
+  """A few puzzles across IPR iterations, invalid cells outlined in red.
+
+  Args:
+    path: output PNG path.
+    snapshots: [P, num_budgets, H, W, C] samples in [-1, 1].
+    invalid_cells: optional [P, num_budgets, gh, gw] bool, True where a cell breaks a rule.
+    cell_size: pixel size of one cell (or patch) for the outlines.
+    budgets_to_show: which budgets to draw (default: up to 8 evenly spaced, first and last kept).
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
+
+  snapshots = np.asarray(snapshots)
+  if snapshots.ndim != 5:
+    raise ValueError(f"snapshots must be [P, budgets, H, W, C], got shape {snapshots.shape}")
+  num_puzzles, num_budgets = snapshots.shape[:2]
+  if budgets_to_show is None:
+    budgets_to_show = sorted(set(np.linspace(0, num_budgets - 1, min(8, num_budgets)).astype(int)))
+  fig, axes = plt.subplots(num_puzzles, len(budgets_to_show), squeeze=False,
+                           figsize=(1.6 * len(budgets_to_show), 1.6 * num_puzzles))
+  for p in range(num_puzzles):
+    for j, b in enumerate(budgets_to_show):
+      ax = axes[p, j]
+      img = np.clip((snapshots[p, b] + 1) / 2, 0, 1)
+      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
+                interpolation="nearest")
+      if invalid_cells is not None:
+        for r, c in zip(*np.nonzero(invalid_cells[p, b])):
+          ax.add_patch(Rectangle((c * cell_size - 0.5, r * cell_size - 0.5), cell_size, cell_size,
+                                 fill=False, edgecolor="red", linewidth=1.0))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if p == 0:
+        ax.set_title("SRM" if b == 0 else f"b = {b}", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,242 @@
+r"""Evaluation binary: SRM + IPR on many test puzzles, the valid rate at every IPR budget.
+
+  python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:ms_hard_test --workdir=runs/ms
+  python -m ipr_jax.evaluate --config=configs/even_pixels.py:tiny --workdir=runs/ep_tiny \
+      --config.ipr.budget=2 --config.eval.num_puzzles=4
+
+It restores the EMA parameters of the newest Orbax checkpoint in `--workdir` (or `--checkpoint`:
+a run directory, its `checkpoints/` folder or one step folder), runs the SRM greedy sampler and
+`config.ipr.budget` IPR iterations on `config.eval.num_puzzles` test puzzles, in batches of
+`config.eval.batch_size` split over all local devices with pmap, and writes to
+`workdir/eval/<config.eval.name>/`:
+
+  results.json, results.csv    one row per budget b = 0..B (b = 0 is plain SRM): valid rate and
+                               its 95% Wilson interval, mean duplicate count (Sudoku) or the Even
+                               Pixels metrics, mean denoiser passes spent so far;
+  valid_rate_vs_budget.png     the curve;
+  ipr_process.png              a few puzzles across IPR iterations, invalid cells outlined.
+
+Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its sampling
+randomness, so results do not depend on the batch size or the number of devices.
+"""
+
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from ipr_jax import checkpoint
+from ipr_jax import eval_report
+from ipr_jax import sampler
+from ipr_jax import train
+from ipr_jax.metrics import even_pixels as even_pixels_metrics
+from ipr_jax.metrics import sudoku as sudoku_metrics
+from ipr_jax.models import classifier as classifier_lib
+from ipr_jax.models import denoiser
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Task config file, e.g. configs/mnist_sudoku.py:ms_hard_test.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint to evaluate (default: the newest one in --workdir).")
+
+# Seed streams of the evaluation: puzzle content and sampling randomness never share a key.
+_SAMPLING_STREAM = 1
+
+
+def sudoku_score_fn(classifier_params: Any, box_size: int) -> Callable[[jax.Array], dict]:
+  """z [B, H, W, 1] -> {'valid', 'duplicate_count'} per puzzle, through the digit classifier."""
+
+  def score(z):
+    grids = sudoku_metrics.predict_digit_grids(classifier_params, z, box_size)
+    count = sudoku_metrics.duplicate_count(grids)
+    return {"valid": count == 0, "duplicate_count": count}
+
+  return score
+
+
+def even_pixels_score_fn(z: jax.Array) -> dict:
+  """z [B, 32, 32, 3] -> {'valid' (exactly even), 'color_imbalance', 'saturation_std', 'value_std'}."""
+  per_image = even_pixels_metrics.per_image_metrics(z)
+  return {"valid": per_image["color_imbalance"] == 0, **per_image}
+
+
+def invalid_sudoku_cells(grids: np.ndarray) -> np.ndarray:
+  """bool [..., n, n]: True where a cell's digit repeats in its row, column or box."""
+  grids = np.asarray(grids)
+  n = grids.shape[-1]
+  box = int(round(n ** 0.5))
+  onehot = grids[..., None] == np.arange(1, n + 1)  # [..., n, n, n]
+  rows = onehot.sum(-2, keepdims=True)
+  cols = onehot.sum(-3, keepdims=True)
+  boxes = onehot.reshape(*grids.shape[:-2], box, box, box, box, n).sum((-4, -2), keepdims=True)
+  boxes = np.broadcast_to(boxes, (*grids.shape[:-2], box, box, box, box, n))
+  boxes = boxes.reshape(*grids.shape[:-2], n, n, n)
+  repeated = (rows > 1) | (cols > 1) | (boxes > 1)
+  return np.any(onehot & repeated, axis=-1)
+
+
+class _Task:
+  """What the evaluation needs of a task: test inputs, a score function, cell geometry."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.name = config.task
+    self.patch_size = config.data.patch_size
+    if config.task == "mnist_sudoku":
+      self.data = train.make_task(config)
+      self.box_size = config.data.box_size
+      path = config.eval.get("classifier_path", None)
+      self.classifier_params = classifier_lib.load_classifier_params(path)
+      self.score_fn = sudoku_score_fn(self.classifier_params, self.box_size)
+      self.given_range = tuple(config.eval.given_range)
+      self.cell_size = config.data.cell_size
+    elif config.task == "even_pixels":
+      self.data = None
+      self.score_fn = even_pixels_score_fn
+      self.cell_size = config.data.patch_size
+    else:
+      raise ValueError(f"unknown task {config.task!r}; expected 'mnist_sudoku' or 'even_pixels'")
+    size, channels = config.data.image_size, config.data.channels
+    self.image_shape = (size, size, channels)
+
+  def inputs(self, seed: int, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
+    """Test inputs of puzzles `indices`: image [B, H, W, d] and mask [B, H, W, 1] (or None)."""
+    if self.data is None:
+      return {"image": None, "mask": None}
+    batch = self.data.test_batch(seed, indices, self.given_range)
+    return {"image": batch["image"], "mask": batch["mask"]}
+
+  def invalid_cells(self, samples: np.ndarray) -> Optional[np.ndarray]:
+    """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku only)."""
+    if self.data is None:
+      return None
+    flat = samples.reshape(-1, *samples.shape[-3:])
+    grids = np.asarray(sudoku_metrics.predict_digit_grids(
+        self.classifier_params, jnp.asarray(flat), self.box_size))
+    n = grids.shape[-1]
+    return invalid_sudoku_cells(grids).reshape(*samples.shape[:-3], n, n)
+
+
+def _sampler_configs(config: ml_collections.ConfigDict):
+  return (sampler.SamplerConfig(**config.sampler.to_dict()),
+          sampler.IPRConfig(**config.ipr.to_dict()))
+
+
+def _batch_indices(num_puzzles: int, batch_size: int, num_devices: int):
+  """Yields (indices padded to a multiple of num_devices, number of real puzzles)."""
+  per_call = -(-batch_size // num_devices) * num_devices
+  for start in range(0, num_puzzles, per_call):
+    real = np.arange(start, min(start + per_call, num_puzzles))
+    padded = np.concatenate([real, np.full(per_call - len(real), real[-1])])
+    yield padded, len(real)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             checkpoint_path: Optional[str] = None) -> list[dict[str, Any]]:
+  """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
+
+  Args:
+    config: the task config (sections model, data, sampler, ipr, eval).
+    workdir: run directory; results go to `workdir/eval/<config.eval.name>/`.
+    checkpoint_path: what to restore (default: `workdir`).
+
+  Returns:
+    The per-budget rows written to results.csv.
+  """
+  num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
+  if num_puzzles < 1 or batch_size < 1:
+    raise ValueError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
+                     f"{batch_size} must be positive")
+  sampler_config, ipr_config = _sampler_configs(config)
+  task = _Task(config)
+  model = train.make_model(config)
+  which = "ema" if config.eval.get("use_ema", True) else "live"
+  source = checkpoint_path or workdir
+  params = checkpoint.restore_params(source, which=which)
+  logging.info("Restored %s params from %s.", which, source)
+
+  denoise = denoiser.make_denoise_fn(model, task.patch_size)
+  num_devices = jax.local_device_count()
+  per_device = -(-batch_size // num_devices)
+  num_snapshots = min(config.eval.get("num_plot_puzzles", 4), per_device)
+
+  def run(params, keys, image, mask):
+    return sampler.srm_ipr(
+        functools.partial(denoise, params), keys, image=image, mask=mask,
+        patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
+        score_fn=task.score_fn,
+        verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
+        num_snapshots=num_snapshots)
+
+  p_run = jax.pmap(run, in_axes=(None, 0, 0, 0))
+  sampling_key = jax.random.fold_in(jax.random.key(config.eval.seed), _SAMPLING_STREAM)
+  shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
+
+  scores, nfe, snapshots = [], [], None
+  start_time = time.time()
+  done = 0
+  for indices, real in _batch_indices(num_puzzles, batch_size, num_devices):
+    inputs = task.inputs(config.eval.seed, indices)
+    keys = sampler.puzzle_keys(sampling_key, jnp.asarray(indices))
+    result = p_run(params, shard(keys), shard(inputs["image"]), shard(inputs["mask"]))
+    result = jax.device_get(result)
+    unshard = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
+    scores.append({k: unshard(v) for k, v in result.scores.items()})
+    nfe.append(unshard(result.nfe_per_budget))
+    if snapshots is None and result.snapshots is not None:
+      snapshots = np.asarray(result.snapshots[0]).swapaxes(0, 1)[:real]  # [P, budgets, H, W, d]
+    done += real
+    elapsed = time.time() - start_time
+    running = np.concatenate([s["valid"] for s in scores], axis=1).mean(axis=1)
+    print(f"[{done}/{num_puzzles}] {elapsed:.0f}s elapsed, ETA "
+          f"{elapsed / done * (num_puzzles - done):.0f}s; valid rate SRM {running[0]:.3f}, "
+          f"after {len(running) - 1} IPR iterations {running[-1]:.3f}", flush=True)
+
+  scores = {k: np.concatenate([s[k] for s in scores], axis=1) for k in scores[0]}
+  rows = eval_report.budget_table(scores, np.concatenate(nfe, axis=1))
+  out_dir = os.path.join(workdir, "eval", config.eval.name)
+  metadata = {
+      "task": config.task,
+      "eval": config.eval.to_dict(),
+      "sampler": config.sampler.to_dict(),
+      "ipr": config.ipr.to_dict(),
+      "checkpoint": str(checkpoint.find_step_dir(source)),
+      "params": which,
+      "devices": [str(d) for d in jax.local_devices()],
+      "seconds": time.time() - start_time,
+  }
+  eval_report.write_results(out_dir, rows, metadata)
+  eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
+                              f"{config.task} / {config.eval.name}")
+  if snapshots is not None and len(snapshots):
+    eval_report.plot_ipr_process(os.path.join(out_dir, "ipr_process.png"), snapshots,
+                                 task.invalid_cells(snapshots), task.cell_size)
+  print(eval_report.format_table(rows))
+  print(f"wrote {out_dir}/results.json, results.csv and plots")
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except checkpoint.CheckpointError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

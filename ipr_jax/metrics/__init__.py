@@ -1,0 +1,1 @@
+"""ipr_jax.metrics."""

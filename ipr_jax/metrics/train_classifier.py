@@ -1,0 +1,182 @@
+r"""Trains the Sudoku metric's MNIST classifier and writes the weights shipped with the package.
+
+    python -m ipr_jax.metrics.train_classifier            # writes ipr_jax/metrics/assets/...
+    python -m ipr_jax.metrics.train_classifier --output=/tmp/clf.npz --num_epochs=2
+
+Data: the training part of the bundled digits (`ipr_jax.data.digits`, every fifth digit of each
+class is held out); accuracy is reported on the held-out part and stored in the file's metadata.
+Inputs are in [-1, 1] (white digit on -1), as the Sudoku images, so that the classifier can read
+generated samples unchanged (spec §6.1). Training uses random affine jitter (rotation, scale,
+shift) with a -1 fill, Adam with a cosine learning-rate decay, and the architecture's dropout.
+"""
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ipr_jax.data import digits as digits_lib
+from ipr_jax.models import classifier as classifier_lib
+
+
+def random_affine(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.0,
+                  max_scale_change: float = 0.1, max_shift: float = 2.0) -> jax.Array:
+  """Random rotation, isotropic scaling and shift of each image (bilinear, background -1).
+
+  Args:
+    key: PRNG key.
+    images: float32 [B, H, W, 1] in [-1, 1].
+    max_rotation_deg, max_scale_change, max_shift: ranges of the uniform draws.
+
+  Returns:
+    float32 [B, H, W, 1].
+  """
+  batch, height, width, _ = images.shape
+  k_rot, k_scale, k_shift = jax.random.split(key, 3)
+  angle = jnp.deg2rad(jax.random.uniform(k_rot, (batch,), minval=-max_rotation_deg,
+                                         maxval=max_rotation_deg))
+  scale = 1.0 + jax.random.uniform(k_scale, (batch,), minval=-max_scale_change,
+                                   maxval=max_scale_change)
+  shift = jax.random.uniform(k_shift, (batch, 2), minval=-max_shift, maxval=max_shift)
+  center = jnp.array([(height - 1) / 2, (width - 1) / 2])
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                            jnp.arange(width, dtype=jnp.float32), indexing="ij")
+
+  def warp(image, angle, scale, shift):
+    # Output pixel p reads input pixel R(-angle) (p - center - shift) / scale + center.
+    y, x = rows - center[0] - shift[0], cols - center[1] - shift[1]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    src_y = (cos * y + sin * x) / scale + center[0]
+    src_x = (-sin * y + cos * x) / scale + center[1]
+    return jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1,
+                                             mode="constant", cval=-1.0)[..., None]
+
+  return jax.vmap(warp)(images, angle, scale, shift)
+
+
+def _loss(params, images, labels, dropout_key):
+  logits = classifier_lib.MNISTClassifier().apply({"params": params}, images, train=True,
+                                                  rngs={"dropout": dropout_key})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "augment"), donate_argnums=(0, 1))
+def _train_step(params, opt_state, images, labels, key, optimizer, augment):
+  k_aug, k_drop = jax.random.split(key)
+  if augment:
+    images = random_affine(k_aug, images)
+  loss, grads = jax.value_and_grad(_loss)(params, images, labels, k_drop)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def accuracy(params, images_u8: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+  """Fraction of uint8 digits [N, 28, 28] classified as their label (plain argmax over 10)."""
+  correct = 0
+  for start in range(0, len(images_u8), batch_size):
+    tiles = digits_lib.to_unit_range(images_u8[start:start + batch_size])[..., None]
+    pred = np.asarray(jnp.argmax(classifier_lib.classifier_logits(params, tiles), axis=-1))
+    correct += int((pred == labels[start:start + batch_size]).sum())
+  return correct / max(len(images_u8), 1)
+
+
+def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0,
+                     num_epochs: int = 20, batch_size: int = 128, learning_rate: float = 2e-3,
+                     augment: bool = True, log_every_epochs: int = 1,
+                     eval_fn=None) -> dict:
+  """Trains `MNISTClassifier` from scratch.
+
+  Args:
+    images_u8: uint8 [N, 28, 28] training digits.
+    labels: [N] classes 0..9.
+    seed: seed of the initialisation, shuffling, augmentation and dropout.
+    num_epochs: passes over the data (the last partial batch of each epoch is dropped).
+    batch_size: examples per step.
+    learning_rate: peak Adam learning rate (cosine decay to 0).
+    augment: random affine jitter.
+    log_every_epochs: log the loss (and `eval_fn(params)`, if given) this often.
+    eval_fn: optional callable params -> float logged as held-out accuracy.
+
+  Returns:
+    params.
+  """
+  images = np.asarray(digits_lib.to_unit_range(images_u8))[..., None]
+  labels = np.asarray(labels, np.int32)
+  steps_per_epoch = len(images) // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(images)} training digits")
+  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, num_epochs * steps_per_epoch))
+  root = jax.random.key(seed)
+  params = classifier_lib.init_classifier_params(jax.random.fold_in(root, 0))
+  opt_state = optimizer.init(params)
+  rng = np.random.default_rng(seed)
+  step = 0
+  for epoch in range(num_epochs):
+    start_time = time.time()
+    order = rng.permutation(len(images))
+    losses = []
+    for i in range(steps_per_epoch):
+      batch = order[i * batch_size:(i + 1) * batch_size]
+      params, opt_state, loss = _train_step(
+          params, opt_state, images[batch], labels[batch],
+          jax.random.fold_in(jax.random.fold_in(root, 1), step), optimizer, augment)
+      losses.append(loss)
+      step += 1
+    if (epoch + 1) % log_every_epochs == 0 or epoch + 1 == num_epochs:
+      message = (f"epoch {epoch + 1}/{num_epochs}: loss {float(jnp.mean(jnp.stack(losses))):.4f}"
+                 f" ({time.time() - start_time:.1f} s)")
+      if eval_fn is not None:
+        message += f", held-out accuracy {eval_fn(params):.4f}"
+      logging.info(message)
+  return params
+
+
+_OUTPUT = flags.DEFINE_string("output", str(classifier_lib.DEFAULT_WEIGHTS),
+                              "Where to write the weights (.npz state dict).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 20, "Training epochs.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.99,
+                                   "Refuse to write weights below this held-out accuracy.")
+
+
+def main(argv):
+  del argv
+  train_images, train_labels = digits_lib.load_digits("train")
+  test_images, test_labels = digits_lib.load_digits("test")
+  logging.info("training on %d bundled digits, %d held out", len(train_images), len(test_images))
+  start_time = time.time()
+  params = train_classifier(train_images, train_labels, seed=_SEED.value,
+                            num_epochs=_NUM_EPOCHS.value, batch_size=_BATCH_SIZE.value,
+                            learning_rate=_LEARNING_RATE.value,
+                            eval_fn=lambda p: accuracy(p, test_images, test_labels))
+  train_seconds = time.time() - start_time
+  held_out = accuracy(params, test_images, test_labels)
+  train_accuracy = accuracy(params, train_images, train_labels)
+  logging.info("held-out accuracy %.4f, training accuracy %.4f, %.0f s", held_out,
+               train_accuracy, train_seconds)
+  if held_out < _MIN_ACCURACY.value:
+    raise SystemExit(f"held-out accuracy {held_out:.4f} < --min_accuracy={_MIN_ACCURACY.value}; "
+                     "weights not written")
+  metadata = {
+      "held_out_accuracy": held_out, "train_accuracy": train_accuracy,
+      "num_train": len(train_images), "num_held_out": len(test_images),
+      "digits": "bundled mnist_digits_10k.npz, every 5th digit of each class held out",
+      "seed": _SEED.value, "num_epochs": _NUM_EPOCHS.value, "batch_size": _BATCH_SIZE.value,
+      "learning_rate": _LEARNING_RATE.value, "augment": "affine: rot 12 deg, scale 0.1, shift 2",
+      "input_range": "[-1, 1], white digit on -1", "train_seconds": round(train_seconds, 1),
+  }
+  classifier_lib.save_classifier_params(_OUTPUT.value, params, metadata)
+  logging.info("wrote %s: %s", _OUTPUT.value, json.dumps(metadata))
+
+
+if __name__ == "__main__":
+  app.run(main)

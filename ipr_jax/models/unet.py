@@ -1,0 +1,601 @@
+"""The SRM U-Net denoiser (spec §1.2-1.9), in flax.linen, NHWC.
+
+The network maps a noisy image `z` [B, H, W, d_in] and a per-pixel time map
+`t` [B, H, W, 1] to the raw denoiser output [B, H, W, d_out]; `denoiser.py`
+splits that into (u, v, logvar). It follows the PyTorch reference
+(ahn-ml/IPR, `src/model/denoiser/unet`) operation by operation:
+
+- every ResBlock conditions on the time map resized (bilinear, PyTorch
+  semantics) to its own resolution and embedded per pixel;
+- down- and upsampling reproduce PyTorch's stride-2 conv with symmetric
+  padding and its legacy nearest interpolation, including the 32 -> 63 step of
+  unet_256;
+- the attention uses the reference's head-major qkv channel layout, so a
+  PyTorch state_dict maps 1:1 (see `state_dict.py`);
+- layers the reference zero-initialises are zero-initialised here, so a fresh
+  model outputs exactly zero.
+
+Submodule names mirror the PyTorch state_dict: `encoder/blocks_7_1/qkv` is
+`model.encoder.blocks.7.1.qkv`, `.../conv_1_2` is `...conv_1.2`, and so on.
+
+One deliberate difference: the reference recomputes the time embedding in
+every ResBlock; here it is computed once per distinct resolution and forward
+pass and shared (mathematically identical).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Size = tuple[int, int]
+
+# Group-norm epsilon of torch.nn.GroupNorm.
+GROUP_NORM_EPS = 1e-5
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "unet_32": dict(
+        hid_dims=(64, 128, 128, 256),
+        attention=(False, False, True, True),
+    ),
+    "unet_128": dict(
+        hid_dims=(128, 128, 256, 256, 512),
+        attention=(False, False, False, True, True),
+    ),
+    "unet_256": dict(
+        hid_dims=(128, 128, 256, 256, 512, 512),
+        attention=(False, False, False, False, True, True),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# Resizing with PyTorch semantics.
+# ---------------------------------------------------------------------------
+
+
+def _linear_taps(in_size: int, out_size: int):
+  """Taps of `F.interpolate(mode="bilinear", align_corners=False)` on one axis.
+
+  Computed in float32 exactly as PyTorch does:
+  src = max((i + 0.5) * (in / out) - 0.5, 0), i0 = floor(src),
+  i1 = min(i0 + 1, in - 1), lambda = src - i0.
+
+  Returns:
+    (i0, i1, w0, w1): int arrays and float32 weights, each [out_size].
+  """
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  dst = np.arange(out_size).astype(f32)
+  src = np.maximum(scale * (dst + f32(0.5)) - f32(0.5), f32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  w1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+  w0 = (f32(1) - w1).astype(f32)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  return i0, i1, w0, w1
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of PyTorch's legacy `mode="nearest"` on one axis.
+
+  src = min(floor(i * float32(in / out)), in - 1); an exact 2x factor is
+  `i >> 1`. For 32 -> 63 this gives [0, 0, 1, 1, ..., 30, 30, 31].
+  """
+  if out_size == in_size:
+    return np.arange(out_size)
+  if out_size == 2 * in_size:
+    return np.arange(out_size) >> 1
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size).astype(np.float32) * scale)
+  return np.minimum(src.astype(np.int64), in_size - 1)
+
+
+def bilinear_resize(x: Array, size: Size) -> Array:
+  """PyTorch `F.interpolate(x, size, mode="bilinear")`, no antialiasing.
+
+  Width is interpolated first, then height, as the PyTorch CPU kernel does.
+  (`jax.image.resize` antialiases when downsampling and does not match.)
+
+  Args:
+    x: [B, H, W, C].
+    size: (h, w), the output spatial size.
+
+  Returns:
+    [B, h, w, C], same dtype as x.
+  """
+  out_h, out_w = size
+  _, in_h, in_w, _ = x.shape
+  if in_w != out_w:
+    i0, i1, w0, w1 = _linear_taps(in_w, out_w)
+    w0 = jnp.asarray(w0, x.dtype)[:, None]
+    w1 = jnp.asarray(w1, x.dtype)[:, None]
+    x = x[:, :, i0] * w0 + x[:, :, i1] * w1
+  if in_h != out_h:
+    i0, i1, w0, w1 = _linear_taps(in_h, out_h)
+    w0 = jnp.asarray(w0, x.dtype)[:, None, None]
+    w1 = jnp.asarray(w1, x.dtype)[:, None, None]
+    x = x[:, i0] * w0 + x[:, i1] * w1
+  return x
+
+
+def nearest_resize(x: Array, size: Size) -> Array:
+  """PyTorch legacy `F.interpolate(x, size, mode="nearest")` of [B, H, W, C]."""
+  out_h, out_w = size
+  _, in_h, in_w, _ = x.shape
+  if in_h != out_h:
+    x = x[:, nearest_indices(in_h, out_h)]
+  if in_w != out_w:
+    x = x[:, :, nearest_indices(in_w, out_w)]
+  return x
+
+
+def downsampled_size(size: Size) -> Size:
+  """Output size of a 3x3 stride-2 conv with padding 1: ceil(n / 2)."""
+  return tuple((n - 1) // 2 + 1 for n in size)
+
+
+def level_sizes(size: Size, num_levels: int) -> list[Size]:
+  """Spatial size at each encoder level, e.g. 252 -> 252, 126, 63, 32, 16, 8."""
+  sizes = [tuple(size)]
+  for _ in range(num_levels - 1):
+    sizes.append(downsampled_size(sizes[-1]))
+  return sizes
+
+
+# ---------------------------------------------------------------------------
+# Time embedding.
+# ---------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: Array, d_emb: int = 256, scale: float = 1000.0,
+                         shift: float = -1.0,
+                         max_period: float = 10000.0) -> Array:
+  """Sinusoidal features of the reference (cos first), in float32.
+
+  arg_k = max(scale * t + shift, 0) * exp(-ln(max_period) * k / half).
+
+  Args:
+    t: [...] times.
+    d_emb: feature width; odd widths get a zero column appended.
+
+  Returns:
+    [..., d_emb] float32.
+  """
+  half = d_emb // 2
+  # The exponent is formed in float32 as the reference does; exp is taken in
+  # float64 and rounded, so the constants do not depend on the backend's
+  # float32 exp (they equal PyTorch's to within its 1-ulp exp error).
+  exponent = (np.float32(-math.log(max_period)) *
+              np.arange(half, dtype=np.float32)) / np.float32(half)
+  freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
+  args = jnp.maximum(scale * t.astype(jnp.float32)[..., None] + shift, 0.0)
+  args = args * freqs
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if d_emb % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
+  return emb
+
+
+# ---------------------------------------------------------------------------
+# Layers with PyTorch default or zero initialisation.
+# ---------------------------------------------------------------------------
+
+# kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+_torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in",
+                                                      "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _conv(features: int, fan_in: int, *, name: str, dtype, precision,
+          kernel_size: int = 3, strides: int = 1,
+          zero_init: bool = False) -> nn.Conv:
+  pad = (kernel_size - 1) // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)), dtype=dtype,
+      param_dtype=jnp.float32, precision=precision,
+      kernel_init=(nn.initializers.zeros if zero_init
+                   else _torch_kernel_init),
+      bias_init=(nn.initializers.zeros if zero_init
+                 else _torch_bias_init(fan_in * kernel_size**2)),
+      name=name)
+
+
+def _dense(features: int, fan_in: int, *, name: str, dtype, precision,
+           zero_init: bool = False) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32, precision=precision,
+      kernel_init=(nn.initializers.zeros if zero_init
+                   else _torch_kernel_init),
+      bias_init=(nn.initializers.zeros if zero_init
+                 else _torch_bias_init(fan_in)),
+      name=name)
+
+
+def _group_norm(num_groups: int, name: str):
+  """GroupNorm applied in float32 (as under autocast); returns float32."""
+  norm = nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPS,
+                      use_fast_variance=False, dtype=jnp.float32,
+                      param_dtype=jnp.float32, name=name)
+  return lambda x: norm(x.astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# Blocks.
+# ---------------------------------------------------------------------------
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoid -> Linear -> SiLU -> Linear (reference `time_embedding`)."""
+  features: int = 512
+  d_emb: int = 256
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    """[...] times -> [..., features]."""
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    x = sinusoidal_embedding(t, self.d_emb)
+    x = _dense(self.features, self.d_emb, name="mlp_0", **kw)(x)
+    x = nn.silu(x)
+    return _dense(self.features, self.features, name="mlp_2", **kw)(x)
+
+
+class NormWithEmbedding(nn.Module):
+  """GroupNorm(x + Linear(SiLU(E))): the embedding is added before the norm.
+
+  The caller passes `emb_act` = SiLU(E) at x's resolution (shared per level).
+  """
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, emb_act: Array) -> Array:
+    c = x.shape[-1]
+    emb = _dense(c, emb_act.shape[-1], name="embedding_layer_1",
+                 dtype=self.dtype, precision=self.precision)(emb_act)
+    return _group_norm(self.num_groups, "norm")(x + emb)
+
+
+class ResBlock(nn.Module):
+  """GN-SiLU-Conv, NormWithEmbedding, SiLU-Dropout-Conv(zero), + skip."""
+  features: int
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, emb_act: Array, train: bool) -> Array:
+    """x [B, h, w, Ci], emb_act [B, h, w, t_emb] -> [B, h, w, features]."""
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    c_in = x.shape[-1]
+    h = _group_norm(self.num_groups, "conv_1_0")(x)
+    h = _conv(self.features, c_in, name="conv_1_2", **kw)(nn.silu(h))
+    h = NormWithEmbedding(self.num_groups, name="norm_with_embedding",
+                          **kw)(h, emb_act)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = _conv(self.features, self.features, name="conv_2_2", zero_init=True,
+              **kw)(h)
+    if c_in == self.features:
+      skip = x
+    else:
+      skip = _conv(self.features, c_in, kernel_size=1, name="shortcut",
+                   **kw)(x)
+    return h + skip
+
+
+class SelfAttention(nn.Module):
+  """Multi-head spatial self-attention with the reference's legacy layout.
+
+  The 3C qkv channels are head-major: head h owns channels
+  [h*3*ch, (h+1)*3*ch), split as q, k, v of `ch` channels each. q and k are
+  each scaled by ch^(-1/4); the softmax runs in float32; the residual is added
+  to the un-normalised input.
+  """
+  num_head_channels: int = 64
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, h, w, C] -> [B, h, w, C]."""
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    b, height, width, c = x.shape
+    ch = self.num_head_channels
+    heads = c // ch
+    xs = x.reshape(b, height * width, c)
+    h = _group_norm(self.num_groups, "norm")(xs)
+    qkv = _dense(3 * c, c, name="qkv", **kw)(h)  # [B, T, 3C]
+    qkv = qkv.reshape(b, height * width, heads, 3, ch)
+    scale = 1 / ch**0.25
+    q = qkv[..., 0, :] * scale
+    k = qkv[..., 1, :] * scale
+    v = qkv[..., 2, :]
+    logits = jnp.einsum("bthc,bshc->bhts", q, k, precision=self.precision)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights = weights.astype(logits.dtype)
+    out = jnp.einsum("bhts,bshc->bthc", weights, v, precision=self.precision)
+    out = out.reshape(b, height * width, c)  # channel = head * ch + c
+    out = _dense(c, c, name="proj", zero_init=True, **kw)(out)
+    return (out + xs).reshape(b, height, width, c)
+
+
+class Downsample(nn.Module):
+  """3x3 conv, stride 2, padding 1 on every side (not "SAME")."""
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    return _conv(c, c, strides=2, name="downsample", dtype=self.dtype,
+                 precision=self.precision)(x)
+
+
+class Upsample(nn.Module):
+  """Legacy-nearest resize to `size`, then a 3x3 conv."""
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, size: Size) -> Array:
+    c = x.shape[-1]
+    x = nearest_resize(x, size)
+    return _conv(c, c, name="conv", dtype=self.dtype,
+                 precision=self.precision)(x)
+
+
+class Encoder(nn.Module):
+  """conv_in, then per level `num_blocks` x (ResBlock [+ Attn]) and a Downsample.
+
+  Returns every block output (the skip stack), conv_in and downsamples
+  included.
+  """
+  hid_dims: Sequence[int]
+  attention: Sequence[bool]
+  num_blocks: int = 2
+  num_head_channels: int = 64
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, embs: Mapping[Size, Array],
+               train: bool) -> list[Array]:
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    h = _conv(self.hid_dims[0], x.shape[-1], name="blocks_0_0", **kw)(x)
+    hs = [h]
+    i = 1
+    num_levels = len(self.hid_dims)
+    for level, width in enumerate(self.hid_dims):
+      for _ in range(self.num_blocks):
+        h = ResBlock(width, name=f"blocks_{i}_0", **rb)(
+            h, embs[h.shape[1:3]], train)
+        if self.attention[level]:
+          h = SelfAttention(self.num_head_channels, self.num_groups,
+                            name=f"blocks_{i}_1", **kw)(h)
+        hs.append(h)
+        i += 1
+      if level != num_levels - 1:
+        h = Downsample(name=f"blocks_{i}_0", **kw)(h)
+        hs.append(h)
+        i += 1
+    return hs
+
+
+class Bottleneck(nn.Module):
+  """ResBlock, Attn, ResBlock at the lowest resolution (always present)."""
+  num_head_channels: int = 64
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, emb_act: Array, train: bool) -> Array:
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    c = x.shape[-1]
+    h = ResBlock(c, name="blocks_0", **rb)(x, emb_act, train)
+    h = SelfAttention(self.num_head_channels, self.num_groups,
+                      name="blocks_1", **kw)(h)
+    return ResBlock(c, name="blocks_2", **rb)(h, emb_act, train)
+
+
+class Decoder(nn.Module):
+  """Per level (reversed) `num_blocks + 1` x (concat skip, ResBlock [+ Attn]),
+  an Upsample to the next skip's size after the last block of a level, then
+  GN -> SiLU -> Conv(zero) to d_out."""
+  hid_dims: Sequence[int]
+  attention: Sequence[bool]
+  d_out: int
+  num_blocks: int = 2
+  num_head_channels: int = 64
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, h: Array, skips: Sequence[Array],
+               embs: Mapping[Size, Array], train: bool) -> Array:
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    skips = list(skips)
+    num_levels = len(self.hid_dims)
+    i = 0
+    for rev_level in range(num_levels):
+      level = num_levels - 1 - rev_level
+      width = self.hid_dims[level]
+      for idx in range(self.num_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)  # h first, skip second
+        h = ResBlock(width, name=f"blocks_{i}_0", **rb)(
+            h, embs[h.shape[1:3]], train)
+        j = 1
+        if self.attention[level]:
+          h = SelfAttention(self.num_head_channels, self.num_groups,
+                            name=f"blocks_{i}_{j}", **kw)(h)
+          j += 1
+        if rev_level != num_levels - 1 and idx == self.num_blocks:
+          h = Upsample(name=f"blocks_{i}_{j}", **kw)(h, skips[-1].shape[1:3])
+        i += 1
+    h = nn.silu(_group_norm(self.num_groups, "out_0")(h))
+    return _conv(self.d_out, h.shape[-1], name="out_2", zero_init=True,
+                 **kw)(h)
+
+
+class UNet(nn.Module):
+  """The SRM U-Net denoiser.
+
+  Attributes:
+    hid_dims: width of each level.
+    attention: per level, whether its blocks carry self-attention.
+    d_in: input channels.
+    d_out: output channels (2 d + 1 for the SRM head).
+    num_blocks: ResBlocks per encoder level (the decoder has one more).
+    t_emb_dim: width of the time-embedding MLP.
+    d_emb: width of the sinusoidal features.
+    num_head_channels: channels per attention head.
+    dropout: dropout rate inside ResBlocks (train only).
+    num_groups: GroupNorm groups.
+    dtype: compute dtype; params are always float32, GroupNorm and softmax
+      run in float32 and the output is float32.
+    precision: matmul/conv precision passed to every layer (None = backend
+      default; jax.lax.Precision.HIGHEST avoids TF32 on GPUs).
+  """
+  hid_dims: Sequence[int]
+  attention: Sequence[bool]
+  d_in: int
+  d_out: int
+  num_blocks: int = 2
+  t_emb_dim: int = 512
+  d_emb: int = 256
+  num_head_channels: int = 64
+  dropout: float = 0.1
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  def check_config(self) -> None:
+    """Raises ValueError for widths the reference could not build."""
+    if len(self.attention) != len(self.hid_dims):
+      raise ValueError(
+          f"len(attention)={len(self.attention)} (attention="
+          f"{tuple(self.attention)}) != len(hid_dims)={len(self.hid_dims)}")
+    if not self.hid_dims:
+      raise ValueError(f"hid_dims={tuple(self.hid_dims)} is empty")
+    if self.num_blocks < 1:
+      raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+    for width in group_norm_widths(self):
+      if width % self.num_groups:
+        raise ValueError(
+            f"GroupNorm width {width} is not divisible by num_groups="
+            f"{self.num_groups} (hid_dims={tuple(self.hid_dims)})")
+    attn_widths = [w for w, a in zip(self.hid_dims, self.attention) if a]
+    for width in attn_widths + [self.hid_dims[-1]]:
+      if width % self.num_head_channels:
+        raise ValueError(
+            f"attention width {width} is not divisible by num_head_channels="
+            f"{self.num_head_channels}")
+
+  @nn.compact
+  def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
+    """Raw denoiser output.
+
+    Args:
+      z: [B, H, W, d_in] noisy image.
+      t: [B, H, W, 1] per-pixel time map.
+      train: enables dropout (needs rngs={'dropout': key}).
+
+    Returns:
+      [B, H, W, d_out] float32.
+    """
+    self.check_config()
+    if z.ndim != 4 or z.shape[-1] != self.d_in:
+      raise ValueError(f"z has shape {z.shape}; expected [B, H, W, "
+                       f"d_in={self.d_in}]")
+    if t.shape != z.shape[:3] + (1,):
+      raise ValueError(f"time map t has shape {t.shape}; expected "
+                       f"{z.shape[:3] + (1,)} ([B, H, W, 1] matching z)")
+    kw = dict(dtype=self.dtype, precision=self.precision)
+    blocks = dict(num_head_channels=self.num_head_channels,
+                  num_groups=self.num_groups, dropout=self.dropout, **kw)
+
+    # SiLU(e(t_l)) once per resolution; the reference recomputes it per block.
+    time_embedding = TimeEmbedding(self.t_emb_dim, self.d_emb,
+                                   name="time_embedding", **kw)
+    t = t.astype(jnp.float32)
+    embs = {}
+    for size in level_sizes(z.shape[1:3], len(self.hid_dims)):
+      if size not in embs:
+        t_level = bilinear_resize(t, size)[..., 0]
+        embs[size] = nn.silu(time_embedding(t_level))
+
+    hs = Encoder(self.hid_dims, self.attention, self.num_blocks,
+                 name="encoder", **blocks)(z, embs, train)
+    h = hs[-1]
+    h = Bottleneck(name="bottleneck", **blocks)(h, embs[h.shape[1:3]], train)
+    self.sow("intermediates", "bottleneck_out", h)
+    out = Decoder(self.hid_dims, self.attention, self.d_out, self.num_blocks,
+                  name="decoder", **blocks)(h, hs, embs, train)
+    return out.astype(jnp.float32)
+
+
+def group_norm_widths(model: UNet) -> list[int]:
+  """Channel counts of every GroupNorm in the model, in build order."""
+  widths = []
+  cur = model.hid_dims[0]
+  skips = [cur]
+  for level, width in enumerate(model.hid_dims):
+    for _ in range(model.num_blocks):
+      widths += [cur, width] + ([width] if model.attention[level] else [])
+      cur = width
+      skips.append(cur)
+    if level != len(model.hid_dims) - 1:
+      skips.append(cur)
+  widths += [cur, cur, cur, cur, cur]  # bottleneck: RB (2), Attn, RB (2)
+  for level in reversed(range(len(model.hid_dims))):
+    width = model.hid_dims[level]
+    for _ in range(model.num_blocks + 1):
+      c_in = cur + skips.pop()
+      widths += [c_in, width] + ([width] if model.attention[level] else [])
+      cur = width
+  widths.append(cur)  # out_0
+  return widths
+
+
+def make_unet(preset: str, d_in: int, d_out: int, **overrides) -> UNet:
+  """A UNet from `UNET_PRESETS[preset]`, with field overrides.
+
+  Sequence fields are turned into tuples so the module stays hashable.
+  """
+  if preset not in UNET_PRESETS:
+    raise ValueError(f"unknown U-Net preset {preset!r}; known: "
+                     f"{sorted(UNET_PRESETS)}")
+  fields = dict(UNET_PRESETS[preset])
+  fields.update(overrides)
+  fields["hid_dims"] = tuple(int(w) for w in fields["hid_dims"])
+  fields["attention"] = tuple(bool(a) for a in fields["attention"])
+  model = UNet(d_in=d_in, d_out=d_out, **fields)
+  model.check_config()
+  return model

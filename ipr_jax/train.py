@@ -1,0 +1,452 @@
+r"""Trains an SRM denoiser the way the reference does (spec §3), data parallel over all devices.
+
+  python -m ipr_jax.train --config=configs/even_pixels.py:tiny --workdir=runs/ep_tiny
+
+One binary for one CPU, one GPU or every core of a TPU pod:
+
+* Data parallel with `jax.pmap` over the local devices: each device gets batch_size / device_count
+  examples, gradients and metrics are averaged with `lax.pmean`. On several hosts
+  (`--config.distributed=True` calls `jax.distributed.initialize()`) every process draws only its
+  own examples.
+* All training data is generated on device from the PRNG (Even Pixels images, MNIST Sudoku
+  puzzles), so there is no input pipeline. Every random draw of example i at step s (its image,
+  patch times, noise and dropout masks) comes from `fold_in(fold_in(root, s), i)` with i the
+  global example index, so a run's result does not depend on how many devices share the batch.
+* bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
+* Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
+  SIGTERM; restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
+  PRNG). A NaN or inf loss stops the run without saving the bad state.
+* A progress line every `log_every_steps` (loss terms, steps/s, ETA), the same values appended to
+  `workdir/metrics.jsonl`, the resolved config in `workdir/config.json`.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from ipr_jax import checkpoint
+from ipr_jax import flow
+from ipr_jax import losses
+from ipr_jax import time_sampler
+from ipr_jax import train_state as train_state_lib
+from ipr_jax.data import even_pixels
+from ipr_jax.data import sudoku
+from ipr_jax.models import denoiser
+from ipr_jax.models import unet
+
+TrainState = train_state_lib.TrainState
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss or gradient norm became NaN or inf."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks: model, task, optimizer, state.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
+  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1)."""
+  m = config.model
+  d = config.data.channels
+  model = unet.UNet(
+      hid_dims=tuple(m.hid_dims), attention=tuple(bool(a) for a in m.attention), d_in=d,
+      d_out=2 * d + 1, num_blocks=m.num_blocks, t_emb_dim=m.t_emb_dim, d_emb=m.d_emb,
+      num_head_channels=m.num_head_channels, dropout=m.dropout, num_groups=m.num_groups,
+      dtype=jnp.dtype(m.dtype))
+  model.check_config()
+  return model
+
+
+def make_task(config: ml_collections.ConfigDict):
+  """The on-device data generator of `config.task` (a pytree with `train_batch(key, batch)`)."""
+  if config.task == "even_pixels":
+    if config.data.channels != 3:
+      raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
+    return even_pixels.EvenPixelsTask(image_size=config.data.image_size)
+  if config.task == "mnist_sudoku":
+    return sudoku.make_sudoku_task_from_config(config.data)
+  raise ValueError(f"Unknown task {config.task!r}; expected 'even_pixels' or 'mnist_sudoku'.")
+
+
+def adam_eps(config: ml_collections.ConfigDict) -> float:
+  """config.optim.eps, or the reference's choice: 1e-8 in full precision, else 1e-7."""
+  if config.optim.eps is not None:
+    return float(config.optim.eps)
+  return 1e-8 if jnp.dtype(config.model.dtype) == jnp.float32 else 1e-7
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ..."""
+  o = config.optim
+  return optax.linear_schedule(
+      init_value=o.learning_rate * o.warmup_start_factor, end_value=o.learning_rate,
+      transition_steps=max(int(o.warmup_steps), 1))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with the warm-up schedule; every parameter is decayed."""
+  o = config.optim
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
+                  weight_decay=o.weight_decay),
+  )
+
+
+def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(gh, gw) of the SRM patch grid; the patch size must divide the image size."""
+  size, p = config.data.image_size, config.data.patch_size
+  if p < 1 or size % p:
+    raise ValueError(f"data.patch_size={p} does not divide data.image_size={size}")
+  return size // p, size // p
+
+
+def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
+  """The [num_bins] time density of spec §3.1 step 4 (its inverse is the loss weight)."""
+  ts = config.time_sampler
+  if ts.name != "mean_beta":
+    raise ValueError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
+  return time_sampler.loss_weight_density(
+      key, patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
+      num_bins=ts.density_num_bins, blur_kernel_size=ts.density_blur_kernel_size,
+      blur_sigma=ts.density_blur_sigma)
+
+
+def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
+  """Freshly initialised U-Net parameters (the inner 'params' dict)."""
+  size, d = config.data.image_size, config.data.channels
+  z = jnp.zeros((1, size, size, d), jnp.float32)
+  t = jnp.zeros((1, size, size, 1), jnp.float32)
+  return jax.jit(lambda k: model.init(k, z, t)["params"])(key)
+
+
+def create_train_state(config, model, tx, key: jax.Array) -> TrainState:
+  """A step-0 TrainState; `key` is split into the init key and the training loop's root key."""
+  init_key, loop_key = jax.random.split(key)
+  return TrainState.create(init_params(config, model, init_key), tx, loop_key)
+
+
+# ------------------------------------------------------------------------------------------------
+# The train step.
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_example(fn: Callable[..., Any], keys: jax.Array) -> Any:
+  """Calls batch-of-1 `fn(key)` for each key and stacks the results ([B, ...] leaves)."""
+  return jax.tree_util.tree_map(lambda x: x[:, 0], jax.vmap(fn)(keys))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
+                    tx: optax.GradientTransformation,
+                    axis_name: str | None = "batch") -> Callable[..., Any]:
+  """The pure per-device train step `(state, task, weight_table, example_index) -> (state, m)`.
+
+  Args:
+    config: the run config.
+    model: the U-Net.
+    tx: the optimizer.
+    axis_name: pmap axis over which gradients and metrics are averaged (None: no averaging).
+
+  Returns:
+    train_step(state, task, weight_table, example_index) where example_index is int32 [b], the
+    global indices of this device's examples; returns the new state and a dict of scalar metrics
+    (averaged over devices) for the step just taken.
+  """
+  grid = patch_grid(config)
+  patch_size = config.data.patch_size
+  ts, loss_cfg = config.time_sampler, config.loss
+  ema_decay = float(config.optim.ema_decay)
+  schedule = learning_rate_schedule(config)
+
+  def train_step(state: TrainState, task, weight_table, example_index):
+    step_key = jax.random.fold_in(state.key, state.step)
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_index)
+    k_data, k_time, k_noise, k_dropout = jnp.moveaxis(
+        jax.vmap(lambda k: jax.random.split(k, 4))(example_keys), 1, 0)
+
+    batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
+    x = batch["image"]  # [b, H, W, d]
+    t_patch, w_patch = _per_example(
+        lambda k: time_sampler.mean_beta_times(
+            k, 1, grid, ts.beta_sharpness, ts.add_zeros, weight_table), k_time)
+    t_pix = time_sampler.patch_to_pixel(t_patch, patch_size)  # [b, H, W, 1]
+    w_pix = time_sampler.patch_to_pixel(w_patch, patch_size)
+    if "mask" in batch:  # given cells: t = 0 (clean context) and no loss (spec §3.2)
+      t_pix, w_pix = time_sampler.apply_condition_mask(t_pix, w_pix, batch["mask"])
+    eps = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_noise)
+    z = flow.z_t(x, eps, t_pix)
+
+    def loss_fn(params):
+      def apply_one(z1, t1, key):
+        return model.apply({"params": params}, z1[None], t1[None], train=True,
+                           rngs={"dropout": key})[0]
+      raw = jax.vmap(apply_one)(z, t_pix, k_dropout)  # per-example dropout masks
+      output = denoiser.srm_head(raw, patch_size)
+      return losses.srm_loss(
+          output, x, eps, t_pix, w_pix, step=state.step, aux_after_step=loss_cfg.aux_after_step,
+          vlb_weight=loss_cfg.vlb_weight, sigma_nll_weight=loss_cfg.sigma_nll_weight,
+          vlb_time_step=loss_cfg.vlb_time_step, time_eps=loss_cfg.time_eps)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    new_state = state.apply_gradients(grads, tx, ema_decay)
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    state: the final TrainState on the host (numpy leaves, single copy).
+    history: the logged metric records, as appended to metrics.jsonl.
+    preempted: True if SIGTERM stopped the run before num_train_steps.
+  """
+  state: TrainState
+  history: list[dict[str, float]]
+  preempted: bool = False
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM (when installed from the main thread); restores the old handler."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+    self.requested.set()
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    """Whether any process received SIGTERM (a collective when there are several processes)."""
+    flag = self.requested.is_set()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return flag
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+  """Trains (or resumes training) until `config.num_train_steps`.
+
+  Args:
+    config: a config from `configs/<task>.py`.
+    workdir: run directory for checkpoints, metrics.jsonl and config.json; an existing
+      checkpoint there is resumed.
+    hooks: called as `hook(step)` on the host after every step (step = steps completed).
+
+  Returns:
+    TrainResult with the final state.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN or inf; checkpoints written before stay intact.
+    checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    _write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
+
+  num_devices, num_local = jax.device_count(), jax.local_device_count()
+  if config.batch_size % num_devices:
+    raise ValueError(
+        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices.")
+  per_device = config.batch_size // num_devices
+  local_batch = per_device * num_local
+  logging.info("Devices: %d (%d local, %s); batch %d = %d per device; compute dtype %s.",
+               num_devices, num_local, jax.devices()[0].device_kind, config.batch_size,
+               per_device, config.model.dtype)
+
+  root = jax.random.key(config.seed)
+  state_key, density_key = jax.random.split(root)
+  del root  # derive every key from the named splits above
+
+  model = make_model(config)
+  tx = make_optimizer(config)
+  task = make_task(config)
+  weight_table = make_loss_weight_table(config, density_key)
+  state = create_train_state(config, model, tx, state_key)
+  logging.info("U-Net parameters: %s",
+               f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}")
+
+  restored = checkpoint.restore_latest(workdir, state)
+  if restored is not None:
+    state = restored
+  start_step = int(state.step)
+  num_steps = int(config.num_train_steps)
+  history: list[dict[str, float]] = []
+  if start_step >= num_steps:
+    logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
+    return TrainResult(jax.device_get(state), history)
+
+  p_train_step = jax.pmap(make_train_step(config, model, tx), axis_name="batch",
+                          in_axes=(0, None, None, 0), donate_argnums=(0,))
+  example_index = (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
+                   ).reshape(num_local, per_device)
+  state = jax_utils.replicate(state)
+
+  log_every = max(int(config.log_every_steps), 1)
+  ckpt_every = max(int(config.checkpoint_every_steps), 1)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked, per step
+  window_start_time, window_start_step = time.time(), start_step
+  preempted = False
+
+  def check_pending() -> list[dict[str, float]]:
+    """Fetches the un-checked metrics and raises NonFiniteLossError on a NaN/inf."""
+    records = []
+    for step, device_metrics in zip([s for s, _ in pending],
+                                    jax.device_get([m for _, m in pending])):
+      record = {k: float(v[0]) for k, v in device_metrics.items()}
+      bad = {k: record[k] for k in ("loss", "grad_norm") if not math.isfinite(record[k])}
+      if bad:
+        latest = manager.latest_step()
+        raise NonFiniteLossError(
+            f"Non-finite {bad} at step {step}; stopping without saving this state. "
+            + (f"Last good checkpoint: step {latest} in {checkpoint.checkpoint_dir(workdir)}."
+               if latest is not None else "No checkpoint was written yet."))
+      records.append(record)
+    pending.clear()
+    return records
+
+  logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
+  with _Preemption() as preemption:
+    try:
+      for step in range(start_step + 1, num_steps + 1):
+        state, metrics = p_train_step(state, task, weight_table, example_index)
+        pending.append((step, metrics))
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          logging.info("First step (with compilation) took %.1f s.",
+                       time.time() - window_start_time)
+          window_start_time, window_start_step = time.time(), step
+        for hook in hooks:
+          hook(step)
+        is_last = step == num_steps
+        if jax.process_count() == 1 or step % log_every == 0 or is_last:
+          preempted = preemption.any_process() and not is_last
+        if step % log_every == 0 or is_last or preempted:
+          records = check_pending()
+          now = time.time()
+          steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
+          record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+          eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+          record.update(step=step, steps_per_sec=steps_per_sec,
+                        eta_sec=eta if math.isfinite(eta) else None)
+          history.append(record)
+          if is_main:
+            with open(workdir / METRICS_FILE, "a") as f:
+              f.write(json.dumps(record) + "\n")
+          terms = " ".join(f"{k}={record[k]:.4g}" for k in sorted(records[0]))
+          logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, num_steps, terms,
+                       steps_per_sec, _format_duration(eta))
+          window_start_time, window_start_step = now, step
+        if step % ckpt_every == 0 or is_last or preempted:
+          check_pending()
+          host_state = jax.device_get(jax_utils.unreplicate(state))
+          if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
+            raise NonFiniteLossError(
+                f"Parameters became non-finite by step {step}; not saving them. Last good "
+                f"checkpoint: step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}.")
+          checkpoint.save(manager, step, host_state, config)
+          logging.info("Saving checkpoint of step %d (asynchronously).", step)
+        if preempted:
+          logging.warning("Stopped at step %d after SIGTERM; rerun with the same --workdir "
+                          "to resume.", step)
+          break
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+  return TrainResult(jax.device_get(jax_utils.unreplicate(state)), history, preempted)
+
+
+# ------------------------------------------------------------------------------------------------
+# Binary.
+# ------------------------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/even_pixels.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    train(config, _WORKDIR.value)
+  except (NonFiniteLossError, checkpoint.CheckpointError) as e:
+    logging.error("%s", e)
+    raise SystemExit(f"Training stopped: {e}") from None
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,181 @@
+"""Tests of configs/*.py: presets parse, reference values (spec §3, §4.5) are the defaults."""
+
+import importlib.util
+import json
+import pathlib
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+EVEN_PIXELS = CONFIG_DIR / "even_pixels.py"
+MNIST_SUDOKU = CONFIG_DIR / "mnist_sudoku.py"
+
+PRESETS = {
+    EVEN_PIXELS: ["", "tiny", "small", "ep_test", "tiny,ep_test", "ep_test,small"],
+    MNIST_SUDOKU: ["", "tiny", "small", "ms_hard_test", "ms_medium_test", "ms_easy_test",
+                   "ms_corrupted_test", "tiny,ms_corrupted_test", "small,ms_hard_test"],
+}
+ALL_PRESETS = [(path, arg) for path, args in PRESETS.items() for arg in args]
+
+# The shared schema of common.md (every config must have these fields).
+SCHEMA = {
+    "": ["task", "seed", "batch_size", "num_train_steps", "checkpoint_every_steps",
+         "log_every_steps"],
+    "model": ["hid_dims", "attention", "num_blocks", "t_emb_dim", "d_emb", "num_head_channels",
+              "dropout", "dtype"],
+    "data": ["image_size", "channels", "patch_size"],
+    "sampler": ["steps_per_patch", "overlap", "stochasticity", "temperature", "top_k",
+                "clean_schedule"],
+    "ipr": ["budget", "steps_per_patch", "overlap", "resampling_ratio", "noise_type", "mode",
+            "num_corruption_swaps", "immediate_stop"],
+    "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
+}
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get(path, arg=""):
+  return load(path).get_config(arg)
+
+
+def parse_flags(argv):
+  """Parses argv with a locked config flag, as ipr_jax.train does."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("path,arg", ALL_PRESETS)
+def test_preset_has_schema_and_consistent_geometry(path, arg):
+  config = get(path, arg)
+  for section, names in SCHEMA.items():
+    node = config[section] if section else config
+    for name in names:
+      assert name in node, f"{path.name}:{arg} lacks {section}.{name}"
+  assert config.data.image_size % config.data.patch_size == 0
+  assert config.batch_size >= 1 and config.num_train_steps >= 1
+  assert len(config.model.hid_dims) == len(config.model.attention)
+  for width in config.model.hid_dims:
+    assert width % config.model.num_groups == 0
+  json.loads(config.to_json_best_effort())  # storable beside a checkpoint
+
+
+def test_even_pixels_defaults_are_the_reference():
+  config = get(EVEN_PIXELS)
+  assert config.task == "even_pixels"
+  assert (config.data.image_size, config.data.channels, config.data.patch_size) == (32, 3, 4)
+  # unet_32 (spec §1.7).
+  assert tuple(config.model.hid_dims) == (64, 128, 128, 256)
+  assert tuple(config.model.attention) == (False, False, True, True)
+  assert config.time_sampler.beta_sharpness == 0.75
+  assert config.time_sampler.add_zeros is True
+  assert config.optim.learning_rate == 8e-4
+  assert config.batch_size == 2048
+  assert config.num_train_steps == 100_001
+  # ep_test (spec §4.5): SRM 30 steps / overlap 0.9; IPR 30 iterations, 30, 0.9, 0.25; seed 42.
+  assert (config.sampler.steps_per_patch, config.sampler.overlap) == (30, 0.9)
+  ipr = config.ipr
+  assert (ipr.budget, ipr.steps_per_patch, ipr.overlap, ipr.resampling_ratio) == (30, 30, 0.9, 0.25)
+  assert ipr.mode == "standard"
+  assert config.eval.name == "ep_test" and config.eval.seed == 42
+
+
+def test_mnist_sudoku_defaults_are_the_reference():
+  config = get(MNIST_SUDOKU)
+  assert config.task == "mnist_sudoku"
+  assert (config.data.image_size, config.data.channels, config.data.patch_size) == (252, 1, 28)
+  assert config.data.box_size == 3 and config.data.top_n == 1000
+  assert tuple(config.data.train_given_range) == (0, 80)
+  # unet_256 (spec §1.7).
+  assert tuple(config.model.hid_dims) == (128, 128, 256, 256, 512, 512)
+  assert tuple(config.model.attention) == (False,) * 4 + (True,) * 2
+  assert config.time_sampler.beta_sharpness == 1.0
+  assert config.time_sampler.add_zeros is False
+  assert config.optim.learning_rate == 1e-4
+  assert config.batch_size == 56  # 28 per GPU x 2 GPUs
+  assert config.num_train_steps == 250_001
+  # ms_hard_test (spec §4.5, §5.1): SRM 3 / 0.0; IPR 30, 10, 0.8, 0.25; given 0..26; seed 35.
+  assert (config.sampler.steps_per_patch, config.sampler.overlap) == (3, 0.0)
+  ipr = config.ipr
+  assert (ipr.budget, ipr.steps_per_patch, ipr.overlap, ipr.resampling_ratio) == (30, 10, 0.8, 0.25)
+  assert ipr.mode == "standard"
+  assert config.eval.name == "ms_hard_test"
+  assert tuple(config.eval.given_range) == (0, 26) and config.eval.seed == 35
+
+
+def test_mnist_sudoku_corrupted_test_preset():
+  config = get(MNIST_SUDOKU, "ms_corrupted_test")
+  ipr = config.ipr
+  assert (ipr.budget, ipr.steps_per_patch, ipr.overlap, ipr.resampling_ratio) == (15, 10, 0.8, 0.25)
+  assert ipr.mode == "correction" and ipr.num_corruption_swaps == 5
+  assert tuple(config.eval.given_range) == (81, 81)
+  assert config.eval.seed == 4
+  ranges = {name: tuple(get(MNIST_SUDOKU, name).eval.given_range)
+            for name in ("ms_medium_test", "ms_easy_test")}
+  assert ranges == {"ms_medium_test": (27, 53), "ms_easy_test": (54, 80)}
+
+
+@pytest.mark.parametrize("path", [EVEN_PIXELS, MNIST_SUDOKU])
+def test_training_recipe_is_the_reference(path):
+  config = get(path)
+  o = config.optim
+  assert (o.b1, o.b2, o.weight_decay) == (0.95, 0.999, 1e-6)
+  assert (o.warmup_steps, o.warmup_start_factor) == (5000, 2e-4)
+  assert o.grad_clip_norm == 1.0 and o.ema_decay == 0.9999
+  assert o.eps is None  # derived from the precision: 1e-7 under bf16 (the reference's runs)
+  assert config.model.dtype == "bfloat16"
+  assert config.model.dropout == 0.1
+  assert (config.model.num_blocks, config.model.t_emb_dim, config.model.d_emb,
+          config.model.num_head_channels, config.model.num_groups) == (2, 512, 256, 64, 32)
+  assert config.loss.vlb_weight == 1.0 and config.loss.sigma_nll_weight == 0.01
+  ts = config.time_sampler
+  assert ts.name == "mean_beta"
+  assert (ts.density_num_samples, ts.density_num_bins, ts.density_blur_sigma) == (80_000, 1000, 0.2)
+  s = config.sampler
+  assert (s.stochasticity, s.temperature, s.top_k, s.clean_schedule) == (0.5, 1.0, 1, False)
+  assert config.ipr.noise_type == "random" and config.ipr.immediate_stop is False
+
+
+def test_tiny_presets_are_small():
+  ep = get(EVEN_PIXELS, "tiny")
+  assert ep.data.image_size == 32 and ep.batch_size <= 64 and ep.num_train_steps <= 500
+  ms = get(MNIST_SUDOKU, "tiny")
+  assert (ms.data.box_size, ms.data.cell_size, ms.data.image_size) == (2, 14, 56)
+  assert ms.data.patch_size == ms.data.cell_size
+  assert tuple(ms.eval.given_range) == (0, 5)
+  assert tuple(get(MNIST_SUDOKU, "tiny,ms_corrupted_test").eval.given_range) == (16, 16)
+  for config in (ep, ms):
+    assert max(config.model.hid_dims) <= 32
+    assert config.eval.num_puzzles <= 8 and config.ipr.budget <= 4
+
+
+@pytest.mark.parametrize("path,arg,bad", [
+    (EVEN_PIXELS, "tiny,bogus", "bogus"),
+    (EVEN_PIXELS, "ms_hard_test", "ms_hard_test"),  # a Sudoku eval on Even Pixels
+    (MNIST_SUDOKU, "tiny,small", "small"),  # two sizes
+    (MNIST_SUDOKU, "Tiny", "Tiny"),
+])
+def test_unknown_preset_token_raises(path, arg, bad):
+  with pytest.raises(ValueError, match=repr(bad)):
+    get(path, arg)
+
+
+def test_command_line_overrides_and_lock():
+  config = parse_flags([
+      "prog", f"--config={MNIST_SUDOKU}:tiny,ms_corrupted_test", "--config.batch_size=8",
+      "--config.data.tfds_data_dir=/tmp/tfds", "--config.optim.eps=1e-6"])
+  assert config.batch_size == 8
+  assert config.data.tfds_data_dir == "/tmp/tfds"  # a placeholder accepts a value
+  assert config.optim.eps == 1e-6
+  assert config.ipr.mode == "correction"
+  with pytest.raises(AttributeError, match="batch_size"):  # misspelt: suggests the real name
+    parse_flags(["prog", f"--config={EVEN_PIXELS}:tiny", "--config.batch_sise=8"])

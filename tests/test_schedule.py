@@ -1,0 +1,121 @@
+"""Tests for ipr_jax.schedule against the reference's recorded schedules."""
+
+import fractions
+import math
+
+import numpy as np
+import pytest
+
+from ipr_jax import schedule
+
+# (steps_per_patch, overlap) of each group in tests/golden/schedules.npz.
+GROUPS = {
+    "ms_init": (3, 0.0),
+    "ms_ipr": (10, 0.8),
+    "ep_init": (30, 0.9),
+    "ep_ipr": (30, 0.9),
+    "cp_init": (10, 0.9),
+    "cp_ipr": (10, 0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+  return dict(np.load(golden_dir / "schedules.npz"))
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_matches_reference_schedules(golden, group):
+  p, overlap = GROUPS[group]
+  for i, n in enumerate(golden[f"{group}/n"]):
+    n = int(n)
+    s = schedule.make_schedule(n, p, overlap)
+    assert s.max_steps == golden[f"{group}/max_steps"][i], (group, n)
+    assert s.block_len == golden[f"{group}/block_len"][i], (group, n)
+    assert np.float32(s.ideal_block_len) == golden[f"{group}/ideal_block_len"][i]
+    starts = golden[f"{group}/block_starts"][i]
+    np.testing.assert_array_equal(s.block_starts, starts[:n + 1], err_msg=f"{group} {n}")
+    assert np.all(starts[n + 1:] == -2)
+    proto = golden[f"{group}/prototypes"][i]
+    np.testing.assert_array_equal(s.prototype, proto[:s.block_len])
+    assert np.all(proto[s.block_len:] == -2)
+
+
+def test_float32_anomalies_of_the_spec():
+  # MS init (3, 0.0): block length 4 at n = 56, 60, 63; starts 0, 2, 5, ... at 61.
+  for n in (56, 60, 63):
+    s = schedule.make_schedule(n, 3, 0.0)
+    assert (s.max_steps, s.block_len) == (3 * n, 4)
+    np.testing.assert_array_equal(s.prototype, [1, .75, .5, .25])
+    np.testing.assert_array_equal(s.block_starts[:-1], 3 * np.arange(n))
+  s = schedule.make_schedule(61, 3, 0.0)
+  assert s.block_len == 3
+  np.testing.assert_array_equal(s.block_starts[:4], [0, 2, 5, 8])
+  assert s.block_starts[60] == 179 and s.block_starts[61] == -1
+  # MS IPR (10, 0.8): starts 0, 1, 3, ... at k = 13, 14, 19; L = 11 at k = 17.
+  for k in (13, 14, 19):
+    s = schedule.make_schedule(k, 10, 0.8)
+    np.testing.assert_array_equal(s.block_starts[:3], [0, 1, 3])
+  assert schedule.block_len(17, 10, 0.8) == 11
+
+
+def test_ideal_values_of_the_spec():
+  assert schedule.max_steps(64, 30, 0.9) == 219
+  assert schedule.max_steps(16, 30, 0.9) == 75
+  assert schedule.max_steps(256, 10, 0.9) == 265
+  assert schedule.max_steps(64, 10, 0.9) == 73
+  for n in range(1, 82):
+    assert schedule.max_steps(n, 3, 0.0) == 3 * n
+  for k in range(1, 21):
+    assert schedule.max_steps(k, 10, 0.8) == 2 * k + 8
+
+
+@pytest.mark.parametrize("p,overlap", sorted(set(GROUPS.values())) + [(4, 0.5), (7, 0.3)])
+def test_clean_schedule_is_exact_arithmetic(p, overlap):
+  om = 1 - fractions.Fraction(overlap).limit_denominator(10**6)
+  for n in range(1, 70):
+    s = schedule.make_schedule(n, p, overlap, clean=True)
+    steps = math.ceil(p + (n - 1) * om * p)
+    ideal = fractions.Fraction(steps) / ((n - 1) * om + 1)
+    assert s.max_steps == steps
+    assert s.block_len == math.ceil(ideal)
+    assert list(s.block_starts) == [math.floor(k * ideal * om) for k in range(n)] + [-1]
+    # Exact arithmetic: MS init always has L = 3 and starts every 3 steps.
+  for n in range(1, 82):
+    s = schedule.make_schedule(n, 3, 0.0, clean=True)
+    assert s.block_len == 3
+    np.testing.assert_array_equal(s.block_starts[:-1], 3 * np.arange(n))
+
+
+@pytest.mark.parametrize("p,overlap,clean", [(3, 0.0, False), (10, 0.8, False),
+                                             (30, 0.9, True)])
+def test_every_patch_starts_before_the_end(p, overlap, clean):
+  for n in range(1, 82):
+    s = schedule.make_schedule(n, p, overlap, clean)
+    starts = s.block_starts[:-1]
+    assert starts[0] == 0 and np.all(np.diff(starts) > 0)
+    assert starts[-1] < s.max_steps
+
+
+def test_table_rows_equal_single_schedules():
+  table = schedule.schedule_table(81, 3, 0.0)
+  assert table.max_steps.shape == (82,) and table.block_starts.shape == (82, 82)
+  assert table.max_steps[0] == 0 and table.block_starts[0, 0] == -1
+  for n in (1, 56, 61, 81):
+    s = schedule.make_schedule(n, 3, 0.0)
+    assert table.max_steps[n] == s.max_steps and table.block_len[n] == s.block_len
+    np.testing.assert_array_equal(table.block_starts[n, :n + 1], s.block_starts)
+    assert np.all(table.block_starts[n, n + 1:] == -1)
+    np.testing.assert_array_equal(table.prototypes[n, :s.block_len], s.prototype)
+    assert np.all(table.prototypes[n, s.block_len:] == 0)
+  assert table.steps_bound() == 243
+  assert table.steps_bound([55, 60]) == 180
+
+
+@pytest.mark.parametrize("kwargs", [dict(n=-1), dict(steps_per_patch=0),
+                                    dict(overlap=1.0), dict(overlap=-0.1)])
+def test_bad_arguments_raise(kwargs):
+  args = dict(n=3, steps_per_patch=3, overlap=0.0) | kwargs
+  bad = [k for k in kwargs][0]
+  with pytest.raises(ValueError, match=bad):
+    schedule.make_schedule(**args)
