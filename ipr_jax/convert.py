@@ -34,22 +34,6 @@ from ipr_jax.models import state_dict as state_dict_lib
 # State_dict key counts of the reference presets, duplicated time-embedding keys included.
 REFERENCE_KEY_COUNTS = {"unet_32": 424, "unet_128": 504, "unet_256": 584}
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset]).",
-    lock_config=True)
-_TORCH_CHECKPOINT = flags.DEFINE_string(
-    "torch_checkpoint", None, "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to write the Orbax checkpoint to.")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "live"],
-                             "Which weights of a Lightning checkpoint to import.")
-_STEP = flags.DEFINE_integer("step", None,
-                             "Step to record (default: the checkpoint's global_step, else 0).")
-_TORCH_CLASSIFIER = flags.DEFINE_string(
-    "torch_classifier", None, "srmbench MNIST classifier state_dict (.pth/.pt/.npz).")
-_CLASSIFIER_OUT = flags.DEFINE_string(
-    "classifier_out", None, "Where to write the converted classifier (.npz).")
-
-
 def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
                      weights: str = "ema") -> dict[str, Any]:
   """A Lightning or plain SRM state_dict -> Flax U-Net params for `config.model`.
@@ -108,25 +92,43 @@ def convert_classifier(torch_classifier: str, out_path: str) -> str:
   return out_path
 
 
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset]).",
+      lock_config=True)
+  flags.DEFINE_string("torch_checkpoint", None,
+                      "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")
+  flags.DEFINE_string("workdir", None, "Run directory to write the Orbax checkpoint to.")
+  flags.DEFINE_enum("weights", "ema", ["ema", "live"],
+                    "Which weights of a Lightning checkpoint to import.")
+  flags.DEFINE_integer("step", None,
+                       "Step to record (default: the checkpoint's global_step, else 0).")
+  flags.DEFINE_string("torch_classifier", None,
+                      "srmbench MNIST classifier state_dict (.pth/.pt/.npz).")
+  flags.DEFINE_string("classifier_out", None, "Where to write the converted classifier (.npz).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _TORCH_CHECKPOINT.value and not _TORCH_CLASSIFIER.value:
+  f = flags.FLAGS
+  if not f.torch_checkpoint and not f.torch_classifier:
     raise app.UsageError("give --torch_checkpoint (with --config, --workdir) and/or "
                          "--torch_classifier (with --classifier_out)")
-  if _TORCH_CHECKPOINT.value:
-    if _CONFIG.value is None or not _WORKDIR.value:
+  if f.torch_checkpoint:
+    if f.config is None or not f.workdir:
       raise app.UsageError("--torch_checkpoint needs --config and --workdir")
-    step_dir = convert_checkpoint(_TORCH_CHECKPOINT.value, _CONFIG.value, _WORKDIR.value,
-                                  _WEIGHTS.value, _STEP.value)
-    logging.info("Wrote %s (%s weights of %s).", step_dir, _WEIGHTS.value, _TORCH_CHECKPOINT.value)
-    print(f"converted {_TORCH_CHECKPOINT.value} -> {step_dir}")
-  if _TORCH_CLASSIFIER.value:
-    if not _CLASSIFIER_OUT.value:
+    step_dir = convert_checkpoint(f.torch_checkpoint, f.config, f.workdir, f.weights, f.step)
+    logging.info("Wrote %s (%s weights of %s).", step_dir, f.weights, f.torch_checkpoint)
+    print(f"converted {f.torch_checkpoint} -> {step_dir}")
+  if f.torch_classifier:
+    if not f.classifier_out:
       raise app.UsageError("--torch_classifier needs --classifier_out")
-    out = convert_classifier(_TORCH_CLASSIFIER.value, _CLASSIFIER_OUT.value)
-    print(f"converted {_TORCH_CLASSIFIER.value} -> {out}")
+    out = convert_classifier(f.torch_classifier, f.classifier_out)
+    print(f"converted {f.torch_classifier} -> {out}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -44,13 +44,6 @@ from ipr_jax.metrics import sudoku as sudoku_metrics
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import denoiser
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Task config file, e.g. configs/mnist_sudoku.py:ms_hard_test.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Checkpoint to evaluate (default: the newest one in --workdir).")
-
 # Seed streams of the evaluation: puzzle content and sampling randomness never share a key.
 _SAMPLING_STREAM = 1
 
@@ -227,16 +220,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return rows
 
 
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Task config file, e.g. configs/mnist_sudoku.py:ms_hard_test.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Checkpoint to evaluate (default: the newest one in --workdir).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
+  f = flags.FLAGS
+  if f.config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required")
   try:
-    evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+    evaluate(f.config, f.workdir, f.checkpoint)
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -74,6 +74,16 @@ MODES = ("standard", "correction")
 _IPR_STREAM, _CORRUPT_STREAM, _NOISE_STREAM = 1, 2, 3
 
 
+def _coerce(config, **types) -> None:
+  """Casts config fields (e.g. ml_collections floats) so configs hash equal."""
+  for name, kind in types.items():
+    value = getattr(config, name)
+    cast = kind(value)
+    if kind is int and cast != value:
+      raise ValueError(f"{name} must be an integer, got {value!r}.")
+    object.__setattr__(config, name, cast)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Options of the SRM greedy sampler (defaults: the reference's MS-hard values).
@@ -97,10 +107,12 @@ class SamplerConfig:
   clamp_noise: bool = True
 
   def __post_init__(self):
+    _coerce(self, steps_per_patch=int, overlap=float, stochasticity=float,
+            temperature=float, top_k=int)
     if self.top_k != 1:
       raise ValueError(
           f"top_k={self.top_k!r} is not implemented; only top_k=1 is supported.")
-    if int(self.steps_per_patch) != self.steps_per_patch or self.steps_per_patch < 1:
+    if self.steps_per_patch < 1:
       raise ValueError(
           f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
     if not 0.0 <= self.overlap < 1.0:
@@ -140,9 +152,11 @@ class IPRConfig:
   immediate_stop: bool = False
 
   def __post_init__(self):
-    if int(self.budget) != self.budget or self.budget < 0:
+    _coerce(self, budget=int, steps_per_patch=int, overlap=float,
+            resampling_ratio=float, num_corruption_swaps=int)
+    if self.budget < 0:
       raise ValueError(f"budget must be a non-negative integer, got {self.budget!r}.")
-    if int(self.steps_per_patch) != self.steps_per_patch or self.steps_per_patch < 1:
+    if self.steps_per_patch < 1:
       raise ValueError(
           f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
     if not 0.0 <= self.overlap < 1.0:
@@ -153,8 +167,7 @@ class IPRConfig:
           f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}.")
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
-    if int(self.num_corruption_swaps) != self.num_corruption_swaps or (
-        self.num_corruption_swaps < 0):
+    if self.num_corruption_swaps < 0:
       raise ValueError("num_corruption_swaps must be a non-negative integer, "
                        f"got {self.num_corruption_swaps!r}.")
 
@@ -359,14 +372,15 @@ def _select(step, live, state: _GreedyState, sched: _PuzzleSchedule,
 
 def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
             sched: _PuzzleSchedule, *, patch_size: int, stochasticity: float,
-            temperature: float, clamp_noise: bool,
-            record_steps: int = 0) -> GreedyResult:
+            temperature: float, clamp_noise: bool, record_steps: int = 0,
+            step_limit: Optional[int] = None) -> GreedyResult:
   """The greedy loop on a batch; `waiting` [B, N] are the patches to generate.
 
   A `lax.while_loop` over steps that runs until the longest schedule of the
   batch has ended; a puzzle past its own schedule keeps its state and spends
   no passes. With record_steps > 0 the time and sigma rows of the first
-  record_steps steps are kept.
+  record_steps steps are kept; with step_limit the loop stops after that many
+  steps.
   """
   batch, num_patches = waiting.shape
   grid = patch_grid(z.shape, patch_size)
@@ -381,6 +395,8 @@ def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
       nfe=jnp.zeros([batch], jnp.int32))
   rows = jnp.zeros((2, record_steps, batch, num_patches), jnp.float32)
   num_steps = jnp.max(sched.max_steps)
+  if step_limit is not None:
+    num_steps = jnp.minimum(num_steps, step_limit)
 
   def step_fn(carry):
     step, state, rows = carry
@@ -423,8 +439,8 @@ def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
 
 def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                mask: Optional[jax.Array], unknown: jax.Array, keys: jax.Array, *,
-               patch_size: int, config: SamplerConfig,
-               record: bool = False) -> GreedyResult:
+               patch_size: int, config: SamplerConfig, record: bool = False,
+               step_limit: Optional[int] = None) -> GreedyResult:
   """SRM greedy sampling of a batch (spec §4.4), one compiled scan over steps.
 
   Per puzzle b with n_b = sum(unknown[b]) patches to generate, the schedule of
@@ -444,6 +460,8 @@ def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
     patch_size: P (static).
     config: SamplerConfig (static).
     record: also return the time and sigma rows of every step.
+    step_limit: stop after this many steps (a partial run, e.g. to inspect an
+      intermediate state); default: run every schedule to its end.
 
   Returns:
     GreedyResult.
@@ -455,7 +473,8 @@ def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
   return _greedy(denoise_fn, z, masked, mask, unknown, keys, sched,
                  patch_size=patch_size, stochasticity=config.stochasticity,
                  temperature=config.temperature, clamp_noise=config.clamp_noise,
-                 record_steps=table.steps_bound() if record else 0)
+                 record_steps=table.steps_bound() if record else 0,
+                 step_limit=step_limit)
 
 
 def _check_inputs(z, masked, mask, unknown, keys, patch_size) -> None:

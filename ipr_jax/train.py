@@ -272,6 +272,12 @@ class _Preemption:
     return flag
 
 
+def _shard_local(x: np.ndarray) -> jax.Array:
+  """Puts row i of `x` ([local_devices, ...]) on local device i, as pmap expects its inputs."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -343,10 +349,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return TrainResult(jax.device_get(state), history)
 
   p_train_step = jax.pmap(make_train_step(config, model, tx), axis_name="batch",
-                          in_axes=(0, None, None, 0), donate_argnums=(0,))
+                          donate_argnums=(0,))
+  # This process's examples: global indices [process * local_batch, ... + local_batch).
   example_index = (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
                    ).reshape(num_local, per_device)
-  state = jax_utils.replicate(state)
+  # Replicated once, with pmap's own axis name (another name would recompile the second step).
+  state, task, weight_table = jax_utils.replicate((state, task, weight_table), axis_name="batch")
+  example_index = _shard_local(example_index)
 
   log_every = max(int(config.log_every_steps), 1)
   ckpt_every = max(int(config.checkpoint_every_steps), 1)
@@ -427,26 +436,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 # Binary.
 # ------------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/even_pixels.py:tiny.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+
+def define_flags() -> None:
+  """The binary's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file, e.g. configs/even_pixels.py:tiny.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
-    train(config, _WORKDIR.value)
+    train(config, flags.FLAGS.workdir)
   except (NonFiniteLossError, checkpoint.CheckpointError) as e:
     logging.error("%s", e)
     raise SystemExit(f"Training stopped: {e}") from None
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

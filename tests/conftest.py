@@ -21,3 +21,18 @@ GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 @pytest.fixture(scope="session")
 def golden_dir():
   return GOLDEN_DIR
+
+
+def load_task_config(name: str, arg: str | None = None):
+  """`configs/<name>.py:get_config(arg)`, loaded from its file as config_flags does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = _ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def task_config():
+  return load_task_config

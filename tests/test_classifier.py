@@ -143,9 +143,12 @@ def test_training_smoke():
   assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
 
 
-def test_random_affine_identity_and_background():
+def test_random_warp_identity_and_background():
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)
-  same = train_classifier.random_affine(jax.random.key(0), x, 0.0, 0.0, 0.0)
+  same = train_classifier.random_warp(jax.random.key(0), x, 0.0, 0.0, 0.0)
   np.testing.assert_allclose(same, x, atol=1e-5)
-  shifted = train_classifier.random_affine(jax.random.key(0), -jnp.ones((1, 28, 28, 1)))
-  np.testing.assert_allclose(shifted, -1.0, atol=1e-6)
+  warped = train_classifier.random_warp(jax.random.key(0), x, elastic_alpha=5.0)
+  assert not np.allclose(warped, x) and float(jnp.abs(warped).max()) <= 1.0
+  background = train_classifier.random_warp(jax.random.key(0), -jnp.ones((1, 28, 28, 1)),
+                                            elastic_alpha=5.0)
+  np.testing.assert_allclose(background, -1.0, atol=1e-6)

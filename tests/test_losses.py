@@ -11,6 +11,10 @@ from ipr_jax import flow, losses
 from ipr_jax.models.denoiser import DenoiserOutput, srm_head
 
 
+# One compiled program per static configuration keeps the test fast.
+_srm_loss = jax.jit(losses.srm_loss, static_argnames=("patch_size",))
+
+
 def _nhwc(a):
   return np.transpose(a, (0, 2, 3, 1)) if a.ndim == 4 else a
 
@@ -47,14 +51,14 @@ def _output(u, v, logvar):
 def test_perfect_prediction_has_zero_mse_and_terms_add_up():
   x, eps, t, w, u, v, logvar = _batch()
   target = flow.velocity_target(x, eps)
-  total, metrics = losses.srm_loss(_output(target, v, logvar), x, eps, t, w, step=1)
+  total, metrics = _srm_loss(_output(target, v, logvar), x, eps, t, w, step=1)
   assert float(metrics["mse"]) == 0.0
   np.testing.assert_allclose(
       total, metrics["mse"] + metrics["vlb"] + 0.01 * metrics["sigma_nll"], rtol=1e-6)
   np.testing.assert_allclose(metrics["loss"], total, rtol=0)
-  # Independent sigma NLL: Gaussian log-density of the target around u_hat.
+  # Sigma NLL at zero residual: -log N(0; 0, sigma^2) = log(2 pi sigma^2) / 2.
   sigma = np.exp(0.5 * np.asarray(logvar))
-  nll = 0.5 * np.log(2 * np.pi * sigma**2) + 0.0 / sigma**2
+  nll = 0.5 * np.log(2 * np.pi * sigma**2)
   np.testing.assert_allclose(metrics["sigma_nll"], np.mean(np.asarray(w) * nll), rtol=1e-5,
                              atol=1e-6)
 
@@ -62,8 +66,8 @@ def test_perfect_prediction_has_zero_mse_and_terms_add_up():
 def test_aux_terms_only_after_step_zero():
   x, eps, t, w, u, v, logvar = _batch()
   out = _output(u, v, logvar)
-  total0, metrics0 = losses.srm_loss(out, x, eps, t, w, step=0)
-  total1, metrics1 = losses.srm_loss(out, x, eps, t, w, step=jnp.int32(1))
+  total0, metrics0 = _srm_loss(out, x, eps, t, w, step=0)
+  total1, metrics1 = _srm_loss(out, x, eps, t, w, step=jnp.int32(1))
   np.testing.assert_allclose(total0, metrics0["mse"], rtol=0)
   np.testing.assert_allclose(
       total1, metrics1["mse"] + metrics1["vlb"] + 0.01 * metrics1["sigma_nll"], rtol=1e-6)
@@ -83,11 +87,12 @@ def test_gradients_are_separated_by_term_and_finite():
 
   # u_hat: only the MSE, d/du mean(w (u - target)^2) = 2 w (u - target) / numel.
   target = flow.velocity_target(x, eps)
-  np.testing.assert_allclose(grad_u, 2 * w * (u - target) / u.size, rtol=1e-5, atol=1e-12)
+  expected_u = 2 * w * (u - target) / u.size
+  np.testing.assert_allclose(grad_u, expected_u, rtol=1e-5, atol=1e-6 * np.abs(expected_u).max())
   # v: only the VLB term.
   vlb_grad = jax.grad(
       lambda v: jnp.mean(jnp.broadcast_to(w, x.shape) * losses.vlb_bits(u, v, x, eps, t)))(v)
-  np.testing.assert_allclose(grad_v, vlb_grad, rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(grad_v, vlb_grad, rtol=1e-5, atol=1e-6 * np.abs(vlb_grad).max())
   assert np.abs(np.asarray(grad_v)).max() > 0
   # logvar: only 0.01 * sigma NLL; per element d/dl 0.5 (l + r^2 e^-l) = 0.5 (1 - r^2 e^-l),
   # summed over channels.
@@ -95,14 +100,14 @@ def test_gradients_are_separated_by_term_and_finite():
   expected = 0.01 * np.sum(
       np.asarray(w) * 0.5 * (1 - residual_sq * np.exp(-np.asarray(logvar))), axis=-1,
       keepdims=True) / u.size
-  np.testing.assert_allclose(grad_logvar, expected, rtol=1e-4, atol=1e-12)
+  np.testing.assert_allclose(grad_logvar, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_raw_output_is_split_by_srm_head():
   x, eps, t, w, *_ = _batch(seed=1)
   raw = jax.random.normal(jax.random.key(2), x.shape[:-1] + (7,))
-  from_raw = losses.srm_loss(raw, x, eps, t, w, patch_size=4, step=1)
-  from_head = losses.srm_loss(srm_head(raw, 4), x, eps, t, w, step=1)
+  from_raw = _srm_loss(raw, x, eps, t, w, patch_size=4, step=1)
+  from_head = _srm_loss(srm_head(raw, 4), x, eps, t, w, step=1)
   for key in from_raw[1]:
     np.testing.assert_allclose(from_raw[1][key], from_head[1][key], rtol=1e-6)
   with pytest.raises(ValueError, match="patch_size"):
@@ -111,7 +116,7 @@ def test_raw_output_is_split_by_srm_head():
 
 def test_zero_weights_give_zero_loss_and_bad_shapes_raise():
   x, eps, t, w, u, v, logvar = _batch(seed=3)
-  total, _ = losses.srm_loss(_output(u, v, logvar), x, eps, t, jnp.zeros_like(w), step=1)
+  total, _ = _srm_loss(_output(u, v, logvar), x, eps, t, jnp.zeros_like(w), step=1)
   assert float(total) == 0.0
   with pytest.raises(ValueError, match="t_pix"):
     losses.srm_loss(_output(u, v, logvar), x, eps, t[..., 0], w)
@@ -121,7 +126,7 @@ def test_vlb_at_last_step_is_discretized_nll_in_bits():
   # With t below 1e-3 + 1e-5 the step goes to s = 0, and the term is -log2 p(x).
   x, eps, _, _, u, v, _ = _batch(seed=4)
   t = jnp.full(x.shape[:-1] + (1,), 5e-4)
-  bits = losses.vlb_bits(u, v, x, eps, t)
+  bits = jax.jit(losses.vlb_bits)(u, v, x, eps, t)
   z = flow.z_t(x, eps, t)
   p = flow.reverse_kernel(u, z, t, jnp.zeros_like(t), v, 1.0)
   np.testing.assert_allclose(bits, -p.discretized_log_likelihood(x) / math.log(2.0), rtol=1e-6)

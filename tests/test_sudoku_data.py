@@ -1,5 +1,6 @@
 """Tests of ipr_jax.data.sudoku_grids and ipr_jax.data.sudoku."""
 
+import hashlib
 import subprocess
 import sys
 import textwrap
@@ -146,16 +147,19 @@ def test_test_puzzle_shows_solution_digits(task9):
 
 
 def test_test_puzzles_are_pure_functions_of_seed_and_index(task9):
-  first = task9.test_batch(3, jnp.array([0, 5, 17]), "hard")
-  again = task9.test_batch(3, jnp.array([0, 5, 17]), "hard")
-  alone = task9.test_batch(3, jnp.array([5]), "hard")
-  other_seed = task9.test_batch(4, jnp.array([0, 5, 17]), "hard")
+  indices = jnp.array([0, 5, 17, 1, 2, 3, 4, 6])
+  first = task9.test_batch(3, indices, "hard")
+  again = task9.test_batch(3, indices, "hard")
+  other_batch = task9.test_batch(3, jnp.array([5, 90, 91, 92, 93, 94, 0, 96]), "hard")
+  other_seed = task9.test_batch(4, indices, "hard")
   for name in ("image", "mask", "grid", "cell_mask"):
     np.testing.assert_array_equal(first[name], again[name])
-    np.testing.assert_array_equal(first[name][1:2], alone[name])
+    np.testing.assert_array_equal(first[name][1], other_batch[name][0])
+    np.testing.assert_array_equal(first[name][0], other_batch[name][6])
   assert not np.array_equal(first["grid"], other_seed["grid"])
+  assert not np.array_equal(first["grid"][0], first["grid"][1])
   # The difficulty changes the given cells, not the solution or its digit images.
-  easy = task9.test_batch(3, jnp.array([0, 5, 17]), "easy")
+  easy = task9.test_batch(3, indices, "easy")
   np.testing.assert_array_equal(first["image"], easy["image"])
   assert np.all(np.asarray(easy["num_given"]) >= 54)
 
@@ -166,13 +170,12 @@ def test_test_puzzles_identical_across_processes(task9):
       from ipr_jax.data import sudoku
       task = sudoku.make_sudoku_task(box_size=3, cell_size=28, seed=5, num_train_grids=40,
                                      num_test_grids=20)
-      batch = task.test_batch(3, jnp.array([0, 5, 17]), 'hard')
+      batch = task.test_batch(3, jnp.arange(8), 'hard')
       print(hashlib.sha256(b''.join(np.asarray(batch[k]).tobytes()
                                     for k in ('image', 'mask', 'grid'))).hexdigest())
   """)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  batch = task9.test_batch(3, jnp.array([0, 5, 17]), "hard")
-  import hashlib  # pylint: disable=g-import-not-at-top
+  batch = task9.test_batch(3, jnp.arange(8), "hard")
   local = hashlib.sha256(b"".join(np.asarray(batch[k]).tobytes()
                                   for k in ("image", "mask", "grid"))).hexdigest()
   assert out.stdout.strip().splitlines()[-1] == local

@@ -26,53 +26,71 @@ from ipr_jax.data import digits as digits_lib
 from ipr_jax.models import classifier as classifier_lib
 
 
-def random_affine(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.0,
-                  max_scale_change: float = 0.1, max_shift: float = 2.0) -> jax.Array:
-  """Random rotation, isotropic scaling and shift of each image (bilinear, background -1).
+def _gaussian_blur_matrix(size: int, sigma: float) -> jax.Array:
+  """[size, size] matrix M with M @ f = f blurred by a Gaussian, zero outside the image."""
+  offsets = jnp.arange(size)[:, None] - jnp.arange(size)[None, :]
+  taps = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  return taps / jnp.sum(jnp.exp(-0.5 * (jnp.arange(-size + 1, size) / sigma) ** 2))
+
+
+def random_warp(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.0,
+                max_scale_change: float = 0.1, max_shift: float = 2.0,
+                elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> jax.Array:
+  """Random rotation, isotropic scaling, shift and elastic distortion (bilinear, background -1).
+
+  The elastic part is Simard et al.'s (2003): a uniform [-1, 1] displacement field per pixel and
+  axis, smoothed by a Gaussian of std `elastic_sigma` pixels and scaled by `elastic_alpha` pixels.
 
   Args:
     key: PRNG key.
     images: float32 [B, H, W, 1] in [-1, 1].
-    max_rotation_deg, max_scale_change, max_shift: ranges of the uniform draws.
+    max_rotation_deg, max_scale_change, max_shift: ranges of the uniform affine draws.
+    elastic_alpha, elastic_sigma: strength and smoothness of the elastic field (0: none).
 
   Returns:
     float32 [B, H, W, 1].
   """
   batch, height, width, _ = images.shape
-  k_rot, k_scale, k_shift = jax.random.split(key, 3)
+  k_rot, k_scale, k_shift, k_elastic = jax.random.split(key, 4)
   angle = jnp.deg2rad(jax.random.uniform(k_rot, (batch,), minval=-max_rotation_deg,
                                          maxval=max_rotation_deg))
   scale = 1.0 + jax.random.uniform(k_scale, (batch,), minval=-max_scale_change,
                                    maxval=max_scale_change)
   shift = jax.random.uniform(k_shift, (batch, 2), minval=-max_shift, maxval=max_shift)
+  noise = jax.random.uniform(k_elastic, (batch, 2, height, width), minval=-1.0, maxval=1.0)
+  blur_rows = _gaussian_blur_matrix(height, elastic_sigma)
+  blur_cols = _gaussian_blur_matrix(width, elastic_sigma)
+  displacement = elastic_alpha * jnp.einsum("ij,bcjk,lk->bcil", blur_rows, noise, blur_cols)
   center = jnp.array([(height - 1) / 2, (width - 1) / 2])
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                             jnp.arange(width, dtype=jnp.float32), indexing="ij")
 
-  def warp(image, angle, scale, shift):
-    # Output pixel p reads input pixel R(-angle) (p - center - shift) / scale + center.
+  def warp(image, angle, scale, shift, displacement):
+    # Output pixel p reads input pixel R(-angle) (p - center - shift) / scale + center + d(p).
     y, x = rows - center[0] - shift[0], cols - center[1] - shift[1]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
-    src_y = (cos * y + sin * x) / scale + center[0]
-    src_x = (-sin * y + cos * x) / scale + center[1]
+    src_y = (cos * y + sin * x) / scale + center[0] + displacement[0]
+    src_x = (-sin * y + cos * x) / scale + center[1] + displacement[1]
     return jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1,
                                              mode="constant", cval=-1.0)[..., None]
 
-  return jax.vmap(warp)(images, angle, scale, shift)
+  return jax.vmap(warp)(images, angle, scale, shift, displacement)
 
 
-def _loss(params, images, labels, dropout_key):
-  logits = classifier_lib.MNISTClassifier().apply({"params": params}, images, train=True,
-                                                  rngs={"dropout": dropout_key})
+def _loss(params, images, labels, dropout_key, dropout_rates):
+  model = classifier_lib.MNISTClassifier(*dropout_rates)
+  logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "augment"), donate_argnums=(0, 1))
-def _train_step(params, opt_state, images, labels, key, optimizer, augment):
+@functools.partial(jax.jit, static_argnames=("optimizer", "augment", "dropout_rates",
+                                             "elastic_alpha"), donate_argnums=(0, 1))
+def _train_step(params, opt_state, images, labels, key, optimizer, augment, dropout_rates,
+                elastic_alpha):
   k_aug, k_drop = jax.random.split(key)
   if augment:
-    images = random_affine(k_aug, images)
-  loss, grads = jax.value_and_grad(_loss)(params, images, labels, k_drop)
+    images = random_warp(k_aug, images, elastic_alpha=elastic_alpha)
+  loss, grads = jax.value_and_grad(_loss)(params, images, labels, k_drop, dropout_rates)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
@@ -89,8 +107,9 @@ def accuracy(params, images_u8: np.ndarray, labels: np.ndarray, batch_size: int 
 
 def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0,
                      num_epochs: int = 20, batch_size: int = 128, learning_rate: float = 2e-3,
-                     augment: bool = True, log_every_epochs: int = 1,
-                     eval_fn=None) -> dict:
+                     augment: bool = True, elastic_alpha: float = 0.0,
+                     dropout_rates: tuple[float, float] = (0.25, 0.5),
+                     log_every_epochs: int = 1, eval_fn=None) -> dict:
   """Trains `MNISTClassifier` from scratch.
 
   Args:
@@ -100,7 +119,9 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
     num_epochs: passes over the data (the last partial batch of each epoch is dropped).
     batch_size: examples per step.
     learning_rate: peak Adam learning rate (cosine decay to 0).
-    augment: random affine jitter.
+    augment: random affine jitter (see `random_warp`).
+    elastic_alpha: strength in pixels of the elastic distortion added to the jitter (0: none).
+    dropout_rates: the two channel-dropout rates used in training (srmbench's: 0.25, 0.5).
     log_every_epochs: log the loss (and `eval_fn(params)`, if given) this often.
     eval_fn: optional callable params -> float logged as held-out accuracy.
 
@@ -126,7 +147,8 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
       batch = order[i * batch_size:(i + 1) * batch_size]
       params, opt_state, loss = _train_step(
           params, opt_state, images[batch], labels[batch],
-          jax.random.fold_in(jax.random.fold_in(root, 1), step), optimizer, augment)
+          jax.random.fold_in(jax.random.fold_in(root, 1), step), optimizer, augment,
+          tuple(dropout_rates), float(elastic_alpha))
       losses.append(loss)
       step += 1
     if (epoch + 1) % log_every_epochs == 0 or epoch + 1 == num_epochs:
@@ -144,6 +166,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 20, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_DROPOUT = flags.DEFINE_list("dropout_rates", ["0.25", "0.5"],
+                             "The two channel-dropout rates in training.")
+_ELASTIC_ALPHA = flags.DEFINE_float("elastic_alpha", 0.0,
+                                    "Elastic distortion strength in pixels (0: affine only).")
 _MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.99,
                                    "Refuse to write weights below this held-out accuracy.")
 
@@ -157,6 +183,8 @@ def main(argv):
   params = train_classifier(train_images, train_labels, seed=_SEED.value,
                             num_epochs=_NUM_EPOCHS.value, batch_size=_BATCH_SIZE.value,
                             learning_rate=_LEARNING_RATE.value,
+                            elastic_alpha=_ELASTIC_ALPHA.value,
+                            dropout_rates=tuple(float(r) for r in _DROPOUT.value),
                             eval_fn=lambda p: accuracy(p, test_images, test_labels))
   train_seconds = time.time() - start_time
   held_out = accuracy(params, test_images, test_labels)
@@ -171,7 +199,9 @@ def main(argv):
       "num_train": len(train_images), "num_held_out": len(test_images),
       "digits": "bundled mnist_digits_10k.npz, every 5th digit of each class held out",
       "seed": _SEED.value, "num_epochs": _NUM_EPOCHS.value, "batch_size": _BATCH_SIZE.value,
-      "learning_rate": _LEARNING_RATE.value, "augment": "affine: rot 12 deg, scale 0.1, shift 2",
+      "learning_rate": _LEARNING_RATE.value,
+      "dropout_rates": [float(r) for r in _DROPOUT.value], "augment": "affine: rot 12 deg, scale 0.1, shift 2",
+      "elastic_alpha": _ELASTIC_ALPHA.value, "elastic_sigma": 4.0,
       "input_range": "[-1, 1], white digit on -1", "train_seconds": round(train_seconds, 1),
   }
   classifier_lib.save_classifier_params(_OUTPUT.value, params, metadata)

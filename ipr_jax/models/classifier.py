@@ -37,7 +37,12 @@ _STATE_DICT_LAYOUT = {
 
 
 class MNISTClassifier(nn.Module):
-  """srmbench's MNIST classifier in Flax. Call with tiles [B, 28, 28, 1] -> logits [B, 10]."""
+  """srmbench's MNIST classifier in Flax. Call with tiles [B, 28, 28, 1] -> logits [B, 10].
+
+  The dropout rates only matter in training (srmbench: 0.25 and 0.5); they have no parameters.
+  """
+  dropout1_rate: float = 0.25  # channel dropout after the first conv block
+  dropout2_rate: float = 0.5  # channel dropout after the second conv block
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -55,10 +60,10 @@ class MNISTClassifier(nn.Module):
     x = nn.Conv(32, (3, 3), padding=1, name="conv1")(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     # Dropout2d drops whole channels: share the mask over the spatial axes.
-    x = nn.Dropout(0.25, broadcast_dims=(1, 2), deterministic=not train)(x)
+    x = nn.Dropout(self.dropout1_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
     x = nn.Conv(64, (3, 3), padding=1, name="conv2")(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)
+    x = nn.Dropout(self.dropout2_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
     x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # PyTorch's (C, H, W) flatten order
     x = nn.relu(nn.Dense(128, name="fc1")(x))
     return nn.Dense(10, name="fc2")(x)

@@ -18,9 +18,17 @@ splits that into (u, v, logvar). It follows the PyTorch reference
 Submodule names mirror the PyTorch state_dict: `encoder/blocks_7_1/qkv` is
 `model.encoder.blocks.7.1.qkv`, `.../conv_1_2` is `...conv_1.2`, and so on.
 
-One deliberate difference: the reference recomputes the time embedding in
-every ResBlock; here it is computed once per distinct resolution and forward
-pass and shared (mathematically identical).
+Differences from the reference, all deliberate:
+- the reference recomputes the time embedding in every ResBlock; here it is
+  computed once per distinct resolution and forward pass and shared
+  (mathematically identical);
+- the sinusoid frequencies are float32 constants rounded from a float64 exp
+  instead of a float32 exp (they agree with PyTorch's to its 1-ulp error);
+- only the configuration the released experiments use is built:
+  use_scale_shift_norm=False, no class embedding, conv up/downsampling, one
+  `num_blocks` for all levels, the bottleneck always present;
+- a `precision` field (not in the reference) selects matmul/conv precision;
+  the bottleneck output is sown into 'intermediates' for debugging.
 """
 
 from __future__ import annotations
@@ -496,6 +504,13 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
 
+  def __post_init__(self):
+    # Tuples keep the module hashable (usable as a static jit argument) when
+    # the widths come from a config as lists.
+    object.__setattr__(self, "hid_dims", tuple(self.hid_dims))
+    object.__setattr__(self, "attention", tuple(self.attention))
+    super().__post_init__()
+
   def check_config(self) -> None:
     """Raises ValueError for widths the reference could not build."""
     if len(self.attention) != len(self.hid_dims):
@@ -587,7 +602,12 @@ def group_norm_widths(model: UNet) -> list[int]:
 def make_unet(preset: str, d_in: int, d_out: int, **overrides) -> UNet:
   """A UNet from `UNET_PRESETS[preset]`, with field overrides.
 
-  Sequence fields are turned into tuples so the module stays hashable.
+  Sequence fields become tuples (so the module stays hashable) and a dtype
+  given by name ("bfloat16") becomes a numpy dtype.
+
+  Raises:
+    ValueError: for an unknown preset or a configuration the reference could
+      not build (see `UNet.check_config`).
   """
   if preset not in UNET_PRESETS:
     raise ValueError(f"unknown U-Net preset {preset!r}; known: "
@@ -596,6 +616,8 @@ def make_unet(preset: str, d_in: int, d_out: int, **overrides) -> UNet:
   fields.update(overrides)
   fields["hid_dims"] = tuple(int(w) for w in fields["hid_dims"])
   fields["attention"] = tuple(bool(a) for a in fields["attention"])
+  if isinstance(fields.get("dtype"), str):
+    fields["dtype"] = jnp.dtype(fields["dtype"])
   model = UNet(d_in=d_in, d_out=d_out, **fields)
   model.check_config()
   return model

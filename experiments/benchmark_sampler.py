@@ -1,0 +1,129 @@
+r"""Throughput of SRM + IPR (one compiled program per batch) at several batch sizes.
+
+  python experiments/benchmark_sampler.py --task=ms_hard --unet=tiny --batch_sizes=1,4
+  python experiments/benchmark_sampler.py --task=ms_hard --unet=unet_256 --dtype=bfloat16 \
+      --batch_sizes=1,16,64 --budget=30          # on a GPU
+  python experiments/benchmark_sampler.py --task=ep_test --unet=unet_32 --dtype=bfloat16 \
+      --batch_sizes=1,16,64
+
+The U-Net has random weights (a fresh init with its zero-initialised layers redrawn, so sigma and
+the selection order are not degenerate); the sampler settings are the reference's ms_hard_test
+(SRM 3 / 0.0, IPR 10 / 0.8, ratio 0.25) or ep_test (SRM 30 / 0.9, IPR 30 / 0.9). For each batch
+size it reports the compile time, the steady-state time of one call (median of --repeats), puzzles
+per second and denoiser passes (NFE) per second, and the speed-up over batch 1 run puzzle by puzzle
+(the reference's way). Results are printed and written as JSON to --output.
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipr_jax import sampler
+from ipr_jax.models import denoiser
+from ipr_jax.models import unet
+
+_TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test"], "Sampler settings.")
+_UNET = flags.DEFINE_string("unet", "tiny", "U-Net preset (unet_32/unet_128/unet_256) or 'tiny'.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
+_BUDGET = flags.DEFINE_integer("budget", 30, "IPR iterations.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size (median reported).")
+_NUM_GIVEN = flags.DEFINE_integer("num_given", 13, "Sudoku given cells (hard: 0..26).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
+
+_SETTINGS = {
+    "ms_hard": dict(image=252, channels=1, patch=28,
+                    sampler=sampler.SamplerConfig(steps_per_patch=3, overlap=0.0),
+                    ipr=dict(steps_per_patch=10, overlap=0.8)),
+    "ep_test": dict(image=32, channels=3, patch=4,
+                    sampler=sampler.SamplerConfig(steps_per_patch=30, overlap=0.9),
+                    ipr=dict(steps_per_patch=30, overlap=0.9)),
+}
+
+
+def _model(name: str, channels: int, dtype) -> unet.UNet:
+  if name == "tiny":
+    return unet.UNet(hid_dims=(32, 32, 32), attention=(False, False, True), d_in=channels,
+                     d_out=2 * channels + 1, num_blocks=1, t_emb_dim=64, d_emb=32,
+                     num_head_channels=32, num_groups=8, dtype=dtype)
+  return unet.make_unet(name, channels, 2 * channels + 1, dtype=dtype)
+
+
+def _random_params(model: unet.UNet, shape, key):
+  """Init, then redraw every all-zero kernel/bias (the zero-init layers) from N(0, 0.02^2)."""
+  z = jnp.zeros((1, *shape))
+  t = jnp.zeros((1, *shape[:2], 1))
+  params = jax.jit(model.init)(key, z, t)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  leaves = [jnp.where(jnp.all(x == 0), 0.02 * jax.random.normal(k, x.shape), x)
+            for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def main(argv):
+  del argv
+  settings = _SETTINGS[_TASK.value]
+  shape = (settings["image"], settings["image"], settings["channels"])
+  model = _model(_UNET.value, settings["channels"], jnp.dtype(_DTYPE.value))
+  params = _random_params(model, shape, jax.random.key(0))
+  denoise = denoiser.make_denoise_fn(model, settings["patch"])
+  ipr_config = sampler.IPRConfig(budget=_BUDGET.value, **settings["ipr"])
+  grid = settings["image"] // settings["patch"]
+
+  @jax.jit
+  def run(params, keys, image, mask, noise):
+    result = sampler.srm_ipr(lambda z, t: denoise(params, z, t), keys, image=image, mask=mask,
+                             noise=noise, patch_size=settings["patch"],
+                             sampler_config=settings["sampler"], ipr_config=ipr_config)
+    return result.z, result.nfe
+
+  def inputs(batch):
+    keys = sampler.puzzle_keys(jax.random.key(1), jnp.arange(batch))
+    noise = jax.random.normal(jax.random.key(3), (batch, *shape))
+    if _TASK.value != "ms_hard":
+      return keys, None, None, noise
+    image = jax.random.uniform(jax.random.key(2), (batch, *shape), minval=-1, maxval=1)
+    cells = np.ones((batch, grid * grid), np.float32)
+    cells[:, :_NUM_GIVEN.value] = 0  # The first cells are given.
+    mask = np.kron(cells.reshape(batch, grid, grid), np.ones((settings["patch"],) * 2))
+    return keys, image, jnp.asarray(mask[..., None], jnp.float32), noise
+
+  device = jax.devices()[0]
+  rows = []
+  for batch in [int(b) for b in _BATCH_SIZES.value]:
+    args = inputs(batch)
+    start = time.perf_counter()
+    _, nfe = jax.block_until_ready(run(params, *args))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      jax.block_until_ready(run(params, *args))
+      times.append(time.perf_counter() - start)
+    call_s = float(np.median(times))
+    row = dict(batch=batch, first_call_s=compile_s, call_s=call_s, puzzles_per_s=batch / call_s,
+               nfe_per_puzzle=float(np.mean(nfe)), nfe_per_s=float(np.sum(nfe)) / call_s)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  base = next((r for r in rows if r["batch"] == 1), None)
+  if base is not None:
+    for r in rows:
+      r["speedup_vs_batch1_loop"] = r["puzzles_per_s"] / base["puzzles_per_s"]
+  result = dict(task=_TASK.value, unet=_UNET.value, dtype=_DTYPE.value, budget=_BUDGET.value,
+                device=f"{device.platform}:{device.device_kind}", jax=jax.__version__, rows=rows)
+  print(json.dumps(result, indent=2))
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
