@@ -44,8 +44,8 @@ from ipr_jax.metrics import sudoku as sudoku_metrics
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import denoiser
 
-# Seed streams of the evaluation: puzzle content and sampling randomness never share a key.
-_SAMPLING_STREAM = 1
+# Seed streams of the evaluation: puzzle content, initial noise and sampling never share a key.
+_SAMPLING_STREAM, _NOISE_STREAM = 1, 2
 
 
 def sudoku_score_fn(classifier_params: Any, box_size: int) -> Callable[[jax.Array], dict]:
@@ -164,16 +164,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   per_device = -(-batch_size // num_devices)
   num_snapshots = min(config.eval.get("num_plot_puzzles", 4), per_device)
 
-  def run(params, keys, image, mask):
+  def run(params, keys, noise, image, mask):
     return sampler.srm_ipr(
-        functools.partial(denoise, params), keys, image=image, mask=mask,
+        functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
         patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
         score_fn=task.score_fn,
         verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
         num_snapshots=num_snapshots)
 
-  p_run = jax.pmap(run, in_axes=(None, 0, 0, 0))
-  sampling_key = jax.random.fold_in(jax.random.key(config.eval.seed), _SAMPLING_STREAM)
+  p_run = jax.pmap(run, in_axes=(None, 0, 0, 0, 0))
+  root = jax.random.key(config.eval.seed)
+  sampling_key = jax.random.fold_in(root, _SAMPLING_STREAM)
+  noise_key = jax.random.fold_in(root, _NOISE_STREAM)
+  initial_noise = jax.jit(jax.vmap(
+      lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
   shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
 
   scores, nfe, snapshots = [], [], None
@@ -182,7 +186,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   for indices, real in _batch_indices(num_puzzles, batch_size, num_devices):
     inputs = task.inputs(config.eval.seed, indices)
     keys = sampler.puzzle_keys(sampling_key, jnp.asarray(indices))
-    result = p_run(params, shard(keys), shard(inputs["image"]), shard(inputs["mask"]))
+    noise = initial_noise(jnp.asarray(indices))
+    result = p_run(params, shard(keys), shard(noise), shard(inputs["image"]),
+                   shard(inputs["mask"]))
     result = jax.device_get(result)
     unshard = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
     scores.append({k: unshard(v) for k, v in result.scores.items()})
@@ -238,7 +244,7 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   try:
     evaluate(f.config, f.workdir, f.checkpoint)
-  except checkpoint.CheckpointError as e:
+  except (checkpoint.CheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -250,7 +250,15 @@ def patches_to_pixels(values: jax.Array, grid: tuple[int, int],
 
 
 def patch_mean(x: jax.Array, patch_size: int) -> jax.Array:
-  """Average over each patch and channel (the reference's avg_pool): `[B, H, W, C]` -> `[B, N]`."""
+  """Mean over each patch and channel (the reference's avg_pool).
+
+  Args:
+    x: `[B, H, W, C]`.
+    patch_size: P.
+
+  Returns:
+    `[B, N]`, row-major over the patch grid.
+  """
   b, h, w, c = x.shape
   gh, gw = h // patch_size, w // patch_size
   x = x.reshape(b, gh, patch_size, gw, patch_size, c)

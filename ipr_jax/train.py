@@ -101,9 +101,17 @@ def adam_eps(config: ml_collections.ConfigDict) -> float:
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ..."""
   o = config.optim
-  return optax.linear_schedule(
-      init_value=o.learning_rate * o.warmup_start_factor, end_value=o.learning_rate,
-      transition_steps=max(int(o.warmup_steps), 1))
+  lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
+
+  def schedule(count):
+    # Written as a factor of lr: optax.linear_schedule's init + (end - init) form loses ~3e-4 of
+    # the first step's tiny rate to float32 cancellation.
+    if warmup <= 0:
+      return jnp.full((), lr, jnp.float32)
+    progress = jnp.minimum(count, warmup).astype(jnp.float32) / warmup
+    return lr * (start + (1.0 - start) * progress)
+
+  return schedule
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -215,7 +223,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
     new_state = state.apply_gradients(grads, tx, ema_decay)
     return new_state, metrics
@@ -270,6 +278,11 @@ class _Preemption:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
     return flag
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of every leaf of a pmap output (single-device arrays)."""
+  return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
 def _shard_local(x: np.ndarray) -> jax.Array:
@@ -415,7 +428,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           window_start_time, window_start_step = now, step
         if step % ckpt_every == 0 or is_last or preempted:
           check_pending()
-          host_state = jax.device_get(jax_utils.unreplicate(state))
+          host_state = jax.device_get(unreplicate(state))
           if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
             raise NonFiniteLossError(
                 f"Parameters became non-finite by step {step}; not saving them. Last good "
@@ -429,7 +442,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     finally:
       manager.wait_until_finished()
       manager.close()
-  return TrainResult(jax.device_get(jax_utils.unreplicate(state)), history, preempted)
+  return TrainResult(jax.device_get(unreplicate(state)), history, preempted)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,16 @@ def test_tfds_source_missing_data_raises(tmp_path):
     digits.load_digits("train", "tfds", data_dir=str(tmp_path))
 
 
+def test_tfds_source_with_mock_data(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  # mock_data serves examples but does not mark the dataset as prepared.
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+  with tfds.testing.mock_data(num_examples=12):
+    images, labels = digits.load_digits("test", "tfds")
+  assert images.shape == (12, 28, 28) and images.dtype == np.uint8
+  assert labels.shape == (12,) and labels.max() <= 9
+
+
 def test_select_top_n():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 500)
@@ -99,5 +109,6 @@ def test_digit_bank_gathers_right_class():
 
 
 def test_to_unit_range():
-  out = digits.to_unit_range(np.array([0, 255, 128], np.uint8))
-  np.testing.assert_allclose(out, [-1.0, 1.0, 128 / 127.5 - 1], rtol=1e-6)
+  out = np.asarray(digits.to_unit_range(np.arange(256).astype(np.uint8)))
+  assert out[0] == -1.0 and out[255] == 1.0 and np.all(np.diff(out) > 0)
+  np.testing.assert_allclose(out, np.arange(256) / 127.5 - 1, rtol=0, atol=1e-7)

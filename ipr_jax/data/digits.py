@@ -54,7 +54,8 @@ def load_bundled_digits(path: str | pathlib.Path | None = None) -> tuple[np.ndar
     raise FileNotFoundError(f"digits file not found: {str(path)!r}")
   with np.load(path) as f:
     if "images" not in f.files or "labels" not in f.files:
-      raise ValueError(f"digits file {str(path)!r} needs arrays 'images' and 'labels', has {f.files}")
+      raise ValueError(f"digits file {str(path)!r} needs arrays 'images' and 'labels', "
+                       f"has {f.files}")
     images, labels = f["images"], f["labels"]
   if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
     raise ValueError(f"digits file {str(path)!r}: images {images.shape}, labels {labels.shape}; "
@@ -88,21 +89,26 @@ def load_tfds_digits(part: Part, data_dir: str | None = None) -> tuple[np.ndarra
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   split = {"train": "train", "test": "test"}[part]
+  builder = tfds.builder("mnist", data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"TFDS dataset 'mnist' is not prepared under {builder.data_dir!r} "
+                            f"(data_dir={data_dir!r}); this project never downloads it")
   try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  except ImportError:
+    tensorflow = None
+  if tensorflow is not None:
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images, labels = data["image"], data["label"]
+  else:  # TFDS without TensorFlow reads only array_record data.
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-      data = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1, data_dir=data_dir,
-                                     download=False))
-      images, labels = data["image"], data["label"]
-    except ImportError:  # TFDS without TensorFlow: the array_record data source.
-      source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
-      examples = [source[i] for i in range(len(source))]
-      images = np.stack([e["image"] for e in examples])
-      labels = np.asarray([e["label"] for e in examples])
-  except (AssertionError, FileNotFoundError, OSError) as e:
-    raise FileNotFoundError(
-        f"TFDS dataset 'mnist' (split {split!r}, data_dir={data_dir!r}) is not available "
-        f"offline: {e}") from e
+      source = builder.as_data_source(split=split)
+    except NotImplementedError as e:
+      raise ValueError(f"TFDS 'mnist' under {builder.data_dir!r} needs TensorFlow to be read (it "
+                       "is not in array_record format)") from e
+    examples = [source[i] for i in range(len(source))]
+    images = np.stack([e["image"] for e in examples])
+    labels = np.asarray([e["label"] for e in examples])
   return np.asarray(images).reshape(-1, 28, 28).astype(np.uint8), np.asarray(labels, np.uint8)
 
 

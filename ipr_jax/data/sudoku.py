@@ -97,7 +97,7 @@ def render_grids(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank) -
 
 
 def random_given_masks(key: jax.Array, num_given: jax.Array, num_cells: int) -> jax.Array:
-  """bool [B, num_cells], True = unknown, with exactly num_given[b] False (given) cells at random."""
+  """bool [B, num_cells], True = unknown, with exactly num_given[b] given (False) random cells."""
   keys = jax.random.split(key, num_given.shape[0])
   order = jax.vmap(lambda k: jax.random.permutation(k, num_cells))(keys)  # order[b, rank] = cell
   rank = jnp.argsort(order, axis=1)  # rank[b, cell]

@@ -1,4 +1,4 @@
-"""MNIST Sudoku metrics (spec §6.1): discretisation by a digit classifier, duplicate count, validity.
+"""MNIST Sudoku metrics (spec §6.1): discretisation by a classifier, duplicate count, validity.
 
 * Discretise: cut the image into n x n tiles (row-major), classify each tile, and take the argmax;
   if the argmax is 0, take the second-best class (srmbench's rule). This equals the argmax over

@@ -108,7 +108,7 @@ def accuracy(params, images_u8: np.ndarray, labels: np.ndarray, batch_size: int 
 def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0,
                      num_epochs: int = 20, batch_size: int = 128, learning_rate: float = 2e-3,
                      augment: bool = True, elastic_alpha: float = 0.0,
-                     dropout_rates: tuple[float, float] = (0.25, 0.5),
+                     dropout_rates: tuple[float, float] = (0.25, 0.5), ema_decay: float = 0.0,
                      log_every_epochs: int = 1, eval_fn=None) -> dict:
   """Trains `MNISTClassifier` from scratch.
 
@@ -122,11 +122,13 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
     augment: random affine jitter (see `random_warp`).
     elastic_alpha: strength in pixels of the elastic distortion added to the jitter (0: none).
     dropout_rates: the two channel-dropout rates used in training (srmbench's: 0.25, 0.5).
+    ema_decay: if > 0, return an exponential moving average of the parameters with this decay
+      per step instead of the last parameters.
     log_every_epochs: log the loss (and `eval_fn(params)`, if given) this often.
     eval_fn: optional callable params -> float logged as held-out accuracy.
 
   Returns:
-    params.
+    params (the moving average if ema_decay > 0).
   """
   images = np.asarray(digits_lib.to_unit_range(images_u8))[..., None]
   labels = np.asarray(labels, np.int32)
@@ -137,6 +139,9 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
   root = jax.random.key(seed)
   params = classifier_lib.init_classifier_params(jax.random.fold_in(root, 0))
   opt_state = optimizer.init(params)
+  ema = jax.tree.map(jnp.copy, params)
+  update_ema = jax.jit(lambda ema, p: jax.tree.map(lambda e, q: ema_decay * e + (1 - ema_decay) * q,
+                                                   ema, p))
   rng = np.random.default_rng(seed)
   step = 0
   for epoch in range(num_epochs):
@@ -149,6 +154,8 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
           params, opt_state, images[batch], labels[batch],
           jax.random.fold_in(jax.random.fold_in(root, 1), step), optimizer, augment,
           tuple(dropout_rates), float(elastic_alpha))
+      if ema_decay > 0:
+        ema = update_ema(ema, params)
       losses.append(loss)
       step += 1
     if (epoch + 1) % log_every_epochs == 0 or epoch + 1 == num_epochs:
@@ -156,8 +163,10 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
                  f" ({time.time() - start_time:.1f} s)")
       if eval_fn is not None:
         message += f", held-out accuracy {eval_fn(params):.4f}"
+        if ema_decay > 0:
+          message += f" (moving average {eval_fn(ema):.4f})"
       logging.info(message)
-  return params
+  return ema if ema_decay > 0 else params
 
 
 _OUTPUT = flags.DEFINE_string("output", str(classifier_lib.DEFAULT_WEIGHTS),
@@ -170,6 +179,8 @@ _DROPOUT = flags.DEFINE_list("dropout_rates", ["0.25", "0.5"],
                              "The two channel-dropout rates in training.")
 _ELASTIC_ALPHA = flags.DEFINE_float("elastic_alpha", 0.0,
                                     "Elastic distortion strength in pixels (0: affine only).")
+_EMA_DECAY = flags.DEFINE_float("ema_decay", 0.0,
+                                "Per-step decay of the parameter moving average (0: none).")
 _MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.99,
                                    "Refuse to write weights below this held-out accuracy.")
 
@@ -185,6 +196,7 @@ def main(argv):
                             learning_rate=_LEARNING_RATE.value,
                             elastic_alpha=_ELASTIC_ALPHA.value,
                             dropout_rates=tuple(float(r) for r in _DROPOUT.value),
+                            ema_decay=_EMA_DECAY.value,
                             eval_fn=lambda p: accuracy(p, test_images, test_labels))
   train_seconds = time.time() - start_time
   held_out = accuracy(params, test_images, test_labels)
@@ -200,8 +212,10 @@ def main(argv):
       "digits": "bundled mnist_digits_10k.npz, every 5th digit of each class held out",
       "seed": _SEED.value, "num_epochs": _NUM_EPOCHS.value, "batch_size": _BATCH_SIZE.value,
       "learning_rate": _LEARNING_RATE.value,
-      "dropout_rates": [float(r) for r in _DROPOUT.value], "augment": "affine: rot 12 deg, scale 0.1, shift 2",
+      "dropout_rates": [float(r) for r in _DROPOUT.value],
+      "augment": "affine: rot 12 deg, scale 0.1, shift 2",
       "elastic_alpha": _ELASTIC_ALPHA.value, "elastic_sigma": 4.0,
+      "ema_decay": _EMA_DECAY.value,
       "input_range": "[-1, 1], white digit on -1", "train_seconds": round(train_seconds, 1),
   }
   classifier_lib.save_classifier_params(_OUTPUT.value, params, metadata)

@@ -69,6 +69,7 @@ class MNISTClassifier(nn.Module):
     return nn.Dense(10, name="fc2")(x)
 
 
+@jax.jit
 def init_classifier_params(key: jax.Array) -> dict:
   """Randomly initialised parameters (Flax's default initialisers)."""
   return MNISTClassifier().init(key, jnp.zeros((1, 28, 28, 1)))["params"]

@@ -1,0 +1,235 @@
+"""Tests of the trainer (ipr_jax/train.py, train_state.py) on CPU with 2 host devices.
+
+To keep the file near a minute on 2 shared cores, the runs use even_pixels.py:tiny shrunk further
+(16x16 images = a 4x4 grid of 4-pixel patches, U-Net widths 16, batch 8) and XLA's
+`jax_disable_most_optimizations` (compiles ~4x faster, runs ~2x slower at this size).
+"""
+
+import importlib.util
+import json
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+from flax import jax_utils
+import numpy as np
+import optax
+import pytest
+
+from ipr_jax import checkpoint
+from ipr_jax import train
+from ipr_jax import train_state
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def load_config(name, arg=""):
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small_config(**overrides):
+  """even_pixels.py:tiny, shrunk for tests (see the module docstring)."""
+  config = load_config("even_pixels", "tiny")
+  config.data.image_size = 16
+  config.batch_size = 8
+  config.model.hid_dims = (16, 16)
+  config.model.attention = (False, True)
+  config.model.num_groups = 8
+  config.model.num_head_channels = 16
+  config.model.t_emb_dim = 32
+  config.model.d_emb = 16
+  config.time_sampler.density_num_samples = 8000
+  for name, value in overrides.items():
+    node = config
+    *parents, leaf = name.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  a, b = jax.device_get(a), jax.device_get(b)
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer, schedule and EMA against the reference recipe (spec §3.4).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_warmup_schedule_is_torch_linear_lr():
+  config = load_config("even_pixels")
+  lr = config.optim.learning_rate
+  schedule = train.learning_rate_schedule(config)
+  # LinearLR(start_factor=2e-4, total_iters=5000): factor 2e-4 + (1 - 2e-4) min(k, 5000) / 5000.
+  for k in (0, 1, 2500, 4999, 5000, 10_000):
+    factor = 2e-4 + (1 - 2e-4) * min(k, 5000) / 5000
+    np.testing.assert_allclose(schedule(k), lr * factor, rtol=1e-6)
+
+
+def test_adam_eps_follows_precision():
+  config = load_config("mnist_sudoku")
+  assert train.adam_eps(config) == 1e-7  # bf16-mixed, as the reference ran
+  config.model.dtype = "float32"
+  assert train.adam_eps(config) == 1e-8
+  config.optim.eps = 3e-6
+  assert train.adam_eps(config) == 3e-6
+
+
+def test_first_optimizer_step_is_clipped_adamw():
+  config = load_config("even_pixels")
+  config.model.dtype = "float32"
+  tx = train.make_optimizer(config)
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.25])}
+  grads = {"w": jnp.array([3.0, 0.0, -4.0]), "b": jnp.array([0.0])}  # global norm 5 > 1
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = config.optim.learning_rate * 2e-4  # first step of the warm-up
+  wd, eps = config.optim.weight_decay, 1e-8
+  for name in params:
+    g = grads[name] / 5.0  # clipped to norm 1
+    # Step 1 of Adam: m_hat = g and v_hat = g^2 (bias-corrected), decoupled weight decay.
+    expected = -lr * (g / (jnp.abs(g) + eps) + wd * params[name])
+    np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-12)
+
+
+def test_ema_first_update_copies_then_averages():
+  tx = optax.sgd(0.5)
+  state = train_state.TrainState.create({"w": jnp.array([1.0, 2.0])}, tx, jax.random.key(0))
+  state = state.apply_gradients({"w": jnp.array([1.0, -1.0])}, tx, ema_decay=0.9)
+  np.testing.assert_allclose(state.params["w"], [0.5, 2.5])
+  np.testing.assert_allclose(state.ema_params["w"], [0.5, 2.5])  # copy, not 0.9 * init + ...
+  state = state.apply_gradients({"w": jnp.array([1.0, 1.0])}, tx, ema_decay=0.9)
+  np.testing.assert_allclose(state.params["w"], [0.0, 2.0])
+  np.testing.assert_allclose(state.ema_params["w"], [0.5 + 0.1 * -0.5, 2.5 + 0.1 * -0.5])
+  assert int(state.step) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_pmapped_steps(config, devices, num_steps):
+  """num_steps train steps with the global batch split over `devices`."""
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  task = train.make_task(config)
+  table = train.make_loss_weight_table(config, jax.random.key(1))
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  p_step = jax.pmap(train.make_train_step(config, model, tx), axis_name="batch",
+                    devices=devices, donate_argnums=(0,))
+  state, task, table = jax_utils.replicate((state, task, table), devices, axis_name="batch")
+  index = np.arange(config.batch_size, dtype=np.int32).reshape(len(devices), -1)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = p_step(state, task, table, index)
+    losses.append(float(metrics["loss"][0]))
+  return jax.device_get(train.unreplicate(state)), losses
+
+
+def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
+  devices = jax.local_devices()
+  assert len(devices) >= 2, "tests/conftest.py should provide 2 host devices"
+  config = small_config()  # dropout 0.1 stays on: masks are drawn per example, not per device
+  assert config.model.dropout > 0
+  two, losses_two = run_pmapped_steps(config, devices[:2], num_steps=2)
+  one, losses_one = run_pmapped_steps(config, devices[:1], num_steps=2)
+  np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+  assert_trees_close(two.params, one.params)
+  assert_trees_close(two.ema_params, one.ema_params)
+  assert_trees_close(two.opt_state, one.opt_state)
+  # Not vacuous: the parameters moved.
+  init = train.create_train_state(config, train.make_model(config), train.make_optimizer(config),
+                                  jax.random.key(0))
+  assert not np.allclose(two.params["decoder"]["out_2"]["kernel"],
+                         init.params["decoder"]["out_2"]["kernel"])
+
+
+def test_batch_must_split_over_devices(tmp_path):
+  with pytest.raises(ValueError, match="batch_size=3"):
+    train.train(small_config(batch_size=3), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: interruption and resume, loss reduction, NaN handling.
+# ----------------------------------------------------------------------------------------------
+
+
+def sigterm_at(step_to_stop):
+  def hook(step):
+    if step == step_to_stop:
+      signal.raise_signal(signal.SIGTERM)
+  return hook
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+  config = small_config(num_train_steps=4, checkpoint_every_steps=3, log_every_steps=1)
+  straight = train.train(config, tmp_path / "straight")
+  assert not straight.preempted and int(straight.state.step) == 4
+
+  workdir = tmp_path / "interrupted"
+  first = train.train(config, workdir, hooks=[sigterm_at(2)])
+  assert first.preempted and int(first.state.step) == 2
+  # SIGTERM saved step 2 although checkpoint_every_steps is 3, and the handler was restored.
+  assert checkpoint.find_step_dir(workdir).name == "2"
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  resumed = train.train(config, workdir)
+  assert not resumed.preempted and int(resumed.state.step) == 4
+  assert [r["step"] for r in resumed.history] == [3, 4]
+
+  for field in ("params", "ema_params", "opt_state", "rng", "step"):
+    assert_trees_close(getattr(resumed.state, field), getattr(straight.state, field), rtol=0,
+                       atol=0)
+  # The saved config and the metrics of both parts are in the workdir.
+  assert json.loads((workdir / "config.json").read_text())["task"] == "even_pixels"
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+  assert_trees_close(checkpoint.restore_params(workdir, "ema"), straight.state.ema_params,
+                     rtol=0, atol=0)
+  # Restarting a finished run does nothing.
+  assert int(train.train(config, workdir).state.step) == 4
+
+
+def test_a_few_hundred_steps_reduce_the_loss(tmp_path):
+  config = small_config(num_train_steps=300, checkpoint_every_steps=300, log_every_steps=25)
+  result = train.train(config, tmp_path)
+  losses = [r["loss"] for r in result.history]
+  print("loss every 25 steps:", np.round(losses, 4).tolist())
+  assert len(losses) == 12
+  assert all(np.isfinite(losses))
+  # The first window is the untrained model (and its first step has no VLB/sigma terms).
+  assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+  record = result.history[-1]
+  for key in ("mse", "vlb", "sigma_nll", "grad_norm", "learning_rate", "steps_per_sec"):
+    assert key in record
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
+  srm_loss = train.losses.srm_loss
+
+  def nan_from_step_3(*args, step, **kwargs):
+    loss, metrics = srm_loss(*args, step=step, **kwargs)
+    return jnp.where(step >= 3, jnp.nan, loss), metrics | {"loss": jnp.where(step >= 3, jnp.nan,
+                                                                              loss)}
+
+  monkeypatch.setattr(train.losses, "srm_loss", nan_from_step_3)
+  config = small_config(num_train_steps=6, checkpoint_every_steps=2, log_every_steps=3)
+  with pytest.raises(train.NonFiniteLossError, match="step 4") as error:
+    train.train(config, tmp_path)  # step 4 is the first whose state (step count 3) gives NaN
+  assert "Last good checkpoint: step 2" in str(error.value)
+  assert checkpoint.find_step_dir(tmp_path).name == "2"
+  params = checkpoint.restore_params(tmp_path, "live")
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
