@@ -194,6 +194,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.given_range = config_dict.placeholder(tuple)
   # Sample with the EMA weights (reference use_ema: true).
   config.eval.use_ema = True
+  # Puzzles shown in ipr_process.png (the first ones of the first batch).
+  config.eval.num_plot_puzzles = 4
 
   if size == "small":
     # About 25 min of training on one H100-class GPU (estimate, not measured).

@@ -9,7 +9,8 @@ Single-GPU run of under an hour:
 CPU demo / tests: 4x4 Sudoku of 14x14 digits, tiny U-Net (minutes on 2 cores):
   python -m ipr_jax.train --config=configs/mnist_sudoku.py:tiny --workdir=runs/ms_tiny
 Evaluate (the evaluation binary reads config.sampler, config.ipr and config.eval):
-  python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:ms_hard_test --workdir=runs/ms1000_28
+  python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:ms_hard_test \
+      --workdir=runs/ms1000_28
   python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:tiny,ms_corrupted_test \
       --workdir=runs/ms_tiny
 Override single fields (a misspelt name fails):
@@ -226,6 +227,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.given_range = _GIVEN_RANGE[3][eval_name]
   # Sample with the EMA weights (reference use_ema: true).
   config.eval.use_ema = True
+  # Puzzles shown in ipr_process.png (the first ones of the first batch).
+  config.eval.num_plot_puzzles = 4
+  # Digit classifier weights (.npz) of the Sudoku metric; None: the weights shipped in the package.
+  config.eval.classifier_path = config_dict.placeholder(str)
 
   if eval_name == "ms_corrupted_test":
     # Reference ms_corrupted_test: all cells given, 5 swaps, then 15 refinement iterations.

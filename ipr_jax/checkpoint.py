@@ -82,7 +82,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, config: Any) -> 
   """
   if step in manager.all_steps():
     return False
-  host_state = jax.device_get(state)
+  # Real copies: on CPU a device_get result can alias a device buffer that a later donated step
+  # overwrites while the asynchronous save is still reading it.
+  host_state = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), state)
   return manager.save(
       step,
       args=ocp.args.Composite(**{

@@ -89,7 +89,7 @@ class _Task:
     if config.task == "mnist_sudoku":
       self.data = train.make_task(config)
       self.box_size = config.data.box_size
-      path = config.eval.get("classifier_path", None)
+      path = config.eval.classifier_path
       self.classifier_params = classifier_lib.load_classifier_params(path)
       self.score_fn = sudoku_score_fn(self.classifier_params, self.box_size)
       self.given_range = tuple(config.eval.given_range)
@@ -154,7 +154,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   sampler_config, ipr_config = _sampler_configs(config)
   task = _Task(config)
   model = train.make_model(config)
-  which = "ema" if config.eval.get("use_ema", True) else "live"
+  which = "ema" if config.eval.use_ema else "live"
   source = checkpoint_path or workdir
   params = checkpoint.restore_params(source, which=which)
   logging.info("Restored %s params from %s.", which, source)
@@ -162,7 +162,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   denoise = denoiser.make_denoise_fn(model, task.patch_size)
   num_devices = jax.local_device_count()
   per_device = -(-batch_size // num_devices)
-  num_snapshots = min(config.eval.get("num_plot_puzzles", 4), per_device)
+  num_snapshots = min(config.eval.num_plot_puzzles, per_device)
 
   def run(params, keys, noise, image, mask):
     return sampler.srm_ipr(

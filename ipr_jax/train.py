@@ -18,15 +18,24 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   PRNG). A NaN or inf loss stops the run without saving the bad state.
 * A progress line every `log_every_steps` (loss terms, steps/s, ETA), the same values appended to
   `workdir/metrics.jsonl`, the resolved config in `workdir/config.json`.
+
+Deliberate differences from the reference (same recipe, different bookkeeping):
+* randomness is drawn per example from (step, global index) rather than from one global stream,
+  so results do not depend on the device count; the distributions are the reference's;
+* the loss-weight density (spec §3.1 step 4) is built once at start from `config.seed` rather
+  than lazily from the global RNG on the first call;
+* the warm-up is computed as torch LinearLR's closed-form factor of the learning rate;
+* metrics.jsonl holds the mean of each metric over its logging window.
 """
 
 import dataclasses
-import functools
 import json
+import logging as std_logging
 import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -34,7 +43,6 @@ from typing import Any, Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import flax
 from flax import jax_utils
 import jax
 import jax.numpy as jnp
@@ -231,6 +239,26 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
   return train_step
 
 
+# Sections of the config that the compiled train step depends on.
+_STEP_SECTIONS = ("task", "data", "model", "time_sampler", "loss", "optim")
+_P_TRAIN_STEPS: dict[str, Callable[..., Any]] = {}
+
+
+def _pmapped_train_step(config, model, tx) -> Callable[..., Any]:
+  """`jax.pmap` of `make_train_step`, reused by later `train` calls with the same step config.
+
+  Re-tracing the step costs seconds; resuming in the same process (tests, notebooks) reuses it.
+  """
+  key = json.dumps({k: config[k] for k in _STEP_SECTIONS}, sort_keys=True, default=str)
+  key += str(jax.local_devices())
+  if key not in _P_TRAIN_STEPS:
+    if len(_P_TRAIN_STEPS) >= 4:
+      _P_TRAIN_STEPS.clear()
+    _P_TRAIN_STEPS[key] = jax.pmap(make_train_step(config, model, tx), axis_name="batch",
+                                   donate_argnums=(0,))
+  return _P_TRAIN_STEPS[key]
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop.
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +313,9 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
+_PROGRESS_TERMS = ("loss", "mse", "vlb", "sigma_nll", "grad_norm", "learning_rate")
+
+
 def _shard_local(x: np.ndarray) -> jax.Array:
   """Puts row i of `x` ([local_devices, ...]) on local device i, as pmap expects its inputs."""
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
@@ -323,7 +354,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     NonFiniteLossError: the loss became NaN or inf; checkpoints written before stay intact.
     checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed.
   """
-  workdir = pathlib.Path(workdir)
+  # SIGTERM from here on (also during setup) leads to a save after the next step, then a return.
+  with _Preemption() as preemption:
+    return _train(config, pathlib.Path(workdir), hooks, preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           hooks: Sequence[Callable[[int], None]], preemption: _Preemption) -> TrainResult:
+  """The body of `train`, with the SIGTERM handler installed."""
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -361,8 +399,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
     return TrainResult(jax.device_get(state), history)
 
-  p_train_step = jax.pmap(make_train_step(config, model, tx), axis_name="batch",
-                          donate_argnums=(0,))
+  p_train_step = _pmapped_train_step(config, model, tx)
   # This process's examples: global indices [process * local_batch, ... + local_batch).
   example_index = (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
                    ).reshape(num_local, per_device)
@@ -395,53 +432,52 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return records
 
   logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
-  with _Preemption() as preemption:
-    try:
-      for step in range(start_step + 1, num_steps + 1):
-        state, metrics = p_train_step(state, task, weight_table, example_index)
-        pending.append((step, metrics))
-        if step == start_step + 1:
-          jax.block_until_ready(metrics)
-          logging.info("First step (with compilation) took %.1f s.",
-                       time.time() - window_start_time)
-          window_start_time, window_start_step = time.time(), step
-        for hook in hooks:
-          hook(step)
-        is_last = step == num_steps
-        if jax.process_count() == 1 or step % log_every == 0 or is_last:
-          preempted = preemption.any_process() and not is_last
-        if step % log_every == 0 or is_last or preempted:
-          records = check_pending()
-          now = time.time()
-          steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
-          record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
-          eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
-          record.update(step=step, steps_per_sec=steps_per_sec,
-                        eta_sec=eta if math.isfinite(eta) else None)
-          history.append(record)
-          if is_main:
-            with open(workdir / METRICS_FILE, "a") as f:
-              f.write(json.dumps(record) + "\n")
-          terms = " ".join(f"{k}={record[k]:.4g}" for k in sorted(records[0]))
-          logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, num_steps, terms,
-                       steps_per_sec, _format_duration(eta))
-          window_start_time, window_start_step = now, step
-        if step % ckpt_every == 0 or is_last or preempted:
-          check_pending()
-          host_state = jax.device_get(unreplicate(state))
-          if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
-            raise NonFiniteLossError(
-                f"Parameters became non-finite by step {step}; not saving them. Last good "
-                f"checkpoint: step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}.")
-          checkpoint.save(manager, step, host_state, config)
-          logging.info("Saving checkpoint of step %d (asynchronously).", step)
-        if preempted:
-          logging.warning("Stopped at step %d after SIGTERM; rerun with the same --workdir "
-                          "to resume.", step)
-          break
-    finally:
-      manager.wait_until_finished()
-      manager.close()
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = p_train_step(state, task, weight_table, example_index)
+      pending.append((step, metrics))
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info("First step (with compilation) took %.1f s.",
+                     time.time() - window_start_time)
+        window_start_time, window_start_step = time.time(), step
+      for hook in hooks:
+        hook(step)
+      is_last = step == num_steps
+      if jax.process_count() == 1 or step % log_every == 0 or is_last:
+        preempted = preemption.any_process() and not is_last
+      if step % log_every == 0 or is_last or preempted:
+        records = check_pending()
+        now = time.time()
+        steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
+        record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+        eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+        record.update(step=step, steps_per_sec=steps_per_sec,
+                      eta_sec=eta if math.isfinite(eta) else None)
+        history.append(record)
+        if is_main:
+          with open(workdir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        terms = " ".join(f"{k}={record[k]:.4g}" for k in _PROGRESS_TERMS if k in record)
+        logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, num_steps, terms,
+                     steps_per_sec, _format_duration(eta))
+        window_start_time, window_start_step = now, step
+      if step % ckpt_every == 0 or is_last or preempted:
+        check_pending()
+        host_state = jax.device_get(unreplicate(state))
+        if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
+          raise NonFiniteLossError(
+              f"Parameters became non-finite by step {step}; not saving them. Last good "
+              f"checkpoint: step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}.")
+        checkpoint.save(manager, step, host_state, config)
+        logging.info("Saving checkpoint of step %d (asynchronously).", step)
+      if preempted:
+        logging.warning("Stopped at step %d after SIGTERM; rerun with the same --workdir "
+                        "to resume.", step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
   return TrainResult(jax.device_get(unreplicate(state)), history, preempted)
 
 
@@ -457,9 +493,17 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's INFO chatter (dozens of lines per save) from the console; keeps warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   config = flags.FLAGS.config
   if config.distributed:
     jax.distributed.initialize()
@@ -472,7 +516,23 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"Training stopped: {e}") from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, plus a one-line error for a bad config file, preset or override."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
+                     "help on flags.\n")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by the config file
+    message = str(e.args[0] if e.args else e)
+    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    if len(message) > 1 and message[0] == message[-1] == "'":  # KeyError's repr quoting
+      message = message[1:-1]
+    sys.stderr.write(f"FATAL bad --config: {type(e).__name__}: {message}\n")
+  sys.exit(1)
+
+
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -195,8 +195,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
                        atol=0)
   # The saved config and the metrics of both parts are in the workdir.
   assert json.loads((workdir / "config.json").read_text())["task"] == "even_pixels"
-  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert steps == [1, 2, 3, 4]
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
   assert_trees_close(checkpoint.restore_params(workdir, "ema"), straight.state.ema_params,
                      rtol=0, atol=0)
   # Restarting a finished run does nothing.
@@ -211,24 +211,23 @@ def test_a_few_hundred_steps_reduce_the_loss(tmp_path):
   assert len(losses) == 12
   assert all(np.isfinite(losses))
   # The first window is the untrained model (and its first step has no VLB/sigma terms).
-  assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+  assert np.mean(losses[-3:]) < 0.75 * losses[0], losses
   record = result.history[-1]
   for key in ("mse", "vlb", "sigma_nll", "grad_norm", "learning_rate", "steps_per_sec"):
     assert key in record
 
 
 def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
-  srm_loss = train.losses.srm_loss
-
-  def nan_from_step_3(*args, step, **kwargs):
-    loss, metrics = srm_loss(*args, step=step, **kwargs)
-    return jnp.where(step >= 3, jnp.nan, loss), metrics | {"loss": jnp.where(step >= 3, jnp.nan,
-                                                                              loss)}
-
-  monkeypatch.setattr(train.losses, "srm_loss", nan_from_step_3)
-  config = small_config(num_train_steps=6, checkpoint_every_steps=2, log_every_steps=3)
-  with pytest.raises(train.NonFiniteLossError, match="step 4") as error:
-    train.train(config, tmp_path)  # step 4 is the first whose state (step count 3) gives NaN
+  config = small_config(num_train_steps=2, checkpoint_every_steps=2, log_every_steps=1)
+  train.train(config, tmp_path)
+  # Resume with a corrupted loss-weight table (an input of the compiled step, so nothing is
+  # recompiled): step 3 gets a NaN loss.
+  monkeypatch.setattr(train, "make_loss_weight_table",
+                      lambda config, key: jnp.full((config.time_sampler.density_num_bins,),
+                                                   jnp.nan, jnp.float32))
+  config.num_train_steps = 6
+  with pytest.raises(train.NonFiniteLossError, match="step 3") as error:
+    train.train(config, tmp_path)
   assert "Last good checkpoint: step 2" in str(error.value)
   assert checkpoint.find_step_dir(tmp_path).name == "2"
   params = checkpoint.restore_params(tmp_path, "live")

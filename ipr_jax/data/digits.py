@@ -229,10 +229,14 @@ class DigitBank:
   def cell_size(self) -> int:
     return self.images.shape[-1]
 
+  def indices_from_uniforms(self, uniforms: jax.Array, digits: jax.Array) -> jax.Array:
+    """Index into each digit's class: floor(u * count), for uniforms u in [0, 1) like `digits`."""
+    count = jnp.maximum(self.counts[digits], 1)
+    return jnp.minimum(jnp.floor(uniforms * count).astype(jnp.int32), count - 1)
+
   def sample_indices(self, key: jax.Array, digits: jax.Array) -> jax.Array:
-    """Uniform index into each digit's class, same shape as `digits`."""
-    maxval = jnp.maximum(self.counts[digits], 1)
-    return jax.random.randint(key, digits.shape, 0, maxval)
+    """Uniform random index into each digit's class, same shape as `digits`."""
+    return self.indices_from_uniforms(jax.random.uniform(key, digits.shape), digits)
 
   def gather(self, digits: jax.Array, indices: jax.Array) -> jax.Array:
     """uint8 [..., h, w] images of the given digits at the given per-class indices."""

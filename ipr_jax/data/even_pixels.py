@@ -64,34 +64,41 @@ def _hue_to_rgb_table(saturation_u8: int, value_u8: int) -> np.ndarray:
   return pil_hsv_to_rgb(hsv)
 
 
-def even_pixels_images(key: jax.Array, batch_size: int, image_size: int = 32,
-                       saturation: float = 1.0, value: float = 0.7) -> jax.Array:
-  """Draws Even Pixels images.
+def _check_image_size(image_size: int) -> int:
+  if image_size < 1 or (image_size * image_size) % 2:
+    raise ValueError(f"image_size={image_size}: the pixel count must be even and positive")
+  return image_size * image_size
+
+
+def even_pixels_from_uniforms(uniforms: jax.Array, image_size: int = 32,
+                              saturation: float = 1.0, value: float = 0.7) -> jax.Array:
+  """Even Pixels images from uniforms in [0, 1) (all randomness drawn at once: small programs).
 
   Args:
-    key: PRNG key.
-    batch_size: B.
+    uniforms: [B, 1 + H*W]; column 0 gives the hue offset h0 = 0.5 u, the other columns rank the
+      pixels, and the H*W/2 pixels of lowest rank get the second hue.
     image_size: side H = W; H*W must be even.
     saturation, value: HSV saturation and value in [0, 1] (the reference: 1.0 and 0.7).
 
   Returns:
     float32 [B, H, W, 3] in [-1, 1].
   """
-  num_pixels = image_size * image_size
-  if num_pixels % 2:
-    raise ValueError(f"image_size={image_size}: the pixel count must be even")
+  num_pixels = _check_image_size(image_size)
   table = jnp.asarray(_hue_to_rgb_table(int(saturation * 255), int(value * 255)))
-
-  def one(key):
-    k_hue, k_order = jax.random.split(key)
-    offset = jax.random.uniform(k_hue, (), jnp.float32, 0.0, 0.5)
-    rank = jnp.argsort(jax.random.permutation(k_order, num_pixels))
-    second_hue = (rank < num_pixels // 2).astype(jnp.float32)
-    hue = jnp.floor((second_hue * 0.5 + offset) * 255.0).astype(jnp.int32)
-    return table[hue].reshape(image_size, image_size, 3)
-
-  rgb = jax.vmap(one)(jax.random.split(key, batch_size))
+  offset = 0.5 * uniforms[:, :1]
+  rank = jnp.argsort(jnp.argsort(uniforms[:, 1:], axis=1), axis=1)
+  second_hue = (rank < num_pixels // 2).astype(jnp.float32)
+  hue = jnp.floor((second_hue * 0.5 + offset) * 255.0).astype(jnp.int32)
+  rgb = table[hue].reshape(-1, image_size, image_size, 3)
   return digits_lib.to_unit_range(rgb)
+
+
+def even_pixels_images(key: jax.Array, batch_size: int, image_size: int = 32,
+                       saturation: float = 1.0, value: float = 0.7) -> jax.Array:
+  """Random Even Pixels images: float32 [B, H, W, 3] in [-1, 1] (see even_pixels_from_uniforms)."""
+  num_pixels = _check_image_size(image_size)
+  uniforms = jax.random.uniform(key, (batch_size, 1 + num_pixels))
+  return even_pixels_from_uniforms(uniforms, image_size, saturation, value)
 
 
 @flax.struct.dataclass
@@ -110,8 +117,9 @@ class EvenPixelsTask:
   @jax.jit
   def test_batch(self, seed, indices) -> dict[str, jax.Array]:
     """{'image': float32 [B, H, W, 3]}: image i is a pure function of (seed, i)."""
-    base = jax.random.key(jnp.asarray(seed, jnp.uint32))
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
-    images = jax.vmap(lambda k: even_pixels_images(k, 1, self.image_size, self.saturation,
-                                                   self.value)[0])(keys)
-    return {"image": images}
+    root = jax.random.key(jnp.asarray(seed, jnp.uint32))
+    size = 1 + _check_image_size(self.image_size)
+    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i), (size,)))(
+        jnp.asarray(indices, jnp.int32))
+    return {"image": even_pixels_from_uniforms(uniforms, self.image_size, self.saturation,
+                                               self.value)}

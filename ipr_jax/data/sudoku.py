@@ -77,31 +77,50 @@ def check_given_range(given_range, box_size: int = 3) -> tuple[int, int]:
   return lo, hi
 
 
-def render_grids(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank) -> jax.Array:
-  """Draws each cell's digit with a random image of that digit from the bank.
+def uniform_integers(uniforms: jax.Array, low, high) -> jax.Array:
+  """int32 uniform on {low, ..., high} (inclusive) from uniforms in [0, 1): low + floor(u * span).
+
+  float32 resolution makes the bias negligible for the small ranges used here.
+  """
+  span = jnp.asarray(high, jnp.int32) - jnp.asarray(low, jnp.int32) + 1
+  return low + jnp.minimum(jnp.floor(uniforms * span).astype(jnp.int32), span - 1)
+
+
+def render_grids_from_uniforms(grids: jax.Array, bank: digits_lib.DigitBank,
+                               uniforms: jax.Array) -> jax.Array:
+  """Draws each cell's digit with the bank image of that digit that `uniforms` selects.
 
   Args:
-    key: PRNG key.
     grids: int [B, n, n] digits (0..9).
     bank: DigitBank with tiles of side c.
+    uniforms: [B, n, n] in [0, 1); cell (r, c) shows image floor(u * count) of its digit.
 
   Returns:
     float32 [B, n*c, n*c, 1] in [-1, 1].
   """
   grids = jnp.asarray(grids, jnp.int32)
   batch, n, _ = grids.shape
-  tiles = bank.gather(grids, bank.sample_indices(key, grids))  # [B, n, n, c, c]
+  tiles = bank.gather(grids, bank.indices_from_uniforms(uniforms, grids))  # [B, n, n, c, c]
   c = tiles.shape[-1]
   image = tiles.transpose(0, 1, 3, 2, 4).reshape(batch, n * c, n * c, 1)
   return digits_lib.to_unit_range(image)
 
 
+def render_grids(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank) -> jax.Array:
+  """Draws each cell's digit with a random image of that digit: float32 [B, n*c, n*c, 1]."""
+  return render_grids_from_uniforms(grids, bank, jax.random.uniform(key, jnp.shape(grids)))
+
+
+def given_masks_from_uniforms(uniforms: jax.Array, num_given: jax.Array) -> jax.Array:
+  """bool [B, N] (True = unknown): the num_given[b] cells of smallest uniforms[b] are given."""
+  rank = jnp.argsort(jnp.argsort(uniforms, axis=-1), axis=-1)  # rank[b, cell]
+  return rank >= num_given[:, None]
+
+
 def random_given_masks(key: jax.Array, num_given: jax.Array, num_cells: int) -> jax.Array:
   """bool [B, num_cells], True = unknown, with exactly num_given[b] given (False) random cells."""
-  keys = jax.random.split(key, num_given.shape[0])
-  order = jax.vmap(lambda k: jax.random.permutation(k, num_cells))(keys)  # order[b, rank] = cell
-  rank = jnp.argsort(order, axis=1)  # rank[b, cell]
-  return rank >= num_given[:, None]
+  return given_masks_from_uniforms(jax.random.uniform(key, (*num_given.shape, num_cells)),
+                                   num_given)
 
 
 def cell_mask_to_image(cell_mask: jax.Array, n: int, cell_size: int) -> jax.Array:
@@ -114,12 +133,16 @@ def make_puzzles(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank,
                  num_given: jax.Array) -> dict[str, jax.Array]:
   """A batch dict (see the module docstring) for given solution grids and given-cell counts."""
   grids = jnp.asarray(grids, jnp.int32)
-  k_render, k_cells = jax.random.split(key)
   n = grids.shape[1]
-  num_given = jnp.asarray(num_given, jnp.int32)
-  cell_mask = random_given_masks(k_cells, num_given, n * n)
+  uniforms = jax.random.uniform(key, (grids.shape[0], 2, n * n))
+  return _puzzles(grids, bank, jnp.asarray(num_given, jnp.int32), uniforms[:, 0], uniforms[:, 1])
+
+
+def _puzzles(grids, bank, num_given, digit_uniforms, cell_uniforms):
+  batch, n, _ = grids.shape
+  cell_mask = given_masks_from_uniforms(cell_uniforms, num_given)
   return {
-      "image": render_grids(k_render, grids, bank),
+      "image": render_grids_from_uniforms(grids, bank, digit_uniforms.reshape(batch, n, n)),
       "mask": cell_mask_to_image(cell_mask, n, bank.cell_size),
       "cell_mask": cell_mask,
       "grid": grids,
@@ -164,11 +187,20 @@ class SudokuTask:
   def image_size(self) -> int:
     return self.grid_size * self.cell_size
 
-  def _grids(self, key, base_grids, base_index):
-    grids = base_grids[base_index]
+  @property
+  def _uniforms_per_puzzle(self) -> int:
+    # base grid, given count, digit images (n*n), given cells (n*n), group element.
+    return 2 + 2 * self.grid_size ** 2 + sudoku_grids.group_uniforms_size(self.box_size)
+
+  def _puzzles_from_uniforms(self, base_grids, bank, uniforms, lo, hi):
+    """Puzzles from one row of uniforms each (all randomness drawn at once: small programs)."""
+    nn = self.grid_size ** 2
+    base_index = uniform_integers(uniforms[:, 0], 0, base_grids.shape[0] - 1)
+    num_given = uniform_integers(uniforms[:, 1], lo, hi)
+    grids = jnp.asarray(base_grids, jnp.int32)[base_index]
     if self.transform_grids:
-      grids = sudoku_grids.transform_grids(key, grids, self.box_size)
-    return grids
+      grids = sudoku_grids.apply_group_element(grids, uniforms[:, 2 + 2 * nn:], self.box_size)
+    return _puzzles(grids, bank, num_given, uniforms[:, 2:2 + nn], uniforms[:, 2 + nn:2 + 2 * nn])
 
   @functools.partial(jax.jit, static_argnames="batch_size")
   def train_batch(self, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
@@ -181,12 +213,9 @@ class SudokuTask:
     Returns:
       the batch dict of the module docstring.
     """
-    k_base, k_group, k_given, k_puzzle = jax.random.split(key, 4)
-    base_index = jax.random.randint(k_base, (batch_size,), 0, self.train_grids.shape[0])
-    grids = self._grids(k_group, self.train_grids, base_index)
+    uniforms = jax.random.uniform(key, (batch_size, self._uniforms_per_puzzle))
     lo, hi = self.train_given_range
-    num_given = jax.random.randint(k_given, (batch_size,), lo, hi + 1)
-    return make_puzzles(k_puzzle, grids, self.train_digits, num_given)
+    return self._puzzles_from_uniforms(self.train_grids, self.train_digits, uniforms, lo, hi)
 
   def test_batch(self, seed: int | jax.Array, indices, given_range="hard") -> dict[str, jax.Array]:
     """Test puzzles `indices`: puzzle i is a pure function of (task, seed, i, given_range).
@@ -210,34 +239,10 @@ class SudokuTask:
 
   @jax.jit
   def _test_batch(self, seed, indices, lo, hi):
-    def one_key(i):
-      return jax.random.fold_in(jax.random.key(seed), i)
-
-    keys = jax.vmap(one_key)(indices)
-    subkeys = jax.vmap(lambda k: jax.random.split(k, 5))(keys)  # [B, 5]
-    base_index = jax.vmap(
-        lambda k: jax.random.randint(k, (), 0, self.test_grids.shape[0]))(subkeys[:, 0])
-    base = self.test_grids[base_index]
-    if self.transform_grids:
-      grids = jax.vmap(
-          lambda k, g: sudoku_grids.transform_grids(k, g[None], self.box_size)[0])(
-              subkeys[:, 1], base)
-    else:
-      grids = base
-    grids = grids.astype(jnp.int32)
-    num_given = jax.vmap(lambda k: jax.random.randint(k, (), lo, hi + 1))(subkeys[:, 2])
-    n = self.grid_size
-    image = jax.vmap(lambda k, g: render_grids(k, g[None], self.test_digits)[0])(
-        subkeys[:, 3], grids)
-    cell_mask = jax.vmap(lambda k, g: random_given_masks(k, g[None], n * n)[0])(
-        subkeys[:, 4], num_given)
-    return {
-        "image": image,
-        "mask": cell_mask_to_image(cell_mask, n, self.cell_size),
-        "cell_mask": cell_mask,
-        "grid": grids,
-        "num_given": num_given,
-    }
+    root = jax.random.key(seed)
+    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i),
+                                                     (self._uniforms_per_puzzle,)))(indices)
+    return self._puzzles_from_uniforms(self.test_grids, self.test_digits, uniforms, lo, hi)
 
 
 def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str = "bundled",

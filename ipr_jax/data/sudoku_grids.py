@@ -165,6 +165,41 @@ def orbit_invariant(grids: np.ndarray) -> list[bytes]:
   return [np.sort(k).astype(np.int64).tobytes() for k in keys]
 
 
+def group_uniforms_size(box_size: int) -> int:
+  """How many uniforms in [0, 1) `apply_group_element` consumes per grid."""
+  n = box_size * box_size
+  return n + 2 * box_size + 2 * n + 1
+
+
+def apply_group_element(grids: jax.Array, uniforms: jax.Array, box_size: int) -> jax.Array:
+  """Applies the Sudoku-group element encoded by uniforms to each grid.
+
+  Permutations are argsorts of i.i.d. uniforms (uniform permutations); the last uniform decides
+  the transposition. Taking the randomness as an array lets a batch draw all of it at once, which
+  keeps the compiled program small (each PRNG call compiles to its own hash computation).
+
+  Args:
+    grids: [B, n, n] integer grids, digits 1..n.
+    uniforms: [B, group_uniforms_size(box_size)] in [0, 1).
+    box_size: b, with n = b*b.
+
+  Returns:
+    [B, n, n] grids of the same dtype.
+  """
+  batch, n, b = grids.shape[0], box_size * box_size, box_size
+  u_relabel, u_blocks, u_inner, u_transpose = jnp.split(uniforms, [n, n + 2 * b, 3 * n + 2 * b],
+                                                        axis=1)
+  relabel = jnp.argsort(u_relabel, axis=-1) + 1  # [B, n]
+  blocks = jnp.argsort(u_blocks.reshape(batch, 2, b), axis=-1)  # [B, rows/cols, b]
+  inner = jnp.argsort(u_inner.reshape(batch, 2, b, b), axis=-1)  # [B, rows/cols, b, b]
+  # New line (i, j) of rows (or columns) is old line blocks[i] * b + inner[i, j].
+  lines = (blocks[..., :, None] * b + inner).reshape(batch, 2, n)
+  out = jax.vmap(lambda g, r, c: g[r][:, c])(grids, lines[:, 0], lines[:, 1])
+  out = jnp.where(u_transpose[:, :, None] < 0.5, out.transpose(0, 2, 1), out)
+  flat = jnp.take_along_axis(relabel, out.reshape(batch, -1).astype(jnp.int32) - 1, axis=1)
+  return flat.reshape(out.shape).astype(grids.dtype)
+
+
 def transform_grids(key: jax.Array, grids: jax.Array, box_size: int) -> jax.Array:
   """Applies one uniform random element of the Sudoku group to each grid.
 
@@ -179,24 +214,8 @@ def transform_grids(key: jax.Array, grids: jax.Array, box_size: int) -> jax.Arra
   Returns:
     [B, n, n] grids of the same dtype.
   """
-  n = box_size * box_size
-
-  def one(key, grid):
-    k_digits, k_rows, k_cols, k_transpose = jax.random.split(key, 4)
-
-    def line_order(key):
-      k_blocks, k_inner = jax.random.split(key)
-      blocks = jax.random.permutation(k_blocks, box_size)
-      inner = jax.vmap(lambda k: jax.random.permutation(k, box_size))(
-          jax.random.split(k_inner, box_size))
-      return (blocks[:, None] * box_size + inner).reshape(n)
-
-    out = grid[line_order(k_rows)][:, line_order(k_cols)]
-    out = jnp.where(jax.random.bernoulli(k_transpose), out.T, out)
-    relabel = jax.random.permutation(k_digits, n).astype(grid.dtype) + 1
-    return relabel[out.astype(jnp.int32) - 1]
-
-  return jax.vmap(one)(jax.random.split(key, grids.shape[0]), grids)
+  uniforms = jax.random.uniform(key, (grids.shape[0], group_uniforms_size(box_size)))
+  return apply_group_element(grids, uniforms, box_size)
 
 
 class GridSets(NamedTuple):
