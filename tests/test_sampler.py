@@ -8,7 +8,6 @@ most of this file's CPU time.
 import dataclasses
 import functools
 import json
-import os
 import time
 
 import chex
@@ -20,9 +19,6 @@ import pytest
 from ipr_jax import sampler
 from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
-
-# The full 183-call MNIST-Sudoku-shaped reference run takes ~2 CPU minutes.
-SLOW = os.environ.get("IPR_JAX_SLOW_TESTS", "") not in ("", "0")
 
 # ---------------------------------------------------------------------------
 # Test data and fake denoisers.
@@ -521,9 +517,9 @@ def _golden_setup(golden_dir, case):
   return golden, (z0, masked, mask, unknown), config
 
 
-@pytest.mark.parametrize("case", [
-    "ep", pytest.param("ms", marks=pytest.mark.skipif(
-        not SLOW, reason="~2 CPU minutes; set IPR_JAX_SLOW_TESTS=1"))])
+# The 183-call MNIST-Sudoku-shaped run takes about 2 CPU minutes; it is the parity check of the
+# whole greedy sampler, so it always runs.
+@pytest.mark.parametrize("case", ["ep", "ms"])
 def test_greedy_matches_reference_run(golden_dir, case):
   denoise, patch = _golden_denoiser(golden_dir, case)
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, case)
@@ -544,7 +540,7 @@ def test_greedy_matches_reference_run(golden_dir, case):
   print(f"greedy {case}: {calls} calls in {elapsed:.1f}s, "
         f"max |z - ref| = {max_diff:.2e}")
   assert max_diff < 1e-4
-  if case == "ep" and SLOW:  # the reference's real clamp noise moved it by ~1e-5
+  if case == "ep":  # the reference's real clamp noise moved it by ~1e-5
     noisy = jax.device_get(sampler.srm_sample(
         denoise, z0, masked, mask, unknown, _keys([0]), patch_size=patch,
         config=dataclasses.replace(config, clamp_noise=True)))

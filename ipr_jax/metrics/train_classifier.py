@@ -6,8 +6,16 @@ r"""Trains the Sudoku metric's MNIST classifier and writes the weights shipped w
 Data: the training part of the bundled digits (`ipr_jax.data.digits`, every fifth digit of each
 class is held out); accuracy is reported on the held-out part and stored in the file's metadata.
 Inputs are in [-1, 1] (white digit on -1), as the Sudoku images, so that the classifier can read
-generated samples unchanged (spec §6.1). Training uses random affine jitter (rotation, scale,
-shift) with a -1 fill, Adam with a cosine learning-rate decay, and the architecture's dropout.
+generated samples unchanged (spec §6.1).
+
+Recipe of the shipped weights (the flag defaults): 40 epochs of the 8,004 training digits, batch
+128, Adam with a cosine decay from 2e-3, random affine jitter (rotation 12 deg, scale 10%, shift
+2 px) plus an elastic distortion (alpha 20 px, sigma 4 px) with a -1 fill, channel dropout 0.1 /
+0.2 (lighter than srmbench's 0.25 / 0.5, which underfit on 8k digits), and a moving average of
+the parameters (decay 0.995 per step) as the result. Held-out accuracy: 0.9920 (1980 / 1996).
+It took 26 minutes of wall time on a shared 2-core CPU machine, running beside a second training
+run and other jobs (epochs took 19-66 s there, depending on the load).
+srmbench's own training recipe is not known; only the architecture is shared.
 """
 
 import functools
@@ -171,15 +179,16 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
 
 _OUTPUT = flags.DEFINE_string("output", str(classifier_lib.DEFAULT_WEIGHTS),
                               "Where to write the weights (.npz state dict).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 20, "Training epochs.")
+# The defaults are the settings of the shipped weights.
+_SEED = flags.DEFINE_integer("seed", 1, "Random seed.")
+_NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 40, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
-_DROPOUT = flags.DEFINE_list("dropout_rates", ["0.25", "0.5"],
-                             "The two channel-dropout rates in training.")
-_ELASTIC_ALPHA = flags.DEFINE_float("elastic_alpha", 0.0,
+_DROPOUT = flags.DEFINE_list("dropout_rates", ["0.1", "0.2"],
+                             "The two channel-dropout rates in training (srmbench: 0.25, 0.5).")
+_ELASTIC_ALPHA = flags.DEFINE_float("elastic_alpha", 20.0,
                                     "Elastic distortion strength in pixels (0: affine only).")
-_EMA_DECAY = flags.DEFINE_float("ema_decay", 0.0,
+_EMA_DECAY = flags.DEFINE_float("ema_decay", 0.995,
                                 "Per-step decay of the parameter moving average (0: none).")
 _MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.99,
                                    "Refuse to write weights below this held-out accuracy.")
