@@ -199,8 +199,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     elapsed = time.time() - start_time
     running = np.concatenate([s["valid"] for s in scores], axis=1).mean(axis=1)
     print(f"[{done}/{num_puzzles}] {elapsed:.0f}s elapsed, ETA "
-          f"{elapsed / done * (num_puzzles - done):.0f}s; valid rate SRM {running[0]:.3f}, "
-          f"after {len(running) - 1} IPR iterations {running[-1]:.3f}", flush=True)
+          f"{elapsed / done * (num_puzzles - done):.0f}s; valid rate at budget 0 "
+          f"{running[0]:.3f}, at budget {len(running) - 1} {running[-1]:.3f}", flush=True)
 
   scores = {k: np.concatenate([s[k] for s in scores], axis=1) for k in scores[0]}
   rows = eval_report.budget_table(scores, np.concatenate(nfe, axis=1))
