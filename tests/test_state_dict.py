@@ -1,6 +1,5 @@
 """Tests for ipr_jax.models.state_dict (spec §1.10)."""
 
-import json
 import re
 
 import flax
@@ -8,26 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_golden_unet
 
 from ipr_jax.models import state_dict as sd_lib
 from ipr_jax.models import unet as unet_lib
 
 
 def _load_golden_state_dict(golden_dir, case):
-  arrays = np.load(golden_dir / f"unet_{case}_tiny.npz")
-  config = json.loads(str(arrays["config_json"]))
-  state_dict = {k[3:]: arrays[k] for k in arrays.files if k.startswith("sd/")}
-  if config["state_dict_split"]:
-    extra = np.load(golden_dir / config["state_dict_split"])
-    state_dict.update(
-        {k[3:]: extra[k] for k in extra.files if k.startswith("sd/")})
-  model = unet_lib.UNet(
-      hid_dims=tuple(config["hid_dims"]), attention=tuple(config["attention"]),
-      d_in=config["d_in"], d_out=config["d_out"],
-      num_blocks=config["num_blocks"], t_emb_dim=config["t_emb_dim"],
-      d_emb=config["sinusoid_d_emb"],
-      num_head_channels=config["num_head_channels"],
-      dropout=config["dropout"], num_groups=config["groupnorm_groups"])
+  del golden_dir  # conftest.load_golden_unet reads tests/golden itself.
+  _, config, state_dict, model = load_golden_unet(case)
   return state_dict, config, model
 
 

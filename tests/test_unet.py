@@ -1,7 +1,6 @@
 """Tests for ipr_jax.models.unet against spec §1 and the reference's outputs."""
 
 import functools
-import json
 import math
 
 import flax
@@ -9,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_golden_unet
 
 from ipr_jax.models import denoiser
 from ipr_jax.models import state_dict as sd_lib
@@ -360,20 +360,8 @@ def test_unknown_preset_raises():
 
 
 def _load_golden(golden_dir, case):
-  arrays = dict(np.load(golden_dir / f"unet_{case}_tiny.npz"))
-  config = json.loads(str(arrays["config_json"]))
-  if config["state_dict_split"]:
-    extra = np.load(golden_dir / config["state_dict_split"])
-    arrays.update({k: extra[k] for k in extra.files if k.startswith("sd/")})
-  state_dict = {k[3:]: v for k, v in arrays.items() if k.startswith("sd/")}
-  model = unet_lib.UNet(
-      hid_dims=tuple(config["hid_dims"]), attention=tuple(config["attention"]),
-      d_in=config["d_in"], d_out=config["d_out"],
-      num_blocks=config["num_blocks"], t_emb_dim=config["t_emb_dim"],
-      d_emb=config["sinusoid_d_emb"],
-      num_head_channels=config["num_head_channels"],
-      dropout=config["dropout"], num_groups=config["groupnorm_groups"])
-  return arrays, config, state_dict, model
+  del golden_dir  # conftest.load_golden_unet reads tests/golden itself.
+  return load_golden_unet(case)
 
 
 def _nhwc(x):
