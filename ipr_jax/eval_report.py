@@ -112,8 +112,13 @@ def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
     writer.writerows(rows)
 
 
-def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str) -> None:
-  """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked."""
+def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
+                    metrics: Sequence[str] = ()) -> None:
+  """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked.
+
+  `metrics` names further per-image scores whose means (`mean_<name>` in the rows) are drawn as
+  dashed curves on the same axes.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -124,9 +129,14 @@ def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str) ->
   ax.fill_between(budgets, [r["valid_ci_low"] for r in rows],
                   [r["valid_ci_high"] for r in rows], alpha=0.25, label="95% interval")
   ax.plot(budgets, rate, marker="o", ms=3, label="SRM + IPR")
+  for name in metrics:
+    if f"mean_{name}" not in rows[0]:
+      raise ValueError(f"metric {name!r} is not in the rows (keys {sorted(rows[0])})")
+    ax.plot(budgets, [r[f"mean_{name}"] for r in rows], linestyle="--", marker=".", ms=3,
+            label=name)
   ax.scatter([budgets[0]], [rate[0]], color="k", zorder=3, label="SRM (b = 0)")
   ax.set_xlabel("IPR budget (iterations)")
-  ax.set_ylabel("valid rate")
+  ax.set_ylabel("valid rate" if not metrics else "rate")
   ax.set_ylim(-0.02, 1.02)
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -11,10 +11,16 @@ a run directory, its `checkpoints/` folder or one step folder), runs the SRM gre
 `workdir/eval/<config.eval.name>/`:
 
   results.json, results.csv    one row per budget b = 0..B (b = 0 is plain SRM): valid rate and
-                               its 95% Wilson interval, mean duplicate count (Sudoku) or the Even
-                               Pixels metrics, mean denoiser passes spent so far;
-  valid_rate_vs_budget.png     the curve;
+                               its 95% Wilson interval, mean duplicate count (Sudoku), the Even
+                               Pixels metrics, or the Counting Polygons metrics
+                               (are_vertices_uniform, numbers_match_objects, per-count
+                               frequencies), mean denoiser passes spent so far;
+  valid_rate_vs_budget.png     the curve (Counting Polygons: with both metrics);
   ipr_process.png              a few puzzles across IPR iterations, invalid cells outlined.
+
+Valid means: Sudoku, no rule broken by the classified digits; Even Pixels, exactly half of the
+pixels in each hue; Counting Polygons, the scorer finds the polygons uniform and the printed
+numbers equal to its polygon and vertex counts (both metrics at once).
 
 Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its sampling
 randomness, so results do not depend on the batch size or the number of devices.
@@ -39,10 +45,12 @@ from ipr_jax import checkpoint
 from ipr_jax import eval_report
 from ipr_jax import sampler
 from ipr_jax import train
+from ipr_jax.metrics import counting_polygons as cp_metrics
 from ipr_jax.metrics import even_pixels as even_pixels_metrics
 from ipr_jax.metrics import sudoku as sudoku_metrics
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import denoiser
+from ipr_jax.models import polygon_scorer
 
 # Seed streams of the evaluation: puzzle content, initial noise and sampling never share a key.
 _SAMPLING_STREAM, _NOISE_STREAM = 1, 2
@@ -63,6 +71,36 @@ def even_pixels_score_fn(z: jax.Array) -> dict:
   """z [B, 32, 32, 3] -> {'valid' (exactly even), 'color_imbalance', 'saturation_std', 'value_std'}."""
   per_image = even_pixels_metrics.per_image_metrics(z)
   return {"valid": per_image["color_imbalance"] == 0, **per_image}
+
+
+# Per-image Counting Polygons scores whose means are the paper's two metrics.
+CP_METRICS = ("are_vertices_uniform", "numbers_match_objects")
+
+
+def counting_polygons_score_fn(scorer: polygon_scorer.PolygonScorer,
+                               params: Any) -> Callable[[jax.Array], dict]:
+  """z [B, 128, 128, 3] -> per-image {'valid', the two metrics, count indicators, confidences}.
+
+  Averaged over images (as `eval_report.budget_table` does), 'polygons_count_<N>' and
+  'vertex_count_<V>' are the relative frequencies of the predicted counts (spec §6.3).
+  """
+
+  def score(z):
+    predictions = cp_metrics.per_image_predictions(scorer.apply({"params": params}, z))
+    out = {
+        "valid": predictions["is_uniform"] & predictions["numbers_match"],
+        "are_vertices_uniform": predictions["is_uniform"],
+        "numbers_match_objects": predictions["numbers_match"],
+    }
+    for n in range(cp_metrics.MIN_POLYGONS, cp_metrics.MAX_POLYGONS + 1):
+      out[f"polygons_count_{n}"] = predictions["num_polygons"] == n
+    for v in range(cp_metrics.MIN_VERTICES, cp_metrics.MAX_VERTICES + 1):
+      out[f"vertex_count_{v}"] = predictions["num_vertices"] == v
+    for head in cp_metrics.HEAD_CLASSES:
+      out[f"{head}_confidence"] = predictions[f"{head}_confidence"]
+    return out
+
+  return score
 
 
 def invalid_sudoku_cells(grids: np.ndarray) -> np.ndarray:
@@ -86,6 +124,8 @@ class _Task:
   def __init__(self, config: ml_collections.ConfigDict):
     self.name = config.task
     self.patch_size = config.data.patch_size
+    self.plot_metrics = ()  # row means drawn beside the valid rate
+    self.is_sudoku = config.task == "mnist_sudoku"
     if config.task == "mnist_sudoku":
       self.data = train.make_task(config)
       self.box_size = config.data.box_size
@@ -98,8 +138,18 @@ class _Task:
       self.data = None
       self.score_fn = even_pixels_score_fn
       self.cell_size = config.data.patch_size
+    elif config.task == "counting_polygons":
+      size, channels = config.data.image_size, config.data.channels
+      if (size, channels) != (128, 3):
+        raise ValueError(f"counting_polygons images are 128x128 RGB; data.image_size={size}, "
+                         f"data.channels={channels}")
+      self.data = None
+      scorer, params = polygon_scorer.load_scorer(config.eval.scorer_path)
+      self.score_fn = counting_polygons_score_fn(scorer, params)
+      self.cell_size = config.data.patch_size
+      self.plot_metrics = CP_METRICS
     else:
-      raise ValueError(f"unknown task {config.task!r}; expected 'mnist_sudoku' or 'even_pixels'")
+      raise ValueError(f"unknown task {config.task!r}; expected one of {train.TASKS}")
     size, channels = config.data.image_size, config.data.channels
     self.image_shape = (size, size, channels)
 
@@ -112,7 +162,7 @@ class _Task:
 
   def invalid_cells(self, samples: np.ndarray) -> Optional[np.ndarray]:
     """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku only)."""
-    if self.data is None:
+    if not self.is_sudoku:
       return None
     flat = samples.reshape(-1, *samples.shape[-3:])
     grids = np.asarray(sudoku_metrics.predict_digit_grids(
@@ -217,7 +267,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   }
   eval_report.write_results(out_dir, rows, metadata)
   eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
-                              f"{config.task} / {config.eval.name}")
+                              f"{config.task} / {config.eval.name}", metrics=task.plot_metrics)
   if snapshots is not None and len(snapshots):
     eval_report.plot_ipr_process(os.path.join(out_dir, "ipr_process.png"), snapshots,
                                  task.invalid_cells(snapshots), task.cell_size)

@@ -8,10 +8,15 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   examples, gradients and metrics are averaged with `lax.pmean`. On several hosts
   (`--config.distributed=True` calls `jax.distributed.initialize()`) every process draws only its
   own examples.
-* All training data is generated on device from the PRNG (Even Pixels images, MNIST Sudoku
-  puzzles), so there is no input pipeline. Every random draw of example i at step s (its image,
-  patch times, noise and dropout masks) comes from `fold_in(fold_in(root, s), i)` with i the
-  global example index, so a run's result does not depend on how many devices share the batch.
+* Even Pixels images and MNIST Sudoku puzzles are generated on device from the PRNG, so those
+  tasks have no input pipeline. Counting Polygons images are drawn with Pillow on the host:
+  `data.render_workers` background workers render the batches of the next
+  `data.prefetch_batches` steps while the accelerator trains, and the progress line reports the
+  fraction of time the loop waited for them (`input_wait`).
+* Every random draw of example i at step s (its image, patch times, noise and dropout masks)
+  comes from `fold_in(fold_in(root, s), i)` with i the global example index (host-rendered images:
+  from `numpy.random.default_rng([seed, s, i])`), so a run's result does not depend on how many
+  devices share the batch, and a resumed run sees the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
 * Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
   SIGTERM; restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
@@ -56,6 +61,7 @@ from ipr_jax import flow
 from ipr_jax import losses
 from ipr_jax import time_sampler
 from ipr_jax import train_state as train_state_lib
+from ipr_jax.data import counting_polygons
 from ipr_jax.data import even_pixels
 from ipr_jax.data import sudoku
 from ipr_jax.models import denoiser
@@ -88,15 +94,33 @@ def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
   return model
 
 
+TASKS = ("even_pixels", "mnist_sudoku", "counting_polygons")
+# Tasks whose training images are rendered on the host rather than generated on device.
+HOST_RENDERED_TASKS = ("counting_polygons",)
+
+
 def make_task(config: ml_collections.ConfigDict):
-  """The on-device data generator of `config.task` (a pytree with `train_batch(key, batch)`)."""
+  """The data generator of `config.task`.
+
+  Returns:
+    even_pixels / mnist_sudoku: an on-device pytree with `train_batch(key, batch)`;
+    counting_polygons: the host-side `CountingPolygonsTask` (see `render_train_images`).
+  """
   if config.task == "even_pixels":
     if config.data.channels != 3:
       raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
     return even_pixels.EvenPixelsTask(image_size=config.data.image_size)
   if config.task == "mnist_sudoku":
     return sudoku.make_sudoku_task_from_config(config.data)
-  raise ValueError(f"Unknown task {config.task!r}; expected 'even_pixels' or 'mnist_sudoku'.")
+  if config.task == "counting_polygons":
+    size, channels = config.data.image_size, config.data.channels
+    if (size, channels) != (counting_polygons.IMAGE_SIZE, 3):
+      raise ValueError(f"counting_polygons images are {counting_polygons.IMAGE_SIZE}x"
+                       f"{counting_polygons.IMAGE_SIZE} RGB; data.image_size={size}, "
+                       f"data.channels={channels}")
+    return counting_polygons.CountingPolygonsTask(seed=config.data.seed,
+                                                  background_dir=config.data.background_dir)
+  raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
 
 
 def adam_eps(config: ml_collections.ConfigDict) -> float:
@@ -130,6 +154,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
                   weight_decay=o.weight_decay),
   )
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[H, W, d] of one training image."""
+  return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
 def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -187,9 +216,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     axis_name: pmap axis over which gradients and metrics are averaged (None: no averaging).
 
   Returns:
-    train_step(state, task, weight_table, example_index) where example_index is int32 [b], the
-    global indices of this device's examples; returns the new state and a dict of scalar metrics
-    (averaged over devices) for the step just taken.
+    train_step(state, task, weight_table, example_index, images=None) where example_index is
+    int32 [b], the global indices of this device's examples, and images [b, H, W, d] are
+    host-rendered training images (then `task` is unused and may be None); returns the new state
+    and a dict of scalar metrics (averaged over devices) for the step just taken.
   """
   grid = patch_grid(config)
   patch_size = config.data.patch_size
@@ -197,13 +227,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
   ema_decay = float(config.optim.ema_decay)
   schedule = learning_rate_schedule(config)
 
-  def train_step(state: TrainState, task, weight_table, example_index):
+  def train_step(state: TrainState, task, weight_table, example_index, images=None):
     step_key = jax.random.fold_in(state.key, state.step)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_index)
     k_data, k_time, k_noise, k_dropout = jnp.moveaxis(
         jax.vmap(lambda k: jax.random.split(k, 4))(example_keys), 1, 0)
 
-    batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
+    if images is None:
+      batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
+    else:
+      batch = {"image": images}
     x = batch["image"]  # [b, H, W, d]
     t_patch, w_patch = _per_example(
         lambda k: time_sampler.mean_beta_times(
@@ -384,6 +417,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   model = make_model(config)
   tx = make_optimizer(config)
   task = make_task(config)
+  host_task = None
+  if config.task in HOST_RENDERED_TASKS:
+    host_task, task = task, None
   weight_table = make_loss_weight_table(config, density_key)
   state = create_train_state(config, model, tx, state_key)
   logging.info("U-Net parameters: %s",
@@ -405,6 +441,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    ).reshape(num_local, per_device)
   # Replicated once, with pmap's own axis name (another name would recompile the second step).
   state, task, weight_table = jax_utils.replicate((state, task, weight_table), axis_name="batch")
+  # Host-rendered images of step s (state.step = s before it), sharded like example_index.
+  prefetcher = None
+  if host_task is not None:
+    prefetcher = counting_polygons.TrainImagePrefetcher(
+        host_task, config.seed, example_index, first_step=start_step,
+        num_workers=config.data.render_workers, prefetch=config.data.prefetch_batches,
+        use_processes=config.data.render_processes)
+    logging.info("Rendering training images on the host: %d %s, %d steps ahead.",
+                 config.data.render_workers,
+                 "processes" if config.data.render_processes else "threads",
+                 config.data.prefetch_batches)
   example_index = _shard_local(example_index)
 
   log_every = max(int(config.log_every_steps), 1)
@@ -412,6 +459,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked, per step
   window_start_time, window_start_step = time.time(), start_step
+  window_start_wait = 0.0
   preempted = False
 
   def check_pending() -> list[dict[str, float]]:
@@ -434,13 +482,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
   try:
     for step in range(start_step + 1, num_steps + 1):
-      state, metrics = p_train_step(state, task, weight_table, example_index)
+      images = None
+      if prefetcher is not None:
+        images = _shard_local(prefetcher.get().reshape(num_local, per_device,
+                                                       *image_shape(config)))
+      state, metrics = p_train_step(state, task, weight_table, example_index, images)
       pending.append((step, metrics))
       if step == start_step + 1:
         jax.block_until_ready(metrics)
         logging.info("First step (with compilation) took %.1f s.",
                      time.time() - window_start_time)
         window_start_time, window_start_step = time.time(), step
+        window_start_wait = prefetcher.wait_seconds if prefetcher is not None else 0.0
       for hook in hooks:
         hook(step)
       is_last = step == num_steps
@@ -454,11 +507,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
         record.update(step=step, steps_per_sec=steps_per_sec,
                       eta_sec=eta if math.isfinite(eta) else None)
+        if prefetcher is not None:
+          # Fraction of the window's wall time spent waiting for host-rendered images.
+          record["input_wait"] = ((prefetcher.wait_seconds - window_start_wait)
+                                  / max(now - window_start_time, 1e-9))
+          window_start_wait = prefetcher.wait_seconds
         history.append(record)
         if is_main:
           with open(workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         terms = " ".join(f"{k}={record[k]:.4g}" for k in _PROGRESS_TERMS if k in record)
+        if "input_wait" in record:
+          terms += f" input_wait={record['input_wait']:.0%}"
         logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, num_steps, terms,
                      steps_per_sec, _format_duration(eta))
         window_start_time, window_start_step = now, step
@@ -476,6 +536,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         "to resume.", step)
         break
   finally:
+    if prefetcher is not None:
+      prefetcher.close()
     manager.wait_until_finished()
     manager.close()
   return TrainResult(jax.device_get(unreplicate(state)), history, preempted)

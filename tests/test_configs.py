@@ -11,11 +11,13 @@ import pytest
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 EVEN_PIXELS = CONFIG_DIR / "even_pixels.py"
 MNIST_SUDOKU = CONFIG_DIR / "mnist_sudoku.py"
+COUNTING_POLYGONS = CONFIG_DIR / "counting_polygons.py"
 
 PRESETS = {
     EVEN_PIXELS: ["", "tiny", "small", "ep_test", "tiny,ep_test", "ep_test,small"],
     MNIST_SUDOKU: ["", "tiny", "small", "ms_hard_test", "ms_medium_test", "ms_easy_test",
                    "ms_corrupted_test", "tiny,ms_corrupted_test", "small,ms_hard_test"],
+    COUNTING_POLYGONS: ["", "tiny", "small", "cp_test", "tiny,cp_test"],
 }
 ALL_PRESETS = [(path, arg) for path, args in PRESETS.items() for arg in args]
 
@@ -125,7 +127,29 @@ def test_mnist_sudoku_corrupted_test_preset():
   assert ranges == {"ms_medium_test": (27, 53), "ms_easy_test": (54, 80)}
 
 
-@pytest.mark.parametrize("path", [EVEN_PIXELS, MNIST_SUDOKU])
+def test_counting_polygons_defaults_are_the_reference():
+  config = get(COUNTING_POLYGONS)
+  assert config.task == "counting_polygons"
+  # cp_ffhq_8 (spec table, §3): 128x128 RGB, patch 8 (16x16 grid), unet_128.
+  assert (config.data.image_size, config.data.channels, config.data.patch_size) == (128, 3, 8)
+  assert tuple(config.model.hid_dims) == (128, 128, 256, 256, 512)
+  assert tuple(config.model.attention) == (False, False, False, True, True)
+  assert config.time_sampler.beta_sharpness == 0.5
+  assert config.time_sampler.add_zeros is True
+  assert config.optim.learning_rate == 1e-4
+  assert config.batch_size == 56
+  assert config.num_train_steps == 250_001
+  assert config.data.background_dir is None  # procedural backgrounds by default
+  # cp_test (spec §4.5): SRM 10 / 0.9; IPR 30 iterations, 10, 0.9, 0.25; seed 193 (§5.4).
+  assert (config.sampler.steps_per_patch, config.sampler.overlap) == (10, 0.9)
+  ipr = config.ipr
+  assert (ipr.budget, ipr.steps_per_patch, ipr.overlap, ipr.resampling_ratio) == (30, 10, 0.9, 0.25)
+  assert ipr.mode == "standard"
+  assert config.eval.name == "cp_test" and config.eval.seed == 193
+  assert config.eval.scorer_path is None  # the shipped scorer
+
+
+@pytest.mark.parametrize("path", [EVEN_PIXELS, MNIST_SUDOKU, COUNTING_POLYGONS])
 def test_training_recipe_is_the_reference(path):
   config = get(path)
   o = config.optim
@@ -154,7 +178,9 @@ def test_tiny_presets_are_small():
   assert ms.data.patch_size == ms.data.cell_size
   assert tuple(ms.eval.given_range) == (0, 5)
   assert tuple(get(MNIST_SUDOKU, "tiny,ms_corrupted_test").eval.given_range) == (16, 16)
-  for config in (ep, ms):
+  cp = get(COUNTING_POLYGONS, "tiny")
+  assert cp.data.image_size == 128 and cp.data.patch_size == 32 and cp.batch_size <= 8
+  for config in (ep, ms, cp):
     assert max(config.model.hid_dims) <= 32
     assert config.eval.num_puzzles <= 8 and config.ipr.budget <= 4
 
@@ -164,6 +190,7 @@ def test_tiny_presets_are_small():
     (EVEN_PIXELS, "ms_hard_test", "ms_hard_test"),  # a Sudoku eval on Even Pixels
     (MNIST_SUDOKU, "tiny,small", "small"),  # two sizes
     (MNIST_SUDOKU, "Tiny", "Tiny"),
+    (COUNTING_POLYGONS, "tiny,ep_test", "ep_test"),
 ])
 def test_unknown_preset_token_raises(path, arg, bad):
   with pytest.raises(ValueError, match=repr(bad)):

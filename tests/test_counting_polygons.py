@@ -245,22 +245,40 @@ def test_folder_backgrounds(tmp_path):
     cp.CountingPolygonsTask(background_dir=str(tmp_path / "empty"))
 
 
-def test_prefetch_pool_delivers_batches_and_errors():
+def test_train_images_depend_only_on_step_and_global_index():
   task = cp.CountingPolygonsTask(seed=0)
-  with cp.PrefetchPool(task, batch_size=2, seed=0, num_workers=2, queue_size=2) as pool:
-    batches = [pool.get(timeout=60) for _ in range(3)]
-  assert all(b["image"].shape == (2, 128, 128, 3) for b in batches)
-  with cp.PrefetchPool(task, batch_size=1, seed=0, use_processes=True) as pool:
-    assert pool.get(timeout=120)["image"].shape == (1, 128, 128, 3)
+  together = cp.render_train_images(task, seed=5, step=3, example_index=np.arange(4))
+  halves = np.concatenate([cp.render_train_images(task, 5, 3, np.arange(2)),
+                           cp.render_train_images(task, 5, 3, np.arange(2, 4))])
+  np.testing.assert_array_equal(together, halves)  # any split over devices or hosts
+  assert together.shape == (4, 128, 128, 3) and together.dtype == np.uint8
+  assert len({im.tobytes() for im in together}) == 4
+  next_step = cp.render_train_images(task, 5, 4, np.arange(2))
+  assert not np.array_equal(next_step, together[:2])
 
+
+@pytest.mark.parametrize("use_processes", [False, True])
+def test_train_image_prefetcher_returns_steps_in_order(use_processes):
+  task = cp.CountingPolygonsTask(seed=0)
+  index = np.array([6, 7])
+  with cp.TrainImagePrefetcher(task, seed=1, example_index=index, first_step=10, num_workers=2,
+                               prefetch=3, use_processes=use_processes) as feed:
+    got = [feed.get() for _ in range(4)]
+  for k, images in enumerate(got):
+    expected = cp.images_to_unit_range(cp.render_train_images(task, 1, 10 + k, index))
+    np.testing.assert_array_equal(images, expected)
+  assert feed.wait_seconds >= 0.0
+
+
+def test_train_image_prefetcher_reraises_render_errors():
   class Broken:
-    def train_batch(self, rng, batch_size):
+    def example(self, rng, split):
       raise RuntimeError("render failed")
 
-  pool = cp.PrefetchPool(Broken(), batch_size=2)
-  with pytest.raises(RuntimeError, match="render failed"):
-    pool.get(timeout=60)
-  pool.close()
+  with cp.TrainImagePrefetcher(Broken(), seed=0, example_index=np.arange(2), first_step=0,
+                               num_workers=1, prefetch=2) as feed:
+    with pytest.raises(RuntimeError, match="render failed"):
+      feed.get()
 
 
 @pytest.mark.parametrize("call, message", [

@@ -233,6 +233,18 @@ def test_nfe_even_pixels():
   assert np.all(result.resampled.sum(-1) == 16)
 
 
+def test_nfe_counting_polygons():
+  # cp_test on a 16x16 grid (n = 256): SRM 265 passes, each IPR iteration 73 (k = 64).
+  fn = jax.jit(lambda keys: sampler.srm_ipr(
+      toy_denoiser(1), keys, image=None, noise=jnp.zeros((1, 16, 16, 3)), patch_size=1,
+      sampler_config=sampler.SamplerConfig(10, 0.9, **_DETERMINISTIC),
+      ipr_config=sampler.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9)))
+  result = jax.device_get(fn(_keys([0])))
+  assert int(result.nfe[0]) == 265 + 30 * 73 == 2455
+  np.testing.assert_array_equal(result.nfe_per_budget[:, 0], 265 + 73 * np.arange(31))
+  assert np.all(result.resampled.sum(-1) == 64)
+
+
 def test_nfe_sudoku_hard_and_oracle_ipr():
   num_unknown = [55, 56, 61, 63, 70, 81]
   batch = len(num_unknown)

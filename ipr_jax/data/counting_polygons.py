@@ -36,23 +36,22 @@ Usage::
   task = CountingPolygonsTask(seed=0)                  # procedural backgrounds
   batch = task.train_batch(np.random.default_rng(0), 32)   # dict of numpy arrays, see train_batch
   image, info = test_image(seed=0, index=7)            # uint8 [128, 128, 3], RenderInfo
-  with PrefetchPool(task, batch_size=32, seed=0, num_workers=4) as pool:   # background threads
-    batch = pool.get()
+  with TrainImagePrefetcher(task, seed=0, example_index=np.arange(32), first_step=0) as feed:
+    images = feed.get()                                  # float32 [32, 128, 128, 3], step 0
 
 Render throughput (`train_batch`, batch 32, procedural backgrounds), measured on this project's
 development host: 2 CPU cores shared with other jobs (load average 5-6 during the runs), so the
 numbers are lower bounds for a free core. Inline, one thread: about 140 images/s (per image about
-3.2 ms background, 0.5 ms layout, 3.2 ms drawing, resizing and compositing). `PrefetchPool`: 1
-thread 135, 2 threads 155-195, 2 processes 115 images/s (pickling costs more than it gains on 2
-busy cores; processes are for many-core hosts). SRM training of the 128x128 model consumes a
-batch per step, so a pool of a few workers on the accelerator host's 16 cores should keep up;
-the training binary should log its input wait time to confirm (not measured here: no accelerator
-host was available to this session).
+3.2 ms background, 0.5 ms layout, 3.2 ms drawing, resizing and compositing); two processes
+rendering separate chunks: about 170-285 images/s. SRM training renders on the host with
+`TrainImagePrefetcher` (threads or processes, whole steps in flight, returned in step order) and
+logs the fraction of time it waited for images (`input_wait`); see ipr_jax/train.py.
 
 Deviations from the reference, on purpose:
 * layouts are generated rather than read from `circle_position_radius.npy` (unavailable);
-* the font is Pillow's built-in scalable Aileron Regular (`ImageFont.load_default(size)`, shipped
-  inside Pillow, no file needed) instead of Roboto-Regular.ttf;
+* the font is Pillow's built-in scalable Aileron Regular (`ImageFont.load_default(size)`, Pillow
+  >= 10.1 with FreeType; a subset of Aileron by Sora Sagano, dotcolon.net, released under CC0 1.0,
+  shipped inside Pillow, so no font file is needed) instead of Roboto-Regular.ttf;
 * backgrounds are procedural unless a folder is given (the reference uses FFHQ);
 * randomness: test image i is a pure function of (seed, i) drawn as N ~ U{1..9}, a test layout
   index ~ U{0..4999}, V ~ U{3..7}, the angles, and (procedural) the background, from
@@ -61,13 +60,13 @@ Deviations from the reference, on purpose:
   i % len(folder) like the reference (which has no background train/test split either).
 """
 
+import collections
 import colorsys
+import concurrent.futures
 import dataclasses
 import functools
 import multiprocessing
 import pathlib
-import queue
-import threading
 import time
 from collections.abc import Sequence
 
@@ -91,6 +90,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _SPLIT_STREAMS = {"train": 0, "test": 1}
 _TEST_IMAGE_STREAM = 1
+_TRAIN_IMAGE_STREAM = 3
 _CANDIDATES_PER_TRY = 64
 _TRIES_PER_CIRCLE = 16
 _MAX_RESTARTS = 1000
@@ -563,100 +563,74 @@ test_image.__test__ = False  # not a pytest test
 
 
 # ------------------------------------------------------------------------------------------------
-# Prefetching.
+# The SRM training feed: images of (step, global example index), rendered ahead of use.
 
-def _render_batches(task, batch_size, seed_sequence, out_queue, stop) -> None:
-  """Worker loop (thread or process): renders batches into `out_queue` until `stop` is set.
+def render_train_images(task: CountingPolygonsTask, seed: int, step: int,
+                        example_index: np.ndarray) -> np.ndarray:
+  """uint8 [len(example_index), 128, 128, 3]: the training images of `step`.
 
-  An exception is put into the queue and ends the worker.
+  Example i of step s is drawn from `default_rng([seed, 3, s, i])`, so an image depends only on
+  (task, seed, step, global index): not on the number of devices, hosts or render workers.
   """
-  rng = np.random.default_rng(seed_sequence)
-  while not stop.is_set():
-    try:
-      item = task.train_batch(rng, batch_size)
-    except Exception as error:  # pylint: disable=broad-except
-      item = error
-    while not stop.is_set():
-      try:
-        out_queue.put(item, timeout=0.1)
-        break
-      except queue.Full:
-        continue
-    if isinstance(item, Exception):
-      break
-  if hasattr(out_queue, "cancel_join_thread"):  # a process must not wait for unread batches
-    out_queue.cancel_join_thread()
+  images = []
+  for index in np.asarray(example_index).reshape(-1):
+    rng = np.random.default_rng([_check_seed(seed), _TRAIN_IMAGE_STREAM, int(step), int(index)])
+    images.append(task.example(rng, "train")[0])
+  return np.stack(images)
 
 
-class PrefetchPool:
-  """Renders training batches in background workers into a bounded queue.
+class TrainImagePrefetcher:
+  """Renders the SRM training images of steps first_step, first_step + 1, ... ahead of use.
 
-  Threads by default; `use_processes=True` starts 'spawn' processes instead, for hosts with many
-  cores (threads share the GIL: Pillow's C drawing and resizing overlap, the numpy glue does not).
-  Each worker has its own generator spawned from `seed`; with several workers the order in which
-  batches arrive depends on timing, so the stream is random but not reproducible. A worker's
-  exception is re-raised by `get`.
+  `num_workers` threads (or 'spawn' processes) render whole steps concurrently; `get` returns
+  them in step order, so the stream is reproducible. `wait_seconds` accumulates the time `get`
+  blocked, i.e. the time the accelerator waited for input.
 
   Args:
-    task: the CountingPolygonsTask to draw from (pickled into each process).
-    batch_size: images per batch.
-    seed: seeds the workers' generators.
+    task: the CountingPolygonsTask to draw from.
+    seed: training seed (see `render_train_images`).
+    example_index: int [n], the global indices of this host's examples.
+    first_step: the step of the first `get`.
     num_workers: rendering threads or processes.
-    queue_size: batches kept ready.
+    prefetch: steps kept in flight (>= num_workers keeps every worker busy).
     use_processes: processes instead of threads.
   """
 
-  def __init__(self, task: CountingPolygonsTask, batch_size: int, seed: int = 0,
-               num_workers: int = 1, queue_size: int = 4, use_processes: bool = False):
-    if num_workers < 1 or queue_size < 1 or batch_size < 1:
-      raise ValueError(f"num_workers={num_workers}, queue_size={queue_size}, "
-                       f"batch_size={batch_size}: each must be >= 1")
-    streams = np.random.SeedSequence([_check_seed(seed), 2]).spawn(num_workers)
+  def __init__(self, task: CountingPolygonsTask, seed: int, example_index: np.ndarray,
+               first_step: int, num_workers: int = 4, prefetch: int = 8,
+               use_processes: bool = False):
+    if num_workers < 1 or prefetch < 1:
+      raise ValueError(f"num_workers={num_workers} and prefetch={prefetch}: each must be >= 1")
+    self._task, self._seed = task, _check_seed(seed)
+    self._example_index = np.asarray(example_index).reshape(-1)
     if use_processes:
-      context = multiprocessing.get_context("spawn")
-      self._queue, self._stop = context.Queue(maxsize=queue_size), context.Event()
-      make = context.Process
+      self._executor = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context("spawn"))
     else:
-      self._queue, self._stop = queue.Queue(maxsize=queue_size), threading.Event()
-      make = threading.Thread
-    self._workers = [make(target=_render_batches, daemon=True,
-                          args=(task, batch_size, s, self._queue, self._stop)) for s in streams]
-    for worker in self._workers:
-      worker.start()
+      self._executor = concurrent.futures.ThreadPoolExecutor(
+          num_workers, thread_name_prefix="render")
+    self._pending: collections.deque = collections.deque()
+    self._next_step = int(first_step)
+    self.wait_seconds = 0.0
+    for _ in range(prefetch):
+      self._submit()
 
-  def get(self, timeout: float | None = None) -> dict[str, np.ndarray]:
-    """The next rendered batch (see `CountingPolygonsTask.train_batch`).
+  def _submit(self) -> None:
+    self._pending.append(self._executor.submit(
+        render_train_images, self._task, self._seed, self._next_step, self._example_index))
+    self._next_step += 1
 
-    Raises:
-      queue.Empty: after `timeout` seconds without a batch.
-      RuntimeError: if every worker has stopped (e.g. a process died) and no batch is left.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-      wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
-      try:
-        item = self._queue.get(timeout=wait)
-        break
-      except queue.Empty:
-        if not any(worker.is_alive() for worker in self._workers):
-          raise RuntimeError("every PrefetchPool worker has stopped") from None
-        if deadline is not None and time.monotonic() >= deadline:
-          raise
-    if isinstance(item, Exception):
-      raise item
-    return item
+  def get(self) -> np.ndarray:
+    """float32 [n, 128, 128, 3] in [-1, 1]: the next step's images (re-raises a worker's error)."""
+    start = time.monotonic()
+    images = self._pending.popleft().result()
+    self.wait_seconds += time.monotonic() - start
+    self._submit()
+    return images_to_unit_range(images)
 
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return self.get()
-
-  def close(self):
-    """Stops the workers and waits for them."""
-    self._stop.set()
-    for worker in self._workers:
-      worker.join(timeout=30)
+  def close(self) -> None:
+    """Cancels what is queued and waits for the running renders."""
+    self._executor.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self):
     return self

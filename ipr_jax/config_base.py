@@ -1,0 +1,211 @@
+"""The config sections every task shares, with the reference's global values (spec §1, §3, §4).
+
+`configs/<task>.py` files build on `base_config` and set only what is task-specific; every field is
+documented here once. Sections: top level (seed, batch, steps, checkpoints), data (task fields
+added by the task file), model (U-Net), time_sampler, loss, optim, sampler, ipr, eval.
+"""
+
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from ipr_jax.models import unet
+
+
+def parse_preset(arg: str | None, sizes: Sequence[str], evals: Sequence[str],
+                 default_eval: str) -> tuple[str | None, str]:
+  """Splits a preset string like 'tiny,cp_test' into (size or None, eval name).
+
+  Raises:
+    ValueError: an unknown or repeated token, naming it.
+  """
+  size, eval_name = None, None
+  for token in (arg or "").split(","):
+    token = token.strip()
+    if not token:
+      continue
+    if token in sizes and size is None:
+      size = token
+    elif token in evals and eval_name is None:
+      eval_name = token
+    else:
+      raise ValueError(
+          f"Unknown or repeated preset token {token!r} in {arg!r}; expected at most one of "
+          f"{tuple(sizes)} and at most one of {tuple(evals)}.")
+  return size, eval_name or default_eval
+
+
+def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collections.ConfigDict:
+  """A config with the shared sections at the reference's global values.
+
+  Args:
+    task: 'even_pixels', 'mnist_sudoku' or 'counting_polygons'.
+    preset: the preset string the config is built from (stored, informational).
+    unet_preset: key of `unet.UNET_PRESETS` for the model section.
+  """
+  config = ml_collections.ConfigDict()
+  config.task = task
+  # Preset tokens this config was built from (informational).
+  config.preset = preset or ""
+
+  # Root seed of model init and of every training random draw (data, times, noise, dropout).
+  config.seed = 0
+  # Global batch over all devices and hosts.
+  config.batch_size = 56
+  # Optimizer steps (reference max_steps).
+  config.num_train_steps = 250_001
+  # Save a checkpoint every this many steps (and always at the end or on SIGTERM).
+  config.checkpoint_every_steps = 5_000
+  # Keep the newest this many checkpoints.
+  config.keep_checkpoints = 3
+  # Print a progress line and append to metrics.jsonl every this many steps.
+  config.log_every_steps = 100
+  # Call jax.distributed.initialize() first (multi-host TPU pods / multi-node GPU); env-detected.
+  config.distributed = False
+
+  config.data = ml_collections.ConfigDict()
+
+  # U-Net denoiser (spec §1).
+  config.model = ml_collections.ConfigDict()
+  # Reference preset name (informational; the fields below define the network).
+  config.model.name = unet_preset
+  # Channels per resolution level.
+  config.model.hid_dims = tuple(unet.UNET_PRESETS[unet_preset]["hid_dims"])
+  # Self-attention at each level.
+  config.model.attention = tuple(unet.UNET_PRESETS[unet_preset]["attention"])
+  # ResBlocks per encoder level (the decoder has one more).
+  config.model.num_blocks = 2
+  # Width of the time-embedding MLP output.
+  config.model.t_emb_dim = 512
+  # Width of the sinusoidal time features.
+  config.model.d_emb = 256
+  # Channels per attention head.
+  config.model.num_head_channels = 64
+  # GroupNorm groups.
+  config.model.num_groups = 32
+  # Dropout inside ResBlocks during training.
+  config.model.dropout = 0.1
+  # Compute dtype; params stay float32 (reference: bf16-mixed).
+  config.model.dtype = "bfloat16"
+
+  # Per-patch time sampler (spec §3.1).
+  config.time_sampler = ml_collections.ConfigDict()
+  # Two-stage mean-then-recursive-Beta split.
+  config.time_sampler.name = "mean_beta"
+  # Scale of the Beta(a_n, a_n) parameters a_n = (n - 1 - n mod 2)^1.05 * sharpness.
+  config.time_sampler.beta_sharpness = 1.0
+  # Zero a uniformly random fraction of patches (clean context, no loss).
+  config.time_sampler.add_zeros = True
+  # Time samples drawn for the loss-weight histogram (each gives N patch times).
+  config.time_sampler.density_num_samples = 80_000
+  # Histogram bins on [0, 1].
+  config.time_sampler.density_num_bins = 1000
+  # Gaussian smoothing of the histogram: odd kernel size and sigma in bins (reference: 5 and 0.2;
+  # 0.2 is effectively no smoothing, spec §7.11).
+  config.time_sampler.density_blur_kernel_size = 5
+  config.time_sampler.density_blur_sigma = 0.2
+
+  # Loss = mse + vlb_weight * vlb + sigma_nll_weight * sigma-NLL (spec §3.3).
+  config.loss = ml_collections.ConfigDict()
+  # Weight of the VLB term (learned-range variance; u detached).
+  config.loss.vlb_weight = 1.0
+  # Weight of the sigma NLL term (u detached).
+  config.loss.sigma_nll_weight = 0.01
+  # The VLB and sigma terms apply when step > this (reference apply_after_step).
+  config.loss.aux_after_step = 0
+  # VLB step size: s = t - vlb_time_step.
+  config.loss.vlb_time_step = 1e-3
+  # s below this counts as 0 (discretized NLL branch).
+  config.loss.time_eps = 1e-5
+
+  # AdamW with linear warm-up, global-norm clipping and an EMA (spec §3.4).
+  config.optim = ml_collections.ConfigDict()
+  # Peak learning rate.
+  config.optim.learning_rate = 1e-4
+  # Adam betas.
+  config.optim.b1 = 0.95
+  config.optim.b2 = 0.999
+  # Adam epsilon; None derives it like the reference: 1e-7 under bf16, 1e-8 in float32.
+  config.optim.eps = config_dict.placeholder(float)
+  # Decoupled weight decay, applied to all parameters.
+  config.optim.weight_decay = 1e-6
+  # The learning rate ramps linearly from warmup_start_factor * lr over warmup_steps.
+  config.optim.warmup_steps = 5_000
+  config.optim.warmup_start_factor = 2e-4
+  # Global L2 gradient-norm clip.
+  config.optim.grad_clip_norm = 1.0
+  # EMA decay (first update copies the weights).
+  config.optim.ema_decay = 0.9999
+
+  # SRM greedy sampler (spec §4.4).
+  config.sampler = ml_collections.ConfigDict()
+  # Denoising steps each patch takes.
+  config.sampler.steps_per_patch = 10
+  # Overlap of consecutive patches' denoising blocks, in [0, 1).
+  config.sampler.overlap = 0.9
+  # Reverse-kernel stochasticity alpha.
+  config.sampler.stochasticity = 0.5
+  # Reverse-kernel temperature.
+  config.sampler.temperature = 1.0
+  # Patches selected per selection step.
+  config.sampler.top_k = 1
+  # False: reproduce the reference's float32 schedule arithmetic (spec §4.3); True: exact.
+  config.sampler.clean_schedule = False
+
+  # Iterative Partial Refinement (spec §4.5).
+  config.ipr = ml_collections.ConfigDict()
+  # Refinement iterations.
+  config.ipr.budget = 30
+  # Denoising steps per re-noised patch.
+  config.ipr.steps_per_patch = 10
+  # Block overlap of the re-noised patches.
+  config.ipr.overlap = 0.9
+  # Fraction of candidate patches re-noised per iteration.
+  config.ipr.resampling_ratio = 0.25
+  # 'random': fresh noise; 'fixed': the initial noise of the patch (ablation).
+  config.ipr.noise_type = "random"
+  # 'standard' (SRM pass, then refine) or 'correction' (refine a corrupted solution).
+  config.ipr.mode = "standard"
+  # Cell swaps that corrupt a solution in 'correction' mode.
+  config.ipr.num_corruption_swaps = 5
+  # Stop refining once the task check passes (reference: False).
+  config.ipr.immediate_stop = False
+
+  # Evaluation run (spec §4.5, §5.4).
+  config.eval = ml_collections.ConfigDict()
+  # Name of the evaluation preset.
+  config.eval.name = ""
+  # Puzzles / images generated (the reference yaml runs 1, spec §7.2).
+  config.eval.num_puzzles = 100
+  # Puzzles / images per sampler call.
+  config.eval.batch_size = 100
+  # Seed of the evaluation randomness.
+  config.eval.seed = 42
+  # Given-cell range of the test puzzles (MNIST Sudoku only).
+  config.eval.given_range = config_dict.placeholder(tuple)
+  # Sample with the EMA weights (reference use_ema: true).
+  config.eval.use_ema = True
+  # Puzzles shown in ipr_process.png (the first ones of the first batch).
+  config.eval.num_plot_puzzles = 4
+  return config
+
+
+def use_tiny_model(config: ml_collections.ConfigDict, hid_dims: Sequence[int],
+                   attention: Sequence[bool]) -> None:
+  """Turns `config` into a CPU-sized run: a small float32 U-Net and a fast optimizer schedule."""
+  config.model.name = "tiny"
+  config.model.hid_dims = tuple(hid_dims)
+  config.model.attention = tuple(attention)
+  config.model.num_blocks = 1
+  config.model.t_emb_dim = 64
+  config.model.d_emb = 32
+  config.model.num_head_channels = 32
+  config.model.num_groups = 8
+  config.model.dtype = "float32"
+  config.time_sampler.density_num_samples = 10_000
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 50
+  config.optim.ema_decay = 0.99
+  config.checkpoint_every_steps = 100
+  config.log_every_steps = 25
