@@ -1,6 +1,6 @@
 r"""Host rendering throughput of the Counting Polygons training feed.
 
-  python experiments/benchmark_render.py --workers=1,2 --batch_size=56 --steps=10
+  python experiments/benchmark_render.py --workers=1,2 --batch_size=56 --steps=20
   python experiments/benchmark_render.py --workers=4,8,16 --processes --steps=40   # many cores
 
 Times `TrainImagePrefetcher` (the feed ipr_jax/train.py uses) delivering `--steps` batches of
@@ -22,7 +22,7 @@ from ipr_jax.data import counting_polygons
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Worker counts to time.")
 _PROCESSES = flags.DEFINE_bool("processes", False, "Processes instead of threads.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 56, "Images per step (cp_ffhq_8: 56).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per worker count.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per worker count.")
 _BACKGROUND_DIR = flags.DEFINE_string("background_dir", None, "Folder backgrounds (default: "
                                       "procedural).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
@@ -36,7 +36,7 @@ def main(argv):
   for workers in [int(w) for w in _WORKERS.value]:
     with counting_polygons.TrainImagePrefetcher(
         task, seed=0, example_index=index, first_step=0, num_workers=workers,
-        prefetch=2 * workers, use_processes=_PROCESSES.value) as feed:
+        prefetch=workers, use_processes=_PROCESSES.value) as feed:
       feed.get()  # warm-up: process start-up, first renders
       start = time.perf_counter()
       for _ in range(_STEPS.value):

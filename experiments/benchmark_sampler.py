@@ -5,10 +5,13 @@ r"""Throughput of SRM + IPR (one compiled program per batch) at several batch si
       --batch_sizes=1,16,64 --budget=30          # on a GPU
   python experiments/benchmark_sampler.py --task=ep_test --unet=unet_32 --dtype=bfloat16 \
       --batch_sizes=1,16,64
+  python experiments/benchmark_sampler.py --task=cp_test --unet=unet_128 --dtype=bfloat16 \
+      --batch_sizes=1,16,64
 
 The U-Net has random weights (a fresh init with its zero-initialised layers redrawn, so sigma and
 the selection order are not degenerate); the sampler settings are the reference's ms_hard_test
-(SRM 3 / 0.0, IPR 10 / 0.8, ratio 0.25) or ep_test (SRM 30 / 0.9, IPR 30 / 0.9). For each batch
+(SRM 3 / 0.0, IPR 10 / 0.8, ratio 0.25), ep_test (SRM 30 / 0.9, IPR 30 / 0.9) or cp_test (128x128,
+8x8 patches; SRM 10 / 0.9, IPR 10 / 0.9). For each batch
 size it reports the compile time, the steady-state time of one call (median of --repeats), puzzles
 per second and denoiser passes (NFE) per second, and the speed-up over batch 1 run puzzle by puzzle
 (the reference's way). Results are printed and written as JSON to --output.
@@ -28,7 +31,8 @@ from ipr_jax import sampler
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 
-_TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test"], "Sampler settings.")
+_TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test", "cp_test"],
+                          "Sampler settings.")
 _UNET = flags.DEFINE_string("unet", "tiny", "U-Net preset (unet_32/unet_128/unet_256) or 'tiny'.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
@@ -44,6 +48,9 @@ _SETTINGS = {
     "ep_test": dict(image=32, channels=3, patch=4,
                     sampler=sampler.SamplerConfig(steps_per_patch=30, overlap=0.9),
                     ipr=dict(steps_per_patch=30, overlap=0.9)),
+    "cp_test": dict(image=128, channels=3, patch=8,
+                    sampler=sampler.SamplerConfig(steps_per_patch=10, overlap=0.9),
+                    ipr=dict(steps_per_patch=10, overlap=0.9)),
 }
 
 

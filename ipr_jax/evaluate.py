@@ -125,6 +125,7 @@ class _Task:
     self.name = config.task
     self.patch_size = config.data.patch_size
     self.plot_metrics = ()  # row means drawn beside the valid rate
+    self.metadata = {}  # task facts written into results.json
     self.is_sudoku = config.task == "mnist_sudoku"
     if config.task == "mnist_sudoku":
       self.data = train.make_task(config)
@@ -146,6 +147,14 @@ class _Task:
       self.data = None
       scorer, params = polygon_scorer.load_scorer(config.eval.scorer_path)
       self.score_fn = counting_polygons_score_fn(scorer, params)
+      accuracy = polygon_scorer.load_scorer_metadata(config.eval.scorer_path).get(
+          "held_out_accuracy", {})
+      self.metadata["scorer_held_out_accuracy"] = accuracy
+      weak = {head: value for head, value in accuracy.items() if value < 0.9}
+      if weak:
+        logging.warning("The polygon scorer's held-out accuracy is low for %s: the metrics that "
+                        "rest on these heads (numbers_label: numbers_match_objects and valid) "
+                        "are not reliable.", weak)
       self.cell_size = config.data.patch_size
       self.plot_metrics = CP_METRICS
     else:
@@ -264,6 +273,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "params": which,
       "devices": [str(d) for d in jax.local_devices()],
       "seconds": time.time() - start_time,
+      **task.metadata,
   }
   eval_report.write_results(out_dir, rows, metadata)
   eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,

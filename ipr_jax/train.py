@@ -15,8 +15,9 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   fraction of time the loop waited for them (`input_wait`).
 * Every random draw of example i at step s (its image, patch times, noise and dropout masks)
   comes from `fold_in(fold_in(root, s), i)` with i the global example index (host-rendered images:
-  from `numpy.random.default_rng([seed, s, i])`), so a run's result does not depend on how many
-  devices share the batch, and a resumed run sees the same examples.
+  from a numpy generator seeded with (seed, s, i), see `counting_polygons.render_train_images`),
+  so a run's result does not depend on how many devices share the batch, and a resumed run sees
+  the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
 * Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
   SIGTERM; restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
@@ -104,7 +105,8 @@ def make_task(config: ml_collections.ConfigDict):
 
   Returns:
     even_pixels / mnist_sudoku: an on-device pytree with `train_batch(key, batch)`;
-    counting_polygons: the host-side `CountingPolygonsTask` (see `render_train_images`).
+    counting_polygons: the host-side `CountingPolygonsTask` (rendered by
+    `counting_polygons.TrainImagePrefetcher`).
   """
   if config.task == "even_pixels":
     if config.data.channels != 3:

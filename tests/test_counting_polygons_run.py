@@ -98,7 +98,9 @@ def test_evaluate_writes_both_metrics_per_budget(trained):
     # valid = uniform and matching, so it is rarer than either.
     assert row["valid_rate"] <= min(row["mean_are_vertices_uniform"],
                                     row["mean_numbers_match_objects"]) + 1e-9
-  assert json.loads((out / "results.json").read_text())["metadata"]["task"] == "counting_polygons"
+  metadata = json.loads((out / "results.json").read_text())["metadata"]
+  assert metadata["task"] == "counting_polygons"
+  assert set(metadata["scorer_held_out_accuracy"]) == set(cp_metrics.HEAD_CLASSES)
 
 
 def test_score_fn_agrees_with_the_batch_metrics():

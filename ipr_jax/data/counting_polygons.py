@@ -520,7 +520,8 @@ class CountingPolygonsTask:
     rng = np.random.default_rng([self.seed, _TEST_IMAGE_STREAM, int(index)])
     return self.example(rng, "test", int(index))
 
-  def _batch(self, examples) -> dict[str, np.ndarray]:
+  def collate(self, examples) -> dict[str, np.ndarray]:
+    """(image, RenderInfo) pairs -> a batch dict (keys as `train_batch`)."""
     images, infos = zip(*examples)
     printed = np.stack([info.printed_numbers for info in infos]).astype(np.int32)
     return {
@@ -545,13 +546,13 @@ class CountingPolygonsTask:
     """
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    return self._batch([self.example(rng, "train") for _ in range(batch_size)])
+    return self.collate([self.example(rng, "train") for _ in range(batch_size)])
 
   def test_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
     """Test images `indices` with the same keys as `train_batch`."""
     if len(indices) == 0:
       raise ValueError("test_batch needs at least one index")
-    return self._batch([self.test_image(int(i)) for i in indices])
+    return self.collate([self.test_image(int(i)) for i in indices])
 
 
 def test_image(seed: int, index: int, **task_options) -> tuple[np.ndarray, RenderInfo]:

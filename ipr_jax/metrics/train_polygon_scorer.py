@@ -12,6 +12,10 @@ num_polygons - 1, num_vertices - 3, is_uniform, numbers_label (the printed pair)
 num_vertices head is trained and scored on uniform images only: on a non-uniform image no single
 vertex count is right.
 
+Two auxiliary multi-label targets speed training up and are dropped afterwards (a linear layer on
+the pooled features, sigmoid cross-entropy, not part of the shipped scorer): which digits 1..9
+are printed, and which vertex counts 3..7 occur among the polygons (uniform = exactly one).
+
 Held-out accuracy per head is logged after every epoch and stored in the file's metadata
 (`load_scorer_metadata`); `tests/test_polygon_scorer.py` re-renders the first held-out images and
 checks the shipped weights against it.
@@ -39,6 +43,8 @@ from ipr_jax.models import polygon_scorer
 NONUNIFORM_PROB, MISMATCH_PROB = 0.5, 1.0
 HELD_OUT_SEED = 7
 LABEL_KEYS = ("num_polygons", "num_vertices", "is_uniform", "numbers_label")
+# Auxiliary multi-hot targets: printed digits 1..9, vertex counts 3..7 present.
+AUX_KEYS = ("printed_digits", "vertex_presence")
 _CHUNK = 250
 
 
@@ -61,14 +67,28 @@ def _to_u8(images: np.ndarray) -> np.ndarray:
   return np.round((images * 0.5 + 0.5) * 255.0).astype(np.uint8)
 
 
+def auxiliary_targets(infos) -> dict[str, np.ndarray]:
+  """float32 multi-hot [B, 9] printed digits 1..9 and [B, 5] vertex counts 3..7 present."""
+  digits = np.zeros((len(infos), 9), np.float32)
+  present = np.zeros((len(infos), 5), np.float32)
+  for row, info in enumerate(infos):
+    digits[row, np.asarray(info.printed_numbers) - 1] = 1.0
+    present[row, np.asarray(info.vertices_per_polygon) - cp_data.MIN_VERTICES] = 1.0
+  return {"printed_digits": digits, "vertex_presence": present}
+
+
 def _render_chunk(args) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   split, seed, start, count = args
   task = scorer_task(seed if split == "train" else HELD_OUT_SEED)
   if split == "train":
-    batch = task.train_batch(np.random.default_rng([seed, start]), count)
+    rng = np.random.default_rng([seed, start])
+    examples = [task.example(rng, "train") for _ in range(count)]
   else:
-    batch = task.test_batch(range(start, start + count))
-  return _to_u8(batch["image"]), targets(batch)
+    examples = [task.test_image(i) for i in range(start, start + count)]
+  batch = task.collate(examples)
+  labels = targets(batch)
+  labels.update(auxiliary_targets([info for _, info in examples]))
+  return _to_u8(batch["image"]), labels
 
 
 def render_dataset(split: str, count: int, seed: int, num_workers: int = 1
@@ -87,7 +107,7 @@ def render_dataset(split: str, count: int, seed: int, num_workers: int = 1
   else:
     parts = [_render_chunk(job) for job in jobs]
   images = np.concatenate([p[0] for p in parts])
-  labels = {k: np.concatenate([p[1][k] for p in parts]) for k in LABEL_KEYS}
+  labels = {k: np.concatenate([p[1][k] for p in parts]) for k in LABEL_KEYS + AUX_KEYS}
   return images, labels
 
 
@@ -95,10 +115,11 @@ def cached_dataset(cache_dir: str | None, split: str, count: int, seed: int, num
   """`render_dataset`, read from / written to `cache_dir/<split>_<count>_<seed>.npz` if given."""
   if not cache_dir:
     return render_dataset(split, count, seed, num_workers)
-  path = pathlib.Path(cache_dir) / f"{split}_{count}_{seed if split == 'train' else 'fixed'}.npz"
+  path = pathlib.Path(cache_dir) / (
+      f"{split}_{count}_{seed if split == 'train' else 'fixed'}_v2.npz")
   if path.is_file():
     with np.load(path) as f:
-      return f["images"], {k: f[k] for k in LABEL_KEYS}
+      return f["images"], {k: f[k] for k in LABEL_KEYS + AUX_KEYS}
   start = time.time()
   images, labels = render_dataset(split, count, seed, num_workers)
   logging.info("rendered %d %s images in %.0f s", count, split, time.time() - start)
@@ -127,10 +148,18 @@ def _losses(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> dict[
 
 
 @functools.partial(jax.jit, static_argnames=("scorer", "optimizer"), donate_argnums=(0, 1, 2))
-def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer, ema_decay):
+def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer, ema_decay,
+                numbers_weight):
+  """One step on {'scorer': scorer params, 'aux': auxiliary linear layer}."""
   def loss_fn(p):
-    per_head = _losses(scorer.apply({"params": p}, _unit(images_u8)), labels)
-    return sum(per_head.values()), per_head
+    logits, features = scorer.apply({"params": p["scorer"]}, _unit(images_u8),
+                                    with_features=True)
+    per_head = _losses(logits, labels)
+    aux_logits = features @ p["aux"]["kernel"] + p["aux"]["bias"]
+    aux_targets = jnp.concatenate([labels[k] for k in AUX_KEYS], axis=-1)
+    per_head["auxiliary"] = jnp.mean(optax.sigmoid_binary_cross_entropy(aux_logits, aux_targets))
+    total = sum(per_head.values()) + (numbers_weight - 1.0) * per_head["numbers_label"]
+    return total, per_head
 
   (_, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -165,8 +194,9 @@ def head_accuracies(scorer, params, images_u8: np.ndarray, labels: dict[str, np.
 def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architecture: dict, *,
                  seed: int = 0, num_epochs: int = 4, batch_size: int = 64,
                  learning_rate: float = 2e-3, weight_decay: float = 1e-4,
-                 ema_decay: float = 0.999, eval_fn=None, log_every_steps: int = 100):
-  """Trains a PolygonScorer from scratch; returns (scorer, EMA params)."""
+                 ema_decay: float = 0.999, eval_fn=None, log_every_steps: int = 100,
+                 init_params=None, numbers_weight: float = 1.0):
+  """Trains a PolygonScorer (from scratch, or on from `init_params`); returns (scorer, EMA params)."""
   scorer = polygon_scorer.make_scorer(architecture)
   steps_per_epoch = len(images_u8) // batch_size
   if steps_per_epoch < 1:
@@ -175,9 +205,13 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(500, total // 10)), total)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(schedule, weight_decay=weight_decay))
-  params = polygon_scorer.init_scorer_params(scorer, jax.random.key(seed))
+  scorer_params = (polygon_scorer.init_scorer_params(scorer, jax.random.key(seed))
+                   if init_params is None else jax.tree.map(jnp.asarray, init_params))
   logging.info("scorer %s: %s parameters", architecture,
-               f"{polygon_scorer.num_parameters(params):,}")
+               f"{polygon_scorer.num_parameters(scorer_params):,}")
+  num_aux = sum(labels[k].shape[-1] for k in AUX_KEYS)
+  params = {"scorer": scorer_params,
+            "aux": {"kernel": jnp.zeros((scorer.widths[-1], num_aux)), "bias": jnp.zeros(num_aux)}}
   opt_state = optimizer.init(params)
   ema = jax.tree.map(jnp.copy, params)
   rng = np.random.default_rng(seed)
@@ -187,15 +221,15 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
     window = []
     for i in range(steps_per_epoch):
       batch = order[i * batch_size:(i + 1) * batch_size]
-      batch.sort()  # contiguous reads from a memory-mapped cache
       params, opt_state, ema, per_head = _train_step(
           params, opt_state, ema, jnp.asarray(images_u8[batch]),
           {k: jnp.asarray(v[batch]) for k, v in labels.items()}, scorer=scorer,
-          optimizer=optimizer, ema_decay=min(ema_decay, (1.0 + step) / (10.0 + step)))
+          optimizer=optimizer, ema_decay=min(ema_decay, (1.0 + step) / (10.0 + step)),
+          numbers_weight=numbers_weight)
       window.append(per_head)
       step += 1
       if step % log_every_steps == 0:
-        mean = {k: float(np.mean([float(w[k]) for w in window])) for k in LABEL_KEYS}
+        mean = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
         window = []
         elapsed = time.time() - start
         logging.info("step %d/%d (%.1f img/s, ETA %.0f min) loss %s", step, total,
@@ -203,16 +237,20 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
                      " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
     if eval_fn is not None:
       logging.info("epoch %d/%d: held-out accuracy %s (EMA %s)", epoch + 1, num_epochs,
-                   eval_fn(scorer, params), eval_fn(scorer, ema))
-  return scorer, ema
+                   eval_fn(scorer, params["scorer"]), eval_fn(scorer, ema["scorer"]))
+  return scorer, ema["scorer"]
 
 
 def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
                  num_train: int = 60_000, num_held_out: int = 4_000, num_workers: int = 2,
                  num_epochs: int = 4, batch_size: int = 64, learning_rate: float = 2e-3,
-                 widths=(32, 32, 64, 128), blocks_per_stage: int = 1, stem_patch: int = 4,
-                 min_accuracy: float = 0.0) -> dict:
+                 widths=(32, 32, 64, 128, 256), blocks_per_stage: int = 1, stem_patch: int = 4,
+                 min_accuracy: float = 0.0, init_from: str | None = None,
+                 numbers_weight: float = 1.0) -> dict:
   """Renders the data, trains a scorer and writes it to `output`; returns the stored metadata.
+
+  `init_from` names a weights file to continue training from (its architecture is used and its
+  metadata is kept under 'continued_from'); otherwise training starts from scratch.
 
   Raises:
     ValueError: a head's held-out accuracy is below `min_accuracy` (nothing is written).
@@ -226,9 +264,15 @@ def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
   render_seconds = time.time() - start
   evaluate = lambda scorer, p: head_accuracies(scorer, p, held_images, held_labels)
   start = time.time()
+  init_params, previous = None, None
+  if init_from:
+    previous = polygon_scorer.load_scorer_metadata(init_from)
+    architecture = dict(previous["architecture"])
+    init_params = polygon_scorer.load_scorer(init_from)[1]
   scorer, params = train_scorer(
       train_images, train_labels, architecture, seed=seed, num_epochs=num_epochs,
-      batch_size=batch_size, learning_rate=learning_rate, eval_fn=evaluate)
+      batch_size=batch_size, learning_rate=learning_rate, eval_fn=evaluate,
+      init_params=init_params, numbers_weight=numbers_weight)
   train_seconds = time.time() - start
   held_out = evaluate(scorer, params)
   logging.info("held-out accuracy %s after %.0f s", held_out, train_seconds)
@@ -240,12 +284,14 @@ def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
       "num_held_out": num_held_out, "held_out_task_seed": HELD_OUT_SEED,
       "held_out_uniform_images": int(held_labels["is_uniform"].sum()),
       "num_train": num_train, "seed": seed, "num_epochs": num_epochs,
-      "batch_size": batch_size, "learning_rate": learning_rate,
+      "batch_size": batch_size, "learning_rate": learning_rate, "numbers_weight": numbers_weight,
       "nonuniform_prob": NONUNIFORM_PROB, "mismatch_prob": MISMATCH_PROB,
       "num_parameters": polygon_scorer.num_parameters(params),
       "render_seconds": round(render_seconds, 1), "train_seconds": round(train_seconds, 1),
       "input_range": "[-1, 1] RGB, NHWC 128x128",
   }
+  if previous is not None:
+    metadata["continued_from"] = previous
   polygon_scorer.save_scorer(output, params, architecture, metadata)
   logging.info("wrote %s: %s", output, json.dumps(metadata))
   return metadata
@@ -264,9 +310,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_epochs", 4, "Passes over the training images.")
   flags.DEFINE_integer("batch_size", 64, "Batch size.")
   flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.")
-  flags.DEFINE_list("widths", ["32", "32", "64", "128"], "Stem and stage widths.")
+  flags.DEFINE_list("widths", ["32", "32", "64", "128", "256"], "Stem and stage widths.")
   flags.DEFINE_integer("blocks_per_stage", 1, "Residual blocks per stage.")
   flags.DEFINE_integer("stem_patch", 4, "Space-to-depth factor before the stem.")
+  flags.DEFINE_string("init_from", None, "Continue training from this weights file.")
+  flags.DEFINE_float("numbers_weight", 1.0, "Loss weight of the numbers_label head.")
   flags.DEFINE_float("min_accuracy", 0.0,
                      "Refuse to write weights if a head's held-out accuracy is below this.")
 
@@ -280,7 +328,7 @@ def main(argv):
         num_held_out=f.num_held_out, num_workers=f.num_workers, num_epochs=f.num_epochs,
         batch_size=f.batch_size, learning_rate=f.learning_rate, widths=f.widths,
         blocks_per_stage=f.blocks_per_stage, stem_patch=f.stem_patch,
-        min_accuracy=f.min_accuracy)
+        min_accuracy=f.min_accuracy, init_from=f.init_from, numbers_weight=f.numbers_weight)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
