@@ -45,6 +45,7 @@ from ipr_jax import checkpoint
 from ipr_jax import eval_report
 from ipr_jax import sampler
 from ipr_jax import train
+from ipr_jax.data import counting_polygons
 from ipr_jax.metrics import counting_polygons as cp_metrics
 from ipr_jax.metrics import even_pixels as even_pixels_metrics
 from ipr_jax.metrics import sudoku as sudoku_metrics
@@ -140,10 +141,7 @@ class _Task:
       self.score_fn = even_pixels_score_fn
       self.cell_size = config.data.patch_size
     elif config.task == "counting_polygons":
-      size, channels = config.data.image_size, config.data.channels
-      if (size, channels) != (128, 3):
-        raise ValueError(f"counting_polygons images are 128x128 RGB; data.image_size={size}, "
-                         f"data.channels={channels}")
+      counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
       self.data = None
       scorer, params = polygon_scorer.load_scorer(config.eval.scorer_path)
       self.score_fn = counting_polygons_score_fn(scorer, params)
@@ -152,9 +150,9 @@ class _Task:
       self.metadata["scorer_held_out_accuracy"] = accuracy
       weak = {head: value for head, value in accuracy.items() if value < 0.9}
       if weak:
-        logging.warning("The polygon scorer's held-out accuracy is low for %s: the metrics that "
-                        "rest on these heads (numbers_label: numbers_match_objects and valid) "
-                        "are not reliable.", weak)
+        logging.warning("The polygon scorer's held-out accuracy is low for %s: the metrics "
+                        "that rest on these heads are not reliable (numbers_label: "
+                        "numbers_match_objects and valid).", weak)
       self.cell_size = config.data.patch_size
       self.plot_metrics = CP_METRICS
     else:

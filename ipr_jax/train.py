@@ -115,11 +115,7 @@ def make_task(config: ml_collections.ConfigDict):
   if config.task == "mnist_sudoku":
     return sudoku.make_sudoku_task_from_config(config.data)
   if config.task == "counting_polygons":
-    size, channels = config.data.image_size, config.data.channels
-    if (size, channels) != (counting_polygons.IMAGE_SIZE, 3):
-      raise ValueError(f"counting_polygons images are {counting_polygons.IMAGE_SIZE}x"
-                       f"{counting_polygons.IMAGE_SIZE} RGB; data.image_size={size}, "
-                       f"data.channels={channels}")
+    counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
     return counting_polygons.CountingPolygonsTask(seed=config.data.seed,
                                                   background_dir=config.data.background_dir)
   raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
@@ -219,7 +215,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
   Returns:
     train_step(state, task, weight_table, example_index, images=None) where example_index is
-    int32 [b], the global indices of this device's examples, and images [b, H, W, d] are
+    int32 [b], the global indices of this device's examples, and images uint8 [b, H, W, d] are
     host-rendered training images (then `task` is unused and may be None); returns the new state
     and a dict of scalar metrics (averaged over devices) for the step just taken.
   """
@@ -238,7 +234,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     if images is None:
       batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
     else:
-      batch = {"image": images}
+      batch = {"image": counting_polygons.unit_range_on_device(images)}
     x = batch["image"]  # [b, H, W, d]
     t_patch, w_patch = _per_example(
         lambda k: time_sampler.mean_beta_times(

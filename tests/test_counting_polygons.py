@@ -265,8 +265,11 @@ def test_train_image_prefetcher_returns_steps_in_order(use_processes):
                                prefetch=3, use_processes=use_processes) as feed:
     got = [feed.get() for _ in range(4)]
   for k, images in enumerate(got):
-    expected = cp.images_to_unit_range(cp.render_train_images(task, 1, 10 + k, index))
+    expected = cp.render_train_images(task, 1, 10 + k, index)
     np.testing.assert_array_equal(images, expected)
+  # Converted on device to exactly the host conversion.
+  np.testing.assert_array_equal(jax.jit(cp.unit_range_on_device)(got[0]),
+                                cp.images_to_unit_range(got[0]))
   assert feed.wait_seconds >= 0.0
 
 

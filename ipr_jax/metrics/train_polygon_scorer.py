@@ -63,10 +63,6 @@ def targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def _to_u8(images: np.ndarray) -> np.ndarray:
-  return np.round((images * 0.5 + 0.5) * 255.0).astype(np.uint8)
-
-
 def auxiliary_targets(infos) -> dict[str, np.ndarray]:
   """float32 multi-hot [B, 9] printed digits 1..9 and [B, 5] vertex counts 3..7 present."""
   digits = np.zeros((len(infos), 9), np.float32)
@@ -85,10 +81,9 @@ def _render_chunk(args) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     examples = [task.example(rng, "train") for _ in range(count)]
   else:
     examples = [task.test_image(i) for i in range(start, start + count)]
-  batch = task.collate(examples)
-  labels = targets(batch)
+  labels = targets(task.collate(examples))
   labels.update(auxiliary_targets([info for _, info in examples]))
-  return _to_u8(batch["image"]), labels
+  return np.stack([image for image, _ in examples]), labels
 
 
 def render_dataset(split: str, count: int, seed: int, num_workers: int = 1
@@ -130,10 +125,6 @@ def cached_dataset(cache_dir: str | None, split: str, count: int, seed: int, num
   return images, labels
 
 
-def _unit(images_u8: jax.Array) -> jax.Array:
-  return images_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
 def _losses(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Mean cross-entropy per head; num_vertices only over uniform images."""
   out = {}
@@ -152,8 +143,8 @@ def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer,
                 numbers_weight):
   """One step on {'scorer': scorer params, 'aux': auxiliary linear layer}."""
   def loss_fn(p):
-    logits, features = scorer.apply({"params": p["scorer"]}, _unit(images_u8),
-                                    with_features=True)
+    images = cp_data.unit_range_on_device(images_u8)
+    logits, features = scorer.apply({"params": p["scorer"]}, images, with_features=True)
     per_head = _losses(logits, labels)
     aux_logits = features @ p["aux"]["kernel"] + p["aux"]["bias"]
     aux_targets = jnp.concatenate([labels[k] for k in AUX_KEYS], axis=-1)
@@ -170,7 +161,7 @@ def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer,
 
 @functools.partial(jax.jit, static_argnames=("scorer",))
 def _predict(params, images_u8, *, scorer):
-  logits = scorer.apply({"params": params}, _unit(images_u8))
+  logits = scorer.apply({"params": params}, cp_data.unit_range_on_device(images_u8))
   return {name: jnp.argmax(value, axis=-1) for name, value in logits.items()}
 
 
@@ -196,13 +187,14 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
                  learning_rate: float = 2e-3, weight_decay: float = 1e-4,
                  ema_decay: float = 0.999, eval_fn=None, log_every_steps: int = 100,
                  init_params=None, numbers_weight: float = 1.0):
-  """Trains a PolygonScorer (from scratch, or on from `init_params`); returns (scorer, EMA params)."""
+  """Trains a PolygonScorer from scratch or from `init_params`; returns (scorer, EMA params)."""
   scorer = polygon_scorer.make_scorer(architecture)
   steps_per_epoch = len(images_u8) // batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={batch_size} exceeds the {len(images_u8)} training images")
   total = num_epochs * steps_per_epoch
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(500, total // 10)), total)
+  warmup = max(1, min(500, total // 10))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(schedule, weight_decay=weight_decay))
   scorer_params = (polygon_scorer.init_scorer_params(scorer, jax.random.key(seed))

@@ -87,7 +87,7 @@ class PolygonScorer(nn.Module):
       'numbers_label' [B, 35]}, float32 logits; with `with_features`, the pair (logits, pooled
       features [B, widths[-1]]).
     """
-    check_images(images)
+    cp_metrics.check_images(images)
     x = images.astype(jnp.float32)
     if self.stem_patch > 1:
       b, h, w, c = x.shape
@@ -105,14 +105,6 @@ class PolygonScorer(nn.Module):
     logits = {name: nn.Dense(classes, name=f"head_{name}")(features)
               for name, classes in HEAD_CLASSES.items()}
     return (logits, features) if with_features else logits
-
-
-def check_images(images) -> None:
-  """Raises ValueError unless `images` is [B, 128, 128, 3] with B >= 1."""
-  shape = tuple(np.shape(images))
-  if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
-    raise ValueError(f"scorer input of shape {shape}: expected images [B, 128, 128, 3] "
-                     "(NHWC, B >= 1, values in [-1, 1])")
 
 
 def make_scorer(architecture: Mapping | None = None) -> PolygonScorer:
@@ -203,11 +195,3 @@ def load_scorer(path: str | pathlib.Path | None = None) -> tuple[PolygonScorer, 
                      f"{metadata['architecture']}: {problems[:5]} unexpected {sorted(arrays)[:5]}")
   return scorer, params
 
-
-def scorer_fn(scorer: PolygonScorer, params: Mapping):
-  """images [B, 128, 128, 3] -> logits dict, a pure function closing over the parameters."""
-
-  def score(images):
-    return scorer.apply({"params": params}, images)
-
-  return score
