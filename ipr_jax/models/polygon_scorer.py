@@ -11,8 +11,13 @@ in the file's metadata). Architecture (`PolygonScorer`, defaults):
   stages one per further width: a residual block (3x3 conv, GroupNorm, ReLU, 3x3 conv, GroupNorm;
          1x1 projection on the skip when the shape changes), stride 1 in the first stage (32x32)
          and 2 in the others (16, 8, 4), then `blocks_per_stage - 1` more blocks of stride 1
+  digits with `digit_map`: a 1x1 conv on the stride-8 stage (16x16 cells of 8x8 pixels) gives
+         per cell 10 logits, 'no digit centred here' or the digit 1..9 (trained densely on the
+         printed numbers' positions, which the renderer knows)
   head   global average pool, then four Dense heads: 'num_polygons' [9], 'num_vertices' [5],
-         'is_uniform' [2], 'numbers_label' [35] (see `ipr_jax.metrics.counting_polygons`)
+         'is_uniform' [2], 'numbers_label' [35] (see `ipr_jax.metrics.counting_polygons`); with
+         `digit_map`, 'numbers_label' also reads, per digit, the map's maximum and summed
+         probability over the cells (which digits are printed, and whether one is printed twice)
 
 The space-to-depth stem keeps the full resolution's information at a quarter of the cost of a
 stride-1 stem (polygons are 8-15 px in radius and the printed digits 5-10 px tall, so nothing may
@@ -20,12 +25,12 @@ be averaged away before the first conv). On 2 CPU cores this network trains at a
 images/s; a variant whose first stage already had stride 2 trained faster but left the vertex
 and numbers heads at chance after 40k images.
 
-Known limitation of the shipped weights: the 'numbers_label' head (reading the two printed
-digits) stayed at chance level through all the training done so far (see the metadata), while the
-other three heads reached 98-99.9%; `numbers_match_objects` (and the Counting Polygons 'valid'
-rate, which needs it) is therefore not reliable with these weights, and the evaluation binary
-warns about it. The digits are legible at 128x128 (5-11 px tall, 1 px strokes); reading them
-needs a longer or differently designed training than a 2-core CPU allowed.
+Why the digit map: trained only through the image-level 'numbers_label' target (and a pooled
+digit-presence target), this network left that head at chance through 360k training images
+while the other three heads reached 98-99.9%: the two printed digits are 5-11 px tall with 1 px
+strokes, and a label for the whole image says neither where they are nor which is which. Dense
+targets at the digits' centres give the stride-8 features a direct signal. The map is part of
+the scorer; it needs nothing but the image at scoring time.
 
 GroupNorm instead of the reference's BatchNorm, so there is no batch-statistics state and a
 sample's score does not depend on the rest of its batch. Inputs are images in [-1, 1], NHWC, with
@@ -47,6 +52,9 @@ DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parent.parent / "metrics" / "
     "polygon_scorer.npz")
 IMAGE_SHAPE = cp_metrics.IMAGE_SHAPE
 HEAD_CLASSES = cp_metrics.HEAD_CLASSES
+# The digit map: one cell per 8x8 pixels (16x16 cells), class 0 = no digit centred here, else 1..9.
+DIGIT_MAP_STRIDE = 8
+DIGIT_CLASSES = 10
 
 
 class ResidualBlock(nn.Module):
@@ -73,6 +81,7 @@ class PolygonScorer(nn.Module):
   blocks_per_stage: int = 1
   num_groups: int = 8
   stem_patch: int = 4
+  digit_map: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, with_features: bool = False):
@@ -80,12 +89,13 @@ class PolygonScorer(nn.Module):
 
     Args:
       images: float [B, 128, 128, 3] in [-1, 1].
-      with_features: also return the pooled features (for auxiliary training losses).
+      with_features: also return intermediate outputs (for the training losses).
 
     Returns:
       {'num_polygons' [B, 9], 'num_vertices' [B, 5], 'is_uniform' [B, 2],
-      'numbers_label' [B, 35]}, float32 logits; with `with_features`, the pair (logits, pooled
-      features [B, widths[-1]]).
+      'numbers_label' [B, 35]}, float32 logits; with `with_features`, the pair (logits,
+      {'pooled': [B, widths[-1]], and with `digit_map` 'digit_map': [B, h, w, 10] logits of the
+      digit (0 = none) centred in each cell of the DIGIT_MAP_STRIDE grid}).
     """
     cp_metrics.check_images(images)
     x = images.astype(jnp.float32)
@@ -96,21 +106,38 @@ class PolygonScorer(nn.Module):
           b, h // p, w // p, p * p * c)
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False, name="stem")(x)
     x = nn.relu(nn.GroupNorm(self.num_groups, name="stem_norm")(x))
+    extras = {}
     for stage, width in enumerate(self.widths[1:]):
       for block in range(self.blocks_per_stage):
         strides = 2 if block == 0 and stage > 0 else 1
         x = ResidualBlock(width, strides=strides, num_groups=self.num_groups,
                           name=f"stage{stage}_block{block}")(x)
-    features = jnp.mean(x, axis=(1, 2))
-    logits = {name: nn.Dense(classes, name=f"head_{name}")(features)
-              for name, classes in HEAD_CLASSES.items()}
-    return (logits, features) if with_features else logits
+      if self.digit_map and self.stem_patch * 2**stage == DIGIT_MAP_STRIDE:
+        extras["digit_map"] = nn.Conv(DIGIT_CLASSES, (1, 1), name="digit_map")(x)
+    pooled = jnp.mean(x, axis=(1, 2))
+    logits = {name: nn.Dense(classes, name=f"head_{name}")(pooled)
+              for name, classes in HEAD_CLASSES.items() if name != "numbers_label"}
+    numbers_input = pooled
+    if self.digit_map:
+      if "digit_map" not in extras:
+        raise ValueError(f"digit_map needs a stage at stride {DIGIT_MAP_STRIDE}; stem_patch="
+                         f"{self.stem_patch} and {len(self.widths) - 1} stages give none")
+      # Per digit: the strongest cell (is it printed?) and the summed probability (how often:
+      # the pairs (3, 3) .. (7, 7) print one digit twice).
+      probs = jax.nn.softmax(extras["digit_map"], axis=-1)[..., 1:]
+      numbers_input = jnp.concatenate(
+          [pooled, jnp.max(probs, axis=(1, 2)), jnp.sum(probs, axis=(1, 2))], axis=-1)
+    logits["numbers_label"] = nn.Dense(HEAD_CLASSES["numbers_label"],
+                                       name="head_numbers_label")(numbers_input)
+    logits = {name: logits[name] for name in HEAD_CLASSES}
+    return (logits, {"pooled": pooled, **extras}) if with_features else logits
 
 
 def make_scorer(architecture: Mapping | None = None) -> PolygonScorer:
-  """A PolygonScorer from an architecture dict (keys widths, blocks_per_stage, num_groups)."""
+  """A PolygonScorer from an architecture dict (its fields: widths, blocks_per_stage, ...)."""
   architecture = dict(architecture or {})
-  unknown = sorted(set(architecture) - {"widths", "blocks_per_stage", "num_groups", "stem_patch"})
+  unknown = sorted(set(architecture) - {"widths", "blocks_per_stage", "num_groups", "stem_patch",
+                                        "digit_map"})
   if unknown:
     raise ValueError(f"unknown scorer architecture keys {unknown}")
   if "widths" in architecture:
