@@ -20,7 +20,7 @@ in the file's metadata). Architecture (`PolygonScorer`, defaults):
          probability over the cells (which digits are printed, and whether one is printed twice)
 
 The space-to-depth stem keeps the full resolution's information at a quarter of the cost of a
-stride-1 stem (polygons are 8-15 px in radius and the printed digits 5-10 px tall, so nothing may
+stride-1 stem (polygons are 8-15 px in radius and the printed digits 5-11 px tall, so nothing may
 be averaged away before the first conv). On 2 CPU cores this network trains at about 55-110
 images/s; a variant whose first stage already had stride 2 trained faster but left the vertex
 and numbers heads at chance after 40k images.
