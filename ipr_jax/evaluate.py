@@ -157,8 +157,7 @@ class _Task:
       self.plot_metrics = CP_METRICS
     else:
       raise ValueError(f"unknown task {config.task!r}; expected one of {train.TASKS}")
-    size, channels = config.data.image_size, config.data.channels
-    self.image_shape = (size, size, channels)
+    self.image_shape = train.image_shape(config)
 
   def inputs(self, seed: int, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
     """Test inputs of puzzles `indices`: image [B, H, W, d] and mask [B, H, W, 1] (or None)."""

@@ -180,9 +180,9 @@ def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) ->
 
 def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
   """Freshly initialised U-Net parameters (the inner 'params' dict)."""
-  size, d = config.data.image_size, config.data.channels
-  z = jnp.zeros((1, size, size, d), jnp.float32)
-  t = jnp.zeros((1, size, size, 1), jnp.float32)
+  h, w, _ = image_shape(config)
+  z = jnp.zeros((1, *image_shape(config)), jnp.float32)
+  t = jnp.zeros((1, h, w, 1), jnp.float32)
   return jax.jit(lambda k: model.init(k, z, t)["params"])(key)
 
 
