@@ -66,9 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config_base.use_tiny_model(config, hid_dims=(32, 32), attention=(False, True))
     config.batch_size = 32
     config.num_train_steps = 300
+    # 5 steps per patch need overlap <= 0.8 for distinct block starts (steps * (1 - overlap)
+    # >= 1); 0.5 leaves a margin: 163 passes for the 64 patches, 43 per IPR iteration.
     config.sampler.steps_per_patch = 5
+    config.sampler.overlap = 0.5
     config.ipr.budget = 2
     config.ipr.steps_per_patch = 5
+    config.ipr.overlap = 0.5
     config.eval.num_puzzles = 8
     config.eval.batch_size = 8
   return config

@@ -186,6 +186,9 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   config.eval.given_range = config_dict.placeholder(tuple)
   # Sample with the EMA weights (reference use_ema: true).
   config.eval.use_ema = True
+  # Name of a model shipped in the package (`ipr_jax.pretrained.names()`) to evaluate when no
+  # --checkpoint is given; None: the newest checkpoint in --workdir.
+  config.eval.pretrained = config_dict.placeholder(str)
   # Puzzles shown in ipr_process.png (the first ones of the first batch).
   config.eval.num_plot_puzzles = 4
   return config

@@ -43,9 +43,12 @@ import numpy as np
 
 from ipr_jax import checkpoint
 from ipr_jax import eval_report
+from ipr_jax import host_devices
+from ipr_jax import pretrained
 from ipr_jax import sampler
 from ipr_jax import train
 from ipr_jax.data import counting_polygons
+from ipr_jax.data import sudoku
 from ipr_jax.metrics import counting_polygons as cp_metrics
 from ipr_jax.metrics import even_pixels as even_pixels_metrics
 from ipr_jax.metrics import sudoku as sudoku_metrics
@@ -132,7 +135,8 @@ class _Task:
       self.data = train.make_task(config)
       self.box_size = config.data.box_size
       path = config.eval.classifier_path
-      self.classifier_params = classifier_lib.load_classifier_params(path)
+      self.classifier_params = classifier_lib.load_classifier_params(
+          path, cell_size=config.data.cell_size)
       self.score_fn = sudoku_score_fn(self.classifier_params, self.box_size)
       self.given_range = tuple(config.eval.given_range)
       self.cell_size = config.data.cell_size
@@ -182,6 +186,28 @@ def _sampler_configs(config: ml_collections.ConfigDict):
           sampler.IPRConfig(**config.ipr.to_dict()))
 
 
+def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
+  """The numbers of patches the SRM pass can have to generate under `config.eval`.
+
+  Sudoku: every cell count minus a given count of `config.eval.given_range`; Even Pixels and
+  Counting Polygons: all patches.
+  """
+  grid_h, grid_w = train.patch_grid(config)
+  num_patches = grid_h * grid_w
+  if config.task != "mnist_sudoku":
+    return [num_patches]
+  lo, hi = sudoku.check_given_range(tuple(config.eval.given_range), config.data.box_size)
+  return [num_patches - given for given in range(lo, hi + 1)]
+
+
+def check_schedules(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if the sampler or IPR schedule of `config` is degenerate for any patch
+  count the evaluation can produce (see `sampler.check_schedules`)."""
+  sampler_config, ipr_config = _sampler_configs(config)
+  grid_h, grid_w = train.patch_grid(config)
+  sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
+
+
 def _batch_indices(num_puzzles: int, batch_size: int, num_devices: int):
   """Yields (indices padded to a multiple of num_devices, number of real puzzles)."""
   per_call = -(-batch_size // num_devices) * num_devices
@@ -189,6 +215,25 @@ def _batch_indices(num_puzzles: int, batch_size: int, num_devices: int):
     real = np.arange(start, min(start + per_call, num_puzzles))
     padded = np.concatenate([real, np.full(per_call - len(real), real[-1])])
     yield padded, len(real)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str,
+                checkpoint_path: Optional[str] = None) -> tuple[Any, str, str]:
+  """The U-Net parameters to evaluate: (params, where they came from, 'ema' | 'live').
+
+  `checkpoint_path` if given, else the shipped model `config.eval.pretrained` if set (its EMA
+  weights; `config` must agree with it on the task, data and model sections), else the newest
+  checkpoint in `workdir`.
+  """
+  if checkpoint_path is None and config.eval.pretrained:
+    shipped = pretrained.load(config.eval.pretrained)
+    pretrained.check_compatible(config, shipped)
+    source = f"shipped model {shipped.name!r} ({pretrained.path_of(shipped.name)})"
+    return shipped.params, source, "ema"
+  which = "ema" if config.eval.use_ema else "live"
+  source = checkpoint_path or workdir
+  params = checkpoint.restore_params(source, which=which)
+  return params, str(checkpoint.find_step_dir(source)), which
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -208,12 +253,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
                      f"{batch_size} must be positive")
   sampler_config, ipr_config = _sampler_configs(config)
+  check_schedules(config)
   task = _Task(config)
   model = train.make_model(config)
-  which = "ema" if config.eval.use_ema else "live"
-  source = checkpoint_path or workdir
-  params = checkpoint.restore_params(source, which=which)
-  logging.info("Restored %s params from %s.", which, source)
+  params, source, which = load_params(config, workdir, checkpoint_path)
+  logging.info("Evaluating the %s params of %s.", which, source)
 
   denoise = denoiser.make_denoise_fn(model, task.patch_size)
   num_devices = jax.local_device_count()
@@ -266,7 +310,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "eval": config.eval.to_dict(),
       "sampler": config.sampler.to_dict(),
       "ipr": config.ipr.to_dict(),
-      "checkpoint": str(checkpoint.find_step_dir(source)),
+      "checkpoint": source,
       "params": which,
       "devices": [str(d) for d in jax.local_devices()],
       "seconds": time.time() - start_time,
@@ -290,7 +334,8 @@ def define_flags() -> None:
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
   flags.DEFINE_string("checkpoint", None,
-                      "Checkpoint to evaluate (default: the newest one in --workdir).")
+                      "Checkpoint to evaluate (default: the shipped model config.eval.pretrained "
+                      "if the config names one, else the newest checkpoint in --workdir).")
 
 
 def main(argv):
@@ -301,10 +346,11 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   try:
     evaluate(f.config, f.workdir, f.checkpoint)
-  except (checkpoint.CheckpointError, FileNotFoundError) as e:
+  except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+  host_devices.use_cpu_cores()
   define_flags()
   app.run(main)

@@ -517,6 +517,32 @@ def num_resampled_table(num_patches: int, ratio: float) -> np.ndarray:
                   np.int32)
 
 
+def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_patches: int,
+                    unknown_counts) -> None:
+  """Refuses settings whose schedules are degenerate for the patch counts that can occur.
+
+  Args:
+    sampler_config, ipr_config: the settings of a run.
+    num_patches: N, patches per image.
+    unknown_counts: the numbers of patches the SRM pass may have to generate (standard mode);
+      they are also IPR's candidate counts. Correction mode ignores them: every patch is a
+      candidate and there is no SRM pass.
+
+  Raises:
+    ValueError: naming steps_per_patch, overlap and the first n with repeated block starts.
+  """
+  counts = [num_patches] if ipr_config.mode == "correction" else [int(c) for c in unknown_counts]
+  clean = sampler_config.clean_schedule
+  if ipr_config.mode != "correction":
+    schedule_lib.check_block_starts(counts, sampler_config.steps_per_patch,
+                                    sampler_config.overlap, clean, name="sampler")
+  if ipr_config.budget > 0:
+    table = num_resampled_table(num_patches, ipr_config.resampling_ratio)
+    ks = [min(int(table[c]), c) for c in counts]
+    schedule_lib.check_block_starts(ks, ipr_config.steps_per_patch, ipr_config.overlap, clean,
+                                    name="ipr")
+
+
 def resample_mask(key: jax.Array, candidates: jax.Array, ratio: float) -> jax.Array:
   """A uniformly random set of k = max(1, floor(ratio * |candidates|)) patches.
 

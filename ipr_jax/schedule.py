@@ -25,6 +25,12 @@ With `clean=True` the same formulas are evaluated in exact rational arithmetic
 block_len 0 and starts [-1]. The reference never builds that case (it would
 run ceil(p * overlap) forwards that change nothing).
 
+A schedule whose block starts repeat (e.g. p = 5, overlap 0.9, n = 64 gives
+starts 0, 0, 1, 1, 2, ...) is degenerate: the greedy loop selects one patch
+per step, so a repeated start is never matched again and the patches behind it
+jump from pure noise to the prediction in the last step. `check_block_starts`
+refuses such settings; it needs p * (1 - overlap) >= 1, up to rounding.
+
 Because each puzzle of a batch has its own `n` inside a jitted sampler,
 `schedule_table` tabulates every n in 0..N on the host as numpy arrays that the
 sampler indexes with each puzzle's n.
@@ -137,6 +143,26 @@ def make_schedule(n: int, steps_per_patch: int, overlap: float,
   if clean:
     return _exact_schedule(int(n), int(steps_per_patch), float(overlap))
   return _float32_schedule(int(n), int(steps_per_patch), float(overlap))
+
+
+def check_block_starts(n_values, steps_per_patch: int, overlap: float, clean: bool = False,
+                       name: str = "sampler") -> None:
+  """Raises ValueError unless every n in `n_values` has strictly increasing block starts.
+
+  Args:
+    n_values: the patch counts the schedule is used for (0 and 1 always pass).
+    steps_per_patch, overlap, clean: as in `make_schedule`.
+    name: the config section the setting comes from, for the message (e.g. 'ipr').
+  """
+  for n in sorted({int(n) for n in n_values}):
+    starts = make_schedule(n, steps_per_patch, overlap, clean).block_starts[:-1]
+    if np.any(np.diff(starts) <= 0):
+      shown = ", ".join(str(s) for s in starts[:8]) + (", ..." if n > 8 else "")
+      raise ValueError(
+          f"{name}: steps_per_patch={steps_per_patch} and overlap={overlap} give repeated block "
+          f"starts for n={n} patches ({shown}): the greedy loop would select only some of them "
+          f"and jump the others from noise to the prediction. Use steps_per_patch * "
+          f"(1 - overlap) >= 1 (e.g. a smaller overlap or more steps per patch).")
 
 
 def max_steps(n, steps_per_patch, overlap, clean=False) -> int:

@@ -59,6 +59,7 @@ import optax
 
 from ipr_jax import checkpoint
 from ipr_jax import flow
+from ipr_jax import host_devices
 from ipr_jax import losses
 from ipr_jax import time_sampler
 from ipr_jax import train_state as train_state_lib
@@ -565,6 +566,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   config = flags.FLAGS.config
+  host_devices.use_cpu_cores(config.batch_size)  # before the first JAX call initialises XLA
   if config.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),

@@ -152,3 +152,43 @@ def test_random_warp_identity_and_background():
   assert not np.allclose(warped, x) and float(jnp.abs(warped).max()) <= 1.0
   background = warp(jax.random.key(1), -jnp.ones((2, 28, 28, 1)), 12.0, 0.1, 2.0, 5.0)
   np.testing.assert_allclose(background, -1.0, atol=1e-6)
+
+
+def test_coarsening_is_what_the_metric_sees():
+  """Training digits coarsened on device equal the metric's tiles of the task's 7 px cells."""
+  images, _ = digits.load_digits("test")
+  images = images[:8]
+  small = digits.downsample_digits(images, 7)  # what the Sudoku task draws
+  from ipr_jax.metrics import sudoku as sudoku_metrics  # pylint: disable=g-import-not-at-top
+  grid = np.zeros((1, 28, 28), np.uint8)  # a 4x4 grid of 7 px cells: first 8 cells filled
+  for i in range(8):
+    r, c = divmod(i, 4)
+    grid[0, 7 * r:7 * r + 7, 7 * c:7 * c + 7] = small[i]
+  tiles = sudoku_metrics.image_tiles(digits.to_unit_range(grid)[..., None], 4)[0, :8]
+  np.testing.assert_allclose(
+      tiles, digits.to_unit_range(train_classifier.coarsen_digits(images, 7))[..., None],
+      atol=1e-6)
+  on_device = train_classifier.coarsen_tiles(digits.to_unit_range(images)[..., None], 7)
+  # Box means before vs after the uint8 rounding: within half a grey level.
+  np.testing.assert_allclose(on_device, tiles, atol=1.01 / 255)
+
+
+@pytest.mark.parametrize("cell_size", [14, 7])
+def test_shipped_weights_read_the_demo_digits(cell_size):
+  """The weights the metric picks for a cell size read the held-out digits 1-4 that 4x4 Sudoku
+  test puzzles draw (the 100 most legible per class) at that size: a correct 16-cell solution
+  must score valid."""
+  params = classifier.load_classifier_params(cell_size=cell_size)
+  bank = digits.load_digit_bank("test", cell_size=cell_size, top_n=100)
+  images, labels = [], []
+  for digit in range(1, 5):
+    count = int(bank.counts[digit])
+    images.append(np.asarray(bank.images[digit, :count]))
+    labels += [digit] * count
+  factor = 28 // cell_size
+  tiles = np.repeat(np.repeat(np.concatenate(images), factor, 1), factor, 2)
+  logits = classifier.classifier_logits(params, digits.to_unit_range(tiles)[..., None])
+  predicted = np.argmax(np.asarray(logits)[:, 1:5], axis=-1) + 1  # the 4x4 metric's rule
+  assert np.mean(predicted == np.array(labels)) >= 0.995
+  if cell_size == 7:
+    assert classifier.load_classifier_metadata(cell_size=7)["cell_size"] == 7

@@ -15,7 +15,7 @@ COUNTING_POLYGONS = CONFIG_DIR / "counting_polygons.py"
 
 PRESETS = {
     EVEN_PIXELS: ["", "tiny", "small", "ep_test", "tiny,ep_test", "ep_test,small"],
-    MNIST_SUDOKU: ["", "tiny", "small", "ms_hard_test", "ms_medium_test", "ms_easy_test",
+    MNIST_SUDOKU: ["", "demo", "tiny", "small", "ms_hard_test", "ms_medium_test", "ms_easy_test",
                    "ms_corrupted_test", "tiny,ms_corrupted_test", "small,ms_hard_test"],
     COUNTING_POLYGONS: ["", "tiny", "small", "cp_test", "tiny,cp_test"],
 }
@@ -69,6 +69,47 @@ def test_preset_has_schema_and_consistent_geometry(path, arg):
   for width in config.model.hid_dims:
     assert width % config.model.num_groups == 0
   json.loads(config.to_json_best_effort())  # storable beside a checkpoint
+
+
+def every_preset():
+  """(path, preset) for every size (or none) and evaluation token each config file declares."""
+  for path in (EVEN_PIXELS, MNIST_SUDOKU, COUNTING_POLYGONS):
+    module = load(path)
+    for size in (None, *module._SIZES):  # pylint: disable=protected-access
+      for eval_name in module._EVALS:  # pylint: disable=protected-access
+        yield path, ",".join(token for token in (size, eval_name) if token)
+
+
+@pytest.mark.parametrize("path,arg", list(every_preset()))
+def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
+  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ipr_jax import schedule  # pylint: disable=g-import-not-at-top
+  config = get(path, arg)
+  evaluate.check_schedules(config)
+  # The same, spelled out for the SRM pass: every patch count the preset can produce.
+  for n in evaluate.unknown_counts(config):
+    starts = schedule.block_starts(n, config.sampler.steps_per_patch, config.sampler.overlap,
+                                   config.sampler.clean_schedule)[:-1]
+    assert list(starts) == sorted(set(starts)), (arg, n)
+
+
+def test_a_degenerate_override_is_refused_before_sampling():
+  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = get(EVEN_PIXELS, "tiny")
+  config.sampler.overlap = 0.9  # 5 steps per patch at overlap 0.9: starts 0, 0, 1, 1, ...
+  with pytest.raises(ValueError, match=r"sampler: steps_per_patch=5 and overlap=0.9 .*n=64"):
+    evaluate.check_schedules(config)
+  config = get(MNIST_SUDOKU, "tiny")  # 4x4, hard: 11..16 unknown cells, IPR k = 2..4
+  config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
+  with pytest.raises(ValueError, match=r"ipr: steps_per_patch=2 and overlap=0.9 .*n=2 "):
+    evaluate.check_schedules(config)
+  config = get(MNIST_SUDOKU, "tiny,ms_corrupted_test")  # all 16 cells are candidates: k = 4
+  config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
+  config.sampler.overlap = 0.9  # no SRM pass in correction mode: not checked
+  with pytest.raises(ValueError, match=r"ipr: .*n=4 "):
+    evaluate.check_schedules(config)
+  with pytest.raises(ValueError, match="steps_per_patch=2 and overlap=0.9"):
+    evaluate.evaluate(config, "/nonexistent")  # before any checkpoint is read
 
 
 def test_even_pixels_defaults_are_the_reference():
@@ -183,6 +224,19 @@ def test_tiny_presets_are_small():
   for config in (ep, ms, cp):
     assert max(config.model.hid_dims) <= 32
     assert config.eval.num_puzzles <= 8 and config.ipr.budget <= 4
+
+
+def test_demo_preset_is_the_shipped_model():
+  from ipr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  demo = get(MNIST_SUDOKU, "demo")
+  assert (demo.data.box_size, demo.data.cell_size, demo.data.image_size) == (2, 7, 28)
+  assert tuple(demo.eval.given_range) == (0, 5)  # hard
+  assert demo.eval.num_puzzles >= 128 and demo.ipr.budget >= 10
+  shipped = pretrained.load(demo.eval.pretrained)
+  pretrained.check_compatible(demo, shipped)
+  assert shipped.config.num_train_steps == demo.num_train_steps
+  for section in ("time_sampler", "loss", "optim"):  # the recipe, too
+    assert shipped.config[section].to_dict() == demo[section].to_dict(), section
 
 
 @pytest.mark.parametrize("path,arg,bad", [

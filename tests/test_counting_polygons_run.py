@@ -92,12 +92,10 @@ def test_evaluate_writes_both_metrics_per_budget(trained):
     assert column in table[0], column
   for row in rows:
     assert row["num_puzzles"] == 3
-    # The predicted counts are one class per image: their frequencies sum to 1.
-    assert np.isclose(sum(row[f"mean_polygons_count_{n}"] for n in range(1, 10)), 1.0)
-    assert np.isclose(sum(row[f"mean_vertex_count_{v}"] for v in range(3, 8)), 1.0)
-    # valid = uniform and matching, so it is rarer than either.
-    assert row["valid_rate"] <= min(row["mean_are_vertices_uniform"],
-                                    row["mean_numbers_match_objects"]) + 1e-9
+    # valid = uniform and matching: rarer than either, and at least as frequent as the two
+    # together allow (Frechet bounds); a per-image valid that is not their conjunction breaks one.
+    uniform, match = row["mean_are_vertices_uniform"], row["mean_numbers_match_objects"]
+    assert uniform + match - 1 - 1e-9 <= row["valid_rate"] <= min(uniform, match) + 1e-9
   metadata = json.loads((out / "results.json").read_text())["metadata"]
   assert metadata["task"] == "counting_polygons"
   assert set(metadata["scorer_held_out_accuracy"]) == set(cp_metrics.HEAD_CLASSES)

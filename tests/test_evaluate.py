@@ -1,4 +1,10 @@
-"""The evaluation binary and its report: files, columns, determinism, intervals, rule checks."""
+"""The evaluation binary and its report, on models whose samples differ from their noise.
+
+The Sudoku tests evaluate the shipped demo model (`ipr_jax.pretrained`) on the regression set
+recorded when it was shipped; the Even Pixels tests use a tiny U-Net with random (non-zero)
+weights in every layer, so that its samples differ from the initial noise too (a freshly
+initialised SRM outputs exactly zero).
+"""
 
 import csv
 import json
@@ -10,13 +16,136 @@ import pytest
 from ipr_jax import checkpoint
 from ipr_jax import eval_report
 from ipr_jax import evaluate
+from ipr_jax import pretrained
 from ipr_jax import train
+from ipr_jax.data import sudoku
+
+# How far the valid rate of the regression set may move from the shipped record: floating-point
+# details (XLA version, CPU kind) can flip a sample whose cell classification is borderline.
+# 4 of 32 puzzles.
+REGRESSION_MARGIN = 0.125
 
 
-def _tiny_checkpoint(config, workdir):
+def _random_weights_checkpoint(config, workdir):
+  """A checkpoint whose every parameter is random, so that the model's output is not zero."""
   model = train.make_model(config)
   params = train.init_params(config, model, jax.random.key(0))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   checkpoint.save_params_checkpoint(workdir, params, config, train.make_optimizer(config))
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped demo model.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+  return pretrained.load("mnist_sudoku_demo")
+
+
+def _regression_config(shipped, **overrides):
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  record = shipped.metadata["regression"]
+  config = load_task_config("mnist_sudoku", "demo")
+  config.eval.num_puzzles = record["num_puzzles"]
+  config.eval.batch_size = record["batch_size"]
+  config.ipr.budget = record["budget"]
+  config.eval.name = "regression"
+  assert tuple(config.eval.given_range) == tuple(record["given_range"])
+  assert config.eval.seed == record["seed"]
+  for name, value in overrides.items():
+    section, field = name.split("__")
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def demo_run(shipped, tmp_path_factory):
+  config = _regression_config(shipped)
+  workdir = tmp_path_factory.mktemp("demo_run")
+  rows = evaluate.evaluate(config, str(workdir))  # no checkpoint: the shipped model
+  return config, workdir, rows
+
+
+def test_writes_results_with_documented_columns(demo_run):
+  config, workdir, rows = demo_run
+  out = workdir / "eval" / "regression"
+  for name in ("results.json", "results.csv", "valid_rate_vs_budget.png", "ipr_process.png"):
+    assert (out / name).is_file(), name
+  with open(out / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [int(r["budget"]) for r in table] == list(range(config.ipr.budget + 1))
+  for column in ("valid_rate", "valid_ci_low", "valid_ci_high", "mean_duplicate_count",
+                 "mean_nfe", "num_puzzles"):
+    assert column in table[0], column
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["metadata"]["task"] == "mnist_sudoku"
+  assert "mnist_sudoku_demo" in saved["metadata"]["checkpoint"]
+  assert [r["valid_rate"] for r in saved["budgets"]] == [r["valid_rate"] for r in rows]
+
+
+def test_nfe_is_the_spec_count_of_each_puzzle(demo_run):
+  """SRM: 3 passes per unknown cell (overlap 0); IPR: 2k + 8 per iteration (p = 10, overlap
+  0.8, spec §4.3) with k = max(1, floor(unknown / 4)) re-noised cells."""
+  config, _, rows = demo_run
+  task = train.make_task(config)
+  batch = task.test_batch(config.eval.seed, np.arange(config.eval.num_puzzles),
+                          tuple(config.eval.given_range))
+  unknown = 16 - np.asarray(batch["num_given"])
+  k = np.maximum(1, unknown // 4)
+  for budget, row in enumerate(rows):
+    assert row["mean_nfe"] == pytest.approx(np.mean(3 * unknown + budget * (2 * k + 8)))
+
+
+def test_shipped_model_matches_its_record(shipped, demo_run):
+  """A regression check of the model and the sampler together."""
+  _, _, rows = demo_run
+  record = shipped.metadata["regression"]
+  valid = [r["valid_rate"] for r in rows]
+  # The record itself shows a working model and a working IPR: some valid, not all.
+  assert 0 < record["valid_rate"][0] < 1
+  for budget in (0, record["budget"]):
+    assert abs(valid[budget] - record["valid_rate"][budget]) <= REGRESSION_MARGIN, (
+        budget, valid, record["valid_rate"])
+  assert [r["mean_nfe"] for r in rows] == pytest.approx(record["mean_nfe"])
+
+
+def test_budget_zero_is_the_plain_srm_run_at_any_batch_size(shipped, demo_run, tmp_path):
+  _, _, rows = demo_run
+  config = _regression_config(shipped, ipr__budget=0, eval__batch_size=32)
+  srm_rows = evaluate.evaluate(config, str(tmp_path))
+  assert len(srm_rows) == 1
+  for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
+    assert srm_rows[0][key] == rows[0][key], key
+
+
+def test_results_do_not_depend_on_batch_size(shipped, demo_run, tmp_path):
+  _, _, rows = demo_run
+  # Samples must differ from the noise for this to mean anything: some are valid Sudokus.
+  assert max(r["valid_rate"] for r in rows) > 0
+  config = _regression_config(shipped, eval__batch_size=6)  # another split, padded last batch
+  rows6 = evaluate.evaluate(config, str(tmp_path))
+  for a, b in zip(rows, rows6):
+    for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
+      assert a[key] == pytest.approx(b[key], abs=1e-9), (a["budget"], key)
+
+
+def test_a_config_that_changes_the_shipped_model_is_refused(shipped, tmp_path):
+  config = _regression_config(shipped, model__hid_dims=(16, 32, 32))
+  with pytest.raises(ValueError, match=r"model.hid_dims.*shipped"):
+    evaluate.evaluate(config, str(tmp_path))
+  config = _regression_config(shipped, eval__pretrained="no_such_model")
+  with pytest.raises(FileNotFoundError, match="no_such_model.*mnist_sudoku_demo"):
+    evaluate.evaluate(config, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Even Pixels, random weights.
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +156,26 @@ def ep_run(tmp_path_factory):
   config.eval.num_puzzles = 3
   config.eval.batch_size = 2
   workdir = tmp_path_factory.mktemp("ep_run")
-  _tiny_checkpoint(config, workdir)
+  _random_weights_checkpoint(config, workdir)
   rows = evaluate.evaluate(config, str(workdir))
   return config, workdir, rows
 
 
-def test_writes_results_with_documented_columns(ep_run):
+def test_even_pixels_columns_and_iterations(ep_run):
   config, workdir, rows = ep_run
-  out = workdir / "eval" / config.eval.name
-  for name in ("results.json", "results.csv", "valid_rate_vs_budget.png", "ipr_process.png"):
-    assert (out / name).is_file(), name
-  with open(out / "results.csv") as f:
+  with open(workdir / "eval" / config.eval.name / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [int(r["budget"]) for r in table] == [0, 1, 2]
-  for column in ("valid_rate", "valid_ci_low", "valid_ci_high", "mean_color_imbalance",
-                 "mean_saturation_std", "mean_value_std", "mean_nfe"):
+  for column in ("valid_rate", "mean_color_imbalance", "mean_saturation_std", "mean_value_std"):
     assert column in table[0], column
-  assert all(int(r["num_puzzles"]) == 3 for r in table)
-  saved = json.loads((out / "results.json").read_text())
-  assert saved["metadata"]["task"] == "even_pixels"
-  assert len(saved["budgets"]) == 3
-  # Every IPR iteration re-noises the same number of patches: the same NFE each time.
-  nfe = [r["mean_nfe"] for r in rows]
-  assert nfe[0] > 0 and nfe[2] - nfe[1] == nfe[1] - nfe[0] > 0
+  # 64 patches at 5 steps, overlap 0.5: 5 + 63 * 2.5 -> 163 passes; IPR re-noises
+  # floor(64 / 4) = 16 patches: 5 + 15 * 2.5 -> 43 passes per iteration.
+  assert [r["mean_nfe"] for r in rows] == [163, 206, 249]
+  # The samples changed between budgets (a zero-output model would leave them as they are).
+  assert len({round(r["mean_color_imbalance"], 6) for r in rows}) > 1
 
 
-def test_results_do_not_depend_on_batch_size(ep_run, tmp_path):
+def test_even_pixels_results_do_not_depend_on_batch_size(ep_run):
   config, workdir, rows = ep_run
   config = config.copy_and_resolve_references()
   config.eval.batch_size = 4  # One call instead of two, a different padding.
@@ -68,6 +191,11 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   config = load_task_config("even_pixels", "tiny")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
     evaluate.evaluate(config, str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The report.
+# ------------------------------------------------------------------------------------------------
 
 
 def test_wilson_interval_closed_forms():

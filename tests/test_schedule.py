@@ -1,8 +1,5 @@
 """Tests for ipr_jax.schedule against the reference's recorded schedules."""
 
-import fractions
-import math
-
 import numpy as np
 import pytest
 
@@ -70,21 +67,54 @@ def test_ideal_values_of_the_spec():
     assert schedule.max_steps(k, 10, 0.8) == 2 * k + 8
 
 
-@pytest.mark.parametrize("p,overlap", sorted(set(GROUPS.values())) + [(4, 0.5), (7, 0.3)])
-def test_clean_schedule_is_exact_arithmetic(p, overlap):
-  om = 1 - fractions.Fraction(overlap).limit_denominator(10**6)
-  for n in range(1, 70):
-    s = schedule.make_schedule(n, p, overlap, clean=True)
-    steps = math.ceil(p + (n - 1) * om * p)
-    ideal = fractions.Fraction(steps) / ((n - 1) * om + 1)
-    assert s.max_steps == steps
-    assert s.block_len == math.ceil(ideal)
-    assert list(s.block_starts) == [math.floor(k * ideal * om) for k in range(n)] + [-1]
-    # Exact arithmetic: MS init always has L = 3 and starts every 3 steps.
+# Clean schedules worked out by hand from the formulas in schedule.py's docstring:
+# (p, overlap, n) -> (max_steps, block_len, starts without the -1 sentinel).
+HAND_DERIVED_CLEAN = {
+    # 4 + 2 * 1/2 * 4 = 8 steps; ideal 8 / 2 = 4; starts floor(k * 4 / 2).
+    (4, 0.5, 3): (8, 4, [0, 2, 4]),
+    # 10 + 12 * 1/5 * 10 = 34; ideal 34 / (17/5) = 10 exactly; starts 2k (float32: 0, 1, 3, ...).
+    (10, 0.8, 13): (34, 10, list(range(0, 26, 2))),
+    # 10 + 16 * 2 = 42; ideal 42 / (21/5) = 10 exactly (float32: block length 11).
+    (10, 0.8, 17): (42, 10, list(range(0, 34, 2))),
+    # 7 + 3 * 7/10 * 7 = 21.7 -> 22; ideal 22 / 3.1 = 7.097 -> L = 8; k * 4.968 -> 0, 4, 9, 14.
+    (7, 0.3, 4): (22, 8, [0, 4, 9, 14]),
+    # 30 + 63 * 3 = 219; ideal 219 / 7.3 = 30; starts 3k.
+    (30, 0.9, 64): (219, 30, list(range(0, 192, 3))),
+    # No overlap: 3 steps per patch one after another (float32: L = 3 here, but 4 at n = 60).
+    (3, 0.0, 60): (180, 3, list(range(0, 180, 3))),
+}
+
+
+@pytest.mark.parametrize("p,overlap,n", sorted(HAND_DERIVED_CLEAN))
+def test_clean_schedule_matches_hand_derived_values(p, overlap, n):
+  steps, length, starts = HAND_DERIVED_CLEAN[(p, overlap, n)]
+  s = schedule.make_schedule(n, p, overlap, clean=True)
+  assert (s.max_steps, s.block_len) == (steps, length)
+  assert list(s.block_starts) == starts + [-1]
+  np.testing.assert_array_equal(
+      s.prototype, np.array([(length - j) / length for j in range(length)], np.float32))
+
+
+def test_clean_schedule_has_no_float32_anomalies():
   for n in range(1, 82):
     s = schedule.make_schedule(n, 3, 0.0, clean=True)
     assert s.block_len == 3
     np.testing.assert_array_equal(s.block_starts[:-1], 3 * np.arange(n))
+
+
+def test_degenerate_block_starts_are_refused():
+  # The issue's cases: p * (1 - overlap) < 1 repeats starts.
+  with pytest.raises(ValueError, match=r"steps_per_patch=5 and overlap=0.9 .* n=64 .*0, 0, 1, 1"):
+    schedule.check_block_starts([64], 5, 0.9)
+  with pytest.raises(ValueError, match=r"ipr: steps_per_patch=2 and overlap=0.9 .* n=16"):
+    schedule.check_block_starts([16], 2, 0.9, name="ipr")
+  with pytest.raises(ValueError, match=r"steps_per_patch=10 and overlap=0.9 .* n=8"):
+    schedule.check_block_starts([1, 8], 10, 0.9)
+  # n = 0 and 1 have nothing to repeat; p * (1 - overlap) >= 1 is fine.
+  schedule.check_block_starts([0, 1], 2, 0.9)
+  schedule.check_block_starts(range(82), 3, 0.0)
+  schedule.check_block_starts(range(65), 30, 0.9)
+  schedule.check_block_starts(range(65), 5, 0.5)
 
 
 @pytest.mark.parametrize("p,overlap,clean", [(3, 0.0, False), (10, 0.8, False),

@@ -134,19 +134,19 @@ def evaluate_sudoku_images(images: jax.Array, params: Mapping | None = None,
 
   Args:
     images: [B, H, W, 1] in [-1, 1], H = W = n * cell (cell 28, or a divisor of 28).
-    params: classifier params; default: the weights shipped with the package.
+    params: classifier params; default: the weights shipped for the images' cell size.
     box_size: 3 (9x9) or 2 (4x4).
 
   Returns:
     {'pred': int32 [B, n, n], 'duplicate_count': int32 [B], 'is_valid_sudoku': bool [B]}.
   """
-  params = shipped_classifier_params() if params is None else params
   images = jnp.asarray(images)
-  check_image_shape(images.shape, box_size * box_size)
+  cell = check_image_shape(images.shape, box_size * box_size)
+  params = shipped_classifier_params(cell) if params is None else params
   return _evaluate(params, images, box_size)
 
 
-@functools.lru_cache(maxsize=1)
-def shipped_classifier_params():
-  """The shipped classifier's params (loaded once)."""
-  return classifier_lib.load_classifier_params()
+@functools.lru_cache(maxsize=4)
+def shipped_classifier_params(cell_size: int = 28):
+  """The shipped classifier's params for cells of `cell_size` pixels (loaded once)."""
+  return classifier_lib.load_classifier_params(cell_size=cell_size)
