@@ -49,6 +49,18 @@ _GIVEN_RANGE = {
 }
 
 
+def _use_four_by_four(config: ml_collections.ConfigDict, cell_size: int, eval_name: str) -> None:
+  """4x4 Sudoku (digits 1-4) of `cell_size`-pixel cells and the tiny U-Net, for CPU runs."""
+  config.data.box_size = 2
+  config.data.cell_size = cell_size
+  config.data.image_size = 4 * cell_size
+  config.data.patch_size = cell_size
+  config.data.train_given_range = (0, 15)
+  config_base.use_tiny_model(config, hid_dims=(32, 32, 32), attention=(False, False, True))
+  config.ipr.num_corruption_swaps = 2
+  config.eval.given_range = _GIVEN_RANGE[2][eval_name]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config for preset string `arg` (see the module docstring)."""
   size, eval_name = config_base.parse_preset(arg, _SIZES, _EVALS, "ms_hard_test")
@@ -126,36 +138,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # U-Net about 4x faster than 14 px ones on a CPU (measured: 147 vs 38 images/s on 2 cores),
     # which lets the demo evaluate 128 puzzles at budgets 0..10 in minutes; the metric reads
     # them with a classifier fine-tuned on 7 px digits (chosen by the cell size).
-    config.data.box_size = 2
-    config.data.cell_size = 7
-    config.data.image_size = 28
-    config.data.patch_size = 7
-    config.data.train_given_range = (0, 15)
+    _use_four_by_four(config, cell_size=7, eval_name=eval_name)
     config.batch_size = 32
     config.num_train_steps = DEMO_TRAIN_STEPS
-    config_base.use_tiny_model(config, hid_dims=(32, 32, 32), attention=(False, False, True))
     config.optim.ema_decay = 0.999
     config.checkpoint_every_steps = 250
     config.log_every_steps = 50
     config.ipr.budget = 10
-    config.ipr.num_corruption_swaps = 2
-    config.eval.given_range = _GIVEN_RANGE[2][eval_name]
     config.eval.num_puzzles = 128
     config.eval.batch_size = 64
     config.eval.pretrained = "mnist_sudoku_demo"
   elif size == "tiny":
     # 4x4 Sudoku of 14x14 digits (56x56 images, 16 patches): minutes on 2 CPU cores.
-    config.data.box_size = 2
-    config.data.cell_size = 14
-    config.data.image_size = 56
-    config.data.patch_size = 14
-    config.data.train_given_range = (0, 15)
+    _use_four_by_four(config, cell_size=14, eval_name=eval_name)
     config.batch_size = 16
     config.num_train_steps = 300
-    config_base.use_tiny_model(config, hid_dims=(32, 32, 32), attention=(False, False, True))
     config.ipr.budget = 3
-    config.ipr.num_corruption_swaps = 2
-    config.eval.given_range = _GIVEN_RANGE[2][eval_name]
     config.eval.num_puzzles = 8
     config.eval.batch_size = 8
   return config
