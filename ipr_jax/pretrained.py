@@ -24,6 +24,8 @@ import platform
 import sys
 from typing import Any, Mapping, Optional
 
+from absl import app
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -229,8 +231,6 @@ def export_run(workdir: str | os.PathLike, name: str, step: Optional[int] = None
 
 
 def main(argv: list[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-
   del argv
   f = flags.FLAGS
   if not f.workdir or not f.name:
@@ -247,8 +247,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-
   flags.DEFINE_string("workdir", None, "Training run directory to export.")
   flags.DEFINE_string("name", None, "Name of the shipped model (file ipr_jax/assets/NAME.npz).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")

@@ -531,9 +531,11 @@ def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_pa
   Raises:
     ValueError: naming steps_per_patch, overlap and the first n with repeated block starts.
   """
-  counts = [num_patches] if ipr_config.mode == "correction" else [int(c) for c in unknown_counts]
   clean = sampler_config.clean_schedule
-  if ipr_config.mode != "correction":
+  if ipr_config.mode == "correction":
+    counts = [num_patches]
+  else:
+    counts = [int(c) for c in unknown_counts]
     schedule_lib.check_block_starts(counts, sampler_config.steps_per_patch,
                                     sampler_config.overlap, clean, name="sampler")
   if ipr_config.budget > 0:

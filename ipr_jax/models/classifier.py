@@ -32,6 +32,7 @@ def default_weights(cell_size: int = 28) -> pathlib.Path:
   """The shipped weights for Sudoku cells of `cell_size` pixels (upsampled to 28 px tiles)."""
   return _WEIGHTS_BY_CELL_SIZE.get(int(cell_size), DEFAULT_WEIGHTS)
 
+
 # PyTorch state-dict key -> (Flax module, Flax parameter, expected PyTorch shape).
 _STATE_DICT_LAYOUT = {
     "conv1.weight": ("conv1", "kernel", (32, 1, 3, 3)),
