@@ -62,24 +62,12 @@ def _model(name: str, channels: int, dtype) -> unet.UNet:
   return unet.make_unet(name, channels, 2 * channels + 1, dtype=dtype)
 
 
-def _random_params(model: unet.UNet, shape, key):
-  """Init, then redraw every all-zero kernel/bias (the zero-init layers) from N(0, 0.02^2)."""
-  z = jnp.zeros((1, *shape))
-  t = jnp.zeros((1, *shape[:2], 1))
-  params = jax.jit(model.init)(key, z, t)["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-  leaves = [jnp.where(jnp.all(x == 0), 0.02 * jax.random.normal(k, x.shape), x)
-            for x, k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def main(argv):
   del argv
   settings = _SETTINGS[_TASK.value]
   shape = (settings["image"], settings["image"], settings["channels"])
   model = _model(_UNET.value, settings["channels"], jnp.dtype(_DTYPE.value))
-  params = _random_params(model, shape, jax.random.key(0))
+  params = unet.nonzero_init(model, shape, jax.random.key(0))
   denoise = denoiser.make_denoise_fn(model, settings["patch"])
   ipr_config = sampler.IPRConfig(budget=_BUDGET.value, **settings["ipr"])
   grid = settings["image"] // settings["patch"]

@@ -6,11 +6,30 @@ added by the task file), model (U-Net), time_sampler, loss, optim, sampler, ipr,
 """
 
 from collections.abc import Sequence
+import importlib.util
+import os
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
 
 from ipr_jax.models import unet
+
+
+def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config that `--config=<spec>` gives the binaries, e.g. 'configs/mnist_sudoku.py:demo'.
+
+  For notebooks and scripts: the file's `get_config(preset)` (preset = the part after the
+  colon, None if there is none). Raises FileNotFoundError if the file does not exist.
+  """
+  path, _, preset = str(spec).partition(":")
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {str(path)!r} (from {str(spec)!r}) does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_ipr_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset or None)
 
 
 def parse_preset(arg: str | None, sizes: Sequence[str], evals: Sequence[str],

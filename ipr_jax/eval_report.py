@@ -112,20 +112,20 @@ def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
     writer.writerows(rows)
 
 
-def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
-                    metrics: Sequence[str] = ()) -> None:
+def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str,
+                      metrics: Sequence[str] = ()):
   """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked.
 
   `metrics` names further per-image scores whose means (`mean_<name>` in the rows) are drawn as
-  dashed curves on the same axes.
+  dashed curves on the same axes. Returns a matplotlib Figure (no pyplot, no backend change:
+  save it with `fig.savefig`, or let a notebook display it).
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   budgets = [r["budget"] for r in rows]
   rate = [r["valid_rate"] for r in rows]
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig = Figure(figsize=(5.5, 3.8))
+  ax = fig.add_subplot()
   ax.fill_between(budgets, [r["valid_ci_low"] for r in rows],
                   [r["valid_ci_high"] for r in rows], alpha=0.25, label="95% interval")
   ax.plot(budgets, rate, marker="o", ms=3, label="SRM + IPR")
@@ -142,48 +142,77 @@ def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
-def plot_ipr_process(path: str, snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
-                     cell_size: int, budgets_to_show: Optional[Sequence[int]] = None) -> None:
+def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
+                    metrics: Sequence[str] = ()) -> None:
+  """Writes `valid_rate_figure(rows, title, metrics)` as a PNG to `path`."""
+  valid_rate_figure(rows, title, metrics).savefig(path, dpi=120)
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+  """Draws an [H, W, C] image in [-1, 1] without ticks."""
+  image = np.clip((np.asarray(image) + 1) / 2, 0, 1)
+  ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+            interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
+                       cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
+                       puzzles: Optional[np.ndarray] = None):
   """A few puzzles across IPR iterations, invalid cells outlined in red.
 
   Args:
-    path: output PNG path.
     snapshots: [P, num_budgets, H, W, C] samples in [-1, 1].
     invalid_cells: optional [P, num_budgets, gh, gw] bool, True where a cell breaks a rule.
     cell_size: pixel size of one cell (or patch) for the outlines.
     budgets_to_show: which budgets to draw (default: up to 8 evenly spaced, first and last kept).
+    puzzles: optional [P, H, W, C] inputs in [-1, 1] (given cells, the rest blank), drawn as a
+      first column.
+
+  Returns:
+    A matplotlib Figure (no pyplot, no backend change).
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.patches import Rectangle
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
 
   snapshots = np.asarray(snapshots)
   if snapshots.ndim != 5:
     raise ValueError(f"snapshots must be [P, budgets, H, W, C], got shape {snapshots.shape}")
   num_puzzles, num_budgets = snapshots.shape[:2]
+  if puzzles is not None and np.shape(puzzles) != (num_puzzles, *snapshots.shape[2:]):
+    raise ValueError(f"puzzles must be [P, H, W, C] = {(num_puzzles, *snapshots.shape[2:])}, "
+                     f"got shape {np.shape(puzzles)}")
   if budgets_to_show is None:
     budgets_to_show = sorted(set(np.linspace(0, num_budgets - 1, min(8, num_budgets)).astype(int)))
-  fig, axes = plt.subplots(num_puzzles, len(budgets_to_show), squeeze=False,
-                           figsize=(1.6 * len(budgets_to_show), 1.6 * num_puzzles))
+  first = 0 if puzzles is None else 1
+  num_columns = first + len(budgets_to_show)
+  fig = Figure(figsize=(1.6 * num_columns, 1.6 * num_puzzles))
+  axes = fig.subplots(num_puzzles, num_columns, squeeze=False)
   for p in range(num_puzzles):
+    if puzzles is not None:
+      _show_image(axes[p, 0], puzzles[p])
+      if p == 0:
+        axes[p, 0].set_title("puzzle", fontsize=8)
     for j, b in enumerate(budgets_to_show):
-      ax = axes[p, j]
-      img = np.clip((snapshots[p, b] + 1) / 2, 0, 1)
-      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                interpolation="nearest")
+      ax = axes[p, first + j]
+      _show_image(ax, snapshots[p, b])
       if invalid_cells is not None:
         for r, c in zip(*np.nonzero(invalid_cells[p, b])):
           ax.add_patch(Rectangle((c * cell_size - 0.5, r * cell_size - 0.5), cell_size, cell_size,
                                  fill=False, edgecolor="red", linewidth=1.0))
-      ax.set_xticks([])
-      ax.set_yticks([])
       if p == 0:
         ax.set_title("SRM" if b == 0 else f"b = {b}", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def plot_ipr_process(path: str, snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
+                     cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
+                     puzzles: Optional[np.ndarray] = None) -> None:
+  """Writes `ipr_process_figure(...)` (same arguments) as a PNG to `path`."""
+  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show,
+                     puzzles).savefig(path, dpi=100)

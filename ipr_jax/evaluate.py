@@ -24,8 +24,13 @@ numbers equal to its polygon and vertex counts (both metrics at once).
 
 Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its sampling
 randomness, so results do not depend on the batch size or the number of devices.
+
+In Python: `Evaluator(config, params)(indices)` runs SRM + IPR on any puzzle indices and returns
+their per-puzzle scores, passes and (optionally) samples; `evaluate(config, workdir)` is the whole
+run of the binary.
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -236,6 +241,122 @@ def load_params(config: ml_collections.ConfigDict, workdir: str,
   return params, str(checkpoint.find_step_dir(source)), which
 
 
+@dataclasses.dataclass
+class BatchResult:
+  """SRM + IPR results of a batch of test puzzles.
+
+  Attributes:
+    indices: `[P]` the puzzle indices, in the order of the other arrays.
+    scores: `{name: [budget + 1, P]}` per-puzzle scores after budgets 0..budget (0 = SRM).
+    nfe: `[budget + 1, P]` cumulative denoiser passes after each budget.
+    samples: `[S, budget + 1, H, W, d]` samples in [-1, 1] after every budget of the puzzles
+      `sample_indices`, or None.
+    sample_indices: `[S]` puzzle indices of `samples`.
+  """
+  indices: np.ndarray
+  scores: dict[str, np.ndarray]
+  nfe: np.ndarray
+  samples: Optional[np.ndarray] = None
+  sample_indices: Optional[np.ndarray] = None
+
+
+class Evaluator:
+  """SRM + IPR on test puzzles of one config with one set of U-Net parameters.
+
+  Compiled once per batch shape and split over all local devices with pmap. Test puzzle i (its
+  content, initial noise and sampling randomness) is a function of (config.eval.seed, i) only, so
+  a puzzle's result does not depend on the batch it is in or on the number of devices.
+
+    evaluator = Evaluator(config, params)
+    result = evaluator(np.arange(8), samples_per_device=None)  # keep every sample
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+    self.sampler_config, self.ipr_config = _sampler_configs(config)
+    check_schedules(config)
+    self.config = config
+    self.task = _Task(config)
+    self.params = params
+    self.num_devices = jax.local_device_count()
+    denoise = denoiser.make_denoise_fn(train.make_model(config), self.task.patch_size)
+    task, sampler_config, ipr_config = self.task, self.sampler_config, self.ipr_config
+
+    def run(params, keys, noise, image, mask, num_snapshots):
+      return sampler.srm_ipr(
+          functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
+          patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
+          score_fn=task.score_fn,
+          verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
+          num_snapshots=num_snapshots)
+
+    self._p_run = jax.pmap(run, in_axes=(None, 0, 0, 0, 0), static_broadcasted_argnums=5)
+    root = jax.random.key(config.eval.seed)
+    self._sampling_key = jax.random.fold_in(root, _SAMPLING_STREAM)
+    noise_key = jax.random.fold_in(root, _NOISE_STREAM)
+    self._initial_noise = jax.jit(jax.vmap(
+        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
+
+  def inputs(self, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
+    """Test puzzles `indices`: image [P, H, W, d] and mask [P, H, W, 1] (None for tasks
+    without given content)."""
+    return self.task.inputs(self.config.eval.seed, np.asarray(indices))
+
+  def invalid_cells(self, samples: np.ndarray) -> Optional[np.ndarray]:
+    """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku; else None)."""
+    return self.task.invalid_cells(samples)
+
+  def puzzle_images(self, indices: np.ndarray) -> Optional[np.ndarray]:
+    """[P, H, W, d] what the sampler is given, for display: the given cells, the cells to
+    generate at 0 (mid-grey); None for tasks without given content."""
+    inputs = self.inputs(indices)
+    if inputs["mask"] is None:
+      return None
+    mask = np.asarray(inputs["mask"], np.float32)
+    return (1.0 - mask) * np.asarray(inputs["image"], np.float32)
+
+  def __call__(self, indices, samples_per_device: Optional[int] = 0) -> BatchResult:
+    """Runs SRM + IPR on puzzles `indices` ([P] ints).
+
+    Args:
+      indices: the test puzzle indices.
+      samples_per_device: keep the samples after every budget of the first this many puzzles of
+        each device's share (None: of every puzzle).
+
+    Returns:
+      BatchResult of the P puzzles.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    real = len(indices)
+    if real == 0:
+      raise ValueError("Evaluator needs at least one puzzle index, got none.")
+    if samples_per_device is not None and samples_per_device < 0:
+      raise ValueError(f"samples_per_device={samples_per_device} must be >= 0 or None")
+    num_devices = self.num_devices
+    per_device = -(-real // num_devices)
+    padded = np.concatenate([indices, np.full(per_device * num_devices - real, indices[-1])])
+    num_snapshots = per_device if samples_per_device is None else min(samples_per_device,
+                                                                        per_device)
+    inputs = self.inputs(padded)
+    keys = sampler.puzzle_keys(self._sampling_key, jnp.asarray(padded))
+    noise = self._initial_noise(jnp.asarray(padded))
+    shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
+    result = self._p_run(self.params, shard(keys), shard(noise), shard(inputs["image"]),
+                         shard(inputs["mask"]), num_snapshots)
+    result = jax.device_get(result)
+    unshard = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
+    out = BatchResult(indices, {k: unshard(v) for k, v in result.scores.items()},
+                      unshard(result.nfe_per_budget))
+    if result.snapshots is not None:
+      # [devices, budgets, S, H, W, d] -> [devices * S, budgets, ...], real puzzles only.
+      snapshots = np.asarray(result.snapshots).swapaxes(1, 2)
+      positions = (np.arange(num_devices)[:, None] * per_device
+                   + np.arange(num_snapshots)[None, :]).reshape(-1)
+      keep = positions < real
+      out.samples = snapshots.reshape(-1, *snapshots.shape[2:])[keep]
+      out.sample_indices = padded[positions[keep]]
+    return out
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint_path: Optional[str] = None) -> list[dict[str, Any]]:
   """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
@@ -252,49 +373,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if num_puzzles < 1 or batch_size < 1:
     raise ValueError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
                      f"{batch_size} must be positive")
-  sampler_config, ipr_config = _sampler_configs(config)
   check_schedules(config)
-  task = _Task(config)
-  model = train.make_model(config)
   params, source, which = load_params(config, workdir, checkpoint_path)
   logging.info("Evaluating the %s params of %s.", which, source)
-
-  denoise = denoiser.make_denoise_fn(model, task.patch_size)
-  num_devices = jax.local_device_count()
+  evaluator = Evaluator(config, params)
+  num_devices = evaluator.num_devices
   per_device = -(-batch_size // num_devices)
   num_snapshots = min(config.eval.num_plot_puzzles, per_device)
-
-  def run(params, keys, noise, image, mask):
-    return sampler.srm_ipr(
-        functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
-        patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
-        score_fn=task.score_fn,
-        verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
-        num_snapshots=num_snapshots)
-
-  p_run = jax.pmap(run, in_axes=(None, 0, 0, 0, 0))
-  root = jax.random.key(config.eval.seed)
-  sampling_key = jax.random.fold_in(root, _SAMPLING_STREAM)
-  noise_key = jax.random.fold_in(root, _NOISE_STREAM)
-  initial_noise = jax.jit(jax.vmap(
-      lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
-  shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
 
   scores, nfe, snapshots = [], [], None
   start_time = time.time()
   done = 0
   for indices, real in _batch_indices(num_puzzles, batch_size, num_devices):
-    inputs = task.inputs(config.eval.seed, indices)
-    keys = sampler.puzzle_keys(sampling_key, jnp.asarray(indices))
-    noise = initial_noise(jnp.asarray(indices))
-    result = p_run(params, shard(keys), shard(noise), shard(inputs["image"]),
-                   shard(inputs["mask"]))
-    result = jax.device_get(result)
-    unshard = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
-    scores.append({k: unshard(v) for k, v in result.scores.items()})
-    nfe.append(unshard(result.nfe_per_budget))
-    if snapshots is None and result.snapshots is not None:
-      snapshots = np.asarray(result.snapshots[0]).swapaxes(0, 1)[:real]  # [P, budgets, H, W, d]
+    # Full-size batches (the last one padded) so that every batch reuses one compilation.
+    batch = evaluator(indices, num_snapshots)
+    scores.append({k: v[:, :real] for k, v in batch.scores.items()})
+    nfe.append(batch.nfe[:, :real])
+    if snapshots is None and batch.samples is not None:
+      snapshots = batch.samples[:min(num_snapshots, real)]  # [P, budgets, H, W, d]
+      snapshot_indices = batch.sample_indices[:len(snapshots)]
     done += real
     elapsed = time.time() - start_time
     running = np.concatenate([s["valid"] for s in scores], axis=1).mean(axis=1)
@@ -314,14 +411,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "params": which,
       "devices": [str(d) for d in jax.local_devices()],
       "seconds": time.time() - start_time,
-      **task.metadata,
+      **evaluator.task.metadata,
   }
   eval_report.write_results(out_dir, rows, metadata)
   eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
-                              f"{config.task} / {config.eval.name}", metrics=task.plot_metrics)
+                              f"{config.task} / {config.eval.name}",
+                              metrics=evaluator.task.plot_metrics)
   if snapshots is not None and len(snapshots):
-    eval_report.plot_ipr_process(os.path.join(out_dir, "ipr_process.png"), snapshots,
-                                 task.invalid_cells(snapshots), task.cell_size)
+    eval_report.plot_ipr_process(
+        os.path.join(out_dir, "ipr_process.png"), snapshots, evaluator.invalid_cells(snapshots),
+        evaluator.task.cell_size, puzzles=evaluator.puzzle_images(snapshot_indices))
   print(eval_report.format_table(rows))
   print(f"wrote {out_dir}/results.json, results.csv and plots")
   return rows

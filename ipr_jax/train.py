@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -276,7 +276,7 @@ _STEP_SECTIONS = ("task", "data", "model", "time_sampler", "loss", "optim")
 _P_TRAIN_STEPS: dict[str, Callable[..., Any]] = {}
 
 
-def _pmapped_train_step(config, model, tx) -> Callable[..., Any]:
+def pmapped_train_step(config, model, tx) -> Callable[..., Any]:
   """`jax.pmap` of `make_train_step`, reused by later `train` calls with the same step config.
 
   Re-tracing the step costs seconds; resuming in the same process (tests, notebooks) reuses it.
@@ -303,7 +303,7 @@ class TrainResult:
   Attributes:
     state: the final TrainState on the host (numpy leaves, single copy).
     history: the logged metric records, as appended to metrics.jsonl.
-    preempted: True if SIGTERM stopped the run before num_train_steps.
+    preempted: True if SIGTERM or the time limit stopped the run before num_train_steps.
   """
   state: TrainState
   history: list[dict[str, float]]
@@ -311,10 +311,12 @@ class TrainResult:
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM (when installed from the main thread); restores the old handler."""
+  """Sets a flag on SIGTERM (when installed from the main thread) or once `deadline` (a
+  time.time() value) has passed; restores the old handler."""
 
   def __init__(self):
     self.requested = threading.Event()
+    self.deadline: Optional[float] = None
     self._previous = None
 
   def _handle(self, signum, frame):
@@ -332,7 +334,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def any_process(self) -> bool:
-    """Whether any process received SIGTERM (a collective when there are several processes)."""
+    """Whether any process received SIGTERM or passed the deadline (a collective when there are
+    several processes)."""
+    if self.deadline is not None and time.time() >= self.deadline:
+      self.requested.set()
     flag = self.requested.is_set()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -370,7 +375,9 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+          hooks: Sequence[Callable[[int], None]] = (),
+          log_fn: Optional[Callable[[dict[str, Any]], None]] = None,
+          time_limit_s: Optional[float] = None) -> TrainResult:
   """Trains (or resumes training) until `config.num_train_steps`.
 
   Args:
@@ -378,6 +385,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     workdir: run directory for checkpoints, metrics.jsonl and config.json; an existing
       checkpoint there is resumed.
     hooks: called as `hook(step)` on the host after every step (step = steps completed).
+    log_fn: called on the host with every logged record (step, loss terms, steps_per_sec,
+      eta_sec; what metrics.jsonl gets), every `config.log_every_steps` steps and at the end.
+    time_limit_s: if set, stop once this many seconds have passed since the call, as on SIGTERM:
+      save a checkpoint of the last step and return (rerun to continue from it).
 
   Returns:
     TrainResult with the final state.
@@ -388,11 +399,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   # SIGTERM from here on (also during setup) leads to a save after the next step, then a return.
   with _Preemption() as preemption:
-    return _train(config, pathlib.Path(workdir), hooks, preemption)
+    if time_limit_s is not None:
+      if time_limit_s < 0:
+        raise ValueError(f"time_limit_s={time_limit_s} must be >= 0")
+      preemption.deadline = time.time() + time_limit_s
+    return _train(config, pathlib.Path(workdir), hooks, log_fn, preemption)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-           hooks: Sequence[Callable[[int], None]], preemption: _Preemption) -> TrainResult:
+           hooks: Sequence[Callable[[int], None]],
+           log_fn: Optional[Callable[[dict[str, Any]], None]],
+           preemption: _Preemption) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -434,7 +451,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
     return TrainResult(jax.device_get(state), history)
 
-  p_train_step = _pmapped_train_step(config, model, tx)
+  p_train_step = pmapped_train_step(config, model, tx)
   # This process's examples: global indices [process * local_batch, ... + local_batch).
   example_index = (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
                    ).reshape(num_local, per_device)
@@ -512,6 +529,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                   / max(now - window_start_time, 1e-9))
           window_start_wait = prefetcher.wait_seconds
         history.append(record)
+        if log_fn is not None:
+          log_fn(record)
         if is_main:
           with open(workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -531,8 +550,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         checkpoint.save(manager, step, host_state, config)
         logging.info("Saving checkpoint of step %d (asynchronously).", step)
       if preempted:
-        logging.warning("Stopped at step %d after SIGTERM; rerun with the same --workdir "
-                        "to resume.", step)
+        logging.warning("Stopped at step %d after SIGTERM or the time limit; rerun with the "
+                        "same --workdir to resume.", step)
         break
   finally:
     if prefetcher is not None:

@@ -15,7 +15,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
 
-GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
+from golden_io import GOLDEN_DIR  # noqa: E402,F401  pylint: disable=unused-import
+from golden_io import load_golden_unet  # noqa: E402,F401  pylint: disable=unused-import
 
 
 @pytest.fixture(scope="session")
@@ -25,39 +26,10 @@ def golden_dir():
 
 def load_task_config(name: str, arg: str | None = None):
   """`configs/<name>.py:get_config(arg)`, loaded from its file as config_flags does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = _ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  return config_base.load_config(f"{_ROOT / 'configs' / name}.py:{arg or ''}")
 
 
 @pytest.fixture(scope="session")
 def task_config():
   return load_task_config
-
-
-def load_golden_unet(case: str):
-  """A golden U-Net case ('ms' or 'ep'): (arrays, config, state_dict, model).
-
-  `arrays` holds every array of the case's file(s) (NCHW/OIHW, keys as in tests/golden/README.md),
-  `config` its config_json, `state_dict` the merged `sd/` entries without the prefix, and `model`
-  the matching `UNet`.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ipr_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  arrays = dict(np.load(GOLDEN_DIR / f"unet_{case}_tiny.npz"))
-  config = json.loads(str(arrays["config_json"]))
-  if config["state_dict_split"]:
-    extra = np.load(GOLDEN_DIR / config["state_dict_split"])
-    arrays.update({k: extra[k] for k in extra.files if k.startswith("sd/")})
-  state_dict = {k[3:]: v for k, v in arrays.items() if k.startswith("sd/")}
-  model = unet_lib.UNet(
-      hid_dims=tuple(config["hid_dims"]), attention=tuple(config["attention"]),
-      d_in=config["d_in"], d_out=config["d_out"], num_blocks=config["num_blocks"],
-      t_emb_dim=config["t_emb_dim"], d_emb=config["sinusoid_d_emb"],
-      num_head_channels=config["num_head_channels"], dropout=config["dropout"],
-      num_groups=config["groupnorm_groups"])
-  return arrays, config, state_dict, model

@@ -134,6 +134,47 @@ def test_results_do_not_depend_on_batch_size(shipped, demo_run, tmp_path):
       assert a[key] == pytest.approx(b[key], abs=1e-9), (a["budget"], key)
 
 
+def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_run):
+  """The library entry point behind the binary (and the notebook): per-puzzle scores, passes
+  and samples of a puzzle are the same in any batch, and aggregate to the binary's table."""
+  config, _, rows = demo_run
+  evaluator = evaluate.Evaluator(config, shipped.params)
+  budgets = config.ipr.budget + 1
+  # The binary's batches of the regression run (16 puzzles = 2 devices x 8).
+  full = evaluator(np.arange(16), samples_per_device=4)
+  assert full.scores["valid"].shape == full.nfe.shape == (budgets, 16)
+  assert list(full.sample_indices) == [0, 1, 2, 3, 8, 9, 10, 11]
+  assert full.samples.shape == (8, budgets, 28, 28, 1)
+  rest = evaluator(np.arange(16, config.eval.num_puzzles), samples_per_device=4)
+  table = eval_report.budget_table(
+      {k: np.concatenate([full.scores[k], rest.scores[k]], axis=1) for k in full.scores},
+      np.concatenate([full.nfe, rest.nfe], axis=1))
+  for mine, theirs in zip(table, rows):
+    for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
+      assert mine[key] == pytest.approx(theirs[key], abs=1e-9), key
+
+  picked = np.array([13, 2, 9, 5, 0, 11])
+  part = evaluator(picked, samples_per_device=None)  # every sample kept
+  assert list(part.sample_indices) == list(picked)
+  for name in ("valid", "duplicate_count"):
+    np.testing.assert_array_equal(part.scores[name], full.scores[name][:, picked])
+  np.testing.assert_array_equal(part.nfe, full.nfe[:, picked])
+  for i in (0, 2, 9, 11):
+    np.testing.assert_allclose(part.samples[list(picked).index(i)],
+                               full.samples[list(full.sample_indices).index(i)], atol=1e-4)
+  # The outlined cells (numpy, from the classified digits) agree with the metric (JAX).
+  broken = evaluator.invalid_cells(part.samples).any(axis=(-2, -1))  # [P, budgets]
+  np.testing.assert_array_equal(broken.T, part.scores["duplicate_count"] > 0)
+  # The puzzle images hold the given cells and 0 where the sampler generates.
+  puzzles = evaluator.puzzle_images(picked)
+  inputs = evaluator.inputs(picked)
+  np.testing.assert_array_equal(puzzles[np.asarray(inputs["mask"])[..., 0] > 0.5], 0.0)
+  with pytest.raises(ValueError, match="at least one puzzle"):
+    evaluator(np.array([], int))
+  with pytest.raises(ValueError, match="samples_per_device=-1"):
+    evaluator(picked, samples_per_device=-1)
+
+
 def test_a_config_that_changes_the_shipped_model_is_refused(shipped, tmp_path):
   config = _regression_config(shipped, model__hid_dims=(16, 32, 32))
   with pytest.raises(ValueError, match=r"model.hid_dims.*shipped"):
@@ -220,6 +261,22 @@ def test_budget_table_means_and_shape_errors():
     eval_report.budget_table({"duplicate_count": scores["duplicate_count"]})
   with pytest.raises(ValueError, match="shape"):
     eval_report.budget_table({"valid": scores["valid"], "x": np.zeros(3)})
+
+
+def test_ipr_process_figure_layout_and_shape_errors():
+  snapshots = np.zeros((3, 4, 8, 8, 1))  # 3 puzzles, budgets 0..3
+  fig = eval_report.ipr_process_figure(snapshots, None, 4, puzzles=np.zeros((3, 8, 8, 1)))
+  assert len(fig.axes) == 3 * (1 + 4)
+  assert [ax.get_title() for ax in fig.axes[:5]] == ["puzzle", "SRM", "b = 1", "b = 2", "b = 3"]
+  invalid = np.zeros((3, 4, 2, 2), bool)
+  invalid[1, 2, 0, 1] = True  # puzzle 1, budget 2, cell (0, 1)
+  fig = eval_report.ipr_process_figure(snapshots, invalid, 4)
+  outlined = [len(ax.patches) for ax in fig.axes]
+  assert outlined == [0] * 6 + [1] + [0] * 5
+  with pytest.raises(ValueError, match=r"\(3, 8, 8, 1\).*\(2, 8, 8, 1\)"):
+    eval_report.ipr_process_figure(snapshots, None, 4, puzzles=np.zeros((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match="shape"):
+    eval_report.ipr_process_figure(snapshots[0], None, 4)
 
 
 def _solved_grid():

@@ -203,6 +203,18 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
   assert int(train.train(config, workdir).state.step) == 4
 
 
+def test_time_limit_stops_with_a_checkpoint_and_log_fn_sees_every_record(tmp_path):
+  config = small_config(num_train_steps=50, checkpoint_every_steps=100, log_every_steps=1)
+  records = []
+  # A limit of 0 s has passed by the first step: that step is saved, then the run stops.
+  result = train.train(config, tmp_path, log_fn=records.append, time_limit_s=0)
+  assert result.preempted and int(result.state.step) == 1
+  assert checkpoint.find_step_dir(tmp_path).name == "1"
+  assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
+  with pytest.raises(ValueError, match="time_limit_s=-1"):
+    train.train(config, tmp_path, time_limit_s=-1)
+
+
 def test_a_few_hundred_steps_reduce_the_loss(tmp_path):
   config = small_config(num_train_steps=300, checkpoint_every_steps=300, log_every_steps=25)
   result = train.train(config, tmp_path)

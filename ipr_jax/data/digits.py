@@ -21,6 +21,7 @@ Digits enter images as white strokes on black, normalised like the reference (To
 Normalize(0.5, 0.5)): x = (u8 / 255 - 0.5) / 0.5 in [-1, 1].
 """
 
+import functools
 import pathlib
 from typing import Literal
 
@@ -284,6 +285,20 @@ def load_digit_bank(part: Part, source: str = "bundled", *, cell_size: int = 28,
   """
   images, labels = load_digits(part, source, path=path, data_dir=data_dir)
   if top_n is not None:
-    confidence = classifier_confidence(images, labels, classifier_params)
+    if classifier_params is None:
+      confidence = _shipped_classifier_confidence(part, source, path, data_dir)
+    else:
+      confidence = classifier_confidence(images, labels, classifier_params)
     images, labels = select_top_n(images, labels, confidence, top_n)
   return make_digit_bank(images, labels, cell_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _shipped_classifier_confidence(part: Part, source: str, path: str | None,
+                                   data_dir: str | None) -> np.ndarray:
+  """`classifier_confidence` of a part with the shipped weights, computed once per process
+  (about 5 s on a CPU; every task built from a config asks for it). Read-only."""
+  images, labels = load_digits(part, source, path=path, data_dir=data_dir)
+  confidence = classifier_confidence(images, labels)
+  confidence.setflags(write=False)
+  return confidence

@@ -621,3 +621,22 @@ def make_unet(preset: str, d_in: int, d_out: int, **overrides) -> UNet:
   model = UNet(d_in=d_in, d_out=d_out, **fields)
   model.check_config()
   return model
+
+
+def nonzero_init(model: UNet, shape: Sequence[int], key: jax.Array, scale: float = 0.02):
+  """Parameters of `model` for images of `shape` ([H, W, d]) with no all-zero leaf.
+
+  `model.init`, then every kernel or bias that is all zeros (the zero-initialised output layers
+  of the residual blocks, the attention projections and the output head) redrawn from
+  N(0, scale^2). For benchmarks and checks: a fresh SRM outputs exactly zero, which makes its
+  samples equal their noise and its patch selection degenerate.
+  """
+  z = jnp.zeros((1, *shape), jnp.float32)
+  t = jnp.zeros((1, *shape[:2], 1), jnp.float32)
+  params = jax.jit(model.init)(key, z, t)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  leaves = [jnp.where(jnp.all(x == 0), scale * jax.random.normal(k, x.shape, x.dtype), x)
+            for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
