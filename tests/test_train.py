@@ -5,7 +5,6 @@ To keep the file near a minute on 2 shared cores, the runs use even_pixels.py:ti
 `jax_disable_most_optimizations` (compiles ~4x faster, runs ~2x slower at this size).
 """
 
-import importlib.util
 import json
 import pathlib
 import signal
@@ -18,6 +17,7 @@ import optax
 import pytest
 
 from ipr_jax import checkpoint
+from ipr_jax import config_base
 from ipr_jax import train
 from ipr_jax import train_state
 
@@ -33,10 +33,7 @@ def fast_compilation():
 
 
 def load_config(name, arg=""):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_base.load_config(f"{CONFIG_DIR / name}.py:{arg}")
 
 
 def small_config(**overrides):
