@@ -15,6 +15,19 @@ the selection order are not degenerate); the sampler settings are the reference'
 size it reports the compile time, the steady-state time of one call (median of --repeats), puzzles
 per second and denoiser passes (NFE) per second, and the speed-up over batch 1 run puzzle by puzzle
 (the reference's way). Results are printed and written as JSON to --output.
+
+--mode=evaluation measures what the evaluation binary does per batch, with a real config and its
+model (default: the shipped demo model on hard 4x4 puzzles):
+
+  python experiments/benchmark_sampler.py --mode=evaluation \
+      --config=configs/mnist_sudoku.py:demo --num_puzzles=256 --batch_size=32 --budget=10
+
+  * batch order: every batch of `--num_puzzles` puzzles timed through one compiled
+    `evaluate.Evaluator` (compiled before timing), batched in index order and batched by the
+    number of unknown cells (`config.eval.sort_by_unknowns`); total seconds, puzzles/s, passes/s;
+  * the transfers the binary no longer makes per batch: copying the parameters to the devices
+    (before: pmap broadcast them with every call) and fetching the batch's final images to the
+    host (before: the whole sampler result came back), each the median of --repeats.
 """
 
 import json
@@ -23,10 +36,15 @@ import time
 
 from absl import app
 from absl import flags
+from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipr_jax import config_base
+from ipr_jax import evaluate
+from ipr_jax import host_devices
+from ipr_jax import pretrained
 from ipr_jax import sampler
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
@@ -40,6 +58,13 @@ _BUDGET = flags.DEFINE_integer("budget", 30, "IPR iterations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size (median reported).")
 _NUM_GIVEN = flags.DEFINE_integer("num_given", 13, "Sudoku given cells (hard: 0..26).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
+_MODE = flags.DEFINE_enum("mode", "sampler", ["sampler", "evaluation"],
+                          "sampler: one jitted call per batch size; evaluation: the binary's batches.")
+_CONFIG = flags.DEFINE_string("config", "configs/mnist_sudoku.py:demo",
+                              "--mode=evaluation: the task config (its model must be shipped, "
+                              "config.eval.pretrained).")
+_NUM_PUZZLES = flags.DEFINE_integer("num_puzzles", 256, "--mode=evaluation: puzzles.")
+_EVAL_BATCH = flags.DEFINE_integer("batch_size", 32, "--mode=evaluation: puzzles per batch.")
 
 _SETTINGS = {
     "ms_hard": dict(image=252, channels=1, patch=28,
@@ -62,8 +87,71 @@ def _model(name: str, channels: int, dtype) -> unet.UNet:
   return unet.make_unet(name, channels, 2 * channels + 1, dtype=dtype)
 
 
+def _median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(max(repeats, 1)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def evaluation_benchmark() -> dict:
+  """The evaluation binary's per-batch work: batch order and the transfers it avoids."""
+  config = config_base.load_config(_CONFIG.value)
+  config.ipr.budget = _BUDGET.value
+  config.eval.num_puzzles = _NUM_PUZZLES.value
+  config.eval.batch_size = _EVAL_BATCH.value
+  if not config.eval.pretrained:
+    raise app.UsageError(f"{_CONFIG.value} names no shipped model (config.eval.pretrained)")
+  params = pretrained.load(config.eval.pretrained).params
+  evaluator = evaluate.Evaluator(config, params)
+  pad_to = config.eval.batch_size
+  jax.block_until_ready(evaluator(np.arange(pad_to), pad_to=pad_to).nfe)  # compile
+  rows = []
+  for sort in (False, True):
+    config.eval.sort_by_unknowns = sort
+    batches = evaluate.puzzle_batches(config, evaluator.task)
+    start = time.perf_counter()
+    passes = 0.0
+    for batch in batches:
+      passes += float(evaluator(batch, pad_to=pad_to).nfe[-1].sum())
+    seconds = time.perf_counter() - start
+    unknown = [evaluator.task.unknown_patches(config.eval.seed, b) for b in batches]
+    row = dict(sort_by_unknowns=sort, seconds=seconds,
+               puzzles_per_s=config.eval.num_puzzles / seconds, nfe_per_s=passes / seconds,
+               mean_batch_max_unknown=float(np.mean([u.max() for u in unknown])),
+               mean_unknown=float(np.mean(np.concatenate(unknown))))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  devices = jax.local_devices()
+  per_device = -(-pad_to // len(devices))
+  shape = (len(devices), per_device, *evaluator.task.image_shape)
+  images = jax.pmap(lambda x: x + 1.0, devices=devices)(jnp.zeros(shape, jnp.float32))
+  transfers = dict(
+      params_to_devices_s=_median_seconds(lambda: jax_utils.replicate(params, devices),
+                                          _REPEATS.value),
+      final_images_to_host_s=_median_seconds(lambda: jax.device_get(images), _REPEATS.value),
+      final_images_bytes=int(np.prod(shape)) * 4,
+      num_params=int(sum(x.size for x in jax.tree_util.tree_leaves(params))))
+  print(json.dumps(transfers), flush=True)
+  return dict(mode="evaluation", config=_CONFIG.value, num_puzzles=config.eval.num_puzzles,
+              batch_size=pad_to, budget=config.ipr.budget, devices=len(devices),
+              device=f"{devices[0].platform}:{devices[0].device_kind}", jax=jax.__version__,
+              order=rows, transfers_per_batch=transfers)
+
+
 def main(argv):
   del argv
+  if _MODE.value == "evaluation":
+    result = evaluation_benchmark()
+    print(json.dumps(result, indent=2))
+    if _OUTPUT.value:
+      os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+      with open(_OUTPUT.value, "w") as f:
+        json.dump(result, f, indent=2)
+    return
   settings = _SETTINGS[_TASK.value]
   shape = (settings["image"], settings["image"], settings["channels"])
   model = _model(_UNET.value, settings["channels"], jnp.dtype(_DTYPE.value))
@@ -121,4 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_devices.use_cpu_cores()
   app.run(main)

@@ -272,7 +272,7 @@ def save_params_checkpoint(
     workdir: the run directory to write into (`workdir/checkpoints/<step>`).
     params: the live parameters (inner dict).
     config: the config to store beside the state.
-    tx: the optimizer, e.g. `ipr_jax.train.make_optimizer(config)`.
+    tx: the optimizer, e.g. `ipr_jax.build.make_optimizer(config)`.
     ema_params: EMA parameters (default: a copy of `params`).
     step: the step number to record (e.g. the reference's global_step).
     seed: seed of the PRNG key stored in the state.

@@ -210,6 +210,11 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   config.eval.pretrained = config_dict.placeholder(str)
   # Puzzles shown in ipr_process.png (the first ones of the first batch).
   config.eval.num_plot_puzzles = 4
+  # Batch the puzzles by their number of patches to generate (a batch's sampling loop runs until
+  # its longest schedule ends); False: in index order. Results per puzzle are the same either way.
+  config.eval.sort_by_unknowns = True
+  # Also keep every puzzle's final image (uint8) in puzzles.npz.
+  config.eval.save_samples = False
   return config
 
 

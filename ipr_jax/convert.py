@@ -25,8 +25,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from ipr_jax import build
 from ipr_jax import checkpoint
-from ipr_jax import train
 from ipr_jax import torch_files
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import state_dict as state_dict_lib
@@ -51,7 +51,7 @@ def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collection
       reference preset's.
   """
   denoiser_sd = torch_files.select_denoiser(state_dict, weights)
-  model = train.make_model(config)
+  model = build.make_model(config)
   expected = REFERENCE_KEY_COUNTS.get(config.model.get("name", ""))
   if expected is not None and _is_reference_preset(config) and len(denoiser_sd) != expected:
     raise ValueError(
@@ -80,7 +80,7 @@ def convert_checkpoint(torch_checkpoint: str, config: ml_collections.ConfigDict,
   if step is None:
     step = int(extras.get("global_step", 0))
   step_dir = checkpoint.save_params_checkpoint(
-      workdir, params, config, train.make_optimizer(config), step=step, seed=config.seed)
+      workdir, params, config, build.make_optimizer(config), step=step, seed=config.seed)
   return str(step_dir)
 
 

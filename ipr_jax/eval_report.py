@@ -112,6 +112,46 @@ def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
     writer.writerows(rows)
 
 
+PUZZLES_NPZ, PUZZLES_CSV = "puzzles.npz", "puzzles.csv"
+
+
+def write_puzzle_results(out_dir: str, per_puzzle: Mapping[str, np.ndarray],
+                         csv_scores: Sequence[str]) -> None:
+  """Writes the per-puzzle records: every array of `per_puzzle` to puzzles.npz, and a CSV with
+  one row per puzzle: index, unknown_patches, num_given (if present), `<score>_b<b>` for every
+  score of `csv_scores` and budget b, `nfe_b<b>`, and for Sudoku `digit_grid` (the final
+  classified digits, row-major, as one string).
+
+  Args:
+    out_dir: directory to write into.
+    per_puzzle: name -> array with the puzzle axis first; per-budget arrays are [P, budget + 1].
+    csv_scores: the per-budget scores that get CSV columns (the rest stay in the npz).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = os.path.join(out_dir, PUZZLES_NPZ + ".tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **per_puzzle)
+  os.replace(tmp, os.path.join(out_dir, PUZZLES_NPZ))
+
+  columns: dict[str, list[str]] = {}
+  for name in ("index", "unknown_patches", "num_given"):
+    if name in per_puzzle:
+      columns[name] = [str(int(v)) for v in per_puzzle[name]]
+  for name in (*csv_scores, "nfe"):
+    values = np.asarray(per_puzzle[name])
+    for b in range(values.shape[1]):
+      column = values[:, b]
+      columns[f"{name}_b{b}"] = ([str(int(v)) for v in column]
+                                 if column.dtype.kind in "biu" else [repr(float(v))
+                                                                      for v in column])
+  if "digit_grid" in per_puzzle:
+    columns["digit_grid"] = ["".join(map(str, g.reshape(-1))) for g in per_puzzle["digit_grid"]]
+  with open(os.path.join(out_dir, PUZZLES_CSV), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values()))
+
+
 def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str,
                       metrics: Sequence[str] = ()):
   """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked.

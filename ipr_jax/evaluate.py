@@ -7,14 +7,23 @@ r"""Evaluation binary: SRM + IPR on many test puzzles, the valid rate at every I
 It restores the EMA parameters of the newest Orbax checkpoint in `--workdir` (or `--checkpoint`:
 a run directory, its `checkpoints/` folder or one step folder), runs the SRM greedy sampler and
 `config.ipr.budget` IPR iterations on `config.eval.num_puzzles` test puzzles, in batches of
-`config.eval.batch_size` split over all local devices with pmap, and writes to
+`config.eval.batch_size` split over the local devices with pmap, and writes to
 `workdir/eval/<config.eval.name>/`:
 
+  shards/                      one file per batch, written as soon as the batch is done; a rerun
+                               of the same command skips the batches done (after SIGTERM, a crash
+                               or a lost machine) and refuses shards of other settings;
   results.json, results.csv    one row per budget b = 0..B (b = 0 is plain SRM): valid rate and
                                its 95% Wilson interval, mean duplicate count (Sudoku), the Even
                                Pixels metrics, or the Counting Polygons metrics
                                (are_vertices_uniform, numbers_match_objects, per-count
-                               frequencies), mean denoiser passes spent so far;
+                               frequencies), mean denoiser passes spent so far; results.json also
+                               holds the run's throughput (puzzles/s, denoiser passes/s, devices);
+  puzzles.npz, puzzles.csv     one record per puzzle: index, unknown_patches, valid, the task's
+                               scores and nfe at every budget ([P, B + 1] arrays), for Sudoku the
+                               final classified digit grid, with eval.save_samples the final
+                               images (uint8); `np.load(".../puzzles.npz")`,
+                               `pandas.read_csv(".../puzzles.csv")`;
   valid_rate_vs_budget.png     the curve (Counting Polygons: with both metrics);
   ipr_process.png              a few puzzles across IPR iterations, invalid cells outlined.
 
@@ -23,7 +32,10 @@ pixels in each hue; Counting Polygons, the scorer finds the polygons uniform and
 numbers equal to its polygon and vertex counts (both metrics at once).
 
 Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its sampling
-randomness, so results do not depend on the batch size or the number of devices.
+randomness, so results do not depend on the batch size, the order of the batches, the number of
+devices or the number of processes. With `--config.distributed=True` the processes of a
+multi-host run (`host_devices.initialize_distributed`) split the batches; process 0 writes the
+merged files.
 
 In Python: `Evaluator(config, params)(indices)` runs SRM + IPR on any puzzle indices and returns
 their per-puzzle scores, passes and (optionally) samples; `evaluate(config, workdir)` is the whole
@@ -32,6 +44,7 @@ run of the binary.
 
 import dataclasses
 import functools
+import hashlib
 import os
 import sys
 import time
@@ -40,18 +53,22 @@ from typing import Any, Callable, Optional
 from absl import app
 from absl import flags
 from absl import logging
+from flax import jax_utils
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import eval_report
+from ipr_jax import eval_shards
 from ipr_jax import host_devices
+from ipr_jax import preemption as preemption_lib
 from ipr_jax import pretrained
 from ipr_jax import sampler
-from ipr_jax import train
 from ipr_jax.data import counting_polygons
 from ipr_jax.data import sudoku
 from ipr_jax.metrics import counting_polygons as cp_metrics
@@ -61,8 +78,13 @@ from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import denoiser
 from ipr_jax.models import polygon_scorer
 
-# Seed streams of the evaluation: puzzle content, initial noise and sampling never share a key.
-_SAMPLING_STREAM, _NOISE_STREAM = 1, 2
+# Key streams of an evaluation with seed s. Test puzzle i's content comes from fold_in(key(s), i)
+# with i an int32 index (`SudokuTask.test_batch`), so i < 2**31; its initial noise and its
+# sampling randomness come from fold_in(fold_in(key(s), tag), i) with the tags below, which no
+# puzzle index equals: the three streams never share a key.
+MAX_PUZZLES = 2**31
+NOISE_STREAM = 2**31
+SAMPLING_STREAM = 2**31 + 1
 
 
 def sudoku_score_fn(classifier_params: Any, box_size: int) -> Callable[[jax.Array], dict]:
@@ -136,18 +158,22 @@ class _Task:
     self.plot_metrics = ()  # row means drawn beside the valid rate
     self.metadata = {}  # task facts written into results.json
     self.is_sudoku = config.task == "mnist_sudoku"
+    self.csv_scores = ("valid",)  # per-budget scores written to puzzles.csv
+    self.num_patches = int(np.prod(build.patch_grid(config)))
     if config.task == "mnist_sudoku":
-      self.data = train.make_task(config)
+      self.data = build.make_task(config)
       self.box_size = config.data.box_size
       path = config.eval.classifier_path
       self.classifier_params = classifier_lib.load_classifier_params(
           path, cell_size=config.data.cell_size)
       self.score_fn = sudoku_score_fn(self.classifier_params, self.box_size)
+      self.csv_scores = ("valid", "duplicate_count")
       self.given_range = tuple(config.eval.given_range)
       self.cell_size = config.data.cell_size
     elif config.task == "even_pixels":
       self.data = None
       self.score_fn = even_pixels_score_fn
+      self.csv_scores = ("valid", "color_imbalance")
       self.cell_size = config.data.patch_size
     elif config.task == "counting_polygons":
       counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
@@ -164,9 +190,10 @@ class _Task:
                         "numbers_match_objects and valid).", weak)
       self.cell_size = config.data.patch_size
       self.plot_metrics = CP_METRICS
+      self.csv_scores = ("valid", *CP_METRICS)
     else:
-      raise ValueError(f"unknown task {config.task!r}; expected one of {train.TASKS}")
-    self.image_shape = train.image_shape(config)
+      raise ValueError(f"unknown task {config.task!r}; expected one of {build.TASKS}")
+    self.image_shape = build.image_shape(config)
 
   def inputs(self, seed: int, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
     """Test inputs of puzzles `indices`: image [B, H, W, d] and mask [B, H, W, 1] (or None)."""
@@ -174,6 +201,24 @@ class _Task:
       return {"image": None, "mask": None}
     batch = self.data.test_batch(seed, indices, self.given_range)
     return {"image": batch["image"], "mask": batch["mask"]}
+
+  def unknown_patches(self, seed: int, indices: np.ndarray) -> np.ndarray:
+    """int [P] how many patches the SRM pass generates for puzzles `indices` (Sudoku: the cells
+    that are not given; other tasks: all)."""
+    indices = np.asarray(indices)
+    if self.data is None:
+      return np.full(len(indices), self.num_patches)
+    chunks = [self.data.test_given_counts(seed, indices[i:i + 8192], self.given_range)
+              for i in range(0, len(indices), 8192)]
+    return self.num_patches - np.concatenate([np.asarray(c) for c in chunks])
+
+  def final_fn(self, z: jax.Array) -> dict[str, jax.Array]:
+    """Per-puzzle facts of the final samples z [B, H, W, d] (Sudoku: 'digit_grid' int8
+    [B, n, n], the classified digits)."""
+    if not self.is_sudoku:
+      return {}
+    grids = sudoku_metrics.predict_digit_grids(self.classifier_params, z, self.box_size)
+    return {"digit_grid": grids.astype(jnp.int8)}
 
   def invalid_cells(self, samples: np.ndarray) -> Optional[np.ndarray]:
     """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku only)."""
@@ -197,7 +242,7 @@ def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
   Sudoku: every cell count minus a given count of `config.eval.given_range`; Even Pixels and
   Counting Polygons: all patches.
   """
-  grid_h, grid_w = train.patch_grid(config)
+  grid_h, grid_w = build.patch_grid(config)
   num_patches = grid_h * grid_w
   if config.task != "mnist_sudoku":
     return [num_patches]
@@ -209,17 +254,25 @@ def check_schedules(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError if the sampler or IPR schedule of `config` is degenerate for any patch
   count the evaluation can produce (see `sampler.check_schedules`)."""
   sampler_config, ipr_config = _sampler_configs(config)
-  grid_h, grid_w = train.patch_grid(config)
+  grid_h, grid_w = build.patch_grid(config)
   sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
 
 
-def _batch_indices(num_puzzles: int, batch_size: int, num_devices: int):
-  """Yields (indices padded to a multiple of num_devices, number of real puzzles)."""
-  per_call = -(-batch_size // num_devices) * num_devices
-  for start in range(0, num_puzzles, per_call):
-    real = np.arange(start, min(start + per_call, num_puzzles))
-    padded = np.concatenate([real, np.full(per_call - len(real), real[-1])])
-    yield padded, len(real)
+def puzzle_batches(config: ml_collections.ConfigDict, task: "_Task") -> list[np.ndarray]:
+  """The evaluation's batches: `config.eval.num_puzzles` puzzle indices in groups of
+  `config.eval.batch_size` (the last one may be smaller), each sorted.
+
+  With `config.eval.sort_by_unknowns` (the default) the puzzles are grouped by the number of
+  patches the SRM pass generates, fewest first (ties by index), since a batch's sampling loop runs
+  until its longest schedule ends; otherwise in index order. A puzzle's result depends only on
+  (config.eval.seed, its index), not on its batch.
+  """
+  num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
+  indices = np.arange(num_puzzles)
+  if config.eval.sort_by_unknowns:
+    unknown = task.unknown_patches(config.eval.seed, indices)
+    indices = indices[np.argsort(unknown, kind="stable")]
+  return [np.sort(indices[s:s + batch_size]) for s in range(0, num_puzzles, batch_size)]
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str,
@@ -249,23 +302,28 @@ class BatchResult:
     indices: `[P]` the puzzle indices, in the order of the other arrays.
     scores: `{name: [budget + 1, P]}` per-puzzle scores after budgets 0..budget (0 = SRM).
     nfe: `[budget + 1, P]` cumulative denoiser passes after each budget.
+    final: `{name: [P, ...]}` facts of the final samples (Sudoku: 'digit_grid' [P, n, n]).
     samples: `[S, budget + 1, H, W, d]` samples in [-1, 1] after every budget of the puzzles
       `sample_indices`, or None.
     sample_indices: `[S]` puzzle indices of `samples`.
+    final_samples: `[P, H, W, d]` the final samples in [-1, 1] (with `keep_final`), or None.
   """
   indices: np.ndarray
   scores: dict[str, np.ndarray]
   nfe: np.ndarray
+  final: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   samples: Optional[np.ndarray] = None
   sample_indices: Optional[np.ndarray] = None
+  final_samples: Optional[np.ndarray] = None
 
 
 class Evaluator:
   """SRM + IPR on test puzzles of one config with one set of U-Net parameters.
 
-  Compiled once per batch shape and split over all local devices with pmap. Test puzzle i (its
-  content, initial noise and sampling randomness) is a function of (config.eval.seed, i) only, so
-  a puzzle's result does not depend on the batch it is in or on the number of devices.
+  Compiled once per batch shape and split over this process's devices with pmap (the parameters
+  are copied to them once). Test puzzle i (its content, initial noise and sampling randomness) is
+  a function of (config.eval.seed, i) only, so a puzzle's result does not depend on the batch it
+  is in, on the number of devices or on the number of processes.
 
     evaluator = Evaluator(config, params)
     result = evaluator(np.arange(8), samples_per_device=None)  # keep every sample
@@ -277,22 +335,28 @@ class Evaluator:
     self.config = config
     self.task = _Task(config)
     self.params = params
-    self.num_devices = jax.local_device_count()
-    denoise = denoiser.make_denoise_fn(train.make_model(config), self.task.patch_size)
+    self.devices = jax.local_devices()
+    self.num_devices = len(self.devices)
+    self._replicated_params = jax_utils.replicate(params, self.devices)
+    denoise = denoiser.make_denoise_fn(build.make_model(config), self.task.patch_size)
     task, sampler_config, ipr_config = self.task, self.sampler_config, self.ipr_config
 
-    def run(params, keys, noise, image, mask, num_snapshots):
-      return sampler.srm_ipr(
+    def run(params, keys, noise, image, mask, num_snapshots, keep_final):
+      result = sampler.srm_ipr(
           functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
           patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
           score_fn=task.score_fn,
           verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
           num_snapshots=num_snapshots)
+      # Only what the host needs leaves the devices: the final images only when asked for.
+      return {"scores": result.scores, "nfe": result.nfe_per_budget,
+              "snapshots": result.snapshots, "final": task.final_fn(result.z),
+              "z": result.z if keep_final else None}
 
-    self._p_run = jax.pmap(run, in_axes=(None, 0, 0, 0, 0), static_broadcasted_argnums=5)
+    self._p_run = jax.pmap(run, static_broadcasted_argnums=(5, 6), devices=self.devices)
     root = jax.random.key(config.eval.seed)
-    self._sampling_key = jax.random.fold_in(root, _SAMPLING_STREAM)
-    noise_key = jax.random.fold_in(root, _NOISE_STREAM)
+    self._sampling_key = jax.random.fold_in(root, SAMPLING_STREAM)
+    noise_key = jax.random.fold_in(root, NOISE_STREAM)
     self._initial_noise = jax.jit(jax.vmap(
         lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
 
@@ -314,13 +378,19 @@ class Evaluator:
     mask = np.asarray(inputs["mask"], np.float32)
     return (1.0 - mask) * np.asarray(inputs["image"], np.float32)
 
-  def __call__(self, indices, samples_per_device: Optional[int] = 0) -> BatchResult:
+  def __call__(self, indices, samples_per_device: Optional[int] = 0, keep_final: bool = False,
+               pad_to: Optional[int] = None, fetch_samples: bool = True) -> BatchResult:
     """Runs SRM + IPR on puzzles `indices` ([P] ints).
 
     Args:
       indices: the test puzzle indices.
       samples_per_device: keep the samples after every budget of the first this many puzzles of
         each device's share (None: of every puzzle).
+      keep_final: also return the final samples of every puzzle.
+      pad_to: pad the batch to at least this many puzzles (rounded up to a multiple of the
+        devices), so that batches of different sizes share one compilation.
+      fetch_samples: False leaves the samples of `samples_per_device` on the devices (the
+        program, and so its compilation, stays the same; `samples` is None).
 
     Returns:
       BatchResult of the P puzzles.
@@ -329,10 +399,13 @@ class Evaluator:
     real = len(indices)
     if real == 0:
       raise ValueError("Evaluator needs at least one puzzle index, got none.")
+    if indices.min() < 0 or indices.max() >= MAX_PUZZLES:
+      raise ValueError(f"puzzle indices must be in [0, {MAX_PUZZLES}), got {indices.min()}.."
+                       f"{indices.max()}")
     if samples_per_device is not None and samples_per_device < 0:
       raise ValueError(f"samples_per_device={samples_per_device} must be >= 0 or None")
     num_devices = self.num_devices
-    per_device = -(-real // num_devices)
+    per_device = -(-max(real, pad_to or 0) // num_devices)
     padded = np.concatenate([indices, np.full(per_device * num_devices - real, indices[-1])])
     num_snapshots = per_device if samples_per_device is None else min(samples_per_device,
                                                                         per_device)
@@ -340,15 +413,23 @@ class Evaluator:
     keys = sampler.puzzle_keys(self._sampling_key, jnp.asarray(padded))
     noise = self._initial_noise(jnp.asarray(padded))
     shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
-    result = self._p_run(self.params, shard(keys), shard(noise), shard(inputs["image"]),
-                         shard(inputs["mask"]), num_snapshots)
+    result = self._p_run(self._replicated_params, shard(keys), shard(noise),
+                         shard(inputs["image"]), shard(inputs["mask"]), num_snapshots,
+                         bool(keep_final))
+    if not fetch_samples:
+      result["snapshots"] = None
     result = jax.device_get(result)
-    unshard = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
-    out = BatchResult(indices, {k: unshard(v) for k, v in result.scores.items()},
-                      unshard(result.nfe_per_budget))
-    if result.snapshots is not None:
+    # [devices, budgets, per_device] -> [budgets, P]; [devices, per_device, ...] -> [P, ...].
+    by_budget = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
+    by_puzzle = lambda x: np.asarray(x).reshape(-1, *x.shape[2:])[:real]
+    out = BatchResult(indices, {k: by_budget(v) for k, v in result["scores"].items()},
+                      by_budget(result["nfe"]),
+                      final={k: by_puzzle(v) for k, v in result["final"].items()})
+    if result["z"] is not None:
+      out.final_samples = by_puzzle(result["z"])
+    if result["snapshots"] is not None:
       # [devices, budgets, S, H, W, d] -> [devices * S, budgets, ...], real puzzles only.
-      snapshots = np.asarray(result.snapshots).swapaxes(1, 2)
+      snapshots = np.asarray(result["snapshots"]).swapaxes(1, 2)
       positions = (np.arange(num_devices)[:, None] * per_device
                    + np.arange(num_snapshots)[None, :]).reshape(-1)
       keep = positions < real
@@ -357,51 +438,171 @@ class Evaluator:
     return out
 
 
+def params_digest(params: Any) -> str:
+  """sha256 of the parameters' names, shapes, dtypes and values (identifies a checkpoint)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def run_settings(config: ml_collections.ConfigDict, params: Any, which: str) -> dict[str, Any]:
+  """What an evaluation's results depend on: the task, data, model, sampler, ipr and eval
+  sections (eval.name aside) and the parameters; shards computed under other settings are
+  refused (`eval_shards.check_settings`)."""
+  eval_settings = config.eval.to_dict()
+  eval_settings.pop("name", None)
+  return {"task": config.task, "data": config.data.to_dict(), "model": config.model.to_dict(),
+          "sampler": config.sampler.to_dict(), "ipr": config.ipr.to_dict(),
+          "eval": eval_settings, "params": which, "params_sha256": params_digest(params)}
+
+
+class EvaluationStopped(Exception):
+  """SIGTERM (or a deadline) stopped the evaluation between batches; its shards are kept."""
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _as_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] as uint8 in [0, 255] (a quarter of float32's size)."""
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def _shard_arrays(batch: BatchResult, unknown: np.ndarray, seconds: float,
+                  keep_snapshots: int) -> dict[str, np.ndarray]:
+  """A batch's per-puzzle arrays, puzzle-major ([P, budget + 1] for the per-budget ones)."""
+  arrays = {"index": batch.indices, "unknown_patches": unknown, "nfe": batch.nfe.T,
+            "seconds": np.float64(seconds), "process": np.int64(jax.process_index())}
+  arrays.update({f"score.{k}": v.T for k, v in batch.scores.items()})
+  arrays.update({f"final.{k}": v for k, v in batch.final.items()})
+  if batch.final_samples is not None:
+    arrays["samples"] = _as_uint8(batch.final_samples)
+  if keep_snapshots and batch.samples is not None:
+    arrays["snapshots"] = batch.samples[:keep_snapshots]
+    arrays["snapshot_index"] = batch.sample_indices[:keep_snapshots]
+  return arrays
+
+
+def merge_shards(shards: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """The per-puzzle arrays of all shards, in puzzle index order (what puzzles.npz holds):
+  index [P], unknown_patches [P], nfe [P, budget + 1], one [P, budget + 1] array per score,
+  the final facts (Sudoku: digit_grid [P, n, n]) and, if saved, samples uint8 [P, H, W, d]."""
+  index = np.concatenate([s["index"] for s in shards])
+  order = np.argsort(index, kind="stable")
+  skip = {"seconds", "process", "snapshots", "snapshot_index"}
+  merged = {}
+  for key in shards[0]:
+    if key not in skip:
+      name = key.split(".", 1)[-1]
+      merged[name] = np.concatenate([s[key] for s in shards])[order]
+  return merged
+
+
+def _progress_line(done: int, total: int, passes: float, elapsed: float, valid: np.ndarray,
+                   prefix: str) -> str:
+  rate = done / max(elapsed, 1e-9)
+  eta = (total - done) / rate if rate > 0 else float("inf")
+  return (f"{prefix}[{done}/{total}] {elapsed:.0f}s, {rate:.2f} puzzles/s, "
+          f"{passes / max(elapsed, 1e-9):.0f} denoiser passes/s, ETA {eta:.0f}s; valid rate at "
+          f"budget 0 {valid[0]:.3f}, at budget {len(valid) - 1} {valid[-1]:.3f}")
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             checkpoint_path: Optional[str] = None) -> list[dict[str, Any]]:
+             checkpoint_path: Optional[str] = None,
+             after_batch: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
   """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
+
+  Every batch's per-puzzle results are written as a shard under
+  `workdir/eval/<config.eval.name>/shards/` as soon as it is done; a rerun skips the batches
+  whose shards exist (and refuses shards of other settings). With several JAX processes, process p
+  computes batches p, p + N, ...; process 0 then merges every shard into results.json,
+  results.csv, puzzles.npz, puzzles.csv and the plots.
 
   Args:
     config: the task config (sections model, data, sampler, ipr, eval).
     workdir: run directory; results go to `workdir/eval/<config.eval.name>/`.
     checkpoint_path: what to restore (default: `workdir`).
+    after_batch: called on the host with the batch number after each batch's shard is written.
 
   Returns:
     The per-budget rows written to results.csv.
+
+  Raises:
+    EvaluationStopped: SIGTERM arrived; the batches done so far are kept for the rerun.
+    eval_shards.SettingsMismatchError: the shards there were computed with other settings.
   """
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
   if num_puzzles < 1 or batch_size < 1:
     raise ValueError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
                      f"{batch_size} must be positive")
+  if num_puzzles > MAX_PUZZLES:
+    raise ValueError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
   check_schedules(config)
   params, source, which = load_params(config, workdir, checkpoint_path)
   logging.info("Evaluating the %s params of %s.", which, source)
-  evaluator = Evaluator(config, params)
-  num_devices = evaluator.num_devices
-  per_device = -(-batch_size // num_devices)
-  num_snapshots = min(config.eval.num_plot_puzzles, per_device)
-
-  scores, nfe, snapshots = [], [], None
-  start_time = time.time()
-  done = 0
-  for indices, real in _batch_indices(num_puzzles, batch_size, num_devices):
-    # Full-size batches (the last one padded) so that every batch reuses one compilation.
-    batch = evaluator(indices, num_snapshots)
-    scores.append({k: v[:, :real] for k, v in batch.scores.items()})
-    nfe.append(batch.nfe[:, :real])
-    if snapshots is None and batch.samples is not None:
-      snapshots = batch.samples[:min(num_snapshots, real)]  # [P, budgets, H, W, d]
-      snapshot_indices = batch.sample_indices[:len(snapshots)]
-    done += real
-    elapsed = time.time() - start_time
-    running = np.concatenate([s["valid"] for s in scores], axis=1).mean(axis=1)
-    print(f"[{done}/{num_puzzles}] {elapsed:.0f}s elapsed, ETA "
-          f"{elapsed / done * (num_puzzles - done):.0f}s; valid rate at budget 0 "
-          f"{running[0]:.3f}, at budget {len(running) - 1} {running[-1]:.3f}", flush=True)
-
-  scores = {k: np.concatenate([s[k] for s in scores], axis=1) for k in scores[0]}
-  rows = eval_report.budget_table(scores, np.concatenate(nfe, axis=1))
   out_dir = os.path.join(workdir, "eval", config.eval.name)
+  shard_dir = os.path.join(out_dir, "shards")
+  process, num_processes = jax.process_index(), jax.process_count()
+  evaluator = Evaluator(config, params)  # checks the task's inputs (classifier, scorer) first
+  settings = run_settings(config, params, which)
+  if process == 0:
+    eval_shards.check_settings(shard_dir, settings, write=True)
+  _sync("ipr_jax.evaluate.settings")
+  if process != 0:
+    eval_shards.check_settings(shard_dir, settings)
+
+  batches = puzzle_batches(config, evaluator.task)
+  done_before = eval_shards.done_batches(shard_dir)
+  mine = [b for b in range(len(batches)) if b % num_processes == process and b not in done_before]
+  prefix = f"[process {process}] " if num_processes > 1 else ""
+  if done_before:
+    print(f"{prefix}{len(done_before)} of {len(batches)} batches already done in {shard_dir}; "
+          f"{len(mine)} to compute here.", flush=True)
+  my_total = sum(len(batches[b]) for b in mine)
+  pad_to = max(len(b) for b in batches)
+  num_snapshots = config.eval.num_plot_puzzles
+
+  start_time = time.time()
+  done, passes, valid_sum = 0, 0.0, 0.0
+  with preemption_lib.Preemption("stopping after the current batch.") as preemption:
+    for b in mine:
+      batch_start = time.time()
+      # Every batch runs the first batch's program; only the first one's samples are fetched.
+      result = evaluator(batches[b], samples_per_device=num_snapshots,
+                         keep_final=config.eval.save_samples, pad_to=pad_to,
+                         fetch_samples=b == 0)
+      unknown = evaluator.task.unknown_patches(config.eval.seed, result.indices)
+      eval_shards.write_shard(shard_dir, b, _shard_arrays(
+          result, unknown, time.time() - batch_start, num_snapshots if b == 0 else 0))
+      done += len(result.indices)
+      passes += float(result.nfe[-1].sum())
+      valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
+      print(_progress_line(done, my_total, passes, time.time() - start_time, valid_sum / done,
+                           prefix), flush=True)
+      if after_batch is not None:
+        after_batch(b)
+      if preemption.this_process() and b != mine[-1]:
+        raise EvaluationStopped(
+            f"stopped after {len(eval_shards.done_batches(shard_dir))} of {len(batches)} "
+            f"batches; rerun the same command to compute the rest ({shard_dir}).")
+  _sync("ipr_jax.evaluate.batches")
+  seconds = time.time() - start_time
+
+  shards = eval_shards.read_shards(shard_dir, len(batches))
+  per_puzzle = merge_shards(shards)
+  score_names = [k.split(".", 1)[1] for k in shards[0] if k.startswith("score.")]
+  rows = eval_report.budget_table({k: per_puzzle[k].T for k in score_names}, per_puzzle["nfe"].T)
+  if process != 0:
+    return rows
+
+  new = [b for b in range(len(batches)) if b not in done_before]
+  new_puzzles = sum(len(batches[b]) for b in new)
+  new_passes = float(sum(shards[b]["nfe"][:, -1].sum() for b in new))
   metadata = {
       "task": config.task,
       "eval": config.eval.to_dict(),
@@ -409,20 +610,38 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "ipr": config.ipr.to_dict(),
       "checkpoint": source,
       "params": which,
-      "devices": [str(d) for d in jax.local_devices()],
-      "seconds": time.time() - start_time,
+      "params_sha256": settings["params_sha256"],
+      "devices": [str(d) for d in jax.devices()],
+      "throughput": {
+          "puzzles": new_puzzles,
+          "seconds": seconds,
+          "puzzles_per_sec": new_puzzles / seconds if new_puzzles else None,
+          "denoiser_passes_per_sec": new_passes / seconds if new_puzzles else None,
+          "batches_reused": len(done_before),
+          "device_kind": jax.devices()[0].device_kind,
+          "device_count": jax.device_count(),
+          "process_count": num_processes,
+      },
       **evaluator.task.metadata,
   }
   eval_report.write_results(out_dir, rows, metadata)
+  if evaluator.task.is_sudoku:
+    per_puzzle["num_given"] = evaluator.task.num_patches - per_puzzle["unknown_patches"]
+  eval_report.write_puzzle_results(out_dir, per_puzzle, evaluator.task.csv_scores)
   eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
                               f"{config.task} / {config.eval.name}",
                               metrics=evaluator.task.plot_metrics)
-  if snapshots is not None and len(snapshots):
+  if "snapshots" in shards[0] and len(shards[0]["snapshots"]):
+    snapshots = shards[0]["snapshots"]
     eval_report.plot_ipr_process(
         os.path.join(out_dir, "ipr_process.png"), snapshots, evaluator.invalid_cells(snapshots),
-        evaluator.task.cell_size, puzzles=evaluator.puzzle_images(snapshot_indices))
+        evaluator.task.cell_size, puzzles=evaluator.puzzle_images(shards[0]["snapshot_index"]))
   print(eval_report.format_table(rows))
-  print(f"wrote {out_dir}/results.json, results.csv and plots")
+  if new_puzzles:
+    print(f"{new_puzzles} puzzles in {seconds:.0f}s: {new_puzzles / seconds:.2f} puzzles/s, "
+          f"{new_passes / seconds:.0f} denoiser passes/s on {jax.device_count()} "
+          f"{jax.devices()[0].device_kind} device(s), {num_processes} process(es)")
+  print(f"wrote {out_dir}/results.json, results.csv, puzzles.npz, puzzles.csv and plots")
   return rows
 
 
@@ -443,8 +662,12 @@ def main(argv):
   f = flags.FLAGS
   if f.config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required")
+  if f.config.distributed:
+    host_devices.initialize_distributed()
   try:
     evaluate(f.config, f.workdir, f.checkpoint)
+  except EvaluationStopped as e:
+    sys.exit(str(e))
   except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
 

@@ -36,3 +36,43 @@ def use_cpu_cores(batch_size: Optional[int] = None) -> None:
   if batch_size:
     count = max(d for d in range(1, count + 1) if int(batch_size) % d == 0)
   os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={count}".strip()
+
+
+# Explicit multi-process settings for launches that JAX cannot detect by itself (several
+# processes on one machine, or GPU nodes started by hand rather than by SLURM or Open MPI).
+COORDINATOR_ENV = "IPR_JAX_COORDINATOR"  # host:port of process 0
+NUM_PROCESSES_ENV = "IPR_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "IPR_JAX_PROCESS_ID"
+
+
+def initialize_distributed() -> None:
+  """Joins this process to a multi-process JAX run (`jax.distributed.initialize`).
+
+  With IPR_JAX_COORDINATOR, IPR_JAX_NUM_PROCESSES and IPR_JAX_PROCESS_ID all set, they are
+  passed to JAX; otherwise JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI,
+  Kubernetes). CPU devices exchange collectives through gloo, so that several CPU processes can
+  run one pmap together. Call before any other JAX call.
+
+  Raises:
+    ValueError: only some of the three variables are set, or they are not integers.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (this module is imported before XLA_FLAGS)
+
+  names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
+  values = [os.environ.get(name) for name in names]
+  kwargs = {}
+  if any(values):
+    if not all(values):
+      missing = [n for n, v in zip(names, values) if not v]
+      raise ValueError(f"{', '.join(missing)} not set: set all of {', '.join(names)} or none.")
+    try:
+      num_processes, process_id = int(values[1]), int(values[2])
+    except ValueError:
+      raise ValueError(f"{NUM_PROCESSES_ENV}={values[1]!r} and {PROCESS_ID_ENV}={values[2]!r} "
+                       "must be integers") from None
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"{PROCESS_ID_ENV}={process_id} must be in [0, {num_processes})")
+    kwargs = dict(coordinator_address=values[0], num_processes=num_processes,
+                  process_id=process_id)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)

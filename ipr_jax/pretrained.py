@@ -109,7 +109,7 @@ def load_file(path: str | os.PathLike) -> Pretrained:
     FileNotFoundError: no such file.
     ValueError: the file is not a shipped-model file or does not fit its own config.
   """
-  from ipr_jax import train  # pylint: disable=g-import-not-at-top  (train imports much)
+  from ipr_jax import build  # pylint: disable=g-import-not-at-top  (build imports the data modules)
 
   path = pathlib.Path(path)
   if not path.is_file():
@@ -125,8 +125,8 @@ def load_file(path: str | os.PathLike) -> Pretrained:
   config = ml_collections.ConfigDict(json.loads(str(flat.pop(_CONFIG_KEY))))
   metadata = json.loads(str(flat.pop(_METADATA_KEY)))
   params = _unflatten(flat)
-  model = train.make_model(config)
-  expected = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
+  model = build.make_model(config)
+  expected = jax.eval_shape(lambda: build.init_params(config, model, jax.random.key(0)))
   want = {k: tuple(v.shape) for k, v in _flatten(expected).items()}
   have = {k: tuple(v.shape) for k, v in flat.items()}
   if want != have:

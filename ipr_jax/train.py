@@ -40,9 +40,7 @@ import logging as std_logging
 import math
 import os
 import pathlib
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -57,15 +55,15 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import flow
 from ipr_jax import host_devices
 from ipr_jax import losses
+from ipr_jax import preemption as preemption_lib
 from ipr_jax import time_sampler
 from ipr_jax import train_state as train_state_lib
 from ipr_jax.data import counting_polygons
-from ipr_jax.data import even_pixels
-from ipr_jax.data import sudoku
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 
@@ -79,93 +77,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building blocks: model, task, optimizer, state.
+# Building blocks: loss weights, state.
 # ------------------------------------------------------------------------------------------------
-
-
-def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
-  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1)."""
-  m = config.model
-  d = config.data.channels
-  model = unet.UNet(
-      hid_dims=tuple(m.hid_dims), attention=tuple(bool(a) for a in m.attention), d_in=d,
-      d_out=2 * d + 1, num_blocks=m.num_blocks, t_emb_dim=m.t_emb_dim, d_emb=m.d_emb,
-      num_head_channels=m.num_head_channels, dropout=m.dropout, num_groups=m.num_groups,
-      dtype=jnp.dtype(m.dtype))
-  model.check_config()
-  return model
-
-
-TASKS = ("even_pixels", "mnist_sudoku", "counting_polygons")
-# Tasks whose training images are rendered on the host rather than generated on device.
-HOST_RENDERED_TASKS = ("counting_polygons",)
-
-
-def make_task(config: ml_collections.ConfigDict):
-  """The data generator of `config.task`.
-
-  Returns:
-    even_pixels / mnist_sudoku: an on-device pytree with `train_batch(key, batch)`;
-    counting_polygons: the host-side `CountingPolygonsTask` (rendered by
-    `counting_polygons.TrainImagePrefetcher`).
-  """
-  if config.task == "even_pixels":
-    if config.data.channels != 3:
-      raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
-    return even_pixels.EvenPixelsTask(image_size=config.data.image_size)
-  if config.task == "mnist_sudoku":
-    return sudoku.make_sudoku_task_from_config(config.data)
-  if config.task == "counting_polygons":
-    counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
-    return counting_polygons.CountingPolygonsTask(seed=config.data.seed,
-                                                  background_dir=config.data.background_dir)
-  raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
-
-
-def adam_eps(config: ml_collections.ConfigDict) -> float:
-  """config.optim.eps, or the reference's choice: 1e-8 in full precision, else 1e-7."""
-  if config.optim.eps is not None:
-    return float(config.optim.eps)
-  return 1e-8 if jnp.dtype(config.model.dtype) == jnp.float32 else 1e-7
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ..."""
-  o = config.optim
-  lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
-
-  def schedule(count):
-    # Written as a factor of lr: optax.linear_schedule's init + (end - init) form loses ~3e-4 of
-    # the first step's tiny rate to float32 cancellation.
-    if warmup <= 0:
-      return jnp.full((), lr, jnp.float32)
-    progress = jnp.minimum(count, warmup).astype(jnp.float32) / warmup
-    return lr * (start + (1.0 - start) * progress)
-
-  return schedule
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with the warm-up schedule; every parameter is decayed."""
-  o = config.optim
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
-                  weight_decay=o.weight_decay),
-  )
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """[H, W, d] of one training image."""
-  return (config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(gh, gw) of the SRM patch grid; the patch size must divide the image size."""
-  size, p = config.data.image_size, config.data.patch_size
-  if p < 1 or size % p:
-    raise ValueError(f"data.patch_size={p} does not divide data.image_size={size}")
-  return size // p, size // p
 
 
 def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
@@ -174,23 +87,15 @@ def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) ->
   if ts.name != "mean_beta":
     raise ValueError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
   return time_sampler.loss_weight_density(
-      key, patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
+      key, build.patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
       num_bins=ts.density_num_bins, blur_kernel_size=ts.density_blur_kernel_size,
       blur_sigma=ts.density_blur_sigma)
-
-
-def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
-  """Freshly initialised U-Net parameters (the inner 'params' dict)."""
-  h, w, _ = image_shape(config)
-  z = jnp.zeros((1, *image_shape(config)), jnp.float32)
-  t = jnp.zeros((1, h, w, 1), jnp.float32)
-  return jax.jit(lambda k: model.init(k, z, t)["params"])(key)
 
 
 def create_train_state(config, model, tx, key: jax.Array) -> TrainState:
   """A step-0 TrainState; `key` is split into the init key and the training loop's root key."""
   init_key, loop_key = jax.random.split(key)
-  return TrainState.create(init_params(config, model, init_key), tx, loop_key)
+  return TrainState.create(build.init_params(config, model, init_key), tx, loop_key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,11 +125,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     host-rendered training images (then `task` is unused and may be None); returns the new state
     and a dict of scalar metrics (averaged over devices) for the step just taken.
   """
-  grid = patch_grid(config)
+  grid = build.patch_grid(config)
   patch_size = config.data.patch_size
   ts, loss_cfg = config.time_sampler, config.loss
   ema_decay = float(config.optim.ema_decay)
-  schedule = learning_rate_schedule(config)
+  schedule = build.learning_rate_schedule(config)
 
   def train_step(state: TrainState, task, weight_table, example_index, images=None):
     step_key = jax.random.fold_in(state.key, state.step)
@@ -310,41 +215,6 @@ class TrainResult:
   preempted: bool = False
 
 
-class _Preemption:
-  """Sets a flag on SIGTERM (when installed from the main thread) or once `deadline` (a
-  time.time() value) has passed; restores the old handler."""
-
-  def __init__(self):
-    self.requested = threading.Event()
-    self.deadline: Optional[float] = None
-    self._previous = None
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-    self.requested.set()
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def any_process(self) -> bool:
-    """Whether any process received SIGTERM or passed the deadline (a collective when there are
-    several processes)."""
-    if self.deadline is not None and time.time() >= self.deadline:
-      self.requested.set()
-    flag = self.requested.is_set()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-    return flag
-
-
 def unreplicate(tree: Any) -> Any:
   """The first device's copy of every leaf of a pmap output (single-device arrays)."""
   return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
@@ -398,7 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed.
   """
   # SIGTERM from here on (also during setup) leads to a save after the next step, then a return.
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption("saving a checkpoint and stopping.") as preemption:
     if time_limit_s is not None:
       if time_limit_s < 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0")
@@ -409,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
            hooks: Sequence[Callable[[int], None]],
            log_fn: Optional[Callable[[dict[str, Any]], None]],
-           preemption: _Preemption) -> TrainResult:
+           preemption: preemption_lib.Preemption) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -430,11 +300,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   state_key, density_key = jax.random.split(root)
   del root  # derive every key from the named splits above
 
-  model = make_model(config)
-  tx = make_optimizer(config)
-  task = make_task(config)
+  model = build.make_model(config)
+  tx = build.make_optimizer(config)
+  task = build.make_task(config)
   host_task = None
-  if config.task in HOST_RENDERED_TASKS:
+  if config.task in build.HOST_RENDERED_TASKS:
     host_task, task = task, None
   weight_table = make_loss_weight_table(config, density_key)
   state = create_train_state(config, model, tx, state_key)
@@ -501,7 +371,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       images = None
       if prefetcher is not None:
         images = _shard_local(prefetcher.get().reshape(num_local, per_device,
-                                                       *image_shape(config)))
+                                                       *build.image_shape(config)))
       state, metrics = p_train_step(state, task, weight_table, example_index, images)
       pending.append((step, metrics))
       if step == start_step + 1:
@@ -587,7 +457,7 @@ def main(argv: Sequence[str]) -> None:
   config = flags.FLAGS.config
   host_devices.use_cpu_cores(config.batch_size)  # before the first JAX call initialises XLA
   if config.distributed:
-    jax.distributed.initialize()
+    host_devices.initialize_distributed()
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:

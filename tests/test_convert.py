@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import convert
 from ipr_jax import torch_files
-from ipr_jax import train
 from ipr_jax.models import state_dict as state_dict_lib
 
 torch = pytest.importorskip("torch")
@@ -85,7 +85,7 @@ def test_converted_lightning_checkpoint_holds_the_ema_parameters(case, config_fi
     for k, v in overrides.items():
       section, field = k.split(".")
       task_config[section][field] = v
-  model = train.make_model(task_config)
+  model = build.make_model(task_config)
   # The binary wrote exactly the EMA state_dict's parameters (not the live ones, which are +1):
   # the mapping that tests/test_unet.py checks against the reference's own forward outputs.
   expected = state_dict_lib.unet_params_from_state_dict(state_dict, model)
@@ -115,7 +115,7 @@ def test_plain_npz_state_dict_needs_no_torch_and_live_weights_are_selectable(gol
 def test_reference_presets_check_the_key_count(config_name, preset, count, task_config):
   config = task_config(config_name)
   assert config.model.name == preset
-  model = train.make_model(config)
+  model = build.make_model(config)
   keys = state_dict_lib.expected_state_dict_keys(model)
   assert len(keys) == count == convert.REFERENCE_KEY_COUNTS[preset]
   shapes = state_dict_lib.expected_state_dict_shapes(model)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_task_config
-from ipr_jax import train
+from ipr_jax import build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_sampler_section_counts_the_spec_passes(check):
   results, summary = check
   assert results["sampler_budget"] == 2
   config = load_task_config("mnist_sudoku", "demo")
-  task = train.make_task(config)
+  task = build.make_task(config)
   (ms_name,) = [n for n in results["sampler"] if n.startswith("mnist_sudoku")]
   for row in results["sampler"][ms_name]:
     batch = task.test_batch(config.eval.seed, np.arange(row["batch"]),
@@ -79,5 +79,7 @@ def test_train_section_runs_a_case_in_its_own_process(check):
   (case,) = results["train"].values()
   assert "error" not in case, case
   assert case["model"] == "tiny" and case["batch"] == 4 and case["images_per_s"] > 0 and np.isfinite(case["loss"])
+  # The step's FLOPs: at least a forward and a backward (2 x 2 FLOPs per weight) per image.
+  assert case["flops_per_step"] > 4 * case["batch"] * case["num_params"]
   assert case["peak_memory_bytes"] is None  # CPU reports no allocator statistics
   assert "## Training" in summary

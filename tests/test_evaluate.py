@@ -8,17 +8,23 @@ initialised SRM outputs exactly zero).
 
 import csv
 import json
+import pathlib
+import signal
 
 import jax
 import numpy as np
 import pytest
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import eval_report
+from ipr_jax import eval_shards
 from ipr_jax import evaluate
 from ipr_jax import pretrained
-from ipr_jax import train
-from ipr_jax.data import sudoku
+from ipr_jax import sampler
+import multiprocess
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 # How far the valid rate of the regression set may move from the shipped record: floating-point
 # details (XLA version, CPU kind) can flip a sample whose cell classification is borderline.
@@ -28,13 +34,13 @@ REGRESSION_MARGIN = 0.125
 
 def _random_weights_checkpoint(config, workdir):
   """A checkpoint whose every parameter is random, so that the model's output is not zero."""
-  model = train.make_model(config)
-  params = train.init_params(config, model, jax.random.key(0))
+  model = build.make_model(config)
+  params = build.init_params(config, model, jax.random.key(0))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(treedef, [
       x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  checkpoint.save_params_checkpoint(workdir, params, config, train.make_optimizer(config))
+  checkpoint.save_params_checkpoint(workdir, params, config, build.make_optimizer(config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def test_nfe_is_the_spec_count_of_each_puzzle(demo_run):
   """SRM: 3 passes per unknown cell (overlap 0); IPR: 2k + 8 per iteration (p = 10, overlap
   0.8, spec §4.3) with k = max(1, floor(unknown / 4)) re-noised cells."""
   config, _, rows = demo_run
-  task = train.make_task(config)
+  task = build.make_task(config)
   batch = task.test_batch(config.eval.seed, np.arange(config.eval.num_puzzles),
                           tuple(config.eval.given_range))
   unknown = 16 - np.asarray(batch["num_given"])
@@ -123,15 +129,125 @@ def test_budget_zero_is_the_plain_srm_run_at_any_batch_size(shipped, demo_run, t
     assert srm_rows[0][key] == rows[0][key], key
 
 
-def test_results_do_not_depend_on_batch_size(shipped, demo_run, tmp_path):
-  _, _, rows = demo_run
-  # Samples must differ from the noise for this to mean anything: some are valid Sudokus.
-  assert max(r["valid_rate"] for r in rows) > 0
-  config = _regression_config(shipped, eval__batch_size=6)  # another split, padded last batch
-  rows6 = evaluate.evaluate(config, str(tmp_path))
-  for a, b in zip(rows, rows6):
+def _load_puzzles(workdir, name="regression"):
+  with np.load(workdir / "eval" / name / "puzzles.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+def _sigterm_after(batch_to_stop):
+  def hook(batch):
+    if batch == batch_to_stop:
+      signal.raise_signal(signal.SIGTERM)
+  return hook
+
+
+def test_interrupted_run_at_another_batch_size_resumes_to_the_same_results(
+    shipped, demo_run, tmp_path):
+  """SIGTERM after a batch keeps the shards written so far; the rerun computes only the rest
+  and its files equal an uninterrupted run's, here one with another batch size (so other
+  batches and paddings): a puzzle's result depends only on (seed, index)."""
+  _, demo_workdir, rows = demo_run
+  config = _regression_config(shipped, eval__batch_size=6)  # 6 batches, the last one padded
+  with pytest.raises(evaluate.EvaluationStopped, match="after 3 of 6 batches"):
+    evaluate.evaluate(config, str(tmp_path), after_batch=_sigterm_after(2))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  shard_dir = tmp_path / "eval" / "regression" / "shards"
+  assert eval_shards.done_batches(shard_dir) == {0, 1, 2}
+  assert not (tmp_path / "eval" / "regression" / "results.csv").exists()
+
+  computed = []
+  resumed = evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  assert computed == [3, 4, 5]
+  mine, theirs = _load_puzzles(tmp_path), _load_puzzles(demo_workdir)
+  assert mine.keys() == theirs.keys()
+  for key in mine:
+    np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+  # Samples must differ from the noise for this to mean anything: the model fixes rules.
+  assert mine["duplicate_count"][:, -1].mean() < mine["duplicate_count"][:, 0].mean()
+  for a, b in zip(resumed, rows):
     for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
-      assert a[key] == pytest.approx(b[key], abs=1e-9), (a["budget"], key)
+      assert a[key] == b[key], (a["budget"], key)
+  throughput = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
+      "metadata"]["throughput"]
+  assert throughput["batches_reused"] == 3 and throughput["puzzles"] == 32 - 18
+  assert throughput["puzzles_per_sec"] > 0 and throughput["device_count"] == 2
+
+
+def test_shards_of_other_settings_are_refused(shipped, demo_run):
+  _, workdir, _ = demo_run
+  config = _regression_config(shipped, ipr__budget=3)
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"ipr.budget: 4 -> 3"):
+    evaluate.evaluate(config, str(workdir))
+  config = _regression_config(shipped, eval__seed=36)
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"eval.seed: 35 -> 36"):
+    evaluate.evaluate(config, str(workdir))
+
+
+def test_per_puzzle_file_agrees_with_the_table(demo_run):
+  config, workdir, rows = demo_run
+  puzzles = _load_puzzles(workdir)
+  budgets = config.ipr.budget + 1
+  assert list(puzzles["index"]) == list(range(config.eval.num_puzzles))
+  assert puzzles["valid"].shape == puzzles["nfe"].shape == (config.eval.num_puzzles, budgets)
+  for b, row in enumerate(rows):
+    assert puzzles["valid"][:, b].mean() == pytest.approx(row["valid_rate"], abs=1e-12)
+    assert puzzles["duplicate_count"][:, b].mean() == pytest.approx(row["mean_duplicate_count"])
+    assert puzzles["nfe"][:, b].mean() == pytest.approx(row["mean_nfe"])
+  assert np.all(puzzles["num_given"] + puzzles["unknown_patches"] == 16)
+  batch = build.make_task(config).test_batch(config.eval.seed, puzzles["index"],
+                                             tuple(config.eval.given_range))
+  np.testing.assert_array_equal(puzzles["num_given"], batch["num_given"])
+  # The final digit grids obey the rules exactly where the last budget is valid.
+  broken = evaluate.invalid_sudoku_cells(puzzles["digit_grid"]).any(axis=(-2, -1))
+  np.testing.assert_array_equal(~broken, puzzles["valid"][:, -1])
+  # The CSV holds the same records.
+  with open(workdir / "eval" / "regression" / "puzzles.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [int(r["index"]) for r in table] == list(puzzles["index"])
+  for b in range(budgets):
+    assert [int(r[f"valid_b{b}"]) for r in table] == list(puzzles["valid"][:, b].astype(int))
+    assert [int(r[f"nfe_b{b}"]) for r in table] == list(puzzles["nfe"][:, b])
+  assert table[0]["digit_grid"] == "".join(map(str, puzzles["digit_grid"][0].reshape(-1)))
+
+
+def test_two_processes_split_the_batches_and_match_one_process(demo_run, tmp_path):
+  """The binary as 2 JAX processes of 1 device each: the same per-puzzle results as the
+  single-process run on 2 devices, written once by process 0."""
+  _, demo_workdir, _ = demo_run
+  outputs = multiprocess.run_processes("ipr_jax.evaluate", [
+      f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo", f"--workdir={tmp_path}",
+      "--config.eval.num_puzzles=32", "--config.eval.batch_size=16", "--config.ipr.budget=4",
+      "--config.eval.name=regression"])
+  assert "[process 0] [16/16]" in outputs[0] and "[process 1] [16/16]" in outputs[1]
+  assert "wrote" in outputs[0] and "wrote" not in outputs[1]
+  shard_dir = tmp_path / "eval" / "regression" / "shards"
+  processes = [int(np.load(eval_shards.shard_path(shard_dir, b))["process"]) for b in (0, 1)]
+  assert processes == [0, 1]
+  mine, theirs = _load_puzzles(tmp_path), _load_puzzles(demo_workdir)
+  for key in theirs:
+    np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+  throughput = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
+      "metadata"]["throughput"]
+  assert throughput["process_count"] == 2 and throughput["device_count"] == 2
+
+
+def test_key_streams_never_share_a_key(shipped, demo_run):
+  """Puzzle content (`test_batch`: fold_in(key(seed), i)), initial noise and sampling keys of
+  the first 1000 puzzles, and the streams' own keys, are all distinct."""
+  config, _, _ = demo_run
+  evaluator = evaluate.Evaluator(config, shipped.params)
+  indices = jax.numpy.arange(1000)
+  root = jax.random.key(config.eval.seed)
+  noise_root = jax.random.fold_in(root, evaluate.NOISE_STREAM)
+  keys = [sampler.puzzle_keys(root, indices), sampler.puzzle_keys(noise_root, indices),
+          sampler.puzzle_keys(evaluator._sampling_key, indices),  # pylint: disable=protected-access
+          jax.numpy.stack([noise_root, evaluator._sampling_key])]  # pylint: disable=protected-access
+  data = np.concatenate([np.asarray(jax.random.key_data(k)) for k in keys])
+  assert len({tuple(row) for row in data}) == len(data) == 3002
+  # The evaluator's initial noise of puzzle 5 is the noise stream's draw, not the content's.
+  noise = evaluator._initial_noise(jax.numpy.array([5]))  # pylint: disable=protected-access
+  expected = jax.random.normal(jax.random.fold_in(noise_root, 5), noise.shape[1:])
+  np.testing.assert_array_equal(noise[0], expected)
 
 
 def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_run):

@@ -4,16 +4,16 @@ import jax
 import numpy as np
 import pytest
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import pretrained
-from ipr_jax import train
 
 
 @pytest.fixture(scope="module")
 def tiny():
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
   config = load_task_config("mnist_sudoku", "tiny")
-  params = train.init_params(config, train.make_model(config), jax.random.key(0))
+  params = build.init_params(config, build.make_model(config), jax.random.key(0))
   return config, jax.device_get(params)
 
 
@@ -46,7 +46,7 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
   # Weights of another model under this config: refused, naming a parameter.
   other = config.copy_and_resolve_references()
   other.model.hid_dims = (16, 32, 32)
-  shapes = jax.eval_shape(lambda: train.init_params(other, train.make_model(other),
+  shapes = jax.eval_shape(lambda: build.init_params(other, build.make_model(other),
                                                      jax.random.key(0)))
   small = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)  # no compilation needed
   mismatched = tmp_path / "mismatched.npz"
@@ -73,7 +73,7 @@ def test_export_run_writes_the_ema_weights_and_record(tiny, tmp_path):
   config, params = tiny
   ema = jax.tree.map(lambda x: x + 1.0, params)
   checkpoint.save_params_checkpoint(tmp_path / "run", params, config,
-                                    train.make_optimizer(config), ema_params=ema, step=7)
+                                    build.make_optimizer(config), ema_params=ema, step=7)
   path = pretrained.export_run(tmp_path / "run", "exported", git_commit="abc",
                                extra={"note": "x"}, output_dir=tmp_path)
   loaded = pretrained.load_file(path)

@@ -7,6 +7,7 @@ To keep the file near a minute on 2 shared cores, the runs use even_pixels.py:ti
 
 import json
 import pathlib
+import shutil
 import signal
 
 import jax
@@ -16,10 +17,12 @@ import numpy as np
 import optax
 import pytest
 
+from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import config_base
 from ipr_jax import train
 from ipr_jax import train_state
+import multiprocess
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -71,7 +74,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def test_warmup_schedule_is_torch_linear_lr():
   config = load_config("even_pixels")
   lr = config.optim.learning_rate
-  schedule = train.learning_rate_schedule(config)
+  schedule = build.learning_rate_schedule(config)
   # LinearLR(start_factor=2e-4, total_iters=5000): factor 2e-4 + (1 - 2e-4) min(k, 5000) / 5000.
   for k in (0, 1, 2500, 4999, 5000, 10_000):
     factor = 2e-4 + (1 - 2e-4) * min(k, 5000) / 5000
@@ -80,17 +83,17 @@ def test_warmup_schedule_is_torch_linear_lr():
 
 def test_adam_eps_follows_precision():
   config = load_config("mnist_sudoku")
-  assert train.adam_eps(config) == 1e-7  # bf16-mixed, as the reference ran
+  assert build.adam_eps(config) == 1e-7  # bf16-mixed, as the reference ran
   config.model.dtype = "float32"
-  assert train.adam_eps(config) == 1e-8
+  assert build.adam_eps(config) == 1e-8
   config.optim.eps = 3e-6
-  assert train.adam_eps(config) == 3e-6
+  assert build.adam_eps(config) == 3e-6
 
 
 def test_first_optimizer_step_is_clipped_adamw():
   config = load_config("even_pixels")
   config.model.dtype = "float32"
-  tx = train.make_optimizer(config)
+  tx = build.make_optimizer(config)
   params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.25])}
   grads = {"w": jnp.array([3.0, 0.0, -4.0]), "b": jnp.array([0.0])}  # global norm 5 > 1
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -122,8 +125,8 @@ def test_ema_first_update_copies_then_averages():
 
 def run_pmapped_steps(config, devices, num_steps):
   """num_steps train steps with the global batch split over `devices`."""
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  task = train.make_task(config)
+  model, tx = build.make_model(config), build.make_optimizer(config)
+  task = build.make_task(config)
   table = train.make_loss_weight_table(config, jax.random.key(1))
   state = train.create_train_state(config, model, tx, jax.random.key(0))
   p_step = jax.pmap(train.make_train_step(config, model, tx), axis_name="batch",
@@ -149,7 +152,7 @@ def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
   assert_trees_close(two.ema_params, one.ema_params)
   assert_trees_close(two.opt_state, one.opt_state)
   # Not vacuous: the parameters moved.
-  init = train.create_train_state(config, train.make_model(config), train.make_optimizer(config),
+  init = train.create_train_state(config, build.make_model(config), build.make_optimizer(config),
                                   jax.random.key(0))
   assert not np.allclose(two.params["decoder"]["out_2"]["kernel"],
                          init.params["decoder"]["out_2"]["kernel"])
@@ -172,14 +175,32 @@ def sigterm_at(step_to_stop):
   return hook
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
-  config = small_config(num_train_steps=4, checkpoint_every_steps=3, log_every_steps=1)
-  straight = train.train(config, tmp_path / "straight")
-  assert not straight.preempted and int(straight.state.step) == 4
+def resume_config():
+  return small_config(num_train_steps=4, checkpoint_every_steps=3, log_every_steps=1)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """4 uninterrupted steps of resume_config() in one process on 2 devices."""
+  result = train.train(resume_config(), tmp_path_factory.mktemp("straight"))
+  assert not result.preempted and int(result.state.step) == 4
+  return result
+
+
+@pytest.fixture(scope="module")
+def stopped_at_2(tmp_path_factory):
+  """A run of resume_config() stopped by SIGTERM after step 2 (copy it before resuming it)."""
+  workdir = tmp_path_factory.mktemp("stopped_at_2")
+  result = train.train(resume_config(), workdir, hooks=[sigterm_at(2)])
+  assert result.preempted and int(result.state.step) == 2
+  return workdir
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(straight, stopped_at_2, tmp_path):
+  config = resume_config()
 
   workdir = tmp_path / "interrupted"
-  first = train.train(config, workdir, hooks=[sigterm_at(2)])
-  assert first.preempted and int(first.state.step) == 2
+  shutil.copytree(stopped_at_2, workdir)
   # SIGTERM saved step 2 although checkpoint_every_steps is 3, and the handler was restored.
   assert checkpoint.find_step_dir(workdir).name == "2"
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -198,6 +219,44 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
                      rtol=0, atol=0)
   # Restarting a finished run does nothing.
   assert int(train.train(config, workdir).state.step) == 4
+
+
+def _override_flags(config):
+  """The command-line overrides that turn even_pixels.py:tiny into `config`."""
+  flags = []
+  for section, names in (("data", ("image_size",)),
+                         ("model", ("hid_dims", "attention", "num_groups", "num_head_channels",
+                                    "t_emb_dim", "d_emb")),
+                         ("time_sampler", ("density_num_samples",))):
+    for name in names:
+      value = config[section][name]
+      text = f"({','.join(map(str, value))})" if isinstance(value, tuple) else str(value)
+      flags.append(f"--config.{section}.{name}={text}")
+  for name in ("batch_size", "num_train_steps", "log_every_steps"):
+    flags.append(f"--config.{name}={config[name]}")
+  return flags
+
+
+def test_two_processes_resume_a_checkpoint_and_train_like_one(straight, stopped_at_2, tmp_path):
+  """The training binary as 2 JAX processes of 1 device each: both resume the step-2 checkpoint
+  of a single-process run, train steps 3 and 4 on the same global batch, and write one step-4
+  checkpoint equal to the uninterrupted single process on 2 devices."""
+  shutil.copytree(stopped_at_2, tmp_path, dirs_exist_ok=True)
+  args = [f"--config={CONFIG_DIR / 'even_pixels.py'}:tiny", f"--workdir={tmp_path}",
+          *_override_flags(resume_config()), "--config.checkpoint_every_steps=3"]
+  # Compiled like this module's runs (see fast_compilation).
+  env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+  outputs = multiprocess.run_processes("ipr_jax.train", args, extra_env=env)
+  for out in outputs:
+    assert "Training steps 3..4" in out and "step 4/4" in out, out[-2000:]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3", "4"]
+  state = checkpoint.restore_latest(tmp_path, jax.device_get(straight.state))
+  assert int(state.step) == 4
+  for field in ("params", "ema_params", "opt_state"):
+    assert_trees_close(getattr(state, field), getattr(straight.state, field), rtol=1e-4)
+  # Process 0 alone appends to metrics.jsonl.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
 def test_time_limit_stops_with_a_checkpoint_and_log_fn_sees_every_record(tmp_path):

@@ -237,11 +237,26 @@ class SudokuTask:
       raise ValueError(f"indices shape {indices.shape}: expected [B]")
     return self._test_batch(jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi))
 
+  def test_given_counts(self, seed: int | jax.Array, indices,
+                        given_range="hard") -> jax.Array:
+    """int32 [B] the given-cell counts of test puzzles `indices`, as `test_batch` draws them,
+    without rendering the puzzles (cheap enough for a whole test set)."""
+    lo, hi = check_given_range(given_range, self.box_size)
+    indices = jnp.asarray(indices, jnp.int32)
+    if indices.ndim != 1:
+      raise ValueError(f"indices shape {indices.shape}: expected [B]")
+    uniforms = self._test_uniforms(jnp.asarray(seed, jnp.uint32), indices)
+    return uniform_integers(uniforms[:, 1], jnp.int32(lo), jnp.int32(hi))
+
+  @jax.jit
+  def _test_uniforms(self, seed, indices):
+    root = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i),
+                                                 (self._uniforms_per_puzzle,)))(indices)
+
   @jax.jit
   def _test_batch(self, seed, indices, lo, hi):
-    root = jax.random.key(seed)
-    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i),
-                                                     (self._uniforms_per_puzzle,)))(indices)
+    uniforms = self._test_uniforms(seed, indices)
     return self._puzzles_from_uniforms(self.test_grids, self.test_digits, uniforms, lo, hi)
 
 

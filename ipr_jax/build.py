@@ -1,0 +1,108 @@
+"""Builds what a run needs from its config: the task's data, the U-Net, the optimizer.
+
+The training, evaluation and conversion binaries all build their pieces here, so that a config
+means the same model and data in each of them.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ipr_jax.data import counting_polygons
+from ipr_jax.data import even_pixels
+from ipr_jax.data import sudoku
+from ipr_jax.models import unet
+
+
+def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
+  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1)."""
+  m = config.model
+  d = config.data.channels
+  model = unet.UNet(
+      hid_dims=tuple(m.hid_dims), attention=tuple(bool(a) for a in m.attention), d_in=d,
+      d_out=2 * d + 1, num_blocks=m.num_blocks, t_emb_dim=m.t_emb_dim, d_emb=m.d_emb,
+      num_head_channels=m.num_head_channels, dropout=m.dropout, num_groups=m.num_groups,
+      dtype=jnp.dtype(m.dtype))
+  model.check_config()
+  return model
+
+
+TASKS = ("even_pixels", "mnist_sudoku", "counting_polygons")
+# Tasks whose training images are rendered on the host rather than generated on device.
+HOST_RENDERED_TASKS = ("counting_polygons",)
+
+
+def make_task(config: ml_collections.ConfigDict):
+  """The data generator of `config.task`.
+
+  Returns:
+    even_pixels / mnist_sudoku: an on-device pytree with `train_batch(key, batch)`;
+    counting_polygons: the host-side `CountingPolygonsTask` (rendered by
+    `counting_polygons.TrainImagePrefetcher`).
+  """
+  if config.task == "even_pixels":
+    if config.data.channels != 3:
+      raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
+    return even_pixels.EvenPixelsTask(image_size=config.data.image_size)
+  if config.task == "mnist_sudoku":
+    return sudoku.make_sudoku_task_from_config(config.data)
+  if config.task == "counting_polygons":
+    counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
+    return counting_polygons.CountingPolygonsTask(seed=config.data.seed,
+                                                  background_dir=config.data.background_dir)
+  raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[H, W, d] of one training image."""
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(gh, gw) of the SRM patch grid; the patch size must divide the image size."""
+  size, p = config.data.image_size, config.data.patch_size
+  if p < 1 or size % p:
+    raise ValueError(f"data.patch_size={p} does not divide data.image_size={size}")
+  return size // p, size // p
+
+
+def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
+  """Freshly initialised U-Net parameters (the inner 'params' dict)."""
+  h, w, _ = image_shape(config)
+  z = jnp.zeros((1, *image_shape(config)), jnp.float32)
+  t = jnp.zeros((1, h, w, 1), jnp.float32)
+  return jax.jit(lambda k: model.init(k, z, t)["params"])(key)
+
+
+def adam_eps(config: ml_collections.ConfigDict) -> float:
+  """config.optim.eps, or the reference's choice: 1e-8 in full precision, else 1e-7."""
+  if config.optim.eps is not None:
+    return float(config.optim.eps)
+  return 1e-8 if jnp.dtype(config.model.dtype) == jnp.float32 else 1e-7
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ..."""
+  o = config.optim
+  lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
+
+  def schedule(count):
+    # Written as a factor of lr: optax.linear_schedule's init + (end - init) form loses ~3e-4 of
+    # the first step's tiny rate to float32 cancellation.
+    if warmup <= 0:
+      return jnp.full((), lr, jnp.float32)
+    progress = jnp.minimum(count, warmup).astype(jnp.float32) / warmup
+    return lr * (start + (1.0 - start) * progress)
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with the warm-up schedule; every parameter is decayed."""
+  o = config.optim
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
+                  weight_decay=o.weight_decay),
+  )

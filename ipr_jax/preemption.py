@@ -1,0 +1,54 @@
+"""SIGTERM (or a deadline) as a request to stop at the next safe point, agreed by all processes.
+
+Preemptible machines get SIGTERM shortly before they go; the training and evaluation loops check
+`Preemption.any_process()` between steps or batches, save what they have and stop.
+"""
+
+import signal
+import threading
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+
+class Preemption:
+  """Sets a flag on SIGTERM (when installed from the main thread) or once `deadline` (a
+  time.time() value) has passed; restores the old handler."""
+
+  def __init__(self, message: str = "stopping after the current step."):
+    self.message = message
+    self.requested = threading.Event()
+    self.deadline: Optional[float] = None
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: %s", signum, self.message)
+    self.requested.set()
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def this_process(self) -> bool:
+    """Whether this process received SIGTERM or passed the deadline (no communication)."""
+    if self.deadline is not None and time.time() >= self.deadline:
+      self.requested.set()
+    return self.requested.is_set()
+
+  def any_process(self) -> bool:
+    """Whether any process received SIGTERM or passed the deadline (a collective when there are
+    several processes)."""
+    flag = self.this_process()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return flag
