@@ -6,8 +6,9 @@ One binary for one CPU, one GPU or every core of a TPU pod:
 
 * Data parallel with `jax.pmap` over the local devices: each device gets batch_size / device_count
   examples, gradients and metrics are averaged with `lax.pmean`. On several hosts
-  (`--config.distributed=True` calls `jax.distributed.initialize()`) every process draws only its
-  own examples.
+  (`--config.distributed=True`, see `host_devices.initialize_distributed`) the global batch is
+  split over every device of every process, each process draws only its own examples, and
+  process 0 writes metrics.jsonl and config.json; every process resumes the same checkpoint.
 * Even Pixels images and MNIST Sudoku puzzles are generated on device from the PRNG, so those
   tasks have no input pipeline. Counting Polygons images are drawn with Pillow on the host:
   `data.render_workers` background workers render the batches of the next
