@@ -258,19 +258,19 @@ def check_schedules(config: ml_collections.ConfigDict) -> None:
   sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
 
 
-def puzzle_batches(config: ml_collections.ConfigDict, task: "_Task") -> list[np.ndarray]:
+def puzzle_batches(config: ml_collections.ConfigDict, unknown: np.ndarray) -> list[np.ndarray]:
   """The evaluation's batches: `config.eval.num_puzzles` puzzle indices in groups of
   `config.eval.batch_size` (the last one may be smaller), each sorted.
 
   With `config.eval.sort_by_unknowns` (the default) the puzzles are grouped by the number of
   patches the SRM pass generates, fewest first (ties by index), since a batch's sampling loop runs
   until its longest schedule ends; otherwise in index order. A puzzle's result depends only on
-  (config.eval.seed, its index), not on its batch.
+  (config.eval.seed, its index), not on its batch. `unknown` [num_puzzles]: the puzzles'
+  `_Task.unknown_patches`.
   """
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
   indices = np.arange(num_puzzles)
   if config.eval.sort_by_unknowns:
-    unknown = task.unknown_patches(config.eval.seed, indices)
     indices = indices[np.argsort(unknown, kind="stable")]
   return [np.sort(indices[s:s + batch_size]) for s in range(0, num_puzzles, batch_size)]
 
@@ -556,7 +556,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if process != 0:
     eval_shards.check_settings(shard_dir, settings)
 
-  batches = puzzle_batches(config, evaluator.task)
+  # Computed once: they order the batches and go into each batch's shard.
+  unknown = evaluator.task.unknown_patches(config.eval.seed, np.arange(config.eval.num_puzzles))
+  batches = puzzle_batches(config, unknown)
   done_before = eval_shards.done_batches(shard_dir)
   mine = [b for b in range(len(batches)) if b % num_processes == process and b not in done_before]
   prefix = f"[process {process}] " if num_processes > 1 else ""
@@ -576,9 +578,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       result = evaluator(batches[b], samples_per_device=num_snapshots,
                          keep_final=config.eval.save_samples, pad_to=pad_to,
                          fetch_samples=b == 0)
-      unknown = evaluator.task.unknown_patches(config.eval.seed, result.indices)
       eval_shards.write_shard(shard_dir, b, _shard_arrays(
-          result, unknown, time.time() - batch_start, num_snapshots if b == 0 else 0))
+          result, unknown[result.indices], time.time() - batch_start, num_snapshots if b == 0 else 0))
       done += len(result.indices)
       passes += float(result.nfe[-1].sum())
       valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
