@@ -190,6 +190,27 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   config.ipr.num_corruption_swaps = 5
   # Stop refining once the task check passes (reference: False).
   config.ipr.immediate_stop = False
+  # Variants beyond the paper (experiments/README.md compares them); the defaults are the paper's.
+  # Patches to re-noise: 'random' (paper), 'uncertainty' (the model's own uncertainty query,
+  # Gumbel top-k; costs uncertainty_groups passes per iteration) or 'verifier' (cells in a broken
+  # row, column or box as classified first; uses the verifier, MNIST Sudoku only: a reference).
+  config.ipr.selection = "random"
+  # What the uncertainty query scores per patch: 'nll' (of its current content) or 'sigma'.
+  config.ipr.uncertainty_score = "nll"
+  # Denoiser passes per uncertainty query (the candidates are split into this many groups).
+  config.ipr.uncertainty_groups = 4
+  # Gumbel temperature of the uncertainty-guided draw (on standardised scores; smaller: greedier).
+  config.ipr.selection_temperature = 0.5
+  # Re-noise to t0 in (0, 1] instead of pure noise, with round(steps_per_patch * t0) steps.
+  config.ipr.renoise_time = 1.0
+  # 'constant' (paper) or 'linear' from resampling_ratio to final_resampling_ratio.
+  config.ipr.ratio_schedule = "constant"
+  # Ratio that the 'linear' schedule reaches at iteration ratio_decay_iterations and keeps.
+  config.ipr.final_resampling_ratio = 0.125
+  # Iterations over which the 'linear' ratio schedule decays.
+  config.ipr.ratio_decay_iterations = 10
+  # 'last' (paper) or 'confident': the iterate with the lowest mean uncertainty score so far.
+  config.ipr.return_iterate = "last"
 
   # Evaluation run (spec §4.5, §5.4).
   config.eval = ml_collections.ConfigDict()

@@ -136,17 +136,19 @@ def counting_polygons_score_fn(scorer: polygon_scorer.PolygonScorer,
 
 def invalid_sudoku_cells(grids: np.ndarray) -> np.ndarray:
   """bool [..., n, n]: True where a cell's digit repeats in its row, column or box."""
-  grids = np.asarray(grids)
-  n = grids.shape[-1]
-  box = int(round(n ** 0.5))
-  onehot = grids[..., None] == np.arange(1, n + 1)  # [..., n, n, n]
-  rows = onehot.sum(-2, keepdims=True)
-  cols = onehot.sum(-3, keepdims=True)
-  boxes = onehot.reshape(*grids.shape[:-2], box, box, box, box, n).sum((-4, -2), keepdims=True)
-  boxes = np.broadcast_to(boxes, (*grids.shape[:-2], box, box, box, box, n))
-  boxes = boxes.reshape(*grids.shape[:-2], n, n, n)
-  repeated = (rows > 1) | (cols > 1) | (boxes > 1)
-  return np.any(onehot & repeated, axis=-1)
+  return np.asarray(sudoku_metrics.invalid_cells(np.asarray(grids)))
+
+
+def sudoku_cell_verify_fn(classifier_params: Any,
+                          box_size: int) -> Callable[[jax.Array], jax.Array]:
+  """z [B, H, W, 1] -> [B, n * n] bool: cells (row-major) whose classified digit repeats in their
+  row, column or box. The verifier of selection='verifier'."""
+
+  def broken(z):
+    grids = sudoku_metrics.predict_digit_grids(classifier_params, z, box_size)
+    return sudoku_metrics.invalid_cells(grids).reshape(z.shape[0], -1)
+
+  return broken
 
 
 class _Task:
@@ -160,6 +162,7 @@ class _Task:
     self.is_sudoku = config.task == "mnist_sudoku"
     self.csv_scores = ("valid",)  # per-budget scores written to puzzles.csv
     self.num_patches = int(np.prod(build.patch_grid(config)))
+    self.cell_verify_fn = None  # per-cell rule check (selection='verifier'); Sudoku only
     if config.task == "mnist_sudoku":
       self.data = build.make_task(config)
       self.box_size = config.data.box_size
@@ -167,6 +170,7 @@ class _Task:
       self.classifier_params = classifier_lib.load_classifier_params(
           path, cell_size=config.data.cell_size)
       self.score_fn = sudoku_score_fn(self.classifier_params, self.box_size)
+      self.cell_verify_fn = sudoku_cell_verify_fn(self.classifier_params, self.box_size)
       self.csv_scores = ("valid", "duplicate_count")
       self.given_range = tuple(config.eval.given_range)
       self.cell_size = config.data.cell_size
@@ -193,6 +197,9 @@ class _Task:
       self.csv_scores = ("valid", *CP_METRICS)
     else:
       raise ValueError(f"unknown task {config.task!r}; expected one of {build.TASKS}")
+    if config.ipr.get("selection") == "verifier" and self.cell_verify_fn is None:
+      raise ValueError(f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
+                       f"mnist_sudoku has; got task {config.task!r}")
     self.image_shape = build.image_shape(config)
 
   def inputs(self, seed: int, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
@@ -347,9 +354,15 @@ class Evaluator:
           patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
           score_fn=task.score_fn,
           verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
+          cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
           num_snapshots=num_snapshots)
+      scores = dict(result.scores)
+      if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
+        scores.update({f"last_{name}": value for name, value in result.last_scores.items()})
+      if result.uncertainty is not None:
+        scores["model_uncertainty"] = result.uncertainty
       # Only what the host needs leaves the devices: the final images only when asked for.
-      return {"scores": result.scores, "nfe": result.nfe_per_budget,
+      return {"scores": scores, "nfe": result.nfe_per_budget,
               "snapshots": result.snapshots, "final": task.final_fn(result.z),
               "z": result.z if keep_final else None}
 
@@ -454,8 +467,12 @@ def run_settings(config: ml_collections.ConfigDict, params: Any, which: str) -> 
   refused (`eval_shards.check_settings`)."""
   eval_settings = config.eval.to_dict()
   eval_settings.pop("name", None)
+  # The IPR variants at the paper's values are left out, so that shards written before the
+  # variants existed still match a run of the paper's IPR.
+  ipr_settings = {key: value for key, value in config.ipr.to_dict().items()
+                  if not (key in sampler.VARIANT_DEFAULTS and value == sampler.VARIANT_DEFAULTS[key])}
   return {"task": config.task, "data": config.data.to_dict(), "model": config.model.to_dict(),
-          "sampler": config.sampler.to_dict(), "ipr": config.ipr.to_dict(),
+          "sampler": config.sampler.to_dict(), "ipr": ipr_settings,
           "eval": eval_settings, "params": which, "params_sha256": params_digest(params)}
 
 

@@ -19,6 +19,25 @@ jit-compilable program:
   patch size and the configs static. `ipr_refine` runs IPR alone on given
   samples.
 
+IPR variants beyond the paper (`IPRConfig`; the defaults are the paper's IPR and leave its
+program, keys and samples unchanged, checked against runs stored before the variants existed):
+
+* selection='uncertainty': after each pass, `uncertainty_query` splits the candidate patches
+  into G random groups and, in G denoiser passes (one call on a G x batch), scores each patch by
+  the model's prediction of it from the others (the NLL of its current content, or log sigma);
+  the next iteration draws its k patches by Gumbel top-k of the standardised scores at
+  `selection_temperature`. Cost: G passes per iteration (and after the SRM pass).
+* selection='verifier': patches that `cell_verify_fn` flags (Sudoku: cells in a broken row,
+  column or box, as classified) first, uniformly among them, then uniformly among the rest. It
+  uses the task's verifier: a reference, not a verifier-free method.
+* renoise_time=t0 < 1: chosen patches go to z_t0 = (1 - t0) z + t0 eps (the forward process)
+  and are regenerated from t0 with round(steps_per_patch t0) steps per patch, the prototype
+  scaled by t0.
+* ratio_schedule='linear': the ratio of iteration i moves linearly from resampling_ratio to
+  final_resampling_ratio over ratio_decay_iterations and then stays; k per iteration follows.
+* return_iterate='confident': the returned sample after each budget is the iterate (SRM sample
+  included) with the lowest mean query score so far; the last iterate's scores are returned too.
+
 The greedy state of a puzzle is: z, which patches are still waiting, the step
 at which each patch was selected, the block counter and the next block start.
 The patch-level time row fed to the denoiser at step s is then
@@ -67,11 +86,18 @@ ScoreFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 # z [B, H, W, d] -> [B] bool, True where the sample is accepted.
 VerifyFn = Callable[[jax.Array], jax.Array]
 
+# z [B, H, W, d] -> [B, N] bool, True for patches that break the task's rules (a verifier).
+CellVerifyFn = Callable[[jax.Array], jax.Array]
+
 NOISE_TYPES = ("random", "fixed")
 MODES = ("standard", "correction")
+SELECTIONS = ("random", "uncertainty", "verifier")
+UNCERTAINTY_SCORES = ("nll", "sigma")
+RATIO_SCHEDULES = ("constant", "linear")
+RETURN_ITERATES = ("last", "confident")
 
 # Tags for fold_in, so the streams of one puzzle key never collide.
-_IPR_STREAM, _CORRUPT_STREAM, _NOISE_STREAM = 1, 2, 3
+_IPR_STREAM, _CORRUPT_STREAM, _NOISE_STREAM, _QUERY_STREAM = 1, 2, 3, 4
 
 
 def _coerce(config, **types) -> None:
@@ -141,6 +167,28 @@ class IPRConfig:
       random cell swaps; every cell becomes free; no SRM pass).
     num_corruption_swaps: K swaps in correction mode.
     immediate_stop: freeze a puzzle once `verify_fn` accepts it.
+    selection: which patches an iteration re-noises (see `SELECTIONS` and the
+      module docstring): 'random' (the paper's), 'uncertainty' (the model's own
+      uncertainty query, Gumbel top-k) or 'verifier' (cells that `cell_verify_fn`
+      flags first; uses the task's verifier, a reference only).
+    uncertainty_score: what the uncertainty query measures per patch: 'nll'
+      (negative log-likelihood of the patch's current content under the
+      model's prediction from the other patches) or 'sigma' (the predicted
+      log-variance alone).
+    uncertainty_groups: G, the query's passes: candidates are split into G
+      random groups, each re-noised to t = 1 in one denoiser pass.
+    selection_temperature: temperature of the Gumbel top-k draw over the
+      standardised uncertainty scores, > 0 (smaller: more greedy).
+    renoise_time: t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x +
+      t0 eps and are regenerated from t0 with round(steps_per_patch * t0)
+      steps per patch (1 = the paper's full re-noising).
+    ratio_schedule: 'constant' (the paper's) or 'linear': the ratio of IPR
+      iteration i goes linearly from resampling_ratio (i = 1) to
+      final_resampling_ratio (i >= ratio_decay_iterations).
+    final_resampling_ratio: the last ratio of the 'linear' schedule, (0, 1].
+    ratio_decay_iterations: iterations over which the 'linear' schedule moves.
+    return_iterate: 'last' (the paper's) or 'confident': the iterate (SRM
+      sample included) whose mean uncertainty score is lowest so far.
   """
   budget: int = 30
   steps_per_patch: int = 10
@@ -150,10 +198,22 @@ class IPRConfig:
   mode: str = "standard"
   num_corruption_swaps: int = 5
   immediate_stop: bool = False
+  selection: str = "random"
+  uncertainty_score: str = "nll"
+  uncertainty_groups: int = 4
+  selection_temperature: float = 0.5
+  renoise_time: float = 1.0
+  ratio_schedule: str = "constant"
+  final_resampling_ratio: float = 0.125
+  ratio_decay_iterations: int = 10
+  return_iterate: str = "last"
 
   def __post_init__(self):
     _coerce(self, budget=int, steps_per_patch=int, overlap=float,
-            resampling_ratio=float, num_corruption_swaps=int)
+            resampling_ratio=float, num_corruption_swaps=int,
+            uncertainty_groups=int, selection_temperature=float,
+            renoise_time=float, final_resampling_ratio=float,
+            ratio_decay_iterations=int)
     if self.budget < 0:
       raise ValueError(f"budget must be a non-negative integer, got {self.budget!r}.")
     if self.steps_per_patch < 1:
@@ -170,6 +230,55 @@ class IPRConfig:
     if self.num_corruption_swaps < 0:
       raise ValueError("num_corruption_swaps must be a non-negative integer, "
                        f"got {self.num_corruption_swaps!r}.")
+    for name, allowed in (("selection", SELECTIONS),
+                          ("uncertainty_score", UNCERTAINTY_SCORES),
+                          ("ratio_schedule", RATIO_SCHEDULES),
+                          ("return_iterate", RETURN_ITERATES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(
+            f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+    if self.uncertainty_groups < 1:
+      raise ValueError("uncertainty_groups must be a positive integer, "
+                       f"got {self.uncertainty_groups!r}.")
+    if not self.selection_temperature > 0.0:
+      raise ValueError("selection_temperature must be positive, "
+                       f"got {self.selection_temperature!r}.")
+    if not 0.0 < self.renoise_time <= 1.0:
+      raise ValueError(f"renoise_time must lie in (0, 1], got {self.renoise_time!r}.")
+    if not 0.0 < self.final_resampling_ratio <= 1.0:
+      raise ValueError("final_resampling_ratio must lie in (0, 1], "
+                       f"got {self.final_resampling_ratio!r}.")
+    if self.ratio_decay_iterations < 1:
+      raise ValueError("ratio_decay_iterations must be a positive integer, "
+                       f"got {self.ratio_decay_iterations!r}.")
+
+  @property
+  def queries_uncertainty(self) -> bool:
+    """Whether iterations run the uncertainty query (it costs denoiser passes)."""
+    return self.selection == "uncertainty" or self.return_iterate == "confident"
+
+  @property
+  def renoise_steps_per_patch(self) -> int:
+    """Steps per patch of the regeneration: round(steps_per_patch * renoise_time), >= 1."""
+    if self.renoise_time == 1.0:
+      return self.steps_per_patch
+    return max(1, int(round(self.steps_per_patch * self.renoise_time)))
+
+  def ratio_at(self, iteration: int) -> float:
+    """The resampling ratio of IPR iteration `iteration` (1-based)."""
+    if self.ratio_schedule == "constant":
+      return self.resampling_ratio
+    span = max(self.ratio_decay_iterations - 1, 1)
+    frac = min(max(iteration - 1, 0), span) / span
+    return self.resampling_ratio + frac * (self.final_resampling_ratio - self.resampling_ratio)
+
+
+# The IPRConfig fields of the variants beyond the paper, at the paper's values.
+VARIANT_DEFAULTS = {
+    field.name: field.default for field in dataclasses.fields(IPRConfig)
+    if field.name in ("selection", "uncertainty_score", "uncertainty_groups",
+                      "selection_temperature", "renoise_time", "ratio_schedule",
+                      "final_resampling_ratio", "ratio_decay_iterations", "return_iterate")}
 
 
 @flax.struct.dataclass
@@ -201,7 +310,8 @@ class IPRResult:
   """Output of IPR (and of `srm_ipr`).
 
   Attributes:
-    z: `[B, H, W, d]` float32 last iterate (no best-of selection, as the reference).
+    z: `[B, H, W, d]` float32 returned iterate: the last (the reference's), or
+      the most confident one with return_iterate='confident'.
     scores: `{name: [budget + 1, B]}` score_fn of the sample after budgets
       0..budget (empty without score_fn).
     nfe: `[B]` int32 total denoiser passes (initial SRM + IPR).
@@ -212,7 +322,12 @@ class IPRResult:
     initial_order: `[B, N]` int32 selection order of the SRM pass (-1 padding;
       all -1 in correction mode).
     snapshots: `[budget + 1, num_snapshots, H, W, d]` float32 samples of the
-      first puzzles after each budget, or None.
+      first puzzles after each budget (the last iterates), or None.
+    last_scores: with return_iterate='confident', `{name: [budget + 1, B]}`
+      score_fn of the last iterate (`scores` are then those of the returned,
+      most confident iterate); else None.
+    uncertainty: `[budget + 1, B]` float32 mean uncertainty score of the last
+      iterate after each budget when the configuration queries it, else None.
   """
   z: jax.Array
   scores: dict
@@ -222,6 +337,8 @@ class IPRResult:
   resampled: jax.Array
   initial_order: jax.Array
   snapshots: Optional[jax.Array] = None
+  last_scores: Optional[dict] = None
+  uncertainty: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------
@@ -343,13 +460,18 @@ def _lookup_schedule(table: schedule_lib.ScheduleTable, n: jax.Array,
       prototype=jnp.asarray(protos)[n])
 
 
-def _time_rows(step, state: _GreedyState, sched: _PuzzleSchedule) -> jax.Array:
-  """Patch times `[B, N]` at `step` (see the module docstring)."""
+def _time_rows(step, state: _GreedyState, sched: _PuzzleSchedule,
+               start_time: Optional[jax.Array] = None) -> jax.Array:
+  """Patch times `[B, N]` at `step` (see the module docstring).
+
+  Waiting patches are at `start_time` `[B]` (None: 1, pure noise).
+  """
   age = step - state.selected_at
   in_block = (state.selected_at >= 0) & (age < sched.block_len[:, None])
   index = jnp.clip(age, 0, sched.prototype.shape[1] - 1)
   t_selected = jnp.take_along_axis(sched.prototype, index, axis=1)
-  t = jnp.where(state.waiting, 1.0, jnp.where(in_block, t_selected, 0.0))
+  t_waiting = 1.0 if start_time is None else start_time[:, None]
+  t = jnp.where(state.waiting, t_waiting, jnp.where(in_block, t_selected, 0.0))
   return jnp.where((step < sched.max_steps)[:, None], t, 0.0).astype(jnp.float32)
 
 
@@ -381,14 +503,16 @@ def _select(step, live, state: _GreedyState, sched: _PuzzleSchedule,
 def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
             sched: _PuzzleSchedule, *, patch_size: int, stochasticity: float,
             temperature: float, clamp_noise: bool, record_steps: int = 0,
-            step_limit: Optional[int] = None) -> GreedyResult:
+            step_limit: Optional[int] = None,
+            start_time: Optional[jax.Array] = None) -> GreedyResult:
   """The greedy loop on a batch; `waiting` [B, N] are the patches to generate.
 
   A `lax.while_loop` over steps that runs until the longest schedule of the
   batch has ended; a puzzle past its own schedule keeps its state and spends
   no passes. With record_steps > 0 the time and sigma rows of the first
   record_steps steps are kept; with step_limit the loop stops after that many
-  steps.
+  steps. Waiting patches start at `start_time` `[B]` (None: t = 1); the
+  schedule's prototypes must then start there too.
   """
   batch, num_patches = waiting.shape
   grid = patch_grid(z.shape, patch_size)
@@ -409,13 +533,13 @@ def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
   def step_fn(carry):
     step, state, rows = carry
     live = step < sched.max_steps
-    t_now = _time_rows(step, state, sched)
+    t_now = _time_rows(step, state, sched, start_time)
     t_now_pix = patches_to_pixels(t_now, grid, patch_size)
     out = denoise_fn(state.z, t_now_pix)
     sigma = patch_mean(out.sigma.astype(jnp.float32), patch_size)
     new = _select(step, live, state, sched, sigma)
-    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched), grid,
-                                   patch_size)
+    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time),
+                                   grid, patch_size)
     kernel = flow.reverse_kernel(
         out.u.astype(jnp.float32), state.z, t_now_pix, t_next_pix,
         out.v.astype(jnp.float32), stochasticity, temperature)
@@ -517,6 +641,17 @@ def num_resampled_table(num_patches: int, ratio: float) -> np.ndarray:
                   np.int32)
 
 
+def resample_counts(ipr_config: IPRConfig, num_patches: int) -> np.ndarray:
+  """`[budget + 1, N + 1]` int32: row i holds k for c = 0..N candidates at IPR iteration i.
+
+  Row i uses `ipr_config.ratio_at(i)`; row 0 (the SRM pass, which re-noises nothing) repeats
+  row 1. k is not yet capped at c (the sampler takes min(k, c)).
+  """
+  iterations = range(1, max(ipr_config.budget, 1) + 1)
+  rows = [num_resampled_table(num_patches, ipr_config.ratio_at(i)) for i in iterations]
+  return np.stack(rows[:1] + rows[:ipr_config.budget])
+
+
 def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_patches: int,
                     unknown_counts) -> None:
   """Refuses settings whose schedules are degenerate for the patch counts that can occur.
@@ -539,10 +674,15 @@ def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_pa
     schedule_lib.check_block_starts(counts, sampler_config.steps_per_patch,
                                     sampler_config.overlap, clean, name="sampler")
   if ipr_config.budget > 0:
-    table = num_resampled_table(num_patches, ipr_config.resampling_ratio)
-    ks = [min(int(table[c]), c) for c in counts]
-    schedule_lib.check_block_starts(ks, ipr_config.steps_per_patch, ipr_config.overlap, clean,
-                                    name="ipr")
+    table = resample_counts(ipr_config, num_patches)
+    ks = {min(int(k), c) for row in table for k, c in zip(row[counts], counts)}
+    name = "ipr"
+    if ipr_config.renoise_steps_per_patch != ipr_config.steps_per_patch:
+      name = (f"ipr (renoise_time={ipr_config.renoise_time} leaves "
+              f"{ipr_config.renoise_steps_per_patch} of steps_per_patch="
+              f"{ipr_config.steps_per_patch})")
+    schedule_lib.check_block_starts(ks, ipr_config.renoise_steps_per_patch, ipr_config.overlap,
+                                    clean, name=name)
 
 
 def resample_mask(key: jax.Array, candidates: jax.Array, ratio: float) -> jax.Array:
@@ -562,9 +702,89 @@ def resample_mask(key: jax.Array, candidates: jax.Array, ratio: float) -> jax.Ar
   count = jnp.sum(candidates)
   k = jnp.minimum(jnp.asarray(num_resampled_table(num_patches, ratio))[count],
                   count)
-  scores = jnp.where(candidates, jax.random.uniform(key, [num_patches]), 2.0)
+  return random_subset(key, candidates, k)
+
+
+def random_subset(key: jax.Array, candidates: jax.Array, k: jax.Array) -> jax.Array:
+  """`[N]` bool: min(k, |candidates|) candidates drawn uniformly without replacement."""
+  scores = jnp.where(candidates, jax.random.uniform(key, candidates.shape[-1:]), 2.0)
   ranks = jnp.argsort(jnp.argsort(scores))
   return (ranks < k) & candidates
+
+
+def ranked_subset(key: jax.Array, candidates: jax.Array, priority: jax.Array,
+                  k: jax.Array) -> jax.Array:
+  """`[N]` bool: min(k, |candidates|) candidates by Gumbel top-k of the logits `priority` [N].
+
+  A draw without replacement in which a patch is picked with probability proportional to
+  exp(priority) among those left; equal priorities give a uniform subset.
+  """
+  noisy = priority + jax.random.gumbel(key, priority.shape, jnp.float32)
+  ranks = jnp.argsort(jnp.argsort(jnp.where(candidates, -noisy, jnp.inf)))
+  return (ranks < k) & candidates
+
+
+def standardized(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+  """Scores `[B, N]` shifted and scaled to mean 0, std 1 over each puzzle's candidates."""
+  count = jnp.maximum(jnp.sum(candidates, axis=1, keepdims=True), 1)
+  mean = jnp.sum(jnp.where(candidates, scores, 0.0), axis=1, keepdims=True) / count
+  var = jnp.sum(jnp.where(candidates, (scores - mean) ** 2, 0.0), axis=1, keepdims=True) / count
+  return jnp.where(candidates, (scores - mean) / (jnp.sqrt(var) + 1e-6), 0.0)
+
+
+def uncertainty_query(denoise_fn: DenoiseFn, z: jax.Array, candidates: jax.Array,
+                      keys: jax.Array, *, patch_size: int, groups: int,
+                      score: str = "nll") -> jax.Array:
+  """The model's own uncertainty about each candidate patch of the samples z, in G passes.
+
+  The candidates of each puzzle are split into G random groups of equal size (+-1). For each
+  group one denoiser pass sees the group's patches as pure noise (t = 1, fresh noise) and every
+  other patch as it is in z at t = 0, the situation of an IPR iteration that re-noises that
+  group. A patch's score comes from the pass in which it was noised:
+    'sigma': log sigma, the predicted uncertainty of the patch given the rest;
+    'nll':   log sigma + mean((z - x_hat)^2) / (2 sigma^2), the Gaussian negative
+             log-likelihood (per pixel, constant dropped) of the patch's current content under
+             the prediction x_hat = z_1 - u from the rest; it is what the sigma head is trained
+             to score (spec §3.3, at t = 1 x - x_hat = u_hat - u).
+  The G passes run as one denoiser call on a batch of G * B.
+
+  Args:
+    denoise_fn: as in `srm_sample`.
+    z: `[B, H, W, d]` current samples (given cells pasted).
+    candidates: `[B, N]` bool patches to score.
+    keys: `[B]` typed per-puzzle keys of this query.
+    patch_size: P.
+    groups: G >= 1.
+    score: 'nll' or 'sigma'.
+
+  Returns:
+    `[B, N]` float32 scores, higher = more uncertain; 0 on non-candidates.
+  """
+  if score not in UNCERTAINTY_SCORES:
+    raise ValueError(f"score must be one of {UNCERTAINTY_SCORES}, got {score!r}.")
+  batch, num_patches = candidates.shape
+  grid = patch_grid(z.shape, patch_size)
+  split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  draws = jax.vmap(lambda k: jax.random.uniform(k, [num_patches]))(split[:, 0])
+  ranks = jnp.argsort(jnp.argsort(jnp.where(candidates, draws, 2.0), axis=1), axis=1)
+  group = ranks % groups  # [B, N]
+  eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(split[:, 1])
+  noised = candidates[None] & (group[None] == jnp.arange(groups)[:, None, None])  # [G, B, N]
+  pixels = patch_pixel_mask(noised.reshape(groups * batch, num_patches), grid, patch_size)
+  tile = lambda x: jnp.broadcast_to(x[None], (groups,) + x.shape).reshape(
+      (groups * batch,) + x.shape[1:])
+  z_all = tile(z.astype(jnp.float32))
+  z_query = jnp.where(pixels, tile(eps), z_all)
+  t_query = pixels.astype(jnp.float32)
+  out = denoise_fn(z_query, t_query)
+  sigma = out.sigma.astype(jnp.float32)
+  per_patch = patch_mean(jnp.log(sigma), patch_size)
+  if score == "nll":
+    x_hat = flow.x_from_u(z_query, t_query, out.u.astype(jnp.float32))
+    per_patch = per_patch + 0.5 * patch_mean(((z_all - x_hat) / sigma) ** 2, patch_size)
+  per_patch = per_patch.reshape(groups, batch, num_patches)
+  own = jnp.take_along_axis(per_patch, group[None], axis=0)[0]
+  return jnp.where(candidates, own, 0.0)
 
 
 def corrupt_by_swaps(key: jax.Array, image: jax.Array, patch_size: int,
@@ -611,11 +831,17 @@ def _scores(score_fn: Optional[ScoreFn], z) -> dict:
   return {name: jnp.asarray(value) for name, value in score_fn(z).items()}
 
 
+def _mean_over(values: jax.Array, candidates: jax.Array) -> jax.Array:
+  """`[B]` mean of `values` [B, N] over each puzzle's candidates (0 without candidates)."""
+  count = jnp.maximum(jnp.sum(candidates, axis=1), 1)
+  return jnp.sum(jnp.where(candidates, values, 0.0), axis=1) / count
+
+
 def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
             srm_unknown: Optional[jax.Array], patch_size: int,
             sampler_config: SamplerConfig, ipr_config: IPRConfig,
             score_fn: Optional[ScoreFn], verify_fn: Optional[VerifyFn],
-            num_snapshots: int) -> IPRResult:
+            cell_verify_fn: Optional[CellVerifyFn], num_snapshots: int) -> IPRResult:
   """IPR, optionally preceded by the SRM pass, as one scan over iterations.
 
   With `srm_unknown` given, iteration 0 is the SRM pass that generates those
@@ -627,13 +853,18 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
     raise ValueError(f"noise must have shape {z.shape}, got {noise.shape}.")
   if ipr_config.immediate_stop and verify_fn is None:
     raise ValueError("immediate_stop=True needs a verify_fn.")
+  if ipr_config.selection == "verifier" and cell_verify_fn is None:
+    raise ValueError("selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
+                     "check); only MNIST Sudoku has one.")
   batch, num_patches = candidates.shape
   grid = patch_grid(z.shape, patch_size)
   ratio = ipr_config.resampling_ratio
   clean = sampler_config.clean_schedule
   with_srm = srm_unknown is not None
+  t0 = ipr_config.renoise_time
+  partial = t0 < 1.0
   ipr_table = schedule_lib.schedule_table(
-      num_patches, ipr_config.steps_per_patch, ipr_config.overlap, clean)
+      num_patches, ipr_config.renoise_steps_per_patch, ipr_config.overlap, clean, t0)
   proto_len = ipr_table.prototypes.shape[1]
   if with_srm:
     srm_table = schedule_lib.schedule_table(
@@ -643,6 +874,17 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
   num_snapshots = min(int(num_snapshots), batch)
   z = z.astype(jnp.float32)
   iteration_keys = _fold(keys, _IPR_STREAM)
+  num_iterations = ipr_config.budget + int(with_srm)
+  counts = jnp.asarray(resample_counts(ipr_config, num_patches))
+  query = ipr_config.queries_uncertainty
+  confident = ipr_config.return_iterate == "confident"
+  query_keys = _fold(keys, _QUERY_STREAM)
+
+  def run_query(z, index, active):
+    cells = uncertainty_query(
+        denoise_fn, z, candidates, _fold(query_keys, index), patch_size=patch_size,
+        groups=ipr_config.uncertainty_groups, score=ipr_config.uncertainty_score)
+    return cells, jnp.where(active, ipr_config.uncertainty_groups, 0).astype(jnp.int32)
 
   stopped = jnp.zeros([batch], bool)
   if ipr_config.immediate_stop and not with_srm:
@@ -650,23 +892,45 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
   stop_budget = jnp.where(stopped, 0, -1).astype(jnp.int32)
   initial_order = jnp.full((batch, num_patches), -1, jnp.int32)
   nfe = jnp.zeros([batch], jnp.int32)
+  # The uncertainty of the current iterate's patches, read by the next iteration's selection.
+  cells = jnp.zeros((batch, num_patches), jnp.float32)
+  best = jnp.full([batch], jnp.inf, jnp.float32)
+  if query and not with_srm:  # budget 0 is the input: query it first.
+    cells, cost = run_query(z, 0, ~stopped)
+    nfe = nfe + cost
+    best = _mean_over(cells, candidates)
 
   def iteration(carry, j):
-    z, nfe, stopped, stop_budget, initial_order = carry
+    z, nfe, stopped, stop_budget, initial_order, cells, z_best, best = carry
     # [B, 3]: resampling, re-noising and greedy-step keys of this iteration.
     it_keys = jax.vmap(lambda k: jax.random.split(k, 3))(_fold(iteration_keys, j))
     active = ~stopped
-    chosen = jax.vmap(resample_mask, in_axes=(0, 0, None))(
-        it_keys[:, 0], candidates, ratio) & active[:, None]
+    ipr_iteration = j if with_srm else j + 1  # 1-based; 0 is the SRM pass
+    k = jnp.minimum(counts[ipr_iteration][jnp.sum(candidates, axis=1)],
+                    jnp.sum(candidates, axis=1))
+    if ipr_config.selection == "random" and ipr_config.ratio_schedule == "constant":
+      chosen = jax.vmap(resample_mask, in_axes=(0, 0, None))(
+          it_keys[:, 0], candidates, ratio)
+    elif ipr_config.selection == "random":
+      chosen = jax.vmap(random_subset)(it_keys[:, 0], candidates, k)
+    else:
+      if ipr_config.selection == "uncertainty":
+        priority = standardized(cells, candidates) / ipr_config.selection_temperature
+      else:  # Cells the verifier flags first, uniformly among them; then uniformly the rest.
+        priority = jnp.where(cell_verify_fn(z).astype(bool), 1e4, 0.0)
+      chosen = jax.vmap(ranked_subset)(it_keys[:, 0], candidates, priority, k)
+    chosen = chosen & active[:, None]
     if ipr_config.noise_type == "fixed":
       fresh = noise.astype(jnp.float32)
     else:
       fresh = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(
           it_keys[:, 1])
-    z_start = jnp.where(patch_pixel_mask(chosen, grid, patch_size), fresh, z)
+    renoised = flow.z_t(z, fresh, t0) if partial else fresh
+    z_start = jnp.where(patch_pixel_mask(chosen, grid, patch_size), renoised, z)
     if mask is not None:
       z_start = masked + mask * z_start
     sched = _lookup_schedule(ipr_table, jnp.sum(chosen, axis=1), proto_len)
+    start_time = jnp.full([batch], t0, jnp.float32) if partial else None
     waiting = chosen
     if with_srm:
       is_srm = j == 0
@@ -674,26 +938,44 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
       chosen = chosen & ~is_srm
       z_start = jnp.where(is_srm, z, z_start)
       sched = jax.tree.map(lambda a, b: jnp.where(is_srm, a, b), srm_sched, sched)
+      if partial:
+        start_time = jnp.where(is_srm, 1.0, start_time)
     out = _greedy(denoise_fn, z_start, masked, mask, waiting, it_keys[:, 2], sched,
                   patch_size=patch_size, stochasticity=sampler_config.stochasticity,
                   temperature=sampler_config.temperature,
-                  clamp_noise=sampler_config.clamp_noise)
+                  clamp_noise=sampler_config.clamp_noise, start_time=start_time)
     z = jnp.where(active[:, None, None, None], out.z, z)
     nfe = nfe + out.nfe
     if with_srm:
       initial_order = jnp.where(is_srm, out.order, initial_order)
+    uncertainty = None
+    if query:
+      # With return_iterate='last' the last iterate is never ranked: skip its query.
+      needed = True if confident else j < num_iterations - 1
+      cells, cost = jax.lax.cond(
+          needed, lambda: run_query(z, j + 1, active),
+          lambda: (jnp.full_like(cells, jnp.nan), jnp.zeros([batch], jnp.int32)))
+      nfe = nfe + cost
+      uncertainty = _mean_over(cells, candidates)
+      if confident:
+        better = active & (uncertainty < best)
+        z_best = jnp.where(better[:, None, None, None], z, z_best)
+        best = jnp.where(better, uncertainty, best)
     if ipr_config.immediate_stop:
       accepted = active & verify_fn(z).astype(bool)
       stop_budget = jnp.where(accepted, j if with_srm else j + 1, stop_budget)
       stopped = stopped | accepted
-    outputs = (_scores(score_fn, z), nfe, chosen, z[:num_snapshots])
-    return (z, nfe, stopped, stop_budget, initial_order), outputs
+      if confident:  # The verifier's choice overrides the model's.
+        z_best = jnp.where(accepted[:, None, None, None], z, z_best)
+    returned = z_best if confident else z
+    outputs = (_scores(score_fn, returned), nfe, chosen, z[:num_snapshots],
+               _scores(score_fn, z) if confident else None, uncertainty)
+    return (z, nfe, stopped, stop_budget, initial_order, cells, z_best, best), outputs
 
-  num_iterations = ipr_config.budget + int(with_srm)
-  carry, (scores, nfes, resampled, snapshots) = jax.lax.scan(
-      iteration, (z, nfe, stopped, stop_budget, initial_order),
+  carry, (scores, nfes, resampled, snapshots, last_scores, uncertainty) = jax.lax.scan(
+      iteration, (z, nfe, stopped, stop_budget, initial_order, cells, z, best),
       jnp.arange(num_iterations, dtype=jnp.int32))
-  z_final, nfe_final, _, stop_budget, initial_order = carry
+  z_final, nfe_final, _, stop_budget, initial_order, _, z_best, _ = carry
 
   if with_srm:
     resampled = resampled[1:]
@@ -703,10 +985,15 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
     scores = jax.tree.map(with_budget0, _scores(score_fn, z), scores)
     nfes = with_budget0(nfe, nfes)
     snapshots = with_budget0(z[:num_snapshots], snapshots)
-  return IPRResult(z=z_final, scores=scores, nfe=nfe_final, nfe_per_budget=nfes,
-                   stop_budget=stop_budget, resampled=resampled,
+    if confident:
+      last_scores = jax.tree.map(with_budget0, _scores(score_fn, z), last_scores)
+    if query:  # `best` still holds the input's query (the scan's carry is separate).
+      uncertainty = with_budget0(best, uncertainty)
+  return IPRResult(z=z_best if confident else z_final, scores=scores, nfe=nfe_final,
+                   nfe_per_budget=nfes, stop_budget=stop_budget, resampled=resampled,
                    initial_order=initial_order,
-                   snapshots=snapshots if num_snapshots else None)
+                   snapshots=snapshots if num_snapshots else None,
+                   last_scores=last_scores, uncertainty=uncertainty)
 
 
 def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
@@ -715,6 +1002,7 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                sampler_config: SamplerConfig, ipr_config: IPRConfig,
                score_fn: Optional[ScoreFn] = None,
                verify_fn: Optional[VerifyFn] = None,
+               cell_verify_fn: Optional[CellVerifyFn] = None,
                num_snapshots: int = 0) -> IPRResult:
   """IPR iterations on a batch of given samples (spec §4.5).
 
@@ -739,6 +1027,8 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
     score_fn: z [B, H, W, d] -> {name: [B]}, scored after every budget (static).
     verify_fn: z -> [B] bool; with immediate_stop a puzzle whose sample is
       accepted (already at budget 0) keeps it and spends no more passes (static).
+    cell_verify_fn: z -> [B, N] bool patches that break the rules, for
+      selection='verifier' (static).
     num_snapshots: keep the samples of the first this many puzzles at every budget.
 
   Returns:
@@ -749,7 +1039,7 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                  srm_unknown=None, patch_size=patch_size,
                  sampler_config=sampler_config, ipr_config=ipr_config,
                  score_fn=score_fn, verify_fn=verify_fn,
-                 num_snapshots=num_snapshots)
+                 cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
 
 
 def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array],
@@ -757,6 +1047,7 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
             patch_size: int, sampler_config: SamplerConfig,
             ipr_config: IPRConfig, score_fn: Optional[ScoreFn] = None,
             verify_fn: Optional[VerifyFn] = None,
+            cell_verify_fn: Optional[CellVerifyFn] = None,
             num_snapshots: int = 0) -> IPRResult:
   """Initial SRM pass (or correction-mode corruption) followed by IPR.
 
@@ -787,6 +1078,8 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
     ipr_config: IPRConfig.
     score_fn: z -> {name: [B]}, scored after every budget.
     verify_fn: z -> [B] bool, for immediate_stop (checked after SRM too).
+    cell_verify_fn: z -> [B, N] bool rule-breaking patches, for
+      selection='verifier'.
     num_snapshots: samples of the first puzzles kept at every budget.
 
   Returns:
@@ -804,7 +1097,7 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
         _fold(keys, _NOISE_STREAM))
   common = dict(patch_size=patch_size, sampler_config=sampler_config,
                 ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-                num_snapshots=num_snapshots)
+                cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
 
   if ipr_config.mode == "correction":
     if image is None:

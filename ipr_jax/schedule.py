@@ -217,10 +217,16 @@ class ScheduleTable:
 
 @functools.lru_cache(maxsize=64)
 def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
-                   clean: bool = False) -> ScheduleTable:
-  """Tabulates `make_schedule` for n = 0..num_patches (cached per argument set)."""
+                   clean: bool = False, start_time: float = 1.0) -> ScheduleTable:
+  """Tabulates `make_schedule` for n = 0..num_patches (cached per argument set).
+
+  With `start_time` t0 < 1 (IPR's partial re-noising) every prototype is scaled by t0, so a
+  patch goes t0, t0 (L-1)/L, ..., t0 / L, then 0; the steps are those of `steps_per_patch`.
+  """
   if int(num_patches) != num_patches or num_patches < 1:
     raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}.")
+  if not 0.0 < start_time <= 1.0:
+    raise ValueError(f"start_time must lie in (0, 1], got {start_time!r}.")
   schedules = [make_schedule(n, steps_per_patch, overlap, clean)
                for n in range(num_patches + 1)]
   max_len = max(1, max(s.block_len for s in schedules))
@@ -229,6 +235,8 @@ def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
   for s in schedules:
     starts[s.n, :s.n + 1] = s.block_starts
     protos[s.n, :s.block_len] = s.prototype
+  if start_time != 1.0:
+    protos = (protos * _F32(start_time)).astype(_F32)
   table = ScheduleTable(
       num_patches=int(num_patches),
       max_steps=np.array([s.max_steps for s in schedules], np.int32),

@@ -31,7 +31,9 @@ SCHEMA = {
     "sampler": ["steps_per_patch", "overlap", "stochasticity", "temperature", "top_k",
                 "clean_schedule"],
     "ipr": ["budget", "steps_per_patch", "overlap", "resampling_ratio", "noise_type", "mode",
-            "num_corruption_swaps", "immediate_stop"],
+            "num_corruption_swaps", "immediate_stop", "selection", "uncertainty_score",
+            "uncertainty_groups", "selection_temperature", "renoise_time", "ratio_schedule",
+            "final_resampling_ratio", "ratio_decay_iterations", "return_iterate"],
     "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
 }
 

@@ -415,3 +415,49 @@ def test_invalid_sudoku_cells_marks_exactly_the_repeated_digits():
     expected[col_dups, 0] = True
   assert flags[0, 0] and flags[0, 1]
   np.testing.assert_array_equal(flags, expected)
+
+
+def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, tmp_path):
+  """selection='uncertainty' with return_iterate='confident': the query's G passes after the SRM
+  pass and after every iteration on top of the spec counts; the last iterate's scores too."""
+  groups = 4
+  config = _regression_config(shipped, ipr__budget=2, eval__num_puzzles=8, eval__batch_size=8,
+                              ipr__selection="uncertainty", ipr__return_iterate="confident",
+                              ipr__uncertainty_groups=groups)
+  rows = evaluate.evaluate(config, str(tmp_path))
+  puzzles = _load_puzzles(tmp_path)
+  unknown = puzzles["unknown_patches"]
+  k = np.maximum(1, unknown // 4)
+  for budget in range(3):
+    np.testing.assert_array_equal(
+        puzzles["nfe"][:, budget], 3 * unknown + groups + budget * (2 * k + 8 + groups))
+  for name in ("last_valid", "last_duplicate_count", "model_uncertainty"):
+    assert puzzles[name].shape == (8, 3), name
+  # Budget 0 is the SRM sample either way; the returned iterate is one of the iterates.
+  np.testing.assert_array_equal(puzzles["valid"][:, 0], puzzles["last_valid"][:, 0])
+  assert rows[-1]["mean_last_valid"] == pytest.approx(puzzles["last_valid"][:, -1].mean())
+  settings = evaluate.run_settings(config, shipped.params, "ema")
+  assert settings["ipr"]["selection"] == "uncertainty"
+  assert "renoise_time" not in settings["ipr"]  # at the paper's value: not recorded
+
+
+def test_verifier_selection_needs_a_sudoku_verifier():
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  config = load_task_config("even_pixels", "tiny,ep_test")
+  config.ipr.selection = "verifier"
+  with pytest.raises(ValueError, match="only mnist_sudoku has; got task 'even_pixels'"):
+    evaluate.Evaluator(config, params=None)
+
+
+def test_the_committed_reproduction_shards_still_match_the_paper_settings(shipped):
+  """Shards written before the IPR variants existed resume under today's settings: the variant
+  fields at the paper's values are not part of a run's settings."""
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  config = load_task_config("mnist_sudoku", "demo")
+  config.eval.num_puzzles, config.eval.batch_size, config.ipr.budget = 1000, 50, 30
+  shard_dir = (pathlib.Path(__file__).parent.parent / "experiments" / "results" /
+               "repro_1000_keys2" / "eval" / "ms_hard_test" / "shards")
+  eval_shards.check_settings(shard_dir, evaluate.run_settings(config, shipped.params, "ema"))
+  config.ipr.renoise_time = 0.5
+  with pytest.raises(eval_shards.SettingsMismatchError, match="renoise_time"):
+    eval_shards.check_settings(shard_dir, evaluate.run_settings(config, shipped.params, "ema"))

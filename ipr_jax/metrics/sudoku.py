@@ -66,6 +66,26 @@ def duplicate_count(grids: jax.Array) -> jax.Array:
           + jnp.abs(boxes - 1).sum(axis=(1, 2, 3)))
 
 
+def invalid_cells(grids: jax.Array) -> jax.Array:
+  """bool [..., n, n]: True where a cell's digit repeats in its row, column or box.
+
+  Args:
+    grids: int [..., n, n] digits 1..n (n = 9 or 4).
+  """
+  grids = jnp.asarray(grids, jnp.int32)
+  n = grids.shape[-1]
+  box = _box_size_of(n)
+  lead = grids.shape[:-2]
+  one_hot = grids[..., None] == jnp.arange(1, n + 1)  # [..., row, col, digit]
+  counts = one_hot.astype(jnp.int32)
+  rows = counts.sum(-2, keepdims=True)
+  cols = counts.sum(-3, keepdims=True)
+  boxes = counts.reshape(*lead, box, box, box, box, n).sum((-4, -2), keepdims=True)
+  boxes = jnp.broadcast_to(boxes, (*lead, box, box, box, box, n)).reshape(*lead, n, n, n)
+  repeated = (rows > 1) | (cols > 1) | (boxes > 1)
+  return jnp.any(one_hot & repeated, axis=-1)
+
+
 @jax.jit
 def is_valid_sudoku(grids: jax.Array) -> jax.Array:
   """bool [B]: duplicate_count == 0."""

@@ -1,0 +1,157 @@
+"""Compares IPR variants at equal mean denoiser passes, from the per-puzzle files of evaluations.
+
+    python experiments/compare_variants.py            # the runs of experiments/run_variants.sh
+
+Each evaluation's puzzles.npz holds, per puzzle and budget, the valid flag and the cumulative
+denoiser passes. A curve is (mean passes, valid rate) over budgets 0..B. The table reads every
+curve at the largest budget whose mean passes stay within each pass level (so no variant gets
+more compute than the level), with Wilson 95% intervals. Runs with return_iterate='confident'
+give two curves: the returned (most confident) iterate and the last iterate. Writes
+comparison.md, comparison.json and valid_rate_vs_passes.png to --out.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from ipr_jax import eval_report
+
+_RESULTS = os.path.join(os.path.dirname(__file__), "results")
+_VARIANTS = os.path.join(_RESULTS, "variants_1000")
+
+flags.DEFINE_string("baseline", os.path.join(_RESULTS, "repro_1000_keys2"),
+                    "workdir of the paper's IPR (random selection) on the same puzzles")
+flags.DEFINE_string("variants", _VARIANTS, "directory holding one workdir per variant")
+flags.DEFINE_string("eval_name", "ms_hard_test", "config.eval.name of the evaluations")
+flags.DEFINE_string("out", _VARIANTS, "where the table and the plot go")
+flags.DEFINE_list("pass_levels", ["150", "250", "350", "450", "550"],
+                  "mean denoiser passes per puzzle at which the curves are compared")
+
+# (workdir name, score key in puzzles.npz, label); the baseline is added first.
+CURVES = (
+    ("uncertainty_nll", "last_valid", "uncertainty-guided (nll), last iterate"),
+    ("uncertainty_nll", "valid", "uncertainty-guided (nll), most confident iterate"),
+    ("random_confident", "valid", "random, most confident iterate"),
+    ("partial_t05", "valid", "random, partial re-noising t0 = 0.5"),
+    ("linear_ratio", "valid", "random, ratio 0.5 -> 0.125 over 10 iterations"),
+    ("verifier", "valid", "VERIFIER-guided + stop (uses the verifier)"),
+)
+BASELINE_LABEL = "random, last iterate (the paper's IPR)"
+
+
+def load_run(workdir: str, eval_name: str) -> dict[str, np.ndarray]:
+  path = os.path.join(workdir, "eval", eval_name, "puzzles.npz")
+  with np.load(path) as data:
+    return {key: data[key] for key in data}
+
+
+def curve(run: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+  """Mean passes, valid rate and its interval after each budget, in puzzle-index order."""
+  order = np.argsort(run["index"])
+  valid = run[key][order].astype(bool)  # [P, B + 1]
+  passes = run["nfe"][order].astype(np.float64)
+  total = valid.shape[0]
+  successes = valid.sum(0)
+  intervals = np.array([eval_report.wilson_interval(int(s), total) for s in successes])
+  return {"index": run["index"][order], "valid": valid, "passes": passes.mean(0),
+          "rate": successes / total, "low": intervals[:, 0], "high": intervals[:, 1]}
+
+
+def at_level(c: dict[str, np.ndarray], level: float):
+  """(budget, mean passes, rate, low, high) at the largest budget within `level` passes."""
+  within = np.nonzero(c["passes"] <= level)[0]
+  if not len(within):
+    return None
+  b = int(within[-1])
+  return b, float(c["passes"][b]), float(c["rate"][b]), float(c["low"][b]), float(c["high"][b])
+
+
+def main(argv):
+  del argv
+  baseline = load_run(flags.FLAGS.baseline, flags.FLAGS.eval_name)
+  curves = [(BASELINE_LABEL, "repro_1000_keys2", curve(baseline, "valid"))]
+  runs = {}
+  for name, key, label in CURVES:
+    workdir = os.path.join(flags.FLAGS.variants, name)
+    try:
+      runs.setdefault(name, load_run(workdir, flags.FLAGS.eval_name))
+    except FileNotFoundError:
+      print(f"skipping {name}: no finished evaluation in {workdir}")
+      continue
+    curves.append((label, name, curve(runs[name], key)))
+  reference = curves[0][2]
+  for label, name, c in curves[1:]:
+    if not np.array_equal(c["index"], reference["index"]):
+      raise ValueError(f"{name} was run on other puzzles than the baseline")
+
+  checks = {}
+  if "random_confident" in runs:
+    # Same keys: its last iterates must be the paper's IPR, puzzle by puzzle.
+    last = curve(runs["random_confident"], "last_valid")["valid"]
+    budgets = last.shape[1]
+    checks["random_confident_last_equals_paper"] = bool(
+        np.array_equal(last, reference["valid"][:, :budgets]))
+
+  levels = [float(level) for level in flags.FLAGS.pass_levels]
+  rows = []
+  for label, name, c in curves:
+    row = {"variant": label, "run": name, "budgets": len(c["rate"]) - 1,
+           "final_passes": float(c["passes"][-1]), "final_rate": float(c["rate"][-1]),
+           "levels": {}}
+    for level in levels:
+      point = at_level(c, level)
+      if point is not None and c["passes"][-1] >= 0.9 * level:  # the curve gets that far
+        row["levels"][str(int(level))] = dict(zip(("budget", "passes", "rate", "low", "high"),
+                                                  point))
+    rows.append(row)
+
+  lines = ["| variant | " + " | ".join(f"<= {int(l)} passes" for l in levels) + " |",
+           "|---|" + "---|" * len(levels)]
+  for row in rows:
+    cells = []
+    for level in levels:
+      point = row["levels"].get(str(int(level)))
+      if point is None:
+        cells.append("")
+      else:
+        cells.append(f"{100 * point['rate']:.1f}% [{100 * point['low']:.1f}, "
+                     f"{100 * point['high']:.1f}] (b={point['budget']}, "
+                     f"{point['passes']:.0f})")
+    lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+  table = "\n".join(lines)
+  os.makedirs(flags.FLAGS.out, exist_ok=True)
+  with open(os.path.join(flags.FLAGS.out, "comparison.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(flags.FLAGS.out, "comparison.json"), "w") as f:
+    json.dump({"rows": rows, "checks": checks,
+               "curves": {label: {"passes": c["passes"].tolist(), "rate": c["rate"].tolist(),
+                                  "low": c["low"].tolist(), "high": c["high"].tolist()}
+                          for label, _, c in curves}}, f, indent=1)
+
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  for label, _, c in curves:
+    style = "--" if "VERIFIER" in label else "-"
+    line, = ax.plot(c["passes"], 100 * c["rate"], style, marker=".", label=label)
+    ax.fill_between(c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(),
+                    alpha=0.12)
+  ax.set_xlabel("mean denoiser passes per puzzle (SRM + IPR + uncertainty queries)")
+  ax.set_ylabel("valid rate (%), 95% Wilson band")
+  ax.set_title(f"IPR variants, {len(reference['index'])} hard 4x4 MNIST Sudoku puzzles, "
+               "shipped demo model")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(flags.FLAGS.out, "valid_rate_vs_passes.png"), dpi=120)
+  print(table)
+  print(json.dumps(checks))
+
+
+if __name__ == "__main__":
+  app.run(main)
