@@ -41,6 +41,9 @@ CURVES = (
     ("random_confident", "valid", "random, most confident iterate"),
     ("partial_t05", "valid", "random, partial re-noising t0 = 0.5"),
     ("linear_ratio", "valid", "random, ratio 0.5 -> 0.125 over 10 iterations"),
+    ("uncertainty_partial", "valid",
+     "uncertainty-guided (nll) + partial t0 = 0.5, most confident iterate"),
+    ("uncertainty_sigma", "valid", "uncertainty-guided (sigma only), most confident iterate"),
     ("verifier", "valid", "VERIFIER-guided + stop (uses the verifier)"),
 )
 BASELINE_LABEL = "random, last iterate (the paper's IPR)"
@@ -94,10 +97,12 @@ def main(argv):
   checks = {}
   if "random_confident" in runs:
     # Same keys: its last iterates must be the paper's IPR, puzzle by puzzle.
-    last = curve(runs["random_confident"], "last_valid")["valid"]
-    budgets = last.shape[1]
-    checks["random_confident_last_equals_paper"] = bool(
-        np.array_equal(last, reference["valid"][:, :budgets]))
+    run = runs["random_confident"]
+    order, base_order = np.argsort(run["index"]), np.argsort(baseline["index"])
+    for name in ("valid", "duplicate_count"):
+      last = run[f"last_{name}"][order]
+      checks[f"random_confident_last_{name}_equals_paper"] = bool(
+          np.array_equal(last, baseline[name][base_order][:, :last.shape[1]]))
 
   levels = [float(level) for level in flags.FLAGS.pass_levels]
   rows = []
@@ -135,18 +140,23 @@ def main(argv):
                                   "low": c["low"].tolist(), "high": c["high"].tolist()}
                           for label, _, c in curves}}, f, indent=1)
 
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  for label, _, c in curves:
-    style = "--" if "VERIFIER" in label else "-"
-    line, = ax.plot(c["passes"], 100 * c["rate"], style, marker=".", label=label)
-    ax.fill_between(c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(),
-                    alpha=0.12)
-  ax.set_xlabel("mean denoiser passes per puzzle (SRM + IPR + uncertainty queries)")
-  ax.set_ylabel("valid rate (%), 95% Wilson band")
-  ax.set_title(f"IPR variants, {len(reference['index'])} hard 4x4 MNIST Sudoku puzzles, "
-               "shipped demo model")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [2, 1]})
+  for panel, ax in enumerate(axes):
+    for label, _, c in curves:
+      uses_verifier = "VERIFIER" in label
+      if uses_verifier and panel == 0:
+        continue
+      line, = ax.plot(c["passes"], 100 * c["rate"], "--" if uses_verifier else "-", marker=".",
+                      markersize=3, label=label)
+      ax.fill_between(c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(),
+                      alpha=0.12)
+    ax.set_xlabel("mean denoiser passes per puzzle (SRM + IPR + uncertainty queries)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("valid rate (%), 95% Wilson band")
+  axes[0].set_title(f"verifier-free IPR variants, {len(reference['index'])} hard 4x4 MNIST "
+                    "Sudoku puzzles, demo model", fontsize=10)
+  axes[1].set_title("with the verifier-guided reference (full scale)", fontsize=10)
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(flags.FLAGS.out, "valid_rate_vs_passes.png"), dpi=120)
   print(table)

@@ -18,4 +18,6 @@ run verifier --config.ipr.budget=30 --config.ipr.selection=verifier --config.ipr
 run partial_t05 --config.ipr.budget=60 --config.ipr.renoise_time=0.5
 run linear_ratio --config.ipr.budget=30 --config.ipr.ratio_schedule=linear --config.ipr.resampling_ratio=0.5 --config.ipr.final_resampling_ratio=0.125 --config.ipr.ratio_decay_iterations=10
 run random_confident --config.ipr.budget=30 --config.ipr.return_iterate=confident
+run uncertainty_partial --config.ipr.budget=40 --config.ipr.selection=uncertainty --config.ipr.return_iterate=confident --config.ipr.renoise_time=0.5
+run uncertainty_sigma --config.ipr.budget=30 --config.ipr.selection=uncertainty --config.ipr.uncertainty_score=sigma --config.ipr.return_iterate=confident
 echo "== all done $(date -u +%H:%M:%S)"
