@@ -469,8 +469,9 @@ def run_settings(config: ml_collections.ConfigDict, params: Any, which: str) -> 
   eval_settings.pop("name", None)
   # The IPR variants at the paper's values are left out, so that shards written before the
   # variants existed still match a run of the paper's IPR.
+  paper = sampler.VARIANT_DEFAULTS
   ipr_settings = {key: value for key, value in config.ipr.to_dict().items()
-                  if not (key in sampler.VARIANT_DEFAULTS and value == sampler.VARIANT_DEFAULTS[key])}
+                  if not (key in paper and value == paper[key])}
   return {"task": config.task, "data": config.data.to_dict(), "model": config.model.to_dict(),
           "sampler": config.sampler.to_dict(), "ipr": ipr_settings,
           "eval": eval_settings, "params": which, "params_sha256": params_digest(params)}

@@ -2,7 +2,8 @@
 
 The file was written by the code before the IPR variants existed (commit 72915ad):
 
-    PYTHONPATH=<checkout of 72915ad> python tests/ipr_regression.py tests/regression/ipr_default_path.npz
+    PYTHONPATH=<checkout of 72915ad> python tests/ipr_regression.py \
+        tests/regression/ipr_default_path.npz
 
 `test_sampler.test_default_path_matches_the_stored_runs` reruns the same cases with today's
 code and the default (paper) settings. The denoiser is a cheap deterministic function of (z, t)

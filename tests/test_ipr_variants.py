@@ -82,8 +82,7 @@ def test_default_path_matches_the_stored_runs(case):
 
 
 def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
-  x, sigma, noise = _inputs()
-  z = x.copy()
+  x, sigma, _ = _inputs()
   wrong = np.zeros((4, N), bool)
   wrong[:, [2, 7]] = True  # the current content of patches 2 and 7 differs from x
   z = np.where(_pixels(wrong.reshape(4, *GRID)), x + 0.7, x).astype(np.float32)
@@ -232,7 +231,8 @@ def _standard_setup(seed=5):
 
 def _srm_ipr(ipr_config, x, sigma, noise, mask, num_snapshots=0):
   return jax.jit(lambda keys: sampler.srm_ipr(
-      _noisy_oracle(x, sigma), keys, image=x, mask=mask, noise=noise, patch_size=P, sampler_config=SAMPLER, ipr_config=ipr_config,
+      _noisy_oracle(x, sigma), keys, image=x, mask=mask, noise=noise, patch_size=P,
+      sampler_config=SAMPLER, ipr_config=ipr_config,
       score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
       num_snapshots=num_snapshots))(_keys(range(4), seed=9))
 
