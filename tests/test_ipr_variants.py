@@ -167,6 +167,10 @@ def test_verifier_selection_takes_flagged_cells_first():
     assert chosen[0, 4]
     assert not np.any(chosen[1] & ~flagged[1])
     np.testing.assert_array_equal(chosen[2], flagged[2])
+  # The verifier costs no denoiser passes: the IPR schedule's alone, k = 4 of 16 per iteration.
+  per_iteration = schedule.max_steps(4, 4, 0.5)
+  np.testing.assert_array_equal(np.asarray(result.nfe_per_budget)[:, 0],
+                                [0, per_iteration, 2 * per_iteration])
   with pytest.raises(ValueError, match="cell_verify_fn"):
     _refine(config, oracle_denoiser(x, sigma), x, np.ones((4, N), bool), noise, _keys(range(4)))
 
