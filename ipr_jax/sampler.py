@@ -724,12 +724,17 @@ def ranked_subset(key: jax.Array, candidates: jax.Array, priority: jax.Array,
   return (ranks < k) & candidates
 
 
+def _mean_over(values: jax.Array, candidates: jax.Array) -> jax.Array:
+  """`[B]` mean of `values` [B, N] over each puzzle's candidates (0 without candidates)."""
+  count = jnp.maximum(jnp.sum(candidates, axis=1), 1)
+  return jnp.sum(jnp.where(candidates, values, 0.0), axis=1) / count
+
+
 def standardized(scores: jax.Array, candidates: jax.Array) -> jax.Array:
   """Scores `[B, N]` shifted and scaled to mean 0, std 1 over each puzzle's candidates."""
-  count = jnp.maximum(jnp.sum(candidates, axis=1, keepdims=True), 1)
-  mean = jnp.sum(jnp.where(candidates, scores, 0.0), axis=1, keepdims=True) / count
-  var = jnp.sum(jnp.where(candidates, (scores - mean) ** 2, 0.0), axis=1, keepdims=True) / count
-  return jnp.where(candidates, (scores - mean) / (jnp.sqrt(var) + 1e-6), 0.0)
+  centred = scores - _mean_over(scores, candidates)[:, None]
+  std = jnp.sqrt(_mean_over(centred ** 2, candidates))[:, None]
+  return jnp.where(candidates, centred / (std + 1e-6), 0.0)
 
 
 def uncertainty_query(denoise_fn: DenoiseFn, z: jax.Array, candidates: jax.Array,
@@ -829,12 +834,6 @@ def _scores(score_fn: Optional[ScoreFn], z) -> dict:
   if score_fn is None:
     return {}
   return {name: jnp.asarray(value) for name, value in score_fn(z).items()}
-
-
-def _mean_over(values: jax.Array, candidates: jax.Array) -> jax.Array:
-  """`[B]` mean of `values` [B, N] over each puzzle's candidates (0 without candidates)."""
-  count = jnp.maximum(jnp.sum(candidates, axis=1), 1)
-  return jnp.sum(jnp.where(candidates, values, 0.0), axis=1) / count
 
 
 def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
