@@ -27,6 +27,7 @@ import numpy as np
 
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import cli
 from ipr_jax import torch_files
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import state_dict as state_dict_lib
@@ -131,4 +132,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  # A bad flag, config or file (or torch missing): one line on stderr, exit status 2.
+  cli.run(main, user_errors=(checkpoint.CheckpointError, ImportError))

@@ -100,12 +100,32 @@ def _format_cell(value: Any) -> str:
   return str(value)
 
 
+def json_safe(value: Any) -> Any:
+  """`value` as strict JSON can hold it: NaN and infinities become None (null), numpy scalars
+  and arrays plain numbers and lists, tuples lists. (A NaN arises where a score is undefined,
+  e.g. the model's uncertainty about the last iterate with return_iterate='last', which is never
+  measured.)"""
+  if isinstance(value, Mapping):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return json_safe(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
 def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
                   metadata: Mapping[str, Any]) -> None:
-  """Writes `results.json` (metadata + rows) and `results.csv` (rows) into out_dir."""
+  """Writes `results.json` (metadata + rows; strict JSON: an undefined value, NaN, is null) and
+  `results.csv` (rows) into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"metadata": dict(metadata), "budgets": list(rows)}, f, indent=2)
+    json.dump(json_safe({"metadata": dict(metadata), "budgets": list(rows)}), f, indent=2,
+              allow_nan=False)
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
     writer.writeheader()

@@ -12,7 +12,9 @@ a run directory, its `checkpoints/` folder or one step folder), runs the SRM gre
 
   shards/                      one file per batch, written as soon as the batch is done; a rerun
                                of the same command skips the batches done (after SIGTERM, a crash
-                               or a lost machine) and refuses shards of other settings;
+                               or a lost machine), computes damaged ones again, and refuses
+                               shards of other settings, batching or code (run.json: every
+                               setting resolved, the code's fingerprint; see eval_shards);
   results.json, results.csv    one row per budget b = 0..B (b = 0 is plain SRM): valid rate and
                                its 95% Wilson interval, mean duplicate count (Sudoku), the Even
                                Pixels metrics, or the Counting Polygons metrics
@@ -35,7 +37,9 @@ Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its 
 randomness, so results do not depend on the batch size, the order of the batches, the number of
 devices or the number of processes. With `--config.distributed=True` the processes of a
 multi-host run (`host_devices.initialize_distributed`) split the batches; process 0 writes the
-merged files.
+merged files. They end together: an error on any of them (a settings mismatch that process 0
+finds, a failed batch) ends all with the same message, and SIGTERM to any one stops all after
+the current round of batches (`agreement`).
 
 In Python: `Evaluator(config, params)(indices)` runs SRM + IPR on any puzzle indices and returns
 their per-puzzle scores, passes and (optionally) samples; `evaluate(config, workdir)` is the whole
@@ -55,14 +59,15 @@ from absl import flags
 from absl import logging
 from flax import jax_utils
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from ipr_jax import agreement
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import cli
 from ipr_jax import eval_report
 from ipr_jax import eval_shards
 from ipr_jax import host_devices
@@ -173,6 +178,8 @@ class _Task:
       self.cell_verify_fn = sudoku_cell_verify_fn(self.classifier_params, self.box_size)
       self.csv_scores = ("valid", "duplicate_count")
       self.given_range = tuple(config.eval.given_range)
+      # Minimal uniquely solvable puzzles (the ms_unique_test preset; 4x4 only).
+      self.unique_solution = bool(config.eval.get("unique_solution", False))
       self.cell_size = config.data.cell_size
     elif config.task == "even_pixels":
       self.data = None
@@ -206,7 +213,7 @@ class _Task:
     """Test inputs of puzzles `indices`: image [B, H, W, d] and mask [B, H, W, 1] (or None)."""
     if self.data is None:
       return {"image": None, "mask": None}
-    batch = self.data.test_batch(seed, indices, self.given_range)
+    batch = self.data.test_batch(seed, indices, self.given_range, self.unique_solution)
     return {"image": batch["image"], "mask": batch["mask"]}
 
   def unknown_patches(self, seed: int, indices: np.ndarray) -> np.ndarray:
@@ -215,9 +222,16 @@ class _Task:
     indices = np.asarray(indices)
     if self.data is None:
       return np.full(len(indices), self.num_patches)
-    chunks = [self.data.test_given_counts(seed, indices[i:i + 8192], self.given_range)
+    chunks = [self.data.test_given_counts(seed, indices[i:i + 8192], self.given_range,
+                                          self.unique_solution)
               for i in range(0, len(indices), 8192)]
-    return self.num_patches - np.concatenate([np.asarray(c) for c in chunks])
+    given = np.concatenate([np.asarray(c) for c in chunks])
+    lo, hi = self.given_range
+    outside = (given < lo) | (given > hi)
+    if outside.any():  # only unique-solution puzzles have given counts not drawn from the range
+      raise ValueError(f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
+                       f"outside config.eval.given_range={self.given_range}")
+    return self.num_patches - given
 
   def final_fn(self, z: jax.Array) -> dict[str, jax.Array]:
     """Per-puzzle facts of the final samples z [B, H, W, d] (Sudoku: 'digit_grid' int8
@@ -461,29 +475,38 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()
 
 
-def run_settings(config: ml_collections.ConfigDict, params: Any, which: str) -> dict[str, Any]:
-  """What an evaluation's results depend on: the task, data, model, sampler, ipr and eval
-  sections (eval.name aside) and the parameters; shards computed under other settings are
-  refused (`eval_shards.check_settings`)."""
+def resolved_settings(config: ml_collections.ConfigDict,
+                      batches: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
+  """What an evaluation's results depend on besides its parameters and code, every field
+  resolved: the task; the data and model sections; the sampler and IPR options as the sampler
+  resolves them (`SamplerConfig`, `IPRConfig`: every field, defaults included); the eval section
+  (eval.name aside; eval.unique_solution resolved); and the batching
+  (`eval_shards.batches_record` of `batches`, default: `puzzle_batches` of `config`).
+  """
+  if batches is None:
+    task = _Task(config)
+    batches = puzzle_batches(config, task.unknown_patches(config.eval.seed,
+                                                          np.arange(config.eval.num_puzzles)))
+  sampler_config, ipr_config = _sampler_configs(config)
   eval_settings = config.eval.to_dict()
   eval_settings.pop("name", None)
-  # The IPR variants at the paper's values are left out, so that shards written before the
-  # variants existed still match a run of the paper's IPR.
-  paper = sampler.VARIANT_DEFAULTS
-  ipr_settings = {key: value for key, value in config.ipr.to_dict().items()
-                  if not (key in paper and value == paper[key])}
+  eval_settings["unique_solution"] = bool(config.eval.get("unique_solution", False))
   return {"task": config.task, "data": config.data.to_dict(), "model": config.model.to_dict(),
-          "sampler": config.sampler.to_dict(), "ipr": ipr_settings,
-          "eval": eval_settings, "params": which, "params_sha256": params_digest(params)}
+          "sampler": dataclasses.asdict(sampler_config), "ipr": dataclasses.asdict(ipr_config),
+          "eval": eval_settings, "batches": eval_shards.batches_record(batches)}
+
+
+def run_settings(config: ml_collections.ConfigDict, params: Any, which: str,
+                 batches: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
+  """`resolved_settings` and the parameters ('ema' | 'live' and their `params_digest`): what
+  run.json records besides the code; shards computed under other settings are refused
+  (`eval_shards.check_settings`)."""
+  return {**resolved_settings(config, batches), "params": which,
+          "params_sha256": params_digest(params)}
 
 
 class EvaluationStopped(Exception):
   """SIGTERM (or a deadline) stopped the evaluation between batches; its shards are kept."""
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def _as_uint8(images: np.ndarray) -> np.ndarray:
@@ -506,12 +529,29 @@ def _shard_arrays(batch: BatchResult, unknown: np.ndarray, seconds: float,
   return arrays
 
 
-def merge_shards(shards: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def merge_shards(shards: list[dict[str, np.ndarray]], batches: list[np.ndarray],
+                 num_puzzles: int) -> dict[str, np.ndarray]:
   """The per-puzzle arrays of all shards, in puzzle index order (what puzzles.npz holds):
   index [P], unknown_patches [P], nfe [P, budget + 1], one [P, budget + 1] array per score,
-  the final facts (Sudoku: digit_grid [P, n, n]) and, if saved, samples uint8 [P, H, W, d]."""
+  the final facts (Sudoku: digit_grid [P, n, n]) and, if saved, samples uint8 [P, H, W, d].
+
+  Raises:
+    eval_shards.SettingsMismatchError: shard b does not hold the puzzles of `batches[b]`, or the
+      shards together are not exactly the puzzles 0..num_puzzles-1.
+  """
+  if len(shards) != len(batches):
+    raise eval_shards.SettingsMismatchError(
+        f"{len(shards)} shards for the run's {len(batches)} batches")
+  for b, (shard, batch) in enumerate(zip(shards, batches)):
+    if not np.array_equal(np.asarray(shard["index"]).reshape(-1), np.asarray(batch)):
+      raise eval_shards.SettingsMismatchError(
+          f"shard {b} holds puzzles {shard['index']}, but batch {b} is {batch}")
   index = np.concatenate([s["index"] for s in shards])
   order = np.argsort(index, kind="stable")
+  if not np.array_equal(index[order], np.arange(num_puzzles)):
+    raise eval_shards.SettingsMismatchError(
+        f"the shards hold {len(index)} puzzle indices ({len(np.unique(index))} distinct, "
+        f"{index.min()}..{index.max()}), not exactly the run's puzzles 0..{num_puzzles - 1}")
   skip = {"seconds", "process", "snapshots", "snapshot_index"}
   merged = {}
   for key in shards[0]:
@@ -530,6 +570,18 @@ def _progress_line(done: int, total: int, passes: float, elapsed: float, valid: 
           f"budget 0 {valid[0]:.3f}, at budget {len(valid) - 1} {valid[-1]:.3f}")
 
 
+def _prepare_shard_dir(shard_dir: str, settings: dict[str, Any],
+                       batches: list[np.ndarray]) -> dict[str, list]:
+  """Process 0, before any process computes: checks (or writes) run.json, removes the temporary
+  files of killed writes, reads every existing shard (deleting the damaged ones). Returns the
+  batches done ("done"), the temporary files removed ("removed") and the damaged shards deleted
+  ("damaged")."""
+  eval_shards.check_settings(shard_dir, settings, write=True)
+  removed = eval_shards.remove_temporaries(shard_dir)
+  done, damaged = eval_shards.verify_shards(shard_dir, batches)
+  return {"done": sorted(done), "removed": removed, "damaged": damaged}
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint_path: Optional[str] = None,
              after_batch: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
@@ -537,9 +589,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Every batch's per-puzzle results are written as a shard under
   `workdir/eval/<config.eval.name>/shards/` as soon as it is done; a rerun skips the batches
-  whose shards exist (and refuses shards of other settings). With several JAX processes, process p
-  computes batches p, p + N, ...; process 0 then merges every shard into results.json,
-  results.csv, puzzles.npz, puzzles.csv and the plots.
+  whose shards exist (and refuses shards of other settings or code, `eval_shards`). With several
+  JAX processes, process p computes batches p, p + N, ...; process 0 then merges every shard into
+  results.json, results.csv, puzzles.npz, puzzles.csv and the plots.
+
+  Several processes end together (`agreement.agree`): an error on any process before or during
+  the batches (a settings mismatch found by process 0, a failed batch) is raised by every
+  process with the same message, and SIGTERM to any process stops every process after the
+  current round of batches (one batch per process) with the same EvaluationStopped message.
 
   Args:
     config: the task config (sections model, data, sampler, ipr, eval).
@@ -552,7 +609,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     EvaluationStopped: SIGTERM arrived; the batches done so far are kept for the rerun.
-    eval_shards.SettingsMismatchError: the shards there were computed with other settings.
+    eval_shards.SettingsMismatchError: the shards there were computed with other settings or
+      other code, or hold other puzzles than this run's batches.
   """
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
   if num_puzzles < 1 or batch_size < 1:
@@ -560,60 +618,86 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"{batch_size} must be positive")
   if num_puzzles > MAX_PUZZLES:
     raise ValueError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
-  check_schedules(config)
-  params, source, which = load_params(config, workdir, checkpoint_path)
-  logging.info("Evaluating the %s params of %s.", which, source)
   out_dir = os.path.join(workdir, "eval", config.eval.name)
   shard_dir = os.path.join(out_dir, "shards")
   process, num_processes = jax.process_index(), jax.process_count()
-  evaluator = Evaluator(config, params)  # checks the task's inputs (classifier, scorer) first
-  settings = run_settings(config, params, which)
-  if process == 0:
-    eval_shards.check_settings(shard_dir, settings, write=True)
-  _sync("ipr_jax.evaluate.settings")
-  if process != 0:
-    eval_shards.check_settings(shard_dir, settings)
-
-  # Computed once: they order the batches and go into each batch's shard.
-  unknown = evaluator.task.unknown_patches(config.eval.seed, np.arange(config.eval.num_puzzles))
-  batches = puzzle_batches(config, unknown)
-  done_before = eval_shards.done_batches(shard_dir)
-  mine = [b for b in range(len(batches)) if b % num_processes == process and b not in done_before]
   prefix = f"[process {process}] " if num_processes > 1 else ""
-  if done_before:
-    print(f"{prefix}{len(done_before)} of {len(batches)} batches already done in {shard_dir}; "
-          f"{len(mine)} to compute here.", flush=True)
-  my_total = sum(len(batches[b]) for b in mine)
-  pad_to = max(len(b) for b in batches)
-  num_snapshots = config.eval.num_plot_puzzles
 
-  start_time = time.time()
-  done, passes, valid_sum = 0, 0.0, 0.0
   with preemption_lib.Preemption("stopping after the current batch.") as preemption:
-    for b in mine:
-      batch_start = time.time()
-      # Every batch runs the first batch's program; only the first one's samples are fetched.
-      result = evaluator(batches[b], samples_per_device=num_snapshots,
-                         keep_final=config.eval.save_samples, pad_to=pad_to,
-                         fetch_samples=b == 0)
-      eval_shards.write_shard(shard_dir, b, _shard_arrays(
-          result, unknown[result.indices], time.time() - batch_start, num_snapshots if b == 0 else 0))
-      done += len(result.indices)
-      passes += float(result.nfe[-1].sum())
-      valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
-      print(_progress_line(done, my_total, passes, time.time() - start_time, valid_sum / done,
-                           prefix), flush=True)
-      if after_batch is not None:
-        after_batch(b)
-      if preemption.this_process() and b != mine[-1]:
+    # Setup: every process's error, and process 0's look at the shard directory, are agreed on
+    # before any process computes (no process waits in a collective for one that has failed).
+    error, prepared = None, None
+    try:
+      check_schedules(config)
+      params, source, which = load_params(config, workdir, checkpoint_path)
+      logging.info("Evaluating the %s params of %s.", which, source)
+      evaluator = Evaluator(config, params)  # checks the task's inputs (classifier, scorer) first
+      # Computed once: they order the batches and go into each batch's shard.
+      unknown = evaluator.task.unknown_patches(config.eval.seed, np.arange(num_puzzles))
+      batches = puzzle_batches(config, unknown)
+      settings = {**run_settings(config, params, which, batches),
+                  "code": eval_shards.code_record()}
+      if process == 0:
+        prepared = _prepare_shard_dir(shard_dir, settings, batches)
+    except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
+      error = e
+    outcome = agreement.agree(error, stop=preemption.this_process(), payload=prepared)
+    prepared = outcome.payloads[0]
+    for name in prepared["damaged"]:
+      print(f"{prefix}{name} in {shard_dir} was damaged: deleted, computed again.", flush=True)
+    done_before = set(prepared["done"])
+    if outcome.stop:
+      raise EvaluationStopped(f"stopped before any batch; rerun the same command to compute "
+                              f"them ({shard_dir}).")
+
+    # Process p computes batches p, p + N, ... not done yet, one per round; after every round
+    # all processes agree on errors and stop requests (a collective: the same number of rounds
+    # on every process, also for those with fewer batches).
+    shares = [[b for b in range(len(batches)) if b % num_processes == p and b not in done_before]
+              for p in range(num_processes)]
+    mine = shares[process]
+    rounds = max(len(share) for share in shares)
+    if done_before:
+      print(f"{prefix}{len(done_before)} of {len(batches)} batches already done in {shard_dir}; "
+            f"{len(mine)} to compute here.", flush=True)
+    my_total = sum(len(batches[b]) for b in mine)
+    pad_to = max(len(b) for b in batches)
+    num_snapshots = config.eval.num_plot_puzzles
+
+    start_time = time.time()
+    done, passes, valid_sum, completed = 0, 0.0, 0.0, len(done_before)
+    for r in range(rounds):
+      error = None
+      if r < len(mine):
+        b = mine[r]
+        try:
+          batch_start = time.time()
+          # Every batch runs the first batch's program; only the first one's samples are fetched.
+          result = evaluator(batches[b], samples_per_device=num_snapshots,
+                             keep_final=config.eval.save_samples, pad_to=pad_to,
+                             fetch_samples=b == 0)
+          eval_shards.write_shard(shard_dir, b, _shard_arrays(
+              result, unknown[result.indices], time.time() - batch_start,
+              num_snapshots if b == 0 else 0))
+          done += len(result.indices)
+          passes += float(result.nfe[-1].sum())
+          valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
+          print(_progress_line(done, my_total, passes, time.time() - start_time,
+                               valid_sum / done, prefix), flush=True)
+          if after_batch is not None:
+            after_batch(b)
+        except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
+          error = e
+      stop = agreement.agree(error, stop=preemption.this_process()).stop
+      completed += sum(r < len(share) for share in shares)
+      if stop and r < rounds - 1:
         raise EvaluationStopped(
-            f"stopped after {len(eval_shards.done_batches(shard_dir))} of {len(batches)} "
-            f"batches; rerun the same command to compute the rest ({shard_dir}).")
-  _sync("ipr_jax.evaluate.batches")
+            f"stopped after {completed} of {len(batches)} batches; rerun the same command to "
+            f"compute the rest ({shard_dir}).")
   seconds = time.time() - start_time
 
-  shards = eval_shards.read_shards(shard_dir, len(batches))
-  per_puzzle = merge_shards(shards)
+  shards = eval_shards.read_shards(shard_dir, batches)
+  per_puzzle = merge_shards(shards, batches, num_puzzles)
   score_names = [k.split(".", 1)[1] for k in shards[0] if k.startswith("score.")]
   rows = eval_report.budget_table({k: per_puzzle[k].T for k in score_names}, per_puzzle["nfe"].T)
   if process != 0:
@@ -630,6 +714,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "checkpoint": source,
       "params": which,
       "params_sha256": settings["params_sha256"],
+      "code": settings["code"],
       "devices": [str(d) for d in jax.devices()],
       "throughput": {
           "puzzles": new_puzzles,
@@ -687,11 +772,10 @@ def main(argv):
     evaluate(f.config, f.workdir, f.checkpoint)
   except EvaluationStopped as e:
     sys.exit(str(e))
-  except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
   host_devices.use_cpu_cores()
   define_flags()
-  app.run(main)
+  # A bad flag, config, setting or checkpoint: one line on stderr, exit status 2 (ipr_jax.cli).
+  cli.run(main, user_errors=(checkpoint.CheckpointError,))

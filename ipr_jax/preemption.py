@@ -1,7 +1,9 @@
 """SIGTERM (or a deadline) as a request to stop at the next safe point, agreed by all processes.
 
-Preemptible machines get SIGTERM shortly before they go; the training and evaluation loops check
-`Preemption.any_process()` between steps or batches, save what they have and stop.
+Preemptible machines get SIGTERM shortly before they go; the training loop checks
+`Preemption.any_process()` between steps, the evaluation passes `this_process()` to its
+`agreement.agree` between rounds of batches (a collective that also shares errors), and both save
+what they have and stop, every process at the same step or round.
 """
 
 import signal

@@ -12,8 +12,11 @@ jit-compilable program:
 * `srm_ipr`: the initial SRM pass (or the correction-mode corruption, §4.2)
   followed by IPR (§4.5), as one `lax.scan` over budgets. Each IPR iteration
   re-noises a random subset of patches and regenerates them with the same
-  greedy loop; the SRM pass is iteration 0 of that scan, so the denoiser is
-  compiled once. An optional `score_fn` is evaluated after every budget inside
+  greedy loop; the SRM pass is iteration 0 of that scan, so the greedy loop's
+  denoiser call is traced (and compiled) once. The uncertainty query of the
+  variants below calls the denoiser on a batch of G x B: a second copy of the
+  denoiser in the program (a third where `ipr_refine` queries its input before
+  the scan). An optional `score_fn` is evaluated after every budget inside
   the scan, so one run yields the whole quality-vs-budget curve. Usable under
   `jax.jit` and `jax.pmap` with `denoise_fn`, `score_fn`, `verify_fn`, the
   patch size and the configs static. `ipr_refine` runs IPR alone on given
@@ -265,10 +268,17 @@ class IPRConfig:
     return max(1, int(round(self.steps_per_patch * self.renoise_time)))
 
   def ratio_at(self, iteration: int) -> float:
-    """The resampling ratio of IPR iteration `iteration` (1-based)."""
+    """The resampling ratio of IPR iteration `iteration` (1-based).
+
+    'constant': resampling_ratio. 'linear' with D = ratio_decay_iterations: resampling_ratio at
+    iteration 1, final_resampling_ratio from iteration D on, linear in between (D = 1:
+    final_resampling_ratio from iteration 1 on).
+    """
     if self.ratio_schedule == "constant":
       return self.resampling_ratio
-    span = max(self.ratio_decay_iterations - 1, 1)
+    span = self.ratio_decay_iterations - 1
+    if span == 0:
+      return self.final_resampling_ratio
     frac = min(max(iteration - 1, 0), span) / span
     return self.resampling_ratio + frac * (self.final_resampling_ratio - self.resampling_ratio)
 
@@ -845,8 +855,10 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
 
   With `srm_unknown` given, iteration 0 is the SRM pass that generates those
   patches of z (budget 0) and iterations 1..budget are IPR iterations; the
-  two kinds share one compiled greedy loop (so the denoiser is compiled once),
-  iteration 0 merely using the SRM schedule and patch set.
+  two kinds share one compiled greedy loop (so the greedy loop's denoiser call
+  is traced once), iteration 0 merely using the SRM schedule and patch set. The
+  uncertainty query (`IPRConfig.queries_uncertainty`) traces the denoiser again,
+  on its G x B batch (and once more for the input's query without the SRM pass).
   """
   if noise.shape != z.shape:
     raise ValueError(f"noise must have shape {z.shape}, got {noise.shape}.")
@@ -1058,7 +1070,9 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
   SRM pass, and every patch is a candidate.
 
   The SRM pass and the IPR iterations share one compiled greedy loop (one
-  scan over budgets 0..B), so the denoiser is compiled once. Usable under jit
+  scan over budgets 0..B), so the greedy loop's denoiser call is traced once;
+  with the uncertainty query (`IPRConfig.queries_uncertainty`) the program
+  holds a second trace of the denoiser, its call on a G x B batch. Usable under jit
   and pmap: denoise_fn, score_fn, verify_fn, patch_size, num_snapshots and the
   configs are static, everything else is arrays.
 

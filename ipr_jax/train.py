@@ -41,7 +41,6 @@ import logging as std_logging
 import math
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -58,6 +57,7 @@ import optax
 
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import cli
 from ipr_jax import flow
 from ipr_jax import host_devices
 from ipr_jax import losses
@@ -468,23 +468,8 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"Training stopped: {e}") from None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, plus a one-line error for a bad config file, preset or override."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
-                     "help on flags.\n")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by the config file
-    message = str(e.args[0] if e.args else e)
-    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    if len(message) > 1 and message[0] == message[-1] == "'":  # KeyError's repr quoting
-      message = message[1:-1]
-    sys.stderr.write(f"FATAL bad --config: {type(e).__name__}: {message}\n")
-  sys.exit(1)
-
-
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  # A bad flag, config or setting: one line on stderr, exit status 2 (ipr_jax.cli).
+  cli.run(main)

@@ -1,11 +1,16 @@
-"""Per-batch result files (ipr_jax/eval_shards.py) and the multi-process settings of
-host_devices.initialize_distributed: errors that name what is wrong."""
+"""Per-batch result files (ipr_jax/eval_shards.py: run.json, crash safety, the checks at resume),
+the agreement of processes on errors (ipr_jax/agreement.py, one process) and the multi-process
+settings of host_devices.initialize_distributed: errors that name what is wrong."""
 
+import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 
+import ipr_jax
+from ipr_jax import agreement
 from ipr_jax import eval_shards
 from ipr_jax import host_devices
 
@@ -62,3 +67,194 @@ def test_partial_or_bad_process_settings_are_refused(monkeypatch, env, message):
     monkeypatch.setenv(name, value)
   with pytest.raises(ValueError, match=message):
     host_devices.initialize_distributed()
+
+
+# ------------------------------------------------------------------------------------------------
+# run.json of format 2: every setting, the batching, the code.
+# ------------------------------------------------------------------------------------------------
+
+
+def _code(sampler_digest="a" * 64):
+  return {"ipr_jax_version": "0.1.0", "sha256": "c" * 64,
+          "files": {"evaluate.py": "b" * 64, "sampler.py": sampler_digest}}
+
+
+def test_a_format_1_run_json_is_refused_with_a_pointer_to_the_migration(tmp_path):
+  (tmp_path / "run.json").write_text(json.dumps({"ipr": {"budget": 30}, "task": "mnist_sudoku"}))
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"format 1, not 2.*migrate_run_json.py"):
+    eval_shards.check_settings(tmp_path, {"ipr": {"budget": 30}, "task": "mnist_sudoku"},
+                               write=True)
+
+
+def test_other_code_is_refused_while_shards_exist_and_recorded_when_none_do(tmp_path):
+  settings = {"ipr": {"budget": 30}}
+  eval_shards.check_settings(tmp_path, {**settings, "code": _code()}, write=True)
+  stored = json.loads((tmp_path / "run.json").read_text())
+  assert stored["format"] == 2 and stored["code"]["files"]["sampler.py"] == "a" * 64
+  # No shard yet: nothing of the other code would be reused, run.json takes the new code.
+  eval_shards.check_settings(tmp_path, {**settings, "code": _code("d" * 64)}, write=True)
+  assert json.loads((tmp_path / "run.json").read_text())["code"]["files"]["sampler.py"] == (
+      "d" * 64)
+  eval_shards.write_shard(tmp_path, 0, {"index": np.arange(2)})
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"other code: code.files.sampler.py: 'd{64}' -> 'e{64}'\. .*"
+                           r"requires computing the shards again"):
+    eval_shards.check_settings(tmp_path, {**settings, "code": _code("e" * 64)}, write=True)
+  # A committed run.json is a record: its settings can be checked without the code.
+  eval_shards.check_settings(tmp_path, {**settings, "code": _code("e" * 64)}, check_code=False)
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"ipr.budget: 30 -> 31"):
+    eval_shards.check_settings(tmp_path, {"ipr": {"budget": 31}, "code": _code("d" * 64)},
+                               check_code=False)
+  # Settings are compared first, and refused with or without shards.
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"other settings: ipr.budget"):
+    eval_shards.check_settings(tmp_path, {"ipr": {"budget": 31}, "code": _code("e" * 64)})
+
+
+def test_non_finite_settings_are_stored_as_text_and_compare_equal(tmp_path):
+  settings = {"ipr": {"selection_temperature": float("inf"), "x": float("nan")}}
+  eval_shards.check_settings(tmp_path, settings, write=True)
+  text = (tmp_path / "run.json").read_text()
+  assert json.loads(text, parse_constant=_refuse_constant)["ipr"]["x"] == "nan"
+  eval_shards.check_settings(tmp_path, settings)  # NaN == NaN as a setting
+
+
+def _refuse_constant(name):
+  raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_code_record_hashes_each_listed_file(tmp_path):
+  (tmp_path / "models").mkdir()
+  (tmp_path / "a.py").write_text("x = 1\n")
+  (tmp_path / "models" / "b.py").write_bytes(b"y = 2\n")
+  files = ("a.py", "models/b.py")
+  record = eval_shards.code_record(tmp_path, files)
+  assert record["files"] == {"a.py": hashlib.sha256(b"x = 1\n").hexdigest(),
+                             "models/b.py": hashlib.sha256(b"y = 2\n").hexdigest()}
+  assert record["ipr_jax_version"] == ipr_jax.__version__
+  (tmp_path / "a.py").write_text("x = 1  # a comment counts\n")
+  changed = eval_shards.code_record(tmp_path, files)
+  assert changed["files"]["models/b.py"] == record["files"]["models/b.py"]
+  assert changed["files"]["a.py"] != record["files"]["a.py"]
+  assert changed["sha256"] != record["sha256"]
+  with pytest.raises(FileNotFoundError):
+    eval_shards.code_record(tmp_path, files + ("missing.py",))
+  # The package's own list exists in full.
+  assert set(eval_shards.code_record()["files"]) == set(eval_shards.CODE_FILES)
+
+
+def test_batches_record_tells_batch_sizes_and_assignments_apart():
+  batches = [np.array([0, 2]), np.array([1, 3]), np.array([4])]
+  record = eval_shards.batches_record(batches)
+  assert record["count"] == 3 and record["puzzles"] == 5
+  assert eval_shards.batches_record([b.copy() for b in batches]) == record
+  assert eval_shards.batches_record([np.array([0, 2, 1]), np.array([3, 4])])["sha256"] != (
+      record["sha256"])  # another batch size
+  assert eval_shards.batches_record([np.array([0, 1]), np.array([2, 3]), np.array([4])])[
+      "sha256"] != record["sha256"]  # the same sizes, other puzzles per batch
+  assert eval_shards.batches_record([np.array([0, 2, 1, 3]), np.array([4])])["sha256"] != (
+      record["sha256"])  # the same order, other boundaries
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash safety.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_writes_sync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+    real_fsync(fd)
+
+  def replace(src, dst):
+    events.append(("replace", str(src), str(dst)))
+    real_replace(src, dst)
+
+  monkeypatch.setattr(eval_shards.os, "fsync", fsync)
+  monkeypatch.setattr(eval_shards.os, "replace", replace)
+  eval_shards.write_shard(tmp_path, 3, {"index": np.arange(2)})
+  final = str(eval_shards.shard_path(tmp_path, 3))
+  tmp = f"{final}.tmp{os.getpid()}"
+  assert events == [("fsync", tmp), ("replace", tmp, final), ("fsync", str(tmp_path))]
+  events.clear()
+  eval_shards.write_settings(tmp_path, {"ipr": {"budget": 1}})
+  final = str(tmp_path / "run.json")
+  tmp = f"{final}.tmp{os.getpid()}"
+  assert events == [("fsync", tmp), ("replace", tmp, final), ("fsync", str(tmp_path))]
+  assert sorted(os.listdir(tmp_path)) == ["batch_000003.npz", "run.json"]
+
+
+def test_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+  eval_shards.write_shard(tmp_path, 0, {"index": np.arange(2)})
+  eval_shards.write_settings(tmp_path, {"ipr": {"budget": 1}})
+  for name in ("batch_000001.npz.tmp4242", "run.json.tmp17", "batch_000002.npz.tmp"):
+    (tmp_path / name).write_bytes(b"half a file")
+  (tmp_path / "notes.txt").write_text("kept")
+  removed = eval_shards.remove_temporaries(tmp_path)
+  assert removed == ["batch_000001.npz.tmp4242", "batch_000002.npz.tmp", "run.json.tmp17"]
+  assert sorted(os.listdir(tmp_path)) == ["batch_000000.npz", "notes.txt", "run.json"]
+  assert eval_shards.remove_temporaries(tmp_path / "absent") == []
+
+
+def test_damaged_shards_are_deleted_at_resume_and_others_are_checked(tmp_path):
+  batches = [np.array([0, 3]), np.array([1, 4]), np.array([2]), np.array([5])]
+  for b, batch in enumerate(batches):
+    eval_shards.write_shard(tmp_path, b, {"index": batch, "nfe": np.full((len(batch), 3), b)})
+  whole = eval_shards.shard_path(tmp_path, 1).read_bytes()
+  eval_shards.shard_path(tmp_path, 1).write_bytes(whole[:len(whole) // 2])  # truncated
+  corrupt = bytearray(eval_shards.shard_path(tmp_path, 2).read_bytes())
+  position = corrupt.index(b"\x93NUMPY", corrupt.index(b"nfe.npy")) + 140  # in nfe's data
+  corrupt[position] ^= 0xFF  # a flipped byte: only the zip's CRC tells
+  eval_shards.shard_path(tmp_path, 2).write_bytes(bytes(corrupt))
+  done, damaged = eval_shards.verify_shards(tmp_path, batches)
+  assert done == {0, 3}
+  assert damaged == ["batch_000001.npz", "batch_000002.npz"]
+  assert eval_shards.done_batches(tmp_path) == {0, 3}
+  with pytest.raises(FileNotFoundError, match=r"2 of 4 batches .*batches 1, 2\)"):
+    eval_shards.read_shards(tmp_path, batches)
+  # A readable shard of other puzzles is refused, not recomputed.
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"batch_000003.npz holds puzzles \[5\] \(1\), but batch 3 of this run "
+                           r"is \[6\] \(1\)"):
+    eval_shards.verify_shards(tmp_path, batches[:3] + [np.array([6])])
+  with pytest.raises(eval_shards.SettingsMismatchError, match="batch 3, but this run has 3"):
+    eval_shards.verify_shards(tmp_path, batches[:3])
+
+
+def test_read_shards_checks_every_shard_against_its_batch(tmp_path):
+  eval_shards.write_shard(tmp_path, 0, {"index": np.array([0, 2])})
+  eval_shards.write_shard(tmp_path, 1, {"index": np.array([1, 3])})
+  assert len(eval_shards.read_shards(tmp_path, [np.array([0, 2]), np.array([1, 3])])) == 2
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"batch_000000.npz holds puzzles"):
+    eval_shards.read_shards(tmp_path, [np.array([0, 1]), np.array([2, 3])])
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors agreed by all processes (one process here; two: tests/test_evaluate.py).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_agree_with_one_process_reraises_or_returns_the_stop_flag():
+  assert agreement.agree(None, stop=True, payload={"done": [1]}) == agreement.Outcome(
+      True, [{"done": [1]}])
+  error = ValueError("mine")
+  with pytest.raises(ValueError) as raised:
+    agreement.agree(error)
+  assert raised.value is error
+
+
+def test_other_processes_rebuild_the_error_type_and_message():
+  error = agreement.rebuild_error(0, "ipr_jax.eval_shards", "SettingsMismatchError",
+                                  "x holds results computed with other settings: ipr.budget")
+  assert type(error) is eval_shards.SettingsMismatchError
+  assert str(error) == "x holds results computed with other settings: ipr.budget"
+  error = agreement.rebuild_error(1, "builtins", "FileNotFoundError", "[Errno 2] no: 'a'")
+  assert type(error) is FileNotFoundError and str(error) == "[Errno 2] no: 'a'"
+  for module, name in (("jaxlib.xla_extension", "XlaRuntimeError"), ("builtins", "print"),
+                       ("ipr_jax.eval_shards", "NoSuchError")):
+    error = agreement.rebuild_error(1, module, name, "boom")
+    assert type(error) is agreement.ProcessError
+    assert str(error) == f"process 1 failed: {module}.{name}: boom"

@@ -360,6 +360,24 @@ def test_bad_variant_settings_raise_naming_the_field(field, value):
     sampler.IPRConfig(**{field: value})
 
 
+@pytest.mark.parametrize("decay, expected", [
+    # D iterations: the first at resampling_ratio, the D-th and later at the final ratio.
+    (1, [0.125, 0.125, 0.125, 0.125]),  # reached at iteration 1: never the starting ratio
+    (2, [0.5, 0.125, 0.125, 0.125]),
+    (3, [0.5, 0.3125, 0.125, 0.125]),  # (0.5 + 0.125) / 2 at the midpoint
+])
+def test_linear_ratio_reaches_the_final_ratio_at_iteration_ratio_decay_iterations(decay,
+                                                                                    expected):
+  config = sampler.IPRConfig(budget=4, ratio_schedule="linear", resampling_ratio=0.5,
+                             final_resampling_ratio=0.125, ratio_decay_iterations=decay)
+  assert [config.ratio_at(i) for i in (1, 2, 3, 4)] == expected
+  # k = max(1, floor(c * ratio)) re-noised cells of c = 16 candidates, per iteration 0..4 (0, the
+  # SRM pass, repeats iteration 1): 16 * 0.5 = 8, 16 * 0.3125 = 5, 16 * 0.125 = 2.
+  k = {0.5: 8, 0.3125: 5, 0.125: 2}
+  counts = sampler.resample_counts(config, 16)[:, 16]
+  assert list(counts) == [k[expected[0]]] + [k[r] for r in expected]
+
+
 def test_ratio_schedule_and_shortened_schedule_check():
   config = sampler.IPRConfig(budget=12, ratio_schedule="linear", resampling_ratio=0.5,
                              final_resampling_ratio=0.1, ratio_decay_iterations=5)
