@@ -25,7 +25,10 @@ Override single fields (a misspelt name fails):
 Preset argument: comma-separated tokens, at most one size (`demo` | `tiny` | `small`; none = paper
 scale)
 and at most one evaluation (`ms_hard_test` (default) | `ms_medium_test` | `ms_easy_test` |
-`ms_corrupted_test`).
+`ms_corrupted_test` | `ms_unique_test`). `ms_unique_test` (4x4 presets `demo` and `tiny` only):
+hard puzzles with exactly one solution, a minimal uniquely solvable set of 4-6 given cells
+(`ipr_jax.data.sudoku.minimal_unique_masks`), the 4x4 analogue of the "extreme" split of later
+work; it adds the field `eval.unique_solution` (True).
 """
 
 import ml_collections
@@ -35,8 +38,9 @@ from ipr_jax import config_base
 
 _SIZES = ("demo", "tiny", "small")
 # Steps the shipped demo model was trained for (ipr_jax/assets/mnist_sudoku_demo.npz).
-DEMO_TRAIN_STEPS = 3250
-_EVALS = ("ms_hard_test", "ms_medium_test", "ms_easy_test", "ms_corrupted_test")
+DEMO_TRAIN_STEPS = 20494
+_EVALS = ("ms_hard_test", "ms_medium_test", "ms_easy_test", "ms_corrupted_test",
+          "ms_unique_test")
 
 # Number of given (clean) cells at test time, inclusive, per evaluation and grid. The 9x9 values
 # are the reference's `num_fill` (hard [0, 26]; medium and easy from its comments; corrupted: all
@@ -45,7 +49,10 @@ _GIVEN_RANGE = {
     3: {"ms_hard_test": (0, 26), "ms_medium_test": (27, 53), "ms_easy_test": (54, 80),
         "ms_corrupted_test": (81, 81)},
     2: {"ms_hard_test": (0, 5), "ms_medium_test": (6, 10), "ms_easy_test": (11, 15),
-        "ms_corrupted_test": (16, 16)},
+        "ms_corrupted_test": (16, 16),
+        # Minimal uniquely solvable puzzles have 4-6 given cells (4x4 only); the evaluation
+        # refuses a puzzle outside this range.
+        "ms_unique_test": (4, 6)},
 }
 
 
@@ -64,6 +71,9 @@ def _use_four_by_four(config: ml_collections.ConfigDict, cell_size: int, eval_na
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config for preset string `arg` (see the module docstring)."""
   size, eval_name = config_base.parse_preset(arg, _SIZES, _EVALS, "ms_hard_test")
+  if eval_name == "ms_unique_test" and size not in ("demo", "tiny"):
+    raise ValueError(f"preset {arg!r}: ms_unique_test needs a 4x4 preset (demo or tiny); "
+                     "uniqueness is checked against all 288 solved 4x4 grids")
   # Shared sections and their documentation: ipr_jax/config_base.py.
   config = config_base.base_config("mnist_sudoku", arg, unet_preset="unet_256")
   # Reference ms1000_28: 28 per GPU x 2 GPUs = global batch 56, 250,001 steps (the defaults).
@@ -111,10 +121,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Seed of the evaluation randomness (reference ms_hard_test: 35).
   config.eval.seed = 35
   # Given cells per test puzzle, inclusive (min, max), drawn uniformly.
-  config.eval.given_range = _GIVEN_RANGE[3][eval_name]
+  # (ms_unique_test exists for 4x4 only: its range is set by _use_four_by_four.)
+  config.eval.given_range = _GIVEN_RANGE[3].get(eval_name, _GIVEN_RANGE[3]["ms_hard_test"])
   # Digit classifier weights (.npz) of the Sudoku metric; None: the weights shipped in the package.
   config.eval.classifier_path = config_dict.placeholder(str)
 
+  if eval_name == "ms_unique_test":
+    # Only this preset has the field, so that other runs' settings stay as they were.
+    config.eval.unique_solution = True
   if eval_name == "ms_corrupted_test":
     # Reference ms_corrupted_test: all cells given, 5 swaps, then 15 refinement iterations.
     config.eval.seed = 4

@@ -83,17 +83,32 @@ def adam_eps(config: ml_collections.ConfigDict) -> float:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ..."""
+  """torch LinearLR as the reference uses it: lr * (f0 + (1 - f0) * min(k, K) / K), k = 0, 1, ...
+
+  With `optim.decay_steps = D` (not the reference's), the rate then follows a cosine from lr at
+  step K to `decay_end_factor` * lr at step D: lr * (e + (1 - e) * (1 + cos(pi p)) / 2),
+  p = clip((k - K) / (D - K), 0, 1).
+  """
   o = config.optim
   lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
+  decay_steps, end = o.get("decay_steps"), float(o.get("decay_end_factor", 0.0))
+  if decay_steps is not None and decay_steps <= max(warmup, 0):
+    raise ValueError(f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
+  if not 0.0 <= end <= 1.0:
+    raise ValueError(f"optim.decay_end_factor={end} must lie in [0, 1]")
 
   def schedule(count):
     # Written as a factor of lr: optax.linear_schedule's init + (end - init) form loses ~3e-4 of
     # the first step's tiny rate to float32 cancellation.
     if warmup <= 0:
-      return jnp.full((), lr, jnp.float32)
-    progress = jnp.minimum(count, warmup).astype(jnp.float32) / warmup
-    return lr * (start + (1.0 - start) * progress)
+      factor = jnp.ones((), jnp.float32)
+    else:
+      progress = jnp.minimum(count, warmup).astype(jnp.float32) / warmup
+      factor = start + (1.0 - start) * progress
+    if decay_steps is not None:
+      done = jnp.clip((count - max(warmup, 0)) / (decay_steps - max(warmup, 0)), 0.0, 1.0)
+      factor = factor * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * done)))
+    return lr * factor
 
   return schedule
 

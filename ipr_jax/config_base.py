@@ -152,6 +152,10 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   # The learning rate ramps linearly from warmup_start_factor * lr over warmup_steps.
   config.optim.warmup_steps = 5_000
   config.optim.warmup_start_factor = 2e-4
+  # After the warm-up, a cosine decay to decay_end_factor * lr at step decay_steps, constant after
+  # it; None (the reference): constant learning rate.
+  config.optim.decay_steps = config_dict.placeholder(int)
+  config.optim.decay_end_factor = 0.0
   # Global L2 gradient-norm clip.
   config.optim.grad_clip_norm = 1.0
   # EMA decay (first update copies the weights).

@@ -79,6 +79,8 @@ def every_preset():
     module = load(path)
     for size in (None, *module._SIZES):  # pylint: disable=protected-access
       for eval_name in module._EVALS:  # pylint: disable=protected-access
+        if eval_name == "ms_unique_test" and size not in ("demo", "tiny"):
+          continue  # 4x4 only (test_unique_solution_preset)
         yield path, ",".join(token for token in (size, eval_name) if token)
 
 
@@ -112,6 +114,16 @@ def test_a_degenerate_override_is_refused_before_sampling():
     evaluate.check_schedules(config)
   with pytest.raises(ValueError, match="steps_per_patch=2 and overlap=0.9"):
     evaluate.evaluate(config, "/nonexistent")  # before any checkpoint is read
+
+
+def test_unique_solution_preset():
+  config = get(MNIST_SUDOKU, "demo,ms_unique_test")
+  assert config.eval.unique_solution is True
+  assert tuple(config.eval.given_range) == (4, 6)
+  assert "unique_solution" not in get(MNIST_SUDOKU, "demo").eval  # other runs' settings unchanged
+  for preset in ("ms_unique_test", "small,ms_unique_test"):  # 9x9: no uniqueness check
+    with pytest.raises(ValueError, match=f"preset '{preset}': ms_unique_test needs a 4x4"):
+      get(MNIST_SUDOKU, preset)
 
 
 def test_even_pixels_defaults_are_the_reference():

@@ -90,5 +90,10 @@ def test_the_shipped_demo_model_is_small_and_recorded():
   for key in ("steps", "batch_size", "machine", "git_commit", "final_loss", "wall_time_seconds",
               "regression"):
     assert key in demo.metadata, key
-  assert demo.metadata["steps"] == demo.config.num_train_steps
+  # The step of the shipped weights, from two records made apart from the export: the demo
+  # preset's recipe (configs/mnist_sudoku.py DEMO_TRAIN_STEPS) and the last step of the run's
+  # metrics.jsonl (the training record's "logged_step").
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  demo_steps = load_task_config("mnist_sudoku", "demo").num_train_steps
+  assert demo.metadata["steps"] == demo_steps == demo.metadata["logged_step"]
   assert len(demo.metadata["git_commit"]) == 40

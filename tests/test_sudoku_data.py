@@ -216,3 +216,54 @@ def test_task_from_config():
   assert task.image_size == 112 and task.train_given_range == (2, 3)
   num_given = np.asarray(task.train_batch(jax.random.key(0), 32)["num_given"])
   assert np.all((num_given >= 2) & (num_given <= 3))
+
+
+def _count_completions(cells: list[int], n: int = 4, box: int = 2, limit: int = 2) -> int:
+  """Completions of a 4x4 grid (0 = empty, row-major) by plain backtracking, up to `limit`."""
+  try:
+    empty = cells.index(0)
+  except ValueError:
+    return 1
+  r, c = divmod(empty, n)
+  used = {cells[r * n + j] for j in range(n)} | {cells[i * n + c] for i in range(n)}
+  br, bc = r - r % box, c - c % box
+  used |= {cells[(br + i) * n + bc + j] for i in range(box) for j in range(box)}
+  found = 0
+  for digit in range(1, n + 1):
+    if digit not in used:
+      cells[empty] = digit
+      found += _count_completions(cells, n, box, limit - found)
+      cells[empty] = 0
+      if found >= limit:
+        break
+  return found
+
+
+def test_unique_solution_puzzles_have_one_completion_and_are_minimal(task4):
+  indices = jnp.arange(120)
+  batch = task4.test_batch(35, indices, "hard", unique_solution=True)
+  grids = np.asarray(batch["grid"]).reshape(-1, 16)
+  unknown = np.asarray(batch["cell_mask"])
+  num_given = np.asarray(batch["num_given"])
+  np.testing.assert_array_equal(num_given, 16 - unknown.sum(1))
+  np.testing.assert_array_equal(task4.test_given_counts(35, indices, "hard", unique_solution=True),
+                                num_given)
+  assert num_given.min() >= 4 and num_given.max() <= 6  # 4x4 needs at least 4 clues
+  for grid, hidden in zip(grids, unknown):
+    puzzle = [int(d) if not h else 0 for d, h in zip(grid, hidden)]
+    assert _count_completions(list(puzzle)) == 1
+    for cell in np.flatnonzero(~hidden):  # removing any given cell admits a second solution
+      fewer = list(puzzle)
+      fewer[cell] = 0
+      assert _count_completions(fewer) == 2
+  # The mask agrees with the image mask, and the grid and digits are the puzzle's usual ones.
+  np.testing.assert_array_equal(np.asarray(batch["mask"])[:, ::14, ::14, 0].reshape(-1, 16),
+                                unknown.astype(np.float32))
+  plain = task4.test_batch(35, indices, "hard")
+  np.testing.assert_array_equal(plain["grid"], batch["grid"])
+  np.testing.assert_array_equal(plain["image"], batch["image"])
+
+
+def test_unique_solution_needs_4x4(task9):
+  with pytest.raises(ValueError, match="unique_solution=True needs 4x4 Sudoku.*box_size=3"):
+    task9.test_batch(0, jnp.arange(2), "hard", unique_solution=True)

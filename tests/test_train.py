@@ -81,6 +81,23 @@ def test_warmup_schedule_is_torch_linear_lr():
     np.testing.assert_allclose(schedule(k), lr * factor, rtol=1e-6)
 
 
+def test_cosine_decay_after_warmup():
+  config = load_config("even_pixels")
+  config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 100
+  config.optim.decay_steps, config.optim.decay_end_factor = 1100, 0.1
+  schedule = build.learning_rate_schedule(config)
+  # Warm-up as torch LinearLR, then the cosine: half way (step 600) the factor is
+  # 0.1 + 0.9 * (1 + cos(pi / 2)) / 2 = 0.55; at and after step 1100 it is 0.1.
+  np.testing.assert_allclose(schedule(0), 2e-3 * 2e-4, rtol=1e-5)
+  np.testing.assert_allclose(schedule(100), 2e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedule(600), 2e-3 * 0.55, rtol=1e-5)
+  np.testing.assert_allclose(schedule(1100), 2e-4, rtol=1e-5)
+  np.testing.assert_allclose(schedule(5000), 2e-4, rtol=1e-5)
+  config.optim.decay_steps = 100
+  with pytest.raises(ValueError, match="decay_steps=100"):
+    build.learning_rate_schedule(config)
+
+
 def test_adam_eps_follows_precision():
   config = load_config("mnist_sudoku")
   assert build.adam_eps(config) == 1e-7  # bf16-mixed, as the reference ran

@@ -13,6 +13,13 @@ Given-cell counts are uniform integers in an inclusive range: training U{0..n*n-
 [27, 53], easy [54, 80] for 9x9. For 4x4 (16 cells) the same thirds of 0..15 are used: hard [0, 5],
 medium [6, 10], easy [11, 15]. `(n*n, n*n)` (everything given) is allowed too.
 
+Uniquely solvable test puzzles (`test_batch(..., unique_solution=True)`, 4x4 only): the given
+cells are a minimal set that leaves exactly one solution, found by removing cells from the full
+grid in the puzzle's random cell order whenever the rest still has a single completion among all
+288 solved 4x4 grids (`minimal_unique_masks`). They have 4-6 given cells (about 64% / 35% /
+0.5% with 4 / 5 / 6), the hardest puzzles with one solution: the 4x4 analogue of the "extreme"
+split of later work.
+
 Usage::
 
   task = make_sudoku_task(box_size=3, cell_size=28, seed=0)
@@ -123,6 +130,38 @@ def random_given_masks(key: jax.Array, num_given: jax.Array, num_cells: int) -> 
                                    num_given)
 
 
+def minimal_unique_masks(grids: jax.Array, order_uniforms: jax.Array,
+                         solutions: jax.Array) -> jax.Array:
+  """bool [B, N] (True = unknown): minimal given sets with exactly one completion.
+
+  Starting from the full grid, the cells are visited in decreasing order of `order_uniforms` (the
+  order in which `given_masks_from_uniforms` stops giving them) and a cell is removed when the
+  cells still given match exactly one grid of `solutions`.
+
+  Args:
+    grids: int [B, n, n] solution grids, each one of `solutions`.
+    order_uniforms: [B, N] the cell order, N = n * n.
+    solutions: int [S, n, n] every solved grid (4x4: `sudoku_grids.all_solved_grids(2)`).
+  """
+  batch = grids.shape[0]
+  flat = jnp.asarray(grids, jnp.int32).reshape(batch, -1)
+  solutions = jnp.asarray(solutions, jnp.int32).reshape(solutions.shape[0], -1)
+  order = jnp.argsort(-order_uniforms, axis=-1)
+
+  def one(grid, cell_order):
+    agrees = solutions == grid[None]  # [S, N]: does solution s agree with this grid at cell i
+
+    def visit(given, cell):
+      trial = given.at[cell].set(False)
+      completions = jnp.all(agrees | ~trial[None], axis=1).sum()
+      return jnp.where(completions == 1, trial, given), None
+
+    given, _ = jax.lax.scan(visit, jnp.ones(grid.shape, bool), cell_order)
+    return ~given
+
+  return jax.vmap(one)(flat, order)
+
+
 def cell_mask_to_image(cell_mask: jax.Array, n: int, cell_size: int) -> jax.Array:
   """bool [B, n*n] (True = unknown) -> float32 [B, n*c, n*c, 1] (1 = unknown), cell-constant."""
   grid = cell_mask.reshape(-1, n, n).astype(jnp.float32)
@@ -138,9 +177,15 @@ def make_puzzles(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank,
   return _puzzles(grids, bank, jnp.asarray(num_given, jnp.int32), uniforms[:, 0], uniforms[:, 1])
 
 
-def _puzzles(grids, bank, num_given, digit_uniforms, cell_uniforms):
+def _puzzles(grids, bank, num_given, digit_uniforms, cell_uniforms, solutions=None):
+  """`solutions` [S, n, n] (all solved grids): minimal uniquely solvable givens instead of
+  `num_given` random ones."""
   batch, n, _ = grids.shape
-  cell_mask = given_masks_from_uniforms(cell_uniforms, num_given)
+  if solutions is None:
+    cell_mask = given_masks_from_uniforms(cell_uniforms, num_given)
+  else:
+    cell_mask = minimal_unique_masks(grids, cell_uniforms, solutions)
+    num_given = n * n - cell_mask.sum(axis=-1, dtype=jnp.int32)
   return {
       "image": render_grids_from_uniforms(grids, bank, digit_uniforms.reshape(batch, n, n)),
       "mask": cell_mask_to_image(cell_mask, n, bank.cell_size),
@@ -192,15 +237,23 @@ class SudokuTask:
     # base grid, given count, digit images (n*n), given cells (n*n), group element.
     return 2 + 2 * self.grid_size ** 2 + sudoku_grids.group_uniforms_size(self.box_size)
 
-  def _puzzles_from_uniforms(self, base_grids, bank, uniforms, lo, hi):
-    """Puzzles from one row of uniforms each (all randomness drawn at once: small programs)."""
-    nn = self.grid_size ** 2
+  def _grids_from_uniforms(self, base_grids, uniforms):
+    """int32 [B, n, n]: the solution grid of each row of uniforms."""
     base_index = uniform_integers(uniforms[:, 0], 0, base_grids.shape[0] - 1)
-    num_given = uniform_integers(uniforms[:, 1], lo, hi)
     grids = jnp.asarray(base_grids, jnp.int32)[base_index]
     if self.transform_grids:
+      nn = self.grid_size ** 2
       grids = sudoku_grids.apply_group_element(grids, uniforms[:, 2 + 2 * nn:], self.box_size)
-    return _puzzles(grids, bank, num_given, uniforms[:, 2:2 + nn], uniforms[:, 2 + nn:2 + 2 * nn])
+    return grids
+
+  def _puzzles_from_uniforms(self, base_grids, bank, uniforms, lo, hi, unique_solution=False):
+    """Puzzles from one row of uniforms each (all randomness drawn at once: small programs)."""
+    nn = self.grid_size ** 2
+    num_given = uniform_integers(uniforms[:, 1], lo, hi)
+    grids = self._grids_from_uniforms(base_grids, uniforms)
+    solutions = sudoku_grids.all_solved_grids(self.box_size) if unique_solution else None
+    return _puzzles(grids, bank, num_given, uniforms[:, 2:2 + nn], uniforms[:, 2 + nn:2 + 2 * nn],
+                    solutions)
 
   @functools.partial(jax.jit, static_argnames="batch_size")
   def train_batch(self, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
@@ -217,7 +270,8 @@ class SudokuTask:
     lo, hi = self.train_given_range
     return self._puzzles_from_uniforms(self.train_grids, self.train_digits, uniforms, lo, hi)
 
-  def test_batch(self, seed: int | jax.Array, indices, given_range="hard") -> dict[str, jax.Array]:
+  def test_batch(self, seed: int | jax.Array, indices, given_range="hard",
+                 unique_solution: bool = False) -> dict[str, jax.Array]:
     """Test puzzles `indices`: puzzle i is a pure function of (task, seed, i, given_range).
 
     The grid and the digit images of puzzle i do not depend on the given range; its given count
@@ -226,27 +280,48 @@ class SudokuTask:
     Args:
       seed: integer seed of the test set.
       indices: int [B] puzzle indices (any non-negative integers).
-      given_range: 'hard' | 'medium' | 'easy' or an inclusive (lo, hi) pair of given-cell counts.
+      given_range: 'hard' | 'medium' | 'easy' or an inclusive (lo, hi) pair of given-cell counts
+        (ignored with `unique_solution`).
+      unique_solution: 4x4 only: minimal uniquely solvable givens (`minimal_unique_masks`)
+        instead of a random given count from `given_range`.
 
     Returns:
       the batch dict of the module docstring.
     """
     lo, hi = check_given_range(given_range, self.box_size)
-    indices = jnp.asarray(indices, jnp.int32)
-    if indices.ndim != 1:
-      raise ValueError(f"indices shape {indices.shape}: expected [B]")
-    return self._test_batch(jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi))
+    indices = self._check_test_request(indices, unique_solution)
+    return self._test_batch(jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi),
+                            bool(unique_solution))
 
-  def test_given_counts(self, seed: int | jax.Array, indices,
-                        given_range="hard") -> jax.Array:
+  def test_given_counts(self, seed: int | jax.Array, indices, given_range="hard",
+                        unique_solution: bool = False) -> jax.Array:
     """int32 [B] the given-cell counts of test puzzles `indices`, as `test_batch` draws them,
     without rendering the puzzles (cheap enough for a whole test set)."""
     lo, hi = check_given_range(given_range, self.box_size)
+    indices = self._check_test_request(indices, unique_solution)
+    seed = jnp.asarray(seed, jnp.uint32)
+    if unique_solution:
+      return self._unique_given_counts(seed, indices)
+    uniforms = self._test_uniforms(seed, indices)
+    return uniform_integers(uniforms[:, 1], jnp.int32(lo), jnp.int32(hi))
+
+  def _check_test_request(self, indices, unique_solution: bool) -> jax.Array:
+    if unique_solution and self.box_size != 2:
+      raise ValueError(f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
+                       f"{self.box_size}: uniqueness is checked against all 288 4x4 grids")
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 1:
       raise ValueError(f"indices shape {indices.shape}: expected [B]")
-    uniforms = self._test_uniforms(jnp.asarray(seed, jnp.uint32), indices)
-    return uniform_integers(uniforms[:, 1], jnp.int32(lo), jnp.int32(hi))
+    return indices
+
+  @jax.jit
+  def _unique_given_counts(self, seed, indices):
+    uniforms = self._test_uniforms(seed, indices)
+    nn = self.grid_size ** 2
+    grids = self._grids_from_uniforms(self.test_grids, uniforms)
+    masks = minimal_unique_masks(grids, uniforms[:, 2 + nn:2 + 2 * nn],
+                                 sudoku_grids.all_solved_grids(self.box_size))
+    return nn - masks.sum(axis=-1, dtype=jnp.int32)
 
   @jax.jit
   def _test_uniforms(self, seed, indices):
@@ -254,10 +329,11 @@ class SudokuTask:
     return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i),
                                                  (self._uniforms_per_puzzle,)))(indices)
 
-  @jax.jit
-  def _test_batch(self, seed, indices, lo, hi):
+  @functools.partial(jax.jit, static_argnums=5)
+  def _test_batch(self, seed, indices, lo, hi, unique_solution):
     uniforms = self._test_uniforms(seed, indices)
-    return self._puzzles_from_uniforms(self.test_grids, self.test_digits, uniforms, lo, hi)
+    return self._puzzles_from_uniforms(self.test_grids, self.test_digits, uniforms, lo, hi,
+                                       unique_solution)
 
 
 def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str = "bundled",
