@@ -1,4 +1,5 @@
-"""Builds what a run needs from its config: the task's data, the U-Net, the optimizer.
+"""Builds what a run needs from its config: the task's data (through `ipr_jax.tasks`), the U-Net,
+the optimizer.
 
 The training, evaluation and conversion binaries all build their pieces here, so that a config
 means the same model and data in each of them.
@@ -9,9 +10,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ipr_jax.data import counting_polygons
-from ipr_jax.data import even_pixels
-from ipr_jax.data import sudoku
 from ipr_jax.models import unet
 
 
@@ -28,30 +26,17 @@ def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
   return model
 
 
-TASKS = ("even_pixels", "mnist_sudoku", "counting_polygons")
-# Tasks whose training images are rendered on the host rather than generated on device.
-HOST_RENDERED_TASKS = ("counting_polygons",)
-
-
 def make_task(config: ml_collections.ConfigDict):
-  """The data generator of `config.task`.
+  """The data generator of `config.task` (`tasks.get(config.task).make_data`).
 
   Returns:
-    even_pixels / mnist_sudoku: an on-device pytree with `train_batch(key, batch)`;
-    counting_polygons: the host-side `CountingPolygonsTask` (rendered by
+    an on-device pytree with `train_batch(key, batch)` (even_pixels, mnist_sudoku), or, for a
+    task whose images are rendered on the host (`is_host_rendered`), its host-side generator
+    (counting_polygons: `CountingPolygonsTask`, rendered by
     `counting_polygons.TrainImagePrefetcher`).
   """
-  if config.task == "even_pixels":
-    if config.data.channels != 3:
-      raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
-    return even_pixels.EvenPixelsTask(image_size=config.data.image_size)
-  if config.task == "mnist_sudoku":
-    return sudoku.make_sudoku_task_from_config(config.data)
-  if config.task == "counting_polygons":
-    counting_polygons.check_image_geometry(config.data.image_size, config.data.channels)
-    return counting_polygons.CountingPolygonsTask(seed=config.data.seed,
-                                                  background_dir=config.data.background_dir)
-  raise ValueError(f"Unknown task {config.task!r}; expected one of {TASKS}.")
+  from ipr_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import this module)
+  return tasks.get(config.task).make_data(config)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -121,3 +106,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
                   weight_decay=o.weight_decay),
   )
+
+
+def is_host_rendered(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.task`'s training images are rendered on the host (not generated on device)."""
+  from ipr_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import this module)
+  return tasks.get(config.task).HOST_RENDERED

@@ -1,8 +1,10 @@
 """The config sections every task shares, with the reference's global values (spec §1, §3, §4).
 
 `configs/<task>.py` files build on `base_config` and set only what is task-specific; every field is
-documented here once. Sections: top level (seed, batch, steps, checkpoints), data (task fields
-added by the task file), model (U-Net), time_sampler, loss, optim, sampler, ipr, eval.
+documented here once, but for the ipr section: its fields, defaults and documentation are those of
+`sampler.IPRConfig` (`ipr_section`). Sections (one builder each): top level (seed, batch, steps,
+checkpoints), data (task fields added by the task file), model (U-Net), time_sampler, loss, optim,
+sampler, ipr, eval.
 """
 
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
+from ipr_jax import sampler
 from ipr_jax.models import unet
 
 
@@ -67,7 +70,28 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   config.task = task
   # Preset tokens this config was built from (informational).
   config.preset = preset or ""
+  _add_top_level(config)
+  config.data = ml_collections.ConfigDict()
+  # U-Net denoiser (spec §1).
+  config.model = _model_section(unet_preset)
+  # Per-patch time sampler (spec §3.1).
+  config.time_sampler = _time_sampler_section()
+  # Loss = mse + vlb_weight * vlb + sigma_nll_weight * sigma-NLL (spec §3.3).
+  config.loss = _loss_section()
+  # AdamW with linear warm-up, global-norm clipping and an EMA (spec §3.4).
+  config.optim = _optim_section()
+  # SRM greedy sampler (spec §4.4).
+  config.sampler = _sampler_section()
+  # Iterative Partial Refinement (spec §4.5): fields, defaults and documentation are
+  # `sampler.IPRConfig`'s.
+  config.ipr = ipr_section()
+  # Evaluation run (spec §4.5, §5.4).
+  config.eval = _eval_section()
+  return config
 
+
+def _add_top_level(config: ml_collections.ConfigDict) -> None:
+  """The top-level run fields: seed, batch, steps, checkpoints, logging, distribution."""
   # Root seed of model init and of every training random draw (data, times, noise, dropout).
   config.seed = 0
   # Global batch over all devices and hosts.
@@ -83,164 +107,148 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   # Call jax.distributed.initialize() first (multi-host TPU pods / multi-node GPU); env-detected.
   config.distributed = False
 
-  config.data = ml_collections.ConfigDict()
 
-  # U-Net denoiser (spec §1).
-  config.model = ml_collections.ConfigDict()
+def _model_section(unet_preset: str) -> ml_collections.ConfigDict:
+  """config.model: the U-Net of `unet.UNET_PRESETS[unet_preset]` and the shared layer settings."""
+  section = ml_collections.ConfigDict()
   # Reference preset name (informational; the fields below define the network).
-  config.model.name = unet_preset
+  section.name = unet_preset
   # Channels per resolution level.
-  config.model.hid_dims = tuple(unet.UNET_PRESETS[unet_preset]["hid_dims"])
+  section.hid_dims = tuple(unet.UNET_PRESETS[unet_preset]["hid_dims"])
   # Self-attention at each level.
-  config.model.attention = tuple(unet.UNET_PRESETS[unet_preset]["attention"])
+  section.attention = tuple(unet.UNET_PRESETS[unet_preset]["attention"])
   # ResBlocks per encoder level (the decoder has one more).
-  config.model.num_blocks = 2
+  section.num_blocks = 2
   # Width of the time-embedding MLP output.
-  config.model.t_emb_dim = 512
+  section.t_emb_dim = 512
   # Width of the sinusoidal time features.
-  config.model.d_emb = 256
+  section.d_emb = 256
   # Channels per attention head.
-  config.model.num_head_channels = 64
+  section.num_head_channels = 64
   # GroupNorm groups.
-  config.model.num_groups = 32
+  section.num_groups = 32
   # Dropout inside ResBlocks during training.
-  config.model.dropout = 0.1
+  section.dropout = 0.1
   # Compute dtype; params stay float32 (reference: bf16-mixed).
-  config.model.dtype = "bfloat16"
+  section.dtype = "bfloat16"
+  return section
 
-  # Per-patch time sampler (spec §3.1).
-  config.time_sampler = ml_collections.ConfigDict()
+
+def _time_sampler_section() -> ml_collections.ConfigDict:
+  """config.time_sampler: the per-patch training time sampler and its loss-weight histogram."""
+  section = ml_collections.ConfigDict()
   # Two-stage mean-then-recursive-Beta split.
-  config.time_sampler.name = "mean_beta"
+  section.name = "mean_beta"
   # Scale of the Beta(a_n, a_n) parameters a_n = (n - 1 - n mod 2)^1.05 * sharpness.
-  config.time_sampler.beta_sharpness = 1.0
+  section.beta_sharpness = 1.0
   # Zero a uniformly random fraction of patches (clean context, no loss).
-  config.time_sampler.add_zeros = True
+  section.add_zeros = True
   # Time samples drawn for the loss-weight histogram (each gives N patch times).
-  config.time_sampler.density_num_samples = 80_000
+  section.density_num_samples = 80_000
   # Histogram bins on [0, 1].
-  config.time_sampler.density_num_bins = 1000
+  section.density_num_bins = 1000
   # Gaussian smoothing of the histogram: odd kernel size and sigma in bins (reference: 5 and 0.2;
   # 0.2 is effectively no smoothing, spec §7.11).
-  config.time_sampler.density_blur_kernel_size = 5
-  config.time_sampler.density_blur_sigma = 0.2
+  section.density_blur_kernel_size = 5
+  section.density_blur_sigma = 0.2
+  return section
 
-  # Loss = mse + vlb_weight * vlb + sigma_nll_weight * sigma-NLL (spec §3.3).
-  config.loss = ml_collections.ConfigDict()
+
+def _loss_section() -> ml_collections.ConfigDict:
+  """config.loss: the weights and steps of the VLB and sigma-NLL terms."""
+  section = ml_collections.ConfigDict()
   # Weight of the VLB term (learned-range variance; u detached).
-  config.loss.vlb_weight = 1.0
+  section.vlb_weight = 1.0
   # Weight of the sigma NLL term (u detached).
-  config.loss.sigma_nll_weight = 0.01
+  section.sigma_nll_weight = 0.01
   # The VLB and sigma terms apply when step > this (reference apply_after_step).
-  config.loss.aux_after_step = 0
+  section.aux_after_step = 0
   # VLB step size: s = t - vlb_time_step.
-  config.loss.vlb_time_step = 1e-3
+  section.vlb_time_step = 1e-3
   # s below this counts as 0 (discretized NLL branch).
-  config.loss.time_eps = 1e-5
+  section.time_eps = 1e-5
+  return section
 
-  # AdamW with linear warm-up, global-norm clipping and an EMA (spec §3.4).
-  config.optim = ml_collections.ConfigDict()
+
+def _optim_section() -> ml_collections.ConfigDict:
+  """config.optim: AdamW, its learning-rate schedule, gradient clipping and the EMA."""
+  section = ml_collections.ConfigDict()
   # Peak learning rate.
-  config.optim.learning_rate = 1e-4
+  section.learning_rate = 1e-4
   # Adam betas.
-  config.optim.b1 = 0.95
-  config.optim.b2 = 0.999
+  section.b1 = 0.95
+  section.b2 = 0.999
   # Adam epsilon; None derives it like the reference: 1e-7 under bf16, 1e-8 in float32.
-  config.optim.eps = config_dict.placeholder(float)
+  section.eps = config_dict.placeholder(float)
   # Decoupled weight decay, applied to all parameters.
-  config.optim.weight_decay = 1e-6
+  section.weight_decay = 1e-6
   # The learning rate ramps linearly from warmup_start_factor * lr over warmup_steps.
-  config.optim.warmup_steps = 5_000
-  config.optim.warmup_start_factor = 2e-4
+  section.warmup_steps = 5_000
+  section.warmup_start_factor = 2e-4
   # After the warm-up, a cosine decay to decay_end_factor * lr at step decay_steps, constant after
   # it; None (the reference): constant learning rate.
-  config.optim.decay_steps = config_dict.placeholder(int)
-  config.optim.decay_end_factor = 0.0
+  section.decay_steps = config_dict.placeholder(int)
+  section.decay_end_factor = 0.0
   # Global L2 gradient-norm clip.
-  config.optim.grad_clip_norm = 1.0
+  section.grad_clip_norm = 1.0
   # EMA decay (first update copies the weights).
-  config.optim.ema_decay = 0.9999
+  section.ema_decay = 0.9999
+  return section
 
-  # SRM greedy sampler (spec §4.4).
-  config.sampler = ml_collections.ConfigDict()
+
+def _sampler_section() -> ml_collections.ConfigDict:
+  """config.sampler: the SRM greedy sampler (`sampler.SamplerConfig` fields)."""
+  section = ml_collections.ConfigDict()
   # Denoising steps each patch takes.
-  config.sampler.steps_per_patch = 10
+  section.steps_per_patch = 10
   # Overlap of consecutive patches' denoising blocks, in [0, 1).
-  config.sampler.overlap = 0.9
+  section.overlap = 0.9
   # Reverse-kernel stochasticity alpha.
-  config.sampler.stochasticity = 0.5
+  section.stochasticity = 0.5
   # Reverse-kernel temperature.
-  config.sampler.temperature = 1.0
+  section.temperature = 1.0
   # Patches selected per selection step.
-  config.sampler.top_k = 1
+  section.top_k = 1
   # False: reproduce the reference's float32 schedule arithmetic (spec §4.3); True: exact.
-  config.sampler.clean_schedule = False
+  section.clean_schedule = False
+  return section
 
-  # Iterative Partial Refinement (spec §4.5).
-  config.ipr = ml_collections.ConfigDict()
-  # Refinement iterations.
-  config.ipr.budget = 30
-  # Denoising steps per re-noised patch.
-  config.ipr.steps_per_patch = 10
-  # Block overlap of the re-noised patches.
-  config.ipr.overlap = 0.9
-  # Fraction of candidate patches re-noised per iteration.
-  config.ipr.resampling_ratio = 0.25
-  # 'random': fresh noise; 'fixed': the initial noise of the patch (ablation).
-  config.ipr.noise_type = "random"
-  # 'standard' (SRM pass, then refine) or 'correction' (refine a corrupted solution).
-  config.ipr.mode = "standard"
-  # Cell swaps that corrupt a solution in 'correction' mode.
-  config.ipr.num_corruption_swaps = 5
-  # Stop refining once the task check passes (reference: False).
-  config.ipr.immediate_stop = False
-  # Variants beyond the paper (experiments/README.md compares them); the defaults are the paper's.
-  # Patches to re-noise: 'random' (paper), 'uncertainty' (the model's own uncertainty query,
-  # Gumbel top-k; costs uncertainty_groups passes per iteration) or 'verifier' (cells in a broken
-  # row, column or box as classified first; uses the verifier, MNIST Sudoku only: a reference).
-  config.ipr.selection = "random"
-  # What the uncertainty query scores per patch: 'nll' (of its current content) or 'sigma'.
-  config.ipr.uncertainty_score = "nll"
-  # Denoiser passes per uncertainty query (the candidates are split into this many groups).
-  config.ipr.uncertainty_groups = 4
-  # Gumbel temperature of the uncertainty-guided draw (on standardised scores; smaller: greedier).
-  config.ipr.selection_temperature = 0.5
-  # Re-noise to t0 in (0, 1] instead of pure noise, with round(steps_per_patch * t0) steps.
-  config.ipr.renoise_time = 1.0
-  # 'constant' (paper) or 'linear' from resampling_ratio to final_resampling_ratio.
-  config.ipr.ratio_schedule = "constant"
-  # Ratio that the 'linear' schedule reaches at iteration ratio_decay_iterations and keeps.
-  config.ipr.final_resampling_ratio = 0.125
-  # Iterations over which the 'linear' ratio schedule decays.
-  config.ipr.ratio_decay_iterations = 10
-  # 'last' (paper) or 'confident': the iterate with the lowest mean uncertainty score so far.
-  config.ipr.return_iterate = "last"
 
-  # Evaluation run (spec §4.5, §5.4).
-  config.eval = ml_collections.ConfigDict()
+def ipr_section() -> ml_collections.ConfigDict:
+  """config.ipr: every field of `sampler.IPRConfig` at its default, in field order.
+
+  The fields, defaults and their documentation are defined once, in `sampler.IPRConfig`
+  (`IPRConfig.field_docs()`); configs/<task>.py override what is task-specific.
+  """
+  return ml_collections.ConfigDict(sampler.IPRConfig.defaults())
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+  """config.eval: what an evaluation run generates and how it batches and stores it."""
+  section = ml_collections.ConfigDict()
   # Name of the evaluation preset.
-  config.eval.name = ""
+  section.name = ""
   # Puzzles / images generated (the reference yaml runs 1, spec §7.2).
-  config.eval.num_puzzles = 100
+  section.num_puzzles = 100
   # Puzzles / images per sampler call.
-  config.eval.batch_size = 100
+  section.batch_size = 100
   # Seed of the evaluation randomness.
-  config.eval.seed = 42
+  section.seed = 42
   # Given-cell range of the test puzzles (MNIST Sudoku only).
-  config.eval.given_range = config_dict.placeholder(tuple)
+  section.given_range = config_dict.placeholder(tuple)
   # Sample with the EMA weights (reference use_ema: true).
-  config.eval.use_ema = True
+  section.use_ema = True
   # Name of a model shipped in the package (`ipr_jax.pretrained.names()`) to evaluate when no
   # --checkpoint is given; None: the newest checkpoint in --workdir.
-  config.eval.pretrained = config_dict.placeholder(str)
+  section.pretrained = config_dict.placeholder(str)
   # Puzzles shown in ipr_process.png (the first ones of the first batch).
-  config.eval.num_plot_puzzles = 4
+  section.num_plot_puzzles = 4
   # Batch the puzzles by their number of patches to generate (a batch's sampling loop runs until
   # its longest schedule ends); False: in index order. Results per puzzle are the same either way.
-  config.eval.sort_by_unknowns = True
+  section.sort_by_unknowns = True
   # Also keep every puzzle's final image (uint8) in puzzles.npz.
-  config.eval.save_samples = False
-  return config
+  section.save_samples = False
+  return section
 
 
 def use_tiny_model(config: ml_collections.ConfigDict, hid_dims: Sequence[int],

@@ -40,6 +40,7 @@ from absl import logging
 import numpy as np
 
 import ipr_jax
+from ipr_jax import config_diff
 
 SETTINGS_FILE = "run.json"
 FORMAT = 2
@@ -50,8 +51,9 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # and parameters (`code_record`), relative to the package folder. Chosen as the evaluation's own
 # module and every module it imports to compute results, with the shipped weights and data those
 # read:
-#   evaluate.py                   key streams, score functions, what a shard holds;
-#   build.py                      the task's data and the U-Net a config builds;
+#   evaluate.py, evaluation.py    the binary; key streams, what a shard holds;
+#   build.py                      the U-Net a config builds;
+#   tasks/*.py                    each task's data, test inputs, scores and verifier;
 #   sampler.py, schedule.py, flow.py, gaussian.py
 #                                 SRM, IPR and its variants, schedules, the reverse kernel;
 #   models/unet.py, models/denoiser.py
@@ -59,7 +61,7 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #   models/classifier.py, models/polygon_scorer.py, metrics/*.py (not the trainers)
 #                                 the metrics; metrics/assets/*.npz: their shipped weights;
 #   data/*.py, data/assets/mnist_digits_10k.npz
-#                                 the test puzzles (build.py imports every task's data module).
+#                                 the test puzzles (tasks/__init__.py imports every task).
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
 # pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
 # made again from the shards at every merge), cli.py (the command line), eval_shards.py,
@@ -72,7 +74,13 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # every shipped metric and data asset is listed.
 CODE_FILES = (
     "evaluate.py",
+    "evaluation.py",
     "build.py",
+    "tasks/__init__.py",
+    "tasks/base.py",
+    "tasks/mnist_sudoku.py",
+    "tasks/even_pixels.py",
+    "tasks/counting_polygons.py",
     "sampler.py",
     "schedule.py",
     "flow.py",
@@ -135,15 +143,6 @@ def batches_record(batches: Sequence[np.ndarray]) -> dict[str, Any]:
           "sha256": digest.hexdigest()}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def _finite_or_text(value: Any) -> Any:
   """JSON-safe settings: tuples as lists, non-finite floats as the strings 'nan', 'inf', '-inf'
   (JSON has no literal for them, and NaN would differ from itself)."""
@@ -201,9 +200,9 @@ def write_settings(shard_dir: str | os.PathLike, settings: dict[str, Any]) -> No
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  old, new = _flatten(old), _flatten(new)
-  differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
+  """'key: old -> new' for every differing dotted key (`config_diff.differences`)."""
+  return [f"{k}: {a!r} -> {b!r}"
+          for k, a, b in config_diff.differences(old, new, absent="<absent>")]
 
 
 def _listed(items: list[str], limit: int = 10) -> str:
@@ -391,7 +390,7 @@ def migrate_format_1(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[s
   """
   if "format" in stored:
     raise ValueError(f"run.json is of format {stored['format']}, not 1")
-  old, new = _flatten(_canonical(stored)), _flatten(_canonical(resolved))
+  old, new = config_diff.flatten(_canonical(stored)), config_diff.flatten(_canonical(resolved))
   changed = [f"{k}: {old[k]!r} -> {new.get(k, '<absent>')!r}" for k in sorted(old)
              if new.get(k, "<absent>") != old[k]]
   if changed:

@@ -30,6 +30,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from ipr_jax import config_diff
+
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
 _SEPARATOR = "/"
@@ -154,14 +156,10 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
     return json.loads(json.dumps(value))
 
   differences = []
-  for name in MODEL_SECTIONS:
+  for name in MODEL_SECTIONS:  # In this order; each section's keys sorted.
     ours, theirs = normalise(section(config, name)), normalise(section(shipped.config, name))
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-      for key in sorted(set(ours) | set(theirs)):
-        if ours.get(key) != theirs.get(key):
-          differences.append(f"{name}.{key}: {ours.get(key)!r} (shipped: {theirs.get(key)!r})")
-    elif ours != theirs:
-      differences.append(f"{name}: {ours!r} (shipped: {theirs!r})")
+    differences += [f"{key}: {a!r} (shipped: {b!r})"
+                    for key, a, b in config_diff.differences({name: ours}, {name: theirs})]
   if differences:
     raise ValueError(f"the config does not match the shipped model {shipped.name!r}: "
                      + "; ".join(differences))

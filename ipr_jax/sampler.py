@@ -20,7 +20,10 @@ jit-compilable program:
   the scan, so one run yields the whole quality-vs-budget curve. Usable under
   `jax.jit` and `jax.pmap` with `denoise_fn`, `score_fn`, `verify_fn`, the
   patch size and the configs static. `ipr_refine` runs IPR alone on given
-  samples.
+  samples. An iteration's pieces: a selection strategy (`SELECTORS`, one
+  signature), the re-noising (`_renoise`), the greedy loop, the uncertainty
+  query with the confident-iterate tracker (`_query_and_track`) and
+  immediate_stop (`_immediate_stop`).
 
 IPR variants beyond the paper (`IPRConfig`; the defaults are the paper's IPR and leave its
 program, keys and samples unchanged, checked against runs stored before the variants existed):
@@ -153,63 +156,69 @@ class SamplerConfig:
       raise ValueError(f"temperature must be positive, got {self.temperature!r}.")
 
 
+def _field(default, doc: str):
+  """A dataclass field with its documentation (`IPRConfig.field_docs`, config_base's ipr section)."""
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class IPRConfig:
-  """Options of IPR (defaults: the reference's ms_hard_test values).
+  """Options of IPR: the one definition of the fields, defaults and documentation of IPR.
 
-  The field names match `config.ipr` of the project configs.
-
-  Attributes:
-    budget: number of IPR iterations B (budgets 0..B are scored).
-    steps_per_patch: steps per patch of the regeneration schedule.
-    overlap: overlap of the regeneration schedule, [0, 1).
-    resampling_ratio: fraction of candidate patches re-noised per iteration,
-      (0, 1]; k = max(1, floor(ratio * number of candidates)).
-    noise_type: 'random' (fresh noise) or 'fixed' (the initial noise).
-    mode: 'standard' (SRM first) or 'correction' (corrupt a solved grid with
-      random cell swaps; every cell becomes free; no SRM pass).
-    num_corruption_swaps: K swaps in correction mode.
-    immediate_stop: freeze a puzzle once `verify_fn` accepts it.
-    selection: which patches an iteration re-noises (see `SELECTIONS` and the
-      module docstring): 'random' (the paper's), 'uncertainty' (the model's own
-      uncertainty query, Gumbel top-k) or 'verifier' (cells that `cell_verify_fn`
-      flags first; uses the task's verifier, a reference only).
-    uncertainty_score: what the uncertainty query measures per patch: 'nll'
-      (negative log-likelihood of the patch's current content under the
-      model's prediction from the other patches) or 'sigma' (the predicted
-      log-variance alone).
-    uncertainty_groups: G, the query's passes: candidates are split into G
-      random groups, each re-noised to t = 1 in one denoiser pass.
-    selection_temperature: temperature of the Gumbel top-k draw over the
-      standardised uncertainty scores, > 0 (smaller: more greedy).
-    renoise_time: t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x +
-      t0 eps and are regenerated from t0 with round(steps_per_patch * t0)
-      steps per patch (1 = the paper's full re-noising).
-    ratio_schedule: 'constant' (the paper's) or 'linear': the ratio of IPR
-      iteration i goes linearly from resampling_ratio (i = 1) to
-      final_resampling_ratio (i >= ratio_decay_iterations).
-    final_resampling_ratio: the last ratio of the 'linear' schedule, (0, 1].
-    ratio_decay_iterations: iterations over which the 'linear' schedule moves.
-    return_iterate: 'last' (the paper's) or 'confident': the iterate (SRM
-      sample included) whose mean uncertainty score is lowest so far.
+  The defaults are the reference's global values (spec §4.5; the paper's IPR, no variant);
+  `config.ipr` of the project configs is made from these fields (`config_base.ipr_section`),
+  and configs/<task>.py override what is task-specific (e.g. MNIST Sudoku's ms_hard_test:
+  overlap 0.8). Each field's documentation is its `doc` metadata (`IPRConfig.field_docs()`).
   """
-  budget: int = 30
-  steps_per_patch: int = 10
-  overlap: float = 0.8
-  resampling_ratio: float = 0.25
-  noise_type: str = "random"
-  mode: str = "standard"
-  num_corruption_swaps: int = 5
-  immediate_stop: bool = False
-  selection: str = "random"
-  uncertainty_score: str = "nll"
-  uncertainty_groups: int = 4
-  selection_temperature: float = 0.5
-  renoise_time: float = 1.0
-  ratio_schedule: str = "constant"
-  final_resampling_ratio: float = 0.125
-  ratio_decay_iterations: int = 10
-  return_iterate: str = "last"
+  budget: int = _field(30, "Refinement iterations B (budgets 0..B are scored).")
+  steps_per_patch: int = _field(10, "Denoising steps per re-noised patch (the regeneration "
+                                "schedule).")
+  overlap: float = _field(0.9, "Block overlap of the re-noised patches' schedule, in [0, 1).")
+  resampling_ratio: float = _field(
+      0.25, "Fraction of candidate patches re-noised per iteration, in (0, 1]; "
+      "k = max(1, floor(ratio * number of candidates)).")
+  noise_type: str = _field("random", "'random': fresh noise; 'fixed': the initial noise of the "
+                           "patch (ablation).")
+  mode: str = _field("standard", "'standard' (SRM pass, then refine) or 'correction' (refine a "
+                     "solved grid corrupted by random cell swaps; every cell becomes free; no SRM "
+                     "pass).")
+  num_corruption_swaps: int = _field(5, "Cell swaps K that corrupt a solution in 'correction' "
+                                     "mode.")
+  immediate_stop: bool = _field(False, "Stop refining a puzzle once the task check (`verify_fn`) "
+                                "accepts it (reference: False).")
+  # Variants beyond the paper (module docstring; experiments/README.md compares them). Their
+  # defaults are the paper's.
+  selection: str = _field(
+      "random", "Patches to re-noise (`SELECTIONS`): 'random' (the paper's), 'uncertainty' (the "
+      "model's own uncertainty query, Gumbel top-k; costs uncertainty_groups passes per "
+      "iteration) or 'verifier' (cells that `cell_verify_fn` flags first: on MNIST Sudoku those "
+      "in a broken row, column or box as classified; uses the task's verifier: a reference).")
+  uncertainty_score: str = _field(
+      "nll", "What the uncertainty query scores per patch: 'nll' (negative log-likelihood of its "
+      "current content under the model's prediction from the other patches) or 'sigma' (the "
+      "predicted log sigma alone).")
+  uncertainty_groups: int = _field(
+      4, "G, denoiser passes per uncertainty query: the candidates are split into G random "
+      "groups, each re-noised to t = 1 in one pass.")
+  selection_temperature: float = _field(
+      0.5, "Gumbel temperature of the uncertainty-guided draw over the standardised scores, > 0 "
+      "(smaller: greedier).")
+  renoise_time: float = _field(
+      1.0, "t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x + t0 eps and are "
+      "regenerated from t0 with round(steps_per_patch * t0) steps per patch (1: the paper's "
+      "full re-noising).")
+  ratio_schedule: str = _field(
+      "constant", "'constant' (the paper's) or 'linear': the ratio of IPR iteration i goes "
+      "linearly from resampling_ratio (i = 1) to final_resampling_ratio (i >= "
+      "ratio_decay_iterations).")
+  final_resampling_ratio: float = _field(
+      0.125, "The ratio the 'linear' schedule reaches at iteration ratio_decay_iterations and "
+      "keeps, in (0, 1].")
+  ratio_decay_iterations: int = _field(10, "Iterations over which the 'linear' ratio schedule "
+                                       "moves.")
+  return_iterate: str = _field(
+      "last", "'last' (the paper's) or 'confident': the iterate (SRM sample included) with the "
+      "lowest mean uncertainty score so far.")
 
   def __post_init__(self):
     _coerce(self, budget=int, steps_per_patch=int, overlap=float,
@@ -282,13 +291,22 @@ class IPRConfig:
     frac = min(max(iteration - 1, 0), span) / span
     return self.resampling_ratio + frac * (self.final_resampling_ratio - self.resampling_ratio)
 
+  @classmethod
+  def defaults(cls) -> dict[str, Any]:
+    """{field name: default}, in field order (what `config.ipr` starts from)."""
+    return {field.name: field.default for field in dataclasses.fields(cls)}
 
-# The IPRConfig fields of the variants beyond the paper, at the paper's values.
-VARIANT_DEFAULTS = {
-    field.name: field.default for field in dataclasses.fields(IPRConfig)
-    if field.name in ("selection", "uncertainty_score", "uncertainty_groups",
-                      "selection_temperature", "renoise_time", "ratio_schedule",
-                      "final_resampling_ratio", "ratio_decay_iterations", "return_iterate")}
+  @classmethod
+  def field_docs(cls) -> dict[str, str]:
+    """{field name: documentation}, in field order."""
+    return {field.name: field.metadata["doc"] for field in dataclasses.fields(cls)}
+
+
+# The IPRConfig fields of the variants beyond the paper, at the paper's values (derived).
+VARIANT_FIELDS = ("selection", "uncertainty_score", "uncertainty_groups", "selection_temperature",
+                  "renoise_time", "ratio_schedule", "final_resampling_ratio",
+                  "ratio_decay_iterations", "return_iterate")
+VARIANT_DEFAULTS = {name: IPRConfig.defaults()[name] for name in VARIANT_FIELDS}
 
 
 @flax.struct.dataclass
@@ -510,6 +528,45 @@ def _select(step, live, state: _GreedyState, sched: _PuzzleSchedule,
       next_start=next_start)
 
 
+def _initial_greedy_state(z: jax.Array, waiting: jax.Array) -> _GreedyState:
+  """The greedy state before step 0: z `[B, H, W, d]`, `waiting` `[B, N]`, nothing selected."""
+  batch, num_patches = waiting.shape
+  minus_one = jnp.full((batch, num_patches), -1, jnp.int32)
+  zeros = jnp.zeros([batch], jnp.int32)
+  return _GreedyState(z=z, waiting=waiting, selected_at=minus_one, order=minus_one,
+                      order_step=minus_one, num_selected=zeros, block_counter=zeros,
+                      next_start=zeros, nfe=zeros)
+
+
+def _reverse_step(out, z, t_now_pix, t_next_pix, keys, *, stochasticity: float,
+                  temperature: float, clamp_noise: bool) -> jax.Array:
+  """One step of the reverse kernel p(z_next | z) from the denoiser's output `out`.
+
+  Args:
+    out: DenoiserOutput of z (u, v `[B, H, W, d]`).
+    z: `[B, H, W, d]` float32 current state.
+    t_now_pix, t_next_pix: `[B, H, W, 1]` pixel times of this step and the next.
+    keys: `[B]` typed keys of this step's noise.
+    stochasticity, temperature, clamp_noise: as in `SamplerConfig`.
+
+  Returns:
+    `[B, H, W, d]` float32: the kernel's mean, sampled where noise is added (clamp_noise: wherever
+    t_next > 0, as the reference; else only where the unclamped sigma is positive).
+  """
+  kernel = flow.reverse_kernel(
+      out.u.astype(jnp.float32), z, t_now_pix, t_next_pix,
+      out.v.astype(jnp.float32), stochasticity, temperature)
+  z_next = kernel.mean
+  if clamp_noise or stochasticity > 0.0:
+    eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys)
+    if clamp_noise:  # The reference: sample wherever t_next > 0.
+      noisy = t_next_pix > 0
+    else:  # Only where the unclamped sigma is positive.
+      noisy = (t_next_pix > 0) & (t_next_pix < t_now_pix)
+    z_next = jnp.where(noisy, kernel.reparameterize(eps), z_next)
+  return z_next
+
+
 def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
             sched: _PuzzleSchedule, *, patch_size: int, stochasticity: float,
             temperature: float, clamp_noise: bool, record_steps: int = 0,
@@ -526,15 +583,7 @@ def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
   """
   batch, num_patches = waiting.shape
   grid = patch_grid(z.shape, patch_size)
-  z = z.astype(jnp.float32)
-  draws_noise = clamp_noise or stochasticity > 0.0
-  minus_one = jnp.full((batch, num_patches), -1, jnp.int32)
-  state = _GreedyState(
-      z=z, waiting=waiting, selected_at=minus_one, order=minus_one,
-      order_step=minus_one, num_selected=jnp.zeros([batch], jnp.int32),
-      block_counter=jnp.zeros([batch], jnp.int32),
-      next_start=jnp.zeros([batch], jnp.int32),
-      nfe=jnp.zeros([batch], jnp.int32))
+  state = _initial_greedy_state(z.astype(jnp.float32), waiting)
   rows = jnp.zeros((2, record_steps, batch, num_patches), jnp.float32)
   num_steps = jnp.max(sched.max_steps)
   if step_limit is not None:
@@ -550,18 +599,9 @@ def _greedy(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
     new = _select(step, live, state, sched, sigma)
     t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time),
                                    grid, patch_size)
-    kernel = flow.reverse_kernel(
-        out.u.astype(jnp.float32), state.z, t_now_pix, t_next_pix,
-        out.v.astype(jnp.float32), stochasticity, temperature)
-    z_next = kernel.mean
-    if draws_noise:
-      eps = jax.vmap(lambda k: jax.random.normal(
-          jax.random.fold_in(k, step), z.shape[1:], jnp.float32))(keys)
-      if clamp_noise:  # The reference: sample wherever t_next > 0.
-        noisy = t_next_pix > 0
-      else:  # Only where the unclamped sigma is positive.
-        noisy = (t_next_pix > 0) & (t_next_pix < t_now_pix)
-      z_next = jnp.where(noisy, kernel.reparameterize(eps), z_next)
+    z_next = _reverse_step(out, state.z, t_now_pix, t_next_pix, _fold(keys, step),
+                           stochasticity=stochasticity, temperature=temperature,
+                           clamp_noise=clamp_noise)
     if mask is not None:
       z_next = masked + mask * z_next
     new = new.replace(
@@ -846,6 +886,304 @@ def _scores(score_fn: Optional[ScoreFn], z) -> dict:
   return {name: jnp.asarray(value) for name, value in score_fn(z).items()}
 
 
+# ----------------------------------------------------------------------------
+# IPR's selection strategies: which patches an iteration re-noises.
+#
+# One signature, (keys [B], candidates [B, N], k [B], *, z, cells, ipr_config, cell_verify_fn)
+# -> [B, N] bool chosen patches (min(k, |candidates|) of each puzzle's candidates), looked up in
+# `SELECTORS` by `IPRConfig.selection`. z `[B, H, W, d]` is the current iterate, cells `[B, N]`
+# its uncertainty query's scores (zeros before the first query).
+
+
+def select_random(keys, candidates, k, *, z, cells, ipr_config, cell_verify_fn) -> jax.Array:
+  """'random' (the paper's): k patches per puzzle uniformly among its candidates."""
+  del z, cells, ipr_config, cell_verify_fn  # One signature for every strategy.
+  return jax.vmap(random_subset)(keys, candidates, k)
+
+
+def select_uncertainty(keys, candidates, k, *, z, cells, ipr_config,
+                       cell_verify_fn) -> jax.Array:
+  """'uncertainty': Gumbel top-k of the standardised query scores at selection_temperature."""
+  del z, cell_verify_fn
+  priority = standardized(cells, candidates) / ipr_config.selection_temperature
+  return jax.vmap(ranked_subset)(keys, candidates, priority, k)
+
+
+def select_verifier(keys, candidates, k, *, z, cells, ipr_config, cell_verify_fn) -> jax.Array:
+  """'verifier': the cells `cell_verify_fn` flags first, uniformly among them; then the rest."""
+  del cells, ipr_config
+  priority = jnp.where(cell_verify_fn(z).astype(bool), 1e4, 0.0)
+  return jax.vmap(ranked_subset)(keys, candidates, priority, k)
+
+
+SELECTORS = {"random": select_random, "uncertainty": select_uncertainty,
+             "verifier": select_verifier}
+assert tuple(SELECTORS) == SELECTIONS
+
+
+def _renoise(z, chosen, keys, noise, masked, mask, *, patch_size: int,
+             noise_type: str, renoise_time: float) -> jax.Array:
+  """The start of an IPR iteration: z with the chosen patches re-noised (spec §4.5).
+
+  Args:
+    z: `[B, H, W, d]` float32 current iterate.
+    chosen: `[B, N]` bool patches to re-noise.
+    keys: `[B]` typed keys of the fresh noise.
+    noise: `[B, H, W, d]` initial noise, the noise of noise_type='fixed'.
+    masked, mask: `[B, H, W, d]` given content and `[B, H, W, 1]` mask, re-pasted (None: none).
+    patch_size: P.
+    noise_type: 'random' (fresh noise from `keys`) or 'fixed'.
+    renoise_time: t0; below 1 the chosen patches go to z_t0 = (1 - t0) z + t0 eps.
+
+  Returns:
+    `[B, H, W, d]` float32.
+  """
+  if noise_type == "fixed":
+    fresh = noise.astype(jnp.float32)
+  else:
+    fresh = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys)
+  renoised = flow.z_t(z, fresh, renoise_time) if renoise_time < 1.0 else fresh
+  pixels = patch_pixel_mask(chosen, patch_grid(z.shape, patch_size), patch_size)
+  z_start = jnp.where(pixels, renoised, z)
+  if mask is not None:
+    z_start = masked + mask * z_start
+  return z_start
+
+
+# ----------------------------------------------------------------------------
+# IPR's scan over iterations.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refinement:
+  """What every iteration of `_refine`'s scan reads: the inputs, functions and static settings.
+
+  Arrays: masked `[B, H, W, d]`, mask `[B, H, W, 1]` (both None without a mask), candidates
+  `[B, N]`, noise `[B, H, W, d]`, srm_unknown `[B, N]` (None: no SRM pass) and srm_sched, the
+  SRM pass's schedule; iteration_keys and query_keys `[B]`; counts `[budget + 1, N + 1]`
+  (`resample_counts`).
+  """
+  denoise_fn: DenoiseFn
+  masked: Optional[jax.Array]
+  mask: Optional[jax.Array]
+  candidates: jax.Array
+  noise: jax.Array
+  srm_unknown: Optional[jax.Array]
+  srm_sched: Optional[_PuzzleSchedule]
+  iteration_keys: jax.Array
+  query_keys: jax.Array
+  counts: jax.Array
+  ipr_table: schedule_lib.ScheduleTable
+  proto_len: int
+  patch_size: int
+  sampler_config: SamplerConfig
+  ipr_config: IPRConfig
+  score_fn: Optional[ScoreFn]
+  verify_fn: Optional[VerifyFn]
+  cell_verify_fn: Optional[CellVerifyFn]
+  num_snapshots: int
+
+  @property
+  def with_srm(self) -> bool:
+    return self.srm_unknown is not None
+
+  @property
+  def num_iterations(self) -> int:
+    return self.ipr_config.budget + int(self.with_srm)
+
+  @property
+  def confident(self) -> bool:
+    return self.ipr_config.return_iterate == "confident"
+
+
+@flax.struct.dataclass
+class _RefineCarry:
+  """The state `_refine`'s scan carries from one iteration to the next."""
+  z: jax.Array              # [B, H, W, d] float32 the last iterate
+  nfe: jax.Array            # [B] int32 denoiser passes so far
+  stopped: jax.Array        # [B] bool: frozen by immediate_stop
+  stop_budget: jax.Array    # [B] int32 budget at which immediate_stop froze it, -1 if not
+  initial_order: jax.Array  # [B, N] int32 selection order of the SRM pass
+  cells: jax.Array          # [B, N] float32 uncertainty of z's patches (the next selection's)
+  z_best: jax.Array         # [B, H, W, d] float32 the most confident iterate so far
+  best: jax.Array           # [B] float32 its mean uncertainty score
+
+
+def _check_refine(z, noise, ipr_config: IPRConfig, verify_fn, cell_verify_fn) -> None:
+  if noise.shape != z.shape:
+    raise ValueError(f"noise must have shape {z.shape}, got {noise.shape}.")
+  if ipr_config.immediate_stop and verify_fn is None:
+    raise ValueError("immediate_stop=True needs a verify_fn.")
+  if ipr_config.selection == "verifier" and cell_verify_fn is None:
+    raise ValueError("selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
+                     "check); only MNIST Sudoku has one.")
+
+
+def _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown, *,
+                patch_size, sampler_config, ipr_config, score_fn, verify_fn, cell_verify_fn,
+                num_snapshots) -> _Refinement:
+  """The schedules, keys and resampling counts of `_refine`, with its inputs."""
+  batch, num_patches = candidates.shape
+  clean = sampler_config.clean_schedule
+  ipr_table = schedule_lib.schedule_table(num_patches, ipr_config.renoise_steps_per_patch,
+                                          ipr_config.overlap, clean, ipr_config.renoise_time)
+  proto_len = ipr_table.prototypes.shape[1]
+  srm_sched = None
+  if srm_unknown is not None:
+    srm_table = schedule_lib.schedule_table(
+        num_patches, sampler_config.steps_per_patch, sampler_config.overlap, clean)
+    proto_len = max(proto_len, srm_table.prototypes.shape[1])
+    srm_sched = _lookup_schedule(srm_table, jnp.sum(srm_unknown, axis=1), proto_len)
+  return _Refinement(
+      denoise_fn=denoise_fn, masked=masked, mask=mask, candidates=candidates, noise=noise,
+      srm_unknown=srm_unknown, srm_sched=srm_sched,
+      iteration_keys=_fold(keys, _IPR_STREAM), query_keys=_fold(keys, _QUERY_STREAM),
+      counts=jnp.asarray(resample_counts(ipr_config, num_patches)), ipr_table=ipr_table,
+      proto_len=proto_len, patch_size=patch_size, sampler_config=sampler_config,
+      ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
+      cell_verify_fn=cell_verify_fn, num_snapshots=min(int(num_snapshots), batch))
+
+
+def _query(run: _Refinement, z, index, active) -> tuple[jax.Array, jax.Array]:
+  """The uncertainty query of z `[B, H, W, d]` (keys: fold_in of `index`): (cells `[B, N]`, the
+  passes it costs `[B]`, 0 for inactive puzzles)."""
+  cfg = run.ipr_config
+  cells = uncertainty_query(
+      run.denoise_fn, z, run.candidates, _fold(run.query_keys, index),
+      patch_size=run.patch_size, groups=cfg.uncertainty_groups, score=cfg.uncertainty_score)
+  return cells, jnp.where(active, cfg.uncertainty_groups, 0).astype(jnp.int32)
+
+
+def _initial_carry(run: _Refinement, z: jax.Array) -> _RefineCarry:
+  """The carry before iteration 0; without the SRM pass, budget 0 is z itself: it may already be
+  accepted (immediate_stop) and is queried first when the configuration queries."""
+  batch, num_patches = run.candidates.shape
+  stopped = jnp.zeros([batch], bool)
+  if run.ipr_config.immediate_stop and not run.with_srm:
+    stopped = run.verify_fn(z).astype(bool)
+  nfe = jnp.zeros([batch], jnp.int32)
+  cells = jnp.zeros((batch, num_patches), jnp.float32)
+  best = jnp.full([batch], jnp.inf, jnp.float32)
+  if run.ipr_config.queries_uncertainty and not run.with_srm:
+    cells, cost = _query(run, z, 0, ~stopped)
+    nfe = nfe + cost
+    best = _mean_over(cells, run.candidates)
+  return _RefineCarry(
+      z=z, nfe=nfe, stopped=stopped, stop_budget=jnp.where(stopped, 0, -1).astype(jnp.int32),
+      initial_order=jnp.full((batch, num_patches), -1, jnp.int32), cells=cells, z_best=z,
+      best=best)
+
+
+def _iteration_start(run: _Refinement, carry: _RefineCarry, j, keys, active):
+  """What iteration j regenerates, from where: (chosen `[B, N]` (the re-noised patches; none in
+  the SRM pass), waiting `[B, N]` (the patches to generate), z_start `[B, H, W, d]`, the
+  schedule, the waiting patches' start time `[B]` or None (t = 1))."""
+  cfg = run.ipr_config
+  batch = run.candidates.shape[0]
+  ipr_iteration = j if run.with_srm else j + 1  # 1-based; 0 is the SRM pass
+  num_candidates = jnp.sum(run.candidates, axis=1)
+  k = jnp.minimum(run.counts[ipr_iteration][num_candidates], num_candidates)
+  chosen = SELECTORS[cfg.selection](keys[:, 0], run.candidates, k, z=carry.z, cells=carry.cells,
+                                    ipr_config=cfg, cell_verify_fn=run.cell_verify_fn)
+  chosen = chosen & active[:, None]
+  z_start = _renoise(carry.z, chosen, keys[:, 1], run.noise, run.masked, run.mask,
+                     patch_size=run.patch_size, noise_type=cfg.noise_type,
+                     renoise_time=cfg.renoise_time)
+  sched = _lookup_schedule(run.ipr_table, jnp.sum(chosen, axis=1), run.proto_len)
+  partial = cfg.renoise_time < 1.0
+  start_time = jnp.full([batch], cfg.renoise_time, jnp.float32) if partial else None
+  waiting = chosen
+  if run.with_srm:  # Iteration 0 is the SRM pass: its patches, from z, on its schedule.
+    is_srm = j == 0
+    waiting = jnp.where(is_srm, run.srm_unknown & active[:, None], chosen)
+    chosen = chosen & ~is_srm
+    z_start = jnp.where(is_srm, carry.z, z_start)
+    sched = jax.tree.map(lambda a, b: jnp.where(is_srm, a, b), run.srm_sched, sched)
+    if partial:
+      start_time = jnp.where(is_srm, 1.0, start_time)
+  return chosen, waiting, z_start, sched, start_time
+
+
+def _query_and_track(run: _Refinement, carry: _RefineCarry, j, active):
+  """After iteration j: the new iterate's uncertainty query and, with return_iterate=
+  'confident', the confident-iterate tracker. Returns (carry, mean score `[B]` or None)."""
+  if not run.ipr_config.queries_uncertainty:
+    return carry, None
+  # With return_iterate='last' the last iterate is never ranked: skip its query.
+  needed = True if run.confident else j < run.num_iterations - 1
+  batch = run.candidates.shape[0]
+  cells, cost = jax.lax.cond(
+      needed, lambda: _query(run, carry.z, j + 1, active),
+      lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)))
+  uncertainty = _mean_over(cells, run.candidates)
+  carry = carry.replace(cells=cells, nfe=carry.nfe + cost)
+  if run.confident:  # Keep the iterate with the lowest mean score so far.
+    better = active & (uncertainty < carry.best)
+    carry = carry.replace(z_best=jnp.where(better[:, None, None, None], carry.z, carry.z_best),
+                          best=jnp.where(better, uncertainty, carry.best))
+  return carry, uncertainty
+
+
+def _immediate_stop(run: _Refinement, carry: _RefineCarry, j, active) -> _RefineCarry:
+  """Freezes the active puzzles that `verify_fn` accepts after iteration j (at budget j, or
+  j + 1 without the SRM pass); their accepted iterate is the one returned."""
+  accepted = active & run.verify_fn(carry.z).astype(bool)
+  carry = carry.replace(
+      stop_budget=jnp.where(accepted, j if run.with_srm else j + 1, carry.stop_budget),
+      stopped=carry.stopped | accepted)
+  if run.confident:  # The verifier's choice overrides the model's.
+    carry = carry.replace(z_best=jnp.where(accepted[:, None, None, None], carry.z, carry.z_best))
+  return carry
+
+
+def _iteration(run: _Refinement, carry: _RefineCarry, j):
+  """Iteration j of the scan (the SRM pass when j = 0 with it): select, re-noise, regenerate
+  with the greedy loop, query, stop. Outputs: (scores, nfe, chosen, snapshots, scores of the
+  last iterate (confident) or None, mean uncertainty or None)."""
+  # [B, 3]: resampling, re-noising and greedy-step keys of this iteration.
+  keys = jax.vmap(lambda k: jax.random.split(k, 3))(_fold(run.iteration_keys, j))
+  active = ~carry.stopped
+  chosen, waiting, z_start, sched, start_time = _iteration_start(run, carry, j, keys, active)
+  config = run.sampler_config
+  out = _greedy(run.denoise_fn, z_start, run.masked, run.mask, waiting, keys[:, 2], sched,
+                patch_size=run.patch_size, stochasticity=config.stochasticity,
+                temperature=config.temperature, clamp_noise=config.clamp_noise,
+                start_time=start_time)
+  carry = carry.replace(z=jnp.where(active[:, None, None, None], out.z, carry.z),
+                        nfe=carry.nfe + out.nfe)
+  if run.with_srm:
+    carry = carry.replace(initial_order=jnp.where(j == 0, out.order, carry.initial_order))
+  carry, uncertainty = _query_and_track(run, carry, j, active)
+  if run.ipr_config.immediate_stop:
+    carry = _immediate_stop(run, carry, j, active)
+  returned = carry.z_best if run.confident else carry.z
+  return carry, (_scores(run.score_fn, returned), carry.nfe, chosen,
+                 carry.z[:run.num_snapshots],
+                 _scores(run.score_fn, carry.z) if run.confident else None, uncertainty)
+
+
+def _result(run: _Refinement, first: _RefineCarry, last: _RefineCarry, outputs) -> IPRResult:
+  """The IPRResult of the scan's final carry and stacked outputs (`first`: the initial carry)."""
+  scores, nfes, resampled, snapshots, last_scores, uncertainty = outputs
+  if run.with_srm:
+    resampled = resampled[1:]
+  else:  # Budget 0 is the input itself.
+    def with_budget0(budget0, rest):
+      return jnp.concatenate([budget0[None], rest], axis=0)
+    scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), scores)
+    nfes = with_budget0(first.nfe, nfes)
+    snapshots = with_budget0(first.z[:run.num_snapshots], snapshots)
+    if run.confident:
+      last_scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), last_scores)
+    if run.ipr_config.queries_uncertainty:  # The input's query, made before the scan.
+      uncertainty = with_budget0(first.best, uncertainty)
+  return IPRResult(z=last.z_best if run.confident else last.z, scores=scores, nfe=last.nfe,
+                   nfe_per_budget=nfes, stop_budget=last.stop_budget, resampled=resampled,
+                   initial_order=last.initial_order,
+                   snapshots=snapshots if run.num_snapshots else None,
+                   last_scores=last_scores, uncertainty=uncertainty)
+
+
 def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
             srm_unknown: Optional[jax.Array], patch_size: int,
             sampler_config: SamplerConfig, ipr_config: IPRConfig,
@@ -859,152 +1197,22 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
   is traced once), iteration 0 merely using the SRM schedule and patch set. The
   uncertainty query (`IPRConfig.queries_uncertainty`) traces the denoiser again,
   on its G x B batch (and once more for the input's query without the SRM pass).
+
+  Each iteration (`_iteration`): a selection strategy (`SELECTORS`) picks the patches,
+  `_renoise` re-noises them, the greedy loop regenerates them, then the query and the
+  confident-iterate tracker (`_query_and_track`) and immediate_stop (`_immediate_stop`) run.
+  Shapes: z, noise `[B, H, W, d]`, masked `[B, H, W, d]` and mask `[B, H, W, 1]` (or None),
+  candidates and srm_unknown `[B, N]` bool, keys `[B]`.
   """
-  if noise.shape != z.shape:
-    raise ValueError(f"noise must have shape {z.shape}, got {noise.shape}.")
-  if ipr_config.immediate_stop and verify_fn is None:
-    raise ValueError("immediate_stop=True needs a verify_fn.")
-  if ipr_config.selection == "verifier" and cell_verify_fn is None:
-    raise ValueError("selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
-                     "check); only MNIST Sudoku has one.")
-  batch, num_patches = candidates.shape
-  grid = patch_grid(z.shape, patch_size)
-  ratio = ipr_config.resampling_ratio
-  clean = sampler_config.clean_schedule
-  with_srm = srm_unknown is not None
-  t0 = ipr_config.renoise_time
-  partial = t0 < 1.0
-  ipr_table = schedule_lib.schedule_table(
-      num_patches, ipr_config.renoise_steps_per_patch, ipr_config.overlap, clean, t0)
-  proto_len = ipr_table.prototypes.shape[1]
-  if with_srm:
-    srm_table = schedule_lib.schedule_table(
-        num_patches, sampler_config.steps_per_patch, sampler_config.overlap, clean)
-    proto_len = max(proto_len, srm_table.prototypes.shape[1])
-    srm_sched = _lookup_schedule(srm_table, jnp.sum(srm_unknown, axis=1), proto_len)
-  num_snapshots = min(int(num_snapshots), batch)
-  z = z.astype(jnp.float32)
-  iteration_keys = _fold(keys, _IPR_STREAM)
-  num_iterations = ipr_config.budget + int(with_srm)
-  counts = jnp.asarray(resample_counts(ipr_config, num_patches))
-  query = ipr_config.queries_uncertainty
-  confident = ipr_config.return_iterate == "confident"
-  query_keys = _fold(keys, _QUERY_STREAM)
-
-  def run_query(z, index, active):
-    cells = uncertainty_query(
-        denoise_fn, z, candidates, _fold(query_keys, index), patch_size=patch_size,
-        groups=ipr_config.uncertainty_groups, score=ipr_config.uncertainty_score)
-    return cells, jnp.where(active, ipr_config.uncertainty_groups, 0).astype(jnp.int32)
-
-  stopped = jnp.zeros([batch], bool)
-  if ipr_config.immediate_stop and not with_srm:
-    stopped = verify_fn(z).astype(bool)
-  stop_budget = jnp.where(stopped, 0, -1).astype(jnp.int32)
-  initial_order = jnp.full((batch, num_patches), -1, jnp.int32)
-  nfe = jnp.zeros([batch], jnp.int32)
-  # The uncertainty of the current iterate's patches, read by the next iteration's selection.
-  cells = jnp.zeros((batch, num_patches), jnp.float32)
-  best = jnp.full([batch], jnp.inf, jnp.float32)
-  if query and not with_srm:  # budget 0 is the input: query it first.
-    cells, cost = run_query(z, 0, ~stopped)
-    nfe = nfe + cost
-    best = _mean_over(cells, candidates)
-
-  def iteration(carry, j):
-    z, nfe, stopped, stop_budget, initial_order, cells, z_best, best = carry
-    # [B, 3]: resampling, re-noising and greedy-step keys of this iteration.
-    it_keys = jax.vmap(lambda k: jax.random.split(k, 3))(_fold(iteration_keys, j))
-    active = ~stopped
-    ipr_iteration = j if with_srm else j + 1  # 1-based; 0 is the SRM pass
-    k = jnp.minimum(counts[ipr_iteration][jnp.sum(candidates, axis=1)],
-                    jnp.sum(candidates, axis=1))
-    if ipr_config.selection == "random" and ipr_config.ratio_schedule == "constant":
-      chosen = jax.vmap(resample_mask, in_axes=(0, 0, None))(
-          it_keys[:, 0], candidates, ratio)
-    elif ipr_config.selection == "random":
-      chosen = jax.vmap(random_subset)(it_keys[:, 0], candidates, k)
-    else:
-      if ipr_config.selection == "uncertainty":
-        priority = standardized(cells, candidates) / ipr_config.selection_temperature
-      else:  # Cells the verifier flags first, uniformly among them; then uniformly the rest.
-        priority = jnp.where(cell_verify_fn(z).astype(bool), 1e4, 0.0)
-      chosen = jax.vmap(ranked_subset)(it_keys[:, 0], candidates, priority, k)
-    chosen = chosen & active[:, None]
-    if ipr_config.noise_type == "fixed":
-      fresh = noise.astype(jnp.float32)
-    else:
-      fresh = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(
-          it_keys[:, 1])
-    renoised = flow.z_t(z, fresh, t0) if partial else fresh
-    z_start = jnp.where(patch_pixel_mask(chosen, grid, patch_size), renoised, z)
-    if mask is not None:
-      z_start = masked + mask * z_start
-    sched = _lookup_schedule(ipr_table, jnp.sum(chosen, axis=1), proto_len)
-    start_time = jnp.full([batch], t0, jnp.float32) if partial else None
-    waiting = chosen
-    if with_srm:
-      is_srm = j == 0
-      waiting = jnp.where(is_srm, srm_unknown & active[:, None], chosen)
-      chosen = chosen & ~is_srm
-      z_start = jnp.where(is_srm, z, z_start)
-      sched = jax.tree.map(lambda a, b: jnp.where(is_srm, a, b), srm_sched, sched)
-      if partial:
-        start_time = jnp.where(is_srm, 1.0, start_time)
-    out = _greedy(denoise_fn, z_start, masked, mask, waiting, it_keys[:, 2], sched,
-                  patch_size=patch_size, stochasticity=sampler_config.stochasticity,
-                  temperature=sampler_config.temperature,
-                  clamp_noise=sampler_config.clamp_noise, start_time=start_time)
-    z = jnp.where(active[:, None, None, None], out.z, z)
-    nfe = nfe + out.nfe
-    if with_srm:
-      initial_order = jnp.where(is_srm, out.order, initial_order)
-    uncertainty = None
-    if query:
-      # With return_iterate='last' the last iterate is never ranked: skip its query.
-      needed = True if confident else j < num_iterations - 1
-      cells, cost = jax.lax.cond(
-          needed, lambda: run_query(z, j + 1, active),
-          lambda: (jnp.full_like(cells, jnp.nan), jnp.zeros([batch], jnp.int32)))
-      nfe = nfe + cost
-      uncertainty = _mean_over(cells, candidates)
-      if confident:
-        better = active & (uncertainty < best)
-        z_best = jnp.where(better[:, None, None, None], z, z_best)
-        best = jnp.where(better, uncertainty, best)
-    if ipr_config.immediate_stop:
-      accepted = active & verify_fn(z).astype(bool)
-      stop_budget = jnp.where(accepted, j if with_srm else j + 1, stop_budget)
-      stopped = stopped | accepted
-      if confident:  # The verifier's choice overrides the model's.
-        z_best = jnp.where(accepted[:, None, None, None], z, z_best)
-    returned = z_best if confident else z
-    outputs = (_scores(score_fn, returned), nfe, chosen, z[:num_snapshots],
-               _scores(score_fn, z) if confident else None, uncertainty)
-    return (z, nfe, stopped, stop_budget, initial_order, cells, z_best, best), outputs
-
-  carry, (scores, nfes, resampled, snapshots, last_scores, uncertainty) = jax.lax.scan(
-      iteration, (z, nfe, stopped, stop_budget, initial_order, cells, z, best),
-      jnp.arange(num_iterations, dtype=jnp.int32))
-  z_final, nfe_final, _, stop_budget, initial_order, _, z_best, _ = carry
-
-  if with_srm:
-    resampled = resampled[1:]
-  else:  # Budget 0 is the input itself.
-    def with_budget0(first, rest):
-      return jnp.concatenate([first[None], rest], axis=0)
-    scores = jax.tree.map(with_budget0, _scores(score_fn, z), scores)
-    nfes = with_budget0(nfe, nfes)
-    snapshots = with_budget0(z[:num_snapshots], snapshots)
-    if confident:
-      last_scores = jax.tree.map(with_budget0, _scores(score_fn, z), last_scores)
-    if query:  # `best` still holds the input's query (the scan's carry is separate).
-      uncertainty = with_budget0(best, uncertainty)
-  return IPRResult(z=z_best if confident else z_final, scores=scores, nfe=nfe_final,
-                   nfe_per_budget=nfes, stop_budget=stop_budget, resampled=resampled,
-                   initial_order=initial_order,
-                   snapshots=snapshots if num_snapshots else None,
-                   last_scores=last_scores, uncertainty=uncertainty)
+  _check_refine(z, noise, ipr_config, verify_fn, cell_verify_fn)
+  run = _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown,
+                    patch_size=patch_size, sampler_config=sampler_config,
+                    ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
+                    cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
+  first = _initial_carry(run, z.astype(jnp.float32))
+  last, outputs = jax.lax.scan(lambda carry, j: _iteration(run, carry, j), first,
+                               jnp.arange(run.num_iterations, dtype=jnp.int32))
+  return _result(run, first, last, outputs)
 
 
 def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
@@ -1103,35 +1311,39 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
     raise ValueError("srm_ipr needs image or noise to know the sample shape.")
   _check_keys(keys, reference.shape[0])
   grid = patch_grid(reference.shape, patch_size)
-  batch = reference.shape[0]
-  num_patches = grid[0] * grid[1]
+  patches_shape = (reference.shape[0], grid[0] * grid[1])  # [B, N]
   if noise is None:
     noise = jax.vmap(lambda k: jax.random.normal(k, reference.shape[1:], jnp.float32))(
         _fold(keys, _NOISE_STREAM))
   common = dict(patch_size=patch_size, sampler_config=sampler_config,
                 ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
                 cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
-
   if ipr_config.mode == "correction":
-    if image is None:
-      raise ValueError("correction mode needs the solved image, got image=None.")
-    z = jax.vmap(corrupt_by_swaps, in_axes=(0, 0, None, None))(
-        _fold(keys, _CORRUPT_STREAM), image.astype(jnp.float32), patch_size,
-        ipr_config.num_corruption_swaps)
-    return _refine(denoise_fn, z, None, None, jnp.ones((batch, num_patches), bool),
-                   noise, keys, srm_unknown=None, **common)
-
-  if mask is None:
-    masked = None
-    unknown = jnp.ones((batch, num_patches), bool)
-    z = noise.astype(jnp.float32)
-  else:
-    if image is None:
-      raise ValueError("a mask needs the image that holds the given cells.")
-    mask = mask.astype(jnp.float32)
-    masked = (1.0 - mask) * image.astype(jnp.float32)
-    unknown = unknown_patches(mask, patch_size)
-    z = masked + mask * noise.astype(jnp.float32)
+    z = _corrupted(keys, image, patch_size, ipr_config.num_corruption_swaps)
+    return _refine(denoise_fn, z, None, None, jnp.ones(patches_shape, bool), noise, keys,
+                   srm_unknown=None, **common)
+  z, masked, mask, unknown = _srm_start(image, mask, noise, patch_size, patches_shape)
   _check_inputs(z, masked, mask, unknown, keys, patch_size)
   return _refine(denoise_fn, z, masked, mask, unknown, noise, keys,
                  srm_unknown=unknown, **common)
+
+
+def _corrupted(keys, image, patch_size: int, num_swaps: int) -> jax.Array:
+  """Correction mode's start: the solved grids `image` [B, H, W, d] corrupted by cell swaps."""
+  if image is None:
+    raise ValueError("correction mode needs the solved image, got image=None.")
+  return jax.vmap(corrupt_by_swaps, in_axes=(0, 0, None, None))(
+      _fold(keys, _CORRUPT_STREAM), image.astype(jnp.float32), patch_size, num_swaps)
+
+
+def _srm_start(image, mask, noise, patch_size: int, patches_shape: tuple[int, int]):
+  """Standard mode's start: (z [B, H, W, d] = masked + mask noise, masked, mask, unknown [B, N]);
+  masked and mask are None without a mask (then all `patches_shape` [B, N] patches are unknown)."""
+  if mask is None:
+    return noise.astype(jnp.float32), None, None, jnp.ones(patches_shape, bool)
+  if image is None:
+    raise ValueError("a mask needs the image that holds the given cells.")
+  mask = mask.astype(jnp.float32)
+  masked = (1.0 - mask) * image.astype(jnp.float32)
+  z = masked + mask * noise.astype(jnp.float32)
+  return z, masked, mask, unknown_patches(mask, patch_size)

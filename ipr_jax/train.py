@@ -62,9 +62,9 @@ from ipr_jax import flow
 from ipr_jax import host_devices
 from ipr_jax import losses
 from ipr_jax import preemption as preemption_lib
+from ipr_jax import tasks
 from ipr_jax import time_sampler
 from ipr_jax import train_state as train_state_lib
-from ipr_jax.data import counting_polygons
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 
@@ -127,6 +127,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     and a dict of scalar metrics (averaged over devices) for the step just taken.
   """
   grid = build.patch_grid(config)
+  task_module = tasks.get(config.task)  # host-rendered tasks: decodes their uint8 images
   patch_size = config.data.patch_size
   ts, loss_cfg = config.time_sampler, config.loss
   ema_decay = float(config.optim.ema_decay)
@@ -141,7 +142,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     if images is None:
       batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
     else:
-      batch = {"image": counting_polygons.unit_range_on_device(images)}
+      batch = {"image": task_module.images_on_device(images)}
     x = batch["image"]  # [b, H, W, d]
     t_patch, w_patch = _per_example(
         lambda k: time_sampler.mean_beta_times(
@@ -277,16 +278,100 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return _train(config, pathlib.Path(workdir), hooks, log_fn, preemption)
 
 
+@dataclasses.dataclass
+class _Loop:
+  """A run set up by `_start_loop`, and the state its step loop advances.
+
+  Attributes:
+    config: the run config.
+    workdir: the run directory.
+    start_step: the steps completed when this call started (0, or the resumed checkpoint's).
+    num_steps: config.num_train_steps.
+    log_every: steps between logged records.
+    ckpt_every: steps between checkpoints.
+    p_train_step: the pmapped train step.
+    state: the replicated TrainState.
+    task: the replicated on-device task, or None when the images are rendered on the host.
+    weight_table: the replicated loss-weight density.
+    example_index: int32 [local devices, per device], this process's global example indices,
+      sharded over the local devices.
+    images_shape: [local devices, per device, H, W, d], the shape of one step's host-rendered
+      images.
+    prefetcher: the host-rendered images' prefetcher, or None.
+    manager: the checkpoint manager.
+    log_fn: as in `train`.
+    history: the records logged so far.
+    pending: (step, metrics) of the steps whose metrics were not yet checked for NaN/inf.
+    window_time: wall time at which the current logging window started.
+    window_step: the step after which it started.
+    window_wait: the prefetcher's wait_seconds when it started.
+    preempted: SIGTERM or the time limit stopped the run.
+  """
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  start_step: int
+  num_steps: int
+  log_every: int
+  ckpt_every: int
+  p_train_step: Callable[..., Any]
+  state: TrainState
+  task: Any
+  weight_table: jax.Array
+  example_index: jax.Array
+  images_shape: tuple[int, ...]
+  prefetcher: Optional[Any]  # the task's train_feed (host-rendered tasks)
+  manager: Any
+  log_fn: Optional[Callable[[dict[str, Any]], None]]
+  history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  pending: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
+  window_time: float = 0.0
+  window_step: int = 0
+  window_wait: float = 0.0
+  preempted: bool = False
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
            hooks: Sequence[Callable[[int], None]],
            log_fn: Optional[Callable[[dict[str, Any]], None]],
            preemption: preemption_lib.Preemption) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
   workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
+  if jax.process_index() == 0:
     _write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
+  example_index = _local_example_index(config)
+  model, tx, task, weight_table, state = _build_and_restore(config, workdir)
+  start_step, num_steps = int(state.step), int(config.num_train_steps)
+  if start_step >= num_steps:
+    logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
+    return TrainResult(jax.device_get(state), [])
 
+  loop = _start_loop(config, workdir, model, tx, task, weight_table, state, example_index,
+                     log_fn)
+  logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      _take_step(loop, step)
+      for hook in hooks:
+        hook(step)
+      if _after_step(loop, step, preemption):
+        break
+  finally:
+    if loop.prefetcher is not None:
+      loop.prefetcher.close()
+    loop.manager.wait_until_finished()
+    loop.manager.close()
+  return TrainResult(jax.device_get(unreplicate(loop.state)), loop.history, loop.preempted)
+
+
+# Setup.
+
+
+def _local_example_index(config: ml_collections.ConfigDict) -> np.ndarray:
+  """int32 [local devices, per device]: the global indices of this process's examples.
+
+  Raises:
+    ValueError: the batch does not split evenly over the devices.
+  """
   num_devices, num_local = jax.device_count(), jax.local_device_count()
   if config.batch_size % num_devices:
     raise ValueError(
@@ -296,7 +381,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   logging.info("Devices: %d (%d local, %s); batch %d = %d per device; compute dtype %s.",
                num_devices, num_local, jax.devices()[0].device_kind, config.batch_size,
                per_device, config.model.dtype)
+  # This process's examples: global indices [process * local_batch, ... + local_batch).
+  return (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
+          ).reshape(num_local, per_device)
 
+
+def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """(model, tx, task, weight_table, state): the run's pieces, state resumed from workdir."""
   root = jax.random.key(config.seed)
   state_key, density_key = jax.random.split(root)
   del root  # derive every key from the named splits above
@@ -304,9 +395,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   model = build.make_model(config)
   tx = build.make_optimizer(config)
   task = build.make_task(config)
-  host_task = None
-  if config.task in build.HOST_RENDERED_TASKS:
-    host_task, task = task, None
   weight_table = make_loss_weight_table(config, density_key)
   state = create_train_state(config, model, tx, state_key)
   logging.info("U-Net parameters: %s",
@@ -315,121 +403,138 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   restored = checkpoint.restore_latest(workdir, state)
   if restored is not None:
     state = restored
-  start_step = int(state.step)
-  num_steps = int(config.num_train_steps)
-  history: list[dict[str, float]] = []
-  if start_step >= num_steps:
-    logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
-    return TrainResult(jax.device_get(state), history)
+  return model, tx, task, weight_table, state
 
+
+def _start_loop(config: ml_collections.ConfigDict, workdir: pathlib.Path, model: unet.UNet,
+                tx: optax.GradientTransformation, task: Any, weight_table: jax.Array,
+                state: TrainState, example_index: np.ndarray,
+                log_fn: Optional[Callable[[dict[str, Any]], None]]) -> _Loop:
+  """Compiles the step, replicates its inputs, starts the image prefetcher and the manager."""
+  host_task = None
+  if build.is_host_rendered(config):
+    host_task, task = task, None
+  start_step = int(state.step)
   p_train_step = pmapped_train_step(config, model, tx)
-  # This process's examples: global indices [process * local_batch, ... + local_batch).
-  example_index = (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
-                   ).reshape(num_local, per_device)
   # Replicated once, with pmap's own axis name (another name would recompile the second step).
   state, task, weight_table = jax_utils.replicate((state, task, weight_table), axis_name="batch")
   # Host-rendered images of step s (state.step = s before it), sharded like example_index.
   prefetcher = None
   if host_task is not None:
-    prefetcher = counting_polygons.TrainImagePrefetcher(
-        host_task, config.seed, example_index, first_step=start_step,
-        num_workers=config.data.render_workers, prefetch=config.data.prefetch_batches,
-        use_processes=config.data.render_processes)
-    logging.info("Rendering training images on the host: %d %s, %d steps ahead.",
-                 config.data.render_workers,
-                 "processes" if config.data.render_processes else "threads",
-                 config.data.prefetch_batches)
+    prefetcher = tasks.get(config.task).train_feed(host_task, config, example_index, start_step)
+  images_shape = (*example_index.shape, *build.image_shape(config))
   example_index = _shard_local(example_index)
 
-  log_every = max(int(config.log_every_steps), 1)
-  ckpt_every = max(int(config.checkpoint_every_steps), 1)
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked, per step
-  window_start_time, window_start_step = time.time(), start_step
-  window_start_wait = 0.0
-  preempted = False
+  return _Loop(
+      config=config, workdir=workdir, start_step=start_step,
+      num_steps=int(config.num_train_steps), log_every=max(int(config.log_every_steps), 1),
+      ckpt_every=max(int(config.checkpoint_every_steps), 1), p_train_step=p_train_step,
+      state=state, task=task, weight_table=weight_table, example_index=example_index,
+      images_shape=images_shape, prefetcher=prefetcher, manager=manager, log_fn=log_fn,
+      window_time=time.time(), window_step=start_step)
 
-  def check_pending() -> list[dict[str, float]]:
-    """Fetches the un-checked metrics and raises NonFiniteLossError on a NaN/inf."""
-    records = []
-    for step, device_metrics in zip([s for s, _ in pending],
-                                    jax.device_get([m for _, m in pending])):
-      record = {k: float(v[0]) for k, v in device_metrics.items()}
-      bad = {k: record[k] for k in ("loss", "grad_norm") if not math.isfinite(record[k])}
-      if bad:
-        latest = manager.latest_step()
-        raise NonFiniteLossError(
-            f"Non-finite {bad} at step {step}; stopping without saving this state. "
-            + (f"Last good checkpoint: step {latest} in {checkpoint.checkpoint_dir(workdir)}."
-               if latest is not None else "No checkpoint was written yet."))
-      records.append(record)
-    pending.clear()
-    return records
 
-  logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
-  try:
-    for step in range(start_step + 1, num_steps + 1):
-      images = None
-      if prefetcher is not None:
-        images = _shard_local(prefetcher.get().reshape(num_local, per_device,
-                                                       *build.image_shape(config)))
-      state, metrics = p_train_step(state, task, weight_table, example_index, images)
-      pending.append((step, metrics))
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        logging.info("First step (with compilation) took %.1f s.",
-                     time.time() - window_start_time)
-        window_start_time, window_start_step = time.time(), step
-        window_start_wait = prefetcher.wait_seconds if prefetcher is not None else 0.0
-      for hook in hooks:
-        hook(step)
-      is_last = step == num_steps
-      if jax.process_count() == 1 or step % log_every == 0 or is_last:
-        preempted = preemption.any_process() and not is_last
-      if step % log_every == 0 or is_last or preempted:
-        records = check_pending()
-        now = time.time()
-        steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
-        record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
-        eta = (num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
-        record.update(step=step, steps_per_sec=steps_per_sec,
-                      eta_sec=eta if math.isfinite(eta) else None)
-        if prefetcher is not None:
-          # Fraction of the window's wall time spent waiting for host-rendered images.
-          record["input_wait"] = ((prefetcher.wait_seconds - window_start_wait)
-                                  / max(now - window_start_time, 1e-9))
-          window_start_wait = prefetcher.wait_seconds
-        history.append(record)
-        if log_fn is not None:
-          log_fn(record)
-        if is_main:
-          with open(workdir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        terms = " ".join(f"{k}={record[k]:.4g}" for k in _PROGRESS_TERMS if k in record)
-        if "input_wait" in record:
-          terms += f" input_wait={record['input_wait']:.0%}"
-        logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, num_steps, terms,
-                     steps_per_sec, _format_duration(eta))
-        window_start_time, window_start_step = now, step
-      if step % ckpt_every == 0 or is_last or preempted:
-        check_pending()
-        host_state = jax.device_get(unreplicate(state))
-        if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
-          raise NonFiniteLossError(
-              f"Parameters became non-finite by step {step}; not saving them. Last good "
-              f"checkpoint: step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)}.")
-        checkpoint.save(manager, step, host_state, config)
-        logging.info("Saving checkpoint of step %d (asynchronously).", step)
-      if preempted:
-        logging.warning("Stopped at step %d after SIGTERM or the time limit; rerun with the "
-                        "same --workdir to resume.", step)
-        break
-  finally:
-    if prefetcher is not None:
-      prefetcher.close()
-    manager.wait_until_finished()
-    manager.close()
-  return TrainResult(jax.device_get(unreplicate(state)), history, preempted)
+# The step loop.
+
+
+def _take_step(loop: _Loop, step: int) -> None:
+  """Runs train step `step` (asynchronously; its metrics join `loop.pending`)."""
+  images = None
+  if loop.prefetcher is not None:
+    images = _shard_local(loop.prefetcher.get().reshape(loop.images_shape))
+  loop.state, metrics = loop.p_train_step(loop.state, loop.task, loop.weight_table,
+                                          loop.example_index, images)
+  loop.pending.append((step, metrics))
+  if step == loop.start_step + 1:
+    jax.block_until_ready(metrics)
+    logging.info("First step (with compilation) took %.1f s.", time.time() - loop.window_time)
+    loop.window_time, loop.window_step = time.time(), step
+    loop.window_wait = loop.prefetcher.wait_seconds if loop.prefetcher is not None else 0.0
+
+
+def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -> bool:
+  """Logs and checkpoints when due after `step`; returns True to stop (SIGTERM, time limit)."""
+  is_last = step == loop.num_steps
+  # Several processes agree on stopping only at logging steps (a collective over all of them).
+  if jax.process_count() == 1 or step % loop.log_every == 0 or is_last:
+    loop.preempted = preemption.any_process() and not is_last
+  if step % loop.log_every == 0 or is_last or loop.preempted:
+    _log_record(loop, step)
+  if step % loop.ckpt_every == 0 or is_last or loop.preempted:
+    _save_checkpoint(loop, step)
+  if loop.preempted:
+    logging.warning("Stopped at step %d after SIGTERM or the time limit; rerun with the "
+                    "same --workdir to resume.", step)
+  return loop.preempted
+
+
+# Logging and checkpoint hooks.
+
+
+def _check_pending(loop: _Loop) -> list[dict[str, float]]:
+  """Fetches the un-checked metrics and raises NonFiniteLossError on a NaN/inf."""
+  records = []
+  for step, device_metrics in zip([s for s, _ in loop.pending],
+                                  jax.device_get([m for _, m in loop.pending])):
+    record = {k: float(v[0]) for k, v in device_metrics.items()}
+    bad = {k: record[k] for k in ("loss", "grad_norm") if not math.isfinite(record[k])}
+    if bad:
+      latest = loop.manager.latest_step()
+      raise NonFiniteLossError(
+          f"Non-finite {bad} at step {step}; stopping without saving this state. "
+          + (f"Last good checkpoint: step {latest} in {checkpoint.checkpoint_dir(loop.workdir)}."
+             if latest is not None else "No checkpoint was written yet."))
+    records.append(record)
+  loop.pending.clear()
+  return records
+
+
+def _window_record(loop: _Loop, step: int, now: float) -> dict[str, Any]:
+  """The record of the logging window that ends after `step`: metric means, speed, ETA."""
+  records = _check_pending(loop)
+  steps_per_sec = (step - loop.window_step) / max(now - loop.window_time, 1e-9)
+  record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+  eta = (loop.num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+  record.update(step=step, steps_per_sec=steps_per_sec,
+                eta_sec=eta if math.isfinite(eta) else None)
+  if loop.prefetcher is not None:
+    # Fraction of the window's wall time spent waiting for host-rendered images.
+    record["input_wait"] = ((loop.prefetcher.wait_seconds - loop.window_wait)
+                            / max(now - loop.window_time, 1e-9))
+    loop.window_wait = loop.prefetcher.wait_seconds
+  return record
+
+
+def _log_record(loop: _Loop, step: int) -> None:
+  """Records the window: history, log_fn, metrics.jsonl (process 0), the progress line."""
+  now = time.time()
+  record = _window_record(loop, step, now)
+  loop.history.append(record)
+  if loop.log_fn is not None:
+    loop.log_fn(record)
+  if jax.process_index() == 0:
+    with open(loop.workdir / METRICS_FILE, "a") as f:
+      f.write(json.dumps(record) + "\n")
+  terms = " ".join(f"{k}={record[k]:.4g}" for k in _PROGRESS_TERMS if k in record)
+  if "input_wait" in record:
+    terms += f" input_wait={record['input_wait']:.0%}"
+  eta = record["eta_sec"] if record["eta_sec"] is not None else math.inf
+  logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, loop.num_steps, terms,
+               record["steps_per_sec"], _format_duration(eta))
+  loop.window_time, loop.window_step = now, step
+
+
+def _save_checkpoint(loop: _Loop, step: int) -> None:
+  """Saves `step` (asynchronously) after checking the pending metrics and the parameters."""
+  _check_pending(loop)
+  host_state = jax.device_get(unreplicate(loop.state))
+  if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
+    raise NonFiniteLossError(
+        f"Parameters became non-finite by step {step}; not saving them. Last good checkpoint: "
+        f"step {loop.manager.latest_step()} in {checkpoint.checkpoint_dir(loop.workdir)}.")
+  checkpoint.save(loop.manager, step, host_state, loop.config)
+  logging.info("Saving checkpoint of step %d (asynchronously).", step)
 
 
 # ------------------------------------------------------------------------------------------------

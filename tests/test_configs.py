@@ -1,5 +1,6 @@
 """Tests of configs/*.py: presets parse, reference values (spec §3, §4.5) are the defaults."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -275,3 +276,38 @@ def test_command_line_overrides_and_lock():
   assert config.ipr.mode == "correction"
   with pytest.raises(AttributeError, match="batch_size"):  # misspelt: suggests the real name
     parse_flags(["prog", f"--config={EVEN_PIXELS}:tiny", "--config.batch_sise=8"])
+
+
+def test_ipr_section_is_made_from_the_ipr_config_dataclass():
+  """config.ipr has one source: the fields, defaults (types included) and order of IPRConfig."""
+  from ipr_jax import config_base, sampler  # pylint: disable=g-import-not-at-top
+  section = config_base.base_config("even_pixels", None, unet_preset="unet_32").ipr
+  defaults = sampler.IPRConfig.defaults()
+  assert list(section.keys()) == sorted(defaults)  # ConfigDict lists its keys sorted
+  assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
+  assert section.to_dict() == defaults
+  for name, value in defaults.items():
+    assert type(section[name]) is type(value), name  # pylint: disable=unidiomatic-typecheck
+  assert sampler.IPRConfig(**section.to_dict()) == sampler.IPRConfig()
+  assert [f.name for f in dataclasses.fields(sampler.IPRConfig)] == SCHEMA["ipr"]
+  docs = sampler.IPRConfig.field_docs()
+  assert list(docs) == SCHEMA["ipr"] and all(doc.strip() for doc in docs.values())
+  assert sampler.VARIANT_DEFAULTS == {name: defaults[name] for name in sampler.VARIANT_FIELDS}
+
+
+@pytest.mark.parametrize("path,arg,overrides", [
+    (EVEN_PIXELS, "", dict(steps_per_patch=30)),
+    (EVEN_PIXELS, "tiny", dict(budget=2, steps_per_patch=5, overlap=0.5)),
+    (MNIST_SUDOKU, "", dict(overlap=0.8)),
+    (MNIST_SUDOKU, "ms_corrupted_test", dict(overlap=0.8, budget=15, mode="correction")),
+    (MNIST_SUDOKU, "tiny", dict(overlap=0.8, num_corruption_swaps=2, budget=3)),
+    (COUNTING_POLYGONS, "tiny", dict(budget=2, steps_per_patch=2, overlap=0.5)),
+])
+def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
+  """A preset's config.ipr is IPRConfig's defaults with the task's overrides, nothing else."""
+  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  ipr = get(path, arg).ipr.to_dict()
+  defaults = sampler.IPRConfig.defaults()
+  changed = {name: value for name, value in ipr.items() if value != defaults[name]}
+  assert changed == overrides
+  assert dataclasses.asdict(sampler.IPRConfig(**ipr)) == ipr

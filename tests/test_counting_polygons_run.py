@@ -15,6 +15,7 @@ from ipr_jax import checkpoint
 from ipr_jax import evaluate
 from ipr_jax import train
 from ipr_jax.metrics import counting_polygons as cp_metrics
+from ipr_jax.tasks import counting_polygons as counting_polygons_task
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -107,7 +108,7 @@ def test_score_fn_agrees_with_the_batch_metrics():
   scorer = polygon_scorer.make_scorer({"widths": [8, 8, 16]})
   params = polygon_scorer.init_scorer_params(scorer, jax.random.key(3))
   images = jax.random.uniform(jax.random.key(4), (6, 128, 128, 3), minval=-1.0, maxval=1.0)
-  per_image = jax.device_get(evaluate.counting_polygons_score_fn(scorer, params)(images))
+  per_image = jax.device_get(counting_polygons_task.score_fn(scorer, params)(images))
   batch = cp_metrics.counting_polygons_metrics(scorer.apply({"params": params}, images))
   for name in ("are_vertices_uniform", "numbers_match_objects"):
     assert np.isclose(np.mean(per_image[name]), batch[name])

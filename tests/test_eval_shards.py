@@ -11,6 +11,7 @@ import pytest
 
 import ipr_jax
 from ipr_jax import agreement
+from ipr_jax import config_diff
 from ipr_jax import eval_shards
 from ipr_jax import host_devices
 
@@ -258,3 +259,15 @@ def test_other_processes_rebuild_the_error_type_and_message():
     error = agreement.rebuild_error(1, module, name, "boom")
     assert type(error) is agreement.ProcessError
     assert str(error) == f"process 1 failed: {module}.{name}: boom"
+
+
+def test_config_diff_names_every_differing_leaf_by_its_dotted_key():
+  """The one diff of eval_shards.check_settings and pretrained.check_compatible."""
+  old = {"ipr": {"budget": 30, "gone": 1, "same": None}, "task": "a", "eval": {"seed": 1}}
+  new = {"ipr": {"budget": 10, "same": None}, "task": "b", "sampler": {"top_k": 1},
+         "eval": {"seed": 1}}
+  assert config_diff.differences(old, new, absent="<absent>") == [
+      ("ipr.budget", 30, 10), ("ipr.gone", 1, "<absent>"), ("sampler.top_k", "<absent>", 1),
+      ("task", "a", "b")]
+  assert config_diff.differences(old, old) == []
+  assert config_diff.flatten({"a": {"b": [1, 2]}, "c": 3}) == {"a.b": [1, 2], "c": 3}

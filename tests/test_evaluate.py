@@ -27,6 +27,7 @@ from ipr_jax import eval_shards
 from ipr_jax import evaluate
 from ipr_jax import pretrained
 from ipr_jax import sampler
+from ipr_jax.tasks import mnist_sudoku as mnist_sudoku_task
 import multiprocess
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -245,7 +246,7 @@ def test_per_puzzle_file_agrees_with_the_table(demo_run):
                                              tuple(config.eval.given_range))
   np.testing.assert_array_equal(puzzles["num_given"], batch["num_given"])
   # The final digit grids obey the rules exactly where the last budget is valid.
-  broken = evaluate.invalid_sudoku_cells(puzzles["digit_grid"]).any(axis=(-2, -1))
+  broken = mnist_sudoku_task.invalid_cells(puzzles["digit_grid"]).any(axis=(-2, -1))
   np.testing.assert_array_equal(~broken, puzzles["valid"][:, -1])
   # The CSV holds the same records.
   with open(workdir / "eval" / "regression" / "puzzles.csv") as f:
@@ -449,10 +450,10 @@ def _solved_grid():
 
 def test_invalid_sudoku_cells_marks_exactly_the_repeated_digits():
   grid = _solved_grid()
-  assert not evaluate.invalid_sudoku_cells(grid).any()
+  assert not mnist_sudoku_task.invalid_cells(grid).any()
   broken = grid.copy()
   broken[0, 0] = broken[0, 1]  # Row 0 now repeats one digit, and so does box 0.
-  flags = evaluate.invalid_sudoku_cells(broken)
+  flags = mnist_sudoku_task.invalid_cells(broken)
   # The duplicated digit's cells in row 0, box 0 and column 0 of the changed cell.
   digit = broken[0, 0]
   expected = np.zeros((9, 9), bool)
@@ -627,6 +628,8 @@ def _package_imports(path):
         candidate = f"{node.module}.{alias.name}".split(".", 1)[1].replace(".", "/")
         if (_ROOT / "ipr_jax" / f"{candidate}.py").is_file():
           found.add(candidate)  # from ipr_jax.data import sudoku
+        elif (_ROOT / "ipr_jax" / candidate / "__init__.py").is_file():
+          found.add(f"{candidate}/__init__")  # from ipr_jax import tasks (a package)
         elif "." in node.module:
           found.add(node.module.split(".", 1)[1].replace(".", "/"))  # from ipr_jax.x import Y
     elif isinstance(node, ast.Import):

@@ -8,6 +8,7 @@ variants existed (tests/regression/ipr_default_path.npz, written by tests/ipr_re
 """
 
 import functools
+import inspect
 import pathlib
 
 import jax
@@ -392,3 +393,20 @@ def test_ratio_schedule_and_shortened_schedule_check():
   with pytest.raises(ValueError, match=r"renoise_time=0.5 leaves 5 of steps_per_patch=10"):
     sampler.check_schedules(SAMPLER, sampler.IPRConfig(steps_per_patch=10, overlap=0.9,
                                                        renoise_time=0.5), 16, [12])
+
+
+def test_selection_strategies_share_one_signature_and_draw_k_candidates():
+  assert tuple(sampler.SELECTORS) == sampler.SELECTIONS
+  assert len({str(inspect.signature(f)) for f in sampler.SELECTORS.values()}) == 1
+  rng = np.random.default_rng(3)
+  candidates = jnp.asarray(rng.uniform(size=(3, N)) < 0.6)
+  z = jnp.asarray(rng.standard_normal((3, 8, 8, 1)), jnp.float32)
+  cells = jnp.asarray(rng.standard_normal((3, N)), jnp.float32)
+  k = jnp.array([2, 5, 40], jnp.int32)
+  for name, select in sampler.SELECTORS.items():
+    chosen = np.asarray(select(
+        _keys(range(3)), candidates, k, z=z, cells=cells, ipr_config=sampler.IPRConfig(),
+        cell_verify_fn=lambda z: sampler.patch_mean(z, P) > 0.0))
+    assert not (chosen & ~np.asarray(candidates)).any(), name
+    np.testing.assert_array_equal(
+        chosen.sum(1), np.minimum(k, np.asarray(candidates).sum(1)), err_msg=name)

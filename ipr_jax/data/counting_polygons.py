@@ -75,12 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ipr_jax.metrics import counting_polygons as cp_metrics
-
 IMAGE_SIZE = 128
 CANVAS_SIZE = 512
-MIN_POLYGONS, MAX_POLYGONS = cp_metrics.MIN_POLYGONS, cp_metrics.MAX_POLYGONS
-MIN_VERTICES, MAX_VERTICES = cp_metrics.MIN_VERTICES, cp_metrics.MAX_VERTICES
+# The task's label space (also the scorer's classes, ipr_jax/metrics/counting_polygons.py).
+MIN_POLYGONS, MAX_POLYGONS = 1, 9
+MIN_VERTICES, MAX_VERTICES = 3, 7
 NUM_TEXT_CIRCLES = 2
 MIN_CIRCLES, MAX_CIRCLES = MIN_POLYGONS + NUM_TEXT_CIRCLES, MAX_POLYGONS + NUM_TEXT_CIRCLES
 NUM_LAYOUTS = {"train": 95_000, "test": 5_000}
@@ -104,6 +103,59 @@ _U8_TO_UNIT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32
 
 # ------------------------------------------------------------------------------------------------
 # Validation.
+
+
+def _numbers_pairs() -> tuple[tuple[int, int], ...]:
+  """The 'ambiguous' labeler's classes: unordered pairs {min, max} of (vertices, polygons).
+
+  Enumerated with vertices in the outer loop and polygons in the inner loop, each new pair taking
+  the next class: (1, 3), (2, 3), (3, 3), (3, 4), ..., (3, 9), (1, 4), (2, 4), (4, 4), ...
+  """
+  pairs = []
+  for vertices in range(MIN_VERTICES, MAX_VERTICES + 1):
+    for polygons in range(MIN_POLYGONS, MAX_POLYGONS + 1):
+      pair = (min(vertices, polygons), max(vertices, polygons))
+      if pair not in pairs:
+        pairs.append(pair)
+  return tuple(pairs)
+
+
+NUMBERS_PAIRS = _numbers_pairs()
+NUM_NUMBERS_CLASSES = len(NUMBERS_PAIRS)  # 35
+
+# int32 [MAX_POLYGONS + 1, MAX_VERTICES + 1]: class of (polygons, vertices); -1 outside the ranges.
+_LABEL_TABLE = np.full((MAX_POLYGONS + 1, MAX_VERTICES + 1), -1, np.int32)
+for _p in range(MIN_POLYGONS, MAX_POLYGONS + 1):
+  for _v in range(MIN_VERTICES, MAX_VERTICES + 1):
+    _LABEL_TABLE[_p, _v] = NUMBERS_PAIRS.index((min(_p, _v), max(_p, _v)))
+
+
+def check_counts(num_polygons, num_vertices) -> tuple[np.ndarray, np.ndarray]:
+  """Validates concrete counts: polygons in 1..9 and vertices in 3..7 (ValueError naming them)."""
+  num_polygons = np.asarray(num_polygons)
+  num_vertices = np.asarray(num_vertices)
+  for name, values, lo, hi in (("num_polygons", num_polygons, MIN_POLYGONS, MAX_POLYGONS),
+                               ("num_vertices", num_vertices, MIN_VERTICES, MAX_VERTICES)):
+    if not np.issubdtype(values.dtype, np.integer):
+      raise ValueError(f"{name}={values.tolist()!r}: expected integers in {lo}..{hi}")
+    bad = values[(values < lo) | (values > hi)]
+    if bad.size:
+      raise ValueError(f"{name}={bad.ravel()[0].item()} is outside {lo}..{hi}")
+  return num_polygons.astype(np.int32), num_vertices.astype(np.int32)
+
+
+def numbers_label(num_polygons, num_vertices) -> np.ndarray:
+  """Class (0..34) of the printed pair (num_polygons, num_vertices), order-free.
+
+  Args:
+    num_polygons: int or int array, 1..9.
+    num_vertices: int or int array of the same shape, 3..7.
+
+  Returns:
+    int32 array of that shape.
+  """
+  num_polygons, num_vertices = check_counts(num_polygons, num_vertices)
+  return _LABEL_TABLE[num_polygons, num_vertices]
 
 def check_num_polygons(num_polygons) -> int:
   """N as an int in 1..9, else ValueError naming it."""
@@ -415,7 +467,7 @@ def render_image(rng: np.random.Generator, num_polygons: int, num_vertices,
   printed = np.asarray(printed_numbers)
   if printed.shape != (2,):
     raise ValueError(f"printed_numbers={printed_numbers!r}: expected (polygons, vertices)")
-  cp_metrics.check_counts(printed[0], printed[1])
+  check_counts(printed[0], printed[1])
   printed = printed.astype(np.int64)
 
   angles = rng.uniform(0.0, 2.0 * np.pi, size=num_polygons)
@@ -544,7 +596,7 @@ class CountingPolygonsTask:
         "num_vertices": np.asarray([i.vertices_per_polygon[0] for i in infos], np.int32),
         "is_uniform": np.asarray([i.is_uniform for i in infos]),
         "printed_numbers": printed,
-        "numbers_label": cp_metrics.numbers_label(printed[:, 0], printed[:, 1]),
+        "numbers_label": numbers_label(printed[:, 0], printed[:, 1]),
         "numbers_match": np.asarray([i.numbers_match for i in infos]),
     }
 

@@ -28,69 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MIN_POLYGONS, MAX_POLYGONS = 1, 9
-MIN_VERTICES, MAX_VERTICES = 3, 7
+from ipr_jax.data import counting_polygons as cp_data
+
+# The label space is the task's (its renderer labels the images): defined with the data.
+MIN_POLYGONS, MAX_POLYGONS = cp_data.MIN_POLYGONS, cp_data.MAX_POLYGONS
+MIN_VERTICES, MAX_VERTICES = cp_data.MIN_VERTICES, cp_data.MAX_VERTICES
+NUMBERS_PAIRS = cp_data.NUMBERS_PAIRS
+NUM_NUMBERS_CLASSES = cp_data.NUM_NUMBERS_CLASSES  # 35
+check_counts = cp_data.check_counts
+numbers_label = cp_data.numbers_label
 IMAGE_SHAPE = (128, 128, 3)
-
-
-def _numbers_pairs() -> tuple[tuple[int, int], ...]:
-  """The 'ambiguous' labeler's classes: unordered pairs {min, max} of (vertices, polygons).
-
-  Enumerated with vertices in the outer loop and polygons in the inner loop, each new pair taking
-  the next class: (1, 3), (2, 3), (3, 3), (3, 4), ..., (3, 9), (1, 4), (2, 4), (4, 4), ...
-  """
-  pairs = []
-  for vertices in range(MIN_VERTICES, MAX_VERTICES + 1):
-    for polygons in range(MIN_POLYGONS, MAX_POLYGONS + 1):
-      pair = (min(vertices, polygons), max(vertices, polygons))
-      if pair not in pairs:
-        pairs.append(pair)
-  return tuple(pairs)
-
-
-NUMBERS_PAIRS = _numbers_pairs()
-NUM_NUMBERS_CLASSES = len(NUMBERS_PAIRS)  # 35
 HEAD_CLASSES = {
     "num_polygons": MAX_POLYGONS - MIN_POLYGONS + 1,
     "num_vertices": MAX_VERTICES - MIN_VERTICES + 1,
     "is_uniform": 2,
     "numbers_label": NUM_NUMBERS_CLASSES,
 }
-
-# int32 [MAX_POLYGONS + 1, MAX_VERTICES + 1]: class of (polygons, vertices); -1 outside the ranges.
-_LABEL_TABLE = np.full((MAX_POLYGONS + 1, MAX_VERTICES + 1), -1, np.int32)
-for _p in range(MIN_POLYGONS, MAX_POLYGONS + 1):
-  for _v in range(MIN_VERTICES, MAX_VERTICES + 1):
-    _LABEL_TABLE[_p, _v] = NUMBERS_PAIRS.index((min(_p, _v), max(_p, _v)))
 _PAIRS_TABLE = np.asarray(NUMBERS_PAIRS, np.int32)  # [35, 2]
-
-
-def check_counts(num_polygons, num_vertices) -> tuple[np.ndarray, np.ndarray]:
-  """Validates concrete counts: polygons in 1..9 and vertices in 3..7 (ValueError naming them)."""
-  num_polygons = np.asarray(num_polygons)
-  num_vertices = np.asarray(num_vertices)
-  for name, values, lo, hi in (("num_polygons", num_polygons, MIN_POLYGONS, MAX_POLYGONS),
-                               ("num_vertices", num_vertices, MIN_VERTICES, MAX_VERTICES)):
-    if not np.issubdtype(values.dtype, np.integer):
-      raise ValueError(f"{name}={values.tolist()!r}: expected integers in {lo}..{hi}")
-    bad = values[(values < lo) | (values > hi)]
-    if bad.size:
-      raise ValueError(f"{name}={bad.ravel()[0].item()} is outside {lo}..{hi}")
-  return num_polygons.astype(np.int32), num_vertices.astype(np.int32)
-
-
-def numbers_label(num_polygons, num_vertices) -> np.ndarray:
-  """Class (0..34) of the printed pair (num_polygons, num_vertices), order-free.
-
-  Args:
-    num_polygons: int or int array, 1..9.
-    num_vertices: int or int array of the same shape, 3..7.
-
-  Returns:
-    int32 array of that shape.
-  """
-  num_polygons, num_vertices = check_counts(num_polygons, num_vertices)
-  return _LABEL_TABLE[num_polygons, num_vertices]
 
 
 def decode_numbers_label(label: jax.Array) -> jax.Array:
