@@ -165,15 +165,18 @@ def _field(default, doc: str):
 class IPRConfig:
   """Options of IPR: the one definition of the fields, defaults and documentation of IPR.
 
-  The defaults are the reference's global values (spec §4.5; the paper's IPR, no variant);
-  `config.ipr` of the project configs is made from these fields (`config_base.ipr_section`),
-  and configs/<task>.py override what is task-specific (e.g. MNIST Sudoku's ms_hard_test:
-  overlap 0.8). Each field's documentation is its `doc` metadata (`IPRConfig.field_docs()`).
+  The defaults are the reference's ms_hard_test values (spec §4.5; the paper's IPR, no
+  variant); `config.ipr` of the project configs is made from these fields
+  (`config_base.ipr_section`), and configs/<task>.py override what is task-specific (e.g. Even
+  Pixels' ep_test: 30 steps per patch at overlap 0.9). Each field's documentation is its `doc`
+  metadata (`IPRConfig.field_docs()`).
   """
   budget: int = _field(30, "Refinement iterations B (budgets 0..B are scored).")
   steps_per_patch: int = _field(10, "Denoising steps per re-noised patch (the regeneration "
                                 "schedule).")
-  overlap: float = _field(0.9, "Block overlap of the re-noised patches' schedule, in [0, 1).")
+  overlap: float = _field(0.8, "Block overlap of the re-noised patches' schedule, in [0, 1) "
+                         "(reference ms_hard_test: 0.8; ep_test and cp_test: 0.9, set by their "
+                         "configs).")
   resampling_ratio: float = _field(
       0.25, "Fraction of candidate patches re-noised per iteration, in (0, 1]; "
       "k = max(1, floor(ratio * number of candidates)).")

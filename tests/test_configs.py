@@ -296,11 +296,12 @@ def test_ipr_section_is_made_from_the_ipr_config_dataclass():
 
 
 @pytest.mark.parametrize("path,arg,overrides", [
-    (EVEN_PIXELS, "", dict(steps_per_patch=30)),
+    (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
     (EVEN_PIXELS, "tiny", dict(budget=2, steps_per_patch=5, overlap=0.5)),
-    (MNIST_SUDOKU, "", dict(overlap=0.8)),
-    (MNIST_SUDOKU, "ms_corrupted_test", dict(overlap=0.8, budget=15, mode="correction")),
-    (MNIST_SUDOKU, "tiny", dict(overlap=0.8, num_corruption_swaps=2, budget=3)),
+    (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's (overlap 0.8)
+    (MNIST_SUDOKU, "ms_corrupted_test", dict(budget=15, mode="correction")),
+    (MNIST_SUDOKU, "tiny", dict(num_corruption_swaps=2, budget=3)),
+    (COUNTING_POLYGONS, "", dict(overlap=0.9)),
     (COUNTING_POLYGONS, "tiny", dict(budget=2, steps_per_patch=2, overlap=0.5)),
 ])
 def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
