@@ -305,13 +305,6 @@ class IPRConfig:
     return {field.name: field.metadata["doc"] for field in dataclasses.fields(cls)}
 
 
-# The IPRConfig fields of the variants beyond the paper, at the paper's values (derived).
-VARIANT_FIELDS = ("selection", "uncertainty_score", "uncertainty_groups", "selection_temperature",
-                  "renoise_time", "ratio_schedule", "final_resampling_ratio",
-                  "ratio_decay_iterations", "return_iterate")
-VARIANT_DEFAULTS = {name: IPRConfig.defaults()[name] for name in VARIANT_FIELDS}
-
-
 @flax.struct.dataclass
 class GreedyResult:
   """Output of one greedy pass over a batch.
