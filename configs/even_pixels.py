@@ -45,9 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.time_sampler.beta_sharpness = 0.75
   config.optim.learning_rate = 8e-4
 
-  # ep_test (spec §4.5): 30 steps per patch for both the SRM pass and each IPR iteration, IPR at
-  # overlap 0.9.
+  # ep_test (spec §4.5): 30 steps per patch at overlap 0.9 for both the SRM pass and each IPR
+  # iteration.
   config.sampler.steps_per_patch = 30
+  config.sampler.overlap = 0.9
   config.ipr.steps_per_patch = 30
   config.ipr.overlap = 0.9
   config.eval.name = eval_name

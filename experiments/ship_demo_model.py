@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from ipr_jax import environment
 from ipr_jax import evaluate
 from ipr_jax import host_devices
 from ipr_jax import pretrained
@@ -49,8 +50,8 @@ _RECORD_ONLY = flags.DEFINE_bool(
     "record_only", False, "Only re-record the regression entry of the shipped model --name "
     "(weights, config and training record unchanged).")
 
-# How many puzzles of the regression set may differ from the record (a valid flag or a duplicate
-# count at any budget) before tests/test_evaluate.py fails.
+# How many puzzles of the regression set may differ from the record (a valid flag, a duplicate
+# count or a classified digit at any budget) before tests/test_evaluate.py fails.
 MAX_DIFFERING_PUZZLES = 2
 
 
@@ -79,8 +80,10 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
 
   Returns:
     The set's settings, per-puzzle `valid` (0/1) and `duplicate_count` lists of shape
-    [num_puzzles, budget + 1], the per-budget `valid_rate`, `mean_duplicate_count` and
-    `mean_nfe`, the tolerance and the code that recorded it.
+    [num_puzzles, budget + 1], the classified `digit_grid` of every puzzle after every budget
+    ([num_puzzles, budget + 1, n, n]: a changed sampler changes digits long before it changes a
+    valid flag), the per-budget `valid_rate`, `mean_duplicate_count` and `mean_nfe`, the
+    tolerance, and the code and environment that recorded it.
   """
   config = regression_config(name, num_puzzles, budget, batch_size)
   with tempfile.TemporaryDirectory() as workdir:
@@ -88,17 +91,22 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
     with np.load(os.path.join(workdir, "eval", config.eval.name, "puzzles.npz")) as f:
       index, valid, duplicates = f["index"], f["valid"], f["duplicate_count"]
   assert list(index) == list(range(num_puzzles)), index
+  # Every budget's digits, in batches of the run's size, as tests/test_evaluate.py computes them.
+  grids = evaluate.Evaluator(config, pretrained.load(name).params).facts_per_budget(
+      np.arange(num_puzzles), batch_size)["digit_grid"]
   return {
       "num_puzzles": num_puzzles, "budget": budget, "batch_size": batch_size,
       "given_range": list(config.eval.given_range), "seed": config.eval.seed,
       "valid": np.asarray(valid, int).tolist(),
       "duplicate_count": np.asarray(duplicates, int).tolist(),
+      "digit_grid": np.asarray(grids, int).tolist(),
       "max_differing_puzzles": MAX_DIFFERING_PUZZLES,
       "valid_rate": [r["valid_rate"] for r in rows],
       "mean_duplicate_count": [r["mean_duplicate_count"] for r in rows],
       "mean_nfe": [r["mean_nfe"] for r in rows],
       "recorded_with_commit": _git_commit(),
       "recorded_on": datetime.date.today().isoformat(),
+      "recorded_in": environment.record(),
   }
 
 
@@ -138,8 +146,8 @@ def main(argv):
     pretrained.export_run(_WORKDIR.value, _NAME.value, _STEP.value, head, extra)
   path = rerecord(_NAME.value, _PUZZLES.value, _BUDGET.value, _BATCH.value)
   record = pretrained.load(_NAME.value).metadata["regression"]
-  print(json.dumps({k: v for k, v in record.items() if k not in ("valid", "duplicate_count")},
-                   indent=1))
+  print(json.dumps({k: v for k, v in record.items()
+                    if k not in ("valid", "duplicate_count", "digit_grid")}, indent=1))
   print(f"valid puzzles per budget: {np.sum(record['valid'], axis=0).tolist()} of "
         f"{record['num_puzzles']}")
   print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ipr_jax import errors
 from ipr_jax.models import unet
 
 
@@ -48,7 +49,7 @@ def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(gh, gw) of the SRM patch grid; the patch size must divide the image size."""
   size, p = config.data.image_size, config.data.patch_size
   if p < 1 or size % p:
-    raise ValueError(f"data.patch_size={p} does not divide data.image_size={size}")
+    raise errors.ConfigError(f"data.patch_size={p} does not divide data.image_size={size}")
   return size // p, size // p
 
 
@@ -78,9 +79,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
   decay_steps, end = o.get("decay_steps"), float(o.get("decay_end_factor", 0.0))
   if decay_steps is not None and decay_steps <= max(warmup, 0):
-    raise ValueError(f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
+    raise errors.ConfigError(f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
   if not 0.0 <= end <= 1.0:
-    raise ValueError(f"optim.decay_end_factor={end} must lie in [0, 1]")
+    raise errors.ConfigError(f"optim.decay_end_factor={end} must lie in [0, 1]")
 
   def schedule(count):
     # Written as a factor of lr: optax.linear_schedule's init + (end - init) form loses ~3e-4 of

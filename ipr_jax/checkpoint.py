@@ -24,13 +24,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ipr_jax import errors
+
 CHECKPOINT_DIR = "checkpoints"
 _STATE = "state"
 _CONFIG = "config"
 _STATE_KEYS = frozenset({"step", "params", "opt_state", "ema_params", "rng"})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.ConfigError):
   """A path that should hold an ipr_jax checkpoint does not hold a usable one."""
 
 
@@ -237,7 +239,7 @@ def restore_params(path: str | os.PathLike, which: str = "ema", step: int | None
   """
   keys = {"ema": "ema_params", "live": "params"}
   if which not in keys:
-    raise ValueError(f"which must be 'ema' or 'live', got {which!r}.")
+    raise errors.ConfigError(f"which must be 'ema' or 'live', got {which!r}.")
   step_dir = find_step_dir(path, step)
   params = _restore_state_dict(step_dir)[keys[which]]
   return jax.tree_util.tree_map(np.asarray, params)

@@ -2,13 +2,16 @@
 
     if __name__ == "__main__":
       define_flags()
-      cli.run(main, user_errors=(checkpoint.CheckpointError,))   # instead of app.run(main)
+      cli.run(main)   # instead of app.run(main)
 
 A misspelt flag or config field, a bad config file or preset, an invalid setting (checked when
 the flags are parsed, before anything compiles: the `sampler` and `ipr` sections as the sampler
-reads them) and, while `main` runs, the errors named in `user_errors` plus FileNotFoundError and
-ValueError end the binary with one line on stderr, `error: <what>`, exit status 2 (EXIT_USAGE)
-and no traceback. `--verbose`, or absl's `-v 1` / `--verbosity=1`, shows the traceback instead.
+reads them) and, while `main` runs, a configuration or input error (`errors.ConfigError`: a bad
+setting, checkpoint or input file, shards of other settings; FileNotFoundError; the errors named
+in `user_errors`) end the binary with one line on stderr, `error: <what>`, exit status 2
+(EXIT_USAGE) and no traceback. Anything else, a plain ValueError or JAX's own shape and type
+errors included, is a bug to look into and keeps its traceback. `--verbose`, or absl's `-v 1` /
+`--verbosity=1`, shows the traceback of a user error too.
 """
 
 import sys
@@ -17,6 +20,8 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 import ml_collections
+
+from ipr_jax import errors
 
 # The exit status of a bad command line or setting (what argparse and absl's usage errors use).
 EXIT_USAGE = 2
@@ -129,12 +134,12 @@ def run(main: Callable[[list[str]], None],
   """app.run(main) with `parse_flags`, a --verbose flag, and one line for a user error."""
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the traceback of an error (else one line).")
-  errors = (FileNotFoundError, ValueError, *user_errors)
+  user = (FileNotFoundError, errors.ConfigError, *user_errors)
 
   def guarded(argv):
     try:
       return main(argv)
-    except errors as e:
+    except user as e:
       if flags.FLAGS.verbose or flags.FLAGS.verbosity >= 1:
         raise
       fail(f"{e}{_TRACEBACK_HINT}")

@@ -1,8 +1,9 @@
 """The config sections every task shares, with the reference's global values (spec §1, §3, §4).
 
 `configs/<task>.py` files build on `base_config` and set only what is task-specific; every field is
-documented here once, but for the ipr section: its fields, defaults and documentation are those of
-`sampler.IPRConfig` (`ipr_section`). Sections (one builder each): top level (seed, batch, steps,
+documented here once, but for the sampler and ipr sections: their fields, defaults and
+documentation are those of `sampler.SamplerConfig` and `sampler.IPRConfig` (`sampler_section`,
+`ipr_section`). Sections (one builder each): top level (seed, batch, steps,
 checkpoints), data (task fields added by the task file), model (U-Net), time_sampler, loss, optim,
 sampler, ipr, eval.
 """
@@ -80,8 +81,9 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   config.loss = _loss_section()
   # AdamW with linear warm-up, global-norm clipping and an EMA (spec §3.4).
   config.optim = _optim_section()
-  # SRM greedy sampler (spec §4.4).
-  config.sampler = _sampler_section()
+  # SRM greedy sampler (spec §4.4): fields, defaults and documentation are
+  # `sampler.SamplerConfig`'s.
+  config.sampler = sampler_section()
   # Iterative Partial Refinement (spec §4.5): fields, defaults and documentation are
   # `sampler.IPRConfig`'s.
   config.ipr = ipr_section()
@@ -196,22 +198,14 @@ def _optim_section() -> ml_collections.ConfigDict:
   return section
 
 
-def _sampler_section() -> ml_collections.ConfigDict:
-  """config.sampler: the SRM greedy sampler (`sampler.SamplerConfig` fields)."""
-  section = ml_collections.ConfigDict()
-  # Denoising steps each patch takes.
-  section.steps_per_patch = 10
-  # Overlap of consecutive patches' denoising blocks, in [0, 1).
-  section.overlap = 0.9
-  # Reverse-kernel stochasticity alpha.
-  section.stochasticity = 0.5
-  # Reverse-kernel temperature.
-  section.temperature = 1.0
-  # Patches selected per selection step.
-  section.top_k = 1
-  # False: reproduce the reference's float32 schedule arithmetic (spec §4.3); True: exact.
-  section.clean_schedule = False
-  return section
+def sampler_section() -> ml_collections.ConfigDict:
+  """config.sampler: every field of `sampler.SamplerConfig` at its default, in field order.
+
+  The fields, defaults (the reference's ms_hard_test values) and their documentation are defined
+  once, in `sampler.SamplerConfig` (`SamplerConfig.field_docs()`); configs/<task>.py override
+  what is task-specific.
+  """
+  return ml_collections.ConfigDict(sampler.SamplerConfig.defaults())
 
 
 def ipr_section() -> ml_collections.ConfigDict:
@@ -241,7 +235,8 @@ def _eval_section() -> ml_collections.ConfigDict:
   # Name of a model shipped in the package (`ipr_jax.pretrained.names()`) to evaluate when no
   # --checkpoint is given; None: the newest checkpoint in --workdir.
   section.pretrained = config_dict.placeholder(str)
-  # Puzzles shown in ipr_process.png (the first ones of the first batch).
+  # Puzzles shown in ipr_process.png: those IPR fixed (invalid after SRM, valid at the end) and
+  # one it did not, else others (`eval_report.choose_plot_puzzles`), computed again with samples.
   section.num_plot_puzzles = 4
   # Batch the puzzles by their number of patches to generate (a batch's sampling loop runs until
   # its longest schedule ends); False: in index order. Results per puzzle are the same either way.

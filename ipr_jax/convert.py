@@ -28,6 +28,7 @@ import numpy as np
 from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import cli
+from ipr_jax import errors
 from ipr_jax import torch_files
 from ipr_jax.models import classifier as classifier_lib
 from ipr_jax.models import state_dict as state_dict_lib
@@ -55,7 +56,7 @@ def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collection
   model = build.make_model(config)
   expected = REFERENCE_KEY_COUNTS.get(config.model.get("name", ""))
   if expected is not None and _is_reference_preset(config) and len(denoiser_sd) != expected:
-    raise ValueError(
+    raise errors.ConfigError(
         f"a {config.model.name} denoiser state_dict has {expected} keys, this one has "
         f"{len(denoiser_sd)}: is it a checkpoint of another config?")
   return state_dict_lib.unet_params_from_state_dict(denoiser_sd, model)
@@ -133,4 +134,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   # A bad flag, config or file (or torch missing): one line on stderr, exit status 2.
-  cli.run(main, user_errors=(checkpoint.CheckpointError, ImportError))
+  cli.run(main, user_errors=(ImportError,))

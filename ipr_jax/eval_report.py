@@ -220,9 +220,30 @@ def _show_image(ax, image: np.ndarray) -> None:
   ax.set_yticks([])
 
 
+def choose_plot_puzzles(valid: np.ndarray, count: int) -> np.ndarray:
+  """Which puzzles show what IPR does: up to `count` row numbers of `valid` ([P, budgets] bool),
+  first the puzzles IPR fixed (invalid after SRM, valid after the last budget), keeping the last
+  place (of at least two) for one that stays invalid, then the others (valid throughout, then made invalid by IPR);
+  each group in index order."""
+  valid = np.asarray(valid, bool)
+  if valid.ndim != 2:
+    raise ValueError(f"valid must be [P, budgets], got shape {valid.shape}")
+  if count < 1:
+    return np.zeros([0], np.int64)
+  first, last = valid[:, 0], valid[:, -1]
+  fixed = np.flatnonzero(~first & last)
+  broken = np.flatnonzero(~first & ~last)
+  shows_broken = len(broken) > 0 and count > 1
+  chosen = list(fixed[:count - shows_broken]) + list(broken[:int(shows_broken)])
+  rest = [i for group in (np.flatnonzero(first & last), np.flatnonzero(first & ~last), fixed,
+                          broken) for i in group if i not in chosen]
+  return np.asarray(sorted(chosen + rest[:count - len(chosen)]), np.int64)
+
+
 def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
                        cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
-                       puzzles: Optional[np.ndarray] = None):
+                       puzzles: Optional[np.ndarray] = None,
+                       labels: Optional[Sequence[str]] = None):
   """A few puzzles across IPR iterations, invalid cells outlined in red.
 
   Args:
@@ -232,6 +253,7 @@ def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray
     budgets_to_show: which budgets to draw (default: up to 8 evenly spaced, first and last kept).
     puzzles: optional [P, H, W, C] inputs in [-1, 1] (given cells, the rest blank), drawn as a
       first column.
+    labels: optional P row labels (e.g. the puzzle's index and what IPR did to it).
 
   Returns:
     A matplotlib Figure (no pyplot, no backend change).
@@ -250,9 +272,13 @@ def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray
     budgets_to_show = sorted(set(np.linspace(0, num_budgets - 1, min(8, num_budgets)).astype(int)))
   first = 0 if puzzles is None else 1
   num_columns = first + len(budgets_to_show)
+  if labels is not None and len(labels) != num_puzzles:
+    raise ValueError(f"labels must name the {num_puzzles} puzzles, got {len(labels)}")
   fig = Figure(figsize=(1.6 * num_columns, 1.6 * num_puzzles))
   axes = fig.subplots(num_puzzles, num_columns, squeeze=False)
   for p in range(num_puzzles):
+    if labels is not None:
+      axes[p, 0].set_ylabel(labels[p], fontsize=7)
     if puzzles is not None:
       _show_image(axes[p, 0], puzzles[p])
       if p == 0:
@@ -272,7 +298,8 @@ def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray
 
 def plot_ipr_process(path: str, snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
                      cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
-                     puzzles: Optional[np.ndarray] = None) -> None:
+                     puzzles: Optional[np.ndarray] = None,
+                     labels: Optional[Sequence[str]] = None) -> None:
   """Writes `ipr_process_figure(...)` (same arguments) as a PNG to `path`."""
-  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show,
-                     puzzles).savefig(path, dpi=100)
+  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show, puzzles,
+                     labels).savefig(path, dpi=100)

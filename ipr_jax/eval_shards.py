@@ -6,16 +6,23 @@
 run.json ("format": 2) records the run's full resolved settings: the task, data, model, sampler,
 ipr and eval sections with every field (eval.name aside; the sampler and IPR options as the
 sampler resolves them, defaults included), the parameters and their digest, and the batching
-(`batches_record`: number of batches, puzzles, a digest of every batch's puzzle indices); and the
+(`batches_record`: number of batches, puzzles, a digest of every batch's puzzle indices); the
 code that computed the shards (`code_record`: ipr_jax.__version__ and a sha256 of every file of
-`CODE_FILES`). A run whose settings differ is refused (`check_settings`) with an error naming
-every differing field, rather than mixed with the shards already there; so is a run of other
-code while shards exist: any change of a file of `CODE_FILES` (a comment included) requires
-computing the shards again (delete the folder or use another config.eval.name). Without shards,
-run.json's code record is simply brought up to date.
+`CODE_FILES`); and the environment they were computed in (`ipr_jax.environment.record`: package
+versions, CPU, backend, device kind and count, numerics options, XLA flags). A run whose settings
+differ is refused (`check_settings`) with an error naming every differing field, rather than
+mixed with the shards already there; so is a run of other code while shards exist: any change of
+a file of `CODE_FILES` (a comment included) requires computing the shards again (delete the
+folder or use another config.eval.name); and so is a run in another environment, unless the
+user accepts it (`allow_environment_change`), which run.json then records under
+"environment_changes". Without shards, run.json's code and environment records are simply
+brought up to date.
 
-Every shard holds the indices of its puzzles ("index"); they are checked against the run's
-batches when a shard is reused (`verify_shards`) and when the shards are merged (`read_shards`).
+Every shard holds the indices of its puzzles ("index"), the digest of the settings and code it
+was computed under ("settings_sha256", `settings_digest`) and of its environment
+("environment_sha256"); they are checked against the run's when a shard is reused
+(`verify_shards`) and when the shards are merged (`read_shards`), so that shards copied into
+another folder, or left after run.json was deleted, are not mixed into another run.
 
 Crash safety: a shard or run.json is written to a temporary name (`*.tmp<pid>`), flushed to disk
 (fsync), renamed, and the directory fsynced, so a file under its final name is complete even
@@ -28,6 +35,7 @@ run.json of format 1 (written before the format field existed: variant fields at
 values left out, no code record) is refused with a pointer to experiments/migrate_run_json.py.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,8 +49,13 @@ import numpy as np
 
 import ipr_jax
 from ipr_jax import config_diff
+from ipr_jax import environment as environment_lib
+from ipr_jax import errors
 
 SETTINGS_FILE = "run.json"
+# The digests every shard holds (`ShardDigests`).
+SETTINGS_DIGEST = "settings_sha256"
+ENVIRONMENT_DIGEST = "environment_sha256"
 FORMAT = 2
 _SHARD_NAME = re.compile(r"batch_(\d{6})\.npz")
 _TEMPORARY = re.compile(r".+\.tmp\d*")
@@ -64,9 +77,10 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #                                 the test puzzles (tasks/__init__.py imports every task).
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
 # pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
-# made again from the shards at every merge), cli.py (the command line), eval_shards.py,
-# agreement.py, preemption.py and host_devices.py (files, processes, devices: results do not
-# depend on the device or process count). The configs are not code here: their resolved values are settings. The fingerprint is
+# made again from the shards at every merge), cli.py and errors.py (the command line and its
+# messages), eval_shards.py, environment.py (its record is checked on its own), agreement.py,
+# preemption.py and host_devices.py (files, processes, devices: results do not depend on the
+# device or process count). The configs are not code here: their resolved values are settings. The fingerprint is
 # of whole files, bytes as they are: simple and conservative (an edit of evaluate.py's command
 # line or of a docstring counts too). Weights given by path (eval.classifier_path,
 # eval.scorer_path) are identified by their path only. tests/test_evaluate.py
@@ -103,13 +117,16 @@ CODE_FILES = (
     "data/assets/mnist_digits_10k.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
-NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "eval_report", "eval_shards",
-                      "host_devices", "preemption", "pretrained")
+NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "environment", "errors", "eval_report",
+                      "eval_shards", "host_devices", "preemption", "pretrained")
+# run.json's records of where the shards were computed, checked apart from the settings.
+ENVIRONMENT = "environment"
+ENVIRONMENT_CHANGES = "environment_changes"
 
 _PACKAGE_DIR = pathlib.Path(ipr_jax.__file__).resolve().parent
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(errors.ConfigError):
   """The shards in a directory were computed with other settings or code than the current run's,
   or hold other puzzles than the run's batches."""
 
@@ -155,10 +172,27 @@ def _finite_or_text(value: Any) -> Any:
   return value
 
 
-def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+def canonical(settings: dict[str, Any]) -> dict[str, Any]:
   """The settings as run.json stores them (tuples become lists, keys sorted)."""
   text = json.dumps(_finite_or_text(settings), sort_keys=True, default=str, allow_nan=False)
   return json.loads(text)
+
+
+def check_processes_agree(per_process: Sequence[dict[str, Any]]) -> None:
+  """Raises SettingsMismatchError unless every process's settings (`canonical`, with their code
+  and environment records) equal process 0's; the message names each differing field with
+  process 0's value and the other process's, and is the same on every process that calls this
+  with the same list (after `agreement.agree`)."""
+  found = []
+  for process, settings in enumerate(per_process[1:], start=1):
+    differing = config_diff.differences(per_process[0], settings, absent="<absent>")
+    found += [f"{key}: {a!r} (process 0) vs {b!r} (process {process})"
+              for key, a, b in differing]
+  if found:
+    raise SettingsMismatchError(
+        f"the {len(per_process)} processes of this run would compute different things: "
+        f"{_listed(found)}. Give every process the same checkout, environment, config "
+        "overrides and checkpoint.")
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -194,7 +228,7 @@ def write_settings(shard_dir: str | os.PathLike, settings: dict[str, Any]) -> No
   """Writes run.json (format 2) atomically, creating the directory."""
   shard_dir = pathlib.Path(shard_dir)
   shard_dir.mkdir(parents=True, exist_ok=True)
-  record = {**_canonical(settings), "format": FORMAT}
+  record = {**canonical(settings), "format": FORMAT}
   text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False)
   _write_atomically(shard_dir / SETTINGS_FILE, lambda f: f.write(text.encode()))
 
@@ -210,14 +244,30 @@ def _listed(items: list[str], limit: int = 10) -> str:
   return "; ".join(items[:limit]) + more
 
 
-def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write: bool = False,
-                   check_code: bool = True) -> None:
-  """Checks `settings` (with their "code" record, if any) against the shard directory's run.json.
+def settings_digest(settings: dict[str, Any]) -> str:
+  """sha256 of the settings and code record as run.json stores them, without the environment
+  records: what every shard of a run holds as "settings_sha256"."""
+  kept = {k: v for k, v in canonical(settings).items()
+          if k not in (ENVIRONMENT, ENVIRONMENT_CHANGES, "format")}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
-  With `write`, creates run.json if absent, and brings its "code" record up to date when only the
-  code differs and no shard exists yet (nothing computed by the other code would be reused).
-  `check_code=False` compares everything but the "code" record (to check a committed run.json,
-  a record, against a config).
+
+def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write: bool = False,
+                   check_code: bool = True,
+                   allow_environment_change: bool = False) -> Optional[set[str]]:
+  """Checks `settings` (with their "code" and "environment" records, if any) against the shard
+  directory's run.json.
+
+  With `write`, creates run.json if absent, and brings its "code" and "environment" records up to
+  date when only they differ and no shard exists yet (nothing computed by the other code or in
+  the other environment would be reused). With shards, another environment is refused unless
+  `allow_environment_change`; accepted, the new environment is appended to run.json's
+  "environment_changes". `check_code=False` compares everything but the code and environment
+  records (to check a committed run.json, a record, against a config).
+
+  Returns:
+    The digests of the environments whose shards this run may reuse (`environment.digest`), or
+    None for any (no environment record to compare, or a change accepted).
 
   Raises:
     SettingsMismatchError: run.json exists and differs, or is not of format 2; the message names
@@ -226,41 +276,81 @@ def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write
   """
   shard_dir = pathlib.Path(shard_dir)
   path = shard_dir / SETTINGS_FILE
-  settings = {**_canonical(settings), "format": FORMAT}
+  settings = {**canonical(settings), "format": FORMAT}
   if not path.exists():
     if not write:
       raise FileNotFoundError(f"{path} does not exist (process 0 writes it first)")
     write_settings(shard_dir, settings)
-    return
+    return _environment_digests(settings)
+  stored = _read_settings(path)
+  code_old, code_new = stored.pop("code", None), settings.pop("code", None)
+  env_old, env_new = stored.pop(ENVIRONMENT, None), settings.pop(ENVIRONMENT, None)
+  changes = stored.pop(ENVIRONMENT_CHANGES, [])
+  differing = _differences(stored, settings)
+  if differing:
+    raise SettingsMismatchError(
+        f"{shard_dir} holds results computed with other settings: {_listed(differing)}. Use "
+        "another config.eval.name, or delete that directory to start over.")
+  if not check_code:
+    return None
+  has_shards = bool(done_batches(shard_dir))
+  if code_old != code_new:
+    if has_shards or not write:
+      differing = _differences({"code": code_old}, {"code": code_new})
+      raise SettingsMismatchError(
+          f"{shard_dir} holds results computed by other code: {_listed(differing)}. A change of "
+          "the code that computes results (eval_shards.CODE_FILES) requires computing the shards "
+          "again: delete that directory, or use another config.eval.name.")
+  current = {**settings, "code": code_new, ENVIRONMENT: env_new}
+  if env_new is None or env_new == env_old or env_new in changes:
+    if write and code_old != code_new:
+      logging.info("%s: no shards yet; recording this run's code in run.json", path)
+      write_settings(shard_dir, {**current, ENVIRONMENT_CHANGES: changes} if changes else current)
+    return _environment_digests({ENVIRONMENT: env_old, ENVIRONMENT_CHANGES: changes})
+  if not has_shards:
+    if write:
+      logging.info("%s: no shards yet; recording this run's code and environment", path)
+      write_settings(shard_dir, current)
+    return _environment_digests(current)
+  differing = _differences({ENVIRONMENT: env_old}, {ENVIRONMENT: env_new})
+  if not allow_environment_change:
+    raise SettingsMismatchError(
+        f"{shard_dir} holds results computed in another environment: {_listed(differing)}. "
+        "Shards of another environment can differ in single puzzles (XLA, CPU kind, flags); "
+        "delete that directory or use another config.eval.name to compute them again, or pass "
+        "--allow_environment_change (evaluate(..., allow_environment_change=True)) to reuse them "
+        "(recorded in run.json and results.json).")
+  logging.warning("%s: reusing shards of another environment (%s), as allowed", shard_dir,
+                  _listed(differing))
+  if write:
+    write_settings(shard_dir, {**current, ENVIRONMENT: env_old,
+                               ENVIRONMENT_CHANGES: [*changes, env_new]})
+  return None
+
+
+def _read_settings(path: pathlib.Path) -> dict[str, Any]:
+  """run.json of format 2 as a dict."""
   try:
     stored = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SettingsMismatchError(f"{path} is not valid JSON ({e}); delete {shard_dir} to start "
+    raise SettingsMismatchError(f"{path} is not valid JSON ({e}); delete {path.parent} to start "
                                 "the evaluation over") from None
   if not isinstance(stored, dict) or stored.get("format") != FORMAT:
     found = stored.get("format", 1) if isinstance(stored, dict) else "unknown"
     raise SettingsMismatchError(
         f"{path} is of format {found}, not {FORMAT}: written by an earlier ipr-jax, it records "
         "neither every setting nor the code, so its shards cannot be checked against this run. "
-        f"Delete {shard_dir} to compute them again (experiments/migrate_run_json.py converts "
+        f"Delete {path.parent} to compute them again (experiments/migrate_run_json.py converts "
         "such a file, to keep it as a record).")
-  code_old, code_new = stored.pop("code", None), settings.pop("code", None)
-  differing = _differences(stored, settings)
-  if differing:
-    raise SettingsMismatchError(
-        f"{shard_dir} holds results computed with other settings: {_listed(differing)}. Use "
-        "another config.eval.name, or delete that directory to start over.")
-  if not check_code or code_old == code_new:
-    return
-  if write and not done_batches(shard_dir):
-    logging.info("%s: no shards yet; recording this run's code in run.json", path)
-    write_settings(shard_dir, {**settings, "code": code_new})
-    return
-  differing = _differences({"code": code_old}, {"code": code_new})
-  raise SettingsMismatchError(
-      f"{shard_dir} holds results computed by other code: {_listed(differing)}. A change of "
-      "the code that computes results (eval_shards.CODE_FILES) requires computing the shards "
-      "again: delete that directory, or use another config.eval.name.")
+  return stored
+
+
+def _environment_digests(settings: dict[str, Any]) -> Optional[set[str]]:
+  """The digests of run.json's environment and accepted changes; None without a record."""
+  if settings.get(ENVIRONMENT) is None:
+    return None
+  return {environment_lib.digest(e)
+          for e in [settings[ENVIRONMENT], *settings.get(ENVIRONMENT_CHANGES, [])]}
 
 
 def shard_path(shard_dir: str | os.PathLike, batch: int) -> pathlib.Path:
@@ -299,6 +389,39 @@ def _load(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardDigests:
+  """What a shard must hold to be part of a run: the run's `settings_digest` as "settings_sha256"
+  and, as "environment_sha256", one of `environments` (`environment.digest`s; None: any)."""
+  settings: str
+  environment: str
+  environments: Optional[frozenset[str]]
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The digest arrays a new shard of this run holds."""
+    return {SETTINGS_DIGEST: np.asarray(self.settings), ENVIRONMENT_DIGEST: np.asarray(
+        self.environment)}
+
+  def check(self, path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Raises SettingsMismatchError unless the shard `arrays` (read from `path`) belong here."""
+    if SETTINGS_DIGEST not in arrays or ENVIRONMENT_DIGEST not in arrays:
+      raise SettingsMismatchError(
+          f"{path} records no settings digest (written by an earlier ipr-jax), so it cannot be "
+          f"checked against this run: delete {path.parent} to compute it again")
+    if str(arrays[SETTINGS_DIGEST]) != self.settings:
+      raise SettingsMismatchError(
+          f"{path} was computed under other settings or code (settings_sha256 "
+          f"{str(arrays[SETTINGS_DIGEST])[:12]}..., this run's {self.settings[:12]}...): it is "
+          f"not a shard of this run (copied in, or left after run.json was replaced). Delete "
+          f"{path.parent} to start over, or use another config.eval.name.")
+    found = str(arrays[ENVIRONMENT_DIGEST])
+    if self.environments is not None and found not in self.environments:
+      raise SettingsMismatchError(
+          f"{path} was computed in another environment (environment_sha256 {found[:12]}..., "
+          f"this run's {self.environment[:12]}...): delete {path.parent} to compute it again, "
+          "or pass --allow_environment_change to reuse it")
+
+
 def _check_index(path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int,
                  expected: np.ndarray) -> None:
   if "index" not in arrays:
@@ -312,15 +435,16 @@ def _check_index(path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int,
         f"{path.parent} to start over.")
 
 
-def verify_shards(shard_dir: str | os.PathLike,
-                  batches: Sequence[np.ndarray]) -> tuple[set[int], list[str]]:
+def verify_shards(shard_dir: str | os.PathLike, batches: Sequence[np.ndarray],
+                  digests: Optional["ShardDigests"] = None) -> tuple[set[int], list[str]]:
   """Reads every existing shard in full: the batches done, and the names of the damaged shards
   (unreadable: truncated, corrupt), which are deleted with a warning so that they are computed
   again.
 
   Raises:
-    SettingsMismatchError: a readable shard holds other puzzles than its batch of `batches`, or
-      its number is not one of the run's batches.
+    SettingsMismatchError: a readable shard holds other puzzles than its batch of `batches`, its
+      number is not one of the run's batches, or (with `digests`) it was computed under other
+      settings, code or (not accepted) environment.
   """
   done, damaged = set(), []
   for batch in sorted(done_batches(shard_dir)):
@@ -338,20 +462,23 @@ def verify_shards(shard_dir: str | os.PathLike,
       damaged.append(path.name)
       continue
     _check_index(path, arrays, batch, batches[batch])
+    if digests is not None:
+      digests.check(path, arrays)
     done.add(batch)
   if damaged:
     _fsync_dir(pathlib.Path(shard_dir))
   return done, damaged
 
 
-def read_shards(shard_dir: str | os.PathLike,
-                batches: int | Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+def read_shards(shard_dir: str | os.PathLike, batches: int | Sequence[np.ndarray],
+                digests: Optional["ShardDigests"] = None) -> list[dict[str, np.ndarray]]:
   """The arrays of batches 0..n-1, in batch order.
 
   Args:
     shard_dir: the shard directory.
     batches: the run's batches (each shard's "index" must equal its batch's puzzle indices), or
       only their number n.
+    digests: if given, each shard's settings and environment digests are checked against them.
 
   Raises:
     FileNotFoundError: some batches have no shard (their numbers are listed).
@@ -375,6 +502,8 @@ def read_shards(shard_dir: str | os.PathLike,
                        "compute that batch again") from None
     if not isinstance(batches, int):
       _check_index(path, arrays, batch, batches[batch])
+    if digests is not None:
+      digests.check(path, arrays)
     shards.append(arrays)
   return shards
 
@@ -390,14 +519,14 @@ def migrate_format_1(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[s
   """
   if "format" in stored:
     raise ValueError(f"run.json is of format {stored['format']}, not 1")
-  old, new = config_diff.flatten(_canonical(stored)), config_diff.flatten(_canonical(resolved))
+  old, new = config_diff.flatten(canonical(stored)), config_diff.flatten(canonical(resolved))
   changed = [f"{k}: {old[k]!r} -> {new.get(k, '<absent>')!r}" for k in sorted(old)
              if new.get(k, "<absent>") != old[k]]
   if changed:
     raise ValueError(f"the resolved settings change recorded values: {_listed(changed)}")
   code = {"ipr_jax_version": None, "sha256": None, "files": None,
           "note": "format 1 recorded no code; migrated by experiments/migrate_run_json.py"}
-  return {**_canonical(resolved), "code": code, "format": FORMAT}
+  return {**canonical(resolved), "code": code, "format": FORMAT}
 
 
 def format_of(path: str | os.PathLike) -> Optional[int]:

@@ -14,7 +14,9 @@ a run directory, its `checkpoints/` folder or one step folder), runs the SRM gre
                                of the same command skips the batches done (after SIGTERM, a crash
                                or a lost machine), computes damaged ones again, and refuses
                                shards of other settings, batching or code (run.json: every
-                               setting resolved, the code's fingerprint; see eval_shards);
+                               setting resolved, the code's fingerprint, the environment;
+                               each shard: their digests; see eval_shards); shards of another
+                               environment only with --allow_environment_change;
   results.json, results.csv    one row per budget b = 0..B (b = 0 is plain SRM): valid rate and
                                its 95% Wilson interval, mean duplicate count (Sudoku), the Even
                                Pixels metrics, or the Counting Polygons metrics
@@ -37,8 +39,9 @@ Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its 
 randomness, so results do not depend on the batch size, the order of the batches, the number of
 devices or the number of processes. With `--config.distributed=True` the processes of a
 multi-host run (`host_devices.initialize_distributed`) split the batches; process 0 writes the
-merged files. They end together: an error on any of them (a settings mismatch that process 0
-finds, a failed batch) ends all with the same message, and SIGTERM to any one stops all after
+merged files. They first agree that they compute the same thing (settings, code, environment,
+weights); they end together: an error on any of them (a settings mismatch that process 0 finds,
+a failed batch) ends all with the same message, and SIGTERM or SIGINT to any one stops all after
 the current round of batches (`agreement`).
 
 In Python (`ipr_jax.evaluation`, its names also importable from here): `Evaluator(config,
@@ -52,7 +55,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ipr_jax import checkpoint
 from ipr_jax import cli
 from ipr_jax import evaluation
 from ipr_jax import host_devices
@@ -84,6 +86,9 @@ def define_flags() -> None:
   flags.DEFINE_string("checkpoint", None,
                       "Checkpoint to evaluate (default: the shipped model config.eval.pretrained "
                       "if the config names one, else the newest checkpoint in --workdir).")
+  flags.DEFINE_bool("allow_environment_change", False,
+                    "Reuse shards computed in another environment (package versions, CPU, "
+                    "devices, XLA flags); recorded in run.json and results.json.")
 
 
 def main(argv):
@@ -95,7 +100,8 @@ def main(argv):
   if f.config.distributed:
     host_devices.initialize_distributed()
   try:
-    evaluation.evaluate(f.config, f.workdir, f.checkpoint)
+    evaluation.evaluate(f.config, f.workdir, f.checkpoint,
+                        allow_environment_change=f.allow_environment_change)
   except evaluation.EvaluationStopped as e:
     sys.exit(str(e))
 
@@ -103,5 +109,5 @@ def main(argv):
 if __name__ == "__main__":
   host_devices.use_cpu_cores()
   define_flags()
-  # A bad flag, config, setting or checkpoint: one line on stderr, exit status 2 (ipr_jax.cli).
-  cli.run(main, user_errors=(checkpoint.CheckpointError,))
+  # A bad flag, config, setting, file or checkpoint: one line on stderr, exit status 2 (cli).
+  cli.run(main)

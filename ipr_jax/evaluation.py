@@ -13,12 +13,13 @@ devices or the number of processes. Several processes (`host_devices.initialize_
 split the batches and end together (`agreement`).
 """
 
+import collections
 import dataclasses
 import functools
 import hashlib
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from absl import logging
 from flax import jax_utils
@@ -30,6 +31,8 @@ import numpy as np
 from ipr_jax import agreement
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import environment
+from ipr_jax import errors
 from ipr_jax import eval_report
 from ipr_jax import eval_shards
 from ipr_jax import preemption as preemption_lib
@@ -57,7 +60,7 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
   """
   task = tasks.get(config.task).Evaluation(config)
   if config.ipr.get("selection") == "verifier" and task.cell_verify_fn is None:
-    raise ValueError(f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
+    raise errors.ConfigError(f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
                      f"{' and '.join(tasks.with_cell_verifier())} has; got task "
                      f"{config.task!r}")
   return task
@@ -80,7 +83,10 @@ def check_schedules(config: ml_collections.ConfigDict) -> None:
   count the evaluation can produce (see `sampler.check_schedules`)."""
   sampler_config, ipr_config = _sampler_configs(config)
   grid_h, grid_w = build.patch_grid(config)
-  sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
+  try:
+    sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
+  except ValueError as e:  # the sampler's check of a schedule: a setting to change
+    raise errors.ConfigError(str(e)) from e
 
 
 def puzzle_batches(config: ml_collections.ConfigDict, unknown: np.ndarray) -> list[np.ndarray]:
@@ -200,6 +206,21 @@ class Evaluator:
     """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku; else None)."""
     return self.task.invalid_cells(samples)
 
+  def facts_per_budget(self, indices, batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
+    """The task's facts (`final_fn`; Sudoku: 'digit_grid', the classified digits) of the sample
+    of every puzzle of `indices` ([P] ints) after every budget: {name: [P, budget + 1, ...]},
+    computed in batches of `batch_size` (default: all at once) with every budget's samples."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    batch_size = batch_size or len(indices)
+    parts = []
+    for start in range(0, len(indices), batch_size):
+      result = self(indices[start:start + batch_size], samples_per_device=None)
+      samples = result.samples  # [S, budget + 1, H, W, d], S = the batch's puzzles in order
+      facts = self.task.final_fn(jnp.asarray(samples.reshape(-1, *samples.shape[2:])))
+      parts.append({k: np.asarray(v).reshape(*samples.shape[:2], *np.shape(v)[1:])
+                    for k, v in facts.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
   def puzzle_images(self, indices: np.ndarray) -> Optional[np.ndarray]:
     """[P, H, W, d] what the sampler is given, for display: the given cells, the cells to
     generate at 0 (mid-grey); None for tasks without given content."""
@@ -210,7 +231,7 @@ class Evaluator:
     return (1.0 - mask) * np.asarray(inputs["image"], np.float32)
 
   def __call__(self, indices, samples_per_device: Optional[int] = 0, keep_final: bool = False,
-               pad_to: Optional[int] = None, fetch_samples: bool = True) -> BatchResult:
+               pad_to: Optional[int] = None) -> BatchResult:
     """Runs SRM + IPR on puzzles `indices` ([P] ints).
 
     Args:
@@ -220,8 +241,6 @@ class Evaluator:
       keep_final: also return the final samples of every puzzle.
       pad_to: pad the batch to at least this many puzzles (rounded up to a multiple of the
         devices), so that batches of different sizes share one compilation.
-      fetch_samples: False leaves the samples of `samples_per_device` on the devices (the
-        program, and so its compilation, stays the same; `samples` is None).
 
     Returns:
       BatchResult of the P puzzles.
@@ -247,8 +266,6 @@ class Evaluator:
     result = self._p_run(self._replicated_params, shard(keys), shard(noise),
                          shard(inputs["image"]), shard(inputs["mask"]), num_snapshots,
                          bool(keep_final))
-    if not fetch_samples:
-      result["snapshots"] = None
     result = jax.device_get(result)
     # [devices, budgets, per_device] -> [budgets, P]; [devices, per_device, ...] -> [P, ...].
     by_budget = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
@@ -319,17 +336,16 @@ def _as_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _shard_arrays(batch: BatchResult, unknown: np.ndarray, seconds: float,
-                  keep_snapshots: int) -> dict[str, np.ndarray]:
-  """A batch's per-puzzle arrays, puzzle-major ([P, budget + 1] for the per-budget ones)."""
+                  digests: eval_shards.ShardDigests) -> dict[str, np.ndarray]:
+  """A batch's per-puzzle arrays, puzzle-major ([P, budget + 1] for the per-budget ones), with
+  the run's settings and environment digests."""
   arrays = {"index": batch.indices, "unknown_patches": unknown, "nfe": batch.nfe.T,
-            "seconds": np.float64(seconds), "process": np.int64(jax.process_index())}
+            "seconds": np.float64(seconds), "process": np.int64(jax.process_index()),
+            **digests.arrays()}
   arrays.update({f"score.{k}": v.T for k, v in batch.scores.items()})
   arrays.update({f"final.{k}": v for k, v in batch.final.items()})
   if batch.final_samples is not None:
     arrays["samples"] = _as_uint8(batch.final_samples)
-  if keep_snapshots and batch.samples is not None:
-    arrays["snapshots"] = batch.samples[:keep_snapshots]
-    arrays["snapshot_index"] = batch.sample_indices[:keep_snapshots]
   return arrays
 
 
@@ -356,7 +372,7 @@ def merge_shards(shards: list[dict[str, np.ndarray]], batches: list[np.ndarray],
     raise eval_shards.SettingsMismatchError(
         f"the shards hold {len(index)} puzzle indices ({len(np.unique(index))} distinct, "
         f"{index.min()}..{index.max()}), not exactly the run's puzzles 0..{num_puzzles - 1}")
-  skip = {"seconds", "process", "snapshots", "snapshot_index"}
+  skip = {"seconds", "process", eval_shards.SETTINGS_DIGEST, eval_shards.ENVIRONMENT_DIGEST}
   merged = {}
   for key in shards[0]:
     if key not in skip:
@@ -374,16 +390,30 @@ def _progress_line(done: int, total: int, passes: float, elapsed: float, valid: 
           f"budget 0 {valid[0]:.3f}, at budget {len(valid) - 1} {valid[-1]:.3f}")
 
 
-def _prepare_shard_dir(shard_dir: str, settings: dict[str, Any],
-                       batches: list[np.ndarray]) -> dict[str, list]:
+def _prepare_shard_dir(shard_dir: str, settings: dict[str, Any], batches: list[np.ndarray],
+                       allow_environment_change: bool) -> dict[str, Any]:
   """Process 0, before any process computes: checks (or writes) run.json, removes the temporary
-  files of killed writes, reads every existing shard (deleting the damaged ones). Returns the
-  batches done ("done"), the temporary files removed ("removed") and the damaged shards deleted
-  ("damaged")."""
-  eval_shards.check_settings(shard_dir, settings, write=True)
+  files of killed writes, reads every existing shard (deleting the damaged ones, refusing those
+  of other settings). Returns the batches done ("done"), the temporary files removed
+  ("removed"), the damaged shards deleted ("damaged") and the environment digests whose shards
+  may be merged ("environments", None: any)."""
+  environments = eval_shards.check_settings(shard_dir, settings, write=True,
+                                            allow_environment_change=allow_environment_change)
+  if allow_environment_change:
+    environments = None
   removed = eval_shards.remove_temporaries(shard_dir)
-  done, damaged = eval_shards.verify_shards(shard_dir, batches)
-  return {"done": sorted(done), "removed": removed, "damaged": damaged}
+  done, damaged = eval_shards.verify_shards(shard_dir, batches,
+                                            _shard_digests(settings, environments))
+  return {"done": sorted(done), "removed": removed, "damaged": damaged,
+          "environments": None if environments is None else sorted(environments)}
+
+
+def _shard_digests(settings: dict[str, Any],
+                   environments: Optional[Iterable[str]]) -> eval_shards.ShardDigests:
+  mine = environment.digest(settings[eval_shards.ENVIRONMENT])
+  return eval_shards.ShardDigests(
+      eval_shards.settings_digest(settings), mine,
+      None if environments is None else frozenset(environments) | {mine})
 
 
 @dataclasses.dataclass
@@ -396,8 +426,9 @@ class _Run:
     evaluator: SRM + IPR with the parameters to evaluate; source, which: where they came from
       and 'ema' | 'live'.
     unknown: [num_puzzles] the puzzles' unknown patches; batches: the puzzle indices per batch.
-    settings: what run.json records (`run_settings` and the code record).
+    settings: what run.json records (`run_settings`, the code and environment records).
     done_before: the batches whose shards existed already.
+    digests: what each shard of this run holds and each merged shard must hold.
   """
   config: ml_collections.ConfigDict
   out_dir: str
@@ -410,27 +441,32 @@ class _Run:
   batches: list[np.ndarray]
   settings: dict[str, Any]
   done_before: set[int]
+  digests: eval_shards.ShardDigests
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
   if num_puzzles < 1 or batch_size < 1:
-    raise ValueError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
+    raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
                      f"{batch_size} must be positive")
   if num_puzzles > MAX_PUZZLES:
-    raise ValueError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
+    raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
 
 
 def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Optional[str],
-            preemption: preemption_lib.Preemption) -> _Run:
-  """Loads the parameters, builds the Evaluator and the batches, and (process 0) checks the
-  shard directory. Every process's error, and process 0's look at the shard directory, are
-  agreed on before any process computes (no process waits in a collective for one that has
-  failed)."""
+            preemption: preemption_lib.Preemption, allow_environment_change: bool) -> _Run:
+  """Loads the parameters, builds the Evaluator and the batches, agrees on them with every
+  process, and (process 0) checks the shard directory.
+
+  Two agreements before any process computes (no process waits in a collective for one that has
+  failed): every process's error and settings (settings, batching, code, environment, weights:
+  all processes must compute the same thing, so the same number of rounds), then process 0's look
+  at the shard directory.
+  """
   out_dir = os.path.join(workdir, "eval", config.eval.name)
   shard_dir = os.path.join(out_dir, "shards")
   prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
-  error, prepared = None, None
+  error, settings = None, None
   try:
     check_schedules(config)
     params, source, which = load_params(config, workdir, checkpoint_path)
@@ -440,12 +476,22 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Op
     unknown = evaluator.task.unknown_patches(config.eval.seed, np.arange(config.eval.num_puzzles))
     batches = puzzle_batches(config, unknown)
     settings = {**run_settings(config, params, which, batches),
-                "code": eval_shards.code_record()}
-    if jax.process_index() == 0:
-      prepared = _prepare_shard_dir(shard_dir, settings, batches)
+                "code": eval_shards.code_record(),
+                eval_shards.ENVIRONMENT: environment.record()}
   except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
     error = e
-  outcome = agreement.agree(error, stop=preemption.this_process(), payload=prepared)
+  outcome = agreement.agree(error, stop=preemption.this_process(),
+                            payload=None if settings is None else eval_shards.canonical(settings))
+  eval_shards.check_processes_agree(outcome.payloads)  # the same verdict on every process
+
+  error, prepared = None, None
+  if jax.process_index() == 0:
+    try:
+      prepared = _prepare_shard_dir(shard_dir, settings, batches, allow_environment_change)
+    except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
+      error = e
+  outcome = agreement.agree(error, stop=outcome.stop or preemption.this_process(),
+                            payload=prepared)
   prepared = outcome.payloads[0]
   for name in prepared["damaged"]:
     print(f"{prefix}{name} in {shard_dir} was damaged: deleted, computed again.", flush=True)
@@ -453,20 +499,17 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Op
     raise EvaluationStopped(f"stopped before any batch; rerun the same command to compute "
                             f"them ({shard_dir}).")
   return _Run(config, out_dir, shard_dir, prefix, evaluator, source, which, unknown, batches,
-              settings, set(prepared["done"]))
+              settings, set(prepared["done"]), _shard_digests(settings, prepared["environments"]))
 
 
 def _compute_batch(run: _Run, b: int, pad_to: int) -> BatchResult:
   """Batch b: SRM + IPR, then its shard written."""
-  num_snapshots = run.config.eval.num_plot_puzzles
   batch_start = time.time()
-  # Every batch runs the first batch's program; only the first one's samples are fetched.
-  result = run.evaluator(run.batches[b], samples_per_device=num_snapshots,
-                         keep_final=run.config.eval.save_samples, pad_to=pad_to,
-                         fetch_samples=b == 0)
+  # Every batch runs one program (padded to the largest batch), without samples: the figure's
+  # puzzles are computed again with theirs once the results are known (`_plot_process`).
+  result = run.evaluator(run.batches[b], keep_final=run.config.eval.save_samples, pad_to=pad_to)
   eval_shards.write_shard(run.shard_dir, b, _shard_arrays(
-      result, run.unknown[result.indices], time.time() - batch_start,
-      num_snapshots if b == 0 else 0))
+      result, run.unknown[result.indices], time.time() - batch_start, run.digests))
   return result
 
 
@@ -514,12 +557,15 @@ def _compute_batches(run: _Run, preemption: preemption_lib.Preemption,
 
 def _results_metadata(run: _Run, shards: list[dict[str, np.ndarray]],
                       seconds: float) -> dict[str, Any]:
-  """What results.json records besides the rows: settings, parameters, code, devices, the
-  throughput of the batches computed by this run, and the task's metadata."""
+  """What results.json records besides the rows: settings, parameters, code, environment (with
+  the environments the merged shards were computed in), devices, the throughput of the batches
+  computed by this run, and the task's metadata."""
   config = run.config
   new = [b for b in range(len(run.batches)) if b not in run.done_before]
   new_puzzles = sum(len(run.batches[b]) for b in new)
   new_passes = float(sum(shards[b]["nfe"][:, -1].sum() for b in new))
+  shard_environments = collections.Counter(
+      str(shard[eval_shards.ENVIRONMENT_DIGEST]) for shard in shards)
   return {
       "task": config.task,
       "eval": config.eval.to_dict(),
@@ -529,6 +575,11 @@ def _results_metadata(run: _Run, shards: list[dict[str, np.ndarray]],
       "params": run.which,
       "params_sha256": run.settings["params_sha256"],
       "code": run.settings["code"],
+      "environment": run.settings[eval_shards.ENVIRONMENT],
+      "environment_sha256": run.digests.environment,
+      # Batches per environment digest: more than one entry = shards of several environments
+      # merged (--allow_environment_change).
+      "shard_environments": dict(sorted(shard_environments.items())),
       "devices": [str(d) for d in jax.devices()],
       "throughput": {
           "puzzles": new_puzzles,
@@ -544,10 +595,36 @@ def _results_metadata(run: _Run, shards: list[dict[str, np.ndarray]],
   }
 
 
-def _write_results(run: _Run, seconds: float) -> list[dict[str, Any]]:
-  """Merges every shard; process 0 writes results.{json,csv}, puzzles.{npz,csv} and the plots.
-  Returns the per-budget rows (on every process)."""
-  shards = eval_shards.read_shards(run.shard_dir, run.batches)
+def _plot_process(run: _Run, per_puzzle: dict[str, np.ndarray], path: str) -> list[int]:
+  """ipr_process.png: `config.eval.num_plot_puzzles` puzzles across the IPR budgets, those IPR
+  fixed first and one it did not (`eval_report.choose_plot_puzzles`), computed again (a puzzle's
+  result depends only on the seed and its index) with every budget's sample: the iterate the
+  table scores. Returns the indices of the puzzles shown."""
+  chosen = eval_report.choose_plot_puzzles(per_puzzle["valid"],
+                                           run.config.eval.num_plot_puzzles)
+  if not len(chosen):
+    return []
+  indices = per_puzzle["index"][chosen]
+  again = run.evaluator(indices, samples_per_device=None)
+  valid = per_puzzle["valid"][chosen]
+  if not np.array_equal(again.scores["valid"].T, valid):
+    print(f"{run.prefix}note: the plotted puzzles {indices.tolist()}, computed again with their "
+          "samples, differ from their shards in a valid flag (floating point of another "
+          "program); the figure shows the recomputed samples.", flush=True)
+  outcome = lambda v: {(0, 1): "fixed by IPR", (0, 0): "stays invalid", (1, 1): "valid",
+                       (1, 0): "broken by IPR"}[(int(v[0]), int(v[-1]))]
+  labels = [f"puzzle {i}: {outcome(v)}" for i, v in zip(indices, again.scores["valid"].T)]
+  eval_report.plot_ipr_process(path, again.samples, run.evaluator.invalid_cells(again.samples),
+                               run.evaluator.task.cell_size,
+                               puzzles=run.evaluator.puzzle_images(again.sample_indices),
+                               labels=labels)
+  return indices.tolist()
+
+
+def _merge_and_write(run: _Run, seconds: float) -> list[dict[str, Any]]:
+  """Merges every shard (checked against the run's digests); process 0 writes results.{json,
+  csv}, puzzles.{npz,csv} and the plots. Returns the per-budget rows."""
+  shards = eval_shards.read_shards(run.shard_dir, run.batches, run.digests)
   per_puzzle = merge_shards(shards, run.batches, run.config.eval.num_puzzles)
   score_names = [k.split(".", 1)[1] for k in shards[0] if k.startswith("score.")]
   rows = eval_report.budget_table({k: per_puzzle[k].T for k in score_names}, per_puzzle["nfe"].T)
@@ -556,17 +633,14 @@ def _write_results(run: _Run, seconds: float) -> list[dict[str, Any]]:
 
   config, out_dir, task = run.config, run.out_dir, run.evaluator.task
   metadata = _results_metadata(run, shards, seconds)
+  metadata["plotted_puzzles"] = _plot_process(run, per_puzzle,
+                                              os.path.join(out_dir, "ipr_process.png"))
   eval_report.write_results(out_dir, rows, metadata)
   per_puzzle.update(task.puzzle_columns(per_puzzle))
   eval_report.write_puzzle_results(out_dir, per_puzzle, task.csv_scores)
   eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
                               f"{config.task} / {config.eval.name}",
                               metrics=task.plot_metrics)
-  if "snapshots" in shards[0] and len(shards[0]["snapshots"]):
-    snapshots = shards[0]["snapshots"]
-    eval_report.plot_ipr_process(
-        os.path.join(out_dir, "ipr_process.png"), snapshots, run.evaluator.invalid_cells(snapshots),
-        task.cell_size, puzzles=run.evaluator.puzzle_images(shards[0]["snapshot_index"]))
   print(eval_report.format_table(rows))
   throughput = metadata["throughput"]
   if throughput["puzzles"]:
@@ -575,13 +649,30 @@ def _write_results(run: _Run, seconds: float) -> list[dict[str, Any]]:
           f"{throughput['denoiser_passes_per_sec']:.0f} denoiser passes/s on "
           f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), "
           f"{jax.process_count()} process(es)")
+  if len(metadata["shard_environments"]) > 1:
+    print(f"note: the shards were computed in {len(metadata['shard_environments'])} "
+          "environments (accepted with --allow_environment_change; results.json lists them)")
   print(f"wrote {out_dir}/results.json, results.csv, puzzles.npz, puzzles.csv and plots")
+  return rows
+
+
+def _write_results(run: _Run, seconds: float) -> list[dict[str, Any]]:
+  """`_merge_and_write`, its errors on any process agreed by all (every process reads the
+  shards; a process that cannot, or process 0 failing to write, ends every process with the same
+  error)."""
+  error, rows = None, None
+  try:
+    rows = _merge_and_write(run, seconds)
+  except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
+    error = e
+  agreement.agree(error)
   return rows
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint_path: Optional[str] = None,
-             after_batch: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+             after_batch: Optional[Callable[[int], None]] = None,
+             allow_environment_change: bool = False) -> list[dict[str, Any]]:
   """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
 
   Every batch's per-puzzle results are written as a shard under
@@ -590,28 +681,34 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   JAX processes, process p computes batches p, p + N, ...; process 0 then merges every shard into
   results.json, results.csv, puzzles.npz, puzzles.csv and the plots.
 
-  Several processes end together (`agreement.agree`): an error on any process before or during
-  the batches (a settings mismatch found by process 0, a failed batch) is raised by every
-  process with the same message, and SIGTERM to any process stops every process after the
-  current round of batches (one batch per process) with the same EvaluationStopped message.
+  Several processes end together (`agreement.agree`): they first agree that they compute the
+  same thing (settings, batching, code, environment and weights of every process equal process
+  0's, else every process raises the same SettingsMismatchError naming the field and the
+  processes); an error on any process before, during or after the batches (a settings mismatch
+  found by process 0, a failed batch, a failed merge) is raised by every process with the same
+  message, and SIGTERM or SIGINT to any process stops every process after the current round of
+  batches (one batch per process) with the same EvaluationStopped message.
 
   Args:
     config: the task config (sections model, data, sampler, ipr, eval).
     workdir: run directory; results go to `workdir/eval/<config.eval.name>/`.
     checkpoint_path: what to restore (default: `workdir`).
     after_batch: called on the host with the batch number after each batch's shard is written.
+    allow_environment_change: reuse shards computed in another environment (other package
+      versions, CPU, devices or XLA flags); run.json and results.json record it.
 
   Returns:
     The per-budget rows written to results.csv.
 
   Raises:
-    EvaluationStopped: SIGTERM arrived; the batches done so far are kept for the rerun.
-    eval_shards.SettingsMismatchError: the shards there were computed with other settings or
-      other code, or hold other puzzles than this run's batches.
+    EvaluationStopped: SIGTERM or SIGINT arrived; the batches done so far are kept for the rerun.
+    eval_shards.SettingsMismatchError: the processes disagree, or the shards there were computed
+      with other settings, other code or (not allowed) in another environment, or hold other
+      puzzles than this run's batches.
   """
   _check_sizes(config)
   with preemption_lib.Preemption("stopping after the current batch.") as preemption:
-    run = _set_up(config, workdir, checkpoint_path, preemption)
+    run = _set_up(config, workdir, checkpoint_path, preemption, allow_environment_change)
     start_time = _compute_batches(run, preemption, after_batch)
   seconds = time.time() - start_time
   return _write_results(run, seconds)

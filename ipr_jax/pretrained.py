@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from ipr_jax import config_diff
+from ipr_jax import errors
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
@@ -120,10 +121,10 @@ def load_file(path: str | os.PathLike) -> Pretrained:
     with np.load(path) as f:
       flat = {k: f[k] for k in f.files}
   except Exception as e:  # a truncated or foreign file: numpy raises several types
-    raise ValueError(f"{str(path)!r} is not a readable .npz model file: {e}") from e
+    raise errors.ConfigError(f"{str(path)!r} is not a readable .npz model file: {e}") from e
   missing = [k for k in (_CONFIG_KEY, _METADATA_KEY) if k not in flat]
   if missing:
-    raise ValueError(f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained")
+    raise errors.ConfigError(f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained")
   config = ml_collections.ConfigDict(json.loads(str(flat.pop(_CONFIG_KEY))))
   metadata = json.loads(str(flat.pop(_METADATA_KEY)))
   params = _unflatten(flat)
@@ -133,7 +134,7 @@ def load_file(path: str | os.PathLike) -> Pretrained:
   have = {k: tuple(v.shape) for k, v in flat.items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:6]
-    raise ValueError(f"{str(path)!r}: parameters do not fit the model of its config "
+    raise errors.ConfigError(f"{str(path)!r}: parameters do not fit the model of its config "
                      f"(first differences, name and shape: {diff})")
   return Pretrained(name=path.stem, params=params, config=config, metadata=metadata)
 
@@ -161,7 +162,7 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
     differences += [f"{key}: {a!r} (shipped: {b!r})"
                     for key, a, b in config_diff.differences({name: ours}, {name: theirs})]
   if differences:
-    raise ValueError(f"the config does not match the shipped model {shipped.name!r}: "
+    raise errors.ConfigError(f"the config does not match the shipped model {shipped.name!r}: "
                      + "; ".join(differences))
 
 

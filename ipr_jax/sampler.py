@@ -116,27 +116,45 @@ def _coerce(config, **types) -> None:
     object.__setattr__(config, name, cast)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Options of the SRM greedy sampler (defaults: the reference's MS-hard values).
+def _field(default, doc: str):
+  """A dataclass field with its documentation (`field_docs`; config_base's sampler and ipr
+  sections)."""
+  return dataclasses.field(default=default, metadata={"doc": doc})
 
-  Attributes:
-    steps_per_patch: steps each patch takes from t = 1 to t = 0.
-    overlap: fraction of a patch's steps shared with the next patch, [0, 1).
-    stochasticity: alpha of the reverse kernel, [0, 1].
-    temperature: tau, scales the reverse kernel's standard deviation, > 0.
-    top_k: patches selected per block; only 1 is implemented.
-    clean_schedule: exact schedule arithmetic instead of the reference's
-      float32 (see schedule.py); a deliberate deviation when True.
-    clamp_noise: add the reference's ~3e-7 clamp noise wherever t_next > 0.
+
+class _DocumentedFields:
+  """`defaults()` and `field_docs()` of a dataclass whose fields are made by `_field`."""
+
+  @classmethod
+  def defaults(cls) -> dict[str, Any]:
+    """{field name: default}, in field order (what the config section starts from)."""
+    return {field.name: field.default for field in dataclasses.fields(cls)}
+
+  @classmethod
+  def field_docs(cls) -> dict[str, str]:
+    """{field name: documentation}, in field order."""
+    return {field.name: field.metadata["doc"] for field in dataclasses.fields(cls)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig(_DocumentedFields):
+  """Options of the SRM greedy sampler: the one definition of its fields, defaults (the
+  reference's ms_hard_test values, spec §4.4) and documentation (`field_docs()`).
+
+  `config.sampler` of the project configs is made from these fields
+  (`config_base.sampler_section`); configs/<task>.py override what is task-specific (Even
+  Pixels and Counting Polygons: 30 and 10 steps per patch at overlap 0.9).
   """
-  steps_per_patch: int = 3
-  overlap: float = 0.0
-  stochasticity: float = 0.5
-  temperature: float = 1.0
-  top_k: int = 1
-  clean_schedule: bool = False
-  clamp_noise: bool = True
+  steps_per_patch: int = _field(3, "Denoising steps each patch takes from t = 1 to t = 0.")
+  overlap: float = _field(0.0, "Fraction of a patch's steps shared with the next patch's, in "
+                          "[0, 1).")
+  stochasticity: float = _field(0.5, "alpha of the reverse kernel, in [0, 1].")
+  temperature: float = _field(1.0, "tau: scales the reverse kernel's standard deviation, > 0.")
+  top_k: int = _field(1, "Patches selected per selection step; only 1 is implemented.")
+  clean_schedule: bool = _field(False, "False: the reference's float32 schedule arithmetic (spec "
+                                "§4.3); True: exact arithmetic (a deliberate deviation).")
+  clamp_noise: bool = _field(True, "Add the reference's ~3e-7 clamp noise wherever t_next > 0 "
+                             "(spec §2.3, §4.4); False: none.")
 
   def __post_init__(self):
     _coerce(self, steps_per_patch=int, overlap=float, stochasticity=float,
@@ -156,13 +174,8 @@ class SamplerConfig:
       raise ValueError(f"temperature must be positive, got {self.temperature!r}.")
 
 
-def _field(default, doc: str):
-  """A dataclass field with its documentation (`IPRConfig.field_docs`, config_base's ipr section)."""
-  return dataclasses.field(default=default, metadata={"doc": doc})
-
-
 @dataclasses.dataclass(frozen=True)
-class IPRConfig:
+class IPRConfig(_DocumentedFields):
   """Options of IPR: the one definition of the fields, defaults and documentation of IPR.
 
   The defaults are the reference's ms_hard_test values (spec §4.5; the paper's IPR, no
@@ -294,16 +307,6 @@ class IPRConfig:
     frac = min(max(iteration - 1, 0), span) / span
     return self.resampling_ratio + frac * (self.final_resampling_ratio - self.resampling_ratio)
 
-  @classmethod
-  def defaults(cls) -> dict[str, Any]:
-    """{field name: default}, in field order (what `config.ipr` starts from)."""
-    return {field.name: field.default for field in dataclasses.fields(cls)}
-
-  @classmethod
-  def field_docs(cls) -> dict[str, str]:
-    """{field name: documentation}, in field order."""
-    return {field.name: field.metadata["doc"] for field in dataclasses.fields(cls)}
-
 
 @flax.struct.dataclass
 class GreedyResult:
@@ -346,7 +349,8 @@ class IPRResult:
     initial_order: `[B, N]` int32 selection order of the SRM pass (-1 padding;
       all -1 in correction mode).
     snapshots: `[budget + 1, num_snapshots, H, W, d]` float32 samples of the
-      first puzzles after each budget (the last iterates), or None.
+      first puzzles after each budget, the iterates that `scores` scores (the
+      last, or the most confident with return_iterate='confident'), or None.
     last_scores: with return_iterate='confident', `{name: [budget + 1, B]}`
       score_fn of the last iterate (`scores` are then those of the returned,
       most confident iterate); else None.
@@ -1154,7 +1158,7 @@ def _iteration(run: _Refinement, carry: _RefineCarry, j):
     carry = _immediate_stop(run, carry, j, active)
   returned = carry.z_best if run.confident else carry.z
   return carry, (_scores(run.score_fn, returned), carry.nfe, chosen,
-                 carry.z[:run.num_snapshots],
+                 returned[:run.num_snapshots],
                  _scores(run.score_fn, carry.z) if run.confident else None, uncertainty)
 
 

@@ -10,6 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
+from ipr_jax import errors
+
 # Prefixes of the SRM LightningModule's checkpoint (reference_spec.md §1.10).
 LIVE_PREFIX = "denoiser."
 EMA_PREFIX = "ema_denoiser.module."
@@ -41,7 +43,7 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
         state_dict = {k[3:] if k.startswith("sd/") else k: np.asarray(archive[k])
                       for k in archive.files if k != "config_json"}
     except Exception as e:  # zipfile / pickle errors of a corrupt archive.
-      raise ValueError(f"{path!r} is not a readable .npz state_dict: {e}") from e
+      raise errors.ConfigError(f"{path!r} is not a readable .npz state_dict: {e}") from e
     return state_dict, {}
   try:
     import torch
@@ -55,17 +57,17 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
     try:
       obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-      raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: {first_error}") from e
+      raise errors.ConfigError(f"{path!r} is not a readable PyTorch checkpoint: {first_error}") from e
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    raise errors.ConfigError(f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
   extras = {k: obj[k] for k in ("global_step", "epoch") if k in obj}
   tensors = obj.get("state_dict", obj)
   if not isinstance(tensors, Mapping):
-    raise ValueError(f"{path!r}: 'state_dict' is a {type(tensors).__name__}, not a mapping")
+    raise errors.ConfigError(f"{path!r}: 'state_dict' is a {type(tensors).__name__}, not a mapping")
   state_dict = {}
   for key, value in tensors.items():
     if not hasattr(value, "detach"):
-      raise ValueError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+      raise errors.ConfigError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
     state_dict[key] = value.detach().to(torch.float32 if value.is_floating_point()
                                         else value.dtype).cpu().numpy()
   return state_dict, extras
@@ -84,13 +86,13 @@ def select_denoiser(state_dict: Mapping[str, np.ndarray], weights: str = "ema"
     The denoiser state_dict with the prefix removed.
   """
   if weights not in ("ema", "live"):
-    raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
+    raise errors.ConfigError(f"weights must be 'ema' or 'live', got {weights!r}")
   has_live = any(k.startswith(LIVE_PREFIX) for k in state_dict)
   has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
   if not has_live and not has_ema:
     return dict(state_dict)  # Already a plain denoiser state_dict.
   prefix = EMA_PREFIX if weights == "ema" else LIVE_PREFIX
   if not any(k.startswith(prefix) for k in state_dict):
-    raise ValueError(f"the checkpoint has no {weights} weights (no keys starting with {prefix!r}); "
+    raise errors.ConfigError(f"the checkpoint has no {weights} weights (no keys starting with {prefix!r}); "
                      f"use the other --weights choice")
   return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -21,7 +21,7 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
 * Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
-  SIGTERM; restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
+  SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once); restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
   PRNG). A NaN or inf loss stops the run without saving the bad state.
 * A progress line every `log_every_steps` (loss terms, steps/s, ETA), the same values appended to
   `workdir/metrics.jsonl`, the resolved config in `workdir/config.json`.
@@ -58,6 +58,7 @@ import optax
 from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import cli
+from ipr_jax import errors
 from ipr_jax import flow
 from ipr_jax import host_devices
 from ipr_jax import losses
@@ -86,7 +87,7 @@ def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) ->
   """The [num_bins] time density of spec §3.1 step 4 (its inverse is the loss weight)."""
   ts = config.time_sampler
   if ts.name != "mean_beta":
-    raise ValueError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
+    raise errors.ConfigError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
   return time_sampler.loss_weight_density(
       key, build.patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
       num_bins=ts.density_num_bins, blur_kernel_size=ts.density_blur_kernel_size,
@@ -269,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     NonFiniteLossError: the loss became NaN or inf; checkpoints written before stay intact.
     checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed.
   """
-  # SIGTERM from here on (also during setup) leads to a save after the next step, then a return.
+  # SIGTERM or SIGINT from here on (also during setup): a save after the next step, then a return.
   with preemption_lib.Preemption("saving a checkpoint and stopping.") as preemption:
     if time_limit_s is not None:
       if time_limit_s < 0:
@@ -374,7 +375,7 @@ def _local_example_index(config: ml_collections.ConfigDict) -> np.ndarray:
   """
   num_devices, num_local = jax.device_count(), jax.local_device_count()
   if config.batch_size % num_devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f"batch_size={config.batch_size} is not divisible by the {num_devices} devices.")
   per_device = config.batch_size // num_devices
   local_batch = per_device * num_local

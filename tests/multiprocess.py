@@ -24,9 +24,11 @@ def free_port() -> int:
 
 def start_processes(module: str, args: list[str], num_processes: int = 2,
                     devices_per_process: int = 1,
-                    extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-  """Starts `python -m module *args --config.distributed=True` as `num_processes` processes;
-  `wait_processes` collects them."""
+                    extra_env: dict[str, str] | None = None,
+                    process_args: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+  """Starts `python -m module *args --config.distributed=True` as `num_processes` processes,
+  process p with `process_args[p]` appended (a host given other flags); `wait_processes`
+  collects them."""
   port = free_port()
   procs = []
   for process_id in range(num_processes):
@@ -38,7 +40,8 @@ def start_processes(module: str, args: list[str], num_processes: int = 2,
            host_devices.PROCESS_ID_ENV: str(process_id), **(extra_env or {})}
     output = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args, "--config.distributed=True"], env=env,
+        [sys.executable, "-m", module, *args, *(process_args or {}).get(process_id, []),
+         "--config.distributed=True"], env=env,
         stdout=output, stderr=subprocess.STDOUT, text=True)
     proc.output_file = output
     procs.append(proc)

@@ -68,6 +68,50 @@ def test_convert_reports_a_missing_file_in_one_line(tmp_path):
   assert_one_line_error(done, "/nonexistent/last.ckpt")
 
 
+def test_evaluate_reports_a_bad_setting_found_while_running_in_one_line(tmp_path):
+  """A setting that only the run can judge (here: no puzzles) is the user's too."""
+  done = run_binary("ipr_jax.evaluate", [DEMO, "--config.eval.num_puzzles=0"], tmp_path)
+  assert_one_line_error(done, "config.eval.num_puzzles=0")
+
+
+_BINARY = """
+import sys
+import jax.numpy as jnp
+from ipr_jax import cli, errors
+
+def main(argv):
+  kind = argv[1]
+  if kind == "jax":
+    jnp.concatenate([])  # JAX's own ValueError
+  elif kind == "value":
+    raise ValueError("an internal check failed")
+  elif kind == "config":
+    raise errors.ConfigError("config.x=3 is not allowed")
+  elif kind == "missing":
+    open("/nonexistent/file.txt")
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("kind, one_line", [
+    ("jax", False), ("value", False), ("config", True), ("missing", True)])
+def test_only_configuration_and_input_errors_lose_their_traceback(kind, one_line, tmp_path):
+  """A ConfigError or a missing file is the user's to fix: one line. Anything else, JAX's own
+  ValueError or a plain one included, is a bug: its traceback."""
+  script = tmp_path / "binary.py"
+  script.write_text(_BINARY)
+  done = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, timeout=120,
+                        check=False)
+  if one_line:
+    assert_one_line_error(done, {"config": "config.x=3", "missing": "/nonexistent/file.txt"}[kind])
+  else:
+    assert done.returncode != 0 and done.returncode != cli.EXIT_USAGE, done.stderr[-2000:]
+    assert "Traceback (most recent call last)" in done.stderr, done.stderr[-2000:]
+    assert "ValueError" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, last_line", [
     ([DEMO, "--config.ipr.budgett=3", "--verbose"], "AttributeError"),  # while parsing
     ([DEMO, "--checkpoint=/nonexistent", "-v", "1"], "FileNotFoundError"),  # while running

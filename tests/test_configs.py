@@ -30,7 +30,7 @@ SCHEMA = {
               "dropout", "dtype"],
     "data": ["image_size", "channels", "patch_size"],
     "sampler": ["steps_per_patch", "overlap", "stochasticity", "temperature", "top_k",
-                "clean_schedule"],
+                "clean_schedule", "clamp_noise"],
     "ipr": ["budget", "steps_per_patch", "overlap", "resampling_ratio", "noise_type", "mode",
             "num_corruption_swaps", "immediate_stop", "selection", "uncertainty_score",
             "uncertainty_groups", "selection_temperature", "renoise_time", "ratio_schedule",
@@ -292,6 +292,38 @@ def test_ipr_section_is_made_from_the_ipr_config_dataclass():
   assert [f.name for f in dataclasses.fields(sampler.IPRConfig)] == SCHEMA["ipr"]
   docs = sampler.IPRConfig.field_docs()
   assert list(docs) == SCHEMA["ipr"] and all(doc.strip() for doc in docs.values())
+
+
+def test_sampler_section_is_made_from_the_sampler_config_dataclass():
+  """config.sampler has one source, as config.ipr: SamplerConfig's fields, defaults (the
+  reference's ms_hard_test values, spec §4.3-4.4: 3 steps per patch, overlap 0), order and
+  documentation; every field, clamp_noise included, is a config field (--config.sampler.<name>)."""
+  from ipr_jax import config_base, sampler  # pylint: disable=g-import-not-at-top
+  section = config_base.base_config("even_pixels", None, unet_preset="unet_32").sampler
+  defaults = sampler.SamplerConfig.defaults()
+  assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
+  assert section.to_dict() == defaults == dataclasses.asdict(sampler.SamplerConfig())
+  assert (defaults["steps_per_patch"], defaults["overlap"]) == (3, 0.0)
+  assert [f.name for f in dataclasses.fields(sampler.SamplerConfig)] == SCHEMA["sampler"]
+  docs = sampler.SamplerConfig.field_docs()
+  assert list(docs) == SCHEMA["sampler"] and all(doc.strip() for doc in docs.values())
+
+
+@pytest.mark.parametrize("path,arg,overrides", [
+    (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
+    (EVEN_PIXELS, "tiny", dict(steps_per_patch=5, overlap=0.5)),
+    (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's
+    (MNIST_SUDOKU, "demo", dict()),
+    (COUNTING_POLYGONS, "", dict(steps_per_patch=10, overlap=0.9)),
+    (COUNTING_POLYGONS, "tiny", dict(steps_per_patch=2, overlap=0.5)),
+])
+def test_task_configs_override_the_sampler_defaults(path, arg, overrides):
+  """A preset's config.sampler is SamplerConfig's defaults with the task's overrides (the
+  reference's ep_test / cp_test values, spec §4.3), nothing else."""
+  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  section = get(path, arg).sampler.to_dict()
+  defaults = sampler.SamplerConfig.defaults()
+  assert {name: value for name, value in section.items() if value != defaults[name]} == overrides
 
 
 @pytest.mark.parametrize("path,arg,overrides", [

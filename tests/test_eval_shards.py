@@ -12,6 +12,7 @@ import pytest
 import ipr_jax
 from ipr_jax import agreement
 from ipr_jax import config_diff
+from ipr_jax import environment
 from ipr_jax import eval_shards
 from ipr_jax import host_devices
 
@@ -271,3 +272,85 @@ def test_config_diff_names_every_differing_leaf_by_its_dotted_key():
       ("task", "a", "b")]
   assert config_diff.differences(old, old) == []
   assert config_diff.flatten({"a": {"b": [1, 2]}, "c": 3}) == {"a.b": [1, 2], "c": 3}
+
+
+def _environment(jaxlib="0.10.2"):
+  return {"packages": {"jax": "0.10.2", "jaxlib": jaxlib}, "device_count": 2}
+
+
+def test_another_environment_is_refused_while_shards_exist_unless_accepted(tmp_path):
+  settings = {"ipr": {"budget": 30}, "code": _code()}
+  first, second = _environment(), _environment(jaxlib="0.11.0")
+  digest = lambda env: {environment.digest(env)}
+  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first},
+                                    write=True) == digest(first)
+  # No shard yet: run.json simply takes the new environment.
+  eval_shards.check_settings(tmp_path, {**settings, "environment": second}, write=True)
+  assert json.loads((tmp_path / "run.json").read_text())["environment"] == second
+  eval_shards.write_shard(tmp_path, 0, {"index": np.arange(2)})
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"another environment: environment\.packages\.jaxlib: '0\.11\.0' -> "
+                           r"'0\.10\.2'\..*--allow_environment_change"):
+    eval_shards.check_settings(tmp_path, {**settings, "environment": first}, write=True)
+  # Accepted: recorded, and from then on both environments' shards belong to the run.
+  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first}, write=True,
+                                    allow_environment_change=True) is None
+  stored = json.loads((tmp_path / "run.json").read_text())
+  assert stored["environment"] == second and stored["environment_changes"] == [first]
+  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first},
+                                    write=True) == digest(first) | digest(second)
+  # The environment is not a setting: a committed record is checked without it.
+  eval_shards.check_settings(tmp_path, settings, check_code=False)
+
+
+def test_each_shard_is_checked_against_the_runs_digests(tmp_path):
+  settings = {"ipr": {"budget": 30}, "code": _code(), "environment": _environment()}
+  env = environment.digest(_environment())
+  digests = eval_shards.ShardDigests(eval_shards.settings_digest(settings), env, frozenset({env}))
+  # The digest ignores the environment records, not the code.
+  assert digests.settings == eval_shards.settings_digest(
+      {**settings, "environment": _environment("0.11.0"), "environment_changes": [{}]})
+  assert digests.settings != eval_shards.settings_digest({**settings, "code": _code("e" * 64)})
+  batches = [np.array([0, 1]), np.array([2, 3])]
+  eval_shards.write_shard(tmp_path, 0, {"index": batches[0], **digests.arrays()})
+  assert eval_shards.verify_shards(tmp_path, batches, digests) == ({0}, [])
+  other = eval_shards.ShardDigests(eval_shards.settings_digest({"ipr": {"budget": 31}}), env,
+                                   None)
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"batch_000000\.npz was computed under other settings or code"):
+    eval_shards.verify_shards(tmp_path, batches, other)
+  elsewhere = eval_shards.ShardDigests(digests.settings, "f" * 64, frozenset({"f" * 64}))
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"another environment"):
+    eval_shards.read_shards(tmp_path, batches[:1], elsewhere)
+  accepted = eval_shards.ShardDigests(digests.settings, "f" * 64, None)
+  assert len(eval_shards.read_shards(tmp_path, batches[:1], accepted)) == 1
+  eval_shards.write_shard(tmp_path, 1, {"index": batches[1]})  # an earlier ipr-jax's
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"records no settings digest"):
+    eval_shards.verify_shards(tmp_path, batches, digests)
+
+
+def test_processes_that_would_compute_different_things_are_named():
+  settings = {"ipr": {"budget": 30}, "code": _code(), "environment": _environment()}
+  eval_shards.check_processes_agree([settings, dict(settings)])
+  other = {**settings, "ipr": {"budget": 3}, "environment": _environment("0.11.0")}
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"the 3 processes of this run would compute different things: "
+                           r"environment\.packages\.jaxlib: '0\.10\.2' \(process 0\) vs "
+                           r"'0\.11\.0' \(process 2\); ipr\.budget: 30 \(process 0\) vs 3 "
+                           r"\(process 2\)\."):
+    eval_shards.check_processes_agree([settings, settings, other])
+
+
+def test_sigint_asks_for_a_stop_and_a_second_one_interrupts():
+  """Ctrl-C: the first SIGINT is a stop request, like SIGTERM; the second raises
+  KeyboardInterrupt; the handlers are restored afterwards."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from ipr_jax import preemption  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with preemption.Preemption("stopping.") as stop:
+    assert not stop.this_process()
+    signal.raise_signal(signal.SIGINT)
+    assert stop.this_process()
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -8,6 +8,7 @@ initialised SRM outputs exactly zero).
 
 import ast
 import csv
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -22,6 +23,7 @@ import pytest
 
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import environment as environment_lib
 from ipr_jax import eval_report
 from ipr_jax import eval_shards
 from ipr_jax import evaluate
@@ -32,9 +34,9 @@ import multiprocess
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-# How many puzzles of the regression set may differ from the shipped record (a valid flag or a
-# duplicate count at any budget): floating-point details (XLA version, CPU kind) can flip a digit
-# whose classification is borderline, and IPR carries the change on. 2 of 32 puzzles.
+# How many puzzles of the regression set may differ from the shipped record (a classified digit, a
+# valid flag or a duplicate count at any budget): floating-point details (XLA version, CPU kind)
+# can flip a digit whose classification is borderline, and IPR carries the change on. 2 of 32.
 MAX_DIFFERING_PUZZLES = 2
 
 
@@ -97,7 +99,25 @@ def test_writes_results_with_documented_columns(demo_run):
   saved = json.loads((out / "results.json").read_text())
   assert saved["metadata"]["task"] == "mnist_sudoku"
   assert "mnist_sudoku_demo" in saved["metadata"]["checkpoint"]
-  assert [r["valid_rate"] for r in saved["budgets"]] == [r["valid_rate"] for r in rows]
+  # The last budget's valid rate is the share of final digit grids that obey the Sudoku rules
+  # (checked here without ipr_jax.metrics), with its Wilson interval.
+  grids = _load_puzzles(workdir)["digit_grid"]
+  valid = sum(map(_obeys_sudoku_rules, grids))
+  last = saved["budgets"][-1]
+  assert last["valid_rate"] == pytest.approx(valid / len(grids))
+  n, p, z = len(grids), valid / len(grids), 1.959963984540054
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  assert (last["valid_ci_low"], last["valid_ci_high"]) == pytest.approx((centre - half,
+                                                                         centre + half))
+  # The environment that computed it: this process's libraries and devices.
+  environment = saved["metadata"]["environment"]
+  assert environment["packages"]["jax"] == jax.__version__
+  assert environment["packages"]["numpy"] == np.__version__
+  assert environment["device_count"] == jax.device_count() == 2
+  assert environment["backend"] == "cpu"
+  assert environment["variables"]["XLA_FLAGS"] == os.environ["XLA_FLAGS"]
+  assert list(saved["metadata"]["shard_environments"].values()) == [2]  # 2 batches, 1 environment
 
 
 def test_nfe_is_the_spec_count_of_each_puzzle(demo_run):
@@ -113,58 +133,100 @@ def test_nfe_is_the_spec_count_of_each_puzzle(demo_run):
     assert row["mean_nfe"] == pytest.approx(np.mean(3 * unknown + budget * (2 * k + 8)))
 
 
-def differing_puzzles(record, valid, duplicate_count):
-  """Indices of the puzzles whose valid flag or duplicate count ([P, budget + 1] each) differs
-  from the regression record's at any budget."""
-  want_valid = np.asarray(record["valid"], bool)
-  want_duplicates = np.asarray(record["duplicate_count"])
-  assert np.shape(valid) == np.shape(duplicate_count) == want_valid.shape
-  differs = ((np.asarray(valid, bool) != want_valid)
-             | (np.asarray(duplicate_count) != want_duplicates)).any(axis=1)
+def differing_puzzles(record, digit_grid, valid=None, duplicate_count=None):
+  """Indices of the puzzles whose classified digits (`digit_grid` [P, budget + 1, n, n]), valid
+  flag or duplicate count ([P, budget + 1] each, if given) differ from the regression record's
+  at any budget."""
+  want_grid = np.asarray(record["digit_grid"])
+  assert np.shape(digit_grid) == want_grid.shape
+  differs = (np.asarray(digit_grid) != want_grid).any(axis=(2, 3))
+  if valid is not None:
+    differs |= (np.asarray(valid, bool) != np.asarray(record["valid"], bool)).any(axis=1)
+  if duplicate_count is not None:
+    differs |= (np.asarray(duplicate_count) != np.asarray(record["duplicate_count"])).any(axis=1)
   return np.flatnonzero(differs)
 
 
+def _regression_digits(config, params, record):
+  """[P, budget + 1, n, n] the digits of every budget's sample of the regression set, computed
+  as experiments/ship_demo_model.py records them."""
+  return evaluate.Evaluator(config, params).facts_per_budget(
+      np.arange(record["num_puzzles"]), record["batch_size"])["digit_grid"]
+
+
 def test_shipped_model_matches_its_record(shipped, demo_run):
-  """A regression check of the model and the sampler together, puzzle by puzzle."""
+  """A regression check of the model and the sampler together, puzzle by puzzle and digit by
+  digit."""
   config, workdir, rows = demo_run
   record = shipped.metadata["regression"]
   shape = (record["num_puzzles"], record["budget"] + 1)
   assert np.shape(record["valid"]) == np.shape(record["duplicate_count"]) == shape
+  assert np.shape(record["digit_grid"]) == (*shape, 4, 4)
   assert record["max_differing_puzzles"] == MAX_DIFFERING_PUZZLES
   # The record itself shows a working model and a working IPR: some grid valid at some budget,
-  # and IPR lowering the duplicate count.
+  # IPR lowering the duplicate count, and its flags those of its digits by the Sudoku rules.
   assert np.any(record["valid"])
   assert np.mean(record["duplicate_count"], 0)[-1] < np.mean(record["duplicate_count"], 0)[0]
+  np.testing.assert_array_equal(
+      np.asarray(record["valid"], bool),
+      [[_obeys_sudoku_rules(grid) for grid in puzzle] for puzzle in record["digit_grid"]])
   puzzles = _load_puzzles(workdir)
   np.testing.assert_array_equal(puzzles["index"], np.arange(shape[0]))
-  differing = differing_puzzles(record, puzzles["valid"], puzzles["duplicate_count"])
+  digits = _regression_digits(config, shipped.params, record)
+  differing = differing_puzzles(record, digits, puzzles["valid"], puzzles["duplicate_count"])
   assert len(differing) <= MAX_DIFFERING_PUZZLES, (
       f"puzzles {differing.tolist()} differ from the shipped record (valid now "
       f"{puzzles['valid'][differing].astype(int).tolist()}, recorded "
-      f"{np.asarray(record['valid'])[differing].tolist()}; duplicates now "
-      f"{puzzles['duplicate_count'][differing].tolist()}, recorded "
-      f"{np.asarray(record['duplicate_count'])[differing].tolist()}); if the code changed what "
-      "the sampler draws on purpose, re-record: python experiments/ship_demo_model.py "
-      "--record_only")
+      f"{np.asarray(record['valid'])[differing].tolist()}; digits now "
+      f"{digits[differing].reshape(len(differing), -1).tolist()}, recorded "
+      f"{np.asarray(record['digit_grid'])[differing].reshape(len(differing), -1).tolist()}); if "
+      "the code changed what the sampler draws on purpose, re-record: python "
+      "experiments/ship_demo_model.py --record_only")
   assert [r["mean_nfe"] for r in rows] == pytest.approx(record["mean_nfe"])
 
 
-def test_the_record_check_fails_for_perturbed_weights(shipped, demo_run):
-  """The comparison above bites: weights with Gaussian noise of 5% of each tensor's RMS fail it.
+def _obeys_sudoku_rules(grid):
+  """Whether a square digit grid holds 1..n once in every row, column and box (independent of
+  ipr_jax.metrics)."""
+  grid = np.asarray(grid)
+  n = len(grid)
+  box = int(round(np.sqrt(n)))
+  groups = [grid[i] for i in range(n)] + [grid[:, j] for j in range(n)] + [
+      grid[r:r + box, c:c + box].reshape(-1) for r in range(0, n, box) for c in range(0, n, box)]
+  return all(sorted(g.tolist()) == list(range(1, n + 1)) for g in groups)
 
-  Measured when it was written: 27 of the 32 puzzles differ (14 at 1% noise), while the valid
-  counts per budget stay within one grid of the record's (1, 1, 1, 3, 2 against 1, 1, 1, 2, 3),
-  so a check of the valid rate alone would not notice."""
+
+def _given_cells_as_candidates(refine):
+  """A sampler bug: IPR re-noises among every cell, the given ones included (they are pasted
+  back, so only the number and choice of the regenerated cells change)."""
+  def buggy(denoise_fn, z, masked, mask, candidates, noise, keys, **kwargs):
+    return refine(denoise_fn, z, masked, mask, jax.numpy.ones_like(candidates), noise, keys,
+                  **kwargs)
+  return buggy
+
+
+@pytest.mark.parametrize("change", ["weights_5pct_noise", "given_cells_as_candidates",
+                                    "renoise_to_t08"])
+def test_the_record_check_fails_for_a_changed_model_or_sampler(shipped, demo_run, change,
+                                                                monkeypatch):
+  """The comparison above bites: weights with Gaussian noise of 5% of each tensor's RMS, and two
+  sampler bugs that barely move the valid rate (counting the given cells as IPR candidates;
+  re-noising to t = 0.8 instead of pure noise) each change the digits of more puzzles than the
+  tolerance allows."""
   config, _, _ = demo_run
   record = shipped.metadata["regression"]
-  leaves, treedef = jax.tree.flatten(shipped.params)
-  rng = np.random.default_rng(0)
-  noisy = jax.tree.unflatten(treedef, [
-      x + 0.05 * np.sqrt(np.mean(np.square(x))) * rng.standard_normal(x.shape).astype(x.dtype)
-      for x in leaves])
-  result = evaluate.Evaluator(config, noisy)(np.arange(record["num_puzzles"]))
-  differing = differing_puzzles(record, result.scores["valid"].T,
-                                result.scores["duplicate_count"].T)
+  params = shipped.params
+  if change == "weights_5pct_noise":
+    leaves, treedef = jax.tree.flatten(shipped.params)
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(treedef, [
+        x + 0.05 * np.sqrt(np.mean(np.square(x))) * rng.standard_normal(x.shape).astype(x.dtype)
+        for x in leaves])
+  elif change == "given_cells_as_candidates":
+    monkeypatch.setattr(sampler, "_refine", _given_cells_as_candidates(sampler._refine))  # pylint: disable=protected-access
+  else:
+    config = _regression_config(shipped, ipr__renoise_time=0.8)
+  differing = differing_puzzles(record, _regression_digits(config, params, record))
   assert len(differing) > MAX_DIFFERING_PUZZLES, differing
 
 
@@ -259,18 +321,19 @@ def test_per_puzzle_file_agrees_with_the_table(demo_run):
 
 
 def test_two_processes_split_the_batches_and_match_one_process(demo_run, tmp_path):
-  """The binary as 2 JAX processes of 1 device each: the same per-puzzle results as the
-  single-process run on 2 devices, written once by process 0."""
+  """The binary as 2 JAX processes of 1 device each, with unequal shares (3 batches: process 0
+  computes batches 0 and 2, process 1 only batch 1 and waits for it in the last round): the same
+  per-puzzle results as the single-process run on 2 devices, written once by process 0."""
   _, demo_workdir, _ = demo_run
   outputs = multiprocess.run_processes("ipr_jax.evaluate", [
       f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo", f"--workdir={tmp_path}",
-      "--config.eval.num_puzzles=32", "--config.eval.batch_size=16", "--config.ipr.budget=4",
+      "--config.eval.num_puzzles=32", "--config.eval.batch_size=12", "--config.ipr.budget=4",
       "--config.eval.name=regression"])
-  assert "[process 0] [16/16]" in outputs[0] and "[process 1] [16/16]" in outputs[1]
+  assert "[process 0] [20/20]" in outputs[0] and "[process 1] [12/12]" in outputs[1]
   assert "wrote" in outputs[0] and "wrote" not in outputs[1]
   shard_dir = tmp_path / "eval" / "regression" / "shards"
-  processes = [int(np.load(eval_shards.shard_path(shard_dir, b))["process"]) for b in (0, 1)]
-  assert processes == [0, 1]
+  processes = [int(np.load(eval_shards.shard_path(shard_dir, b))["process"]) for b in (0, 1, 2)]
+  assert processes == [0, 1, 0]
   mine, theirs = _load_puzzles(tmp_path), _load_puzzles(demo_workdir)
   for key in theirs:
     np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
@@ -465,6 +528,19 @@ def test_invalid_sudoku_cells_marks_exactly_the_repeated_digits():
   np.testing.assert_array_equal(flags, expected)
 
 
+def test_the_plotted_puzzles_are_those_ipr_fixed_and_one_it_did_not():
+  valid = np.array([[1, 1], [0, 1], [0, 0], [0, 1], [1, 0], [0, 1], [0, 0]], bool)
+  # Fixed: 1, 3, 5; still broken: 2, 6; valid throughout: 0; broken by IPR: 4.
+  assert eval_report.choose_plot_puzzles(valid, 4).tolist() == [1, 2, 3, 5]
+  assert eval_report.choose_plot_puzzles(valid, 2).tolist() == [1, 2]
+  assert eval_report.choose_plot_puzzles(valid, 1).tolist() == [1]
+  assert eval_report.choose_plot_puzzles(valid, 7).tolist() == list(range(7))
+  nothing_fixed = np.array([[1, 1], [1, 0], [1, 1]], bool)
+  assert eval_report.choose_plot_puzzles(nothing_fixed, 2).tolist() == [0, 2]
+  with pytest.raises(ValueError, match=r"\[P, budgets\]"):
+    eval_report.choose_plot_puzzles(valid[:, 0], 2)
+
+
 def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, tmp_path):
   """selection='uncertainty' with return_iterate='confident': the query's G passes after the SRM
   pass and after every iteration on top of the spec counts; the last iterate's scores too."""
@@ -481,8 +557,13 @@ def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, 
         puzzles["nfe"][:, budget], 3 * unknown + groups + budget * (2 * k + 8 + groups))
   for name in ("last_valid", "last_duplicate_count", "model_uncertainty"):
     assert puzzles[name].shape == (8, 3), name
-  # Budget 0 is the SRM sample either way; the returned iterate is one of the iterates.
-  np.testing.assert_array_equal(puzzles["valid"][:, 0], puzzles["last_valid"][:, 0])
+  # The returned iterate after budget b is the iterate j <= b of lowest mean uncertainty.
+  best = [np.argmin(puzzles["model_uncertainty"][:, :b + 1], axis=1) for b in range(3)]
+  for b in range(3):
+    np.testing.assert_array_equal(puzzles["valid"][:, b],
+                                  puzzles["last_valid"][np.arange(8), best[b]])
+    np.testing.assert_array_equal(puzzles["duplicate_count"][:, b],
+                                  puzzles["last_duplicate_count"][np.arange(8), best[b]])
   assert rows[-1]["mean_last_valid"] == pytest.approx(puzzles["last_valid"][:, -1].mean())
   settings = json.loads((tmp_path / "eval" / "regression" / "shards" / "run.json").read_text())
   assert settings["ipr"]["selection"] == "uncertainty"
@@ -538,15 +619,25 @@ def _committed_run_commands():
 
 
 _COMMITTED_RUNS = _committed_run_commands()
-# params_digest of the shipped demo model that every committed run evaluated: the 3,250-step
-# model shipped until 2026-12-04 (ipr_jax/assets/mnist_sudoku_demo.npz in the git history; the
-# model shipped now may be another one).
-_COMMITTED_RUNS_MODEL = "d3e92df0e577c1dc3284f43b3b560339fd52df3b97811aa85a749298223f3175"
+
+
+def _committed_runs_model():
+  """The params digest that the committed runs record: one model for all eight (the 3,250-step
+  demo model shipped until 2026-12-04, in the git history only, so its digest cannot be computed
+  here), and not the model shipped now."""
+  digests = {json.loads((_RESULTS / run / "eval" / "ms_hard_test" / "shards" / "run.json")
+                        .read_text())["params_sha256"] for run in _COMMITTED_RUNS}
+  assert len(digests) == 1, digests
+  (digest,) = digests
+  assert digest != evaluate.params_digest(pretrained.load("mnist_sudoku_demo").params)
+  return digest
 
 
 def _committed_run_settings(config, params):
-  """`evaluate.run_settings` of `config` with the model the committed runs evaluated."""
-  return {**evaluate.run_settings(config, params, "ema"), "params_sha256": _COMMITTED_RUNS_MODEL}
+  """`evaluate.run_settings` of `config`, but for the params digest: the earlier model's that
+  the committed runs record (`_committed_runs_model`); every other setting is checked."""
+  return {**evaluate.run_settings(config, params, "ema"),
+          "params_sha256": _committed_runs_model()}
 
 
 @pytest.mark.parametrize("run", sorted(_COMMITTED_RUNS))
@@ -810,10 +901,11 @@ def test_a_settings_mismatch_ends_both_processes_with_the_same_message(shipped, 
   assert not eval_shards.done_batches(tmp_path / "eval" / "regression" / "shards")
 
 
-def test_sigterm_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp_path):
-  """SIGTERM to process 1 only (as a preemptible machine gets it): both processes stop after
-  the round of batches in flight with the same message; the rerun computes the rest, and the
-  files equal the single-process run's."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp_path, signum):
+  """SIGTERM (as a preemptible machine gets it) or SIGINT (Ctrl-C) to process 1 only: both
+  processes stop after the round of batches in flight with the same message; the rerun computes
+  the rest, and the files equal the single-process run's (checked once, after SIGTERM)."""
   _, demo_workdir, _ = demo_run
   args = _demo_args(tmp_path, "--config.eval.num_puzzles=8", "--config.eval.batch_size=1",
                     "--config.ipr.budget=4")
@@ -823,7 +915,7 @@ def test_sigterm_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp_
   while not eval_shards.shard_path(shard_dir, 1).exists():  # process 1's first batch
     assert time.time() < deadline and all(p.poll() is None for p in procs), "no batch 1"
     time.sleep(0.02)
-  os.kill(procs[1].pid, signal.SIGTERM)
+  os.kill(procs[1].pid, signum)
   results = multiprocess.wait_processes(procs, timeout=180)
   messages = []
   for process, (returncode, output) in enumerate(results):
@@ -836,6 +928,9 @@ def test_sigterm_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp_
   assert stopped_after in (2, 4, 6)  # whole rounds: one batch per process
   assert eval_shards.done_batches(shard_dir) == set(range(stopped_after))
   assert not (tmp_path / "eval" / "regression" / "results.csv").exists()
+  if signum == signal.SIGINT:
+    assert "Interrupted: stopping after the current batch." in results[1][1]
+    return
 
   outputs = multiprocess.run_processes("ipr_jax.evaluate", args, timeout=600)
   assert f"{stopped_after} of 8 batches already done" in outputs[0]
@@ -844,3 +939,128 @@ def test_sigterm_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp_
   assert list(mine["index"]) == list(range(8))
   for key in theirs:
     np.testing.assert_array_equal(mine[key], theirs[key][:8], err_msg=key)
+
+
+def _one_line_each(results, pattern):
+  """The last line matching `pattern` of each process's output, all equal; every process failed."""
+  messages = []
+  for process, (returncode, output) in enumerate(results):
+    assert returncode != 0, (process, output[-3000:])
+    lines = _lines_with(output, pattern)
+    assert lines, (process, pattern, output[-3000:])
+    messages.append(lines[-1])
+  assert len(set(messages)) == 1, messages
+  return messages[0]
+
+
+def test_processes_that_would_compute_different_things_end_together(tmp_path):
+  """Process 1 given another override, or a checkpoint that does not exist: both processes end
+  at set-up (nothing computed) with the same one-line error naming the field and the processes,
+  or the missing path."""
+  extra = ["--config.eval.num_puzzles=4", "--config.eval.batch_size=2", "--config.ipr.budget=1"]
+  results = multiprocess.wait_processes(multiprocess.start_processes(
+      "ipr_jax.evaluate", _demo_args(tmp_path, *extra),
+      process_args={1: ["--config.ipr.budget=2"]}), timeout=180)
+  _one_line_each(results, r"^error: the 2 processes of this run would compute different things: "
+                          r".*ipr\.budget: 1 \(process 0\) vs 2 \(process 1\)")
+  assert not (tmp_path / "eval").exists()
+
+  results = multiprocess.wait_processes(multiprocess.start_processes(
+      "ipr_jax.evaluate", _demo_args(tmp_path, *extra),
+      process_args={1: [f"--checkpoint={tmp_path / 'no_such_run'}"]}), timeout=180)
+  _one_line_each(results, r"^error: .*no_such_run")
+  assert not (tmp_path / "eval").exists()
+
+
+def test_a_batch_that_fails_on_one_process_ends_both_and_the_rerun_finishes(tmp_path):
+  """Batch 1 (process 1's, round 0) raises: both processes end with the same error after that
+  round, process 0's batch 0 kept; the rerun computes batches 1 and 2 only."""
+  args = _demo_args(tmp_path, "--config.eval.num_puzzles=3", "--config.eval.batch_size=1",
+                    "--config.ipr.budget=1")
+  tests_dir = str(pathlib.Path(__file__).resolve().parent)
+  env = {"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+         "IPR_JAX_TEST_FAILING_BATCH": "1"}
+  results = multiprocess.wait_processes(multiprocess.start_processes(
+      "evaluate_with_faults", args, extra_env=env), timeout=300)
+  _one_line_each(results, r"batch 1 failed on purpose")
+  shard_dir = tmp_path / "eval" / "regression" / "shards"
+  assert eval_shards.done_batches(shard_dir) == {0}
+  outputs = multiprocess.run_processes("ipr_jax.evaluate", args, timeout=300)
+  assert "1 of 3 batches already done" in outputs[0]
+  assert (tmp_path / "eval" / "regression" / "results.json").is_file()
+
+
+def _rewrite_environment(shard_dir, change):
+  """Makes the shards in `shard_dir` look computed in another environment: `change(record)`
+  edits run.json's environment record; each shard's environment digest follows it."""
+  run_json = shard_dir / "run.json"
+  stored = json.loads(run_json.read_text())
+  change(stored["environment"])
+  run_json.write_text(json.dumps(stored))
+  digest = environment_lib.digest(stored["environment"])
+  for batch in eval_shards.done_batches(shard_dir):
+    path = eval_shards.shard_path(shard_dir, batch)
+    with np.load(path) as data:
+      arrays = {k: data[k] for k in data.files}
+    arrays[eval_shards.ENVIRONMENT_DIGEST] = np.asarray(digest)
+    eval_shards.write_shard(shard_dir, batch, arrays)
+  return digest
+
+
+def test_shards_of_another_environment_are_reused_only_when_allowed(demo_run, tmp_path):
+  config, demo_workdir, _ = demo_run
+  shard_dir = _copy_run(demo_workdir, tmp_path)
+  old = _rewrite_environment(shard_dir, lambda env: env["packages"].update(jaxlib="0.0.1"))
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"another environment: environment\.packages\.jaxlib: '0\.0\.1' -> "
+                           r"'[0-9.]+'.*--allow_environment_change"):
+    evaluate.evaluate(config, str(tmp_path))
+  computed = []
+  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append,
+                    allow_environment_change=True)
+  assert not computed  # both shards reused
+  stored = json.loads((shard_dir / "run.json").read_text())
+  assert stored["environment"]["packages"]["jaxlib"] == "0.0.1"
+  jaxlib = importlib.metadata.version("jaxlib")
+  assert [e["packages"]["jaxlib"] for e in stored["environment_changes"]] == [jaxlib]
+  metadata = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
+      "metadata"]
+  assert metadata["shard_environments"] == {old: 2}
+  assert metadata["environment"]["packages"]["jaxlib"] == jaxlib
+  # Accepted once, recorded: the same command runs again without the flag.
+  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  assert not computed
+
+
+def test_shards_are_refused_without_run_json_when_their_settings_differ(shipped, demo_run,
+                                                                         tmp_path):
+  """run.json deleted (or shards copied into another run's folder): each shard's own settings
+  digest still keeps shards of other settings or code out, and lets the same run's in."""
+  config, demo_workdir, _ = demo_run
+  shard_dir = _copy_run(demo_workdir, tmp_path)
+  (shard_dir / "run.json").unlink()
+  other = _regression_config(shipped, ipr__renoise_time=0.9)  # same batches, other sampling
+  with pytest.raises(eval_shards.SettingsMismatchError,
+                     match=r"batch_00000[01]\.npz was computed under other settings or code"):
+    evaluate.evaluate(other, str(tmp_path))
+  shutil.rmtree(tmp_path / "eval")
+  shard_dir = _copy_run(demo_workdir, tmp_path)
+  (shard_dir / "run.json").unlink()
+  computed = []
+  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  assert not computed
+
+
+def test_the_figure_shows_puzzles_ipr_fixed(demo_run):
+  """ipr_process.png shows the puzzles whose outcome IPR changed (invalid after SRM, valid at
+  the end) and one that stays broken, not the first puzzles of the first batch."""
+  config, workdir, _ = demo_run
+  puzzles = _load_puzzles(workdir)
+  metadata = json.loads((workdir / "eval" / "regression" / "results.json").read_text())[
+      "metadata"]
+  shown = metadata["plotted_puzzles"]
+  valid = puzzles["valid"]
+  fixed = np.flatnonzero(~valid[:, 0] & valid[:, -1])
+  broken = np.flatnonzero(~valid[:, 0] & ~valid[:, -1])
+  assert len(fixed) >= 3 and len(broken) >= 1  # the record: 18 -> 21 of 32 valid
+  assert shown == sorted(fixed[:config.eval.num_plot_puzzles - 1].tolist() + [broken[0]])

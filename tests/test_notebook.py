@@ -118,19 +118,23 @@ def test_shipped_model_section_shows_iterations_and_table(executed):
       assert mine[key] == pytest.approx(theirs[key], abs=1e-4)
   assert (out_dir / "ipr_process.png").is_file()
   assert len(images_of(tagged(notebook, "shipped-eval"))) == 1
-  # Puzzle by puzzle, the binary's run is the shipped model's regression record (the library's
-  # evaluation of hard test puzzles 0..31, budgets 0..4, made when it was shipped) on the same
-  # puzzles and budgets; one puzzle may differ (floating point: the test mode compiles without
-  # XLA's optimisations), as tests/test_evaluate.py allows 2 of 32.
+  # Puzzle by puzzle and digit by digit, the binary's run is the shipped model's regression record
+  # (the library's evaluation of hard test puzzles 0..31, budgets 0..4, made when it was shipped)
+  # on the same puzzles and budgets: every budget's valid flag and duplicate count, and the
+  # classified digits of the final grid (budget 2). One puzzle may differ (floating point: the
+  # test mode compiles without XLA's optimisations), as tests/test_evaluate.py allows 2 of 32.
   with np.load(out_dir / "puzzles.npz") as f:
-    index, valid, duplicates = f["index"], f["valid"], f["duplicate_count"]
+    index, valid, duplicates, grids = (f["index"], f["valid"], f["duplicate_count"],
+                                       f["digit_grid"])
   np.testing.assert_array_equal(index, np.arange(NUM_PUZZLES))
   record = pretrained.load("mnist_sudoku_demo").metadata["regression"]
   assert record["num_puzzles"] >= NUM_PUZZLES and record["budget"] >= BUDGET
   want_valid = np.asarray(record["valid"], bool)[:NUM_PUZZLES, :BUDGET + 1]
   want_duplicates = np.asarray(record["duplicate_count"])[:NUM_PUZZLES, :BUDGET + 1]
+  want_grids = np.asarray(record["digit_grid"])[:NUM_PUZZLES, BUDGET]
   differing = ((valid != want_valid) | (duplicates != want_duplicates)).any(axis=1)
-  assert differing.sum() <= 1, (valid, want_valid, duplicates, want_duplicates)
+  differing |= (grids != want_grids).any(axis=(1, 2))
+  assert differing.sum() <= 1, (valid, want_valid, grids, want_grids)
   # The notebook's table counts those same grids.
   for budget, row in enumerate(handful):
     assert round(row["valid_rate"] * NUM_PUZZLES) == valid[:, budget].sum()

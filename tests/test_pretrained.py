@@ -90,10 +90,28 @@ def test_the_shipped_demo_model_is_small_and_recorded():
   for key in ("steps", "batch_size", "machine", "git_commit", "final_loss", "wall_time_seconds",
               "regression"):
     assert key in demo.metadata, key
-  # The step of the shipped weights, from two records made apart from the export: the demo
-  # preset's recipe (configs/mnist_sudoku.py DEMO_TRAIN_STEPS) and the last step of the run's
-  # metrics.jsonl (the training record's "logged_step").
-  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
-  demo_steps = load_task_config("mnist_sudoku", "demo").num_train_steps
-  assert demo.metadata["steps"] == demo_steps == demo.metadata["logged_step"]
   assert len(demo.metadata["git_commit"]) == 40
+
+
+def test_the_shipped_demo_weights_are_the_committed_runs_ema_weights(tmp_path):
+  """The shipped weights are the EMA weights of the committed training checkpoint
+  (experiments/demo_run), and the metadata's steps are that checkpoint's step, the last step its
+  metrics.jsonl logged, and the demo preset's recipe (DEMO_TRAIN_STEPS)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  archive = (pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo_run" /
+             "demo_step20494.tar.gz")
+  with tarfile.open(archive) as tar:
+    tar.extractall(tmp_path, filter="data")
+  demo = pretrained.load("mnist_sudoku_demo")
+  step_dir = checkpoint.find_step_dir(tmp_path)
+  ema = checkpoint.restore_params(tmp_path, which="ema")
+  assert jax.tree.structure(ema) == jax.tree.structure(demo.params)
+  jax.tree.map(np.testing.assert_array_equal, ema, demo.params)
+  logged = [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  demo_steps = load_task_config("mnist_sudoku", "demo").num_train_steps
+  assert demo.metadata["steps"] == int(step_dir.name) == logged[-1] == demo_steps
+  assert demo.metadata["logged_step"] == logged[-1]

@@ -43,6 +43,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from ipr_jax import errors
 from ipr_jax.data import digits as digits_lib
 from ipr_jax.data import sudoku_grids
 
@@ -60,7 +61,7 @@ def difficulty_range(name: str, box_size: int = 3) -> tuple[int, int]:
   ranges = {"hard": (0, first_cut), "medium": (first_cut + 1, second_cut),
             "easy": (second_cut + 1, last)}
   if name not in ranges:
-    raise ValueError(f"difficulty {name!r}: expected one of {DIFFICULTIES}")
+    raise errors.ConfigError(f"difficulty {name!r}: expected one of {DIFFICULTIES}")
   return ranges[name]
 
 
@@ -76,10 +77,10 @@ def check_given_range(given_range, box_size: int = 3) -> tuple[int, int]:
   except (TypeError, ValueError):
     ok = False
   if not ok:
-    raise ValueError(f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
+    raise errors.ConfigError(f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
                      "a pair of integers (lo, hi)")
   if not 0 <= lo <= hi <= num_cells:
-    raise ValueError(f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
+    raise errors.ConfigError(f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
                      "of cells)")
   return lo, hi
 
@@ -307,7 +308,7 @@ class SudokuTask:
 
   def _check_test_request(self, indices, unique_solution: bool) -> jax.Array:
     if unique_solution and self.box_size != 2:
-      raise ValueError(f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
+      raise errors.ConfigError(f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
                        f"{self.box_size}: uniqueness is checked against all 288 4x4 grids")
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 1:
@@ -399,7 +400,7 @@ def make_sudoku_task_from_config(data_config: Mapping) -> SudokuTask:
               "patch_size": cell_size}
   for name, value in expected.items():
     if name in data_config and data_config[name] != value:
-      raise ValueError(f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
+      raise errors.ConfigError(f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
                        f"cell_size={cell_size}: expected {value}")
   return make_sudoku_task(**kwargs)
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipr_jax import errors
 from ipr_jax.models.unet import UNet
 
 _TOP_LEVEL = {
@@ -197,21 +198,21 @@ def unet_params_from_state_dict(state_dict: Mapping[str, Any],
       if prefixes:
         message += (f" (the unexpected keys carry a prefix "
                     f"{sorted(prefixes)}; strip it first)")
-    raise ValueError(message)
+    raise errors.ConfigError(message)
 
   flat = {}
   for key, path, shape in entries:
     value = np.asarray(state_dict[key])
     if value.shape != shape:
-      raise ValueError(f"state_dict[{key!r}] has shape {value.shape}; the "
+      raise errors.ConfigError(f"state_dict[{key!r}] has shape {value.shape}; the "
                        f"model expects {shape}")
     if not np.issubdtype(value.dtype, np.floating):
-      raise ValueError(f"state_dict[{key!r}] has dtype {value.dtype}; "
+      raise errors.ConfigError(f"state_dict[{key!r}] has dtype {value.dtype}; "
                        "expected a floating dtype")
     if path is None:
       source = "time_embedding." + key.split(".t_emb.", 1)[1]
       if not np.array_equal(value, np.asarray(state_dict[source])):
-        raise ValueError(f"state_dict[{key!r}] differs from "
+        raise errors.ConfigError(f"state_dict[{key!r}] differs from "
                          f"state_dict[{source!r}]; they must be the same "
                          "shared time embedding")
       continue
@@ -244,13 +245,13 @@ def state_dict_from_unet_params(params: Mapping[str, Any],
   missing = sorted("/".join(p) for p in template if p not in flat)
   unexpected = sorted("/".join(p) for p in flat if p not in template)
   if missing or unexpected:
-    raise ValueError(
+    raise errors.ConfigError(
         "params do not match the model: "
         f"{len(missing)} missing [{_listing(missing)}]; "
         f"{len(unexpected)} unexpected [{_listing(unexpected)}]")
   for path, shape in template.items():
     if tuple(np.shape(flat[path])) != shape:
-      raise ValueError(f"params[{'/'.join(path)!r}] has shape "
+      raise errors.ConfigError(f"params[{'/'.join(path)!r}] has shape "
                        f"{tuple(np.shape(flat[path]))}; the model expects "
                        f"{shape}")
   out = {}

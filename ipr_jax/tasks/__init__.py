@@ -11,6 +11,7 @@ in `_MODULES`, and a config file `configs/<task>.py` whose `config.task` is its 
 
 import types
 
+from ipr_jax import errors
 from ipr_jax.tasks import counting_polygons
 from ipr_jax.tasks import even_pixels
 from ipr_jax.tasks import mnist_sudoku
@@ -28,7 +29,7 @@ def get(name: str) -> types.ModuleType:
     ValueError: no task of that name (the message lists the known ones).
   """
   if name not in _BY_NAME:
-    raise ValueError(f"unknown task {name!r}; expected one of {TASKS}")
+    raise errors.ConfigError(f"unknown task {name!r}; expected one of {TASKS}")
   return _BY_NAME[name]
 
 

@@ -6,6 +6,7 @@ Valid: exactly even (`color_imbalance` 0). No given content: the SRM pass genera
 import jax
 import ml_collections
 
+from ipr_jax import errors
 from ipr_jax.data import even_pixels as even_pixels_data
 from ipr_jax.metrics import even_pixels as even_pixels_metrics
 from ipr_jax.tasks import base
@@ -18,7 +19,7 @@ CELL_VERIFIER = False
 def make_data(config: ml_collections.ConfigDict) -> even_pixels_data.EvenPixelsTask:
   """The on-device image generator (`train_batch(key, batch)`)."""
   if config.data.channels != 3:
-    raise ValueError(f"even_pixels images are RGB; data.channels={config.data.channels}")
+    raise errors.ConfigError(f"even_pixels images are RGB; data.channels={config.data.channels}")
   return even_pixels_data.EvenPixelsTask(image_size=config.data.image_size)
 
 

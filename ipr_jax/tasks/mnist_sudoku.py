@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ipr_jax import errors
 from ipr_jax.data import sudoku
 from ipr_jax.metrics import sudoku as sudoku_metrics
 from ipr_jax.models import classifier as classifier_lib
@@ -92,7 +93,7 @@ class Evaluation(base.Evaluation):
     lo, hi = self.given_range
     outside = (given < lo) | (given > hi)
     if outside.any():  # only unique-solution puzzles have given counts not drawn from the range
-      raise ValueError(f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
+      raise errors.ConfigError(f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
                        f"outside config.eval.given_range={self.given_range}")
     return self.num_patches - given
 

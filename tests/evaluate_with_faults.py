@@ -1,0 +1,31 @@
+"""`python -m ipr_jax.evaluate`, with a batch that raises: for the multi-process tests.
+
+IPR_JAX_TEST_FAILING_BATCH=b makes the computation of batch b raise a RuntimeError on whichever
+process computes it (tests/test_evaluate.py runs this module with tests/ on PYTHONPATH).
+"""
+
+import os
+
+from ipr_jax import cli
+from ipr_jax import evaluate
+from ipr_jax import evaluation
+from ipr_jax import host_devices
+
+FAILING_BATCH_ENV = "IPR_JAX_TEST_FAILING_BATCH"
+
+
+def _failing(compute_batch):
+  failing = int(os.environ[FAILING_BATCH_ENV])
+
+  def compute(run, b, pad_to):
+    if b == failing:
+      raise RuntimeError(f"batch {b} failed on purpose")
+    return compute_batch(run, b, pad_to)
+  return compute
+
+
+if __name__ == "__main__":
+  evaluation._compute_batch = _failing(evaluation._compute_batch)  # pylint: disable=protected-access
+  host_devices.use_cpu_cores()
+  evaluate.define_flags()
+  cli.run(evaluate.main)
