@@ -51,8 +51,12 @@ _RECORD_ONLY = flags.DEFINE_bool(
     "(weights, config and training record unchanged).")
 
 # How many puzzles of the regression set may differ from the record (a valid flag, a duplicate
-# count or a classified digit at any budget) before tests/test_evaluate.py fails.
+# count, a classified digit or a cell's mean beyond CELL_MEAN_ATOL at any budget) before
+# tests/test_evaluate.py fails.
 MAX_DIFFERING_PUZZLES = 2
+# How far a cell's mean pixel value may move (another XLA build: about 2e-5 at most, measured
+# with XLA's optimisations off; the sampler bugs the tests inject: 0.01 and more).
+CELL_MEAN_ATOL = 1e-3
 
 
 def regression_config(name: str, num_puzzles: int, budget: int, batch_size: int):
@@ -80,9 +84,10 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
 
   Returns:
     The set's settings, per-puzzle `valid` (0/1) and `duplicate_count` lists of shape
-    [num_puzzles, budget + 1], the classified `digit_grid` of every puzzle after every budget
-    ([num_puzzles, budget + 1, n, n]: a changed sampler changes digits long before it changes a
-    valid flag), the per-budget `valid_rate`, `mean_duplicate_count` and `mean_nfe`, the
+    [num_puzzles, budget + 1], the classified `digit_grid` ([num_puzzles, budget + 1, n, n]) and
+    the `cell_mean` pixel values ([num_puzzles, budget + 1, n, n], compared to `cell_mean_atol`)
+    of every puzzle after every budget (`pretrained.regression_facts`: a changed sampler moves
+    these long before it changes a valid flag), the per-budget `valid_rate`, `mean_duplicate_count` and `mean_nfe`, the
     tolerance, and the code and environment that recorded it.
   """
   config = regression_config(name, num_puzzles, budget, batch_size)
@@ -91,15 +96,17 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
     with np.load(os.path.join(workdir, "eval", config.eval.name, "puzzles.npz")) as f:
       index, valid, duplicates = f["index"], f["valid"], f["duplicate_count"]
   assert list(index) == list(range(num_puzzles)), index
-  # Every budget's digits, in batches of the run's size, as tests/test_evaluate.py computes them.
-  grids = evaluate.Evaluator(config, pretrained.load(name).params).facts_per_budget(
-      np.arange(num_puzzles), batch_size)["digit_grid"]
+  # Every budget's digits and cell means, as tests/test_evaluate.py computes them.
+  facts = pretrained.regression_facts(evaluate.Evaluator(config, pretrained.load(name).params),
+                                      num_puzzles, batch_size)
   return {
       "num_puzzles": num_puzzles, "budget": budget, "batch_size": batch_size,
       "given_range": list(config.eval.given_range), "seed": config.eval.seed,
       "valid": np.asarray(valid, int).tolist(),
       "duplicate_count": np.asarray(duplicates, int).tolist(),
-      "digit_grid": np.asarray(grids, int).tolist(),
+      "digit_grid": np.asarray(facts["digit_grid"], int).tolist(),
+      "cell_mean": np.round(facts["cell_mean"], 6).tolist(),
+      "cell_mean_atol": CELL_MEAN_ATOL,
       "max_differing_puzzles": MAX_DIFFERING_PUZZLES,
       "valid_rate": [r["valid_rate"] for r in rows],
       "mean_duplicate_count": [r["mean_duplicate_count"] for r in rows],
@@ -147,7 +154,8 @@ def main(argv):
   path = rerecord(_NAME.value, _PUZZLES.value, _BUDGET.value, _BATCH.value)
   record = pretrained.load(_NAME.value).metadata["regression"]
   print(json.dumps({k: v for k, v in record.items()
-                    if k not in ("valid", "duplicate_count", "digit_grid")}, indent=1))
+                    if k not in ("valid", "duplicate_count", "digit_grid", "cell_mean")},
+                   indent=1))
   print(f"valid puzzles per budget: {np.sum(record['valid'], axis=0).tolist()} of "
         f"{record['num_puzzles']}")
   print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -206,20 +206,22 @@ class Evaluator:
     """[..., gh, gw] bool rule violations of samples [..., H, W, d] (Sudoku; else None)."""
     return self.task.invalid_cells(samples)
 
-  def facts_per_budget(self, indices, batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
-    """The task's facts (`final_fn`; Sudoku: 'digit_grid', the classified digits) of the sample
-    of every puzzle of `indices` ([P] ints) after every budget: {name: [P, budget + 1, ...]},
-    computed in batches of `batch_size` (default: all at once) with every budget's samples."""
+  def samples_per_budget(self, indices, batch_size: Optional[int] = None) -> np.ndarray:
+    """[P, budget + 1, H, W, d] the sample of every puzzle of `indices` ([P] ints) after every
+    budget (the iterate the scores score), computed in batches of `batch_size` (default: all at
+    once)."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     batch_size = batch_size or len(indices)
-    parts = []
-    for start in range(0, len(indices), batch_size):
-      result = self(indices[start:start + batch_size], samples_per_device=None)
-      samples = result.samples  # [S, budget + 1, H, W, d], S = the batch's puzzles in order
-      facts = self.task.final_fn(jnp.asarray(samples.reshape(-1, *samples.shape[2:])))
-      parts.append({k: np.asarray(v).reshape(*samples.shape[:2], *np.shape(v)[1:])
-                    for k, v in facts.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate([self(indices[s:s + batch_size], samples_per_device=None).samples
+                           for s in range(0, len(indices), batch_size)])
+
+  def final_facts(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """The task's facts (`final_fn`; Sudoku: 'digit_grid' [..., n, n], the classified digits) of
+    samples [..., H, W, d], e.g. of `samples_per_budget`."""
+    samples = np.asarray(samples)
+    lead = samples.shape[:-3]
+    facts = self.task.final_fn(jnp.asarray(samples.reshape(-1, *samples.shape[-3:])))
+    return {k: np.asarray(v).reshape(*lead, *np.shape(v)[1:]) for k, v in facts.items()}
 
   def puzzle_images(self, indices: np.ndarray) -> Optional[np.ndarray]:
     """[P, H, W, d] what the sampler is given, for display: the given cells, the cells to

@@ -166,6 +166,26 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
                      + "; ".join(differences))
 
 
+def regression_facts(evaluator, num_puzzles: int, batch_size: int) -> dict[str, np.ndarray]:
+  """What a shipped model's regression record holds per puzzle and budget, and what a rerun is
+  compared with it by (tests/test_evaluate.py): the sample of each of the regression puzzles
+  0..num_puzzles-1 after every budget (`evaluator.samples_per_budget`, in batches of
+  `batch_size`) as its classified digits ('digit_grid' [P, budget + 1, n, n]) and the mean of
+  each cell's pixels ('cell_mean' [P, budget + 1, gh, gw]: a sampler change moves these long
+  before it changes a digit; another XLA or CPU moves them by about 1e-5).
+
+  Args:
+    evaluator: an `evaluation.Evaluator` of the regression config and the model's parameters.
+    num_puzzles: the regression set's size; batch_size: its batch size.
+  """
+  samples = evaluator.samples_per_budget(np.arange(num_puzzles), batch_size)
+  cell = evaluator.task.cell_size
+  num, budgets, height, width, depth = samples.shape
+  cells = samples.reshape(num, budgets, height // cell, cell, width // cell, cell, depth)
+  return {"digit_grid": evaluator.final_facts(samples)["digit_grid"],
+          "cell_mean": cells.mean(axis=(3, 5, 6))}
+
+
 def _training_record(workdir: pathlib.Path, step: int) -> dict[str, Any]:
   """Steps, wall time and final loss from a run's metrics.jsonl (up to `step`)."""
   records = []
