@@ -2,7 +2,7 @@
 
 `configs/<task>.py` files build on `base_config` and set only what is task-specific; every field is
 documented here once, but for the ipr section: its fields, defaults and documentation are those of
-`sampler.IPRConfig` (`ipr_section`). Sections (one builder each): top level (seed, batch, steps,
+`sampling.IPRConfig` (`ipr_section`). Sections (one builder each): top level (seed, batch, steps,
 checkpoints), data (task fields added by the task file), model (U-Net), time_sampler, loss, optim,
 sampler, ipr, eval.
 """
@@ -15,7 +15,7 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax.models import unet
 
 
@@ -83,7 +83,7 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   # SRM greedy sampler (spec §4.4).
   config.sampler = _sampler_section()
   # Iterative Partial Refinement (spec §4.5): fields, defaults and documentation are
-  # `sampler.IPRConfig`'s.
+  # `sampling.IPRConfig`'s.
   config.ipr = ipr_section()
   # Evaluation run (spec §4.5, §5.4).
   config.eval = _eval_section()
@@ -197,7 +197,7 @@ def _optim_section() -> ml_collections.ConfigDict:
 
 
 def _sampler_section() -> ml_collections.ConfigDict:
-  """config.sampler: the SRM greedy sampler (`sampler.SamplerConfig` fields)."""
+  """config.sampler: the SRM greedy sampler (`sampling.SamplerConfig` fields)."""
   section = ml_collections.ConfigDict()
   # Denoising steps each patch takes.
   section.steps_per_patch = 10
@@ -215,12 +215,12 @@ def _sampler_section() -> ml_collections.ConfigDict:
 
 
 def ipr_section() -> ml_collections.ConfigDict:
-  """config.ipr: every field of `sampler.IPRConfig` at its default, in field order.
+  """config.ipr: every field of `sampling.IPRConfig` at its default, in field order.
 
-  The fields, defaults and their documentation are defined once, in `sampler.IPRConfig`
+  The fields, defaults and their documentation are defined once, in `sampling.IPRConfig`
   (`IPRConfig.field_docs()`); configs/<task>.py override what is task-specific.
   """
-  return ml_collections.ConfigDict(sampler.IPRConfig.defaults())
+  return ml_collections.ConfigDict(sampling.IPRConfig.defaults())
 
 
 def _eval_section() -> ml_collections.ConfigDict:

@@ -54,7 +54,7 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #   evaluate.py, evaluation.py    the binary; key streams, what a shard holds;
 #   build.py                      the U-Net a config builds;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
-#   sampler.py, schedule.py, flow.py, gaussian.py
+#   sampling/*.py, schedule.py, flow.py, gaussian.py
 #                                 SRM, IPR and its variants, schedules, the reverse kernel;
 #   models/unet.py, models/denoiser.py
 #                                 the denoiser (its weights: params_sha256 in the settings);
@@ -81,7 +81,12 @@ CODE_FILES = (
     "tasks/mnist_sudoku.py",
     "tasks/even_pixels.py",
     "tasks/counting_polygons.py",
-    "sampler.py",
+    "sampling/__init__.py",
+    "sampling/config.py",
+    "sampling/patches.py",
+    "sampling/greedy.py",
+    "sampling/selection.py",
+    "sampling/ipr.py",
     "schedule.py",
     "flow.py",
     "gaussian.py",

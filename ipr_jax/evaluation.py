@@ -32,9 +32,10 @@ from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import eval_report
 from ipr_jax import eval_shards
+from ipr_jax import geometry
 from ipr_jax import preemption as preemption_lib
 from ipr_jax import pretrained
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax import tasks
 from ipr_jax.models import denoiser
 from ipr_jax.tasks import base as tasks_base
@@ -64,8 +65,8 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
 
 
 def _sampler_configs(config: ml_collections.ConfigDict):
-  return (sampler.SamplerConfig(**config.sampler.to_dict()),
-          sampler.IPRConfig(**config.ipr.to_dict()))
+  return (sampling.SamplerConfig(**config.sampler.to_dict()),
+          sampling.IPRConfig(**config.ipr.to_dict()))
 
 
 def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -77,10 +78,10 @@ def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
 
 def check_schedules(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError if the sampler or IPR schedule of `config` is degenerate for any patch
-  count the evaluation can produce (see `sampler.check_schedules`)."""
+  count the evaluation can produce (see `sampling.check_schedules`)."""
   sampler_config, ipr_config = _sampler_configs(config)
-  grid_h, grid_w = build.patch_grid(config)
-  sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
+  grid_h, grid_w = geometry.patch_grid(config)
+  sampling.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
 
 
 def puzzle_batches(config: ml_collections.ConfigDict, unknown: np.ndarray) -> list[np.ndarray]:
@@ -167,7 +168,7 @@ class Evaluator:
     task, sampler_config, ipr_config = self.task, self.sampler_config, self.ipr_config
 
     def run(params, keys, noise, image, mask, num_snapshots, keep_final):
-      result = sampler.srm_ipr(
+      result = sampling.srm_ipr(
           functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
           patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
           score_fn=task.score_fn,
@@ -241,7 +242,7 @@ class Evaluator:
     num_snapshots = per_device if samples_per_device is None else min(samples_per_device,
                                                                         per_device)
     inputs = self.inputs(padded)
-    keys = sampler.puzzle_keys(self._sampling_key, jnp.asarray(padded))
+    keys = sampling.puzzle_keys(self._sampling_key, jnp.asarray(padded))
     noise = self._initial_noise(jnp.asarray(padded))
     shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
     result = self._p_run(self._replicated_params, shard(keys), shard(noise),

@@ -280,17 +280,17 @@ def test_command_line_overrides_and_lock():
 
 def test_ipr_section_is_made_from_the_ipr_config_dataclass():
   """config.ipr has one source: the fields, defaults (types included) and order of IPRConfig."""
-  from ipr_jax import config_base, sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").ipr
-  defaults = sampler.IPRConfig.defaults()
+  defaults = sampling.IPRConfig.defaults()
   assert list(section.keys()) == sorted(defaults)  # ConfigDict lists its keys sorted
   assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
   assert section.to_dict() == defaults
   for name, value in defaults.items():
     assert type(section[name]) is type(value), name  # pylint: disable=unidiomatic-typecheck
-  assert sampler.IPRConfig(**section.to_dict()) == sampler.IPRConfig()
-  assert [f.name for f in dataclasses.fields(sampler.IPRConfig)] == SCHEMA["ipr"]
-  docs = sampler.IPRConfig.field_docs()
+  assert sampling.IPRConfig(**section.to_dict()) == sampling.IPRConfig()
+  assert [f.name for f in dataclasses.fields(sampling.IPRConfig)] == SCHEMA["ipr"]
+  docs = sampling.IPRConfig.field_docs()
   assert list(docs) == SCHEMA["ipr"] and all(doc.strip() for doc in docs.values())
 
 
@@ -305,9 +305,9 @@ def test_ipr_section_is_made_from_the_ipr_config_dataclass():
 ])
 def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
   """A preset's config.ipr is IPRConfig's defaults with the task's overrides, nothing else."""
-  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
   ipr = get(path, arg).ipr.to_dict()
-  defaults = sampler.IPRConfig.defaults()
+  defaults = sampling.IPRConfig.defaults()
   changed = {name: value for name, value in ipr.items() if value != defaults[name]}
   assert changed == overrides
-  assert dataclasses.asdict(sampler.IPRConfig(**ipr)) == ipr
+  assert dataclasses.asdict(sampling.IPRConfig(**ipr)) == ipr
