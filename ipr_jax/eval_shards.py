@@ -52,7 +52,7 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # module and every module it imports to compute results, with the shipped weights and data those
 # read:
 #   evaluate.py, evaluation.py    the binary; key streams, what a shard holds;
-#   build.py                      the U-Net a config builds;
+#   build.py, geometry.py         the U-Net a config builds, the image and patch grid shapes;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
 #   sampling/*.py, schedule.py, flow.py, gaussian.py
 #                                 SRM, IPR and its variants, schedules, the reverse kernel;
@@ -60,7 +60,7 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #                                 the denoiser (its weights: params_sha256 in the settings);
 #   models/classifier.py, models/polygon_scorer.py, metrics/*.py (not the trainers)
 #                                 the metrics; metrics/assets/*.npz: their shipped weights;
-#   data/*.py, data/assets/mnist_digits_10k.npz
+#   data/*.py, data/assets/mnist_digits_10k*.npz
 #                                 the test puzzles (tasks/__init__.py imports every task).
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
 # pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
@@ -76,6 +76,7 @@ CODE_FILES = (
     "evaluate.py",
     "evaluation.py",
     "build.py",
+    "geometry.py",
     "tasks/__init__.py",
     "tasks/base.py",
     "tasks/mnist_sudoku.py",
@@ -106,6 +107,7 @@ CODE_FILES = (
     "data/even_pixels.py",
     "data/counting_polygons.py",
     "data/assets/mnist_digits_10k.npz",
+    "data/assets/mnist_digits_10k_ranking.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
 NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "eval_report", "eval_shards",
