@@ -34,7 +34,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -121,17 +121,37 @@ class SettingsMismatchError(ValueError):
   or hold other puzzles than the run's batches."""
 
 
+# Files outside the package that determine results too: those of the tasks registered from other
+# projects (`tasks.register_task`), {name in the record: absolute path}.
+_ADDED_CODE_FILES: dict[str, pathlib.Path] = {}
+
+
+def add_code_files(files: Mapping[str, str | os.PathLike]) -> None:
+  """Adds files outside the package to the code record of the installed package ({name in the
+  record: path}); `tasks.register_task` adds a registered task's files."""
+  _ADDED_CODE_FILES.update({name: pathlib.Path(path) for name, path in files.items()})
+
+
+def remove_code_files(prefix: str) -> None:
+  """Drops the added files whose record name starts with `prefix`."""
+  for name in [name for name in _ADDED_CODE_FILES if name.startswith(prefix)]:
+    del _ADDED_CODE_FILES[name]
+
+
 def code_record(package_dir: Optional[str | os.PathLike] = None,
                 files: Sequence[str] = CODE_FILES) -> dict[str, Any]:
   """The code that computes results: {"ipr_jax_version", "sha256" (of all files), "files":
   {path: sha256 of its bytes}} for `files` (paths relative to `package_dir`, default: the
-  installed ipr_jax package).
+  installed ipr_jax package, then also the files of registered tasks, `add_code_files`).
 
   Raises:
     FileNotFoundError: a file of `files` is missing.
   """
   root = pathlib.Path(package_dir) if package_dir is not None else _PACKAGE_DIR
-  digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in files}
+  paths = {name: root / name for name in files}
+  if package_dir is None:
+    paths.update(_ADDED_CODE_FILES)
+  digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
   overall = hashlib.sha256("".join(f"{name}:{d}\n" for name, d in sorted(digests.items()))
                            .encode()).hexdigest()
   return {"ipr_jax_version": ipr_jax.__version__, "sha256": overall, "files": digests}
