@@ -11,6 +11,10 @@ Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its 
 randomness, so results do not depend on the batch size, the order of the batches, the number of
 devices or the number of processes. Several processes (`host_devices.initialize_distributed`)
 split the batches and end together (`agreement`).
+
+Why over 600 lines: the run's steps (settings, set-up, batches, merge) share its private state
+(`_Run`) and its multi-process agreement; the reusable parts already live in eval_shards,
+eval_report, agreement and the task modules.
 """
 
 import dataclasses

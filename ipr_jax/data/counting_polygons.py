@@ -58,6 +58,10 @@ Deviations from the reference, on purpose:
   `numpy.random.default_rng([seed, 1, i])`; the reference instead maps index -> (N = i // 5000 + 1,
   layout i % 5000) and seeds `default_rng(i)`. With a folder, test image i uses background
   i % len(folder) like the reference (which has no background train/test split either).
+
+Why over 600 lines: one rendering pipeline (label space, layouts, colour rule, drawing,
+backgrounds, the training-image prefetcher) whose steps the reference defines together and whose
+constants every step reads; split up, each piece would import most of the others.
 """
 
 import collections
