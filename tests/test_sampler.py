@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.sampler: greedy SRM and IPR on batches of puzzles.
+"""Tests for ipr_jax.sampling: greedy SRM and IPR on batches of puzzles.
 
 Test data is made with numpy (eager JAX ops would each compile), and the
 jitted programs are shared between tests where they can be: compilation is
@@ -598,3 +598,10 @@ def test_greedy_ms_first_step_matches_reference(golden_dir):
   np.testing.assert_allclose(out.sigma_rows[0, 0], golden["sigma_rows"][0],
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.z, _nhwc(golden["z_snapshots"][:1]), atol=1e-4)
+
+
+def test_the_former_import_path_gives_the_same_names():
+  """`ipr_jax.sampler` (before the split into ipr_jax/sampling/) re-exports the public names."""
+  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  assert sampling.__all__ and all(getattr(sampler, name) is getattr(sampling, name)
+                                  for name in sampling.__all__)
