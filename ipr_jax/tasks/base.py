@@ -1,4 +1,5 @@
-"""The interface of a task module (`ipr_jax/tasks/<task>.py`) and its shared defaults.
+"""The interface of a task module (`ipr_jax/tasks/<task>.py`, or registered from another project
+with `ipr_jax.tasks.register_task`) and its shared defaults.
 
 A task module provides, for the registry (`ipr_jax.tasks`):
 
