@@ -1,6 +1,6 @@
 r"""The ranking of the bundled MNIST digits by the shipped classifier's confidence, shipped as data.
 
-    python -m ipr_jax.scorers.digit_ranking      # writes ipr_jax/data/assets/mnist_digits_10k_ranking.npz
+    python -m ipr_jax.scorers.digit_ranking   # writes ipr_jax/data/assets/mnist_digits_10k_ranking.npz
 
 The Sudoku task keeps the top-N digits of each class by classifier confidence (`config.data.top_n`,
 like the reference's ms1000). For the bundled digits that choice is shipped as a file, so that the
@@ -29,7 +29,8 @@ from ipr_jax.models import classifier
 
 PARTS = ("train", "test")
 
-_OUTPUT = flags.DEFINE_string("output", str(digits_lib.BUNDLED_RANKING), "Where to write the file.")
+_OUTPUT = flags.DEFINE_string("ranking_path", str(digits_lib.BUNDLED_RANKING),
+                               "Where to write the file.")
 
 
 def rank_within_class(labels: np.ndarray, confidence: np.ndarray) -> np.ndarray:
