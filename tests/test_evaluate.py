@@ -288,9 +288,9 @@ def test_key_streams_never_share_a_key(shipped, demo_run):
   indices = jax.numpy.arange(1000)
   root = jax.random.key(config.eval.seed)
   noise_root = jax.random.fold_in(root, evaluate.NOISE_STREAM)
+  sampling_key = evaluator._sampling_key  # pylint: disable=protected-access
   keys = [sampling.puzzle_keys(root, indices), sampling.puzzle_keys(noise_root, indices),
-          sampling.puzzle_keys(evaluator._sampling_key, indices),  # pylint: disable=protected-access
-          jax.numpy.stack([noise_root, evaluator._sampling_key])]  # pylint: disable=protected-access
+          sampling.puzzle_keys(sampling_key, indices), jax.numpy.stack([noise_root, sampling_key])]
   data = np.concatenate([np.asarray(jax.random.key_data(k)) for k in keys])
   assert len({tuple(row) for row in data}) == len(data) == 3002
   # The evaluator's initial noise of puzzle 5 is the noise stream's draw, not the content's.

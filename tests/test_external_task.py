@@ -45,9 +45,8 @@ def test_the_example_task_trains_and_evaluates(config, tmp_path):
   assert [row["budget"] for row in rows] == [0, 1, 2]
   assert all(row["num_puzzles"] == 8 and np.isfinite(row["mean_broken_pairs"]) for row in rows)
   run = json.loads((tmp_path / "eval" / "checkerboard_test" / "shards" / "run.json").read_text())
-  files = run["code"]["files"]
-  assert "registered/checkerboard/checkerboard_task.py" in files
-  assert set(files) == set(eval_shards.CODE_FILES) | {"registered/checkerboard/checkerboard_task.py"}
+  files, registered = run["code"]["files"], "registered/checkerboard/checkerboard_task.py"
+  assert set(files) == set(eval_shards.CODE_FILES) | {registered}
 
 
 def test_the_example_scores_checkerboards(config):
