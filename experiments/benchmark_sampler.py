@@ -45,7 +45,7 @@ from ipr_jax import config_base
 from ipr_jax import evaluate
 from ipr_jax import host_devices
 from ipr_jax import pretrained
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 
@@ -68,13 +68,13 @@ _EVAL_BATCH = flags.DEFINE_integer("batch_size", 32, "--mode=evaluation: puzzles
 
 _SETTINGS = {
     "ms_hard": dict(image=252, channels=1, patch=28,
-                    sampler=sampler.SamplerConfig(steps_per_patch=3, overlap=0.0),
+                    sampler=sampling.SamplerConfig(steps_per_patch=3, overlap=0.0),
                     ipr=dict(steps_per_patch=10, overlap=0.8)),
     "ep_test": dict(image=32, channels=3, patch=4,
-                    sampler=sampler.SamplerConfig(steps_per_patch=30, overlap=0.9),
+                    sampler=sampling.SamplerConfig(steps_per_patch=30, overlap=0.9),
                     ipr=dict(steps_per_patch=30, overlap=0.9)),
     "cp_test": dict(image=128, channels=3, patch=8,
-                    sampler=sampler.SamplerConfig(steps_per_patch=10, overlap=0.9),
+                    sampler=sampling.SamplerConfig(steps_per_patch=10, overlap=0.9),
                     ipr=dict(steps_per_patch=10, overlap=0.9)),
 }
 
@@ -158,18 +158,18 @@ def main(argv):
   model = _model(_UNET.value, settings["channels"], jnp.dtype(_DTYPE.value))
   params = unet.nonzero_init(model, shape, jax.random.key(0))
   denoise = denoiser.make_denoise_fn(model, settings["patch"])
-  ipr_config = sampler.IPRConfig(budget=_BUDGET.value, **settings["ipr"])
+  ipr_config = sampling.IPRConfig(budget=_BUDGET.value, **settings["ipr"])
   grid = settings["image"] // settings["patch"]
 
   @jax.jit
   def run(params, keys, image, mask, noise):
-    result = sampler.srm_ipr(lambda z, t: denoise(params, z, t), keys, image=image, mask=mask,
+    result = sampling.srm_ipr(lambda z, t: denoise(params, z, t), keys, image=image, mask=mask,
                              noise=noise, patch_size=settings["patch"],
                              sampler_config=settings["sampler"], ipr_config=ipr_config)
     return result.z, result.nfe
 
   def inputs(batch):
-    keys = sampler.puzzle_keys(jax.random.key(1), jnp.arange(batch))
+    keys = sampling.puzzle_keys(jax.random.key(1), jnp.arange(batch))
     noise = jax.random.normal(jax.random.key(3), (batch, *shape))
     if _TASK.value != "ms_hard":
       return keys, None, None, noise

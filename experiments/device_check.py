@@ -48,9 +48,11 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(_ROOT / "tests"))  # golden_io
 
-from ipr_jax import build
+from ipr_jax import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax import geometry  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -136,7 +138,7 @@ def check_forward(scale: str) -> dict:
   out = {}
   for spec, batch in _FORWARD[scale]:
     config = load_config(spec, "float32", scale)
-    shape = build.image_shape(config)
+    shape = geometry.image_shape(config)
     f32_model = build.make_model(config)
     bf16_model = f32_model.clone(dtype=jnp.bfloat16)
     params = unet.nonzero_init(f32_model, shape, jax.random.key(0))
@@ -188,7 +190,7 @@ def check_sampler(scale: str, budget: int, report) -> dict:
   for spec, batches in _SAMPLER[scale]:
     config = load_config(spec, "bfloat16", scale)
     config.ipr.budget = budget
-    shape = build.image_shape(config)
+    shape = geometry.image_shape(config)
     model = build.make_model(config)
     params = unet.nonzero_init(model.clone(dtype=jnp.float32), shape, jax.random.key(0))
     evaluator = evaluate.Evaluator(config, params)
@@ -233,7 +235,7 @@ def run_train_case(case: str, scale: str) -> dict:
   tx = build.make_optimizer(config)
   state_key, density_key = jax.random.split(jax.random.key(0))
   state = train.create_train_state(config, model, tx, state_key)
-  task = build.make_task(config)
+  task = tasks.get(config.task).make_data(config)
   weight_table = train.make_loss_weight_table(config, density_key)
   example_index = np.arange(config.batch_size, dtype=np.int32).reshape(num_devices, per_device)
   step_fn = train.pmapped_train_step(config, model, tx)

@@ -1,8 +1,9 @@
-"""Builds what a run needs from its config: the task's data (through `ipr_jax.tasks`), the U-Net,
-the optimizer.
+"""Builds the model and the optimizer of a run from its config: the U-Net, its parameters, the
+learning-rate schedule and AdamW.
 
-The training, evaluation and conversion binaries all build their pieces here, so that a config
-means the same model and data in each of them.
+The training, evaluation and conversion binaries all build their model here, so that a config
+means the same model in each of them (a task's data: `ipr_jax.tasks.get(config.task).make_data`;
+the image geometry: `ipr_jax.geometry`).
 """
 
 import jax
@@ -11,6 +12,7 @@ import ml_collections
 import optax
 
 from ipr_jax import errors
+from ipr_jax import geometry
 from ipr_jax.models import unet
 
 
@@ -27,36 +29,10 @@ def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
   return model
 
 
-def make_task(config: ml_collections.ConfigDict):
-  """The data generator of `config.task` (`tasks.get(config.task).make_data`).
-
-  Returns:
-    an on-device pytree with `train_batch(key, batch)` (even_pixels, mnist_sudoku), or, for a
-    task whose images are rendered on the host (`is_host_rendered`), its host-side generator
-    (counting_polygons: `CountingPolygonsTask`, rendered by
-    `counting_polygons.TrainImagePrefetcher`).
-  """
-  from ipr_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import this module)
-  return tasks.get(config.task).make_data(config)
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """[H, W, d] of one training image."""
-  return (config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def patch_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(gh, gw) of the SRM patch grid; the patch size must divide the image size."""
-  size, p = config.data.image_size, config.data.patch_size
-  if p < 1 or size % p:
-    raise errors.ConfigError(f"data.patch_size={p} does not divide data.image_size={size}")
-  return size // p, size // p
-
-
 def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
   """Freshly initialised U-Net parameters (the inner 'params' dict)."""
-  h, w, _ = image_shape(config)
-  z = jnp.zeros((1, *image_shape(config)), jnp.float32)
+  h, w, _ = geometry.image_shape(config)
+  z = jnp.zeros((1, *geometry.image_shape(config)), jnp.float32)
   t = jnp.zeros((1, h, w, 1), jnp.float32)
   return jax.jit(lambda k: model.init(k, z, t)["params"])(key)
 
@@ -108,8 +84,3 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                   weight_decay=o.weight_decay),
   )
 
-
-def is_host_rendered(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.task`'s training images are rendered on the host (not generated on device)."""
-  from ipr_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import this module)
-  return tasks.get(config.task).HOST_RENDERED

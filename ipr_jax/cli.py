@@ -96,12 +96,12 @@ def _config_error_message(argv: Sequence[str], error: BaseException) -> str:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses invalid sampler and IPR settings (ValueError naming the field and value), as the
   sampler would read them: before a binary restores or compiles anything."""
-  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
 
   if "sampler" in config:
-    sampler.SamplerConfig(**config.sampler.to_dict())
+    sampling.SamplerConfig(**config.sampler.to_dict())
   if "ipr" in config:
-    sampler.IPRConfig(**config.ipr.to_dict())
+    sampling.IPRConfig(**config.ipr.to_dict())
 
 
 def parse_flags(argv: list[str]) -> list[str]:

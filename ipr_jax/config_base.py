@@ -2,7 +2,7 @@
 
 `configs/<task>.py` files build on `base_config` and set only what is task-specific; every field is
 documented here once, but for the sampler and ipr sections: their fields, defaults and
-documentation are those of `sampler.SamplerConfig` and `sampler.IPRConfig` (`sampler_section`,
+documentation are those of `sampling.SamplerConfig` and `sampling.IPRConfig` (`sampler_section`,
 `ipr_section`). Sections (one builder each): top level (seed, batch, steps,
 checkpoints), data (task fields added by the task file), model (U-Net), time_sampler, loss, optim,
 sampler, ipr, eval.
@@ -16,7 +16,7 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax.models import unet
 
 
@@ -82,10 +82,10 @@ def base_config(task: str, preset: str | None, unet_preset: str) -> ml_collectio
   # AdamW with linear warm-up, global-norm clipping and an EMA (spec §3.4).
   config.optim = _optim_section()
   # SRM greedy sampler (spec §4.4): fields, defaults and documentation are
-  # `sampler.SamplerConfig`'s.
+  # `sampling.SamplerConfig`'s.
   config.sampler = sampler_section()
   # Iterative Partial Refinement (spec §4.5): fields, defaults and documentation are
-  # `sampler.IPRConfig`'s.
+  # `sampling.IPRConfig`'s.
   config.ipr = ipr_section()
   # Evaluation run (spec §4.5, §5.4).
   config.eval = _eval_section()
@@ -199,22 +199,22 @@ def _optim_section() -> ml_collections.ConfigDict:
 
 
 def sampler_section() -> ml_collections.ConfigDict:
-  """config.sampler: every field of `sampler.SamplerConfig` at its default, in field order.
+  """config.sampler: every field of `sampling.SamplerConfig` at its default, in field order.
 
   The fields, defaults (the reference's ms_hard_test values) and their documentation are defined
-  once, in `sampler.SamplerConfig` (`SamplerConfig.field_docs()`); configs/<task>.py override
+  once, in `sampling.SamplerConfig` (`SamplerConfig.field_docs()`); configs/<task>.py override
   what is task-specific.
   """
-  return ml_collections.ConfigDict(sampler.SamplerConfig.defaults())
+  return ml_collections.ConfigDict(sampling.SamplerConfig.defaults())
 
 
 def ipr_section() -> ml_collections.ConfigDict:
-  """config.ipr: every field of `sampler.IPRConfig` at its default, in field order.
+  """config.ipr: every field of `sampling.IPRConfig` at its default, in field order.
 
-  The fields, defaults and their documentation are defined once, in `sampler.IPRConfig`
+  The fields, defaults and their documentation are defined once, in `sampling.IPRConfig`
   (`IPRConfig.field_docs()`); configs/<task>.py override what is task-specific.
   """
-  return ml_collections.ConfigDict(sampler.IPRConfig.defaults())
+  return ml_collections.ConfigDict(sampling.IPRConfig.defaults())
 
 
 def _eval_section() -> ml_collections.ConfigDict:

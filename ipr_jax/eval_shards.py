@@ -42,7 +42,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -65,15 +65,15 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # module and every module it imports to compute results, with the shipped weights and data those
 # read:
 #   evaluate.py, evaluation.py    the binary; key streams, what a shard holds;
-#   build.py                      the U-Net a config builds;
+#   build.py, geometry.py         the U-Net a config builds, the image and patch grid shapes;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
-#   sampler.py, schedule.py, flow.py, gaussian.py
+#   sampling/*.py, schedule.py, flow.py, gaussian.py
 #                                 SRM, IPR and its variants, schedules, the reverse kernel;
 #   models/unet.py, models/denoiser.py
 #                                 the denoiser (its weights: params_sha256 in the settings);
 #   models/classifier.py, models/polygon_scorer.py, metrics/*.py (not the trainers)
 #                                 the metrics; metrics/assets/*.npz: their shipped weights;
-#   data/*.py, data/assets/mnist_digits_10k.npz
+#   data/*.py, data/assets/mnist_digits_10k*.npz
 #                                 the test puzzles (tasks/__init__.py imports every task).
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
 # pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
@@ -90,12 +90,18 @@ CODE_FILES = (
     "evaluate.py",
     "evaluation.py",
     "build.py",
+    "geometry.py",
     "tasks/__init__.py",
     "tasks/base.py",
     "tasks/mnist_sudoku.py",
     "tasks/even_pixels.py",
     "tasks/counting_polygons.py",
-    "sampler.py",
+    "sampling/__init__.py",
+    "sampling/config.py",
+    "sampling/patches.py",
+    "sampling/greedy.py",
+    "sampling/selection.py",
+    "sampling/ipr.py",
     "schedule.py",
     "flow.py",
     "gaussian.py",
@@ -115,6 +121,7 @@ CODE_FILES = (
     "data/even_pixels.py",
     "data/counting_polygons.py",
     "data/assets/mnist_digits_10k.npz",
+    "data/assets/mnist_digits_10k_ranking.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
 NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "environment", "errors", "eval_report",
@@ -131,17 +138,37 @@ class SettingsMismatchError(errors.ConfigError):
   or hold other puzzles than the run's batches."""
 
 
+# Files outside the package that determine results too: those of the tasks registered from other
+# projects (`tasks.register_task`), {name in the record: absolute path}.
+_ADDED_CODE_FILES: dict[str, pathlib.Path] = {}
+
+
+def add_code_files(files: Mapping[str, str | os.PathLike]) -> None:
+  """Adds files outside the package to the code record of the installed package ({name in the
+  record: path}); `tasks.register_task` adds a registered task's files."""
+  _ADDED_CODE_FILES.update({name: pathlib.Path(path) for name, path in files.items()})
+
+
+def remove_code_files(prefix: str) -> None:
+  """Drops the added files whose record name starts with `prefix`."""
+  for name in [name for name in _ADDED_CODE_FILES if name.startswith(prefix)]:
+    del _ADDED_CODE_FILES[name]
+
+
 def code_record(package_dir: Optional[str | os.PathLike] = None,
                 files: Sequence[str] = CODE_FILES) -> dict[str, Any]:
   """The code that computes results: {"ipr_jax_version", "sha256" (of all files), "files":
   {path: sha256 of its bytes}} for `files` (paths relative to `package_dir`, default: the
-  installed ipr_jax package).
+  installed ipr_jax package, then also the files of registered tasks, `add_code_files`).
 
   Raises:
     FileNotFoundError: a file of `files` is missing.
   """
   root = pathlib.Path(package_dir) if package_dir is not None else _PACKAGE_DIR
-  digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in files}
+  paths = {name: root / name for name in files}
+  if package_dir is None:
+    paths.update(_ADDED_CODE_FILES)
+  digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
   overall = hashlib.sha256("".join(f"{name}:{d}\n" for name, d in sorted(digests.items()))
                            .encode()).hexdigest()
   return {"ipr_jax_version": ipr_jax.__version__, "sha256": overall, "files": digests}

@@ -11,6 +11,10 @@ Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its 
 randomness, so results do not depend on the batch size, the order of the batches, the number of
 devices or the number of processes. Several processes (`host_devices.initialize_distributed`)
 split the batches and end together (`agreement`).
+
+Why over 600 lines: the run's steps (settings, set-up, batches, merge) share its private state
+(`_Run`) and its multi-process agreement; the reusable parts already live in eval_shards,
+eval_report, agreement and the task modules.
 """
 
 import collections
@@ -35,9 +39,10 @@ from ipr_jax import environment
 from ipr_jax import errors
 from ipr_jax import eval_report
 from ipr_jax import eval_shards
+from ipr_jax import geometry
 from ipr_jax import preemption as preemption_lib
 from ipr_jax import pretrained
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax import tasks
 from ipr_jax.models import denoiser
 from ipr_jax.tasks import base as tasks_base
@@ -67,8 +72,8 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
 
 
 def _sampler_configs(config: ml_collections.ConfigDict):
-  return (sampler.SamplerConfig(**config.sampler.to_dict()),
-          sampler.IPRConfig(**config.ipr.to_dict()))
+  return (sampling.SamplerConfig(**config.sampler.to_dict()),
+          sampling.IPRConfig(**config.ipr.to_dict()))
 
 
 def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -80,11 +85,11 @@ def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
 
 def check_schedules(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError if the sampler or IPR schedule of `config` is degenerate for any patch
-  count the evaluation can produce (see `sampler.check_schedules`)."""
+  count the evaluation can produce (see `sampling.check_schedules`)."""
   sampler_config, ipr_config = _sampler_configs(config)
-  grid_h, grid_w = build.patch_grid(config)
+  grid_h, grid_w = geometry.patch_grid(config)
   try:
-    sampler.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
+    sampling.check_schedules(sampler_config, ipr_config, grid_h * grid_w, unknown_counts(config))
   except ValueError as e:  # the sampler's check of a schedule: a setting to change
     raise errors.ConfigError(str(e)) from e
 
@@ -173,7 +178,7 @@ class Evaluator:
     task, sampler_config, ipr_config = self.task, self.sampler_config, self.ipr_config
 
     def run(params, keys, noise, image, mask, num_snapshots, keep_final):
-      result = sampler.srm_ipr(
+      result = sampling.srm_ipr(
           functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
           patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
           score_fn=task.score_fn,
@@ -262,7 +267,7 @@ class Evaluator:
     num_snapshots = per_device if samples_per_device is None else min(samples_per_device,
                                                                         per_device)
     inputs = self.inputs(padded)
-    keys = sampler.puzzle_keys(self._sampling_key, jnp.asarray(padded))
+    keys = sampling.puzzle_keys(self._sampling_key, jnp.asarray(padded))
     noise = self._initial_noise(jnp.asarray(padded))
     shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
     result = self._p_run(self._replicated_params, shard(keys), shard(noise),

@@ -112,7 +112,7 @@ def load_file(path: str | os.PathLike) -> Pretrained:
     FileNotFoundError: no such file.
     ValueError: the file is not a shipped-model file or does not fit its own config.
   """
-  from ipr_jax import build  # pylint: disable=g-import-not-at-top  (build imports the data modules)
+  from ipr_jax import build  # pylint: disable=g-import-not-at-top  (flax and optax: only to load)
 
   path = pathlib.Path(path)
   if not path.is_file():

@@ -60,6 +60,7 @@ from ipr_jax import checkpoint
 from ipr_jax import cli
 from ipr_jax import errors
 from ipr_jax import flow
+from ipr_jax import geometry
 from ipr_jax import host_devices
 from ipr_jax import losses
 from ipr_jax import preemption as preemption_lib
@@ -89,7 +90,7 @@ def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) ->
   if ts.name != "mean_beta":
     raise errors.ConfigError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
   return time_sampler.loss_weight_density(
-      key, build.patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
+      key, geometry.patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
       num_bins=ts.density_num_bins, blur_kernel_size=ts.density_blur_kernel_size,
       blur_sigma=ts.density_blur_sigma)
 
@@ -127,7 +128,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     host-rendered training images (then `task` is unused and may be None); returns the new state
     and a dict of scalar metrics (averaged over devices) for the step just taken.
   """
-  grid = build.patch_grid(config)
+  grid = geometry.patch_grid(config)
   task_module = tasks.get(config.task)  # host-rendered tasks: decodes their uint8 images
   patch_size = config.data.patch_size
   ts, loss_cfg = config.time_sampler, config.loss
@@ -395,7 +396,7 @@ def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
   model = build.make_model(config)
   tx = build.make_optimizer(config)
-  task = build.make_task(config)
+  task = tasks.get(config.task).make_data(config)
   weight_table = make_loss_weight_table(config, density_key)
   state = create_train_state(config, model, tx, state_key)
   logging.info("U-Net parameters: %s",
@@ -413,7 +414,7 @@ def _start_loop(config: ml_collections.ConfigDict, workdir: pathlib.Path, model:
                 log_fn: Optional[Callable[[dict[str, Any]], None]]) -> _Loop:
   """Compiles the step, replicates its inputs, starts the image prefetcher and the manager."""
   host_task = None
-  if build.is_host_rendered(config):
+  if tasks.get(config.task).HOST_RENDERED:
     host_task, task = task, None
   start_step = int(state.step)
   p_train_step = pmapped_train_step(config, model, tx)
@@ -423,7 +424,7 @@ def _start_loop(config: ml_collections.ConfigDict, workdir: pathlib.Path, model:
   prefetcher = None
   if host_task is not None:
     prefetcher = tasks.get(config.task).train_feed(host_task, config, example_index, start_step)
-  images_shape = (*example_index.shape, *build.image_shape(config))
+  images_shape = (*example_index.shape, *geometry.image_shape(config))
   example_index = _shard_local(example_index)
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax.models.denoiser import DenoiserOutput
 
 PATCH = 2
@@ -63,9 +63,9 @@ CASES = {
 def run(name: str) -> dict[str, np.ndarray]:
   """The outputs of case `name` as numpy arrays."""
   keys, image, mask, noise = inputs()
-  ipr_config = sampler.IPRConfig(**CASES[name]["ipr"])
-  sampler_config = sampler.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
-  result = jax.jit(lambda keys, image, mask, noise: sampler.srm_ipr(
+  ipr_config = sampling.IPRConfig(**CASES[name]["ipr"])
+  sampler_config = sampling.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
+  result = jax.jit(lambda keys, image, mask, noise: sampling.srm_ipr(
       denoise, keys, image=image, mask=None if ipr_config.mode == "correction" else mask,
       noise=noise, patch_size=PATCH, sampler_config=sampler_config, ipr_config=ipr_config,
       score_fn=_score))(keys, image, mask, noise)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ipr_jax.data import digits
-from ipr_jax.metrics import train_classifier
+from ipr_jax.scorers import train_classifier
 from ipr_jax.models import classifier
 
 

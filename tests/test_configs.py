@@ -280,17 +280,17 @@ def test_command_line_overrides_and_lock():
 
 def test_ipr_section_is_made_from_the_ipr_config_dataclass():
   """config.ipr has one source: the fields, defaults (types included) and order of IPRConfig."""
-  from ipr_jax import config_base, sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").ipr
-  defaults = sampler.IPRConfig.defaults()
+  defaults = sampling.IPRConfig.defaults()
   assert list(section.keys()) == sorted(defaults)  # ConfigDict lists its keys sorted
   assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
   assert section.to_dict() == defaults
   for name, value in defaults.items():
     assert type(section[name]) is type(value), name  # pylint: disable=unidiomatic-typecheck
-  assert sampler.IPRConfig(**section.to_dict()) == sampler.IPRConfig()
-  assert [f.name for f in dataclasses.fields(sampler.IPRConfig)] == SCHEMA["ipr"]
-  docs = sampler.IPRConfig.field_docs()
+  assert sampling.IPRConfig(**section.to_dict()) == sampling.IPRConfig()
+  assert [f.name for f in dataclasses.fields(sampling.IPRConfig)] == SCHEMA["ipr"]
+  docs = sampling.IPRConfig.field_docs()
   assert list(docs) == SCHEMA["ipr"] and all(doc.strip() for doc in docs.values())
 
 
@@ -298,14 +298,14 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
   """config.sampler has one source, as config.ipr: SamplerConfig's fields, defaults (the
   reference's ms_hard_test values, spec §4.3-4.4: 3 steps per patch, overlap 0), order and
   documentation; every field, clamp_noise included, is a config field (--config.sampler.<name>)."""
-  from ipr_jax import config_base, sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").sampler
-  defaults = sampler.SamplerConfig.defaults()
+  defaults = sampling.SamplerConfig.defaults()
   assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
-  assert section.to_dict() == defaults == dataclasses.asdict(sampler.SamplerConfig())
+  assert section.to_dict() == defaults == dataclasses.asdict(sampling.SamplerConfig())
   assert (defaults["steps_per_patch"], defaults["overlap"]) == (3, 0.0)
-  assert [f.name for f in dataclasses.fields(sampler.SamplerConfig)] == SCHEMA["sampler"]
-  docs = sampler.SamplerConfig.field_docs()
+  assert [f.name for f in dataclasses.fields(sampling.SamplerConfig)] == SCHEMA["sampler"]
+  docs = sampling.SamplerConfig.field_docs()
   assert list(docs) == SCHEMA["sampler"] and all(doc.strip() for doc in docs.values())
 
 
@@ -320,9 +320,9 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
 def test_task_configs_override_the_sampler_defaults(path, arg, overrides):
   """A preset's config.sampler is SamplerConfig's defaults with the task's overrides (the
   reference's ep_test / cp_test values, spec §4.3), nothing else."""
-  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
   section = get(path, arg).sampler.to_dict()
-  defaults = sampler.SamplerConfig.defaults()
+  defaults = sampling.SamplerConfig.defaults()
   assert {name: value for name, value in section.items() if value != defaults[name]} == overrides
 
 
@@ -337,9 +337,9 @@ def test_task_configs_override_the_sampler_defaults(path, arg, overrides):
 ])
 def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
   """A preset's config.ipr is IPRConfig's defaults with the task's overrides, nothing else."""
-  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
   ipr = get(path, arg).ipr.to_dict()
-  defaults = sampler.IPRConfig.defaults()
+  defaults = sampling.IPRConfig.defaults()
   changed = {name: value for name, value in ipr.items() if value != defaults[name]}
   assert changed == overrides
-  assert dataclasses.asdict(sampler.IPRConfig(**ipr)) == ipr
+  assert dataclasses.asdict(sampling.IPRConfig(**ipr)) == ipr

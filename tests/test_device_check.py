@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_task_config
-from ipr_jax import build
+from ipr_jax import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_sampler_section_counts_the_spec_passes(check):
   results, summary = check
   assert results["sampler_budget"] == 2
   config = load_task_config("mnist_sudoku", "demo")
-  task = build.make_task(config)
+  task = tasks.get(config.task).make_data(config)
   (ms_name,) = [n for n in results["sampler"] if n.startswith("mnist_sudoku")]
   for row in results["sampler"][ms_name]:
     batch = task.test_batch(config.eval.seed, np.arange(row["batch"]),

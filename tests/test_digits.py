@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from ipr_jax.data import digits
+from ipr_jax.metrics import sudoku as sudoku_metrics
+from ipr_jax.scorers import digit_ranking
 
 
 def test_bundled_digits_and_split():
@@ -72,14 +74,39 @@ def test_select_top_n():
 
 def test_top_n_keeps_confident_digits():
   images, labels = digits.load_digits("test")
-  confidence = digits.classifier_confidence(images, labels)
+  confidence = sudoku_metrics.classifier_confidence(images, labels)
   bank = digits.load_digit_bank("test", top_n=40)
   np.testing.assert_array_equal(np.asarray(bank.counts), np.full(10, 40))
   for d in range(10):
     threshold = np.sort(confidence[labels == d])[::-1][39]
-    kept_confidence = digits.classifier_confidence(np.asarray(bank.images[d, :40]),
-                                                   np.full(40, d))
+    kept_confidence = sudoku_metrics.classifier_confidence(np.asarray(bank.images[d, :40]),
+                                                           np.full(40, d))
     assert np.all(kept_confidence >= threshold - 1e-6)
+
+
+def test_the_shipped_ranking_is_the_shipped_classifiers():
+  """The ranking file (`python -m ipr_jax.scorers.digit_ranking`) equals what the shipped
+  classifier gives now, and a bank from it equals one ranked by the classifier's confidence."""
+  expected = digit_ranking.bundled_ranking()
+  with np.load(digits.BUNDLED_RANKING) as shipped:
+    assert set(shipped.files) == set(expected)
+    for name in expected:
+      np.testing.assert_array_equal(shipped[name], expected[name], err_msg=name)
+  ranked = digits.load_digit_bank("train", top_n=30, cell_size=14,
+                                  digit_confidence=sudoku_metrics.classifier_confidence)
+  shipped_bank = digits.load_digit_bank("train", top_n=30, cell_size=14)
+  np.testing.assert_array_equal(np.asarray(ranked.images), np.asarray(shipped_bank.images))
+
+
+def test_other_digits_need_a_confidence_for_top_n(tmp_path):
+  path = tmp_path / "digits.npz"
+  images, labels = digits.load_bundled_digits()
+  np.savez(path, images=images[::20], labels=labels[::20])
+  with pytest.raises(ValueError, match="needs a digit_confidence"):
+    digits.load_digit_bank("test", top_n=5, path=str(path))
+  bank = digits.load_digit_bank("test", top_n=5, path=str(path),
+                                digit_confidence=lambda images, labels: -np.arange(len(labels)))
+  assert np.asarray(bank.counts).tolist() == [5] * 10
 
 
 def test_downsample_is_box_average():

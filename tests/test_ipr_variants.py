@@ -1,4 +1,4 @@
-"""Tests for the IPR variants beyond the paper (sampler.IPRConfig: selection, uncertainty query,
+"""Tests for the IPR variants beyond the paper (sampling.IPRConfig: selection, uncertainty query,
 partial re-noising, ratio schedule, returned iterate).
 
 Expected values come from closed forms (the flow's forward process, the Gaussian NLL), from
@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 import ipr_regression
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
 
 P = 2           # patch size
 GRID = (4, 4)   # patch grid of the 8x8 test images
 N = 16
-SAMPLER = sampler.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
+SAMPLER = sampling.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
 
 
 def _keys(ids, seed=0):
@@ -90,7 +90,7 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
   candidates = np.ones((4, N), bool)
   candidates[:, 0] = False
   denoise = oracle_denoiser(x, sigma)
-  query = jax.jit(functools.partial(sampler.uncertainty_query, denoise, patch_size=P, groups=4),
+  query = jax.jit(functools.partial(sampling.uncertainty_query, denoise, patch_size=P, groups=4),
                   static_argnames="score")
   nll = np.asarray(query(z, candidates, _keys(range(4)), score="nll"))
   log_sigma = np.asarray(query(z, candidates, _keys(range(4)), score="sigma"))
@@ -105,7 +105,7 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
 
 def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None,
             num_snapshots=0):
-  return jax.jit(lambda z, candidates, noise, keys: sampler.ipr_refine(
+  return jax.jit(lambda z, candidates, noise, keys: sampling.ipr_refine(
       denoise, z, None, None, candidates, noise, keys, patch_size=P, sampler_config=SAMPLER,
       ipr_config=ipr_config, score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
       cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots))(z, candidates, noise, keys)
@@ -116,7 +116,7 @@ def test_uncertainty_selection_renoises_the_most_uncertain_patches():
   candidates = np.ones((4, N), bool)
   candidates[:, :3] = False  # 13 candidates: k = max(1, int(13 * 0.25)) = 3
   denoise = oracle_denoiser(x, sigma)
-  greedy = sampler.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
+  greedy = sampling.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
                              uncertainty_score="sigma", selection_temperature=1e-3)
   result = _refine(greedy, denoise, x, candidates, noise, _keys(range(4)))
   flat = np.where(candidates, sigma.reshape(4, N), -np.inf)
@@ -126,7 +126,7 @@ def test_uncertainty_selection_renoises_the_most_uncertain_patches():
   for it in range(3):  # sigma is fixed: the same three every iteration
     np.testing.assert_array_equal(np.asarray(result.resampled[it]), expected)
   # At a high temperature the draw is nearly uniform: the iterations differ.
-  loose = sampler.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
+  loose = sampling.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
                             uncertainty_score="sigma", selection_temperature=1e3)
   result = _refine(loose, denoise, x, candidates, noise, _keys(range(4)))
   resampled = np.asarray(result.resampled)
@@ -143,7 +143,7 @@ def test_nll_selection_finds_the_patches_that_disagree_with_the_model():
   wrong[2, [3, 6, 12]] = True
   wrong[3, [10, 11, 14]] = True
   z = np.where(_pixels(wrong.reshape(4, *GRID)), -x, x).astype(np.float32)
-  config = sampler.IPRConfig(budget=1, steps_per_patch=4, overlap=0.5, selection="uncertainty",
+  config = sampling.IPRConfig(budget=1, steps_per_patch=4, overlap=0.5, selection="uncertainty",
                              resampling_ratio=0.1875, selection_temperature=1e-3)  # k = 3
   result = _refine(config, oracle_denoiser(x, sigma), z, np.ones((4, N), bool), noise,
                    _keys(range(4)))
@@ -159,7 +159,7 @@ def test_verifier_selection_takes_flagged_cells_first():
   flagged[1, [1, 2, 3, 8, 9, 10]] = True  # more than k: 4 of them
   flagged[2, [0, 5, 10, 15]] = True  # exactly k
   cell_verify = lambda z: jnp.asarray(flagged)
-  config = sampler.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="verifier")
+  config = sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="verifier")
   result = _refine(config, oracle_denoiser(x, sigma), x, np.ones((4, N), bool), noise,
                    _keys(range(4)), cell_verify_fn=cell_verify)
   for it in range(2):
@@ -195,7 +195,7 @@ def test_partial_renoising_is_the_forward_process_on_the_chosen_patches():
     return base(z_in, t_in)
 
   t0 = 0.5
-  config = sampler.IPRConfig(budget=1, steps_per_patch=8, overlap=0.5, renoise_time=t0,
+  config = sampling.IPRConfig(budget=1, steps_per_patch=8, overlap=0.5, renoise_time=t0,
                              noise_type="fixed", resampling_ratio=0.25)  # k = 4
   result = _refine(config, denoise, z, np.ones((4, N), bool), noise, _keys(range(4)))
   jax.effects_barrier()
@@ -235,7 +235,7 @@ def _standard_setup(seed=5):
 
 
 def _srm_ipr(ipr_config, x, sigma, noise, mask, num_snapshots=0):
-  return jax.jit(lambda keys: sampler.srm_ipr(
+  return jax.jit(lambda keys: sampling.srm_ipr(
       _noisy_oracle(x, sigma), keys, image=x, mask=mask, noise=noise, patch_size=P,
       sampler_config=SAMPLER, ipr_config=ipr_config,
       score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
@@ -265,7 +265,7 @@ def test_pass_counts_follow_the_schedules(variant):
       "linear": dict(ratio_schedule="linear", resampling_ratio=0.5, final_resampling_ratio=0.1,
                      ratio_decay_iterations=3),
   }[variant]
-  result = _srm_ipr(sampler.IPRConfig(**common, **settings), x, sigma, noise, mask)
+  result = _srm_ipr(sampling.IPRConfig(**common, **settings), x, sigma, noise, mask)
   nfe = np.asarray(result.nfe_per_budget)
   for b, n in enumerate(unknown):
     srm = schedule.max_steps(n, 3, 0.5)
@@ -294,8 +294,8 @@ def test_pass_counts_follow_the_schedules(variant):
 def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncertainty():
   x, sigma, noise, mask, _ = _standard_setup(seed=6)
   common = dict(budget=4, steps_per_patch=4, overlap=0.5)
-  paper = _srm_ipr(sampler.IPRConfig(**common), x, sigma, noise, mask, num_snapshots=4)
-  confident = _srm_ipr(sampler.IPRConfig(**common, return_iterate="confident"), x, sigma, noise,
+  paper = _srm_ipr(sampling.IPRConfig(**common), x, sigma, noise, mask, num_snapshots=4)
+  confident = _srm_ipr(sampling.IPRConfig(**common, return_iterate="confident"), x, sigma, noise,
                        mask, num_snapshots=4)
   # The query has keys of its own: the re-noised sets and the iterates are the paper's.
   np.testing.assert_array_equal(np.asarray(confident.resampled), np.asarray(paper.resampled))
@@ -317,14 +317,14 @@ def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncer
 
 def test_variants_batch_and_pmap_like_single_puzzles():
   x, sigma, noise, mask, _ = _standard_setup(seed=7)
-  config = sampler.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="uncertainty",
+  config = sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="uncertainty",
                              return_iterate="confident", renoise_time=0.5,
                              ratio_schedule="linear", resampling_ratio=0.5,
                              ratio_decay_iterations=2)
   keys = _keys(range(4), seed=9)
 
   def run(keys, x, noise, mask):
-    return sampler.srm_ipr(batchwise_denoiser, keys, image=x, mask=mask,
+    return sampling.srm_ipr(batchwise_denoiser, keys, image=x, mask=mask,
                            noise=noise, patch_size=P, sampler_config=SAMPLER, ipr_config=config,
                            score_fn=lambda z: {"mean": z.mean((1, 2, 3))})
 
@@ -360,7 +360,7 @@ def batchwise_denoiser(z, t):
     ("ratio_decay_iterations", 0)])
 def test_bad_variant_settings_raise_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
-    sampler.IPRConfig(**{field: value})
+    sampling.IPRConfig(**{field: value})
 
 
 @pytest.mark.parametrize("decay, expected", [
@@ -371,44 +371,44 @@ def test_bad_variant_settings_raise_naming_the_field(field, value):
 ])
 def test_linear_ratio_reaches_the_final_ratio_at_iteration_ratio_decay_iterations(decay,
                                                                                     expected):
-  config = sampler.IPRConfig(budget=4, ratio_schedule="linear", resampling_ratio=0.5,
+  config = sampling.IPRConfig(budget=4, ratio_schedule="linear", resampling_ratio=0.5,
                              final_resampling_ratio=0.125, ratio_decay_iterations=decay)
   assert [config.ratio_at(i) for i in (1, 2, 3, 4)] == expected
   # k = max(1, floor(c * ratio)) re-noised cells of c = 16 candidates, per iteration 0..4 (0, the
   # SRM pass, repeats iteration 1): 16 * 0.5 = 8, 16 * 0.3125 = 5, 16 * 0.125 = 2.
   k = {0.5: 8, 0.3125: 5, 0.125: 2}
-  counts = sampler.resample_counts(config, 16)[:, 16]
+  counts = sampling.resample_counts(config, 16)[:, 16]
   assert list(counts) == [k[expected[0]]] + [k[r] for r in expected]
 
 
 def test_ratio_schedule_and_shortened_schedule_check():
-  config = sampler.IPRConfig(budget=12, ratio_schedule="linear", resampling_ratio=0.5,
+  config = sampling.IPRConfig(budget=12, ratio_schedule="linear", resampling_ratio=0.5,
                              final_resampling_ratio=0.1, ratio_decay_iterations=5)
   assert [round(config.ratio_at(i), 6) for i in (1, 2, 3, 5, 6, 12)] == [0.5, 0.4, 0.3, 0.1,
                                                                          0.1, 0.1]
-  table = sampler.resample_counts(config, 16)
+  table = sampling.resample_counts(config, 16)
   assert table.shape == (13, 17)
   assert table[1, 12] == 6 and table[5, 12] == 1 and table[12, 16] == 1
   # p = 10, overlap 0.9 regenerates fine (10 * 0.1 = 1 step apart), but t0 = 0.5 leaves 5 steps
   # per patch: 0.5 step apart, repeated block starts.
-  sampler.check_schedules(SAMPLER, sampler.IPRConfig(steps_per_patch=10, overlap=0.9), 16, [12])
+  sampling.check_schedules(SAMPLER, sampling.IPRConfig(steps_per_patch=10, overlap=0.9), 16, [12])
   with pytest.raises(ValueError, match=r"renoise_time=0.5 leaves 5 of steps_per_patch=10"):
-    sampler.check_schedules(SAMPLER, sampler.IPRConfig(steps_per_patch=10, overlap=0.9,
+    sampling.check_schedules(SAMPLER, sampling.IPRConfig(steps_per_patch=10, overlap=0.9,
                                                        renoise_time=0.5), 16, [12])
 
 
 def test_selection_strategies_share_one_signature_and_draw_k_candidates():
-  assert tuple(sampler.SELECTORS) == sampler.SELECTIONS
-  assert len({str(inspect.signature(f)) for f in sampler.SELECTORS.values()}) == 1
+  assert tuple(sampling.SELECTORS) == sampling.SELECTIONS
+  assert len({str(inspect.signature(f)) for f in sampling.SELECTORS.values()}) == 1
   rng = np.random.default_rng(3)
   candidates = jnp.asarray(rng.uniform(size=(3, N)) < 0.6)
   z = jnp.asarray(rng.standard_normal((3, 8, 8, 1)), jnp.float32)
   cells = jnp.asarray(rng.standard_normal((3, N)), jnp.float32)
   k = jnp.array([2, 5, 40], jnp.int32)
-  for name, select in sampler.SELECTORS.items():
+  for name, select in sampling.SELECTORS.items():
     chosen = np.asarray(select(
-        _keys(range(3)), candidates, k, z=z, cells=cells, ipr_config=sampler.IPRConfig(),
-        cell_verify_fn=lambda z: sampler.patch_mean(z, P) > 0.0))
+        _keys(range(3)), candidates, k, z=z, cells=cells, ipr_config=sampling.IPRConfig(),
+        cell_verify_fn=lambda z: sampling.patch_mean(z, P) > 0.0))
     assert not (chosen & ~np.asarray(candidates)).any(), name
     np.testing.assert_array_equal(
         chosen.sum(1), np.minimum(k, np.asarray(candidates).sum(1)), err_msg=name)

@@ -127,7 +127,7 @@ def test_shipped_classifier_held_out_accuracy():
 def confident_digits():
   """Held-out digits, top 100 per class by the shipped classifier's confidence (as ms1000 does)."""
   images, labels = digits.load_digits("test")
-  confidence = digits.classifier_confidence(images, labels)
+  confidence = sudoku_metrics.classifier_confidence(images, labels)
   return digits.select_top_n(images, labels, confidence, 100)
 
 

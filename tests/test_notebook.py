@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 
 from conftest import load_task_config
-from ipr_jax import build
+from ipr_jax import tasks
 from ipr_jax import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -87,8 +87,8 @@ def spec_mean_nfe():
   by the spec: SRM 3 per unknown cell (overlap 0), then 2k + 8 per IPR iteration (10 steps per
   cell at overlap 0.8) for k = max(1, unknown // 4) re-noised cells."""
   config = load_task_config("mnist_sudoku", "demo")
-  batch = build.make_task(config).test_batch(config.eval.seed, np.arange(NUM_PUZZLES),
-                                             tuple(config.eval.given_range))
+  data = tasks.get(config.task).make_data(config)
+  batch = data.test_batch(config.eval.seed, np.arange(NUM_PUZZLES), tuple(config.eval.given_range))
   unknown = 16 - np.asarray(batch["num_given"])
   k = np.maximum(1, unknown // 4)
   return [float(np.mean(3 * unknown + b * (2 * k + 8))) for b in range(BUDGET + 1)]

@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.sampler: greedy SRM and IPR on batches of puzzles.
+"""Tests for ipr_jax.sampling: greedy SRM and IPR on batches of puzzles.
 
 Test data is made with numpy (eager JAX ops would each compile), and the
 jitted programs are shared between tests where they can be: compilation is
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipr_jax import sampler
+from ipr_jax import sampling
 from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
 
@@ -52,7 +52,7 @@ def _normal(seed, shape):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-_jit_puzzle_keys = jax.jit(sampler.puzzle_keys)
+_jit_puzzle_keys = jax.jit(sampling.puzzle_keys)
 
 
 def _keys(ids, seed=0):
@@ -133,15 +133,15 @@ def reference_rows(unknown, sigma, steps_per_patch, overlap):
 @functools.lru_cache(maxsize=None)
 def _srm_run(steps_per_patch, overlap, stochasticity, clamp_noise, gain):
   """A jitted SRM run (patch size 1) with recorded rows; one compile per setting."""
-  config = sampler.SamplerConfig(steps_per_patch, overlap, stochasticity=stochasticity,
+  config = sampling.SamplerConfig(steps_per_patch, overlap, stochasticity=stochasticity,
                                  clamp_noise=clamp_noise)
 
   @jax.jit
   def run(x, patch_sigma, mask, noise, keys):
     masked = (1 - mask) * x
-    return sampler.srm_sample(
+    return sampling.srm_sample(
         fixed_sigma_denoiser(x, patch_sigma, 1, gain), masked + mask * noise,
-        masked, mask, sampler.unknown_patches(mask, 1), keys, patch_size=1,
+        masked, mask, sampling.unknown_patches(mask, 1), keys, patch_size=1,
         config=config, record=True)
   return run
 
@@ -222,10 +222,10 @@ _DETERMINISTIC = dict(stochasticity=0.0, clamp_noise=False)
 
 
 def test_nfe_even_pixels():
-  fn = jax.jit(lambda keys: sampler.srm_ipr(
+  fn = jax.jit(lambda keys: sampling.srm_ipr(
       toy_denoiser(1), keys, image=None, noise=jnp.zeros((1, 8, 8, 3)), patch_size=1,
-      sampler_config=sampler.SamplerConfig(30, 0.9, **_DETERMINISTIC),
-      ipr_config=sampler.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9)))
+      sampler_config=sampling.SamplerConfig(30, 0.9, **_DETERMINISTIC),
+      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9)))
   result = jax.device_get(fn(_keys([0])))
   assert int(result.nfe[0]) == 219 + 30 * 75 == 2469
   assert np.all(result.initial_order >= 0)  # all 64 generated
@@ -235,10 +235,10 @@ def test_nfe_even_pixels():
 
 def test_nfe_counting_polygons():
   # cp_test on a 16x16 grid (n = 256): SRM 265 passes, each IPR iteration 73 (k = 64).
-  fn = jax.jit(lambda keys: sampler.srm_ipr(
+  fn = jax.jit(lambda keys: sampling.srm_ipr(
       toy_denoiser(1), keys, image=None, noise=jnp.zeros((1, 16, 16, 3)), patch_size=1,
-      sampler_config=sampler.SamplerConfig(10, 0.9, **_DETERMINISTIC),
-      ipr_config=sampler.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9)))
+      sampler_config=sampling.SamplerConfig(10, 0.9, **_DETERMINISTIC),
+      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9)))
   result = jax.device_get(fn(_keys([0])))
   assert int(result.nfe[0]) == 265 + 30 * 73 == 2455
   np.testing.assert_array_equal(result.nfe_per_budget[:, 0], 265 + 73 * np.arange(31))
@@ -251,11 +251,11 @@ def test_nfe_sudoku_hard_and_oracle_ipr():
   mask = _random_mask(10, (9, 9), 1, num_unknown)
   x = _uniform(11, (batch, 9, 9, 1))
   patch_sigma = _uniform(12, (batch, 9, 9), 0.0, 1.0)
-  fn = jax.jit(lambda keys, x, mask: sampler.srm_ipr(
+  fn = jax.jit(lambda keys, x, mask: sampling.srm_ipr(
       fixed_sigma_denoiser(x, patch_sigma, 1), keys, image=x, mask=mask,
       noise=jnp.asarray(_normal(13, x.shape)), patch_size=1,
-      sampler_config=sampler.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-      ipr_config=sampler.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8)))
+      sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8)))
   result = jax.device_get(fn(_keys(range(batch)), x, mask))
   expected = [3 * n + 30 * (2 * (n // 4) + 8) for n in num_unknown]
   np.testing.assert_array_equal(result.nfe, expected)
@@ -272,11 +272,11 @@ def test_nfe_sudoku_hard_and_oracle_ipr():
 def test_nfe_sudoku_corrupted_and_oracle_correction():
   x = _uniform(12, (2, 9, 9, 1))
   patch_sigma = _uniform(13, (2, 9, 9), 0.0, 1.0)
-  fn = jax.jit(lambda keys, x: sampler.srm_ipr(
+  fn = jax.jit(lambda keys, x: sampling.srm_ipr(
       fixed_sigma_denoiser(x, patch_sigma, 1), keys, image=x,
       noise=jnp.zeros_like(x), patch_size=1, num_snapshots=1,
-      sampler_config=sampler.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-      ipr_config=sampler.IPRConfig(budget=15, steps_per_patch=10, overlap=0.8,
+      sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+      ipr_config=sampling.IPRConfig(budget=15, steps_per_patch=10, overlap=0.8,
                                    mode="correction", num_corruption_swaps=5)))
   result = jax.device_get(fn(_keys([0, 1]), x))
   np.testing.assert_array_equal(result.nfe, [15 * 48] * 2)
@@ -318,8 +318,8 @@ def _score_fn(z):
 
 
 _BATCH_CONFIGS = dict(
-    patch_size=2, sampler_config=sampler.SamplerConfig(3, 0.5, stochasticity=0.5),
-    ipr_config=sampler.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5,
+    patch_size=2, sampler_config=sampling.SamplerConfig(3, 0.5, stochasticity=0.5),
+    ipr_config=sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5,
                                  immediate_stop=True),
     score_fn=_score_fn, verify_fn=_verify, num_snapshots=2)
 
@@ -327,7 +327,7 @@ _BATCH_CONFIGS = dict(
 @jax.jit
 @chex.assert_max_traces(n=2)  # batch 4 and batch 1, however often it is called
 def _batch_run(scale, keys, image, mask, noise):
-  return sampler.srm_ipr(toy_denoiser(2, scale), keys, image=image, mask=mask,
+  return sampling.srm_ipr(toy_denoiser(2, scale), keys, image=image, mask=mask,
                          noise=noise, **_BATCH_CONFIGS)
 
 
@@ -368,7 +368,7 @@ def test_pmap_matches_jit(batch_run):
     return x.reshape((2, 2) + x.shape[1:])
 
   p_run = jax.pmap(
-      lambda scale, keys, image, mask, noise: sampler.srm_ipr(
+      lambda scale, keys, image, mask, noise: sampling.srm_ipr(
           toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise,
           **_BATCH_CONFIGS),
       in_axes=(None, 0, 0, 0, 0), devices=devices[:2])
@@ -415,7 +415,7 @@ def test_resample_mask_has_exactly_k_candidates(ratio):
   candidates = np.zeros((len(counts), 81), bool)
   for i, count in enumerate(counts):
     candidates[i, rng.permutation(81)[:count]] = True
-  draw = jax.jit(jax.vmap(jax.vmap(sampler.resample_mask, in_axes=(0, None, None)),
+  draw = jax.jit(jax.vmap(jax.vmap(sampling.resample_mask, in_axes=(0, None, None)),
                           in_axes=(None, 0, None)), static_argnums=2)
   keys = jax.random.split(jax.random.key(16), 400)
   masks = np.asarray(draw(keys, candidates, ratio))  # [5, 400, 81]
@@ -426,40 +426,40 @@ def test_resample_mask_has_exactly_k_candidates(ratio):
     if k < count:  # roughly uniform over the candidates
       freq = masks[i][:, candidates[i]].mean(0)
       assert np.all(np.abs(freq - k / count) < 0.12), freq
-  assert list(sampler.num_resampled_table(81, 1.0)[[0, 1, 81]]) == [1, 1, 81]
+  assert list(sampling.num_resampled_table(81, 1.0)[[0, 1, 81]]) == [1, 1, 81]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.5, -0.25])
 def test_bad_ratio_raises(ratio):
   with pytest.raises(ValueError, match="resampling_ratio"):
-    sampler.resample_mask(jax.random.key(0), jnp.ones(9, bool), ratio)
+    sampling.resample_mask(jax.random.key(0), jnp.ones(9, bool), ratio)
   with pytest.raises(ValueError, match="resampling_ratio"):
-    sampler.IPRConfig(resampling_ratio=ratio)
+    sampling.IPRConfig(resampling_ratio=ratio)
 
 
 def test_bad_config_values_raise():
   with pytest.raises(ValueError, match="top_k"):
-    sampler.SamplerConfig(top_k=2)
+    sampling.SamplerConfig(top_k=2)
   with pytest.raises(ValueError, match="noise_type"):
-    sampler.IPRConfig(noise_type="gaussian")
+    sampling.IPRConfig(noise_type="gaussian")
   with pytest.raises(ValueError, match="mode"):
-    sampler.IPRConfig(mode="repair")
+    sampling.IPRConfig(mode="repair")
   with pytest.raises(ValueError, match="patch_size"):
-    sampler.unknown_patches(np.ones((1, 9, 9, 1)), 2)
+    sampling.unknown_patches(np.ones((1, 9, 9, 1)), 2)
   with pytest.raises(ValueError, match="keys"):
-    sampler.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
+    sampling.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
                        np.ones((2, 9), bool), jax.random.key(0), patch_size=1,
-                       config=sampler.SamplerConfig())
+                       config=sampling.SamplerConfig())
   with pytest.raises(ValueError, match="patch vector"):
-    sampler.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
+    sampling.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
                        np.ones((2, 8), bool), _keys([0, 1]), patch_size=1,
-                       config=sampler.SamplerConfig())
+                       config=sampling.SamplerConfig())
 
 
 def test_corruption_swaps_two_cells_in_different_rows_and_columns():
   digits = np.arange(81, dtype=np.float32).reshape(9, 9)
   image = np.concatenate([_pixels(digits[None], 2)[0]] * 2, -1)  # [18, 18, 2]
-  corrupt = jax.jit(jax.vmap(lambda k: sampler.corrupt_by_swaps(k, image, 2, 1)))
+  corrupt = jax.jit(jax.vmap(lambda k: sampling.corrupt_by_swaps(k, image, 2, 1)))
   keys = jax.random.split(jax.random.key(17), 200)
   pairs = set()
   for out in np.asarray(corrupt(keys)):
@@ -523,7 +523,7 @@ def _golden_setup(golden_dir, case):
     mask = masked = None
     z0 = z_t
     unknown = np.ones((1, golden["t_rows"].shape[1]), bool)
-  config = sampler.SamplerConfig(cfg["steps_per_patch"], cfg["overlap"],
+  config = sampling.SamplerConfig(cfg["steps_per_patch"], cfg["overlap"],
                                  stochasticity=cfg["stochasticity"],
                                  temperature=cfg["temperature"], clamp_noise=False)
   return golden, (z0, masked, mask, unknown), config
@@ -535,7 +535,7 @@ def test_greedy_matches_reference_run(golden_dir):
   denoise, patch = _golden_denoiser(golden_dir, case)
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, case)
   start = time.time()
-  out = jax.device_get(jax.jit(lambda z: sampler.srm_sample(
+  out = jax.device_get(jax.jit(lambda z: sampling.srm_sample(
       denoise, z, masked, mask, unknown, _keys([0]), patch_size=patch,
       config=config, record=True))(z0))
   elapsed = time.time() - start
@@ -552,7 +552,7 @@ def test_greedy_matches_reference_run(golden_dir):
         f"max |z - ref| = {max_diff:.2e}")
   assert max_diff < 1e-4
   # The reference's real clamp noise moved it by ~1e-5.
-  noisy = jax.device_get(sampler.srm_sample(
+  noisy = jax.device_get(sampling.srm_sample(
       denoise, z0, masked, mask, unknown, _keys([0]), patch_size=patch,
       config=dataclasses.replace(config, clamp_noise=True)))
   np.testing.assert_array_equal(noisy.order[0], golden["selected_patches"])
@@ -571,7 +571,7 @@ def test_greedy_ms_run_prefix_matches_reference(golden_dir):
   denoise, patch = _golden_denoiser(golden_dir, "ms")
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
   steps = _MS_PREFIX_STEPS
-  out = jax.device_get(jax.jit(lambda z: sampler.srm_sample(
+  out = jax.device_get(jax.jit(lambda z: sampling.srm_sample(
       denoise, z, masked, mask, unknown, _keys([0]), patch_size=patch,
       config=config, record=True, step_limit=steps))(z0))
   assert int(out.nfe[0]) == steps
@@ -589,7 +589,7 @@ def test_greedy_ms_first_step_matches_reference(golden_dir):
   """The cheap part of the ms run: the first update, with the given cells."""
   denoise, patch = _golden_denoiser(golden_dir, "ms")
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
-  out = jax.device_get(sampler.srm_sample(
+  out = jax.device_get(sampling.srm_sample(
       denoise, z0, masked, mask, unknown, _keys([0]), patch_size=patch,
       config=config, record=True, step_limit=1))
   assert golden["snapshot_steps"][0] == 1 and int(out.nfe[0]) == 1
@@ -598,3 +598,10 @@ def test_greedy_ms_first_step_matches_reference(golden_dir):
   np.testing.assert_allclose(out.sigma_rows[0, 0], golden["sigma_rows"][0],
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.z, _nhwc(golden["z_snapshots"][:1]), atol=1e-4)
+
+
+def test_the_former_import_path_gives_the_same_names():
+  """`ipr_jax.sampler` (before the split into ipr_jax/sampling/) re-exports the public names."""
+  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
+  assert sampling.__all__ and all(getattr(sampler, name) is getattr(sampling, name)
+                                  for name in sampling.__all__)

@@ -20,6 +20,7 @@ import pytest
 from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import config_base
+from ipr_jax import tasks
 from ipr_jax import train
 from ipr_jax import train_state
 import multiprocess
@@ -143,7 +144,7 @@ def test_ema_first_update_copies_then_averages():
 def run_pmapped_steps(config, devices, num_steps):
   """num_steps train steps with the global batch split over `devices`."""
   model, tx = build.make_model(config), build.make_optimizer(config)
-  task = build.make_task(config)
+  task = tasks.get(config.task).make_data(config)
   table = train.make_loss_weight_table(config, jax.random.key(1))
   state = train.create_train_state(config, model, tx, jax.random.key(0))
   p_step = jax.pmap(train.make_train_step(config, model, tx), axis_name="batch",

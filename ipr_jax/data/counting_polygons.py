@@ -58,6 +58,10 @@ Deviations from the reference, on purpose:
   `numpy.random.default_rng([seed, 1, i])`; the reference instead maps index -> (N = i // 5000 + 1,
   layout i % 5000) and seeds `default_rng(i)`. With a folder, test image i uses background
   i % len(folder) like the reference (which has no background train/test split either).
+
+Why over 600 lines: one rendering pipeline (label space, layouts, colour rule, drawing,
+backgrounds, the training-image prefetcher) whose steps the reference defines together and whose
+constants every step reads; split up, each piece would import most of the others.
 """
 
 import collections
@@ -77,7 +81,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 128
 CANVAS_SIZE = 512
-# The task's label space (also the scorer's classes, ipr_jax/metrics/counting_polygons.py).
+# The task's label space (also the scorer's classes, `HEAD_CLASSES`).
 MIN_POLYGONS, MAX_POLYGONS = 1, 9
 MIN_VERTICES, MAX_VERTICES = 3, 7
 NUM_TEXT_CIRCLES = 2
@@ -122,6 +126,15 @@ def _numbers_pairs() -> tuple[tuple[int, int], ...]:
 
 NUMBERS_PAIRS = _numbers_pairs()
 NUM_NUMBERS_CLASSES = len(NUMBERS_PAIRS)  # 35
+# An image, NHWC without the batch; and the classes of each head of the scorer (the metrics'
+# label space, ipr_jax/metrics/counting_polygons.py).
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+HEAD_CLASSES = {
+    "num_polygons": MAX_POLYGONS - MIN_POLYGONS + 1,
+    "num_vertices": MAX_VERTICES - MIN_VERTICES + 1,
+    "is_uniform": 2,
+    "numbers_label": NUM_NUMBERS_CLASSES,
+}
 
 # int32 [MAX_POLYGONS + 1, MAX_VERTICES + 1]: class of (polygons, vertices); -1 outside the ranges.
 _LABEL_TABLE = np.full((MAX_POLYGONS + 1, MAX_VERTICES + 1), -1, np.int32)
@@ -156,6 +169,14 @@ def numbers_label(num_polygons, num_vertices) -> np.ndarray:
   """
   num_polygons, num_vertices = check_counts(num_polygons, num_vertices)
   return _LABEL_TABLE[num_polygons, num_vertices]
+
+
+def check_images(images) -> None:
+  """Raises ValueError unless `images` is a batch [B, 128, 128, 3] with B >= 1."""
+  shape = tuple(np.shape(images))
+  if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
+    raise ValueError(f"Counting Polygons images of shape {shape}: expected [B, 128, 128, 3] "
+                     "(NHWC, B >= 1)")
 
 def check_num_polygons(num_polygons) -> int:
   """N as an int in 1..9, else ValueError naming it."""

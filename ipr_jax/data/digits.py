@@ -16,6 +16,9 @@ Sources (`digits_source`):
 
 Like the reference's `ms1000` data (the 1000 digits per class that a classifier is most confident
 about, spec §5.1), `select_top_n` keeps the top-N digits of each class by classifier confidence.
+For the bundled digits the shipped classifier's ranking is shipped as data (`shipped_ranking`), so
+that this module needs no model; other digits are ranked by a confidence function the caller
+passes (`ipr_jax.metrics.sudoku.classifier_confidence`).
 
 Digits enter images as white strokes on black, normalised like the reference (ToTensor, then
 Normalize(0.5, 0.5)): x = (u8 / 255 - 0.5) / 0.5 in [-1, 1].
@@ -23,7 +26,7 @@ Normalize(0.5, 0.5)): x = (u8 / 255 - 0.5) / 0.5 in [-1, 1].
 
 import functools
 import pathlib
-from typing import Literal
+from typing import Callable, Literal
 
 import flax
 import jax
@@ -32,9 +35,13 @@ import numpy as np
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 BUNDLED_DIGITS = ASSETS_DIR / "mnist_digits_10k.npz"
+# The bundled digits ranked by the shipped classifier (`shipped_ranking`).
+BUNDLED_RANKING = ASSETS_DIR / "mnist_digits_10k_ranking.npz"
 HOLDOUT_EVERY = 5  # every 5th digit of each class is held out
 
 Part = Literal["train", "test"]
+# (images uint8 [N, 28, 28], labels [N]) -> float [N], higher = kept first by `select_top_n`.
+ConfidenceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 DIGITS_SOURCES = ("bundled", "tfds")
 
 
@@ -148,31 +155,6 @@ def to_unit_range(images_u8: jax.Array) -> jax.Array:
   return jnp.asarray(_U8_TO_UNIT)[jnp.asarray(images_u8).astype(jnp.int32)]
 
 
-def classifier_confidence(images: np.ndarray, labels: np.ndarray, params=None,
-                          batch_size: int = 1000) -> np.ndarray:
-  """Softmax probability that the classifier gives each digit's own label.
-
-  Args:
-    images: uint8 [N, 28, 28].
-    labels: [N].
-    params: classifier params; default: the shipped weights.
-    batch_size: tiles per forward pass.
-
-  Returns:
-    float32 [N].
-  """
-  from ipr_jax.models import classifier  # pylint: disable=g-import-not-at-top
-
-  params = classifier.load_classifier_params() if params is None else params
-  confidence = []
-  for start in range(0, len(images), batch_size):
-    tiles = to_unit_range(images[start:start + batch_size])[..., None]
-    probs = jax.nn.softmax(classifier.classifier_logits(params, tiles))
-    lab = jnp.asarray(labels[start:start + batch_size], jnp.int32)
-    confidence.append(np.asarray(jnp.take_along_axis(probs, lab[:, None], axis=1)[:, 0]))
-  return np.concatenate(confidence) if confidence else np.zeros((0,), np.float32)
-
-
 def select_top_n(images: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
                  top_n: int) -> tuple[np.ndarray, np.ndarray]:
   """Keeps, per class, the `top_n` digits of highest confidence (all of a class if it has fewer).
@@ -270,8 +252,8 @@ def make_digit_bank(images: np.ndarray, labels: np.ndarray, cell_size: int = 28,
 
 
 def load_digit_bank(part: Part, source: str = "bundled", *, cell_size: int = 28,
-                    top_n: int | None = None, classifier_params=None, path: str | None = None,
-                    data_dir: str | None = None) -> DigitBank:
+                    top_n: int | None = None, digit_confidence: ConfidenceFn | None = None,
+                    path: str | None = None, data_dir: str | None = None) -> DigitBank:
   """Loads a part of a source, optionally keeps the top-N per class, and builds the bank.
 
   Args:
@@ -279,26 +261,33 @@ def load_digit_bank(part: Part, source: str = "bundled", *, cell_size: int = 28,
     source: 'bundled' or 'tfds'.
     cell_size: tile side (28 or 14).
     top_n: if set, keep the `top_n` digits per class the classifier is most confident about.
-    classifier_params: params used for the confidence; default: the shipped classifier.
+    digit_confidence: (images uint8 [N, 28, 28], labels [N]) -> float [N] confidence, for top_n;
+      default: the shipped ranking (`shipped_ranking`), which only the bundled file has.
     path: bundled source only: another .npz file.
     data_dir: tfds source only.
   """
   images, labels = load_digits(part, source, path=path, data_dir=data_dir)
   if top_n is not None:
-    if classifier_params is None:
-      confidence = _shipped_classifier_confidence(part, source, path, data_dir)
+    if digit_confidence is not None:
+      confidence = digit_confidence(images, labels)
+    elif source == "bundled" and path is None:
+      confidence = -shipped_ranking(part)  # select_top_n keeps the highest first
     else:
-      confidence = classifier_confidence(images, labels, classifier_params)
+      raise ValueError(f"top_n of digits_source={source!r} (path={path!r}) needs a "
+                       "digit_confidence (the shipped ranking covers the bundled file only), e.g. "
+                       "ipr_jax.metrics.sudoku.classifier_confidence")
     images, labels = select_top_n(images, labels, confidence, top_n)
   return make_digit_bank(images, labels, cell_size)
 
 
-@functools.lru_cache(maxsize=8)
-def _shipped_classifier_confidence(part: Part, source: str, path: str | None,
-                                   data_dir: str | None) -> np.ndarray:
-  """`classifier_confidence` of a part with the shipped weights, computed once per process
-  (about 5 s on a CPU; every task built from a config asks for it). Read-only."""
-  images, labels = load_digits(part, source, path=path, data_dir=data_dir)
-  confidence = classifier_confidence(images, labels)
-  confidence.setflags(write=False)
-  return confidence
+@functools.lru_cache(maxsize=2)
+def shipped_ranking(part: Part) -> np.ndarray:
+  """int32 [N] rank of each bundled digit of `part` within its class by the shipped classifier's
+  confidence (0: most confident), from `BUNDLED_RANKING` (made by `ipr_jax.scorers.digit_ranking`,
+  which also tells how to regenerate it). Read-only."""
+  if part not in ("train", "test"):
+    raise ValueError(f"part={part!r}: expected 'train' or 'test'")
+  with np.load(BUNDLED_RANKING) as f:
+    ranks = f[part].astype(np.int32)
+  ranks.setflags(write=False)
+  return ranks

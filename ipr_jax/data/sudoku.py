@@ -342,7 +342,7 @@ def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str 
                      train_given_range: tuple[int, int] | None = None,
                      num_train_grids: int | None = None, num_test_grids: int | None = None,
                      digits_path: str | None = None, tfds_data_dir: str | None = None,
-                     classifier_params=None) -> SudokuTask:
+                     digit_confidence: digits_lib.ConfidenceFn | None = None) -> SudokuTask:
   """Builds a SudokuTask from config-like arguments (host work: a few seconds for 9x9).
 
   Args:
@@ -356,7 +356,8 @@ def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str 
     num_train_grids, num_test_grids: numbers of base grids (see `sudoku_grids.make_grid_sets`).
     digits_path: bundled source only: another .npz in the bundled format.
     tfds_data_dir: tfds source only.
-    classifier_params: classifier used for top-N (default: the shipped one).
+    digit_confidence: the confidence that ranks the digits for top-N (`digits.load_digit_bank`;
+      default: the shipped ranking of the bundled digits).
 
   Returns:
     SudokuTask whose arrays are on the default device.
@@ -368,7 +369,7 @@ def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str 
   grids = sudoku_grids.make_grid_sets(seed, box_size, num_train_grids, num_test_grids)
   banks = [
       digits_lib.load_digit_bank(part, digits_source, cell_size=cell_size, top_n=top_n,
-                                 classifier_params=classifier_params, path=digits_path,
+                                 digit_confidence=digit_confidence, path=digits_path,
                                  data_dir=tfds_data_dir)
       for part in ("train", "test")
   ]
@@ -382,13 +383,15 @@ _TASK_KEYS = ("box_size", "cell_size", "digits_source", "top_n", "seed", "train_
               "num_train_grids", "num_test_grids", "digits_path", "tfds_data_dir")
 
 
-def make_sudoku_task_from_config(data_config: Mapping) -> SudokuTask:
+def make_sudoku_task_from_config(data_config: Mapping,
+                                 digit_confidence: digits_lib.ConfidenceFn | None = None
+                                 ) -> SudokuTask:
   """`make_sudoku_task` from a config mapping (e.g. `config.data`), checking its image fields.
 
   Keys read (all optional): box_size, cell_size, digits_source, top_n, seed (the grid seed;
   default 0), train_given_range, num_train_grids, num_test_grids, digits_path, tfds_data_dir.
   If present, `image_size` must equal n * cell_size, `channels` must be 1 and `patch_size` must
-  equal cell_size. Other keys are ignored.
+  equal cell_size. Other keys are ignored. digit_confidence: as in `make_sudoku_task`.
   """
   kwargs = {k: data_config[k] for k in _TASK_KEYS if k in data_config}
   if "train_given_range" in kwargs and kwargs["train_given_range"] is not None:
@@ -402,5 +405,5 @@ def make_sudoku_task_from_config(data_config: Mapping) -> SudokuTask:
     if name in data_config and data_config[name] != value:
       raise errors.ConfigError(f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
                        f"cell_size={cell_size}: expected {value}")
-  return make_sudoku_task(**kwargs)
+  return make_sudoku_task(**kwargs, digit_confidence=digit_confidence)
 

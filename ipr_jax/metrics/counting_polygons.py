@@ -37,13 +37,9 @@ NUMBERS_PAIRS = cp_data.NUMBERS_PAIRS
 NUM_NUMBERS_CLASSES = cp_data.NUM_NUMBERS_CLASSES  # 35
 check_counts = cp_data.check_counts
 numbers_label = cp_data.numbers_label
-IMAGE_SHAPE = (128, 128, 3)
-HEAD_CLASSES = {
-    "num_polygons": MAX_POLYGONS - MIN_POLYGONS + 1,
-    "num_vertices": MAX_VERTICES - MIN_VERTICES + 1,
-    "is_uniform": 2,
-    "numbers_label": NUM_NUMBERS_CLASSES,
-}
+IMAGE_SHAPE = cp_data.IMAGE_SHAPE
+HEAD_CLASSES = cp_data.HEAD_CLASSES
+check_images = cp_data.check_images
 _PAIRS_TABLE = np.asarray(NUMBERS_PAIRS, np.int32)  # [35, 2]
 
 
@@ -146,14 +142,6 @@ def counting_polygons_metrics(logits: Mapping[str, jax.Array]) -> dict[str, jax.
     'vertex_count_frequency' [5].
   """
   return _metrics(check_logits(logits))
-
-
-def check_images(images) -> None:
-  """Raises ValueError unless `images` is a batch [B, 128, 128, 3] with B >= 1."""
-  shape = tuple(np.shape(images))
-  if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
-    raise ValueError(f"Counting Polygons images of shape {shape}: expected [B, 128, 128, 3] "
-                     "(NHWC, B >= 1)")
 
 
 def metrics_of_images(images: jax.Array,

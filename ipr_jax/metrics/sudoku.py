@@ -16,7 +16,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ipr_jax.data import digits as digits_lib
 from ipr_jax.models import classifier as classifier_lib
 
 CLASSIFIER_TILE = 28
@@ -170,3 +172,27 @@ def evaluate_sudoku_images(images: jax.Array, params: Mapping | None = None,
 def shipped_classifier_params(cell_size: int = 28):
   """The shipped classifier's params for cells of `cell_size` pixels (loaded once)."""
   return classifier_lib.load_classifier_params(cell_size=cell_size)
+
+
+def classifier_confidence(images: np.ndarray, labels: np.ndarray, params=None,
+                          batch_size: int = 1000) -> np.ndarray:
+  """Softmax probability that the classifier gives each digit's own label (what ranks the digits
+  of `config.data.top_n`, `digits.load_digit_bank`).
+
+  Args:
+    images: uint8 [N, 28, 28].
+    labels: [N].
+    params: classifier params; default: the shipped weights.
+    batch_size: tiles per forward pass.
+
+  Returns:
+    float32 [N].
+  """
+  params = classifier_lib.load_classifier_params() if params is None else params
+  confidence = []
+  for start in range(0, len(images), batch_size):
+    tiles = digits_lib.to_unit_range(images[start:start + batch_size])[..., None]
+    probs = jax.nn.softmax(classifier_lib.classifier_logits(params, tiles))
+    lab = jnp.asarray(labels[start:start + batch_size], jnp.int32)
+    confidence.append(np.asarray(jnp.take_along_axis(probs, lab[:, None], axis=1)[:, 0]))
+  return np.concatenate(confidence) if confidence else np.zeros((0,), np.float32)

@@ -6,7 +6,7 @@ flatten in PyTorch's (C, H, W) order (3136 values) -> fc1 (3136->128) -> ReLU ->
 Inputs are 28x28 tiles in [-1, 1] (white digit on a -1 background), NHWC.
 
 The shipped weights (`ipr_jax/metrics/assets/mnist_classifier.npz`, trained by
-`python -m ipr_jax.metrics.train_classifier`) are stored as a PyTorch-layout state dict with the
+`python -m ipr_jax.scorers.train_classifier`) are stored as a PyTorch-layout state dict with the
 srmbench key names, so srmbench's own `mnist_classifier.pth` / hub weights can be used instead
 through `classifier_params_from_state_dict`.
 """
@@ -24,7 +24,7 @@ _ASSETS = pathlib.Path(__file__).resolve().parent.parent / "metrics" / "assets"
 DEFAULT_WEIGHTS = _ASSETS / "mnist_classifier.npz"
 # Cells smaller than 14 px lose too much detail for the 28 px weights (7 px digits, classes 1-4:
 # 95.3% of the 400 held-out top-100 digits right); they get weights fine-tuned on digits coarsened
-# to their size (`python -m ipr_jax.metrics.train_classifier --cell_size=7`).
+# to their size (`python -m ipr_jax.scorers.train_classifier --cell_size=7`).
 _WEIGHTS_BY_CELL_SIZE = {7: _ASSETS / "mnist_classifier_cell7.npz"}
 
 

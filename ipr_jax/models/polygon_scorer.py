@@ -3,7 +3,7 @@
 The reference scores samples with a torchvision ResNet-50 (downloaded from a hub). This project
 cannot download it, so it trains and ships its own, much smaller network
 (`ipr_jax/metrics/assets/polygon_scorer.npz`, trained by
-`python -m ipr_jax.metrics.train_polygon_scorer`, which also stores the held-out accuracy per head
+`python -m ipr_jax.scorers.train_polygon_scorer`, which also stores the held-out accuracy per head
 in the file's metadata). Architecture (`PolygonScorer`, defaults):
 
   stem   space-to-depth by `stem_patch` (4: 128x128x3 -> 32x32x48, every pixel kept), then a 3x3
@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax.metrics import counting_polygons as cp_metrics
+from ipr_jax.data import counting_polygons as cp_data
 
 DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parent.parent / "metrics" / "assets" / (
     "polygon_scorer.npz")
-IMAGE_SHAPE = cp_metrics.IMAGE_SHAPE
-HEAD_CLASSES = cp_metrics.HEAD_CLASSES
+IMAGE_SHAPE = cp_data.IMAGE_SHAPE
+HEAD_CLASSES = cp_data.HEAD_CLASSES
 # The digit map: one cell per 8x8 pixels (16x16 cells), class 0 = no digit centred here, else 1..9.
 DIGIT_MAP_STRIDE = 8
 DIGIT_CLASSES = 10
@@ -97,7 +97,7 @@ class PolygonScorer(nn.Module):
       {'pooled': [B, widths[-1]], and with `digit_map` 'digit_map': [B, h, w, 10] logits of the
       digit (0 = none) centred in each cell of the DIGIT_MAP_STRIDE grid}).
     """
-    cp_metrics.check_images(images)
+    cp_data.check_images(images)
     x = images.astype(jnp.float32)
     if self.stem_patch > 1:
       b, h, w, c = x.shape

@@ -29,6 +29,10 @@ Differences from the reference, all deliberate:
   `num_blocks` for all levels, the bottleneck always present;
 - a `precision` field (not in the reference) selects matmul/conv precision;
   the bottleneck output is sown into 'intermediates' for debugging.
+
+Why over 600 lines: the network mirrors the reference module by module (the state-dict names and
+the conversion depend on it), and its pieces (time embedding, ResBlock, attention, resampling,
+encoder, decoder) are only meaningful together.
 """
 
 from __future__ import annotations

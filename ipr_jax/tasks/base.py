@@ -1,4 +1,5 @@
-"""The interface of a task module (`ipr_jax/tasks/<task>.py`) and its shared defaults.
+"""The interface of a task module (`ipr_jax/tasks/<task>.py`, or registered from another project
+with `ipr_jax.tasks.register_task`) and its shared defaults.
 
 A task module provides, for the registry (`ipr_jax.tasks`):
 
@@ -33,12 +34,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ipr_jax import build
+from ipr_jax import geometry
 
 
 def all_patches(config: ml_collections.ConfigDict) -> list[int]:
   """`unknown_counts` of a task without given content: every patch is generated."""
-  grid_h, grid_w = build.patch_grid(config)
+  grid_h, grid_w = geometry.patch_grid(config)
   return [grid_h * grid_w]
 
 
@@ -66,8 +67,8 @@ class Evaluation:
   def __init__(self, config: ml_collections.ConfigDict):
     self.name = config.task
     self.patch_size = config.data.patch_size
-    self.num_patches = int(np.prod(build.patch_grid(config)))
-    self.image_shape = build.image_shape(config)
+    self.num_patches = int(np.prod(geometry.patch_grid(config)))
+    self.image_shape = geometry.image_shape(config)
     self.cell_size = config.data.patch_size
     self.metadata: dict[str, Any] = {}
     self.score_fn: Callable[[jax.Array], dict] = None

@@ -23,8 +23,15 @@ CELL_VERIFIER = True
 
 
 def make_data(config: ml_collections.ConfigDict) -> sudoku.SudokuTask:
-  """The on-device Sudoku generator (training images; test puzzles by (seed, index))."""
-  return sudoku.make_sudoku_task_from_config(config.data)
+  """The on-device Sudoku generator (training images; test puzzles by (seed, index)).
+
+  The top-N digits of the bundled file come from its shipped ranking; other digits are ranked by
+  the shipped classifier here.
+  """
+  shipped = (config.data.get("digits_source", "bundled") == "bundled"
+             and config.data.get("digits_path") is None)
+  confidence = None if shipped else sudoku_metrics.classifier_confidence
+  return sudoku.make_sudoku_task_from_config(config.data, digit_confidence=confidence)
 
 
 def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:

@@ -1,7 +1,7 @@
 r"""Trains the Counting Polygons scorer and writes the weights shipped with the package.
 
-    python -m ipr_jax.metrics.train_polygon_scorer              # writes ipr_jax/metrics/assets/...
-    python -m ipr_jax.metrics.train_polygon_scorer --num_train=2000 --num_epochs=1 \
+    python -m ipr_jax.scorers.train_polygon_scorer              # writes ipr_jax/metrics/assets/...
+    python -m ipr_jax.scorers.train_polygon_scorer --num_train=2000 --num_epochs=1 \
         --output=/tmp/scorer.npz --min_accuracy=0
 
 The shipped weights come from four runs (60,000 images each, batch 64, `--cache_dir` set), each

@@ -1,7 +1,7 @@
 r"""Trains the Sudoku metric's MNIST classifier and writes the weights shipped with the package.
 
-    python -m ipr_jax.metrics.train_classifier            # writes ipr_jax/metrics/assets/...
-    python -m ipr_jax.metrics.train_classifier --output=/tmp/clf.npz --num_epochs=2
+    python -m ipr_jax.scorers.train_classifier            # writes ipr_jax/metrics/assets/...
+    python -m ipr_jax.scorers.train_classifier --output=/tmp/clf.npz --num_epochs=2
 
 Data: the training part of the bundled digits (`ipr_jax.data.digits`, every fifth digit of each
 class is held out); accuracy is reported on the held-out part and stored in the file's metadata.
@@ -22,7 +22,7 @@ repetition, which the 28 px weights read poorly. `--cell_size=7` fine-tunes the 
 digits coarsened the same way (box-averaged to 7 px, repeated back to 28 px) and writes
 `mnist_classifier_cell7.npz`, which the metric loads for 7 px cells:
 
-    python -m ipr_jax.metrics.train_classifier --cell_size=7 \
+    python -m ipr_jax.scorers.train_classifier --cell_size=7 \
         --init_from=ipr_jax/metrics/assets/mnist_classifier.npz --num_epochs=5 \
         --learning_rate=5e-4 --min_accuracy=0.9
 """

@@ -1,0 +1,135 @@
+"""SRM greedy sampler and Iterative Partial Refinement (IPR), batched (spec §4).
+
+The package's modules, each importing only those above it:
+
+  config.py     SamplerConfig, IPRConfig (the one source of IPR's defaults), the function types;
+  patches.py    patch geometry, per-puzzle keys, correction mode's cell swaps;
+  greedy.py     the SRM greedy loop (`srm_sample`);
+  selection.py  resampling counts, the uncertainty query, the selection strategies (`SELECTORS`);
+  ipr.py        IPR's scan (`srm_ipr`, `ipr_refine`) and `check_schedules`.
+
+Their public names are imported here (`from ipr_jax import sampling; sampling.srm_ipr(...)`);
+`ipr_jax.sampler` re-exports them for code written before the split.
+
+The reference samples one puzzle at a time in Python loops. Here a whole batch
+of puzzles, each with its own unknown patches and schedule length, runs in one
+jit-compilable program:
+
+* `srm_sample`: the SRM greedy loop (§4.4) as one `lax.while_loop` over steps
+  that runs until the longest schedule of the batch has ended. The denoiser is
+  called once per step on the whole batch; the per-puzzle bookkeeping is
+  written batched over puzzles. A puzzle whose schedule has ended keeps its
+  state and stops counting denoiser passes.
+* `srm_ipr`: the initial SRM pass (or the correction-mode corruption, §4.2)
+  followed by IPR (§4.5), as one `lax.scan` over budgets. Each IPR iteration
+  re-noises a random subset of patches and regenerates them with the same
+  greedy loop; the SRM pass is iteration 0 of that scan, so the greedy loop's
+  denoiser call is traced (and compiled) once. The uncertainty query of the
+  variants below calls the denoiser on a batch of G x B: a second copy of the
+  denoiser in the program (a third where `ipr_refine` queries its input before
+  the scan). An optional `score_fn` is evaluated after every budget inside
+  the scan, so one run yields the whole quality-vs-budget curve. Usable under
+  `jax.jit` and `jax.pmap` with `denoise_fn`, `score_fn`, `verify_fn`, the
+  patch size and the configs static. `ipr_refine` runs IPR alone on given
+  samples. An iteration's pieces: a selection strategy (`SELECTORS`, one
+  signature), the re-noising (`_renoise`), the greedy loop, the uncertainty
+  query with the confident-iterate tracker (`_query_and_track`) and
+  immediate_stop (`_immediate_stop`).
+
+IPR variants beyond the paper (`IPRConfig`; the defaults are the paper's IPR): see `ipr.py`.
+The greedy state and the time rows fed to the denoiser: see `greedy.py`.
+
+Randomness is per puzzle: every random draw of puzzle b derives from `keys[b]`
+only (via `fold_in` of the step / iteration), so a puzzle gives the same result
+in any batch. Use `puzzle_keys(key, puzzle_ids)` to make the keys.
+
+Deviations from the reference (documented choices):
+* The reference adds "clamp noise" (std e^-15 ~ 3.06e-7, the floor of its
+  Gaussian) wherever t_next > 0, even where the kernel's sigma is 0. This is
+  reproduced by default (`SamplerConfig.clamp_noise=True`); with
+  `clamp_noise=False` noise is added only where the unclamped sigma is positive
+  (0 < t_next < t and stochasticity > 0), which makes stochasticity 0 fully
+  deterministic.
+* n = 0 unknown patches gives an empty schedule (0 passes; see schedule.py).
+* Random patch subsets, re-noising and corruption swaps use JAX PRNG keys, not
+  the reference's Python / torch generators (which reseed to 42 + i anyway).
+* Only top_k = 1 is implemented (the only value the reference configs use).
+"""
+
+
+# pylint: disable=g-importing-member,unused-import
+from ipr_jax.sampling.config import CellVerifyFn
+from ipr_jax.sampling.config import DenoiseFn
+from ipr_jax.sampling.config import IPRConfig
+from ipr_jax.sampling.config import MODES
+from ipr_jax.sampling.config import NOISE_TYPES
+from ipr_jax.sampling.config import RATIO_SCHEDULES
+from ipr_jax.sampling.config import RETURN_ITERATES
+from ipr_jax.sampling.config import SamplerConfig
+from ipr_jax.sampling.config import ScoreFn
+from ipr_jax.sampling.config import SELECTIONS
+from ipr_jax.sampling.config import UNCERTAINTY_SCORES
+from ipr_jax.sampling.config import VerifyFn
+from ipr_jax.sampling.greedy import GreedyResult
+from ipr_jax.sampling.greedy import srm_sample
+from ipr_jax.sampling.ipr import check_schedules
+from ipr_jax.sampling.ipr import ipr_refine
+from ipr_jax.sampling.ipr import IPRResult
+from ipr_jax.sampling.ipr import srm_ipr
+from ipr_jax.sampling.patches import corrupt_by_swaps
+from ipr_jax.sampling.patches import patch_grid
+from ipr_jax.sampling.patches import patch_mean
+from ipr_jax.sampling.patches import patch_pixel_mask
+from ipr_jax.sampling.patches import patches_to_pixels
+from ipr_jax.sampling.patches import puzzle_keys
+from ipr_jax.sampling.patches import unknown_patches
+from ipr_jax.sampling.selection import num_resampled_table
+from ipr_jax.sampling.selection import random_subset
+from ipr_jax.sampling.selection import ranked_subset
+from ipr_jax.sampling.selection import resample_counts
+from ipr_jax.sampling.selection import resample_mask
+from ipr_jax.sampling.selection import select_random
+from ipr_jax.sampling.selection import select_uncertainty
+from ipr_jax.sampling.selection import select_verifier
+from ipr_jax.sampling.selection import SELECTORS
+from ipr_jax.sampling.selection import standardized
+from ipr_jax.sampling.selection import uncertainty_query
+
+__all__ = (
+    "CellVerifyFn",
+    "DenoiseFn",
+    "IPRConfig",
+    "MODES",
+    "NOISE_TYPES",
+    "RATIO_SCHEDULES",
+    "RETURN_ITERATES",
+    "SamplerConfig",
+    "ScoreFn",
+    "SELECTIONS",
+    "UNCERTAINTY_SCORES",
+    "VerifyFn",
+    "GreedyResult",
+    "srm_sample",
+    "check_schedules",
+    "ipr_refine",
+    "IPRResult",
+    "srm_ipr",
+    "corrupt_by_swaps",
+    "patch_grid",
+    "patch_mean",
+    "patch_pixel_mask",
+    "patches_to_pixels",
+    "puzzle_keys",
+    "unknown_patches",
+    "num_resampled_table",
+    "random_subset",
+    "ranked_subset",
+    "resample_counts",
+    "resample_mask",
+    "select_random",
+    "select_uncertainty",
+    "select_verifier",
+    "SELECTORS",
+    "standardized",
+    "uncertainty_query",
+)

@@ -1,0 +1,272 @@
+"""The SRM greedy loop (spec §4.4), batched: `srm_sample`, and `greedy_loop`, which IPR reuses.
+
+The greedy state of a puzzle is: z, which patches are still waiting, the step
+at which each patch was selected, the block counter and the next block start.
+The patch-level time row fed to the denoiser at step s is then
+
+  waiting (unknown, not yet selected)    1
+  selected at step s0, s - s0 < L        prototype[s - s0]
+  everything else (given, finished)      0
+  any patch, at s >= max_steps           0
+
+which is the reference's scheduling matrix S with its min / truncation rules
+(checked against the reference's recorded rows in tests/test_sampler.py).
+"""
+
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipr_jax import flow
+from ipr_jax import schedule as schedule_lib
+from ipr_jax.sampling.config import DenoiseFn, SamplerConfig
+from ipr_jax.sampling.patches import (check_keys, fold_keys, patch_grid, patch_mean,
+                                      patches_to_pixels)
+
+
+@flax.struct.dataclass
+class GreedyResult:
+  """Output of one greedy pass over a batch.
+
+  Attributes:
+    z: `[B, H, W, d]` float32 final samples.
+    order: `[B, N]` int32 patch ids (row-major) in selection order, -1 after
+      the last selection.
+    order_step: `[B, N]` int32 step at which `order[b, i]` was selected, -1
+      padding.
+    nfe: `[B]` int32 denoiser passes spent on each puzzle.
+    t_rows: `[S, B, N]` float32 patch times fed to the denoiser at each step
+      (only with record=True, else None); rows past a puzzle's schedule are 0.
+    sigma_rows: `[S, B, N]` float32 patch-pooled sigma returned at each step
+      (only with record=True, else None); rows after the batch's last step are 0.
+  """
+  z: jax.Array
+  order: jax.Array
+  order_step: jax.Array
+  nfe: jax.Array
+  t_rows: Optional[jax.Array] = None
+  sigma_rows: Optional[jax.Array] = None
+
+
+@flax.struct.dataclass
+class _GreedyState:
+  z: jax.Array             # [B, H, W, d] float32
+  waiting: jax.Array       # [B, N] bool: unknown, not selected yet
+  selected_at: jax.Array   # [B, N] int32 step of selection, -1 if none
+  order: jax.Array         # [B, N] int32
+  order_step: jax.Array    # [B, N] int32
+  num_selected: jax.Array  # [B] int32
+  block_counter: jax.Array  # [B] int32
+  next_start: jax.Array    # [B] int32 step of the next selection (-1: none)
+  nfe: jax.Array           # [B] int32
+
+
+@flax.struct.dataclass
+class PuzzleSchedule:
+  max_steps: jax.Array     # [B] int32
+  block_len: jax.Array     # [B] int32
+  starts: jax.Array        # [B, N + 1] int32
+  prototype: jax.Array     # [B, L_max] float32
+
+
+def lookup_schedule(table: schedule_lib.ScheduleTable, n: jax.Array,
+                     proto_len: Optional[int] = None) -> PuzzleSchedule:
+  """Each puzzle's schedule row for its n `[B]` (prototypes padded to proto_len)."""
+  protos = table.prototypes
+  if proto_len is not None and proto_len > protos.shape[1]:
+    protos = np.pad(protos, ((0, 0), (0, proto_len - protos.shape[1])))
+  return PuzzleSchedule(
+      max_steps=jnp.asarray(table.max_steps)[n],
+      block_len=jnp.asarray(table.block_len)[n],
+      starts=jnp.asarray(table.block_starts)[n],
+      prototype=jnp.asarray(protos)[n])
+
+
+def _time_rows(step, state: _GreedyState, sched: PuzzleSchedule,
+               start_time: Optional[jax.Array] = None) -> jax.Array:
+  """Patch times `[B, N]` at `step` (see the module docstring).
+
+  Waiting patches are at `start_time` `[B]` (None: 1, pure noise).
+  """
+  age = step - state.selected_at
+  in_block = (state.selected_at >= 0) & (age < sched.block_len[:, None])
+  index = jnp.clip(age, 0, sched.prototype.shape[1] - 1)
+  t_selected = jnp.take_along_axis(sched.prototype, index, axis=1)
+  t_waiting = 1.0 if start_time is None else start_time[:, None]
+  t = jnp.where(state.waiting, t_waiting, jnp.where(in_block, t_selected, 0.0))
+  return jnp.where((step < sched.max_steps)[:, None], t, 0.0).astype(jnp.float32)
+
+
+def _select(step, live, state: _GreedyState, sched: PuzzleSchedule,
+            sigma: jax.Array) -> _GreedyState:
+  """Block bookkeeping and greedy patch choice at `step` (lowest sigma first)."""
+  num_patches = state.waiting.shape[1]
+  predict = live & (state.next_start == step)
+  block_counter = state.block_counter + predict.astype(jnp.int32)
+  start = jnp.take_along_axis(
+      sched.starts, jnp.minimum(block_counter, num_patches)[:, None], axis=1)[:, 0]
+  next_start = jnp.where(predict, start, state.next_start)
+  select = predict & jnp.any(state.waiting, axis=1)
+  # Ties go to the lowest index (argmin returns the first minimum).
+  choice = jnp.argmin(jnp.where(state.waiting, sigma, jnp.inf), axis=1)
+  patch_ids = jnp.arange(num_patches)
+  chosen = (patch_ids[None, :] == choice[:, None]) & select[:, None]
+  slot = (patch_ids[None, :] == state.num_selected[:, None]) & select[:, None]
+  return state.replace(
+      waiting=state.waiting & ~chosen,
+      selected_at=jnp.where(chosen, step, state.selected_at),
+      order=jnp.where(slot, choice[:, None].astype(jnp.int32), state.order),
+      order_step=jnp.where(slot, step, state.order_step),
+      num_selected=state.num_selected + select.astype(jnp.int32),
+      block_counter=block_counter,
+      next_start=next_start)
+
+
+def _initial_greedy_state(z: jax.Array, waiting: jax.Array) -> _GreedyState:
+  """The greedy state before step 0: z `[B, H, W, d]`, `waiting` `[B, N]`, nothing selected."""
+  batch, num_patches = waiting.shape
+  minus_one = jnp.full((batch, num_patches), -1, jnp.int32)
+  zeros = jnp.zeros([batch], jnp.int32)
+  return _GreedyState(z=z, waiting=waiting, selected_at=minus_one, order=minus_one,
+                      order_step=minus_one, num_selected=zeros, block_counter=zeros,
+                      next_start=zeros, nfe=zeros)
+
+
+def _reverse_step(out, z, t_now_pix, t_next_pix, keys, *, stochasticity: float,
+                  temperature: float, clamp_noise: bool) -> jax.Array:
+  """One step of the reverse kernel p(z_next | z) from the denoiser's output `out`.
+
+  Args:
+    out: DenoiserOutput of z (u, v `[B, H, W, d]`).
+    z: `[B, H, W, d]` float32 current state.
+    t_now_pix, t_next_pix: `[B, H, W, 1]` pixel times of this step and the next.
+    keys: `[B]` typed keys of this step's noise.
+    stochasticity, temperature, clamp_noise: as in `SamplerConfig`.
+
+  Returns:
+    `[B, H, W, d]` float32: the kernel's mean, sampled where noise is added (clamp_noise: wherever
+    t_next > 0, as the reference; else only where the unclamped sigma is positive).
+  """
+  kernel = flow.reverse_kernel(
+      out.u.astype(jnp.float32), z, t_now_pix, t_next_pix,
+      out.v.astype(jnp.float32), stochasticity, temperature)
+  z_next = kernel.mean
+  if clamp_noise or stochasticity > 0.0:
+    eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys)
+    if clamp_noise:  # The reference: sample wherever t_next > 0.
+      noisy = t_next_pix > 0
+    else:  # Only where the unclamped sigma is positive.
+      noisy = (t_next_pix > 0) & (t_next_pix < t_now_pix)
+    z_next = jnp.where(noisy, kernel.reparameterize(eps), z_next)
+  return z_next
+
+
+def greedy_loop(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
+            sched: PuzzleSchedule, *, patch_size: int, stochasticity: float,
+            temperature: float, clamp_noise: bool, record_steps: int = 0,
+            step_limit: Optional[int] = None,
+            start_time: Optional[jax.Array] = None) -> GreedyResult:
+  """The greedy loop on a batch; `waiting` [B, N] are the patches to generate.
+
+  A `lax.while_loop` over steps that runs until the longest schedule of the
+  batch has ended; a puzzle past its own schedule keeps its state and spends
+  no passes. With record_steps > 0 the time and sigma rows of the first
+  record_steps steps are kept; with step_limit the loop stops after that many
+  steps. Waiting patches start at `start_time` `[B]` (None: t = 1); the
+  schedule's prototypes must then start there too.
+  """
+  batch, num_patches = waiting.shape
+  grid = patch_grid(z.shape, patch_size)
+  state = _initial_greedy_state(z.astype(jnp.float32), waiting)
+  rows = jnp.zeros((2, record_steps, batch, num_patches), jnp.float32)
+  num_steps = jnp.max(sched.max_steps)
+  if step_limit is not None:
+    num_steps = jnp.minimum(num_steps, step_limit)
+
+  def step_fn(carry):
+    step, state, rows = carry
+    live = step < sched.max_steps
+    t_now = _time_rows(step, state, sched, start_time)
+    t_now_pix = patches_to_pixels(t_now, grid, patch_size)
+    out = denoise_fn(state.z, t_now_pix)
+    sigma = patch_mean(out.sigma.astype(jnp.float32), patch_size)
+    new = _select(step, live, state, sched, sigma)
+    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time),
+                                   grid, patch_size)
+    z_next = _reverse_step(out, state.z, t_now_pix, t_next_pix, fold_keys(keys, step),
+                           stochasticity=stochasticity, temperature=temperature,
+                           clamp_noise=clamp_noise)
+    if mask is not None:
+      z_next = masked + mask * z_next
+    new = new.replace(
+        z=jnp.where(live[:, None, None, None], z_next, state.z),
+        nfe=state.nfe + live.astype(jnp.int32))
+    if record_steps:
+      rows = rows.at[:, step].set(jnp.stack([t_now, sigma]), mode="drop")
+    return step + 1, new, rows
+
+  _, state, rows = jax.lax.while_loop(
+      lambda carry: carry[0] < num_steps, step_fn, (jnp.int32(0), state, rows))
+  return GreedyResult(
+      z=state.z, order=state.order, order_step=state.order_step, nfe=state.nfe,
+      t_rows=rows[0] if record_steps else None,
+      sigma_rows=rows[1] if record_steps else None)
+
+
+def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
+               mask: Optional[jax.Array], unknown: jax.Array, keys: jax.Array, *,
+               patch_size: int, config: SamplerConfig, record: bool = False,
+               step_limit: Optional[int] = None) -> GreedyResult:
+  """SRM greedy sampling of a batch (spec §4.4), one compiled scan over steps.
+
+  Per puzzle b with n_b = sum(unknown[b]) patches to generate, the schedule of
+  schedule.py (steps_per_patch, overlap) runs for max_steps(n_b) steps; at each
+  block start the waiting patch with the lowest patch-pooled sigma is selected
+  (ties to the lowest index) and follows the time prototype. Given cells are
+  re-pasted after every step (z = masked + mask z).
+
+  Args:
+    denoise_fn: (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput with u, v,
+      sigma; called once per step on the whole batch. Static under jit.
+    z: `[B, H, W, d]` initial state (given cells already pasted, unknown cells noise).
+    masked: `[B, H, W, d]` given content, 0 on unknown cells (None: no mask).
+    mask: `[B, H, W, 1]` 1 = generate, 0 = given (None: everything generated).
+    unknown: `[B, N]` bool patches to generate (see `unknown_patches`).
+    keys: `[B]` typed PRNG keys, one per puzzle.
+    patch_size: P (static).
+    config: SamplerConfig (static).
+    record: also return the time and sigma rows of every step.
+    step_limit: stop after this many steps (a partial run, e.g. to inspect an
+      intermediate state); default: run every schedule to its end.
+
+  Returns:
+    GreedyResult.
+  """
+  check_inputs(z, masked, mask, unknown, keys, patch_size)
+  table = schedule_lib.schedule_table(unknown.shape[1], config.steps_per_patch,
+                                      config.overlap, config.clean_schedule)
+  sched = lookup_schedule(table, jnp.sum(unknown, axis=1))
+  return greedy_loop(denoise_fn, z, masked, mask, unknown, keys, sched,
+                 patch_size=patch_size, stochasticity=config.stochasticity,
+                 temperature=config.temperature, clamp_noise=config.clamp_noise,
+                 record_steps=table.steps_bound() if record else 0,
+                 step_limit=step_limit)
+
+
+def check_inputs(z, masked, mask, unknown, keys, patch_size) -> None:
+  if z.ndim != 4:
+    raise ValueError(f"z must be [B, H, W, d], got shape {z.shape}.")
+  gh, gw = patch_grid(z.shape, patch_size)
+  if (mask is None) != (masked is None):
+    raise ValueError("mask and masked must be given together.")
+  if mask is not None and mask.shape != z.shape[:3] + (1,):
+    raise ValueError(f"mask must have shape {z.shape[:3] + (1,)}, got {mask.shape}.")
+  if masked is not None and masked.shape != z.shape:
+    raise ValueError(f"masked must have shape {z.shape}, got {masked.shape}.")
+  if unknown.shape != (z.shape[0], gh * gw):
+    raise ValueError(f"the patch vector must have shape {(z.shape[0], gh * gw)} "
+                     f"for a {gh}x{gw} patch grid, got {unknown.shape}.")
+  check_keys(keys, z.shape[0])
