@@ -55,7 +55,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   lr, start, warmup = float(o.learning_rate), float(o.warmup_start_factor), int(o.warmup_steps)
   decay_steps, end = o.get("decay_steps"), float(o.get("decay_end_factor", 0.0))
   if decay_steps is not None and decay_steps <= max(warmup, 0):
-    raise errors.ConfigError(f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
+    raise errors.ConfigError(
+        f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
   if not 0.0 <= end <= 1.0:
     raise errors.ConfigError(f"optim.decay_end_factor={end} must lie in [0, 1]")
 

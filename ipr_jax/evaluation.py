@@ -65,9 +65,10 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
   """
   task = tasks.get(config.task).Evaluation(config)
   if config.ipr.get("selection") == "verifier" and task.cell_verify_fn is None:
-    raise errors.ConfigError(f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
-                     f"{' and '.join(tasks.with_cell_verifier())} has; got task "
-                     f"{config.task!r}")
+    raise errors.ConfigError(
+        f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
+        f"{' and '.join(tasks.with_cell_verifier())} has; got task "
+        f"{config.task!r}")
   return task
 
 
@@ -455,7 +456,7 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
   if num_puzzles < 1 or batch_size < 1:
     raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
-                     f"{batch_size} must be positive")
+                             f"{batch_size} must be positive")
   if num_puzzles > MAX_PUZZLES:
     raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
 

@@ -124,7 +124,8 @@ def load_file(path: str | os.PathLike) -> Pretrained:
     raise errors.ConfigError(f"{str(path)!r} is not a readable .npz model file: {e}") from e
   missing = [k for k in (_CONFIG_KEY, _METADATA_KEY) if k not in flat]
   if missing:
-    raise errors.ConfigError(f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained")
+    raise errors.ConfigError(
+        f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained")
   config = ml_collections.ConfigDict(json.loads(str(flat.pop(_CONFIG_KEY))))
   metadata = json.loads(str(flat.pop(_METADATA_KEY)))
   params = _unflatten(flat)
@@ -135,7 +136,7 @@ def load_file(path: str | os.PathLike) -> Pretrained:
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:6]
     raise errors.ConfigError(f"{str(path)!r}: parameters do not fit the model of its config "
-                     f"(first differences, name and shape: {diff})")
+                             f"(first differences, name and shape: {diff})")
   return Pretrained(name=path.stem, params=params, config=config, metadata=metadata)
 
 

@@ -57,9 +57,11 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
     try:
       obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-      raise errors.ConfigError(f"{path!r} is not a readable PyTorch checkpoint: {first_error}") from e
+      raise errors.ConfigError(
+          f"{path!r} is not a readable PyTorch checkpoint: {first_error}") from e
   if not isinstance(obj, Mapping):
-    raise errors.ConfigError(f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    raise errors.ConfigError(
+        f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
   extras = {k: obj[k] for k in ("global_step", "epoch") if k in obj}
   tensors = obj.get("state_dict", obj)
   if not isinstance(tensors, Mapping):
@@ -93,6 +95,7 @@ def select_denoiser(state_dict: Mapping[str, np.ndarray], weights: str = "ema"
     return dict(state_dict)  # Already a plain denoiser state_dict.
   prefix = EMA_PREFIX if weights == "ema" else LIVE_PREFIX
   if not any(k.startswith(prefix) for k in state_dict):
-    raise errors.ConfigError(f"the checkpoint has no {weights} weights (no keys starting with {prefix!r}); "
-                     f"use the other --weights choice")
+    raise errors.ConfigError(
+        f"the checkpoint has no {weights} weights (no keys starting with {prefix!r}); "
+        f"use the other --weights choice")
   return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

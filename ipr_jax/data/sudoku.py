@@ -77,11 +77,13 @@ def check_given_range(given_range, box_size: int = 3) -> tuple[int, int]:
   except (TypeError, ValueError):
     ok = False
   if not ok:
-    raise errors.ConfigError(f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
-                     "a pair of integers (lo, hi)")
+    raise errors.ConfigError(
+        f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
+        "a pair of integers (lo, hi)")
   if not 0 <= lo <= hi <= num_cells:
-    raise errors.ConfigError(f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
-                     "of cells)")
+    raise errors.ConfigError(
+        f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
+        "of cells)")
   return lo, hi
 
 
@@ -309,7 +311,7 @@ class SudokuTask:
   def _check_test_request(self, indices, unique_solution: bool) -> jax.Array:
     if unique_solution and self.box_size != 2:
       raise errors.ConfigError(f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
-                       f"{self.box_size}: uniqueness is checked against all 288 4x4 grids")
+                               f"{self.box_size}: uniqueness is checked against all 288 4x4 grids")
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 1:
       raise ValueError(f"indices shape {indices.shape}: expected [B]")
@@ -403,7 +405,8 @@ def make_sudoku_task_from_config(data_config: Mapping,
               "patch_size": cell_size}
   for name, value in expected.items():
     if name in data_config and data_config[name] != value:
-      raise errors.ConfigError(f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
-                       f"cell_size={cell_size}: expected {value}")
+      raise errors.ConfigError(
+          f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
+          f"cell_size={cell_size}: expected {value}")
   return make_sudoku_task(**kwargs, digit_confidence=digit_confidence)
 

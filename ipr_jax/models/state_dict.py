@@ -205,16 +205,16 @@ def unet_params_from_state_dict(state_dict: Mapping[str, Any],
     value = np.asarray(state_dict[key])
     if value.shape != shape:
       raise errors.ConfigError(f"state_dict[{key!r}] has shape {value.shape}; the "
-                       f"model expects {shape}")
+                               f"model expects {shape}")
     if not np.issubdtype(value.dtype, np.floating):
       raise errors.ConfigError(f"state_dict[{key!r}] has dtype {value.dtype}; "
-                       "expected a floating dtype")
+                               "expected a floating dtype")
     if path is None:
       source = "time_embedding." + key.split(".t_emb.", 1)[1]
       if not np.array_equal(value, np.asarray(state_dict[source])):
         raise errors.ConfigError(f"state_dict[{key!r}] differs from "
-                         f"state_dict[{source!r}]; they must be the same "
-                         "shared time embedding")
+                                 f"state_dict[{source!r}]; they must be the same "
+                                 "shared time embedding")
       continue
     flat[path] = jnp.asarray(
         _to_flax_layout(path, value.astype(np.float32)))
@@ -252,8 +252,8 @@ def state_dict_from_unet_params(params: Mapping[str, Any],
   for path, shape in template.items():
     if tuple(np.shape(flat[path])) != shape:
       raise errors.ConfigError(f"params[{'/'.join(path)!r}] has shape "
-                       f"{tuple(np.shape(flat[path]))}; the model expects "
-                       f"{shape}")
+                               f"{tuple(np.shape(flat[path]))}; the model expects "
+                               f"{shape}")
   out = {}
   for key, path, _ in _entries(model):
     if path is None:

@@ -100,8 +100,9 @@ class Evaluation(base.Evaluation):
     lo, hi = self.given_range
     outside = (given < lo) | (given > hi)
     if outside.any():  # only unique-solution puzzles have given counts not drawn from the range
-      raise errors.ConfigError(f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
-                       f"outside config.eval.given_range={self.given_range}")
+      raise errors.ConfigError(
+          f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
+          f"outside config.eval.given_range={self.given_range}")
     return self.num_patches - given
 
   def final_fn(self, z: jax.Array) -> dict[str, jax.Array]:
