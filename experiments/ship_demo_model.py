@@ -87,8 +87,9 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
     [num_puzzles, budget + 1], the classified `digit_grid` ([num_puzzles, budget + 1, n, n]) and
     the `cell_mean` pixel values ([num_puzzles, budget + 1, n, n], compared to `cell_mean_atol`)
     of every puzzle after every budget (`pretrained.regression_facts`: a changed sampler moves
-    these long before it changes a valid flag), the per-budget `valid_rate`, `mean_duplicate_count` and `mean_nfe`, the
-    tolerance, and the code and environment that recorded it.
+    these long before it changes a valid flag), the per-budget `valid_rate`,
+    `mean_duplicate_count` and `mean_nfe`, the tolerances, and the code and environment that
+    recorded it.
   """
   config = regression_config(name, num_puzzles, budget, batch_size)
   with tempfile.TemporaryDirectory() as workdir:

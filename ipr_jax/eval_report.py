@@ -223,8 +223,8 @@ def _show_image(ax, image: np.ndarray) -> None:
 def choose_plot_puzzles(valid: np.ndarray, count: int) -> np.ndarray:
   """Which puzzles show what IPR does: up to `count` row numbers of `valid` ([P, budgets] bool),
   first the puzzles IPR fixed (invalid after SRM, valid after the last budget), keeping the last
-  place (of at least two) for one that stays invalid, then the others (valid throughout, then made invalid by IPR);
-  each group in index order."""
+  place (of at least two) for one that stays invalid, then the others (valid throughout, then
+  made invalid by IPR); each group in index order."""
   valid = np.asarray(valid, bool)
   if valid.ndim != 2:
     raise ValueError(f"valid must be [P, budgets], got shape {valid.shape}")

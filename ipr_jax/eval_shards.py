@@ -80,12 +80,12 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # made again from the shards at every merge), cli.py and errors.py (the command line and its
 # messages), eval_shards.py, environment.py (its record is checked on its own), agreement.py,
 # preemption.py and host_devices.py (files, processes, devices: results do not depend on the
-# device or process count). The configs are not code here: their resolved values are settings. The fingerprint is
-# of whole files, bytes as they are: simple and conservative (an edit of evaluate.py's command
-# line or of a docstring counts too). Weights given by path (eval.classifier_path,
-# eval.scorer_path) are identified by their path only. tests/test_evaluate.py
-# checks that every package module the listed modules import is listed or left out here, and that
-# every shipped metric and data asset is listed.
+# device or process count). The configs are not code here: their resolved values are settings.
+# The fingerprint is of whole files, bytes as they are: simple and conservative (an edit of
+# evaluate.py's command line or of a docstring counts too). Weights given by path
+# (eval.classifier_path, eval.scorer_path) are identified by their path only.
+# tests/test_evaluate.py checks that every package module the listed modules import is listed or
+# left out here, and that every shipped metric and data asset is listed.
 CODE_FILES = (
     "evaluate.py",
     "evaluation.py",

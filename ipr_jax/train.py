@@ -21,8 +21,9 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
 * Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
-  SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once); restarting with the same workdir resumes exactly (step, params, optimizer state, EMA,
-  PRNG). A NaN or inf loss stops the run without saving the bad state.
+  SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once); restarting with the same
+  workdir resumes exactly (step, params, optimizer state, EMA, PRNG). A NaN or inf loss stops the
+  run without saving the bad state.
 * A progress line every `log_every_steps` (loss terms, steps/s, ETA), the same values appended to
   `workdir/metrics.jsonl`, the resolved config in `workdir/config.json`.
 

@@ -25,7 +25,8 @@ def _failing(compute_batch):
 
 
 if __name__ == "__main__":
-  evaluation._compute_batch = _failing(evaluation._compute_batch)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  evaluation._compute_batch = _failing(evaluation._compute_batch)
   host_devices.use_cpu_cores()
   evaluate.define_flags()
   cli.run(evaluate.main)

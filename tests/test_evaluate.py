@@ -232,7 +232,8 @@ def test_the_record_check_fails_for_a_changed_model_or_sampler(shipped, demo_run
         x + 0.05 * np.sqrt(np.mean(np.square(x))) * rng.standard_normal(x.shape).astype(x.dtype)
         for x in leaves])
   elif change == "given_cells_as_candidates":
-    monkeypatch.setattr(sampling_ipr, "_refine", _given_cells_as_candidates(sampling_ipr._refine))  # pylint: disable=protected-access
+    buggy = _given_cells_as_candidates(sampling_ipr._refine)  # pylint: disable=protected-access
+    monkeypatch.setattr(sampling_ipr, "_refine", buggy)
   else:
     config = _regression_config(shipped, ipr__renoise_time=0.8)
   differing = differing_puzzles(record, _regression_facts(config, params, record))
