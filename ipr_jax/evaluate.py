@@ -55,6 +55,7 @@ from ml_collections import config_flags
 from ipr_jax import checkpoint
 from ipr_jax import cli
 from ipr_jax import evaluation
+from ipr_jax import fit
 from ipr_jax import host_devices
 # The library's names, importable from here as before the split (evaluate.Evaluator, ...).
 from ipr_jax.evaluation import BatchResult  # pylint: disable=unused-import
@@ -94,6 +95,8 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   if f.config.distributed:
     host_devices.initialize_distributed()
+  cache = fit.enable_compilation_cache(f.config)
+  print(f"Compilation cache: {cache or 'off (config.compilation_cache_dir)'}", flush=True)
   try:
     evaluation.evaluate(f.config, f.workdir, f.checkpoint)
   except evaluation.EvaluationStopped as e:

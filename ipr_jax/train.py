@@ -58,6 +58,7 @@ import optax
 from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import cli
+from ipr_jax import fit
 from ipr_jax import flow
 from ipr_jax import host_devices
 from ipr_jax import losses
@@ -612,6 +613,8 @@ def main(argv: Sequence[str]) -> None:
   host_devices.use_cpu_cores(config.batch_size)  # before the first JAX call initialises XLA
   if config.distributed:
     host_devices.initialize_distributed()
+  cache = fit.enable_compilation_cache(config)
+  logging.info("Compilation cache: %s", cache or "off (config.compilation_cache_dir)")
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
