@@ -80,24 +80,24 @@ def _forward_flops(config, per_patch: bool):
 
 
 def _jobs(names):
-  """(key, fn) of every measurement, most valuable first."""
+  """(key, fn) of every measurement, most valuable first (remat last)."""
   jobs = []
+  eval_cost = lambda n, b, **o: fit.eval_program_cost(_config(n, **o), b).__dict__
+  train_cost = lambda n, b, **o: fit.train_step_cost(_config(n, **o), b).__dict__
   for name in names:
-    jobs.append((f"{name}/forward/per_patch", lambda n=name: _forward_flops(_config(n), True)))
+    for way, per_patch in (("per_patch", True), ("per_pixel", False)):
+      jobs.append((f"{name}/forward/{way}",
+                   lambda n=name, p=per_patch: _forward_flops(_config(n), p)))
     for b in BATCHES:
-      jobs.append((f"{name}/eval/random/{b}",
-                   lambda n=name, b=b: fit.eval_program_cost(_config(n), b).__dict__))
+      jobs.append((f"{name}/eval/random/{b}", lambda n=name, b=b: eval_cost(n, b)))
     for b in BATCHES:
-      jobs.append((f"{name}/train/plain/{b}",
-                   lambda n=name, b=b: fit.train_step_cost(_config(n), b).__dict__))
+      jobs.append((f"{name}/eval/uncertainty/{b}", lambda n=name, b=b: eval_cost(
+          n, b, **{"ipr.selection": "uncertainty"})))
+    for b in BATCHES:
+      jobs.append((f"{name}/train/plain/{b}", lambda n=name, b=b: train_cost(n, b)))
   for name in names:
     for b in BATCHES:
-      jobs.append((f"{name}/eval/uncertainty/{b}", lambda n=name, b=b: fit.eval_program_cost(
-          _config(n, **{"ipr.selection": "uncertainty"}), b).__dict__))
-    for b in BATCHES:
-      jobs.append((f"{name}/train/remat/{b}", lambda n=name, b=b: fit.train_step_cost(
-          _config(n, remat=True), b).__dict__))
-    jobs.append((f"{name}/forward/per_pixel", lambda n=name: _forward_flops(_config(n), False)))
+      jobs.append((f"{name}/train/remat/{b}", lambda n=name, b=b: train_cost(n, b, remat=True)))
   return jobs
 
 

@@ -197,7 +197,7 @@ class Evaluator:
     self._sampling_key = jax.random.fold_in(root, SAMPLING_STREAM)
     noise_key = jax.random.fold_in(root, NOISE_STREAM)
     self._initial_noise = jax.jit(jax.vmap(
-        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
+        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), self.task.image_shape)))
 
   def inputs(self, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
     """Test puzzles `indices`: image [P, H, W, d] and mask [P, H, W, 1] (None for tasks
