@@ -42,9 +42,9 @@ from ipr_jax import config_base  # noqa: E402  pylint: disable=g-import-not-at-t
 from ipr_jax import fit  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PRESETS = {
-    "ms": ("configs/mnist_sudoku.py:ms_hard_test", 56),
-    "ep": ("configs/even_pixels.py:ep_test", 256),
-    "cp": ("configs/counting_polygons.py:cp_test", 56),
+    "ms": ("configs/mnist_sudoku.py:ms_hard_test", (56,)),
+    "ep": ("configs/even_pixels.py:ep_test", (256, 2048)),  # the 256; the config's 2048
+    "cp": ("configs/counting_polygons.py:cp_test", (56,)),
 }
 MEMORIES_GB = {"TPU v5e / Colab (16 GB)": 16, "H100 (80 GB)": 80, "H200 (141 GB)": 141}
 HEADROOM = 0.1
@@ -155,6 +155,25 @@ def markdown(record: dict) -> str:
                for gb in MEMORIES_GB.values()]
       lines.append(f"| {name} | {program} | {model.fixed / fit.GB:.3f} | "
                    f"{model.per_item / fit.GB:.4f} | {seconds:.0f} | " + " | ".join(cells) + " |")
+  lines += ["", "Paper training batch on ONE device: micro-batches `grad_accum_steps` = k (the "
+            "smallest divisor of the batch whose micro-batch fits; the accumulated gradients add "
+            "one copy of the parameters, estimated as a quarter of the step's argument bytes: "
+            "parameters, EMA and Adam's two moments).", "",
+            "| preset | global batch | program |" + "".join(f" k for {k} |" for k in MEMORIES_GB),
+            "|---|---|---|" + "---|" * len(MEMORIES_GB)]
+  for name, (_, batches) in PRESETS.items():
+    for batch, program in [(b, p) for b in batches for p in ("train/plain", "train/remat")]:
+      model = _fit(rows, f"{name}/{program}")
+      if model is None:
+        continue
+      params = rows[f"{name}/{program}/1"]["argument_bytes"] / 4
+      cells = []
+      for gb in MEMORIES_GB.values():
+        budget = fit.memory_budget(gb * fit.GB, HEADROOM)
+        ks = [k for k in range(1, batch + 1) if batch % k == 0 and
+              model(batch // k) + (params if k > 1 else 0) <= budget]
+        cells.append(str(ks[0]) if ks else "none")
+      lines.append(f"| {name} | {batch} | {program} | " + " | ".join(cells) + " |")
   lines += ["", "| preset | time embedding | GFLOP per pass (compiled) | GFLOP (lowered) |"
             " compile s |", "|---|---|---|---|---|"]
   for name in PRESETS:

@@ -190,9 +190,10 @@ class AutoBatch:
   def describe(self) -> str:
     return (f"eval.batch_size=auto -> {self.batch_size} ({self.per_device} per device x "
             f"{self.batch_size // max(self.per_device, 1)} device(s)): the compiled evaluation "
-            f"program needs {self.fit.fixed / GB:.3f} GB + {self.fit.per_item / GB:.4f} GB per "
-            f"puzzle per device; the budget is {self.budget_bytes / GB:.2f} GB = "
-            f"{self.limit_bytes / GB:.2f} GB x (1 - headroom {self.headroom:g})")
+            f"program needs {self.fit.fixed / GB:.3g} GB + {self.fit.per_item / GB:.3g} GB per "
+            f"puzzle per device (XLA's compiled memory analysis); the budget is "
+            f"{self.budget_bytes / GB:.3g} GB = {self.limit_bytes / GB:.3g} GB x (1 - headroom "
+            f"{self.headroom:g})")
 
 
 def auto_eval_batch(config: ml_collections.ConfigDict, limit_bytes: int, headroom: float,

@@ -208,17 +208,6 @@ def level_time_patch(in_size: Size, out_size: Size,
   return tuple(sides)
 
 
-def broadcast_patches(values: Array, size: Size) -> Array:
-  """[B, gh, gw, C] per-patch values -> [B, h, w, C], each over its block."""
-  b, gh, gw, c = values.shape
-  h, w = size
-  if (h, w) == (gh, gw):
-    return values
-  values = jnp.broadcast_to(values[:, :, None, :, None, :],
-                            (b, gh, h // gh, gw, w // gw, c))
-  return values.reshape(b, h, w, c)
-
-
 def downsampled_size(size: Size) -> Size:
   """Output size of a 3x3 stride-2 conv with padding 1: ceil(n / 2)."""
   return tuple((n - 1) // 2 + 1 for n in size)
