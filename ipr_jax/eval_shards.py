@@ -66,7 +66,8 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
 # made again from the shards at every merge), cli.py (the command line), eval_shards.py,
 # agreement.py, preemption.py and host_devices.py (files, processes, devices: results do not
-# depend on the device or process count). The configs are not code here: their resolved values are settings. The fingerprint is
+# depend on the device or process count), fit.py (the batch size of eval.batch_size=auto, a
+# recorded setting on which no result depends; the compilation cache). The configs are not code here: their resolved values are settings. The fingerprint is
 # of whole files, bytes as they are: simple and conservative (an edit of evaluate.py's command
 # line or of a docstring counts too). Weights given by path (eval.classifier_path,
 # eval.scorer_path) are identified by their path only. tests/test_evaluate.py
@@ -103,7 +104,7 @@ CODE_FILES = (
     "data/assets/mnist_digits_10k.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
-NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "eval_report", "eval_shards",
+NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "eval_report", "eval_shards", "fit",
                       "host_devices", "preemption", "pretrained")
 
 _PACKAGE_DIR = pathlib.Path(ipr_jax.__file__).resolve().parent
