@@ -16,15 +16,21 @@ from ipr_jax import geometry
 from ipr_jax.models import unet
 
 
-def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
-  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1)."""
+def make_model(config: ml_collections.ConfigDict, training: bool = False) -> unet.UNet:
+  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1).
+
+  Its time maps are one value per `config.data.patch_size` patch (training and sampling build
+  them so), which lets it embed the time per patch (`unet.level_time_patch`; the same values).
+  With `training`, `config.remat` rematerialises its blocks in the backward pass (same params).
+  """
   m = config.model
   d = config.data.channels
   model = unet.UNet(
       hid_dims=tuple(m.hid_dims), attention=tuple(bool(a) for a in m.attention), d_in=d,
       d_out=2 * d + 1, num_blocks=m.num_blocks, t_emb_dim=m.t_emb_dim, d_emb=m.d_emb,
       num_head_channels=m.num_head_channels, dropout=m.dropout, num_groups=m.num_groups,
-      dtype=jnp.dtype(m.dtype))
+      dtype=jnp.dtype(m.dtype), time_patch_size=int(config.data.patch_size),
+      remat=bool(training and config.get("remat", False)))
   model.check_config()
   return model
 

@@ -108,6 +108,21 @@ def _add_top_level(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 100
   # Call jax.distributed.initialize() first (multi-host TPU pods / multi-node GPU); env-detected.
   config.distributed = False
+  # Training memory (same parameters, same updates): rematerialise the U-Net's ResBlocks and
+  # attention blocks in the backward pass (recomputed instead of stored) ...
+  config.remat = False
+  # ... and split each device's batch into this many micro-batches whose gradients are averaged
+  # (must divide batch_size / device count; 1: off).
+  config.grad_accum_steps = 1
+  # Persistent XLA compilation cache of the binaries, so that a rerun, a resume or the next sweep
+  # does not compile again: a directory; "" or "off": no cache; None: $JAX_COMPILATION_CACHE_DIR
+  # if set, else ~/.cache/ipr_jax/xla (`ipr_jax.compilation_cache`).
+  config.compilation_cache_dir = config_dict.placeholder(str)
+  # eval.batch_size="auto": memory per device in GB (None: the device's own limit, from
+  # jax.devices()[0].memory_stats(); needed where the device reports none, e.g. the CPU) ...
+  config.memory_limit_gb = config_dict.placeholder(float)
+  # ... and the fraction of it left free (for what the compiled analysis does not count).
+  config.memory_headroom = 0.1
 
 
 def _model_section(unet_preset: str) -> ml_collections.ConfigDict:
@@ -224,8 +239,10 @@ def _eval_section() -> ml_collections.ConfigDict:
   section.name = ""
   # Puzzles / images generated (the reference yaml runs 1, spec §7.2).
   section.num_puzzles = 100
-  # Puzzles / images per sampler call.
-  section.batch_size = 100
+  # Puzzles / images per sampler call; "auto": the largest batch whose compiled evaluation
+  # program fits the device memory less eval.memory_headroom (`ipr_jax.fit`), printed at the
+  # start and recorded in run.json as the number it resolved to (see memory_limit_gb).
+  section.batch_size = config_dict.FieldReference(100, field_type=object)
   # Seed of the evaluation randomness.
   section.seed = 42
   # Given-cell range of the test puzzles (MNIST Sudoku only).

@@ -80,10 +80,11 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # made again from the shards at every merge), cli.py and errors.py (the command line and its
 # messages), eval_shards.py, environment.py (its record is checked on its own), agreement.py,
 # preemption.py and host_devices.py (files, processes, devices: results do not depend on the
-# device or process count). The configs are not code here: their resolved values are settings.
-# The fingerprint is of whole files, bytes as they are: simple and conservative (an edit of
-# evaluate.py's command line or of a docstring counts too). Weights given by path
-# (eval.classifier_path, eval.scorer_path) are identified by their path only.
+# device or process count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
+# on which no result depends), compilation_cache.py (where compiled programs are kept). The configs are not code here: their
+# resolved values are settings. The fingerprint is of whole files, bytes as they are: simple and
+# conservative (an edit of evaluate.py's command line or of a docstring counts too). Weights
+# given by path (eval.classifier_path, eval.scorer_path) are identified by their path only.
 # tests/test_evaluate.py checks that every package module the listed modules import is listed or
 # left out here, and that every shipped metric and data asset is listed.
 CODE_FILES = (
@@ -124,8 +125,9 @@ CODE_FILES = (
     "data/assets/mnist_digits_10k_ranking.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
-NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "environment", "errors", "eval_report",
-                      "eval_shards", "host_devices", "preemption", "pretrained")
+NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "compilation_cache", "environment",
+                      "errors", "eval_report", "eval_shards", "fit", "host_devices", "preemption",
+                      "pretrained")
 # run.json's records of where the shards were computed, checked apart from the settings.
 ENVIRONMENT = "environment"
 ENVIRONMENT_CHANGES = "environment_changes"

@@ -56,7 +56,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from ipr_jax import cli
+from ipr_jax import compilation_cache
 from ipr_jax import evaluation
+from ipr_jax import fit
 from ipr_jax import host_devices
 # The library's names, importable from here as before the split (evaluate.Evaluator, ...).
 from ipr_jax.evaluation import BatchResult  # pylint: disable=unused-import
@@ -99,8 +101,13 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   if f.config.distributed:
     host_devices.initialize_distributed()
+  cache = compilation_cache.enable(f.config)
+  print(f"Compilation cache: {cache or 'off (config.compilation_cache_dir)'}", flush=True)
+  # eval.batch_size = "auto": the largest batch that fits this device (or the one that the run's
+  # shards were computed with).
+  config = fit.resolve_eval_batch_size(f.config, f.workdir)
   try:
-    evaluation.evaluate(f.config, f.workdir, f.checkpoint,
+    evaluation.evaluate(config, f.workdir, f.checkpoint,
                         allow_environment_change=f.allow_environment_change)
   except evaluation.EvaluationStopped as e:
     sys.exit(str(e))

@@ -154,6 +154,34 @@ class BatchResult:
   final_samples: Optional[np.ndarray] = None
 
 
+def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) -> Callable:
+  """The per-device evaluation program `run(params, keys, noise, image, mask, num_snapshots,
+  keep_final) -> dict` (SRM + IPR on one device's puzzles; `Evaluator` pmaps it, `ipr_jax.fit`
+  analyses its compiled memory); the last two arguments are static."""
+  sampler_config, ipr_config = _sampler_configs(config)
+  denoise = denoiser.make_denoise_fn(build.make_model(config), task.patch_size)
+
+  def run(params, keys, noise, image, mask, num_snapshots, keep_final):
+    result = sampling.srm_ipr(
+        functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
+        patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
+        score_fn=task.score_fn,
+        verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
+        cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
+        num_snapshots=num_snapshots)
+    scores = dict(result.scores)
+    if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
+      scores.update({f"last_{name}": value for name, value in result.last_scores.items()})
+    if result.uncertainty is not None:
+      scores["model_uncertainty"] = result.uncertainty
+    # Only what the host needs leaves the devices: the final images only when asked for.
+    return {"scores": scores, "nfe": result.nfe_per_budget,
+            "snapshots": result.snapshots, "final": task.final_fn(result.z),
+            "z": result.z if keep_final else None}
+
+  return run
+
+
 class Evaluator:
   """SRM + IPR on test puzzles of one config with one set of U-Net parameters.
 
@@ -175,33 +203,13 @@ class Evaluator:
     self.devices = jax.local_devices()
     self.num_devices = len(self.devices)
     self._replicated_params = jax_utils.replicate(params, self.devices)
-    denoise = denoiser.make_denoise_fn(build.make_model(config), self.task.patch_size)
-    task, sampler_config, ipr_config = self.task, self.sampler_config, self.ipr_config
-
-    def run(params, keys, noise, image, mask, num_snapshots, keep_final):
-      result = sampling.srm_ipr(
-          functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
-          patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
-          score_fn=task.score_fn,
-          verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
-          cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
-          num_snapshots=num_snapshots)
-      scores = dict(result.scores)
-      if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
-        scores.update({f"last_{name}": value for name, value in result.last_scores.items()})
-      if result.uncertainty is not None:
-        scores["model_uncertainty"] = result.uncertainty
-      # Only what the host needs leaves the devices: the final images only when asked for.
-      return {"scores": scores, "nfe": result.nfe_per_budget,
-              "snapshots": result.snapshots, "final": task.final_fn(result.z),
-              "z": result.z if keep_final else None}
-
+    run = make_run_fn(config, self.task)
     self._p_run = jax.pmap(run, static_broadcasted_argnums=(5, 6), devices=self.devices)
     root = jax.random.key(config.eval.seed)
     self._sampling_key = jax.random.fold_in(root, SAMPLING_STREAM)
     noise_key = jax.random.fold_in(root, NOISE_STREAM)
     self._initial_noise = jax.jit(jax.vmap(
-        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), task.image_shape)))
+        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), self.task.image_shape)))
 
   def inputs(self, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
     """Test puzzles `indices`: image [P, H, W, d] and mask [P, H, W, 1] (None for tasks
@@ -454,6 +462,10 @@ class _Run:
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
   num_puzzles, batch_size = config.eval.num_puzzles, config.eval.batch_size
+  if isinstance(batch_size, str):
+    raise errors.ConfigError(
+        f"config.eval.batch_size={batch_size!r}: the evaluation binary resolves 'auto' to a "
+        "number; in Python, resolve it first with fit.resolve_eval_batch_size(config, workdir)")
   if num_puzzles < 1 or batch_size < 1:
     raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
                              f"{batch_size} must be positive")

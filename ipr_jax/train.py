@@ -34,6 +34,10 @@ Deliberate differences from the reference (same recipe, different bookkeeping):
   than lazily from the global RNG on the first call;
 * the warm-up is computed as torch LinearLR's closed-form factor of the learning rate;
 * metrics.jsonl holds the mean of each metric over its logging window.
+
+Why over 600 lines: the binary is one loop whose pieces (the step with its gradient accumulation,
+the feed, the checkpoints, the logs, preemption) share the run's state; the reusable parts live in
+losses, time_sampler, train_state, checkpoint and build.
 """
 
 import dataclasses
@@ -59,6 +63,7 @@ import optax
 from ipr_jax import build
 from ipr_jax import checkpoint
 from ipr_jax import cli
+from ipr_jax import compilation_cache
 from ipr_jax import errors
 from ipr_jax import flow
 from ipr_jax import geometry
@@ -112,6 +117,18 @@ def _per_example(fn: Callable[..., Any], keys: jax.Array) -> Any:
   return jax.tree_util.tree_map(lambda x: x[:, 0], jax.vmap(fn)(keys))
 
 
+def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+  """config.grad_accum_steps (1 if absent): micro-batches per device and step.
+
+  Raises:
+    ValueError: not a positive integer.
+  """
+  value = config.get("grad_accum_steps", 1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"grad_accum_steps={value!r} must be a positive integer")
+  return value
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
                     tx: optax.GradientTransformation,
                     axis_name: str | None = "batch") -> Callable[..., Any]:
@@ -136,7 +153,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
   ema_decay = float(config.optim.ema_decay)
   schedule = build.learning_rate_schedule(config)
 
-  def train_step(state: TrainState, task, weight_table, example_index, images=None):
+  accum = grad_accum_steps(config)
+
+  def grads_and_metrics(state: TrainState, task, weight_table, example_index, images):
+    """Gradients and metrics of the examples `example_index` ([b]; means over them)."""
     step_key = jax.random.fold_in(state.key, state.step)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_index)
     k_data, k_time, k_noise, k_dropout = jnp.moveaxis(
@@ -169,6 +189,33 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
           vlb_time_step=loss_cfg.vlb_time_step, time_eps=loss_cfg.time_eps)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, dict(metrics)
+
+  def accumulated(state: TrainState, task, weight_table, example_index, images):
+    """The mean of `accum` micro-batches' gradients and metrics (every loss term is a mean over
+    equally many elements per micro-batch, so this is the whole batch's, to float rounding)."""
+    if example_index.shape[0] % accum:
+      raise ValueError(f"grad_accum_steps={accum} does not divide the per-device batch "
+                       f"{example_index.shape[0]}")
+    split = lambda x: None if x is None else x.reshape(accum, -1, *x.shape[1:])
+
+    def body(total, xs):
+      index, micro_images = xs
+      out = grads_and_metrics(state, task, weight_table, index, micro_images)
+      return jax.tree_util.tree_map(jnp.add, total, out), None
+
+    zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        jax.eval_shape(grads_and_metrics, state, task, weight_table,
+                       split(example_index)[0], None if images is None else split(images)[0]))
+    total, _ = jax.lax.scan(body, zeros, (split(example_index), split(images)))
+    return jax.tree_util.tree_map(lambda x: x / accum, total)
+
+  def train_step(state: TrainState, task, weight_table, example_index, images=None):
+    if accum == 1:
+      grads, metrics = grads_and_metrics(state, task, weight_table, example_index, images)
+    else:
+      grads, metrics = accumulated(state, task, weight_table, example_index, images)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
@@ -183,6 +230,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
 # Sections of the config that the compiled train step depends on.
 _STEP_SECTIONS = ("task", "data", "model", "time_sampler", "loss", "optim")
+_STEP_FIELDS = ("remat", "grad_accum_steps")
 _P_TRAIN_STEPS: dict[str, Callable[..., Any]] = {}
 
 
@@ -191,7 +239,8 @@ def pmapped_train_step(config, model, tx) -> Callable[..., Any]:
 
   Re-tracing the step costs seconds; resuming in the same process (tests, notebooks) reuses it.
   """
-  key = json.dumps({k: config[k] for k in _STEP_SECTIONS}, sort_keys=True, default=str)
+  key = json.dumps({**{k: config[k] for k in _STEP_SECTIONS},
+                    **{k: config.get(k) for k in _STEP_FIELDS}}, sort_keys=True, default=str)
   key += str(jax.local_devices())
   if key not in _P_TRAIN_STEPS:
     if len(_P_TRAIN_STEPS) >= 4:
@@ -380,6 +429,10 @@ def _local_example_index(config: ml_collections.ConfigDict) -> np.ndarray:
     raise errors.ConfigError(
         f"batch_size={config.batch_size} is not divisible by the {num_devices} devices.")
   per_device = config.batch_size // num_devices
+  accum = grad_accum_steps(config)
+  if per_device % accum:
+    raise ValueError(f"grad_accum_steps={accum} does not divide the per-device batch "
+                     f"{per_device} (batch_size={config.batch_size} over {num_devices} devices)")
   local_batch = per_device * num_local
   logging.info("Devices: %d (%d local, %s); batch %d = %d per device; compute dtype %s.",
                num_devices, num_local, jax.devices()[0].device_kind, config.batch_size,
@@ -395,7 +448,7 @@ def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   state_key, density_key = jax.random.split(root)
   del root  # derive every key from the named splits above
 
-  model = build.make_model(config)
+  model = build.make_model(config, training=True)
   tx = build.make_optimizer(config)
   task = tasks.get(config.task).make_data(config)
   weight_table = make_loss_weight_table(config, density_key)
@@ -567,6 +620,8 @@ def main(argv: Sequence[str]) -> None:
   host_devices.use_cpu_cores(config.batch_size)  # before the first JAX call initialises XLA
   if config.distributed:
     host_devices.initialize_distributed()
+  cache = compilation_cache.enable(config)
+  logging.info("Compilation cache: %s", cache or "off (config.compilation_cache_dir)")
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:

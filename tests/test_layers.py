@@ -7,7 +7,8 @@ Layers, lowest first (the test's `LAYERS`):
   core      small shared pieces that import no task, model or sampler: the flow and its
             Gaussian, schedules, the time sampler, the image geometry of a config, the train
             state, checkpoints, the evaluation's shard files and reports, devices and signals,
-            the error type a user can fix and the record of the software and hardware;
+            the error type a user can fix, the record of the software and hardware, the
+            persistent compilation cache;
   sampling  SRM and IPR (`ipr_jax.sampling`, and `ipr_jax.sampler`, its former import path);
   data      the tasks' data: digits and grids, Even Pixels, Counting Polygons images and labels;
   models    the U-Net, its denoiser head and losses, the metrics' classifier and scorer networks;
@@ -15,7 +16,8 @@ Layers, lowest first (the test's `LAYERS`):
             the digits);
   tasks     one module per task and the registry (`ipr_jax.tasks`);
   build     what a config builds: the model and optimizer, the config sections, shipped models;
-  binaries  training, evaluation, conversion and their command lines.
+  binaries  training, evaluation, conversion and their command lines; `fit` (the compiled
+            memory of the evaluation and training programs, above both).
 """
 
 import ast
@@ -28,8 +30,8 @@ MAX_LINES = 600
 LONG_MODULE_REASON = "Why over 600 lines:"
 
 LAYERS = (
-    ("core", ("ipr_jax", "ipr_jax.agreement", "ipr_jax.checkpoint", "ipr_jax.config_diff",
-              "ipr_jax.environment", "ipr_jax.errors", "ipr_jax.eval_report",
+    ("core", ("ipr_jax", "ipr_jax.agreement", "ipr_jax.checkpoint", "ipr_jax.compilation_cache",
+              "ipr_jax.config_diff", "ipr_jax.environment", "ipr_jax.errors", "ipr_jax.eval_report",
               "ipr_jax.eval_shards", "ipr_jax.flow", "ipr_jax.gaussian",
               "ipr_jax.geometry", "ipr_jax.host_devices", "ipr_jax.preemption",
               "ipr_jax.schedule", "ipr_jax.time_sampler", "ipr_jax.torch_files",
@@ -41,7 +43,7 @@ LAYERS = (
     ("tasks", ("ipr_jax.tasks.*",)),
     ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.pretrained")),
     ("binaries", ("ipr_jax.cli", "ipr_jax.convert", "ipr_jax.evaluate", "ipr_jax.evaluation",
-                  "ipr_jax.train")),
+                  "ipr_jax.fit", "ipr_jax.train")),
 )
 
 

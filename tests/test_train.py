@@ -318,3 +318,47 @@ def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
   assert checkpoint.find_step_dir(tmp_path).name == "2"
   params = checkpoint.restore_params(tmp_path, "live")
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: rematerialisation and gradient accumulation give the plain step's update.
+# ----------------------------------------------------------------------------------------------
+
+
+def one_step(config):
+  """(state after one step, metrics, grads-free): a jitted single-device step on the batch."""
+  model, tx = build.make_model(config, training=True), build.make_optimizer(config)
+  task = tasks.get(config.task).make_data(config)
+  table = train.make_loss_weight_table(config, jax.random.key(1))
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  step = jax.jit(train.make_train_step(config, model, tx, axis_name=None))
+  index = np.arange(config.batch_size, dtype=np.int32)
+  return step(state, task, table, index)
+
+
+@pytest.fixture(scope="module")
+def plain_step():
+  return one_step(small_config())
+
+
+@pytest.mark.parametrize("overrides", [dict(grad_accum_steps=4), dict(remat=True),
+                                       dict(remat=True, grad_accum_steps=2)])
+def test_remat_and_accumulation_give_the_plain_update(plain_step, overrides):
+  want_state, want_metrics = plain_step
+  got_state, got_metrics = one_step(small_config(**overrides))
+  assert (jax.tree_util.tree_structure(got_state.params)
+          == jax.tree_util.tree_structure(want_state.params))
+  for name in ("loss", "mse", "vlb", "sigma_nll", "grad_norm"):
+    np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name)
+  assert_trees_close(got_state.params, want_state.params)
+  assert_trees_close(got_state.ema_params, want_state.ema_params)
+  assert_trees_close(got_state.opt_state, want_state.opt_state)
+
+
+@pytest.mark.parametrize("value,match", [(0, "grad_accum_steps=0"), (3, "grad_accum_steps=3")])
+def test_bad_grad_accum_steps_is_an_error_naming_it(tmp_path, value, match):
+  config = small_config()
+  with config.unlocked():
+    config.grad_accum_steps = value
+  with pytest.raises(ValueError, match=match):
+    train.train(config, tmp_path)

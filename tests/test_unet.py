@@ -407,3 +407,106 @@ def test_forward_matches_reference(golden_dir, case):
                                _nhwc(arrays[prefix + "bottleneck_out"]),
                                atol=1e-4, rtol=0,
                                err_msg=prefix + "bottleneck_out")
+
+
+# ---------------------------------------------------------------------------
+# The time embedded per patch where that is exact (UNet.time_patch_size).
+# ---------------------------------------------------------------------------
+
+
+def test_level_time_patch_of_the_paper_sudoku():
+  sizes = unet_lib.level_sizes((252, 252), 6)
+  patches = [unet_lib.level_time_patch((252, 252), s, 28) for s in sizes]
+  # 252 -> 126 -> 63 are exact 2x steps inside 28-pixel patches; 63 -> 32 mixes patches, and
+  # 9 patches do not tile 16 or 8 pixels.
+  assert patches == [(28, 28), (14, 14), (7, 7), None, None, None]
+  assert unet_lib.level_time_patch((252, 252), (126, 126), None) is None
+
+
+@pytest.mark.parametrize("in_size,patch,out_size,expected", [
+    (16, 4, 8, 2),    # 2x: taps 2j, 2j+1 of one patch, weights 0.5 / 0.5
+    (8, 2, 4, 1),     # down to one pixel per patch
+    (12, 4, 6, 2),    # 3 patches of 4 -> 3 of 2
+    (12, 4, 9, None),  # scale 4/3: weights like 0.83 / 0.17 round differently
+    (8, 1, 4, None),  # 8 one-pixel patches cannot tile 4 pixels
+    (10, 4, 5, None),  # the patch size does not divide the image
+    (8, 2, 8, 2),     # same size: the identity
+])
+def test_level_time_patch_boundary(in_size, patch, out_size, expected):
+  got = unet_lib.level_time_patch((in_size, in_size), (out_size, out_size), patch)
+  assert got == (None if expected is None else (expected, expected))
+  # Where exact, bilinear resizing of any patch-constant map is bit for bit the patch values
+  # repeated; where not, a random patch-constant map shows a block that is not constant.
+  grid = in_size // patch if in_size % patch == 0 else None
+  if grid is None:
+    return
+  rng = np.random.default_rng(0)
+  values = rng.uniform(size=(3, grid, grid, 1)).astype(np.float32)
+  t = np.repeat(np.repeat(values, patch, axis=1), patch, axis=2)
+  resized = np.asarray(unet_lib.bilinear_resize(jnp.asarray(t), (out_size, out_size)))
+  if expected is not None:
+    np.testing.assert_array_equal(resized, np.repeat(np.repeat(values, expected, axis=1),
+                                                     expected, axis=2))
+  elif out_size % grid == 0:
+    q = out_size // grid
+    blocks = resized.reshape(3, grid, q, grid, q)
+    assert not np.array_equal(blocks, np.broadcast_to(blocks[:, :, :1, :, :1], blocks.shape))
+
+
+def _patch_constant_time(batch, size, patch, seed=0):
+  values = jax.random.uniform(jax.random.key(seed), (batch, size // patch, size // patch, 1))
+  values = values.at[:, 0, 0].set(0.0).at[:, 0, 1].set(1.0)
+  return jnp.repeat(jnp.repeat(values, patch, axis=1), patch, axis=2)
+
+
+def test_per_patch_time_embedding_equals_the_per_pixel_one():
+  # 24x24 in 4-pixel patches over 4 levels: 24 (4), 12 (2), 6 (1) per patch, 3 per pixel (6
+  # patches do not tile 3 pixels): both paths in one model.
+  fields = dict(hid_dims=(32, 32, 32, 32), attention=(False, False, True, True), d_in=1,
+                d_out=3, num_blocks=1, t_emb_dim=32, d_emb=16, num_head_channels=16,
+                dropout=0.0)
+  per_pixel = unet_lib.UNet(**fields)
+  per_patch = unet_lib.UNet(**fields, time_patch_size=4)
+  sizes = unet_lib.level_sizes((24, 24), 4)
+  assert [unet_lib.level_time_patch((24, 24), s, 4) for s in sizes] == [
+      (4, 4), (2, 2), (1, 1), None]
+  params = _random_params(per_pixel)
+  assert (jax.tree_util.tree_structure(params) ==
+          jax.tree_util.tree_structure(_random_params(per_patch)))
+  z = jax.random.normal(jax.random.key(1), (2, 24, 24, 1))
+  t = _patch_constant_time(2, 24, 4)
+  want = jax.jit(per_pixel.apply)({"params": params}, z, t)
+  got = jax.jit(per_patch.apply)({"params": params}, z, t)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+  # And it is the cheaper program.
+  flops = lambda m: jax.jit(m.apply).lower({"params": params}, z, t).cost_analysis()["flops"]
+  assert flops(per_patch) < flops(per_pixel)
+
+
+@pytest.mark.parametrize("case", ["ms", "ep"])
+def test_forward_matches_reference_with_the_time_per_patch(golden_dir, case):
+  """The goldens' time maps are constant per patch (kron(t_patch, ones)): the per-patch path
+  meets the same tolerance as the per-pixel one."""
+  arrays, config, state_dict, model = _load_golden(golden_dir, case)
+  model = model.clone(time_patch_size=config["patch_size"])
+  params = sd_lib.unet_params_from_state_dict(state_dict, model)
+  raw = jax.jit(model.apply)({"params": params}, _nhwc(arrays["z"]), _nhwc(arrays["t"]))
+  np.testing.assert_allclose(raw, _nhwc(arrays["raw"]), atol=1e-4, rtol=1e-5)
+
+
+def test_remat_keeps_the_parameters_and_the_gradients():
+  fields = dict(TINY, dropout=0.0)
+  plain, remat = unet_lib.UNet(**fields), unet_lib.UNet(**fields, remat=True)
+  z, t = _inputs(TINY_HW, 3)
+  init = lambda m: jax.eval_shape(m.init, jax.random.key(0), z, t)
+  assert init(plain) == init(remat)
+  params = _random_params(plain)
+
+  def loss(model, p):
+    return jnp.mean(model.apply({"params": p}, z, t, train=True) ** 2)
+
+  want = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(params)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(params)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                         got[1], want[1])

@@ -22,6 +22,13 @@ Differences from the reference, all deliberate:
 - the reference recomputes the time embedding in every ResBlock; here it is
   computed once per distinct resolution and forward pass and shared
   (mathematically identical);
+- with `time_patch_size` = P (the caller's promise that the time map is
+  constant on every P x P patch, as it is in SRM training and sampling), the
+  levels whose resized time map is exactly constant per patch
+  (`level_time_patches`) embed the time once per patch, and each block's time
+  projection runs once per patch and is broadcast over its pixels: the same
+  values as per pixel, at a fraction of the FLOPs; the other levels keep the
+  per-pixel path;
 - the sinusoid frequencies are float32 constants rounded from a float64 exp
   instead of a float32 exp (they agree with PyTorch's to its 1-ulp error);
 - only the configuration the released experiments use is built:
@@ -145,6 +152,64 @@ def nearest_resize(x: Array, size: Size) -> Array:
   if in_w != out_w:
     x = x[:, :, nearest_indices(in_w, out_w)]
   return x
+
+
+def _axis_time_patch(in_size: int, out_size: int, patch: int) -> int | None:
+  """Patch side at `out_size` if resizing keeps every patch-constant row exact.
+
+  For any row constant on runs of `patch` samples, `bilinear_resize` to
+  `out_size` gives, exactly (bit for bit), a row constant on runs of q samples
+  holding the same values, if: `patch` divides `in_size`, the number of
+  patches g = in_size / patch divides `out_size` (q = out_size / g), and every
+  output sample j draws its nonzero-weight taps from patch j // q only, with
+  weights (1, 0), (0, 1) or (0.5, 0.5) (a * 1 + b * 0 = a and
+  0.5 a + 0.5 a = a exactly in floating point; other weight pairs can round).
+  Returns q, or None where this does not hold.
+  """
+  if patch < 1 or in_size % patch:
+    return None
+  groups = in_size // patch
+  if out_size % groups:
+    return None
+  q = out_size // groups
+  if out_size == in_size:
+    return q
+  i0, i1, w0, w1 = _linear_taps(in_size, out_size)
+  block = np.arange(out_size) // q
+  for taps, weights in ((i0, w0), (i1, w1)):
+    if np.any((weights != 0) & (taps // patch != block)):
+      return None
+  half = np.float32(0.5)
+  pairs_ok = (((w0 == 1) & (w1 == 0)) | ((w0 == 0) & (w1 == 1)) |
+              ((w0 == half) & (w1 == half)))
+  return q if bool(np.all(pairs_ok)) else None
+
+
+def level_time_patch(in_size: Size, out_size: Size,
+                     time_patch_size: int | None) -> Size | None:
+  """(qh, qw): patch size at `out_size` on which the resized time map is constant.
+
+  Args:
+    in_size: (H, W) of the time map fed to the U-Net.
+    out_size: (h, w) of a U-Net level.
+    time_patch_size: P, the side of the patches on which the time map is
+      constant (None: no such promise).
+
+  Returns:
+    (qh, qw) such that `bilinear_resize(t, out_size)` is, bit for bit, patch
+    (i, j) of t's P x P grid repeated over a qh x qw block, for every t that is
+    constant on P x P patches; None where that is not exact at this level
+    (then the level embeds its time map per pixel). Example, 252 x 252 with
+    P = 28: 252 -> (28, 28), 126 -> (14, 14), 63 -> (7, 7), and 32, 16, 8 ->
+    None (63 / 32 is not a 2x step and 9 patches do not tile 16 or 8 pixels).
+  """
+  if time_patch_size is None:
+    return None
+  sides = [_axis_time_patch(n, m, time_patch_size)
+           for n, m in zip(in_size, out_size)]
+  if any(q is None for q in sides):
+    return None
+  return tuple(sides)
 
 
 def downsampled_size(size: Size) -> Size:
@@ -271,7 +336,9 @@ class TimeEmbedding(nn.Module):
 class NormWithEmbedding(nn.Module):
   """GroupNorm(x + Linear(SiLU(E))): the embedding is added before the norm.
 
-  The caller passes `emb_act` = SiLU(E) at x's resolution (shared per level).
+  The caller passes `emb_act` = SiLU(E) at x's resolution (shared per level),
+  or per patch ([B, gh, gw, E] with gh | h, gw | w): the projection then runs
+  once per patch and its output is broadcast over each patch's pixels.
   """
   num_groups: int = 32
   dtype: Any = jnp.float32
@@ -282,6 +349,12 @@ class NormWithEmbedding(nn.Module):
     c = x.shape[-1]
     emb = _dense(c, emb_act.shape[-1], name="embedding_layer_1",
                  dtype=self.dtype, precision=self.precision)(emb_act)
+    if emb.shape[1:3] != x.shape[1:3]:
+      b, h, w, _ = x.shape
+      gh, gw = emb.shape[1:3]
+      x = x.reshape(b, gh, h // gh, gw, w // gw, c)
+      x = x + emb[:, :, None, :, None, :]
+      return _group_norm(self.num_groups, "norm")(x.reshape(b, h, w, c))
     return _group_norm(self.num_groups, "norm")(x + emb)
 
 
@@ -375,6 +448,16 @@ class Upsample(nn.Module):
                  precision=self.precision)(x)
 
 
+
+def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """`block`, or `nn.remat(block)` (same parameters; activations recomputed in
+  the backward pass). ResBlock's `train` (argument 3, self being 0) is static."""
+  if not remat:
+    return block
+  static = (3,) if block is ResBlock else ()
+  return nn.remat(block, static_argnums=static)
+
+
 class Encoder(nn.Module):
   """conv_in, then per level `num_blocks` x (ResBlock [+ Attn]) and a Downsample.
 
@@ -389,22 +472,25 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   precision: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, embs: Mapping[Size, Array],
                train: bool) -> list[Array]:
     kw = dict(dtype=self.dtype, precision=self.precision)
     rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    res_block = _maybe_remat(ResBlock, self.remat)
+    attention = _maybe_remat(SelfAttention, self.remat)
     h = _conv(self.hid_dims[0], x.shape[-1], name="blocks_0_0", **kw)(x)
     hs = [h]
     i = 1
     num_levels = len(self.hid_dims)
     for level, width in enumerate(self.hid_dims):
       for _ in range(self.num_blocks):
-        h = ResBlock(width, name=f"blocks_{i}_0", **rb)(
+        h = res_block(width, name=f"blocks_{i}_0", **rb)(
             h, embs[h.shape[1:3]], train)
         if self.attention[level]:
-          h = SelfAttention(self.num_head_channels, self.num_groups,
+          h = attention(self.num_head_channels, self.num_groups,
                             name=f"blocks_{i}_1", **kw)(h)
         hs.append(h)
         i += 1
@@ -422,16 +508,19 @@ class Bottleneck(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   precision: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, emb_act: Array, train: bool) -> Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    res_block = _maybe_remat(ResBlock, self.remat)
+    attention = _maybe_remat(SelfAttention, self.remat)
     c = x.shape[-1]
-    h = ResBlock(c, name="blocks_0", **rb)(x, emb_act, train)
-    h = SelfAttention(self.num_head_channels, self.num_groups,
+    h = res_block(c, name="blocks_0", **rb)(x, emb_act, train)
+    h = attention(self.num_head_channels, self.num_groups,
                       name="blocks_1", **kw)(h)
-    return ResBlock(c, name="blocks_2", **rb)(h, emb_act, train)
+    return res_block(c, name="blocks_2", **rb)(h, emb_act, train)
 
 
 class Decoder(nn.Module):
@@ -447,12 +536,15 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   precision: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h: Array, skips: Sequence[Array],
                embs: Mapping[Size, Array], train: bool) -> Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
+    res_block = _maybe_remat(ResBlock, self.remat)
+    attention = _maybe_remat(SelfAttention, self.remat)
     skips = list(skips)
     num_levels = len(self.hid_dims)
     i = 0
@@ -461,11 +553,11 @@ class Decoder(nn.Module):
       width = self.hid_dims[level]
       for idx in range(self.num_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # h first, skip second
-        h = ResBlock(width, name=f"blocks_{i}_0", **rb)(
+        h = res_block(width, name=f"blocks_{i}_0", **rb)(
             h, embs[h.shape[1:3]], train)
         j = 1
         if self.attention[level]:
-          h = SelfAttention(self.num_head_channels, self.num_groups,
+          h = attention(self.num_head_channels, self.num_groups,
                             name=f"blocks_{i}_{j}", **kw)(h)
           j += 1
         if rev_level != num_levels - 1 and idx == self.num_blocks:
@@ -494,6 +586,14 @@ class UNet(nn.Module):
       run in float32 and the output is float32.
     precision: matmul/conv precision passed to every layer (None = backend
       default; jax.lax.Precision.HIGHEST avoids TF32 on GPUs).
+    time_patch_size: P if every time map passed in is constant on P x P
+      patches (SRM training and sampling: one time per patch); the levels
+      where that stays exact after resizing (`level_time_patch`) then embed
+      the time per patch instead of per pixel. None: per pixel everywhere (a
+      time map of any shape). Not a parameter: the same weights either way.
+    remat: rematerialise every ResBlock and attention block in the backward
+      pass (`nn.remat`): activations are recomputed instead of stored, for
+      memory; same parameters, same values.
   """
   hid_dims: Sequence[int]
   attention: Sequence[bool]
@@ -507,6 +607,8 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: Any = jnp.float32
   precision: Any = None
+  time_patch_size: int | None = None
+  remat: bool = False
 
   def __post_init__(self):
     # Tuples keep the module hashable (usable as a static jit argument) when
@@ -537,6 +639,35 @@ class UNet(nn.Module):
             f"attention width {width} is not divisible by num_head_channels="
             f"{self.num_head_channels}")
 
+  def _time_embeddings(self, t: Array, kw: dict[str, Any]) -> dict[Size, Array]:
+    """SiLU(e(t_l)) for every level size, shared by the level's blocks.
+
+    The reference recomputes it per block. Levels where `level_time_patch`
+    holds get [B, gh, gw, t_emb] (one row per patch of the time map, the
+    same rows for all such levels: the MLP runs once on the patch grid);
+    the others [B, h, w, t_emb] from the bilinearly resized map.
+
+    Args:
+      t: [B, H, W, 1] float32 time map.
+      kw: dtype and precision of the layers.
+    """
+    time_embedding = TimeEmbedding(self.t_emb_dim, self.d_emb,
+                                   name="time_embedding", **kw)
+    full = t.shape[1:3]
+    embs, per_patch = {}, None
+    for size in level_sizes(full, len(self.hid_dims)):
+      if size in embs:
+        continue
+      if level_time_patch(full, size, self.time_patch_size) is not None:
+        if per_patch is None:
+          p = self.time_patch_size
+          per_patch = nn.silu(time_embedding(t[:, ::p, ::p, 0]))
+        embs[size] = per_patch
+      else:
+        t_level = bilinear_resize(t, size)[..., 0]
+        embs[size] = nn.silu(time_embedding(t_level))
+    return embs
+
   @nn.compact
   def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
     """Raw denoiser output.
@@ -558,17 +689,10 @@ class UNet(nn.Module):
                        f"{z.shape[:3] + (1,)} ([B, H, W, 1] matching z)")
     kw = dict(dtype=self.dtype, precision=self.precision)
     blocks = dict(num_head_channels=self.num_head_channels,
-                  num_groups=self.num_groups, dropout=self.dropout, **kw)
+                  num_groups=self.num_groups, dropout=self.dropout,
+                  remat=self.remat, **kw)
 
-    # SiLU(e(t_l)) once per resolution; the reference recomputes it per block.
-    time_embedding = TimeEmbedding(self.t_emb_dim, self.d_emb,
-                                   name="time_embedding", **kw)
-    t = t.astype(jnp.float32)
-    embs = {}
-    for size in level_sizes(z.shape[1:3], len(self.hid_dims)):
-      if size not in embs:
-        t_level = bilinear_resize(t, size)[..., 0]
-        embs[size] = nn.silu(time_embedding(t_level))
+    embs = self._time_embeddings(t.astype(jnp.float32), kw)
 
     hs = Encoder(self.hid_dims, self.attention, self.num_blocks,
                  name="encoder", **blocks)(z, embs, train)
