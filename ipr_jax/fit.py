@@ -151,8 +151,8 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
 def eval_program_cost(config: ml_collections.ConfigDict, batch_per_device: int,
                       params: Any = None) -> ProgramCost:
   """The compiled analysis of the evaluation program on one device's `batch_per_device` puzzles
-  (the program `Evaluator` runs: SRM + IPR at `config.ipr.budget`, snapshots of
-  `config.eval.num_plot_puzzles`, final images with `config.eval.save_samples`)."""
+  (the program the evaluation's batches run: SRM + IPR at `config.ipr.budget`, no snapshots,
+  final images with `config.eval.save_samples`; the figure's few puzzles are computed apart)."""
   if batch_per_device < 1:
     raise ValueError(f"batch_per_device={batch_per_device} must be >= 1")
   task = evaluation.task_evaluation(config)
@@ -162,10 +162,9 @@ def eval_program_cost(config: ml_collections.ConfigDict, batch_per_device: int,
   inputs = task.inputs(config.eval.seed, np.arange(1))
   keys = sampling.puzzle_keys(jax.random.key(0), jnp.arange(1))
   noise = jax.ShapeDtypeStruct((batch_per_device, *task.image_shape), jnp.float32)
-  num_snapshots = min(int(config.eval.num_plot_puzzles), batch_per_device)
   return analyse(run, params, _abstract(keys, batch_per_device), noise,
                  _abstract(inputs["image"], batch_per_device),
-                 _abstract(inputs["mask"], batch_per_device), num_snapshots,
+                 _abstract(inputs["mask"], batch_per_device), 0,
                  bool(config.eval.save_samples), static_argnums=(5, 6))
 
 
