@@ -16,6 +16,7 @@ import pytest
 
 from conftest import load_task_config
 from ipr_jax import build
+from ipr_jax import config_base
 from ipr_jax import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -35,6 +36,17 @@ def check(tmp_path_factory):
   return results, (out / "summary.md").read_text()
 
 
+def _tiny_scale_num_params(name, preset):
+  """Parameters of the U-Net that device_check.py's tiny scale documents: the preset with
+  `use_tiny_model(hid_dims=(16, 16), attention=(False, True))`, 16 channels per head, a 32-wide
+  time embedding of 16 sinusoidal features."""
+  config = load_task_config(name, preset)
+  config_base.use_tiny_model(config, hid_dims=(16, 16), attention=(False, True))
+  config.model.num_head_channels, config.model.t_emb_dim, config.model.d_emb = 16, 32, 16
+  params = build.init_params(config, build.make_model(config), jax.random.key(0))
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
 def test_forward_section(check):
   results, summary = check
   assert results["device"]["platform"] == "cpu"
@@ -42,8 +54,8 @@ def test_forward_section(check):
   row = forward["tiny@28x28x1"]  # the demo's 4x4 Sudoku images, a smaller U-Net
   # bf16 computes differently from float32, but not wildly.
   assert 0 < row["bf16_vs_f32"]["rel_rms"] < 0.05
-  # The shipped demo model's architecture: 357,571 parameters (experiments/README.md).
-  assert row["num_params"] == 357_571
+  # The U-Net the tiny scale promises: the demo config shrunk further, counted here.
+  assert row["num_params"] == _tiny_scale_num_params("mnist_sudoku", "demo")
   # Every weight is used at least once per image (one multiply-add = 2 FLOPs).
   assert row["flops_per_image"] > 2 * row["num_params"]
   assert "tiny@28x28x1" in summary
@@ -86,9 +98,7 @@ def test_train_section_runs_a_case_in_its_own_process(check):
   results, summary = check
   (case,) = results["train"].values()
   assert "error" not in case, case
-  config = load_task_config("even_pixels", "tiny")
-  params = build.init_params(config, build.make_model(config), jax.random.key(0))
-  assert case["num_params"] == sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert case["num_params"] == _tiny_scale_num_params("even_pixels", "tiny")
   assert case["batch"] == 4 and case["images_per_s"] == pytest.approx(4 / case["step_s"])
   assert np.isfinite(case["loss"])
   # The step's FLOPs: at least a forward and a backward (2 x 2 FLOPs per weight) per image.
