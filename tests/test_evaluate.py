@@ -698,6 +698,24 @@ def test_the_shipped_models_committed_tables_record_their_commands(shipped, name
   assert stored["eval"].get("unique_solution", False) == name.startswith("ms_unique_test")
 
 
+def test_the_cpu_rerun_records_its_command_code_and_environment(shipped):
+  """experiments/results/demo_20494_cpu: the hard table rerun with committed code records the
+  settings of its documented command, the code that made it and the environment."""
+  from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+  _, args = _DEMO_20494_RUNS["ms_hard_test_paper"]
+  config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), args)
+  run_dir = _RESULTS / "demo_20494_cpu" / "eval" / "ms_hard_test_paper"
+  eval_shards.check_settings(run_dir / "shards",
+                             evaluate.run_settings(config, shipped.params, "ema"),
+                             check_code=False)
+  stored = json.loads((run_dir / "shards" / "run.json").read_text())
+  assert stored["code"]["sha256"] and "sampling/ipr.py" in stored["code"]["files"]
+  assert stored["environment"]["backend"] == "cpu" and stored["environment"]["device_count"] == 2
+  metadata = json.loads((run_dir / "results.json").read_text())["metadata"]
+  assert metadata["code"] == stored["code"] and metadata["environment"] == stored["environment"]
+  assert metadata["shard_environments"] == {environment_lib.digest(stored["environment"]): 2}
+
+
 def test_a_changed_default_or_batching_does_not_match_the_committed_run(shipped):
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
   args = _COMMITTED_RUNS["repro_1000_keys2"]
