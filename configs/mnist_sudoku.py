@@ -29,6 +29,17 @@ and at most one evaluation (`ms_hard_test` (default) | `ms_medium_test` | `ms_ea
 hard puzzles with exactly one solution, a minimal uniquely solvable set of 4-6 given cells
 (`ipr_jax.data.sudoku.minimal_unique_masks`), the 4x4 analogue of the "extreme" split of later
 work; it adds the field `eval.unique_solution` (True).
+
+The SRM reference's sampler tests (Chrixtar/SRM config/test/ms_hard_*.yaml) as evaluations of
+hard puzzles: `ms_hard_fixed`, `ms_hard_random_seq000`, `ms_hard_random_seq075`,
+`ms_hard_graph_seq000`, `ms_hard_graph_seq075`, `ms_hard_seq_adaptive000`,
+`ms_hard_seq_adaptive075`, and the `_ddim` (alpha 0) forms of fixed, graph_seq and seq_adaptive.
+They set the SRM pass's schedule (config.sampler.schedule, overlap, max_order; 9x9: alpha 1 and
+1000 steps as the reference); IPR (config.ipr) stays ms_hard_test's (`--config.ipr.budget=0` for
+SRM alone). The 4x4 forms (`demo,ms_hard_fixed`, ...) keep the preset's steps (see
+`_use_sampler_test`):
+  python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:demo,ms_hard_graph_seq000 \
+      --workdir=runs/demo
 """
 
 import ml_collections
@@ -39,8 +50,24 @@ from ipr_jax import config_base
 _SIZES = ("demo", "tiny", "small")
 # Steps the shipped demo model was trained for (ipr_jax/assets/mnist_sudoku_demo.npz).
 DEMO_TRAIN_STEPS = 20494
+# The SRM reference's sampler test configs (Chrixtar/SRM config/test/ms_hard_<name>.yaml, with
+# config/sampler/*.yaml): hard puzzles, SRM with the named schedule, alpha 1 (0 for _ddim), 1000
+# steps; graph_seq: max_order 1, random_seq: max_order 0; 000 / 075: overlap 0 / 0.75.
+# name -> (schedule, overlap, max_order).
+_SRM_SAMPLER_TESTS = {
+    "fixed": ("fixed", 0.0, 1),
+    "random_seq000": ("random_sequential", 0.0, 0),
+    "random_seq075": ("random_sequential", 0.75, 0),
+    "graph_seq000": ("graph_sequential", 0.0, 1),
+    "graph_seq075": ("graph_sequential", 0.75, 1),
+    "seq_adaptive000": ("adaptive", 0.0, 1),
+    "seq_adaptive075": ("adaptive", 0.75, 1),
+}
+_SRM_DDIM_TESTS = ("fixed", "graph_seq000", "graph_seq075", "seq_adaptive000", "seq_adaptive075")
+SAMPLER_TESTS = tuple(f"ms_hard_{name}" for name in _SRM_SAMPLER_TESTS) + tuple(
+    f"ms_hard_{name}_ddim" for name in _SRM_DDIM_TESTS)
 _EVALS = ("ms_hard_test", "ms_medium_test", "ms_easy_test", "ms_corrupted_test",
-          "ms_unique_test")
+          "ms_unique_test") + SAMPLER_TESTS
 
 # Number of given (clean) cells at test time, inclusive, per evaluation and grid. The 9x9 values
 # are the reference's `num_fill` (hard [0, 26]; medium and easy from its comments; corrupted: all
@@ -65,7 +92,37 @@ def _use_four_by_four(config: ml_collections.ConfigDict, cell_size: int, eval_na
   config.data.train_given_range = (0, 15)
   config_base.use_tiny_model(config, hid_dims=(32, 32, 32), attention=(False, False, True))
   config.ipr.num_corruption_swaps = 2
-  config.eval.given_range = _GIVEN_RANGE[2][eval_name]
+  config.eval.given_range = _GIVEN_RANGE[2][_given_range_name(eval_name)]
+
+
+def _given_range_name(eval_name: str) -> str:
+  """The split whose given cells an evaluation uses (the sampler tests: hard)."""
+  return "ms_hard_test" if eval_name in SAMPLER_TESTS else eval_name
+
+
+def _use_sampler_test(config: ml_collections.ConfigDict, eval_name: str, four_by_four: bool):
+  """The SRM schedule of a sampler test `ms_hard_<name>[_ddim]`.
+
+  9x9: the reference's settings (alpha 1, or 0 for _ddim; max_steps 1000). 4x4 (demo, tiny):
+  only the schedule, its overlap and max_order (and alpha 0 for _ddim); the steps stay the
+  preset's 3 per patch, at overlap 0.75 12 per patch with a new patch every 3 steps (about the
+  same passes: 3n + 9 for n unknown cells instead of 3n), so that the schedules compare at
+  (nearly) equal passes on the shipped model.
+  """
+  name = eval_name[len("ms_hard_"):]
+  ddim = name.endswith("_ddim")
+  schedule, overlap, max_order = _SRM_SAMPLER_TESTS[name.removesuffix("_ddim")]
+  config.sampler.schedule = schedule
+  config.sampler.overlap = overlap
+  config.sampler.max_order = max_order
+  if four_by_four:
+    if overlap:
+      config.sampler.steps_per_patch = 12
+  else:
+    config.sampler.stochasticity = 1.0
+    config.sampler.max_steps = 1000
+  if ddim:
+    config.sampler.stochasticity = 0.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -122,7 +179,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.seed = 35
   # Given cells per test puzzle, inclusive (min, max), drawn uniformly.
   # (ms_unique_test exists for 4x4 only: its range is set by _use_four_by_four.)
-  config.eval.given_range = _GIVEN_RANGE[3].get(eval_name, _GIVEN_RANGE[3]["ms_hard_test"])
+  config.eval.given_range = _GIVEN_RANGE[3].get(_given_range_name(eval_name),
+                                                _GIVEN_RANGE[3]["ms_hard_test"])
   # Digit classifier weights (.npz) of the Sudoku metric; None: the weights shipped in the package.
   config.eval.classifier_path = config_dict.placeholder(str)
 
@@ -134,6 +192,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.seed = 4
     config.ipr.budget = 15
     config.ipr.mode = "correction"
+
+  if eval_name in SAMPLER_TESTS:
+    _use_sampler_test(config, eval_name, four_by_four=size in ("demo", "tiny"))
 
   if size == "small":
     # Under an hour on one H100-class GPU (estimate, not measured): narrower U-Net.

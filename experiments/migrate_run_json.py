@@ -15,8 +15,12 @@ since these runs) and refuses if that changes any recorded value. The parameters
 The code that computed a format-1 run is unknown, so its "code" record is null: shards under such
 a run.json are never reused (a rerun recomputes them; with no shards present, the rerun records
 its own code). `--assume_current_code` records this checkout's code instead: only for shards you
-know this very code computed (e.g. a run cut while nothing changed since). Files of format 2 are
-left as they are.
+know this very code computed (e.g. a run cut while nothing changed since).
+
+Files of format 2 written before the SRM sampler family (ipr-jax 0.1.0 up to the commit that added
+`sampler.schedule`) lack its fields; they get them at the values that computation had
+(`SCHEDULE_FIELDS`: the adaptive schedule, one patch per block, steps from steps_per_patch),
+which are the defaults. Their shards stay refused for reuse (other code), as before.
 """
 
 import argparse
@@ -51,6 +55,24 @@ def migrate(stored: dict, assume_current_code: bool = False) -> dict:
   return migrated
 
 
+# The fields the SRM sampler family added, at the values every earlier run computed with.
+SCHEDULE_FIELDS = {
+    "sampler": {"schedule": "adaptive", "max_steps": 0, "max_order": 1, "certainty_decay": 0.5},
+    "ipr": {"schedule": "adaptive", "top_k": 1, "max_order": 1, "certainty_decay": 0.5},
+}
+
+
+def add_schedule_fields(stored: dict) -> list[str]:
+  """Adds the missing `SCHEDULE_FIELDS` to a format-2 run.json's content; returns their names."""
+  added = []
+  for section, fields in SCHEDULE_FIELDS.items():
+    for name, value in fields.items():
+      if name not in stored[section]:
+        stored[section][name] = value
+        added.append(f"{section}.{name}")
+  return added
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("paths", nargs="*", default=[str(_RESULTS)],
@@ -65,7 +87,12 @@ def main(argv: list[str]) -> int:
   for path in files:
     stored = json.loads(path.read_text())
     if stored.get("format", 1) != 1:
-      print(f"{path}: format {stored['format']}, left as it is")
+      added = add_schedule_fields(stored)
+      if added and not args.dry_run:
+        eval_shards.write_settings(path.parent, stored)
+      print(f"{path}: format {stored['format']}, "
+            + (f"added {', '.join(added)}" if added else "left as it is")
+            + (" (dry run)" if args.dry_run and added else ""))
       continue
     migrated = migrate(stored, args.assume_current_code)
     if not args.dry_run:

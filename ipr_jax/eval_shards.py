@@ -100,6 +100,7 @@ CODE_FILES = (
     "sampling/__init__.py",
     "sampling/config.py",
     "sampling/patches.py",
+    "sampling/planning.py",
     "sampling/greedy.py",
     "sampling/selection.py",
     "sampling/ipr.py",

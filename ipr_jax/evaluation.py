@@ -69,6 +69,12 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
         f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
         f"{' and '.join(tasks.with_cell_verifier())} has; got task "
         f"{config.task!r}")
+  graph_sections = [name for name in ("sampler", "ipr")
+                    if config[name].get("schedule") == "graph_sequential"]
+  if graph_sections and task.dependency_matrix is None:
+    raise errors.ConfigError(
+        f"config.{graph_sections[0]}.schedule='graph_sequential' needs the task's dependency "
+        f"graph; task {config.task!r} has none (use 'random_sequential')")
   return task
 
 
@@ -168,7 +174,7 @@ def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) 
         score_fn=task.score_fn,
         verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
         cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
-        num_snapshots=num_snapshots)
+        num_snapshots=num_snapshots, dependency=task.dependency_matrix)
     scores = dict(result.scores)
     if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
       scores.update({f"last_{name}": value for name, value in result.last_scores.items()})

@@ -40,6 +40,7 @@ import dataclasses
 import fractions
 import functools
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -82,82 +83,167 @@ class Schedule:
   prototype: np.ndarray
 
 
+SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
+# The schedules whose patch order is planned before sampling (`sampling.planning`).
+PLANNED = ("random_sequential", "graph_sequential")
+
+
 def _empty_schedule() -> Schedule:
   return Schedule(n=0, max_steps=0, ideal_block_len=0.0, block_len=0,
                   block_starts=np.full([1], -1, np.int64),
                   prototype=np.zeros([0], _F32))
 
 
-def _float32_schedule(n: int, p: int, overlap: float) -> Schedule:
-  """Emulates the reference's float32 torch arithmetic, operation by operation."""
+def _float32_block_len(blocks: int, om: np.float32, total_steps: int) -> np.float32:
+  """The reference's `max_steps / ((blocks - 1) * (1 - overlap) + 1)` in float32 (torch
+  evaluates `int / tensor` as reciprocal(tensor) * int)."""
+  denom = _F32(blocks - 1) * om + _F32(1)
+  return (_F32(1) / denom) * _F32(total_steps)
+
+
+def _float32_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = None,
+                      total_steps: int = 0) -> Schedule:
+  """Emulates the reference's float32 torch arithmetic, operation by operation.
+
+  `blocks` (default n) patch groups; `total_steps` > 0 fixes the step count (the SRM reference's
+  `max_steps`; the loop then ends when the last block's prototype has ended), 0 derives it from
+  p as the IPR reference does.
+  """
+  blocks = n if blocks is None else blocks
   om = _F32(1.0 - overlap)  # Python double 1 - overlap, cast to float32.
-  nm1 = _F32(n - 1)
-  fp = _F32(p)
-  max_steps = int(math.ceil(fp + (nm1 * om) * fp))
-  denom = nm1 * om + _F32(1)
-  # torch evaluates `int / tensor` as reciprocal(tensor) * int.
-  ideal = (_F32(1) / denom) * _F32(max_steps)
+  if total_steps:
+    steps = int(total_steps)
+  else:
+    fp = _F32(p)
+    steps = int(math.ceil(fp + (_F32(blocks - 1) * om) * fp))
+  ideal = _float32_block_len(blocks, om, steps)
   block_len = int(math.ceil(ideal))
-  k = np.arange(n, dtype=_F32)
+  k = np.arange(blocks, dtype=_F32)
   starts = np.floor((k * ideal) * om).astype(np.int64)
+  if total_steps:  # The SRM reference stops once every time of the next row is 0.
+    steps = min(steps, int(starts[-1]) + block_len)
   fl = _F32(block_len)
   j = np.arange(block_len, dtype=_F32)
   proto = np.clip((fl - j) / fl, _F32(0), _F32(1)).astype(_F32)
-  return Schedule(n=n, max_steps=max_steps, ideal_block_len=float(ideal),
+  return Schedule(n=n, max_steps=steps, ideal_block_len=float(ideal),
                   block_len=block_len,
                   block_starts=np.append(starts, -1).astype(np.int64),
                   prototype=proto)
 
 
-def _exact_schedule(n: int, p: int, overlap: float) -> Schedule:
+def _exact_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = None,
+                    total_steps: int = 0) -> Schedule:
   """The same formulas in exact rational arithmetic (the `clean` mode)."""
+  blocks = n if blocks is None else blocks
   om = 1 - _overlap_fraction(overlap)
-  max_steps = math.ceil(p + (n - 1) * om * p)
-  ideal = fractions.Fraction(max_steps) / ((n - 1) * om + 1)
+  steps = int(total_steps) if total_steps else math.ceil(p + (blocks - 1) * om * p)
+  ideal = fractions.Fraction(steps) / ((blocks - 1) * om + 1)
   block_len = math.ceil(ideal)
-  starts = [math.floor(k * ideal * om) for k in range(n)] + [-1]
+  starts = [math.floor(k * ideal * om) for k in range(blocks)]
+  if total_steps:
+    steps = min(steps, starts[-1] + block_len)
   proto = np.array([(block_len - j) / block_len for j in range(block_len)],
                    dtype=_F32)
-  return Schedule(n=n, max_steps=max_steps, ideal_block_len=float(ideal),
+  return Schedule(n=n, max_steps=steps, ideal_block_len=float(ideal),
                   block_len=block_len,
-                  block_starts=np.array(starts, dtype=np.int64),
+                  block_starts=np.array(starts + [-1], dtype=np.int64),
                   prototype=proto)
 
 
+def _sequential_schedule(n: int, p: int, overlap: float, clean: bool,
+                         total_steps: int) -> Schedule:
+  """The SRM reference's graph_sequential time scheduler (random_sequential is its max_order 0)
+  for n patches in n blocks of one patch: M steps (total_steps, or the adaptive schedule's step
+  count + 1, so that both take the same passes), block length L = floor(M / ((n - 1)(1 -
+  overlap) + 1)), block k starting at floor(k L (1 - overlap)), prototype (L - j) / L; the last
+  of the M time rows is 0, so the loop takes M - 1 passes."""
+  steps = int(total_steps) if total_steps else make_schedule(n, p, overlap, clean).max_steps + 1
+  if clean:
+    om = 1 - _overlap_fraction(overlap)
+    block_len = math.floor(fractions.Fraction(steps) / ((n - 1) * om + 1))
+    starts = [math.floor(k * block_len * om) for k in range(n)]
+  else:
+    om = _F32(1.0 - overlap)
+    block_len = int(np.floor(_float32_block_len(n, om, steps)))
+    starts = np.floor((np.arange(n, dtype=_F32) * _F32(block_len)) * om).astype(np.int64)
+    starts = [int(s) for s in starts]
+  if block_len < 1:
+    raise ValueError(f"{steps} steps leave a block length of 0 for n={n} patches at overlap "
+                     f"{overlap}; use more steps.")
+  fl = _F32(block_len)
+  proto = ((fl - np.arange(block_len, dtype=_F32)) / fl).astype(_F32)
+  return Schedule(n=n, max_steps=steps - 1, ideal_block_len=float(block_len),
+                  block_len=block_len, block_starts=np.array(starts + [-1], np.int64),
+                  prototype=proto)
+
+
+def _fixed_schedule(n: int, p: int, overlap: float, clean: bool, total_steps: int) -> Schedule:
+  """The SRM reference's fixed sampler: every unknown patch on one shared ramp 1 -> 0 over M
+  steps (total_steps, or the adaptive schedule's step count, for equal passes), one block of all
+  patches at step 0. The ramp is linspace(1, 0, M + 1) in float64 rounded to float32 (torch's
+  float32 linspace agrees to within an ulp)."""
+  steps = int(total_steps) if total_steps else make_schedule(n, p, overlap, clean).max_steps
+  ramp = np.linspace(1.0, 0.0, steps + 1).astype(_F32)
+  return Schedule(n=n, max_steps=steps, ideal_block_len=float(steps), block_len=steps,
+                  block_starts=np.array([0, -1], np.int64), prototype=ramp[:steps])
+
+
 def make_schedule(n: int, steps_per_patch: int, overlap: float,
-                  clean: bool = False) -> Schedule:
-  """Schedule constants for `n` unknown patches (top_k = 1).
+                  clean: bool = False, *, kind: str = "adaptive", top_k: int = 1,
+                  total_steps: int = 0) -> Schedule:
+  """Schedule constants for `n` unknown patches.
 
   Args:
     n: number of patches to generate (>= 0).
     steps_per_patch: p, steps each patch spends going from t = 1 to t = 0.
     overlap: fraction of a patch's steps shared with the next patch, [0, 1).
     clean: exact arithmetic instead of the reference's float32 arithmetic.
+    kind: one of `SCHEDULES`: 'adaptive' (the greedy SRM schedule, blocks of `top_k` patches),
+      'fixed' (one shared ramp), 'random_sequential' / 'graph_sequential' (the reference's
+      graph_sequential time scheduler; one patch per block).
+    top_k: patches per block of the adaptive schedule (ceil(n / top_k) blocks).
+    total_steps: > 0: the reference SRM samplers' `max_steps`; 0: derived from steps_per_patch
+      (the IPR reference's rule; the other kinds then take the adaptive schedule's passes).
 
   Returns:
-    A `Schedule`.
+    A `Schedule` (its max_steps: the denoiser passes; block_starts: one start per block).
   """
   _check_args(n, steps_per_patch, overlap)
+  if kind not in SCHEDULES:
+    raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}.")
+  if int(top_k) != top_k or top_k < 1:
+    raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+  if int(total_steps) != total_steps or total_steps < 0:
+    raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}.")
   if n == 0:
     return _empty_schedule()
-  if clean:
-    return _exact_schedule(int(n), int(steps_per_patch), float(overlap))
-  return _float32_schedule(int(n), int(steps_per_patch), float(overlap))
+  n, p, overlap = int(n), int(steps_per_patch), float(overlap)
+  if kind == "fixed":
+    return _fixed_schedule(n, p, overlap, clean, int(total_steps))
+  if kind in PLANNED:
+    return _sequential_schedule(n, p, overlap, clean, int(total_steps))
+  blocks = -(-n // int(top_k))
+  build = _exact_schedule if clean else _float32_schedule
+  return build(n, p, overlap, blocks, int(total_steps))
 
 
 def check_block_starts(n_values, steps_per_patch: int, overlap: float, clean: bool = False,
-                       name: str = "sampler") -> None:
+                       name: str = "sampler", **kind_args) -> None:
   """Raises ValueError unless every n in `n_values` has strictly increasing block starts.
 
   Args:
     n_values: the patch counts the schedule is used for (0 and 1 always pass).
     steps_per_patch, overlap, clean: as in `make_schedule`.
     name: the config section the setting comes from, for the message (e.g. 'ipr').
+    **kind_args: kind, top_k, total_steps of `make_schedule`.
   """
   for n in sorted({int(n) for n in n_values}):
-    starts = make_schedule(n, steps_per_patch, overlap, clean).block_starts[:-1]
+    try:
+      starts = make_schedule(n, steps_per_patch, overlap, clean, **kind_args).block_starts[:-1]
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from e
     if np.any(np.diff(starts) <= 0):
-      shown = ", ".join(str(s) for s in starts[:8]) + (", ..." if n > 8 else "")
+      shown = ", ".join(str(s) for s in starts[:8]) + (", ..." if len(starts) > 8 else "")
       raise ValueError(
           f"{name}: steps_per_patch={steps_per_patch} and overlap={overlap} give repeated block "
           f"starts for n={n} patches ({shown}): the greedy loop would select only some of them "
@@ -198,15 +284,21 @@ class ScheduleTable:
     num_patches: N, the largest n tabulated.
     max_steps: `[N + 1]` int32.
     block_len: `[N + 1]` int32.
-    block_starts: `[N + 1, N + 1]` int32; row n holds starts for k = 0..n-1,
-      -1 at index n and -1 padding after it.
+    block_starts: `[N + 1, N + 1]` int32; row n holds the starts of its blocks, then -1 (the
+      sentinel) and -1 padding.
     prototypes: `[N + 1, L_max]` float32; row n holds its prototype, 0 padding.
+    patches_per_block: patches the greedy loop selects at each block start (lowest sigma
+      first): top_k of the adaptive schedule, N of the fixed one (all at once), 1 otherwise.
+    planned: True if the patch of each block is planned before sampling (random_sequential,
+      graph_sequential: `sampling.planning`), not chosen by sigma.
   """
   num_patches: int
   max_steps: np.ndarray
   block_len: np.ndarray
   block_starts: np.ndarray
   prototypes: np.ndarray
+  patches_per_block: int = 1
+  planned: bool = False
 
   def steps_bound(self, n_values=None) -> int:
     """Largest max_steps over `n_values` (default: all n): a static loop length."""
@@ -217,23 +309,26 @@ class ScheduleTable:
 
 @functools.lru_cache(maxsize=64)
 def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
-                   clean: bool = False, start_time: float = 1.0) -> ScheduleTable:
+                   clean: bool = False, start_time: float = 1.0, *, kind: str = "adaptive",
+                   top_k: int = 1, total_steps: int = 0) -> ScheduleTable:
   """Tabulates `make_schedule` for n = 0..num_patches (cached per argument set).
 
   With `start_time` t0 < 1 (IPR's partial re-noising) every prototype is scaled by t0, so a
   patch goes t0, t0 (L-1)/L, ..., t0 / L, then 0; the steps are those of `steps_per_patch`.
+  kind, top_k, total_steps: as in `make_schedule`.
   """
   if int(num_patches) != num_patches or num_patches < 1:
     raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}.")
   if not 0.0 < start_time <= 1.0:
     raise ValueError(f"start_time must lie in (0, 1], got {start_time!r}.")
-  schedules = [make_schedule(n, steps_per_patch, overlap, clean)
+  schedules = [make_schedule(n, steps_per_patch, overlap, clean, kind=kind, top_k=top_k,
+                             total_steps=total_steps)
                for n in range(num_patches + 1)]
   max_len = max(1, max(s.block_len for s in schedules))
   starts = np.full([num_patches + 1, num_patches + 1], -1, np.int32)
   protos = np.zeros([num_patches + 1, max_len], np.float32)
   for s in schedules:
-    starts[s.n, :s.n + 1] = s.block_starts
+    starts[s.n, :len(s.block_starts)] = s.block_starts
     protos[s.n, :s.block_len] = s.prototype
   if start_time != 1.0:
     protos = (protos * _F32(start_time)).astype(_F32)
@@ -242,7 +337,9 @@ def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
       max_steps=np.array([s.max_steps for s in schedules], np.int32),
       block_len=np.array([s.block_len for s in schedules], np.int32),
       block_starts=starts,
-      prototypes=protos)
+      prototypes=protos,
+      patches_per_block=int(num_patches) if kind == "fixed" else int(top_k),
+      planned=kind in PLANNED)
   for a in (table.max_steps, table.block_len, table.block_starts,
             table.prototypes):
     a.setflags(write=False)

@@ -30,11 +30,13 @@ SCHEMA = {
               "dropout", "dtype"],
     "data": ["image_size", "channels", "patch_size"],
     "sampler": ["steps_per_patch", "overlap", "stochasticity", "temperature", "top_k",
-                "clean_schedule", "clamp_noise"],
+                "clean_schedule", "clamp_noise", "schedule", "max_steps", "max_order",
+                "certainty_decay"],
     "ipr": ["budget", "steps_per_patch", "overlap", "resampling_ratio", "noise_type", "mode",
             "num_corruption_swaps", "immediate_stop", "selection", "uncertainty_score",
             "uncertainty_groups", "selection_temperature", "renoise_time", "ratio_schedule",
-            "final_resampling_ratio", "ratio_decay_iterations", "return_iterate"],
+            "final_resampling_ratio", "ratio_decay_iterations", "return_iterate", "schedule",
+            "top_k", "max_order", "certainty_decay"],
     "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
 }
 
@@ -92,9 +94,12 @@ def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
   config = get(path, arg)
   evaluate.check_schedules(config)
   # The same, spelled out for the SRM pass: every patch count the preset can produce.
+  sampler = config.sampler
   for n in evaluate.unknown_counts(config):
-    starts = schedule.block_starts(n, config.sampler.steps_per_patch, config.sampler.overlap,
-                                   config.sampler.clean_schedule)[:-1]
+    starts = schedule.make_schedule(n, sampler.steps_per_patch, sampler.overlap,
+                                    sampler.clean_schedule, kind=sampler.schedule,
+                                    top_k=sampler.top_k,
+                                    total_steps=sampler.max_steps).block_starts[:-1]
     assert list(starts) == sorted(set(starts)), (arg, n)
 
 

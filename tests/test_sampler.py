@@ -438,8 +438,16 @@ def test_bad_ratio_raises(ratio):
 
 
 def test_bad_config_values_raise():
-  with pytest.raises(ValueError, match="top_k"):
-    sampling.SamplerConfig(top_k=2)
+  with pytest.raises(ValueError, match="top_k=2 needs schedule='adaptive'"):
+    sampling.SamplerConfig(top_k=2, schedule="fixed")
+  with pytest.raises(ValueError, match="top_k must be a positive integer, got 0"):
+    sampling.IPRConfig(top_k=0)
+  with pytest.raises(ValueError, match="schedule must be one of .*'ramp'"):
+    sampling.SamplerConfig(schedule="ramp")
+  with pytest.raises(ValueError, match="certainty_decay must lie in .*1.0"):
+    sampling.IPRConfig(certainty_decay=1.0)
+  with pytest.raises(ValueError, match="max_steps must be a non-negative integer, got -5"):
+    sampling.SamplerConfig(max_steps=-5)
   with pytest.raises(ValueError, match="noise_type"):
     sampling.IPRConfig(noise_type="gaussian")
   with pytest.raises(ValueError, match="mode"):

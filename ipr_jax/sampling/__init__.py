@@ -4,7 +4,8 @@ The package's modules, each importing only those above it:
 
   config.py     SamplerConfig, IPRConfig (the one source of IPR's defaults), the function types;
   patches.py    patch geometry, per-puzzle keys, correction mode's cell swaps;
-  greedy.py     the SRM greedy loop (`srm_sample`);
+  planning.py   patch orders planned before sampling (random_sequential, graph_sequential);
+  greedy.py     the SRM loop of every schedule (`srm_sample`);
   selection.py  resampling counts, the uncertainty query, the selection strategies (`SELECTORS`);
   ipr.py        IPR's scan (`srm_ipr`, `ipr_refine`) and `check_schedules`.
 
@@ -53,7 +54,14 @@ Deviations from the reference (documented choices):
 * n = 0 unknown patches gives an empty schedule (0 passes; see schedule.py).
 * Random patch subsets, re-noising and corruption swaps use JAX PRNG keys, not
   the reference's Python / torch generators (which reseed to 42 + i anyway).
-* Only top_k = 1 is implemented (the only value the reference configs use).
+* The SRM sampler family (`SamplerConfig.schedule`; `IPRConfig.schedule` for the regeneration):
+  'adaptive' (the default, the IPR reference's; top_k >= 1 patches per block), 'fixed',
+  'random_sequential' and 'graph_sequential' run through the same loop, a planned schedule
+  selecting at each block start the patch `planning.sequential_order` planned for it. Steps:
+  `SamplerConfig.max_steps` > 0 is the SRM reference's max_steps (1000 in its configs); 0
+  derives them from steps_per_patch, every schedule taking the adaptive schedule's passes.
+  Deviations: the graph planning per puzzle (see planning.py); top_k > 1 records the patches
+  of a block in index order (the reference: by sigma), which changes no sample.
 """
 
 
@@ -66,12 +74,15 @@ from ipr_jax.sampling.config import NOISE_TYPES
 from ipr_jax.sampling.config import RATIO_SCHEDULES
 from ipr_jax.sampling.config import RETURN_ITERATES
 from ipr_jax.sampling.config import SamplerConfig
+from ipr_jax.sampling.config import SCHEDULES
 from ipr_jax.sampling.config import ScoreFn
 from ipr_jax.sampling.config import SELECTIONS
 from ipr_jax.sampling.config import UNCERTAINTY_SCORES
 from ipr_jax.sampling.config import VerifyFn
 from ipr_jax.sampling.greedy import GreedyResult
 from ipr_jax.sampling.greedy import srm_sample
+from ipr_jax.sampling.planning import sequential_order
+from ipr_jax.sampling.planning import weighted_adjacency
 from ipr_jax.sampling.ipr import check_schedules
 from ipr_jax.sampling.ipr import ipr_refine
 from ipr_jax.sampling.ipr import IPRResult

@@ -24,6 +24,8 @@ SELECTIONS = ("random", "uncertainty", "verifier")
 UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
+# The SRM sampler family (`ipr_jax.schedule.SCHEDULES`).
+SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
 
 
 def _coerce(config, **types) -> None:
@@ -70,18 +72,31 @@ class SamplerConfig(_DocumentedFields):
                           "[0, 1).")
   stochasticity: float = _field(0.5, "alpha of the reverse kernel, in [0, 1].")
   temperature: float = _field(1.0, "tau: scales the reverse kernel's standard deviation, > 0.")
-  top_k: int = _field(1, "Patches selected per selection step; only 1 is implemented.")
+  top_k: int = _field(1, "Patches the adaptive schedule selects at once (lowest sigma first), "
+                      ">= 1; ceil(n / top_k) blocks.")
   clean_schedule: bool = _field(False, "False: the reference's float32 schedule arithmetic (spec "
                                 "§4.3); True: exact arithmetic (a deliberate deviation).")
   clamp_noise: bool = _field(True, "Add the reference's ~3e-7 clamp noise wherever t_next > 0 "
                              "(spec §2.3, §4.4); False: none.")
+  schedule: str = _field(
+      "adaptive", "SRM schedule (`SCHEDULES`): 'adaptive' (next patches = lowest predicted "
+      "uncertainty, top_k at a time), 'fixed' (every unknown patch on one shared ramp), "
+      "'random_sequential' (one patch at a time in random order), 'graph_sequential' (next "
+      "patch = most certain by its known neighbours in the task's dependency graph).")
+  max_steps: int = _field(
+      0, "Total steps of the SRM pass (the SRM reference samplers' max_steps, e.g. 1000); 0: "
+      "derived from steps_per_patch and overlap, every schedule then taking the adaptive "
+      "schedule's passes.")
+  max_order: int = _field(1, "graph_sequential: hops over which known patches' certainty "
+                          "spreads (>= 0; 0 is random_sequential).")
+  certainty_decay: float = _field(0.5, "graph_sequential: certainty weight per hop, in (0, 1).")
 
   def __post_init__(self):
     _coerce(self, steps_per_patch=int, overlap=float, stochasticity=float,
-            temperature=float, top_k=int)
-    if self.top_k != 1:
-      raise ValueError(
-          f"top_k={self.top_k!r} is not implemented; only top_k=1 is supported.")
+            temperature=float, top_k=int, max_steps=int, max_order=int, certainty_decay=float)
+    check_schedule_fields(self)
+    if self.max_steps < 0:
+      raise ValueError(f"max_steps must be a non-negative integer, got {self.max_steps!r}.")
     if self.steps_per_patch < 1:
       raise ValueError(
           f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
@@ -155,13 +170,22 @@ class IPRConfig(_DocumentedFields):
   return_iterate: str = _field(
       "last", "'last' (the paper's) or 'confident': the iterate (SRM sample included) with the "
       "lowest mean uncertainty score so far.")
+  schedule: str = _field(
+      "adaptive", "Schedule of the regeneration of the re-noised patches (as sampler.schedule; "
+      "every other patch is known context): 'adaptive' (the paper's), 'fixed', "
+      "'random_sequential', 'graph_sequential'.")
+  top_k: int = _field(1, "Re-noised patches the adaptive regeneration selects at once, >= 1.")
+  max_order: int = _field(1, "graph_sequential regeneration: hops of certainty propagation.")
+  certainty_decay: float = _field(0.5, "graph_sequential regeneration: certainty weight per hop, "
+                                  "in (0, 1).")
 
   def __post_init__(self):
     _coerce(self, budget=int, steps_per_patch=int, overlap=float,
             resampling_ratio=float, num_corruption_swaps=int,
             uncertainty_groups=int, selection_temperature=float,
             renoise_time=float, final_resampling_ratio=float,
-            ratio_decay_iterations=int)
+            ratio_decay_iterations=int, top_k=int, max_order=int, certainty_decay=float)
+    check_schedule_fields(self)
     if self.budget < 0:
       raise ValueError(f"budget must be a non-negative integer, got {self.budget!r}.")
     if self.steps_per_patch < 1:
@@ -226,6 +250,22 @@ class IPRConfig(_DocumentedFields):
       return self.final_resampling_ratio
     frac = min(max(iteration - 1, 0), span) / span
     return self.resampling_ratio + frac * (self.final_resampling_ratio - self.resampling_ratio)
+
+
+def check_schedule_fields(config) -> None:
+  """Checks the schedule, top_k, max_order and certainty_decay fields of a SamplerConfig or an
+  IPRConfig."""
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}.")
+  if config.top_k < 1:
+    raise ValueError(f"top_k must be a positive integer, got {config.top_k!r}.")
+  if config.top_k != 1 and config.schedule != "adaptive":
+    raise ValueError(f"top_k={config.top_k!r} needs schedule='adaptive'; schedule "
+                     f"{config.schedule!r} takes one patch per block (fixed: all at once).")
+  if config.max_order < 0:
+    raise ValueError(f"max_order must be a non-negative integer, got {config.max_order!r}.")
+  if not 0.0 < config.certainty_decay < 1.0:
+    raise ValueError(f"certainty_decay must lie in (0, 1), got {config.certainty_decay!r}.")
 
 
 def check_ratio(ratio: float) -> None:

@@ -22,9 +22,14 @@ import numpy as np
 
 from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
+from ipr_jax.sampling import planning
 from ipr_jax.sampling.config import DenoiseFn, SamplerConfig
 from ipr_jax.sampling.patches import (check_keys, fold_keys, patch_grid, patch_mean,
                                       patches_to_pixels)
+
+
+# fold_in tag of the SRM pass's planning keys (no step index of the greedy loop reaches it).
+PLAN_STREAM = 2**31 - 1
 
 
 @flax.struct.dataclass
@@ -66,23 +71,49 @@ class _GreedyState:
 
 @flax.struct.dataclass
 class PuzzleSchedule:
-  max_steps: jax.Array     # [B] int32
-  block_len: jax.Array     # [B] int32
-  starts: jax.Array        # [B, N + 1] int32
-  prototype: jax.Array     # [B, L_max] float32
+  """Each puzzle's schedule (rows of a `schedule.ScheduleTable` for its patch count).
+
+  Attributes:
+    max_steps: `[B]` int32 denoiser passes.
+    block_len: `[B]` int32 prototype length.
+    starts: `[B, N + 1]` int32 block starts, then -1.
+    prototype: `[B, L_max]` float32 time prototype, 0 padding.
+    per_block: `[B]` int32 patches selected by sigma at each block start (adaptive top_k; all
+      for the fixed schedule).
+    planned: `[B]` bool: the block's patch is `planned_order[block]`, not chosen by sigma.
+    planned_order: `[B, N]` int32 planned patch per block (`planning.sequential_order`), -1
+      where nothing is planned.
+  """
+  max_steps: jax.Array
+  block_len: jax.Array
+  starts: jax.Array
+  prototype: jax.Array
+  per_block: jax.Array
+  planned: jax.Array
+  planned_order: jax.Array
 
 
 def lookup_schedule(table: schedule_lib.ScheduleTable, n: jax.Array,
-                     proto_len: Optional[int] = None) -> PuzzleSchedule:
-  """Each puzzle's schedule row for its n `[B]` (prototypes padded to proto_len)."""
+                     proto_len: Optional[int] = None,
+                     planned_order: Optional[jax.Array] = None) -> PuzzleSchedule:
+  """Each puzzle's schedule row for its n `[B]` (prototypes padded to proto_len); a planned table
+  needs the `planned_order` `[B, N]` of its puzzles."""
   protos = table.prototypes
   if proto_len is not None and proto_len > protos.shape[1]:
     protos = np.pad(protos, ((0, 0), (0, proto_len - protos.shape[1])))
+  batch = n.shape[0]
+  if planned_order is None:
+    if table.planned:
+      raise ValueError("a planned schedule needs the planned order of its patches.")
+    planned_order = jnp.full((batch, table.num_patches), -1, jnp.int32)
   return PuzzleSchedule(
       max_steps=jnp.asarray(table.max_steps)[n],
       block_len=jnp.asarray(table.block_len)[n],
       starts=jnp.asarray(table.block_starts)[n],
-      prototype=jnp.asarray(protos)[n])
+      prototype=jnp.asarray(protos)[n],
+      per_block=jnp.full([batch], table.patches_per_block, jnp.int32),
+      planned=jnp.full([batch], table.planned),
+      planned_order=planned_order.astype(jnp.int32))
 
 
 def _time_rows(step, state: _GreedyState, sched: PuzzleSchedule,
@@ -102,7 +133,8 @@ def _time_rows(step, state: _GreedyState, sched: PuzzleSchedule,
 
 def _select(step, live, state: _GreedyState, sched: PuzzleSchedule,
             sigma: jax.Array) -> _GreedyState:
-  """Block bookkeeping and greedy patch choice at `step` (lowest sigma first)."""
+  """Block bookkeeping and the patch choice at `step`: at a block start, the `per_block` waiting
+  patches of lowest sigma (ties to the lowest index), or the block's planned patch."""
   num_patches = state.waiting.shape[1]
   predict = live & (state.next_start == step)
   block_counter = state.block_counter + predict.astype(jnp.int32)
@@ -110,17 +142,25 @@ def _select(step, live, state: _GreedyState, sched: PuzzleSchedule,
       sched.starts, jnp.minimum(block_counter, num_patches)[:, None], axis=1)[:, 0]
   next_start = jnp.where(predict, start, state.next_start)
   select = predict & jnp.any(state.waiting, axis=1)
-  # Ties go to the lowest index (argmin returns the first minimum).
-  choice = jnp.argmin(jnp.where(state.waiting, sigma, jnp.inf), axis=1)
   patch_ids = jnp.arange(num_patches)
-  chosen = (patch_ids[None, :] == choice[:, None]) & select[:, None]
-  slot = (patch_ids[None, :] == state.num_selected[:, None]) & select[:, None]
+  # A stable double argsort ranks equal sigmas by index: rank 0 is argmin's first minimum.
+  rank = jnp.argsort(jnp.argsort(jnp.where(state.waiting, sigma, jnp.inf), axis=1, stable=True),
+                     axis=1, stable=True)
+  by_sigma = state.waiting & (rank < sched.per_block[:, None])
+  block = jnp.clip(block_counter - 1, 0, num_patches - 1)
+  planned_patch = jnp.take_along_axis(sched.planned_order, block[:, None], axis=1)
+  by_plan = state.waiting & (patch_ids[None, :] == planned_patch)
+  chosen = jnp.where(sched.planned[:, None], by_plan, by_sigma) & select[:, None]
+  # Record the chosen patches in index order at the next free slots of `order`.
+  slot_of = state.num_selected[:, None] + jnp.cumsum(chosen, axis=1) - 1
+  hits = chosen[:, :, None] & (slot_of[:, :, None] == patch_ids[None, None, :])  # [B, patch, slot]
+  filled = jnp.any(hits, axis=1)
   return state.replace(
       waiting=state.waiting & ~chosen,
       selected_at=jnp.where(chosen, step, state.selected_at),
-      order=jnp.where(slot, choice[:, None].astype(jnp.int32), state.order),
-      order_step=jnp.where(slot, step, state.order_step),
-      num_selected=state.num_selected + select.astype(jnp.int32),
+      order=jnp.where(filled, jnp.argmax(hits, axis=1).astype(jnp.int32), state.order),
+      order_step=jnp.where(filled, step, state.order_step),
+      num_selected=state.num_selected + jnp.sum(chosen, axis=1, dtype=jnp.int32),
       block_counter=block_counter,
       next_start=next_start)
 
@@ -216,17 +256,48 @@ def greedy_loop(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
       sigma_rows=rows[1] if record_steps else None)
 
 
+def srm_table(num_patches: int, config: SamplerConfig) -> schedule_lib.ScheduleTable:
+  """The SRM pass's schedule table under `config` (schedule, top_k, max_steps)."""
+  return schedule_lib.schedule_table(num_patches, config.steps_per_patch, config.overlap,
+                                     config.clean_schedule, kind=config.schedule,
+                                     top_k=config.top_k, total_steps=config.max_steps)
+
+
+def planned_order(table: schedule_lib.ScheduleTable, config, unknown: jax.Array,
+                  keys: jax.Array, dependency: Optional[np.ndarray],
+                  overlap: float) -> Optional[jax.Array]:
+  """The planned patch order `[B, N]` of `unknown` `[B, N]` for a planned `table` (else None).
+
+  config: the SamplerConfig or IPRConfig whose schedule, max_order and certainty_decay apply;
+  keys: `[B]` keys of the random tie breaks; dependency: the task's `[N, N]` dependency matrix
+  (needed by graph_sequential).
+  """
+  if not table.planned:
+    return None
+  weights = None
+  if config.schedule == "graph_sequential":
+    if dependency is None:
+      raise ValueError("schedule='graph_sequential' needs the task's dependency graph "
+                       "(`dependency`); this task has none: use random_sequential.")
+    weights = planning.weighted_adjacency(dependency, config.max_order, config.certainty_decay)
+  return planning.sequential_order(unknown, weights, overlap,
+                                   planning.tie_priorities(keys, unknown.shape[1]))
+
+
 def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                mask: Optional[jax.Array], unknown: jax.Array, keys: jax.Array, *,
                patch_size: int, config: SamplerConfig, record: bool = False,
-               step_limit: Optional[int] = None) -> GreedyResult:
-  """SRM greedy sampling of a batch (spec §4.4), one compiled scan over steps.
+               step_limit: Optional[int] = None,
+               dependency: Optional[np.ndarray] = None) -> GreedyResult:
+  """SRM sampling of a batch (spec §4.4 and the SRM reference's sampler family), one compiled
+  loop over steps.
 
   Per puzzle b with n_b = sum(unknown[b]) patches to generate, the schedule of
-  schedule.py (steps_per_patch, overlap) runs for max_steps(n_b) steps; at each
-  block start the waiting patch with the lowest patch-pooled sigma is selected
-  (ties to the lowest index) and follows the time prototype. Given cells are
-  re-pasted after every step (z = masked + mask z).
+  schedule.py (config.schedule, steps_per_patch, overlap, top_k, max_steps) runs for its steps;
+  at each block start the adaptive schedule selects the top_k waiting patches with the lowest
+  patch-pooled sigma (ties to the lowest index), the fixed one every unknown patch at once, the
+  sequential ones the patch `planning.sequential_order` planned for the block; a selected patch
+  follows the time prototype. Given cells are re-pasted after every step (z = masked + mask z).
 
   Args:
     denoise_fn: (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput with u, v,
@@ -241,14 +312,16 @@ def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
     record: also return the time and sigma rows of every step.
     step_limit: stop after this many steps (a partial run, e.g. to inspect an
       intermediate state); default: run every schedule to its end.
+    dependency: `[N, N]` the task's dependency matrix (graph_sequential only).
 
   Returns:
     GreedyResult.
   """
   check_inputs(z, masked, mask, unknown, keys, patch_size)
-  table = schedule_lib.schedule_table(unknown.shape[1], config.steps_per_patch,
-                                      config.overlap, config.clean_schedule)
-  sched = lookup_schedule(table, jnp.sum(unknown, axis=1))
+  table = srm_table(unknown.shape[1], config)
+  order = planned_order(table, config, unknown, fold_keys(keys, PLAN_STREAM), dependency,
+                        config.overlap)
+  sched = lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
   return greedy_loop(denoise_fn, z, masked, mask, unknown, keys, sched,
                  patch_size=patch_size, stochasticity=config.stochasticity,
                  temperature=config.temperature, clamp_noise=config.clamp_noise,

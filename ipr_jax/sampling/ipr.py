@@ -28,12 +28,14 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
 from ipr_jax.sampling.config import (CellVerifyFn, DenoiseFn, IPRConfig, SamplerConfig, ScoreFn,
                                      VerifyFn)
-from ipr_jax.sampling.greedy import PuzzleSchedule, check_inputs, greedy_loop, lookup_schedule
+from ipr_jax.sampling.greedy import (PLAN_STREAM, PuzzleSchedule, check_inputs, greedy_loop,
+                                     lookup_schedule, planned_order, srm_table)
 from ipr_jax.sampling.patches import (check_keys, corrupt_by_swaps, fold_keys, patch_grid,
                                       patch_pixel_mask, unknown_patches)
 from ipr_jax.sampling.selection import SELECTORS, mean_over, resample_counts, uncertainty_query
@@ -100,7 +102,9 @@ def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_pa
   else:
     counts = [int(c) for c in unknown_counts]
     schedule_lib.check_block_starts(counts, sampler_config.steps_per_patch,
-                                    sampler_config.overlap, clean, name="sampler")
+                                    sampler_config.overlap, clean, name="sampler",
+                                    kind=sampler_config.schedule, top_k=sampler_config.top_k,
+                                    total_steps=sampler_config.max_steps)
   if ipr_config.budget > 0:
     table = resample_counts(ipr_config, num_patches)
     ks = {min(int(k), c) for row in table for k, c in zip(row[counts], counts)}
@@ -110,7 +114,8 @@ def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_pa
               f"{ipr_config.renoise_steps_per_patch} of steps_per_patch="
               f"{ipr_config.steps_per_patch})")
     schedule_lib.check_block_starts(ks, ipr_config.renoise_steps_per_patch, ipr_config.overlap,
-                                    clean, name=name)
+                                    clean, name=name, kind=ipr_config.schedule,
+                                    top_k=ipr_config.top_k)
 
 
 def _scores(score_fn: Optional[ScoreFn], z) -> dict:
@@ -171,6 +176,7 @@ class _Refinement:
   iteration_keys: jax.Array
   query_keys: jax.Array
   counts: jax.Array
+  dependency: Optional[np.ndarray]
   ipr_table: schedule_lib.ScheduleTable
   proto_len: int
   patch_size: int
@@ -219,24 +225,27 @@ def _check_refine(z, noise, ipr_config: IPRConfig, verify_fn, cell_verify_fn) ->
 
 def _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown, *,
                 patch_size, sampler_config, ipr_config, score_fn, verify_fn, cell_verify_fn,
-                num_snapshots) -> _Refinement:
+                num_snapshots, dependency) -> _Refinement:
   """The schedules, keys and resampling counts of `_refine`, with its inputs."""
   batch, num_patches = candidates.shape
   clean = sampler_config.clean_schedule
   ipr_table = schedule_lib.schedule_table(num_patches, ipr_config.renoise_steps_per_patch,
-                                          ipr_config.overlap, clean, ipr_config.renoise_time)
+                                          ipr_config.overlap, clean, ipr_config.renoise_time,
+                                          kind=ipr_config.schedule, top_k=ipr_config.top_k)
   proto_len = ipr_table.prototypes.shape[1]
   srm_sched = None
   if srm_unknown is not None:
-    srm_table = schedule_lib.schedule_table(
-        num_patches, sampler_config.steps_per_patch, sampler_config.overlap, clean)
-    proto_len = max(proto_len, srm_table.prototypes.shape[1])
-    srm_sched = lookup_schedule(srm_table, jnp.sum(srm_unknown, axis=1), proto_len)
+    table = srm_table(num_patches, sampler_config)
+    proto_len = max(proto_len, table.prototypes.shape[1])
+    order = planned_order(table, sampler_config, srm_unknown, fold_keys(keys, PLAN_STREAM),
+                          dependency, sampler_config.overlap)
+    srm_sched = lookup_schedule(table, jnp.sum(srm_unknown, axis=1), proto_len, order)
   return _Refinement(
       denoise_fn=denoise_fn, masked=masked, mask=mask, candidates=candidates, noise=noise,
       srm_unknown=srm_unknown, srm_sched=srm_sched,
       iteration_keys=fold_keys(keys, _IPR_STREAM), query_keys=fold_keys(keys, _QUERY_STREAM),
-      counts=jnp.asarray(resample_counts(ipr_config, num_patches)), ipr_table=ipr_table,
+      counts=jnp.asarray(resample_counts(ipr_config, num_patches)), dependency=dependency,
+      ipr_table=ipr_table,
       proto_len=proto_len, patch_size=patch_size, sampler_config=sampler_config,
       ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
       cell_verify_fn=cell_verify_fn, num_snapshots=min(int(num_snapshots), batch))
@@ -287,7 +296,9 @@ def _iteration_start(run: _Refinement, carry: _RefineCarry, j, keys, active):
   z_start = _renoise(carry.z, chosen, keys[:, 1], run.noise, run.masked, run.mask,
                      patch_size=run.patch_size, noise_type=cfg.noise_type,
                      renoise_time=cfg.renoise_time)
-  sched = lookup_schedule(run.ipr_table, jnp.sum(chosen, axis=1), run.proto_len)
+  order = planned_order(run.ipr_table, cfg, chosen, fold_keys(keys[:, 0], PLAN_STREAM),
+                        run.dependency, cfg.overlap)
+  sched = lookup_schedule(run.ipr_table, jnp.sum(chosen, axis=1), run.proto_len, order)
   partial = cfg.renoise_time < 1.0
   start_time = jnp.full([batch], cfg.renoise_time, jnp.float32) if partial else None
   waiting = chosen
@@ -386,7 +397,8 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
             srm_unknown: Optional[jax.Array], patch_size: int,
             sampler_config: SamplerConfig, ipr_config: IPRConfig,
             score_fn: Optional[ScoreFn], verify_fn: Optional[VerifyFn],
-            cell_verify_fn: Optional[CellVerifyFn], num_snapshots: int) -> IPRResult:
+            cell_verify_fn: Optional[CellVerifyFn], num_snapshots: int,
+            dependency: Optional[np.ndarray] = None) -> IPRResult:
   """IPR, optionally preceded by the SRM pass, as one scan over iterations.
 
   With `srm_unknown` given, iteration 0 is the SRM pass that generates those
@@ -406,7 +418,8 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
   run = _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown,
                     patch_size=patch_size, sampler_config=sampler_config,
                     ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-                    cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
+                    cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
+                    dependency=dependency)
   first = _initial_carry(run, z.astype(jnp.float32))
   last, outputs = jax.lax.scan(lambda carry, j: _iteration(run, carry, j), first,
                                jnp.arange(run.num_iterations, dtype=jnp.int32))
@@ -420,7 +433,8 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                score_fn: Optional[ScoreFn] = None,
                verify_fn: Optional[VerifyFn] = None,
                cell_verify_fn: Optional[CellVerifyFn] = None,
-               num_snapshots: int = 0) -> IPRResult:
+               num_snapshots: int = 0,
+               dependency: Optional[np.ndarray] = None) -> IPRResult:
   """IPR iterations on a batch of given samples (spec §4.5).
 
   Each iteration, per puzzle: draw k = max(1, floor(ratio * |candidates|))
@@ -447,6 +461,7 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
     cell_verify_fn: z -> [B, N] bool patches that break the rules, for
       selection='verifier' (static).
     num_snapshots: keep the samples of the first this many puzzles at every budget.
+    dependency: `[N, N]` the task's dependency matrix (graph_sequential only).
 
   Returns:
     IPRResult (initial_order all -1).
@@ -456,7 +471,8 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
                  srm_unknown=None, patch_size=patch_size,
                  sampler_config=sampler_config, ipr_config=ipr_config,
                  score_fn=score_fn, verify_fn=verify_fn,
-                 cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
+                 cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
+                 dependency=dependency)
 
 
 def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array],
@@ -465,7 +481,8 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
             ipr_config: IPRConfig, score_fn: Optional[ScoreFn] = None,
             verify_fn: Optional[VerifyFn] = None,
             cell_verify_fn: Optional[CellVerifyFn] = None,
-            num_snapshots: int = 0) -> IPRResult:
+            num_snapshots: int = 0,
+            dependency: Optional[np.ndarray] = None) -> IPRResult:
   """Initial SRM pass (or correction-mode corruption) followed by IPR.
 
   standard mode (§4.2): masked = (1 - mask) image, z = masked + mask noise,
@@ -500,6 +517,8 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
     cell_verify_fn: z -> [B, N] bool rule-breaking patches, for
       selection='verifier'.
     num_snapshots: samples of the first puzzles kept at every budget.
+    dependency: `[N, N]` the task's dependency matrix (graph_sequential only, in the SRM pass or
+      the regeneration).
 
   Returns:
     IPRResult (nfe counts the SRM pass too).
@@ -515,7 +534,8 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
         fold_keys(keys, _NOISE_STREAM))
   common = dict(patch_size=patch_size, sampler_config=sampler_config,
                 ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-                cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots)
+                cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
+                dependency=dependency)
   if ipr_config.mode == "correction":
     z = _corrupted(keys, image, patch_size, ipr_config.num_corruption_swaps)
     return _refine(denoise_fn, z, None, None, jnp.ones(patches_shape, bool), noise, keys,

@@ -55,6 +55,8 @@ class Evaluation:
       (traced on the devices, after every IPR budget).
     cell_verify_fn: None, or z [B, H, W, d] -> bool [B, num_patches] the patches (row-major)
       that break a rule: the verifier of `config.ipr.selection='verifier'`.
+    dependency_matrix: None, or `[num_patches, num_patches]` float 1 where two patches depend on
+      each other (Sudoku: same row, column or box): the graph of the graph_sequential schedule.
     csv_scores: the per-budget scores that get columns in puzzles.csv.
     plot_metrics: the row means drawn beside the valid rate in valid_rate_vs_budget.png.
     metadata: task facts written into results.json.
@@ -63,6 +65,7 @@ class Evaluation:
   csv_scores: tuple[str, ...] = ("valid",)
   plot_metrics: tuple[str, ...] = ()
   cell_verify_fn: Optional[Callable[[jax.Array], jax.Array]] = None
+  dependency_matrix: Optional[np.ndarray] = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.name = config.task

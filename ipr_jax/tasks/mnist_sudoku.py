@@ -68,6 +68,17 @@ def cell_verify_fn(classifier_params: Any, box_size: int) -> Callable[[jax.Array
   return broken
 
 
+def dependency_matrix(box_size: int) -> np.ndarray:
+  """`[N, N]` float32, N = box_size**4 cells row-major: 1 where two different cells share a row,
+  a column or a box (the SRM reference's Sudoku dependency matrix, self-dependency masked)."""
+  side = box_size * box_size
+  row, col = np.divmod(np.arange(side * side), side)
+  box = (row // box_size) * box_size + col // box_size
+  related = ((row[:, None] == row[None]) | (col[:, None] == col[None])
+             | (box[:, None] == box[None]))
+  return (related & ~np.eye(side * side, dtype=bool)).astype(np.float32)
+
+
 class Evaluation(base.Evaluation):
   """Sudoku under one config: the test puzzles' given cells, scored by the digit classifier."""
 
@@ -81,6 +92,7 @@ class Evaluation(base.Evaluation):
         config.eval.classifier_path, cell_size=config.data.cell_size)
     self.score_fn = score_fn(self.classifier_params, self.box_size)
     self.cell_verify_fn = cell_verify_fn(self.classifier_params, self.box_size)
+    self.dependency_matrix = dependency_matrix(self.box_size)
     self.given_range = tuple(config.eval.given_range)
     # Minimal uniquely solvable puzzles (the ms_unique_test preset; 4x4 only).
     self.unique_solution = bool(config.eval.get("unique_solution", False))

@@ -1,0 +1,338 @@
+"""The SRM sampler family (fixed, random_sequential, graph_sequential, adaptive top_k >= 1):
+parity with the SRM reference's own runs (tests/golden/sampler_family.npz, made by
+tests/golden/make_sampler_family.py from Chrixtar/SRM's sampler code), pass counts from the
+schedule formulas, and the family through IPR and the evaluation binary."""
+
+import dataclasses
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ipr_jax import sampling
+from ipr_jax import schedule as schedule_lib
+from ipr_jax.models.denoiser import DenoiserOutput
+from ipr_jax.sampling import greedy
+from ipr_jax.sampling import planning
+from ipr_jax.tasks import mnist_sudoku
+
+GRID, PATCH = 4, 3
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+  with np.load(golden_dir / "sampler_family.npz") as f:
+    return dict(f)
+
+
+def toy_denoiser(golden):
+  """The generator's ToyModel in JAX (NHWC): u = tanh(a z + b t + c), v = (tanh(d z) + 1) / 2,
+  log-variance = patch mean of e mean_c(z) + f t + g, sigma = exp(logvar / 2)."""
+  w = {k: jnp.asarray(golden[f"toy/{k}"])[None, :, :, None] for k in "abcdefg"}
+
+  def denoise(z, t):
+    b, h, wd, _ = z.shape
+    raw = w["e"] * z.mean(-1, keepdims=True) + w["f"] * t + w["g"]
+    pooled = raw.reshape(b, h // PATCH, PATCH, wd // PATCH, PATCH).mean((2, 4))
+    logvar = jnp.repeat(jnp.repeat(pooled, PATCH, 1), PATCH, 2)[..., None]
+    return DenoiserOutput(u=jnp.tanh(w["a"] * z + w["b"] * t + w["c"]),
+                          v=(jnp.tanh(w["d"] * z) + 1) / 2, logvar=logvar,
+                          sigma=jnp.exp(0.5 * logvar))
+  return denoise
+
+
+def _nhwc(x):
+  return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def _inputs(golden):
+  """(z, masked, mask, unknown) of the golden puzzles, NHWC."""
+  unknown = golden["unknown"] > 0.5
+  mask = np.kron(golden["unknown"].reshape(-1, GRID, GRID), np.ones((PATCH, PATCH)))
+  mask = mask[..., None].astype(np.float32)
+  masked = (1 - mask) * _nhwc(golden["image"])
+  return masked + mask * _nhwc(golden["noise"]), masked, mask, unknown
+
+
+# Each golden case as a SamplerConfig (alpha 0, no clamp noise: the reference's ~3e-7 clamp
+# noise is below the tolerance).
+_CASES = {
+    "fixed": dict(schedule="fixed", max_steps=12),
+    "random_seq000": dict(schedule="random_sequential", max_steps=40, max_order=0),
+    "random_seq075": dict(schedule="random_sequential", max_steps=40, max_order=0, overlap=0.75),
+    "graph_seq000": dict(schedule="graph_sequential", max_steps=40, max_order=1),
+    "graph_seq075": dict(schedule="graph_sequential", max_steps=40, max_order=2, overlap=0.75),
+    "adaptive_top1": dict(max_steps=30),
+    "adaptive_top2": dict(max_steps=30, top_k=2, overlap=0.5),
+    "adaptive_top3": dict(max_steps=25, top_k=3),
+}
+
+
+def _config(case):
+  return sampling.SamplerConfig(stochasticity=0.0, clamp_noise=False, **_CASES[case])
+
+
+def _lowest_index_ties(batch):
+  """Tie priorities that pick the lowest patch index (the generator's identity randperm)."""
+  n = GRID * GRID
+  return jnp.broadcast_to(-jnp.arange(n, dtype=jnp.float32), (batch, n, n))
+
+
+def _run(golden, case):
+  """The JAX sampler on the golden puzzles under `case`: (z, t_rows [S, B, N], nfe [B]).
+
+  A planned case builds its schedule as `srm_sample` does, with the lowest-index tie break."""
+  config = _config(case)
+  z, masked, mask, unknown = _inputs(golden)
+  keys = sampling.puzzle_keys(jax.random.key(0), jnp.arange(len(z)))
+  denoise = toy_denoiser(golden)
+  table = greedy.srm_table(unknown.shape[1], config)
+  order = None
+  if table.planned:
+    weights = None
+    if config.schedule == "graph_sequential":
+      weights = planning.weighted_adjacency(golden["dependency"], config.max_order,
+                                            config.certainty_decay)
+    order = planning.sequential_order(jnp.asarray(unknown), weights, config.overlap,
+                                      _lowest_index_ties(len(z)))
+  sched = greedy.lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
+  out = jax.jit(lambda *a: greedy.greedy_loop(
+      denoise, *a, sched, patch_size=PATCH, stochasticity=0.0, temperature=1.0,
+      clamp_noise=False, record_steps=table.steps_bound()))(
+          z, masked, mask, jnp.asarray(unknown), keys)
+  return np.asarray(out.z), np.asarray(out.t_rows), np.asarray(out.nfe)
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_each_schedule_matches_the_reference_run(golden, case):
+  """Per puzzle: the same passes, the same patch times at every step and the same sample as the
+  reference's sampler run with the same denoiser, noise and given cells."""
+  z, t_rows, nfe = _run(golden, case)
+  assert json.loads(str(golden[f"{case}/config_json"]))["max_steps"] == _CASES[case]["max_steps"]
+  for b in range(len(z)):
+    ref_rows = golden[f"{case}/t_rows/{b}"]  # [passes + 1, N]: the last is the final t_next
+    passes = len(ref_rows) - 1
+    assert nfe[b] == passes, (case, b)
+    np.testing.assert_allclose(t_rows[:passes, b], ref_rows[:-1], atol=1e-6)
+    assert not np.any(ref_rows[-1])
+  np.testing.assert_allclose(z, _nhwc(golden[f"{case}/sample"]), atol=5e-5)
+
+
+@pytest.mark.parametrize("case", ["random_seq000", "random_seq075", "graph_seq000",
+                                  "graph_seq075"])
+def test_planned_schedules_match_the_reference_scheduling_matrices(golden, case):
+  """The reference's graph_sequential scheduling matrix of 12 more puzzles, rebuilt from the
+  planned order and the schedule table: start of each patch's ramp, block length, last row."""
+  config = _config(case)
+  rows = [golden[f"{case}/plan_unknown/{i}"] > 0.5 for i in range(12)]
+  unknown = jnp.asarray(np.stack(rows))
+  weights = None
+  if config.schedule == "graph_sequential":
+    weights = planning.weighted_adjacency(golden["dependency"], config.max_order,
+                                          config.certainty_decay)
+  order = np.asarray(planning.sequential_order(unknown, weights, config.overlap,
+                                               _lowest_index_ties(len(rows))))
+  table = greedy.srm_table(GRID * GRID, config)
+  for i, row in enumerate(rows):
+    n = int(row.sum())
+    expected = golden[f"{case}/plan_matrix/{i}"]  # [max_steps, N]
+    assert len(expected) == table.max_steps[n] + 1
+    assert sorted(order[i, :n]) == sorted(np.flatnonzero(row)) and np.all(order[i, n:] == -1)
+    start = np.zeros(GRID * GRID, int)
+    start[order[i, :n]] = table.block_starts[n][:n]
+    length = table.block_len[n]
+    steps = np.arange(len(expected))[:, None]
+    age = steps - start[None]
+    proto = table.prototypes[n]
+    got = np.where(age < 0, 1.0, np.where(age < length, proto[np.clip(age, 0, length - 1)], 0.0))
+    got = np.where(row[None], got, 0.0)
+    got[-1] = 0.0
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+
+
+def test_graph_order_follows_the_known_neighbours():
+  """graph_sequential, one hop: with row 0 of a 4x4 Sudoku given but one cell, that cell (three
+  given neighbours in its row, one more in its box) is planned first; without propagation
+  (random_sequential) every unknown cell ties."""
+  unknown = np.ones((1, 16), bool)
+  unknown[0, [0, 1, 2]] = False
+  weights = planning.weighted_adjacency(mnist_sudoku.dependency_matrix(2), 1, 0.5)
+  ties = _lowest_index_ties(1)
+  order = np.asarray(planning.sequential_order(jnp.asarray(unknown), weights, 0.0, ties))
+  assert order[0, 0] == 3
+  order = np.asarray(planning.sequential_order(jnp.asarray(unknown), None, 0.0, ties))
+  assert order[0, 0] == 3 and list(order[0, :13]) == list(range(3, 16))
+
+
+def test_random_ties_give_every_cell_the_same_chance():
+  """Random tie breaks: the first patch of random_sequential is uniform over 16 cells (2,000
+  puzzles: every count within 5 standard deviations of 125) and the orders are permutations."""
+  keys = sampling.puzzle_keys(jax.random.key(3), jnp.arange(2000))
+  unknown = jnp.ones((2000, 16), bool)
+  order = np.asarray(jax.jit(lambda k: planning.sequential_order(
+      unknown, None, 0.0, planning.tie_priorities(k, 16)))(keys))
+  assert all(sorted(row) == list(range(16)) for row in order[:50])
+  counts = np.bincount(order[:, 0], minlength=16)
+  std = math.sqrt(2000 * (1 / 16) * (15 / 16))
+  assert np.all(np.abs(counts - 125) < 5 * std), counts
+
+
+def test_the_sudoku_dependency_graph():
+  """4x4: every cell depends on 3 in its row, 3 in its column and 1 more in its box; 9x9: 20."""
+  for box, neighbours in ((2, 7), (3, 20)):
+    matrix = mnist_sudoku.dependency_matrix(box)
+    assert matrix.shape == (box**4, box**4)
+    np.testing.assert_array_equal(matrix, matrix.T)
+    assert np.all(matrix.sum(axis=1) == neighbours) and not np.any(np.diag(matrix))
+
+
+@pytest.mark.parametrize("kind,top_k,expected", [
+    # Passes per puzzle from the schedule formulas, steps_per_patch 3, overlap 0:
+    ("adaptive", 1, lambda n: 3 * n),
+    ("adaptive", 2, lambda n: 3 * math.ceil(n / 2)),
+    ("adaptive", 4, lambda n: 3 * math.ceil(n / 4)),
+    # fixed and the sequential ones take the adaptive schedule's passes at equal settings.
+    ("fixed", 1, lambda n: 3 * n),
+    ("random_sequential", 1, lambda n: 3 * n),
+    ("graph_sequential", 1, lambda n: 3 * n),
+])
+def test_srm_sample_passes(kind, top_k, expected):
+  n_values = [1, 5, 9, 16]
+  unknown = np.zeros((len(n_values), 16), bool)
+  for b, n in enumerate(n_values):
+    unknown[b, np.random.default_rng(b).permutation(16)[:n]] = True
+  z = np.random.default_rng(0).standard_normal((len(n_values), 12, 12, 1)).astype(np.float32)
+  golden = {f"toy/{k}": np.ones((12, 12), np.float32) * 0.3 for k in "abcdefg"}
+  config = sampling.SamplerConfig(schedule=kind, top_k=top_k)
+  out = sampling.srm_sample(toy_denoiser(golden), z, None, None, unknown,
+                            sampling.puzzle_keys(jax.random.key(1), jnp.arange(len(n_values))),
+                            patch_size=PATCH, config=config,
+                            dependency=mnist_sudoku.dependency_matrix(2))
+  assert list(np.asarray(out.nfe)) == [expected(n) for n in n_values]
+  order = np.asarray(out.order)
+  for b, n in enumerate(n_values):  # every unknown patch generated, once
+    assert sorted(order[b, :n]) == sorted(np.flatnonzero(unknown[b]))
+
+
+def test_graph_sequential_needs_a_dependency_graph():
+  config = sampling.SamplerConfig(schedule="graph_sequential")
+  golden = {f"toy/{k}": np.zeros((12, 12), np.float32) for k in "abcdefg"}
+  with pytest.raises(ValueError, match="graph_sequential.*dependency graph"):
+    sampling.srm_sample(toy_denoiser(golden), np.zeros((1, 12, 12, 1), np.float32), None, None,
+                        np.ones((1, 16), bool), sampling.puzzle_keys(jax.random.key(0),
+                                                                    jnp.arange(1)),
+                        patch_size=PATCH, config=config)
+
+
+@pytest.mark.parametrize("ipr_schedule,ipr_top_k,per_iteration", [
+    # IPR regeneration of k = 4 re-noised patches, 10 steps per patch at overlap 0.8 (spec §4.6:
+    # 2k + 8 passes); fixed and the sequential ones take the same; top_k 2: ceil(k / 2) blocks.
+    ("adaptive", 1, 2 * 4 + 8),
+    ("fixed", 1, 2 * 4 + 8),
+    ("random_sequential", 1, 2 * 4 + 8),
+    ("graph_sequential", 1, 2 * 4 + 8),
+    ("adaptive", 2, 2 * 2 + 8),
+])
+def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iteration):
+  """srm_ipr, SRM pass graph_sequential (3 n passes) and IPR regeneration under another
+  schedule: passes per budget from the formulas; a changed sample from the regeneration."""
+  golden = {f"toy/{k}": np.full((12, 12), 0.3, np.float32) for k in "abcdefg"}
+  unknown = np.ones((2, 16), bool)
+  unknown[:, :0] = False
+  noise = np.random.default_rng(5).standard_normal((2, 12, 12, 1)).astype(np.float32)
+  result = sampling.srm_ipr(
+      toy_denoiser(golden), sampling.puzzle_keys(jax.random.key(2), jnp.arange(2)), image=None,
+      noise=noise, patch_size=PATCH,
+      sampler_config=sampling.SamplerConfig(schedule="graph_sequential"),
+      ipr_config=sampling.IPRConfig(budget=2, schedule=ipr_schedule, top_k=ipr_top_k),
+      dependency=mnist_sudoku.dependency_matrix(2))
+  nfe = np.asarray(result.nfe_per_budget)
+  np.testing.assert_array_equal(nfe[:, 0], [48, 48 + per_iteration, 48 + 2 * per_iteration])
+  assert np.asarray(result.resampled).sum(axis=-1).tolist() == [[4, 4], [4, 4]]
+
+
+def test_check_schedules_names_a_degenerate_sequential_schedule():
+  """graph_sequential at overlap 0.75 with 3 steps per patch: block starts repeat."""
+  with pytest.raises(ValueError, match=r"sampler: steps_per_patch=3 and overlap=0.75 give "
+                                       r"repeated block starts"):
+    sampling.check_schedules(sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
+                             sampling.IPRConfig(), 16, [10])
+  sampling.check_schedules(sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75,
+                                                  steps_per_patch=12),
+                           sampling.IPRConfig(schedule="fixed"), 16, range(11, 17))
+
+
+def _puzzle_unknowns(workdir, name):
+  with np.load(workdir / "eval" / name / "puzzles.npz") as f:
+    return f["unknown_patches"], f["nfe"]
+
+
+def test_the_evaluation_binary_runs_a_reference_sampler_test(tmp_path):
+  """`demo,ms_hard_graph_seq000` with a fixed-schedule regeneration through the evaluation
+  binary on the shipped model: the passes of every puzzle from the formulas (SRM 3n, IPR 2k + 8
+  with k = max(1, floor(n / 4))) and the settings in results.json."""
+  done = subprocess.run(
+      [sys.executable, "-m", "ipr_jax.evaluate",
+       "--config=configs/mnist_sudoku.py:demo,ms_hard_graph_seq000",
+       "--config.eval.num_puzzles=6", "--config.eval.batch_size=6", "--config.ipr.budget=2",
+       "--config.ipr.schedule=fixed", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1],
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  unknown, nfe = _puzzle_unknowns(tmp_path, "ms_hard_graph_seq000")
+  k = np.maximum(1, unknown // 4)
+  np.testing.assert_array_equal(nfe, np.stack([3 * unknown + b * (2 * k + 8)
+                                               for b in range(3)], axis=1))
+  metadata = json.loads(
+      (tmp_path / "eval" / "ms_hard_graph_seq000" / "results.json").read_text())["metadata"]
+  assert (metadata["sampler"]["schedule"], metadata["sampler"]["max_order"]) == (
+      "graph_sequential", 1)
+  assert (metadata["ipr"]["schedule"], metadata["ipr"]["budget"]) == ("fixed", 2)
+
+
+def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
+  """evaluate.evaluate with sampler.top_k=2 and ipr.top_k=2: SRM 3 ceil(n / 2), IPR
+  2 ceil(k / 2) + 8 passes per puzzle; the samples are scored (valid rates in [0, 1])."""
+  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = task_config("mnist_sudoku", "demo")
+  config.eval.num_puzzles = 6
+  config.eval.batch_size = 6
+  config.ipr.budget = 1
+  config.sampler.top_k = 2
+  config.ipr.top_k = 2
+  rows = evaluate.evaluate(config, str(tmp_path))
+  unknown, nfe = _puzzle_unknowns(tmp_path, "ms_hard_test")
+  k = np.maximum(1, unknown // 4)
+  srm = 3 * np.ceil(unknown / 2)
+  np.testing.assert_array_equal(nfe, np.stack([srm, srm + 2 * np.ceil(k / 2) + 8], axis=1))
+  assert all(0.0 <= row["valid_rate"] <= 1.0 for row in rows)
+
+
+def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
+  """experiments/migrate_run_json.py gives a format-2 run.json without the family's fields the
+  values its computation had (the defaults), and leaves the other fields as they were."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location("migrate", root / "experiments/migrate_run_json.py")
+  migrate = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(migrate)
+  committed = root / "experiments/results/demo_20494/eval/ms_hard_test_paper/shards/run.json"
+  stored = json.loads(committed.read_text())
+  old = json.loads(json.dumps(stored))
+  for section, fields in migrate.SCHEDULE_FIELDS.items():
+    for name in fields:
+      del old[section][name]
+  (tmp_path / "shards").mkdir()
+  (tmp_path / "shards" / "run.json").write_text(json.dumps(old))
+  assert migrate.main([str(tmp_path / "shards" / "run.json")]) == 0
+  assert json.loads((tmp_path / "shards" / "run.json").read_text()) == stored
+  defaults = {"sampler": dataclasses.asdict(sampling.SamplerConfig()),
+              "ipr": dataclasses.asdict(sampling.IPRConfig())}
+  for section, fields in migrate.SCHEDULE_FIELDS.items():
+    assert all(defaults[section][name] == value for name, value in fields.items())
