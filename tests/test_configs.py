@@ -1,4 +1,4 @@
-"""Tests of configs/*.py: presets parse, reference values (spec §3, §4.5) are the defaults."""
+"""Tests of ipr_jax/configs/*.py (configs/*.py in a clone): presets parse, reference values (spec §3, §4.5) are the defaults."""
 
 import dataclasses
 import importlib.util
@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "ipr_jax" / "configs"
 EVEN_PIXELS = CONFIG_DIR / "even_pixels.py"
 MNIST_SUDOKU = CONFIG_DIR / "mnist_sudoku.py"
 COUNTING_POLYGONS = CONFIG_DIR / "counting_polygons.py"
