@@ -97,7 +97,7 @@ def convert_classifier(torch_classifier: str, out_path: str) -> str:
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset]).",
+      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset] or <task>[:preset]).",
       lock_config=True)
   flags.DEFINE_string("torch_checkpoint", None,
                       "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")

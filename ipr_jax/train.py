@@ -601,7 +601,8 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Training config file, e.g. configs/even_pixels.py:tiny.", lock_config=True)
+      "config", None, "Training config: a file, e.g. configs/even_pixels.py:tiny, or a packaged "
+      "config's name, e.g. even_pixels:tiny.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 

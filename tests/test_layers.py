@@ -15,7 +15,8 @@ Layers, lowest first (the test's `LAYERS`):
   metrics   the metrics, and `scorers` (the scripts that trained the metrics' weights and ranked
             the digits);
   tasks     one module per task and the registry (`ipr_jax.tasks`);
-  build     what a config builds: the model and optimizer, the config sections, shipped models;
+  build     what a config builds: the model and optimizer, the config sections, the packaged task
+            configs (`ipr_jax.configs`), shipped models;
   binaries  training, evaluation, conversion and their command lines; `fit` (the compiled
             memory of the evaluation and training programs, above both).
 """
@@ -41,7 +42,7 @@ LAYERS = (
     ("models", ("ipr_jax.models.*", "ipr_jax.losses")),
     ("metrics", ("ipr_jax.metrics.*", "ipr_jax.scorers.*")),
     ("tasks", ("ipr_jax.tasks.*",)),
-    ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.pretrained")),
+    ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.configs.*", "ipr_jax.pretrained")),
     ("binaries", ("ipr_jax.cli", "ipr_jax.convert", "ipr_jax.evaluate", "ipr_jax.evaluation",
                   "ipr_jax.fit", "ipr_jax.train")),
 )
