@@ -62,11 +62,13 @@ def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
   colon, None if there is none). Raises FileNotFoundError if the file does not exist, and
   errors.ConfigError for a name that is no packaged config (`resolve_config_spec`).
   """
-  path, _, preset = resolve_config_spec(spec).partition(":")
-  path = pathlib.Path(path)
+  file, _, preset = resolve_config_spec(spec).partition(":")
+  path = pathlib.Path(file)
   if not path.is_file():
     raise FileNotFoundError(f"config file {str(path)!r} (from {str(spec)!r}) does not exist")
   module_spec = importlib.util.spec_from_file_location(f"_ipr_config_{path.stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise errors.ConfigError(f"config file {str(path)!r} is not a Python module")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(preset or None)
