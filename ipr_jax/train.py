@@ -35,7 +35,7 @@ Deliberate differences from the reference (same recipe, different bookkeeping):
 * the warm-up is computed as torch LinearLR's closed-form factor of the learning rate;
 * metrics.jsonl holds the mean of each metric over its logging window.
 
-Why over 600 lines: the binary is one loop whose pieces (the step with its gradient accumulation,
+Why over 800 lines: the binary is one loop whose pieces (the step with its gradient accumulation,
 the feed, the checkpoints, the logs, preemption) share the run's state; the reusable parts live in
 losses, time_sampler, train_state, checkpoint and build.
 """

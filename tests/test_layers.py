@@ -1,6 +1,8 @@
 """The package's layers: every module of ipr_jax belongs to one, imports (at top level or inside
 functions) only modules of its own layer or of layers below it, and no import chain comes back
-to where it started. Also the module length: at most 600 lines unless the module says why.
+to where it started. Also the module length: at most 800 lines unless the module says why (800 as
+pyink lays code out, one argument per line where a call does not fit: the 600 lines of the
+hand-wrapped code before it, which grew by 10 to 35% per module).
 
 Layers, lowest first (the test's `LAYERS`):
 
@@ -27,8 +29,8 @@ import pathlib
 import pytest
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ipr_jax"
-MAX_LINES = 600
-LONG_MODULE_REASON = "Why over 600 lines:"
+MAX_LINES = 800
+LONG_MODULE_REASON = f"Why over {MAX_LINES} lines:"
 
 LAYERS = (
     ("core", ("ipr_jax", "ipr_jax.agreement", "ipr_jax.checkpoint", "ipr_jax.compilation_cache",
