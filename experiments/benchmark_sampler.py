@@ -59,7 +59,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size (media
 _NUM_GIVEN = flags.DEFINE_integer("num_given", 13, "Sudoku given cells (hard: 0..26).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 _MODE = flags.DEFINE_enum("mode", "sampler", ["sampler", "evaluation"],
-                          "sampler: one jitted call per batch size; evaluation: the binary's batches.")
+                          "sampler: one jitted call per batch size; evaluation: the binary's "
+                          "batches.")
 _CONFIG = flags.DEFINE_string("config", "configs/mnist_sudoku.py:demo",
                               "--mode=evaluation: the task config (its model must be shipped, "
                               "config.eval.pretrained).")

@@ -44,7 +44,8 @@ CURVES = (
     ("uncertainty_partial", "valid",
      "uncertainty-guided (nll) + partial t0 = 0.5, most confident iterate"),
     ("uncertainty_sigma", "valid", "uncertainty-guided (sigma only), most confident iterate"),
-    ("verifier", "valid", "ORACLE upper bound: verifier-guided + stop (the verifier is the metric)"),
+    ("verifier", "valid",
+     "ORACLE upper bound: verifier-guided + stop (the verifier is the metric)"),
 )
 BASELINE_LABEL = "random, last iterate (the paper's IPR)"
 
@@ -90,7 +91,7 @@ def main(argv):
       continue
     curves.append((label, name, curve(runs[name], key)))
   reference = curves[0][2]
-  for label, name, c in curves[1:]:
+  for _, name, c in curves[1:]:
     if not np.array_equal(c["index"], reference["index"]):
       raise ValueError(f"{name} was run on other puzzles than the baseline")
 
@@ -117,7 +118,7 @@ def main(argv):
                                                   point))
     rows.append(row)
 
-  lines = ["| variant | " + " | ".join(f"<= {int(l)} passes" for l in levels) + " |",
+  lines = ["| variant | " + " | ".join(f"<= {int(level)} passes" for level in levels) + " |",
            "|---|" + "---|" * len(levels)]
   for row in rows:
     cells = []

@@ -192,7 +192,7 @@ def in_subprocess(step: str, argument: str, timeout_s: float) -> dict:
                           check=False)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout_s:.0f} s"}
-  lines = [l for l in done.stdout.splitlines() if l.startswith("STEP ")]
+  lines = [line for line in done.stdout.splitlines() if line.startswith("STEP ")]
   if done.returncode == 0 and lines:
     row = json.loads(lines[-1][len("STEP "):])
   else:

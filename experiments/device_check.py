@@ -77,7 +77,8 @@ _FORWARD = {
 }
 _GOLDEN_CASES = {"full": ("ms", "ep"), "tiny": ("ep",)}
 _SAMPLER = {
-    "full": [("mnist_sudoku.py:ms_hard_test", (1, 16, 64)), ("even_pixels.py:ep_test", (1, 64, 256))],
+    "full": [("mnist_sudoku.py:ms_hard_test", (1, 16, 64)),
+             ("even_pixels.py:ep_test", (1, 64, 256))],
     "tiny": [("mnist_sudoku.py:demo", (1, 2))],
 }
 _TRAIN = {
@@ -271,7 +272,7 @@ def check_train(scale: str, report) -> dict:
     try:
       done = subprocess.run(command, capture_output=True, text=True,
                             timeout=_TRAIN_TIMEOUT.value, check=False)
-      lines = [l for l in done.stdout.splitlines() if l.startswith("TRAIN_CASE ")]
+      lines = [line for line in done.stdout.splitlines() if line.startswith("TRAIN_CASE ")]
       if done.returncode == 0 and lines:
         out[case] = json.loads(lines[-1][len("TRAIN_CASE "):])
       else:

@@ -93,7 +93,7 @@ def agree(error: Optional[BaseException] = None, stop: bool = False,
   reports = [json.loads(b) for b in _allgather_bytes(text.encode())]
   for process, other in enumerate(reports):
     if other["error"] is not None:
-      if process == jax.process_index():
+      if process == jax.process_index() and error is not None:
         raise error
       raise rebuild_error(process, *other["error"])
   return Outcome(any(r["stop"] for r in reports), [r["payload"] for r in reports])

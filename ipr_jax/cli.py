@@ -104,12 +104,45 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     sampling.IPRConfig(**config.ipr.to_dict())
 
 
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+  """argv with the value of --config (`--config=V` or `--config V`) resolved by
+  `config_base.resolve_config_spec`: a packaged config's name (`mnist_sudoku:demo`) becomes its
+  file's path. Raises errors.ConfigError for a name that is no packaged config."""
+  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+
+  resolved = list(argv[:1])
+  args = list(argv[1:])
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg == "--":
+      resolved.extend(args[i:])
+      break
+    name, equals, value = arg.partition("=")
+    if name in ("--config", "-config") and equals:
+      arg = f"{name}={config_base.resolve_config_spec(value)}"
+    elif arg in ("--config", "-config") and i + 1 < len(args):
+      resolved.append(arg)
+      i += 1
+      arg = config_base.resolve_config_spec(args[i])
+    resolved.append(arg)
+    i += 1
+  return resolved
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, plus the config's loading and checks; a mistake: one line, EXIT_USAGE.
 
-  The --config file is loaded here (config_flags otherwise reports a missing file only when the
-  config is first read) and checked with `check_config`.
+  A packaged config's name as --config (`mnist_sudoku:demo`) is resolved to its file first
+  (`resolve_config_args`). The --config file is loaded here (config_flags otherwise reports a
+  missing file only when the config is first read) and checked with `check_config`.
   """
+  try:
+    argv = resolve_config_args(argv)
+  except errors.ConfigError as e:
+    if verbose_in(argv):
+      raise
+    fail(str(e))
   try:
     remaining = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None

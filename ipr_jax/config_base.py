@@ -16,21 +16,59 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
+from ipr_jax import errors
 from ipr_jax import sampling
 from ipr_jax.models import unet
 
 
+# The packaged task configs (`ipr_jax/configs/<task>.py`), named by `--config=<task>[:preset]`.
+PACKAGED_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> tuple[str, ...]:
+  """The names of the packaged configs, sorted: ('counting_polygons', 'even_pixels', ...)."""
+  return tuple(sorted(path.stem for path in PACKAGED_CONFIG_DIR.glob("*.py")
+                      if not path.name.startswith("_")))
+
+
+def resolve_config_spec(spec: str | os.PathLike) -> str:
+  """The `--config` value with a packaged config's name replaced by its file.
+
+  'mnist_sudoku:demo' -> '<site-packages>/ipr_jax/configs/mnist_sudoku.py:demo'. A spec whose
+  path part is an existing file, or looks like a path (has a '/' or ends in '.py'), is returned
+  unchanged (a missing file is then reported where it is loaded).
+
+  Raises:
+    errors.ConfigError: a bare name that is neither a file nor a packaged config, listing those
+      there are.
+  """
+  spec = str(spec)
+  path, colon, preset = spec.partition(":")
+  if pathlib.Path(path).is_file() or "/" in path or os.sep in path or path.endswith(".py"):
+    return spec
+  if path not in packaged_configs():
+    raise errors.ConfigError(
+        f"--config={spec}: {path!r} is neither a config file nor a packaged config; packaged: "
+        f"{', '.join(packaged_configs())} (e.g. --config=mnist_sudoku:demo), or give a file's "
+        "path (configs/<task>.py[:preset])")
+  return f"{PACKAGED_CONFIG_DIR / path}.py{colon}{preset}"
+
+
 def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config that `--config=<spec>` gives the binaries, e.g. 'configs/mnist_sudoku.py:demo'.
+  """The config that `--config=<spec>` gives the binaries, e.g. 'configs/mnist_sudoku.py:demo'
+  or, a packaged config, 'mnist_sudoku:demo'.
 
   For notebooks and scripts: the file's `get_config(preset)` (preset = the part after the
-  colon, None if there is none). Raises FileNotFoundError if the file does not exist.
+  colon, None if there is none). Raises FileNotFoundError if the file does not exist, and
+  errors.ConfigError for a name that is no packaged config (`resolve_config_spec`).
   """
-  path, _, preset = str(spec).partition(":")
-  path = pathlib.Path(path)
+  file, _, preset = resolve_config_spec(spec).partition(":")
+  path = pathlib.Path(file)
   if not path.is_file():
     raise FileNotFoundError(f"config file {str(path)!r} (from {str(spec)!r}) does not exist")
   module_spec = importlib.util.spec_from_file_location(f"_ipr_config_{path.stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise errors.ConfigError(f"config file {str(path)!r} is not a Python module")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(preset or None)

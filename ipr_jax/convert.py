@@ -80,7 +80,7 @@ def convert_checkpoint(torch_checkpoint: str, config: ml_collections.ConfigDict,
   state_dict, extras = torch_files.load_state_dict_file(torch_checkpoint)
   params = convert_denoiser(state_dict, config, weights)
   if step is None:
-    step = int(extras.get("global_step", 0))
+    step = int(extras.get("global_step", 0))  # type: ignore[call-overload]  # a number
   step_dir = checkpoint.save_params_checkpoint(
       workdir, params, config, build.make_optimizer(config), step=step, seed=config.seed)
   return str(step_dir)
@@ -97,7 +97,8 @@ def convert_classifier(torch_classifier: str, out_path: str) -> str:
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset]).",
+      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset], or a "
+      "packaged config's name: <task>[:preset]).",
       lock_config=True)
   flags.DEFINE_string("torch_checkpoint", None,
                       "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")

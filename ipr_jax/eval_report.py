@@ -150,7 +150,7 @@ def write_puzzle_results(out_dir: str, per_puzzle: Mapping[str, np.ndarray],
   os.makedirs(out_dir, exist_ok=True)
   tmp = os.path.join(out_dir, PUZZLES_NPZ + ".tmp")
   with open(tmp, "wb") as f:
-    np.savez(f, **per_puzzle)
+    np.savez(f, **per_puzzle)  # type: ignore[arg-type]  # numpy's stub
   os.replace(tmp, os.path.join(out_dir, PUZZLES_NPZ))
 
   columns: dict[str, list[str]] = {}

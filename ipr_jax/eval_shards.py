@@ -81,9 +81,10 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # messages), eval_shards.py, environment.py (its record is checked on its own), agreement.py,
 # preemption.py and host_devices.py (files, processes, devices: results do not depend on the
 # device or process count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
-# on which no result depends), compilation_cache.py (where compiled programs are kept). The configs are not code here: their
-# resolved values are settings. The fingerprint is of whole files, bytes as they are: simple and
-# conservative (an edit of evaluate.py's command line or of a docstring counts too). Weights
+# on which no result depends), compilation_cache.py (where compiled programs are kept). The
+# configs are not code here: their resolved values are settings. The fingerprint is of whole
+# files, bytes as they are: simple and conservative (an edit of evaluate.py's command line or of
+# a docstring counts too). Weights
 # given by path (eval.classifier_path, eval.scorer_path) are identified by their path only.
 # tests/test_evaluate.py checks that every package module the listed modules import is listed or
 # left out here, and that every shipped metric and data asset is listed.
@@ -390,7 +391,7 @@ def shard_path(shard_dir: str | os.PathLike, batch: int) -> pathlib.Path:
 def write_shard(shard_dir: str | os.PathLike, batch: int, arrays: dict[str, np.ndarray]) -> None:
   """Writes batch `batch`'s arrays atomically and durably (temporary file, fsync, rename, fsync
   of the directory)."""
-  _write_atomically(shard_path(shard_dir, batch), lambda f: np.savez(f, **arrays))
+  _write_atomically(shard_path(shard_dir, batch), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # numpy's stub
 
 
 def done_batches(shard_dir: str | os.PathLike) -> set[int]:

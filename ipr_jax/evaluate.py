@@ -82,7 +82,8 @@ from ipr_jax.evaluation import unknown_counts  # pylint: disable=unused-import
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Task config file, e.g. configs/mnist_sudoku.py:ms_hard_test.",
+      "config", None, "Task config: a file, e.g. configs/mnist_sudoku.py:ms_hard_test, or a "
+      "packaged config's name, e.g. mnist_sudoku:ms_hard_test.",
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
   flags.DEFINE_string("checkpoint", None,

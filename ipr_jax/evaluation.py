@@ -12,7 +12,7 @@ randomness, so results do not depend on the batch size, the order of the batches
 devices or the number of processes. Several processes (`host_devices.initialize_distributed`)
 split the batches and end together (`agreement`).
 
-Why over 600 lines: the run's steps (settings, set-up, batches, merge) share its private state
+Why over 800 lines: the run's steps (settings, set-up, batches, merge) share its private state
 (`_Run`) and its multi-process agreement; the reusable parts already live in eval_shards,
 eval_report, agreement and the task modules.
 """

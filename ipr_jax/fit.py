@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import pathlib
 import time
 from typing import Any, Callable, Optional
@@ -69,6 +68,8 @@ def analyse(fn: Callable[..., Any], *args, static_argnums=(), donate_argnums=())
       *args).compile()
   seconds = time.time() - start
   memory = compiled.memory_analysis()
+  if memory is None:
+    raise RuntimeError(f"XLA reports no memory analysis for the program on {jax.default_backend()}")
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
     cost = cost[0] if cost else None

@@ -10,7 +10,7 @@ default.
 """
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from ipr_jax import errors
 
@@ -62,14 +62,14 @@ def initialize_distributed() -> None:
 
   names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
   values = [os.environ.get(name) for name in names]
-  kwargs = {}
+  kwargs: dict[str, Any] = {}
   if any(values):
     if not all(values):
       missing = [n for n, v in zip(names, values) if not v]
       raise errors.ConfigError(
           f"{', '.join(missing)} not set: set all of {', '.join(names)} or none.")
     try:
-      num_processes, process_id = int(values[1]), int(values[2])
+      num_processes, process_id = int(str(values[1])), int(str(values[2]))
     except ValueError:
       raise errors.ConfigError(
           f"{NUM_PROCESSES_ENV}={values[1]!r} and {PROCESS_ID_ENV}={values[2]!r} "

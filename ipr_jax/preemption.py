@@ -12,7 +12,7 @@ never stuck.
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -31,7 +31,7 @@ class Preemption:
     self.message = message
     self.requested = threading.Event()
     self.deadline: Optional[float] = None
-    self._previous = {}
+    self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, frame):
     del frame

@@ -102,7 +102,7 @@ def save(path: str | os.PathLike, params: Mapping[str, Any], config: ml_collecti
   arrays[_CONFIG_KEY] = np.asarray(config.to_json_best_effort(sort_keys=True))
   arrays[_METADATA_KEY] = np.asarray(json.dumps(dict(metadata), sort_keys=True))
   with open(path, "wb") as f:
-    np.savez_compressed(f, **arrays)
+    np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub
 
 
 def load_file(path: str | os.PathLike) -> Pretrained:

@@ -35,7 +35,7 @@ Deliberate differences from the reference (same recipe, different bookkeeping):
 * the warm-up is computed as torch LinearLR's closed-form factor of the learning rate;
 * metrics.jsonl holds the mean of each metric over its logging window.
 
-Why over 600 lines: the binary is one loop whose pieces (the step with its gradient accumulation,
+Why over 800 lines: the binary is one loop whose pieces (the step with its gradient accumulation,
 the feed, the checkpoints, the logs, preemption) share the run's state; the reusable parts live in
 losses, time_sampler, train_state, checkpoint and build.
 """
@@ -601,7 +601,8 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Training config file, e.g. configs/even_pixels.py:tiny.", lock_config=True)
+      "config", None, "Training config: a file, e.g. configs/even_pixels.py:tiny, or a packaged "
+      "config's name, e.g. even_pixels:tiny.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 

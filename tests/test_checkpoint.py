@@ -28,7 +28,8 @@ def trained_state(num_steps=2, seed=0, width=4):
   """A state after a few real optimizer/EMA steps, so every field holds distinct values."""
   state = train_state.TrainState.create(small_params(seed, width), TX, jax.random.key(seed))
   for i in range(num_steps):
-    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.1 * (i + 1)), state.params)
+    fill = 0.1 * (i + 1)
+    grads = jax.tree_util.tree_map(lambda p, fill=fill: jnp.full_like(p, fill), state.params)
     state = state.apply_gradients(grads, TX, ema_decay=0.9)
   return state
 

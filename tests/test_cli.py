@@ -22,6 +22,7 @@ CASES = {
     "misspelt field": ([DEMO, "--config.ipr.budgett=3"], "budgett"),
     "bad preset": (["--config=configs/mnist_sudoku.py:nosuch"], "nosuch"),
     "missing config file": (["--config=configs/nosuch.py"], "configs/nosuch.py"),
+    "unknown packaged config": (["--config=nosuch:demo"], "mnist_sudoku"),
     "bad ratio": ([DEMO, "--config.ipr.resampling_ratio=1.5"], "1.5"),
     "missing checkpoint": ([DEMO, "--checkpoint=/nonexistent"], "/nonexistent"),
 }
@@ -43,7 +44,7 @@ def assert_one_line_error(done, bad):
 
 
 @pytest.mark.parametrize("case", ["misspelt field", "bad preset", "missing config file",
-                                  "bad ratio", "missing checkpoint"])
+                                  "unknown packaged config", "bad ratio", "missing checkpoint"])
 def test_evaluate_reports_a_bad_command_line_in_one_line(case, tmp_path):
   args, bad = CASES[case]
   done = run_binary("ipr_jax.evaluate", args, tmp_path)

@@ -1,4 +1,5 @@
-"""Tests of ipr_jax/configs/*.py (configs/*.py in a clone): presets parse, reference values (spec §3, §4.5) are the defaults."""
+"""Tests of ipr_jax/configs/*.py (configs/*.py in a clone): presets parse, reference values
+(spec §3, §4.5) are the defaults; packaged names resolve."""
 
 import dataclasses
 import importlib.util
@@ -348,3 +349,41 @@ def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
   changed = {name: value for name, value in ipr.items() if value != defaults[name]}
   assert changed == overrides
   assert dataclasses.asdict(sampling.IPRConfig(**ipr)) == ipr
+
+
+CLONE_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path,arg", [(MNIST_SUDOKU, "demo"), (EVEN_PIXELS, "tiny,ep_test"),
+                                      (COUNTING_POLYGONS, "")])
+def test_clone_and_packaged_names_give_the_packaged_config(path, arg):
+  """`configs/<task>.py:<preset>` (a clone's file), `<task>:<preset>` (the packaged name) and the
+  packaged file give the same config, through load_config and through the binaries' flag."""
+  from ipr_jax import cli  # pylint: disable=g-import-not-at-top
+  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  suffix = f":{arg}" if arg else ""
+  packaged = get(path, arg or None)
+  assert config_base.load_config(f"{CLONE_CONFIG_DIR / path.name}{suffix}") == packaged
+  assert config_base.load_config(f"{path.stem}{suffix}") == packaged
+  argv = cli.resolve_config_args(["binary", f"--config={path.stem}{suffix}"])
+  assert argv == ["binary", f"--config={path}{suffix}"]
+  assert parse_flags(argv).to_dict() == packaged.to_dict()
+
+
+def test_packaged_configs_are_the_clone_configs():
+  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  assert config_base.packaged_configs() == ("counting_polygons", "even_pixels", "mnist_sudoku")
+  assert sorted(p.stem for p in CLONE_CONFIG_DIR.glob("*.py")) == list(
+      config_base.packaged_configs())
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones():
+  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="packaged: counting_polygons, even_pixels, "
+                     "mnist_sudoku"):
+    config_base.load_config("sudoku:demo")
+  # A path stays a path: its absence is reported where the file is loaded.
+  assert config_base.resolve_config_spec("configs/nosuch.py:x") == "configs/nosuch.py:x"
+  with pytest.raises(FileNotFoundError):
+    config_base.load_config("configs/nosuch.py")

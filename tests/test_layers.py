@@ -1,6 +1,8 @@
 """The package's layers: every module of ipr_jax belongs to one, imports (at top level or inside
 functions) only modules of its own layer or of layers below it, and no import chain comes back
-to where it started. Also the module length: at most 600 lines unless the module says why.
+to where it started. Also the module length: at most 800 lines unless the module says why (800 as
+pyink lays code out, one argument per line where a call does not fit: the 600 lines of the
+hand-wrapped code before it, which grew by 10 to 35% per module).
 
 Layers, lowest first (the test's `LAYERS`):
 
@@ -15,7 +17,8 @@ Layers, lowest first (the test's `LAYERS`):
   metrics   the metrics, and `scorers` (the scripts that trained the metrics' weights and ranked
             the digits);
   tasks     one module per task and the registry (`ipr_jax.tasks`);
-  build     what a config builds: the model and optimizer, the config sections, shipped models;
+  build     what a config builds: the model and optimizer, the config sections, the packaged task
+            configs (`ipr_jax.configs`), shipped models;
   binaries  training, evaluation, conversion and their command lines; `fit` (the compiled
             memory of the evaluation and training programs, above both).
 """
@@ -26,8 +29,8 @@ import pathlib
 import pytest
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ipr_jax"
-MAX_LINES = 600
-LONG_MODULE_REASON = "Why over 600 lines:"
+MAX_LINES = 800
+LONG_MODULE_REASON = f"Why over {MAX_LINES} lines:"
 
 LAYERS = (
     ("core", ("ipr_jax", "ipr_jax.agreement", "ipr_jax.checkpoint", "ipr_jax.compilation_cache",
@@ -41,7 +44,7 @@ LAYERS = (
     ("models", ("ipr_jax.models.*", "ipr_jax.losses")),
     ("metrics", ("ipr_jax.metrics.*", "ipr_jax.scorers.*")),
     ("tasks", ("ipr_jax.tasks.*",)),
-    ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.pretrained")),
+    ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.configs.*", "ipr_jax.pretrained")),
     ("binaries", ("ipr_jax.cli", "ipr_jax.convert", "ipr_jax.evaluate", "ipr_jax.evaluation",
                   "ipr_jax.fit", "ipr_jax.train")),
 )

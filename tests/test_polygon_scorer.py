@@ -93,7 +93,8 @@ def test_digit_map_feeds_the_numbers_head():
   assert "digit_map" not in plain and plain["head_numbers_label"]["kernel"].shape == (16, 35)
   with pytest.raises(ValueError, match="stem_patch=16"):
     polygon_scorer.init_scorer_params(
-        polygon_scorer.make_scorer({**SMALL, "stem_patch": 16, "widths": [8, 8], "digit_map": True}),
+        polygon_scorer.make_scorer(
+            {**SMALL, "stem_patch": 16, "widths": [8, 8], "digit_map": True}),
         jax.random.key(0))
 
 

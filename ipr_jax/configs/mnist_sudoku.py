@@ -20,7 +20,8 @@ Evaluate (the evaluation binary reads config.sampler, config.ipr and config.eval
   python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:tiny,ms_corrupted_test \
       --workdir=runs/ms_tiny
 Override single fields (a misspelt name fails):
-  python -m ipr_jax.train --config=configs/mnist_sudoku.py:tiny --config.batch_size=8 --workdir=/tmp/ms
+  python -m ipr_jax.train --config=configs/mnist_sudoku.py:tiny --config.batch_size=8 \
+      --workdir=/tmp/ms
 
 Preset argument: comma-separated tokens, at most one size (`demo` | `tiny` | `small`; none = paper
 scale)

@@ -267,7 +267,7 @@ def make_grid_sets(seed: int = 0, box_size: int = 3, num_train: int | None = Non
     raise ValueError(f"num_train={num_train}, num_test={num_test}: both must be >= 1")
   train = np.stack([random_solved_grid(rng, box_size) for _ in range(num_train)])
   train_fingerprints = set(orbit_invariant(train))
-  test = []
+  test: list[np.ndarray] = []
   while len(test) < num_test:
     candidates = np.stack([random_solved_grid(rng, box_size) for _ in range(num_test - len(test))])
     test.extend(g for g, f in zip(candidates, orbit_invariant(candidates))

@@ -14,6 +14,7 @@ through `classifier_params_from_state_dict`.
 import json
 import pathlib
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -103,7 +104,7 @@ def classifier_params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> d
   unexpected = sorted(set(state_dict) - set(_STATE_DICT_LAYOUT))
   if missing or unexpected:
     raise ValueError(f"classifier state dict: missing keys {missing}, unexpected keys {unexpected}")
-  params = {}
+  params: dict[str, Any] = {}
   for key, (module, name, shape) in _STATE_DICT_LAYOUT.items():
     value = np.asarray(state_dict[key], np.float32)
     if value.shape != shape:

@@ -40,6 +40,7 @@ no ImageNet normalisation (as the reference uses its scorer).
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -170,7 +171,7 @@ def save_scorer(path: str | pathlib.Path, params: Mapping, architecture: Mapping
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "wb") as f:
-    np.savez_compressed(f, **flat)
+    np.savez_compressed(f, **flat)  # type: ignore[arg-type]  # numpy's stub
   tmp.replace(path)
 
 
@@ -204,7 +205,8 @@ def load_scorer(path: str | pathlib.Path | None = None) -> tuple[PolygonScorer, 
   arrays, metadata = _read(path)
   scorer = make_scorer(metadata["architecture"])
   expected = jax.eval_shape(scorer.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
-  params, problems = {}, []
+  params: dict[str, Any] = {}
+  problems: list[str] = []
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
     names = [str(getattr(k, "key", k)) for k in key_path]
     name = "/".join(names)

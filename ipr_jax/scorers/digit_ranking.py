@@ -1,6 +1,8 @@
 r"""The ranking of the bundled MNIST digits by the shipped classifier's confidence, shipped as data.
 
-    python -m ipr_jax.scorers.digit_ranking  # writes ipr_jax/data/assets/mnist_digits_10k_ranking.npz
+    python -m ipr_jax.scorers.digit_ranking
+
+writes ipr_jax/data/assets/mnist_digits_10k_ranking.npz.
 
 The Sudoku task keeps the top-N digits of each class by classifier confidence (`config.data.top_n`,
 like the reference's ms1000). For the bundled digits that choice is shipped as a file, so that the

@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import pathlib
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -147,7 +148,7 @@ def cached_dataset(cache_dir: str | None, split: str, count: int, seed: int, num
   logging.info("rendered %d %s images in %.0f s", count, split, time.time() - start)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, images=images, **labels)
+  np.savez(tmp, images=images, **labels)  # type: ignore[arg-type]  # numpy's stub
   os.replace(tmp, path)
   return images, labels
 
@@ -217,7 +218,7 @@ def head_accuracies(scorer, params, images_u8: np.ndarray, labels: dict[str, np.
   With a digit map and a 'digit_map' target, also 'digit_cells' (the fraction of digit-centre
   cells predicted as their digit) and 'empty_cells' (of the other cells, predicted empty).
   """
-  preds = {}
+  preds: dict[str, Any] = {}
   for start in range(0, len(images_u8), batch_size):
     out = _predict(params, jnp.asarray(images_u8[start:start + batch_size]), scorer=scorer)
     for k, v in out.items():

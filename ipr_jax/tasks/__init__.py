@@ -82,6 +82,8 @@ def register_task(module: types.ModuleType,
   if known is not None:
     raise ValueError(f"task name {module.NAME!r} of {module.__name__} is taken by "
                      f"{known.__name__}")
+  if module.__file__ is None:
+    raise ValueError(f"task module {module.__name__} has no file to record")
   folder = pathlib.Path(module.__file__).resolve().parent
   files = [pathlib.Path(module.__file__).resolve()]
   files += [(folder / f).resolve() for f in code_files]
