@@ -23,8 +23,9 @@ _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Worker counts to time.")
 _PROCESSES = flags.DEFINE_bool("processes", False, "Processes instead of threads.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 56, "Images per step (cp_ffhq_8: 56).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per worker count.")
-_BACKGROUND_DIR = flags.DEFINE_string("background_dir", None, "Folder backgrounds (default: "
-                                      "procedural).")
+_BACKGROUND_DIR = flags.DEFINE_string(
+    "background_dir", None, "Folder backgrounds (default: " "procedural)."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
 
@@ -35,18 +36,29 @@ def main(argv):
   results = []
   for workers in [int(w) for w in _WORKERS.value]:
     with counting_polygons.TrainImagePrefetcher(
-        task, seed=0, example_index=index, first_step=0, num_workers=workers,
-        prefetch=workers, use_processes=_PROCESSES.value) as feed:
+        task,
+        seed=0,
+        example_index=index,
+        first_step=0,
+        num_workers=workers,
+        prefetch=workers,
+        use_processes=_PROCESSES.value,
+    ) as feed:
       feed.get()  # warm-up: process start-up, first renders
       start = time.perf_counter()
       for _ in range(_STEPS.value):
         feed.get()
       seconds = time.perf_counter() - start
     images_per_sec = _STEPS.value * _BATCH_SIZE.value / seconds
-    row = {"workers": workers, "processes": _PROCESSES.value, "batch_size": _BATCH_SIZE.value,
-           "steps": _STEPS.value, "seconds": round(seconds, 2),
-           "images_per_sec": round(images_per_sec, 1),
-           "steps_per_sec_fed": round(images_per_sec / _BATCH_SIZE.value, 2)}
+    row = {
+        "workers": workers,
+        "processes": _PROCESSES.value,
+        "batch_size": _BATCH_SIZE.value,
+        "steps": _STEPS.value,
+        "seconds": round(seconds, 2),
+        "images_per_sec": round(images_per_sec, 1),
+        "steps_per_sec_fed": round(images_per_sec / _BATCH_SIZE.value, 2),
+    }
     results.append(row)
     print(json.dumps(row), flush=True)
   if _OUTPUT.value:

@@ -49,8 +49,7 @@ from ipr_jax import sampling
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 
-_TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test", "cp_test"],
-                          "Sampler settings.")
+_TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test", "cp_test"], "Sampler settings.")
 _UNET = flags.DEFINE_string("unet", "tiny", "U-Net preset (unet_32/unet_128/unet_256) or 'tiny'.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
@@ -58,33 +57,59 @@ _BUDGET = flags.DEFINE_integer("budget", 30, "IPR iterations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size (median reported).")
 _NUM_GIVEN = flags.DEFINE_integer("num_given", 13, "Sudoku given cells (hard: 0..26).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
-_MODE = flags.DEFINE_enum("mode", "sampler", ["sampler", "evaluation"],
-                          "sampler: one jitted call per batch size; evaluation: the binary's "
-                          "batches.")
-_CONFIG = flags.DEFINE_string("config", "configs/mnist_sudoku.py:demo",
-                              "--mode=evaluation: the task config (its model must be shipped, "
-                              "config.eval.pretrained).")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "sampler",
+    ["sampler", "evaluation"],
+    "sampler: one jitted call per batch size; evaluation: the binary's " "batches.",
+)
+_CONFIG = flags.DEFINE_string(
+    "config",
+    "configs/mnist_sudoku.py:demo",
+    "--mode=evaluation: the task config (its model must be shipped, " "config.eval.pretrained).",
+)
 _NUM_PUZZLES = flags.DEFINE_integer("num_puzzles", 256, "--mode=evaluation: puzzles.")
 _EVAL_BATCH = flags.DEFINE_integer("batch_size", 32, "--mode=evaluation: puzzles per batch.")
 
 _SETTINGS = {
-    "ms_hard": dict(image=252, channels=1, patch=28,
-                    sampler=sampling.SamplerConfig(steps_per_patch=3, overlap=0.0),
-                    ipr=dict(steps_per_patch=10, overlap=0.8)),
-    "ep_test": dict(image=32, channels=3, patch=4,
-                    sampler=sampling.SamplerConfig(steps_per_patch=30, overlap=0.9),
-                    ipr=dict(steps_per_patch=30, overlap=0.9)),
-    "cp_test": dict(image=128, channels=3, patch=8,
-                    sampler=sampling.SamplerConfig(steps_per_patch=10, overlap=0.9),
-                    ipr=dict(steps_per_patch=10, overlap=0.9)),
+    "ms_hard": dict(
+        image=252,
+        channels=1,
+        patch=28,
+        sampler=sampling.SamplerConfig(steps_per_patch=3, overlap=0.0),
+        ipr=dict(steps_per_patch=10, overlap=0.8),
+    ),
+    "ep_test": dict(
+        image=32,
+        channels=3,
+        patch=4,
+        sampler=sampling.SamplerConfig(steps_per_patch=30, overlap=0.9),
+        ipr=dict(steps_per_patch=30, overlap=0.9),
+    ),
+    "cp_test": dict(
+        image=128,
+        channels=3,
+        patch=8,
+        sampler=sampling.SamplerConfig(steps_per_patch=10, overlap=0.9),
+        ipr=dict(steps_per_patch=10, overlap=0.9),
+    ),
 }
 
 
 def _model(name: str, channels: int, dtype) -> unet.UNet:
   if name == "tiny":
-    return unet.UNet(hid_dims=(32, 32, 32), attention=(False, False, True), d_in=channels,
-                     d_out=2 * channels + 1, num_blocks=1, t_emb_dim=64, d_emb=32,
-                     num_head_channels=32, num_groups=8, dtype=dtype)
+    return unet.UNet(
+        hid_dims=(32, 32, 32),
+        attention=(False, False, True),
+        d_in=channels,
+        d_out=2 * channels + 1,
+        num_blocks=1,
+        t_emb_dim=64,
+        d_emb=32,
+        num_head_channels=32,
+        num_groups=8,
+        dtype=dtype,
+    )
   return unet.make_unet(name, channels, 2 * channels + 1, dtype=dtype)
 
 
@@ -120,10 +145,14 @@ def evaluation_benchmark() -> dict:
       passes += float(evaluator(batch, pad_to=pad_to).nfe[-1].sum())
     seconds = time.perf_counter() - start
     unknown = [unknown_all[b] for b in batches]
-    row = dict(sort_by_unknowns=sort, seconds=seconds,
-               puzzles_per_s=config.eval.num_puzzles / seconds, nfe_per_s=passes / seconds,
-               mean_batch_max_unknown=float(np.mean([u.max() for u in unknown])),
-               mean_unknown=float(np.mean(np.concatenate(unknown))))
+    row = dict(
+        sort_by_unknowns=sort,
+        seconds=seconds,
+        puzzles_per_s=config.eval.num_puzzles / seconds,
+        nfe_per_s=passes / seconds,
+        mean_batch_max_unknown=float(np.mean([u.max() for u in unknown])),
+        mean_unknown=float(np.mean(np.concatenate(unknown))),
+    )
     rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -132,16 +161,26 @@ def evaluation_benchmark() -> dict:
   shape = (len(devices), per_device, *evaluator.task.image_shape)
   images = jax.pmap(lambda x: x + 1.0, devices=devices)(jnp.zeros(shape, jnp.float32))
   transfers = dict(
-      params_to_devices_s=_median_seconds(lambda: jax_utils.replicate(params, devices),
-                                          _REPEATS.value),
+      params_to_devices_s=_median_seconds(
+          lambda: jax_utils.replicate(params, devices), _REPEATS.value
+      ),
       final_images_to_host_s=_median_seconds(lambda: jax.device_get(images), _REPEATS.value),
       final_images_bytes=int(np.prod(shape)) * 4,
-      num_params=int(sum(x.size for x in jax.tree_util.tree_leaves(params))))
+      num_params=int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+  )
   print(json.dumps(transfers), flush=True)
-  return dict(mode="evaluation", config=_CONFIG.value, num_puzzles=config.eval.num_puzzles,
-              batch_size=pad_to, budget=config.ipr.budget, devices=len(devices),
-              device=f"{devices[0].platform}:{devices[0].device_kind}", jax=jax.__version__,
-              order=rows, transfers_per_batch=transfers)
+  return dict(
+      mode="evaluation",
+      config=_CONFIG.value,
+      num_puzzles=config.eval.num_puzzles,
+      batch_size=pad_to,
+      budget=config.ipr.budget,
+      devices=len(devices),
+      device=f"{devices[0].platform}:{devices[0].device_kind}",
+      jax=jax.__version__,
+      order=rows,
+      transfers_per_batch=transfers,
+  )
 
 
 def main(argv):
@@ -164,9 +203,16 @@ def main(argv):
 
   @jax.jit
   def run(params, keys, image, mask, noise):
-    result = sampling.srm_ipr(lambda z, t: denoise(params, z, t), keys, image=image, mask=mask,
-                             noise=noise, patch_size=settings["patch"],
-                             sampler_config=settings["sampler"], ipr_config=ipr_config)
+    result = sampling.srm_ipr(
+        lambda z, t: denoise(params, z, t),
+        keys,
+        image=image,
+        mask=mask,
+        noise=noise,
+        patch_size=settings["patch"],
+        sampler_config=settings["sampler"],
+        ipr_config=ipr_config,
+    )
     return result.z, result.nfe
 
   def inputs(batch):
@@ -176,7 +222,7 @@ def main(argv):
       return keys, None, None, noise
     image = jax.random.uniform(jax.random.key(2), (batch, *shape), minval=-1, maxval=1)
     cells = np.ones((batch, grid * grid), np.float32)
-    cells[:, :_NUM_GIVEN.value] = 0  # The first cells are given.
+    cells[:, : _NUM_GIVEN.value] = 0  # The first cells are given.
     mask = np.kron(cells.reshape(batch, grid, grid), np.ones((settings["patch"],) * 2))
     return keys, image, jnp.asarray(mask[..., None], jnp.float32), noise
 
@@ -193,16 +239,29 @@ def main(argv):
       jax.block_until_ready(run(params, *args))
       times.append(time.perf_counter() - start)
     call_s = float(np.median(times))
-    row = dict(batch=batch, first_call_s=compile_s, call_s=call_s, puzzles_per_s=batch / call_s,
-               nfe_per_puzzle=float(np.mean(nfe)), nfe_per_s=float(np.sum(nfe)) / call_s)
+    row = dict(
+        batch=batch,
+        first_call_s=compile_s,
+        call_s=call_s,
+        puzzles_per_s=batch / call_s,
+        nfe_per_puzzle=float(np.mean(nfe)),
+        nfe_per_s=float(np.sum(nfe)) / call_s,
+    )
     rows.append(row)
     print(json.dumps(row), flush=True)
   base = next((r for r in rows if r["batch"] == 1), None)
   if base is not None:
     for r in rows:
       r["speedup_vs_batch1_loop"] = r["puzzles_per_s"] / base["puzzles_per_s"]
-  result = dict(task=_TASK.value, unet=_UNET.value, dtype=_DTYPE.value, budget=_BUDGET.value,
-                device=f"{device.platform}:{device.device_kind}", jax=jax.__version__, rows=rows)
+  result = dict(
+      task=_TASK.value,
+      unet=_UNET.value,
+      dtype=_DTYPE.value,
+      budget=_BUDGET.value,
+      device=f"{device.platform}:{device.device_kind}",
+      jax=jax.__version__,
+      rows=rows,
+  )
   print(json.dumps(result, indent=2))
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

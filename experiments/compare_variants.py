@@ -26,13 +26,19 @@ from ipr_jax import eval_report
 _RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _VARIANTS = os.path.join(_RESULTS, "variants_1000")
 
-flags.DEFINE_string("baseline", os.path.join(_RESULTS, "repro_1000_keys2"),
-                    "workdir of the paper's IPR (random selection) on the same puzzles")
+flags.DEFINE_string(
+    "baseline",
+    os.path.join(_RESULTS, "repro_1000_keys2"),
+    "workdir of the paper's IPR (random selection) on the same puzzles",
+)
 flags.DEFINE_string("variants", _VARIANTS, "directory holding one workdir per variant")
 flags.DEFINE_string("eval_name", "ms_hard_test", "config.eval.name of the evaluations")
 flags.DEFINE_string("out", _VARIANTS, "where the table and the plot go")
-flags.DEFINE_list("pass_levels", ["150", "250", "350", "450", "550"],
-                  "mean denoiser passes per puzzle at which the curves are compared")
+flags.DEFINE_list(
+    "pass_levels",
+    ["150", "250", "350", "450", "550"],
+    "mean denoiser passes per puzzle at which the curves are compared",
+)
 
 # (workdir name, score key in puzzles.npz, label); the baseline is added first.
 CURVES = (
@@ -41,11 +47,17 @@ CURVES = (
     ("random_confident", "valid", "random, most confident iterate"),
     ("partial_t05", "valid", "random, partial re-noising t0 = 0.5"),
     ("linear_ratio", "valid", "random, ratio 0.5 -> 0.125 over 10 iterations"),
-    ("uncertainty_partial", "valid",
-     "uncertainty-guided (nll) + partial t0 = 0.5, most confident iterate"),
+    (
+        "uncertainty_partial",
+        "valid",
+        "uncertainty-guided (nll) + partial t0 = 0.5, most confident iterate",
+    ),
     ("uncertainty_sigma", "valid", "uncertainty-guided (sigma only), most confident iterate"),
-    ("verifier", "valid",
-     "ORACLE upper bound: verifier-guided + stop (the verifier is the metric)"),
+    (
+        "verifier",
+        "valid",
+        "ORACLE upper bound: verifier-guided + stop (the verifier is the metric)",
+    ),
 )
 BASELINE_LABEL = "random, last iterate (the paper's IPR)"
 
@@ -64,8 +76,14 @@ def curve(run: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
   total = valid.shape[0]
   successes = valid.sum(0)
   intervals = np.array([eval_report.wilson_interval(int(s), total) for s in successes])
-  return {"index": run["index"][order], "valid": valid, "passes": passes.mean(0),
-          "rate": successes / total, "low": intervals[:, 0], "high": intervals[:, 1]}
+  return {
+      "index": run["index"][order],
+      "valid": valid,
+      "passes": passes.mean(0),
+      "rate": successes / total,
+      "low": intervals[:, 0],
+      "high": intervals[:, 1],
+  }
 
 
 def at_level(c: dict[str, np.ndarray], level: float):
@@ -103,23 +121,32 @@ def main(argv):
     for name in ("valid", "duplicate_count"):
       last = run[f"last_{name}"][order]
       checks[f"random_confident_last_{name}_equals_paper"] = bool(
-          np.array_equal(last, baseline[name][base_order][:, :last.shape[1]]))
+          np.array_equal(last, baseline[name][base_order][:, : last.shape[1]])
+      )
 
   levels = [float(level) for level in flags.FLAGS.pass_levels]
   rows = []
   for label, name, c in curves:
-    row = {"variant": label, "run": name, "budgets": len(c["rate"]) - 1,
-           "final_passes": float(c["passes"][-1]), "final_rate": float(c["rate"][-1]),
-           "levels": {}}
+    row = {
+        "variant": label,
+        "run": name,
+        "budgets": len(c["rate"]) - 1,
+        "final_passes": float(c["passes"][-1]),
+        "final_rate": float(c["rate"][-1]),
+        "levels": {},
+    }
     for level in levels:
       point = at_level(c, level)
       if point is not None and c["passes"][-1] >= 0.9 * level:  # the curve gets that far
-        row["levels"][str(int(level))] = dict(zip(("budget", "passes", "rate", "low", "high"),
-                                                  point))
+        row["levels"][str(int(level))] = dict(
+            zip(("budget", "passes", "rate", "low", "high"), point)
+        )
     rows.append(row)
 
-  lines = ["| variant | " + " | ".join(f"<= {int(level)} passes" for level in levels) + " |",
-           "|---|" + "---|" * len(levels)]
+  lines = [
+      "| variant | " + " | ".join(f"<= {int(level)} passes" for level in levels) + " |",
+      "|---|" + "---|" * len(levels),
+  ]
   for row in rows:
     cells = []
     for level in levels:
@@ -127,19 +154,35 @@ def main(argv):
       if point is None:
         cells.append("")
       else:
-        cells.append(f"{100 * point['rate']:.1f}% [{100 * point['low']:.1f}, "
-                     f"{100 * point['high']:.1f}] (b={point['budget']}, "
-                     f"{point['passes']:.0f})")
+        cells.append(
+            f"{100 * point['rate']:.1f}% [{100 * point['low']:.1f}, "
+            f"{100 * point['high']:.1f}] (b={point['budget']}, "
+            f"{point['passes']:.0f})"
+        )
     lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   os.makedirs(flags.FLAGS.out, exist_ok=True)
   with open(os.path.join(flags.FLAGS.out, "comparison.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(flags.FLAGS.out, "comparison.json"), "w") as f:
-    json.dump({"rows": rows, "checks": checks,
-               "curves": {label: {"passes": c["passes"].tolist(), "rate": c["rate"].tolist(),
-                                  "low": c["low"].tolist(), "high": c["high"].tolist()}
-                          for label, _, c in curves}}, f, indent=1, allow_nan=False)
+    json.dump(
+        {
+            "rows": rows,
+            "checks": checks,
+            "curves": {
+                label: {
+                    "passes": c["passes"].tolist(),
+                    "rate": c["rate"].tolist(),
+                    "low": c["low"].tolist(),
+                    "high": c["high"].tolist(),
+                }
+                for label, _, c in curves
+            },
+        },
+        f,
+        indent=1,
+        allow_nan=False,
+    )
 
   fig, axes = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [2, 1]})
   for panel, ax in enumerate(axes):
@@ -147,15 +190,25 @@ def main(argv):
       uses_verifier = "ORACLE" in label
       if uses_verifier and panel == 0:
         continue
-      line, = ax.plot(c["passes"], 100 * c["rate"], "--" if uses_verifier else "-", marker=".",
-                      markersize=3, label=label)
-      ax.fill_between(c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(),
-                      alpha=0.12)
+      (line,) = ax.plot(
+          c["passes"],
+          100 * c["rate"],
+          "--" if uses_verifier else "-",
+          marker=".",
+          markersize=3,
+          label=label,
+      )
+      ax.fill_between(
+          c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(), alpha=0.12
+      )
     ax.set_xlabel("mean denoiser passes per puzzle (SRM + IPR + uncertainty queries)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("valid rate (%), 95% Wilson band")
-  axes[0].set_title(f"verifier-free IPR variants, {len(reference['index'])} hard 4x4 MNIST "
-                    "Sudoku puzzles, demo model", fontsize=10)
+  axes[0].set_title(
+      f"verifier-free IPR variants, {len(reference['index'])} hard 4x4 MNIST "
+      "Sudoku puzzles, demo model",
+      fontsize=10,
+  )
   axes[1].set_title("with the verifier-guided ORACLE upper bound (full scale)", fontsize=10)
   axes[0].legend(fontsize=8)
   fig.tight_layout()

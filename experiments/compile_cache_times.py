@@ -29,8 +29,11 @@ def main():
     config.compilation_cache_dir = args.cache_dir
   print("cache:", compilation_cache.enable(config))
   cost = fit.eval_program_cost(config, 1)
-  print(json.dumps({"config": args.config, "compile_seconds": cost.compile_seconds,
-                    "bytes": cost.bytes}))
+  print(
+      json.dumps(
+          {"config": args.config, "compile_seconds": cost.compile_seconds, "bytes": cost.bytes}
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -48,26 +48,51 @@ DEMO = "configs/mnist_sudoku.py:demo"
 # The shipped run's newest checkpoint. The shipped model of step 20,494 was made by resuming the
 # step-3,250 archive that this file replaced (in git history: `git show
 # a583717:experiments/demo_run/demo_step3250.tar.gz > step3250.tar.gz`, then --resume_archive).
-_RESUME = flags.DEFINE_string("resume_archive", "experiments/demo_run/demo_step20494.tar.gz",
-                              "Checkpoint archive the resumed recipes start from.")
+_RESUME = flags.DEFINE_string(
+    "resume_archive",
+    "experiments/demo_run/demo_step20494.tar.gz",
+    "Checkpoint archive the resumed recipes start from.",
+)
 
 # name -> (config overrides, resume from --resume_archive).
 RECIPES = {
     # The shipped run continued: batch 32, constant learning rate 2e-3, EMA 0.999.
     "continue_b32": ({"num_train_steps": 40_000, "checkpoint_every_steps": 2_000}, True),
     # Batch 256 from scratch, constant learning rate.
-    "b256": ({"batch_size": 256, "num_train_steps": 8_000, "optim.ema_decay": 0.9995,
-             "checkpoint_every_steps": 2_000}, False),
+    "b256": (
+        {
+            "batch_size": 256,
+            "num_train_steps": 8_000,
+            "optim.ema_decay": 0.9995,
+            "checkpoint_every_steps": 2_000,
+        },
+        False,
+    ),
     # Batch 256 with a cosine decay to 5% of the rate.
-    "b256_cosine": ({"batch_size": 256, "num_train_steps": 8_000, "optim.ema_decay": 0.9995,
-                     "optim.decay_steps": 8_000, "optim.decay_end_factor": 0.05,
-                     "checkpoint_every_steps": 2_000}, False),
+    "b256_cosine": (
+        {
+            "batch_size": 256,
+            "num_train_steps": 8_000,
+            "optim.ema_decay": 0.9995,
+            "optim.decay_steps": 8_000,
+            "optim.decay_end_factor": 0.05,
+            "checkpoint_every_steps": 2_000,
+        },
+        False,
+    ),
     # As b256_cosine, training puzzles with 0-10 given cells (hard and medium) instead of 0-15.
-    "b256_cosine_hard": ({"batch_size": 256, "num_train_steps": 8_000,
-                          "optim.ema_decay": 0.9995, "optim.decay_steps": 8_000,
-                          "optim.decay_end_factor": 0.05, "data.train_given_range": "(0, 10)",
-                          "checkpoint_every_steps": 2_000},
-                         False),
+    "b256_cosine_hard": (
+        {
+            "batch_size": 256,
+            "num_train_steps": 8_000,
+            "optim.ema_decay": 0.9995,
+            "optim.decay_steps": 8_000,
+            "optim.decay_end_factor": 0.05,
+            "data.train_given_range": "(0, 10)",
+            "checkpoint_every_steps": 2_000,
+        },
+        False,
+    ),
 }
 
 TABLE_EVALS = ("ms_hard_test", "ms_medium_test", "ms_unique_test")
@@ -84,14 +109,21 @@ def _flags(overrides: dict) -> list[str]:
 def _archive_step() -> int:
   """The step of the checkpoint in --resume_archive."""
   with tarfile.open(_ROOT / _RESUME.value) as tar:
-    return max(int(p.split("/")[2]) for p in tar.getnames()
-               if p.startswith("./checkpoints/") and p.count("/") >= 2)
+    return max(
+        int(p.split("/")[2])
+        for p in tar.getnames()
+        if p.startswith("./checkpoints/") and p.count("/") >= 2
+    )
 
 
 def _tiny(overrides: dict, resume: bool) -> dict:
   """The smoke-test version of a recipe: two steps past its start, small batches."""
-  out = dict(overrides, num_train_steps=_archive_step() + 2 if resume else 2,
-             checkpoint_every_steps=2, log_every_steps=1)
+  out = dict(
+      overrides,
+      num_train_steps=_archive_step() + 2 if resume else 2,
+      checkpoint_every_steps=2,
+      log_every_steps=1,
+  )
   if "batch_size" in out:
     out["batch_size"] = 8
   if "optim.decay_steps" in out:
@@ -156,34 +188,57 @@ def train_stage(out: pathlib.Path, names: list[str], seconds: float, tiny: bool)
       run_dir.mkdir(parents=True, exist_ok=True)
       with tarfile.open(_ROOT / _RESUME.value) as tar:
         tar.extractall(run_dir, filter="data")
-    cmd = [sys.executable, "-m", "ipr_jax.train", f"--config={DEMO}", f"--workdir={run_dir}",
-           *_flags(overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ipr_jax.train",
+        f"--config={DEMO}",
+        f"--workdir={run_dir}",
+        *_flags(overrides),
+    ]
     print(" ".join(cmd), flush=True)
-    procs[name] = subprocess.Popen(cmd, cwd=_ROOT, env=_env(),
-                                   stdout=open(log_dir / f"{name}.log", "w"),
-                                   stderr=subprocess.STDOUT)
+    procs[name] = subprocess.Popen(
+        cmd,
+        cwd=_ROOT,
+        env=_env(),
+        stdout=open(log_dir / f"{name}.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
   start = time.time()
   codes = _wait(procs, start + seconds, log_dir)
   result = {}
   for name in names:
     last = _last_metrics(out / name)
-    result[name] = {"exit_code": codes[name], "step": last.get("step"), "loss": last.get("loss"),
-                    "steps_per_sec": last.get("steps_per_sec"),
-                    "overrides": _recipe(name, tiny),
-                    "resumed_from": _RESUME.value if RECIPES[name][1] else None}
+    result[name] = {
+        "exit_code": codes[name],
+        "step": last.get("step"),
+        "loss": last.get("loss"),
+        "steps_per_sec": last.get("steps_per_sec"),
+        "overrides": _recipe(name, tiny),
+        "resumed_from": _RESUME.value if RECIPES[name][1] else None,
+    }
     print(f"{name}: {result[name]}", flush=True)
   result["seconds"] = time.time() - start
   return result
 
 
-def _evaluate(run_dir: pathlib.Path, preset: str, name: str, overrides: dict,
-              log: pathlib.Path) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "ipr_jax.evaluate", f"--config={preset}",
-         f"--workdir={run_dir}", f"--checkpoint={run_dir}", f"--config.eval.name={name}",
-         *_flags(overrides)]
+def _evaluate(
+    run_dir: pathlib.Path, preset: str, name: str, overrides: dict, log: pathlib.Path
+) -> subprocess.Popen:
+  cmd = [
+      sys.executable,
+      "-m",
+      "ipr_jax.evaluate",
+      f"--config={preset}",
+      f"--workdir={run_dir}",
+      f"--checkpoint={run_dir}",
+      f"--config.eval.name={name}",
+      *_flags(overrides),
+  ]
   print(" ".join(cmd), flush=True)
-  return subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=open(log, "w"),
-                          stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+      cmd, cwd=_ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT
+  )
 
 
 def _rates(run_dir: pathlib.Path, name: str) -> list[float]:
@@ -228,13 +283,20 @@ def run_all(out: pathlib.Path) -> None:
 
   budget = 1 if tiny else 30
   puzzles = 4 if tiny else _SELECT_PUZZLES.value
-  select = {"eval.seed": 36, "eval.num_puzzles": puzzles, "eval.batch_size": puzzles,
-            "ipr.budget": budget}
+  select = {
+      "eval.seed": 36,
+      "eval.num_puzzles": puzzles,
+      "eval.batch_size": puzzles,
+      "ipr.budget": budget,
+  }
   trained = [n for n in names if (out / n / "checkpoints").exists()]
   deadline = t0 + _DEADLINE.value
   start = time.time()
-  codes = eval_stage({f"select_{n}": (out / n, DEMO, "select_hard", select) for n in trained},
-                     deadline, out / "logs")
+  codes = eval_stage(
+      {f"select_{n}": (out / n, DEMO, "select_hard", select) for n in trained},
+      deadline,
+      out / "logs",
+  )
   rates = {n: _rates(out / n, "select_hard") for n in trained if codes[f"select_{n}"] == 0}
   summary["select"] = {"settings": select, "valid_rate": rates, "seconds": time.time() - start}
   if not rates:
@@ -247,15 +309,26 @@ def run_all(out: pathlib.Path) -> None:
   save()
 
   start = time.time()
-  table = {"eval.num_puzzles": 4 if tiny else 1000, "eval.batch_size": 4 if tiny else 500,
-           "ipr.budget": budget}
-  jobs = {f"{ev}_{setting}": (out / chosen, f"{DEMO},{ev}", f"{ev}_{setting}",
-                              dict(table, **SETTINGS[setting]))
-          for ev in TABLE_EVALS for setting in SETTINGS}
+  table = {
+      "eval.num_puzzles": 4 if tiny else 1000,
+      "eval.batch_size": 4 if tiny else 500,
+      "ipr.budget": budget,
+  }
+  jobs = {
+      f"{ev}_{setting}": (
+          out / chosen,
+          f"{DEMO},{ev}",
+          f"{ev}_{setting}",
+          dict(table, **SETTINGS[setting]),
+      )
+      for ev in TABLE_EVALS
+      for setting in SETTINGS
+  }
   codes = eval_stage(jobs, deadline, out / "logs")
-  summary["tables"] = {name: {"exit_code": code,
-                              "valid_rate": _rates(out / chosen, name) if code == 0 else None}
-                       for name, code in codes.items()}
+  summary["tables"] = {
+      name: {"exit_code": code, "valid_rate": _rates(out / chosen, name) if code == 0 else None}
+      for name, code in codes.items()
+  }
   summary["tables_seconds"] = time.time() - start
   save()
   print(json.dumps(summary, indent=1))

@@ -23,15 +23,26 @@ import numpy as np
 from ipr_jax import eval_report
 
 _RUN = flags.DEFINE_string("run", "experiments/results/demo_20494", "Directory of the run.")
-_LEVELS = flags.DEFINE_list("pass_levels", ["100", "200", "300", "450"],
-                            "Mean denoiser passes per puzzle of the equal-pass table.")
-_BUDGETS = flags.DEFINE_list("budgets", ["0", "1", "2", "3", "5", "10", "15", "20", "30"],
-                             "Budgets shown in the per-budget table.")
+_LEVELS = flags.DEFINE_list(
+    "pass_levels",
+    ["100", "200", "300", "450"],
+    "Mean denoiser passes per puzzle of the equal-pass table.",
+)
+_BUDGETS = flags.DEFINE_list(
+    "budgets",
+    ["0", "1", "2", "3", "5", "10", "15", "20", "30"],
+    "Budgets shown in the per-budget table.",
+)
 
-DIFFICULTIES = (("ms_hard_test", "hard (0-5 given)"), ("ms_medium_test", "medium (6-10 given)"),
-                ("ms_unique_test", "unique solution (4-6 given, minimal)"))
-SETTINGS = (("paper", "valid", "paper's IPR (random, last iterate)"),
-            ("uncertainty", "valid", "uncertainty-guided, most confident iterate"))
+DIFFICULTIES = (
+    ("ms_hard_test", "hard (0-5 given)"),
+    ("ms_medium_test", "medium (6-10 given)"),
+    ("ms_unique_test", "unique solution (4-6 given, minimal)"),
+)
+SETTINGS = (
+    ("paper", "valid", "paper's IPR (random, last iterate)"),
+    ("uncertainty", "valid", "uncertainty-guided, most confident iterate"),
+)
 
 
 def curve(path: str, key: str) -> dict:
@@ -43,8 +54,14 @@ def curve(path: str, key: str) -> dict:
     index = data["index"][order]
   successes = valid.sum(0)
   intervals = np.array([eval_report.wilson_interval(int(s), len(valid)) for s in successes])
-  return {"index": index, "passes": passes, "rate": successes / len(valid),
-          "low": intervals[:, 0], "high": intervals[:, 1], "num_puzzles": len(valid)}
+  return {
+      "index": index,
+      "passes": passes,
+      "rate": successes / len(valid),
+      "low": intervals[:, 0],
+      "high": intervals[:, 1],
+      "num_puzzles": len(valid),
+  }
 
 
 def _cell(c: dict, b: int) -> str:
@@ -68,15 +85,25 @@ def main(argv):
   lines = []
   for difficulty, title in DIFFICULTIES:
     paper, other = curves[difficulty, "paper"], curves[difficulty, "uncertainty"]
-    lines += [f"**{title}**, {paper['num_puzzles']} puzzles: valid rate [95% interval] (mean "
-              "denoiser passes); budget 0 = SRM", "",
-              "| budget | paper's IPR | uncertainty-guided |", "|---|---|---|"]
+    lines += [
+        f"**{title}**, {paper['num_puzzles']} puzzles: valid rate [95% interval] (mean "
+        "denoiser passes); budget 0 = SRM",
+        "",
+        "| budget | paper's IPR | uncertainty-guided |",
+        "|---|---|---|",
+    ]
     for b in budgets:
-      lines.append(f"| {b} | {_cell(paper, b)} ({paper['passes'][b]:.0f}) | "
-                   f"{_cell(other, b)} ({other['passes'][b]:.0f}) |")
-    lines += ["", "At equal mean passes (budget reached within the level):", "",
-              "| passes | " + " | ".join(label for _, _, label in SETTINGS) + " |",
-              "|---|---|---|"]
+      lines.append(
+          f"| {b} | {_cell(paper, b)} ({paper['passes'][b]:.0f}) | "
+          f"{_cell(other, b)} ({other['passes'][b]:.0f}) |"
+      )
+    lines += [
+        "",
+        "At equal mean passes (budget reached within the level):",
+        "",
+        "| passes | " + " | ".join(label for _, _, label in SETTINGS) + " |",
+        "|---|---|---|",
+    ]
     for level in levels:
       cells = []
       for setting, _, _ in SETTINGS:
@@ -89,16 +116,23 @@ def main(argv):
   with open(os.path.join(run, "tables.md"), "w") as f:
     f.write(table)
   with open(os.path.join(run, "tables.json"), "w") as f:
-    json.dump({f"{d}_{s}": {k: np.asarray(v).tolist() for k, v in c.items() if k != "index"}
-               for (d, s), c in curves.items()}, f, indent=1)
+    json.dump(
+        {
+            f"{d}_{s}": {k: np.asarray(v).tolist() for k, v in c.items() if k != "index"}
+            for (d, s), c in curves.items()
+        },
+        f,
+        indent=1,
+    )
 
   fig, axes = plt.subplots(1, len(DIFFICULTIES), figsize=(16, 4.8), sharey=True)
   for ax, (difficulty, title) in zip(axes, DIFFICULTIES):
     for setting, _, label in SETTINGS:
       c = curves[difficulty, setting]
-      line, = ax.plot(c["passes"], 100 * c["rate"], marker=".", markersize=3, label=label)
-      ax.fill_between(c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(),
-                      alpha=0.15)
+      (line,) = ax.plot(c["passes"], 100 * c["rate"], marker=".", markersize=3, label=label)
+      ax.fill_between(
+          c["passes"], 100 * c["low"], 100 * c["high"], color=line.get_color(), alpha=0.15
+      )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("mean denoiser passes per puzzle")
     ax.grid(alpha=0.3)

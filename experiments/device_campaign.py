@@ -49,12 +49,17 @@ from ipr_jax.models import unet  # noqa: E402  pylint: disable=g-import-not-at-t
 
 # device_check defines --out, --scale and --train_steps, used here as there.
 _DEADLINE = flags.DEFINE_float("deadline_s", 540.0, "The whole campaign's time limit.")
-_MEMORY = flags.DEFINE_float("memory_limit_gb", None,
-                             "Memory per device for the auto batch (default: the device's).")
+_MEMORY = flags.DEFINE_float(
+    "memory_limit_gb", None, "Memory per device for the auto batch (default: the device's)."
+)
 _STEPS = flags.DEFINE_list("steps", ["ms_eval", "ep_eval", "train", "golden"], "Steps to run.")
 _STEP = flags.DEFINE_string("step", None, "Internal: run one step here and print its JSON.")
-_EVAL_BUDGET = flags.DEFINE_integer("eval_budget", 1, "IPR iterations actually run (>= 1: one "
-                                    "iteration's passes give the extrapolation to budget 30).")
+_EVAL_BUDGET = flags.DEFINE_integer(
+    "eval_budget",
+    1,
+    "IPR iterations actually run (>= 1: one "
+    "iteration's passes give the extrapolation to budget 30).",
+)
 
 PAPER_BUDGET = 30
 STEP_NAMES = ("ms_eval", "ep_eval", "train", "golden")
@@ -64,8 +69,11 @@ _EVAL = {
     "tiny": {"ms_eval": "mnist_sudoku.py:demo", "ep_eval": "even_pixels.py:tiny"},
 }
 _TRAIN = {
-    "full": [("mnist_sudoku.py", 56, {}), ("mnist_sudoku.py", 56, {"remat": True}),
-             ("even_pixels.py", 256, {})],
+    "full": [
+        ("mnist_sudoku.py", 56, {}),
+        ("mnist_sudoku.py", 56, {"remat": True}),
+        ("even_pixels.py", 256, {}),
+    ],
     "tiny": [("even_pixels.py:tiny", 4, {"remat": True, "grad_accum_steps": 2})],
 }
 
@@ -88,8 +96,9 @@ def eval_step(name: str, scale: str) -> dict:
   auto_s = time.perf_counter() - start
   print(choice.describe(), flush=True)
   shape = geometry.image_shape(config)
-  params = unet.nonzero_init(build.make_model(config).clone(dtype=np.float32), shape,
-                             jax.random.key(0))
+  params = unet.nonzero_init(
+      build.make_model(config).clone(dtype=np.float32), shape, jax.random.key(0)
+  )
   evaluator = evaluation.Evaluator(config, params)
   indices = np.arange(choice.batch_size)
   start = time.perf_counter()
@@ -101,12 +110,19 @@ def eval_step(name: str, scale: str) -> dict:
   passes = float(result.nfe[-1].sum())
   rate = passes / call_s
   return {
-      "config": _EVAL[scale][name], "model": config.model.name, "batch": choice.batch_size,
-      "per_device": choice.per_device, "analysed_bytes": choice.measured.get(choice.per_device),
+      "config": _EVAL[scale][name],
+      "model": config.model.name,
+      "batch": choice.batch_size,
+      "per_device": choice.per_device,
+      "analysed_bytes": choice.measured.get(choice.per_device),
       "fit_gb": [choice.fit.fixed / fit.GB, choice.fit.per_item / fit.GB],
-      "limit_bytes": choice.limit_bytes, "headroom": choice.headroom, "auto_s": auto_s,
+      "limit_bytes": choice.limit_bytes,
+      "headroom": choice.headroom,
+      "auto_s": auto_s,
       # The first call compiles; on a shared CPU the difference can be noise.
-      "first_call_s": first_s, "compile_s": first_s - call_s, "call_s": call_s,
+      "first_call_s": first_s,
+      "compile_s": first_s - call_s,
+      "call_s": call_s,
       "budget_run": config.ipr.budget,
       "passes_per_s": rate,
       "s_per_puzzle_at_budget_0": float(np.mean(result.nfe[0])) / rate,
@@ -119,6 +135,7 @@ def eval_step(name: str, scale: str) -> dict:
 def train_case(spec: str, batch: int, overrides: dict, scale: str) -> dict:
   """Training at global `batch` on this process's devices: compile, then timed steps."""
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
+
   config = device_check.load_config(spec, "bfloat16", scale)
   config.batch_size = batch
   with config.unlocked():
@@ -145,10 +162,17 @@ def train_case(spec: str, batch: int, overrides: dict, scale: str) -> dict:
     state, metrics = compiled(state, task, table, index, None)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
-  return {"config": spec, "batch": batch, **overrides, "compile_s": compile_s, "step_s": step_s,
-          "steps_per_s": 1 / step_s, "images_per_s": batch / step_s,
-          "loss": float(np.asarray(metrics["loss"])[0]),
-          "peak_memory_bytes": device_check.peak_memory_bytes()}
+  return {
+      "config": spec,
+      "batch": batch,
+      **overrides,
+      "compile_s": compile_s,
+      "step_s": step_s,
+      "steps_per_s": 1 / step_s,
+      "images_per_s": batch / step_s,
+      "loss": float(np.asarray(metrics["loss"])[0]),
+      "peak_memory_bytes": device_check.peak_memory_bytes(),
+  }
 
 
 def train_step(scale: str, run_case, report) -> dict:
@@ -181,20 +205,25 @@ def in_subprocess(step: str, argument: str, timeout_s: float) -> dict:
   """`run_one` in a fresh process (its own memory), its JSON or the error."""
   if timeout_s < 5:
     return {"error": "skipped: no time left"}
-  command = [sys.executable, __file__, f"--step={step}", f"--scale={flags.FLAGS.scale}",
-             f"--train_steps={flags.FLAGS.train_steps}", f"--eval_budget={_EVAL_BUDGET.value}",
-             f"--argument={argument}"]
+  command = [
+      sys.executable,
+      __file__,
+      f"--step={step}",
+      f"--scale={flags.FLAGS.scale}",
+      f"--train_steps={flags.FLAGS.train_steps}",
+      f"--eval_budget={_EVAL_BUDGET.value}",
+      f"--argument={argument}",
+  ]
   if _MEMORY.value is not None:
     command.append(f"--memory_limit_gb={_MEMORY.value}")
   start = time.perf_counter()
   try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                          check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout_s:.0f} s"}
   lines = [line for line in done.stdout.splitlines() if line.startswith("STEP ")]
   if done.returncode == 0 and lines:
-    row = json.loads(lines[-1][len("STEP "):])
+    row = json.loads(lines[-1][len("STEP ") :])
   else:
     tail = (done.stderr or done.stdout)[-1500:]
     oom = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
@@ -205,34 +234,46 @@ def in_subprocess(step: str, argument: str, timeout_s: float) -> dict:
 
 def summary_markdown(results: dict) -> str:
   facts = results["device"]
-  lines = [f"# Device campaign: {facts['device_count']} x {facts['device_kind']} "
-           f"({facts['platform']}), JAX {facts['jax']}, scale {results['scale']}", ""]
+  lines = [
+      f"# Device campaign: {facts['device_count']} x {facts['device_kind']} "
+      f"({facts['platform']}), JAX {facts['jax']}, scale {results['scale']}",
+      "",
+  ]
   evals = {k: v for k, v in results["steps"].items() if k.endswith("_eval")}
   if evals:
-    lines += ["| step | model | auto batch | compile s | s/puzzle b=0 | s/puzzle b=30 | "
-              "passes/s | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| step | model | auto batch | compile s | s/puzzle b=0 | s/puzzle b=30 | "
+        "passes/s | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in evals.items():
       if "error" in r:
         lines.append(f"| {name} | {r['error']} | | | | | | |")
         continue
       peak = r["peak_memory_bytes"]
-      lines.append(f"| {name} | {r['model']} | {r['batch']} | {r['compile_s']:.1f} | "
-                   f"{r['s_per_puzzle_at_budget_0']:.3f} | {r['s_per_puzzle_at_budget_30']:.3f} "
-                   f"| {r['passes_per_s']:.0f} | {'-' if peak is None else f'{peak / 1e9:.1f}'} |")
+      lines.append(
+          f"| {name} | {r['model']} | {r['batch']} | {r['compile_s']:.1f} | "
+          f"{r['s_per_puzzle_at_budget_0']:.3f} | {r['s_per_puzzle_at_budget_30']:.3f} "
+          f"| {r['passes_per_s']:.0f} | {'-' if peak is None else f'{peak / 1e9:.1f}'} |"
+      )
     lines.append("")
   for case, r in results["steps"].get("train", {}).items():
     if "error" in r:
       lines.append(f"- train {case}: {r['error']}")
     else:
-      lines.append(f"- train {case}: {r['steps_per_s']:.2f} steps/s ({r['images_per_s']:.0f} "
-                   f"images/s), compile {r['compile_s']:.1f} s")
+      lines.append(
+          f"- train {case}: {r['steps_per_s']:.2f} steps/s ({r['images_per_s']:.0f} "
+          f"images/s), compile {r['compile_s']:.1f} s"
+      )
   golden = results["steps"].get("golden")
   if golden and "error" not in golden:
     for case, row in golden.items():
       if not isinstance(row, dict):
         continue
-      lines.append(f"- golden {case}: max abs error {row['default']['max_abs']:.2e} (default "
-                   f"precision), {row['highest']['max_abs']:.2e} (highest)")
+      lines.append(
+          f"- golden {case}: max abs error {row['default']['max_abs']:.2e} (default "
+          f"precision), {row['highest']['max_abs']:.2e} (highest)"
+      )
   return "\n".join(lines) + "\n"
 
 

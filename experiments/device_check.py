@@ -57,14 +57,21 @@ from ipr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-po
 from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (device_check.json, summary.md).")
-_SCALE = flags.DEFINE_enum("scale", "full", ["full", "tiny"],
-                           "full: the paper's models and batch sizes; tiny: a CPU smoke test.")
+_SCALE = flags.DEFINE_enum(
+    "scale",
+    "full",
+    ["full", "tiny"],
+    "full: the paper's models and batch sizes; tiny: a CPU smoke test.",
+)
 _SECTIONS = flags.DEFINE_list("sections", ["forward", "sampler", "train"], "Sections to run.")
 _SAMPLER_BUDGET = flags.DEFINE_integer("sampler_budget", 2, "IPR iterations actually run.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed training steps per case.")
 _TRAIN_TIMEOUT = flags.DEFINE_integer("train_timeout_s", 150, "Limit per training case.")
-_TRAIN_CASE = flags.DEFINE_string("train_case", None, "Internal: run one training case "
-                                  "('config_spec@batch') and print its JSON.")
+_TRAIN_CASE = flags.DEFINE_string(
+    "train_case",
+    None,
+    "Internal: run one training case " "('config_spec@batch') and print its JSON.",
+)
 
 # The paper's IPR budget, to which sampler times are extrapolated.
 PAPER_BUDGET = 30
@@ -77,13 +84,19 @@ _FORWARD = {
 }
 _GOLDEN_CASES = {"full": ("ms", "ep"), "tiny": ("ep",)}
 _SAMPLER = {
-    "full": [("mnist_sudoku.py:ms_hard_test", (1, 16, 64)),
-             ("even_pixels.py:ep_test", (1, 64, 256))],
+    "full": [
+        ("mnist_sudoku.py:ms_hard_test", (1, 16, 64)),
+        ("even_pixels.py:ep_test", (1, 64, 256)),
+    ],
     "tiny": [("mnist_sudoku.py:demo", (1, 2))],
 }
 _TRAIN = {
-    "full": [("even_pixels.py", 256), ("even_pixels.py", 2048), ("mnist_sudoku.py", 28),
-             ("mnist_sudoku.py", 56)],
+    "full": [
+        ("even_pixels.py", 256),
+        ("even_pixels.py", 2048),
+        ("mnist_sudoku.py", 28),
+        ("mnist_sudoku.py", 56),
+    ],
     "tiny": [("even_pixels.py:tiny", 4)],
 }
 
@@ -103,8 +116,12 @@ def load_config(spec: str, dtype: str, scale: str):
 
 def device_facts() -> dict:
   device = jax.devices()[0]
-  return {"platform": device.platform, "device_kind": device.device_kind,
-          "device_count": jax.device_count(), "jax": jax.__version__}
+  return {
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "jax": jax.__version__,
+  }
 
 
 def peak_memory_bytes():
@@ -125,8 +142,10 @@ def relative_error(ours, reference) -> dict:
   ours = np.asarray(ours, np.float64)
   reference = np.asarray(reference, np.float64)
   diff = ours - reference
-  return {"max_abs": float(np.abs(diff).max()),
-          "rel_rms": float(np.sqrt(np.mean(diff ** 2) / max(np.mean(reference ** 2), 1e-30)))}
+  return {
+      "max_abs": float(np.abs(diff).max()),
+      "rel_rms": float(np.sqrt(np.mean(diff**2) / max(np.mean(reference**2), 1e-30))),
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +184,7 @@ def check_golden(cases) -> dict:
   """The reference's own float32 outputs (tests/golden) against ours at both precisions."""
   import golden_io  # pylint: disable=g-import-not-at-top
   from ipr_jax.models import state_dict as sd_lib  # pylint: disable=g-import-not-at-top
+
   nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
   out = {}
   for case in cases:
@@ -174,8 +194,10 @@ def check_golden(cases) -> dict:
     default = jax.jit(model.apply)(*args)
     with jax.default_matmul_precision("highest"):
       highest = jax.jit(model.apply)(*args)
-    out[case] = {"default": relative_error(default, nhwc(arrays["raw"])),
-                 "highest": relative_error(highest, nhwc(arrays["raw"]))}
+    out[case] = {
+        "default": relative_error(default, nhwc(arrays["raw"])),
+        "highest": relative_error(highest, nhwc(arrays["raw"])),
+    }
   return out
 
 
@@ -207,16 +229,21 @@ def check_sampler(scale: str, budget: int, report) -> dict:
       passes = float(result.nfe[-1].sum())
       per_puzzle_paper = passes_at(result.nfe, PAPER_BUDGET)
       passes_per_s = passes / call_s
-      rows.append({
-          "batch": batch, "compile_s": first_s - call_s, "call_s": call_s,
-          "puzzles_per_s": batch / call_s, "passes_per_s": passes_per_s,
-          "passes_per_puzzle": passes / batch,
-          "passes_per_puzzle_at_budget_30": per_puzzle_paper,
-          # The batch's time at budget 30 over its size: the passes it would take at the
-          # measured rate.
-          "s_per_puzzle_at_budget_30": per_puzzle_paper / passes_per_s,
-          "peak_memory_bytes": peak_memory_bytes(),
-      })
+      rows.append(
+          {
+              "batch": batch,
+              "compile_s": first_s - call_s,
+              "call_s": call_s,
+              "puzzles_per_s": batch / call_s,
+              "passes_per_s": passes_per_s,
+              "passes_per_puzzle": passes / batch,
+              "passes_per_puzzle_at_budget_30": per_puzzle_paper,
+              # The batch's time at budget 30 over its size: the passes it would take at the
+              # measured rate.
+              "s_per_puzzle_at_budget_30": per_puzzle_paper / passes_per_s,
+              "peak_memory_bytes": peak_memory_bytes(),
+          }
+      )
       out[f"{spec} {config.model.name}"] = rows
       report(out)
   return out
@@ -225,6 +252,7 @@ def check_sampler(scale: str, budget: int, report) -> dict:
 def run_train_case(case: str, scale: str) -> dict:
   """One training case, in this process: compile, then time `--train_steps` steps."""
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
+
   spec, batch = case.rsplit("@", 1)
   config = load_config(spec, "bfloat16", scale)
   config.batch_size = int(batch)
@@ -253,33 +281,48 @@ def run_train_case(case: str, scale: str) -> dict:
     state, metrics = compiled(state, task, weight_table, example_index, None)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / _TRAIN_STEPS.value
-  return {"model": config.model.name, "batch": config.batch_size, "compile_s": compile_s,
-          "step_s": step_s, "images_per_s": config.batch_size / step_s,
-          "loss": float(np.asarray(metrics["loss"])[0]),
-          "flops_per_step": step_flops,
-          "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(
-              train.unreplicate(state.params)))),
-          "approx_tflops_per_s": step_flops / step_s / 1e12,
-          "peak_memory_bytes": peak_memory_bytes()}
+  return {
+      "model": config.model.name,
+      "batch": config.batch_size,
+      "compile_s": compile_s,
+      "step_s": step_s,
+      "images_per_s": config.batch_size / step_s,
+      "loss": float(np.asarray(metrics["loss"])[0]),
+      "flops_per_step": step_flops,
+      "num_params": int(
+          sum(x.size for x in jax.tree_util.tree_leaves(train.unreplicate(state.params)))
+      ),
+      "approx_tflops_per_s": step_flops / step_s / 1e12,
+      "peak_memory_bytes": peak_memory_bytes(),
+  }
 
 
 def check_train(scale: str, report) -> dict:
   out = {}
   for spec, batch in _TRAIN[scale]:
     case = f"{spec}@{batch}"
-    command = [sys.executable, __file__, f"--train_case={case}", f"--scale={scale}",
-               f"--train_steps={_TRAIN_STEPS.value}"]
+    command = [
+        sys.executable,
+        __file__,
+        f"--train_case={case}",
+        f"--scale={scale}",
+        f"--train_steps={_TRAIN_STEPS.value}",
+    ]
     try:
-      done = subprocess.run(command, capture_output=True, text=True,
-                            timeout=_TRAIN_TIMEOUT.value, check=False)
+      done = subprocess.run(
+          command, capture_output=True, text=True, timeout=_TRAIN_TIMEOUT.value, check=False
+      )
       lines = [line for line in done.stdout.splitlines() if line.startswith("TRAIN_CASE ")]
       if done.returncode == 0 and lines:
-        out[case] = json.loads(lines[-1][len("TRAIN_CASE "):])
+        out[case] = json.loads(lines[-1][len("TRAIN_CASE ") :])
       else:
         tail = (done.stderr or done.stdout)[-1500:]
-        out[case] = {"error": "out of memory" if "RESOURCE_EXHAUSTED" in tail
-                              or "out of memory" in tail.lower() else f"exit {done.returncode}",
-                     "log_tail": tail}
+        out[case] = {
+            "error": "out of memory"
+            if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
+            else f"exit {done.returncode}",
+            "log_tail": tail,
+        }
     except subprocess.TimeoutExpired:
       out[case] = {"error": f"timed out after {_TRAIN_TIMEOUT.value} s"}
     report(out)
@@ -293,43 +336,66 @@ def check_train(scale: str, report) -> dict:
 
 def summary_markdown(results: dict) -> str:
   facts = results["device"]
-  lines = [f"# Device check: {facts['device_count']} x {facts['device_kind']} "
-           f"({facts['platform']}), JAX {facts['jax']}", ""]
+  lines = [
+      f"# Device check: {facts['device_count']} x {facts['device_kind']} "
+      f"({facts['platform']}), JAX {facts['jax']}",
+      "",
+  ]
   forward = results.get("forward", {})
   if forward:
-    lines += ["## Forward", "", "| U-Net | params | GFLOP/image | bf16 vs f32 rel. RMS | "
-              "f32 default vs highest rel. RMS |", "|---|---|---|---|---|"]
+    lines += [
+        "## Forward",
+        "",
+        "| U-Net | params | GFLOP/image | bf16 vs f32 rel. RMS | "
+        "f32 default vs highest rel. RMS |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in forward.items():
       if name == "golden":
         continue
-      lines.append(f"| {name} | {row['num_params']:,} | {row['flops_per_image'] / 1e9:.1f} | "
-                   f"{row['bf16_vs_f32']['rel_rms']:.2e} | "
-                   f"{row['f32_default_vs_highest']['rel_rms']:.2e} |")
+      lines.append(
+          f"| {name} | {row['num_params']:,} | {row['flops_per_image'] / 1e9:.1f} | "
+          f"{row['bf16_vs_f32']['rel_rms']:.2e} | "
+          f"{row['f32_default_vs_highest']['rel_rms']:.2e} |"
+      )
     for case, row in forward.get("golden", {}).items():
-      lines.append(f"\nGolden `{case}` (max abs error vs the reference): default precision "
-                   f"{row['default']['max_abs']:.2e}, highest {row['highest']['max_abs']:.2e}")
+      lines.append(
+          f"\nGolden `{case}` (max abs error vs the reference): default precision "
+          f"{row['default']['max_abs']:.2e}, highest {row['highest']['max_abs']:.2e}"
+      )
     lines.append("")
   for name, rows in results.get("sampler", {}).items():
-    lines += [f"## Sampler: {name} (budget {results['sampler_budget']} run, 30 extrapolated)", "",
-              "| batch | compile s | call s | puzzles/s | passes/s | s/puzzle at budget 30 |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        f"## Sampler: {name} (budget {results['sampler_budget']} run, 30 extrapolated)",
+        "",
+        "| batch | compile s | call s | puzzles/s | passes/s | s/puzzle at budget 30 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-      lines.append(f"| {r['batch']} | {r['compile_s']:.1f} | {r['call_s']:.2f} | "
-                   f"{r['puzzles_per_s']:.2f} | {r['passes_per_s']:.0f} | "
-                   f"{r['s_per_puzzle_at_budget_30']:.3f} |")
+      lines.append(
+          f"| {r['batch']} | {r['compile_s']:.1f} | {r['call_s']:.2f} | "
+          f"{r['puzzles_per_s']:.2f} | {r['passes_per_s']:.0f} | "
+          f"{r['s_per_puzzle_at_budget_30']:.3f} |"
+      )
     lines.append("")
   train_rows = results.get("train", {})
   if train_rows:
-    lines += ["## Training (bf16)", "", "| case | images/s | step s | compile s | peak GiB | "
-              "~TFLOP/s |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Training (bf16)",
+        "",
+        "| case | images/s | step s | compile s | peak GiB | " "~TFLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for case, r in train_rows.items():
       if "error" in r:
         lines.append(f"| {case} | {r['error']} | | | | |")
         continue
       peak = r["peak_memory_bytes"]
-      lines.append(f"| {case} | {r['images_per_s']:.0f} | {r['step_s']:.3f} | "
-                   f"{r['compile_s']:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} | "
-                   f"{r['approx_tflops_per_s']:.1f} |")
+      lines.append(
+          f"| {case} | {r['images_per_s']:.0f} | {r['step_s']:.3f} | "
+          f"{r['compile_s']:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} | "
+          f"{r['approx_tflops_per_s']:.1f} |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -345,8 +411,11 @@ def main(argv):
     raise app.UsageError(f"unknown --sections {sorted(unknown)}; known: forward, sampler, train")
   out_dir = pathlib.Path(_OUT.value)
   out_dir.mkdir(parents=True, exist_ok=True)
-  results = {"device": device_facts(), "scale": _SCALE.value,
-             "sampler_budget": _SAMPLER_BUDGET.value}
+  results = {
+      "device": device_facts(),
+      "scale": _SCALE.value,
+      "sampler_budget": _SAMPLER_BUDGET.value,
+  }
   started = time.time()
 
   def write():

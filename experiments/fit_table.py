@@ -76,8 +76,12 @@ def _forward_flops(config, per_patch: bool):
   if isinstance(lowered_cost, (list, tuple)):
     lowered_cost = lowered_cost[0]
   cost = fit.analyse(apply, params, z, t)
-  return {"flops_compiled": cost.flops, "flops_lowered": float(lowered_cost["flops"]),
-          "bytes": cost.bytes, "compile_seconds": cost.compile_seconds}
+  return {
+      "flops_compiled": cost.flops,
+      "flops_lowered": float(lowered_cost["flops"]),
+      "bytes": cost.bytes,
+      "compile_seconds": cost.compile_seconds,
+  }
 
 
 def _jobs(names):
@@ -87,13 +91,18 @@ def _jobs(names):
   train_cost = lambda n, b, **o: fit.train_step_cost(_config(n, **o), b).__dict__
   for name in names:
     for way, per_patch in (("per_patch", True), ("per_pixel", False)):
-      jobs.append((f"{name}/forward/{way}",
-                   lambda n=name, p=per_patch: _forward_flops(_config(n), p)))
+      jobs.append(
+          (f"{name}/forward/{way}", lambda n=name, p=per_patch: _forward_flops(_config(n), p))
+      )
     for b in BATCHES:
       jobs.append((f"{name}/eval/random/{b}", lambda n=name, b=b: eval_cost(n, b)))
     for b in BATCHES:
-      jobs.append((f"{name}/eval/uncertainty/{b}", lambda n=name, b=b: eval_cost(
-          n, b, **{"ipr.selection": "uncertainty"})))
+      jobs.append(
+          (
+              f"{name}/eval/uncertainty/{b}",
+              lambda n=name, b=b: eval_cost(n, b, **{"ipr.selection": "uncertainty"}),
+          )
+      )
     for b in BATCHES:
       jobs.append((f"{name}/train/plain/{b}", lambda n=name, b=b: train_cost(n, b)))
   for name in names:
@@ -103,11 +112,21 @@ def _jobs(names):
 
 
 def _machine():
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
-                          text=True, check=False).stdout.strip()
-  return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-          "commit": commit}
+  commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      cwd=_ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+  ).stdout.strip()
+  return {
+      "backend": jax.default_backend(),
+      "device": jax.devices()[0].device_kind,
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "jax": jax.__version__,
+      "commit": commit,
+  }
 
 
 def measure(out: pathlib.Path, names) -> dict:
@@ -140,8 +159,10 @@ def markdown(record: dict) -> str:
   """The fit table and the FLOPs table of `record`."""
   rows, lines = record["rows"], []
   m = record["machine"]
-  lines.append(f"Backend {m['backend']} ({m['device']}, {m['cpu_count']} cores), jax {m['jax']}, "
-               f"commit {m['commit']}; headroom {HEADROOM:.0%}.")
+  lines.append(
+      f"Backend {m['backend']} ({m['device']}, {m['cpu_count']} cores), jax {m['jax']}, "
+      f"commit {m['commit']}; headroom {HEADROOM:.0%}."
+  )
   lines.append("")
   header = "| preset | program | fixed GB | GB per puzzle/example | compile s |"
   header += "".join(f" fits {k} |" for k in MEMORIES_GB)
@@ -152,16 +173,24 @@ def markdown(record: dict) -> str:
       if model is None:
         continue
       seconds = max(rows[f"{name}/{program}/{b}"]["compile_seconds"] for b in BATCHES)
-      cells = [str(model.largest(fit.memory_budget(gb * fit.GB, HEADROOM), cap=10**6))
-               for gb in MEMORIES_GB.values()]
-      lines.append(f"| {name} | {program} | {model.fixed / fit.GB:.3f} | "
-                   f"{model.per_item / fit.GB:.4f} | {seconds:.0f} | " + " | ".join(cells) + " |")
-  lines += ["", "Paper training batch on ONE device: micro-batches `grad_accum_steps` = k (the "
-            "smallest divisor of the batch whose micro-batch fits; the accumulated gradients add "
-            "one copy of the parameters, estimated as a quarter of the step's argument bytes: "
-            "parameters, EMA and Adam's two moments).", "",
-            "| preset | global batch | program |" + "".join(f" k for {k} |" for k in MEMORIES_GB),
-            "|---|---|---|" + "---|" * len(MEMORIES_GB)]
+      cells = [
+          str(model.largest(fit.memory_budget(gb * fit.GB, HEADROOM), cap=10**6))
+          for gb in MEMORIES_GB.values()
+      ]
+      lines.append(
+          f"| {name} | {program} | {model.fixed / fit.GB:.3f} | "
+          f"{model.per_item / fit.GB:.4f} | {seconds:.0f} | " + " | ".join(cells) + " |"
+      )
+  lines += [
+      "",
+      "Paper training batch on ONE device: micro-batches `grad_accum_steps` = k (the "
+      "smallest divisor of the batch whose micro-batch fits; the accumulated gradients add "
+      "one copy of the parameters, estimated as a quarter of the step's argument bytes: "
+      "parameters, EMA and Adam's two moments).",
+      "",
+      "| preset | global batch | program |" + "".join(f" k for {k} |" for k in MEMORIES_GB),
+      "|---|---|---|" + "---|" * len(MEMORIES_GB),
+  ]
   for name, (_, batches) in PRESETS.items():
     for batch, program in [(b, p) for b in batches for p in ("train/plain", "train/remat")]:
       model = _fit(rows, f"{name}/{program}")
@@ -171,19 +200,27 @@ def markdown(record: dict) -> str:
       cells = []
       for gb in MEMORIES_GB.values():
         budget = fit.memory_budget(gb * fit.GB, HEADROOM)
-        ks = [k for k in range(1, batch + 1) if batch % k == 0 and
-              model(batch // k) + (params if k > 1 else 0) <= budget]
+        ks = [
+            k
+            for k in range(1, batch + 1)
+            if batch % k == 0 and model(batch // k) + (params if k > 1 else 0) <= budget
+        ]
         cells.append(str(ks[0]) if ks else "none")
       lines.append(f"| {name} | {batch} | {program} | " + " | ".join(cells) + " |")
-  lines += ["", "| preset | time embedding | GFLOP per pass (compiled) | GFLOP (lowered) |"
-            " compile s |", "|---|---|---|---|---|"]
+  lines += [
+      "",
+      "| preset | time embedding | GFLOP per pass (compiled) | GFLOP (lowered) |" " compile s |",
+      "|---|---|---|---|---|",
+  ]
   for name in PRESETS:
     for way in ("per_pixel", "per_patch"):
       row = rows.get(f"{name}/forward/{way}")
       if row and "error" not in row:
         compiled = row["flops_compiled"]
-        lines.append(f"| {name} | {way} | {compiled / 1e9 if compiled else float('nan'):.1f} | "
-                     f"{row['flops_lowered'] / 1e9:.1f} | {row['compile_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {way} | {compiled / 1e9 if compiled else float('nan'):.1f} | "
+            f"{row['flops_lowered'] / 1e9:.1f} | {row['compile_seconds']:.0f} |"
+        )
   return "\n".join(lines)
 
 

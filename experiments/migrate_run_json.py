@@ -38,17 +38,22 @@ _RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def config_of(stored: dict) -> ml_collections.ConfigDict:
   """The config whose settings a run.json records (eval.name is not recorded)."""
-  return ml_collections.ConfigDict({
-      "task": stored["task"],
-      **{section: stored[section] for section in ("data", "model", "sampler", "ipr")},
-      "eval": {**stored["eval"], "name": ""},
-  })
+  return ml_collections.ConfigDict(
+      {
+          "task": stored["task"],
+          **{section: stored[section] for section in ("data", "model", "sampler", "ipr")},
+          "eval": {**stored["eval"], "name": ""},
+      }
+  )
 
 
 def migrate(stored: dict, assume_current_code: bool = False) -> dict:
   """A format-1 run.json's content as format 2 (see the module docstring)."""
-  resolved = {**evaluate.resolved_settings(config_of(stored)),
-              "params": stored["params"], "params_sha256": stored["params_sha256"]}
+  resolved = {
+      **evaluate.resolved_settings(config_of(stored)),
+      "params": stored["params"],
+      "params_sha256": stored["params_sha256"],
+  }
   migrated = eval_shards.migrate_format_1(stored, resolved)
   if assume_current_code:
     migrated["code"] = eval_shards.code_record()
@@ -75,10 +80,17 @@ def add_schedule_fields(stored: dict) -> list[str]:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("paths", nargs="*", default=[str(_RESULTS)],
-                      help="run.json files, or folders searched for shards/run.json")
-  parser.add_argument("--assume_current_code", action="store_true",
-                      help="record this checkout's code (only if it computed the shards)")
+  parser.add_argument(
+      "paths",
+      nargs="*",
+      default=[str(_RESULTS)],
+      help="run.json files, or folders searched for shards/run.json",
+  )
+  parser.add_argument(
+      "--assume_current_code",
+      action="store_true",
+      help="record this checkout's code (only if it computed the shards)",
+  )
   parser.add_argument("--dry_run", action="store_true", help="only list what would change")
   args = parser.parse_args(argv)
   files = []
@@ -90,9 +102,11 @@ def main(argv: list[str]) -> int:
       added = add_schedule_fields(stored)
       if added and not args.dry_run:
         eval_shards.write_settings(path.parent, stored)
-      print(f"{path}: format {stored['format']}, "
-            + (f"added {', '.join(added)}" if added else "left as it is")
-            + (" (dry run)" if args.dry_run and added else ""))
+      print(
+          f"{path}: format {stored['format']}, "
+          + (f"added {', '.join(added)}" if added else "left as it is")
+          + (" (dry run)" if args.dry_run and added else "")
+      )
       continue
     migrated = migrate(stored, args.assume_current_code)
     if not args.dry_run:

@@ -47,8 +47,11 @@ _BUDGET = flags.DEFINE_integer("regression_budget", 4, "IPR budget of the regres
 _BATCH = flags.DEFINE_integer("regression_batch_size", 16, "Batch size of the regression run.")
 _EXTRA = flags.DEFINE_string("extra_metadata", None, "JSON file of more metadata to record.")
 _RECORD_ONLY = flags.DEFINE_bool(
-    "record_only", False, "Only re-record the regression entry of the shipped model --name "
-    "(weights, config and training record unchanged).")
+    "record_only",
+    False,
+    "Only re-record the regression entry of the shipped model --name "
+    "(weights, config and training record unchanged).",
+)
 
 # How many puzzles of the regression set may differ from the record (a valid flag, a duplicate
 # count, a classified digit or a cell's mean beyond CELL_MEAN_ATOL at any budget) before
@@ -72,14 +75,16 @@ def regression_config(name: str, num_puzzles: int, budget: int, batch_size: int)
 
 def _git_commit() -> str:
   """HEAD of the checkout, with '+dirty' if it has uncommitted changes to tracked files."""
-  run = lambda *args: subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True,
-                                     check=False).stdout.strip()
+  run = lambda *args: subprocess.run(
+      ["git", *args], cwd=_ROOT, capture_output=True, text=True, check=False
+  ).stdout.strip()
   commit = run("rev-parse", "HEAD")
   return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
-                      batch_size: int = 16) -> dict:
+def record_regression(
+    name: str, num_puzzles: int = 32, budget: int = 4, batch_size: int = 16
+) -> dict:
   """Evaluates the shipped model `name` on the regression set; the record to store.
 
   Returns:
@@ -98,11 +103,15 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
       index, valid, duplicates = f["index"], f["valid"], f["duplicate_count"]
   assert list(index) == list(range(num_puzzles)), index
   # Every budget's digits and cell means, as tests/test_evaluate.py computes them.
-  facts = pretrained.regression_facts(evaluate.Evaluator(config, pretrained.load(name).params),
-                                      num_puzzles, batch_size)
+  facts = pretrained.regression_facts(
+      evaluate.Evaluator(config, pretrained.load(name).params), num_puzzles, batch_size
+  )
   return {
-      "num_puzzles": num_puzzles, "budget": budget, "batch_size": batch_size,
-      "given_range": list(config.eval.given_range), "seed": config.eval.seed,
+      "num_puzzles": num_puzzles,
+      "budget": budget,
+      "batch_size": batch_size,
+      "given_range": list(config.eval.given_range),
+      "seed": config.eval.seed,
       "valid": np.asarray(valid, int).tolist(),
       "duplicate_count": np.asarray(duplicates, int).tolist(),
       "digit_grid": np.asarray(facts["digit_grid"], int).tolist(),
@@ -118,8 +127,9 @@ def record_regression(name: str, num_puzzles: int = 32, budget: int = 4,
   }
 
 
-def rerecord(name: str = "mnist_sudoku_demo", num_puzzles: int = 32, budget: int = 4,
-             batch_size: int = 16) -> pathlib.Path:
+def rerecord(
+    name: str = "mnist_sudoku_demo", num_puzzles: int = 32, budget: int = 4, batch_size: int = 16
+) -> pathlib.Path:
   """Replaces the "regression" entry of shipped model `name`'s file, nothing else.
 
   The parameters, config and the rest of the metadata are written back unchanged (checked: the
@@ -154,11 +164,20 @@ def main(argv):
     pretrained.export_run(_WORKDIR.value, _NAME.value, _STEP.value, head, extra)
   path = rerecord(_NAME.value, _PUZZLES.value, _BUDGET.value, _BATCH.value)
   record = pretrained.load(_NAME.value).metadata["regression"]
-  print(json.dumps({k: v for k, v in record.items()
-                    if k not in ("valid", "duplicate_count", "digit_grid", "cell_mean")},
-                   indent=1))
-  print(f"valid puzzles per budget: {np.sum(record['valid'], axis=0).tolist()} of "
-        f"{record['num_puzzles']}")
+  print(
+      json.dumps(
+          {
+              k: v
+              for k, v in record.items()
+              if k not in ("valid", "duplicate_count", "digit_grid", "cell_mean")
+          },
+          indent=1,
+      )
+  )
+  print(
+      f"valid puzzles per budget: {np.sum(record['valid'], axis=0).tolist()} of "
+      f"{record['num_puzzles']}"
+  )
   print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -34,11 +34,24 @@ def main():
   grid = shape[0] // config.data.patch_size
   key_z, key_t = jax.random.split(jax.random.key(1))
   z = jax.random.normal(key_z, (args.batch, *shape))
-  t = np.repeat(np.repeat(np.asarray(jax.random.uniform(key_t, (args.batch, grid, grid, 1))),
-                          config.data.patch_size, 1), config.data.patch_size, 2)
-  out = {"config": args.config, "batch": args.batch, "backend": jax.default_backend(),
-         "levels": [[list(s), unet.level_time_patch(shape[:2], s, config.data.patch_size)]
-                    for s in unet.level_sizes(shape[:2], len(model.hid_dims))]}
+  t = np.repeat(
+      np.repeat(
+          np.asarray(jax.random.uniform(key_t, (args.batch, grid, grid, 1))),
+          config.data.patch_size,
+          1,
+      ),
+      config.data.patch_size,
+      2,
+  )
+  out = {
+      "config": args.config,
+      "batch": args.batch,
+      "backend": jax.default_backend(),
+      "levels": [
+          [list(s), unet.level_time_patch(shape[:2], s, config.data.patch_size)]
+          for s in unet.level_sizes(shape[:2], len(model.hid_dims))
+      ],
+  }
   results = {}
   for way, m in (("per_pixel", model.clone(time_patch_size=None)), ("per_patch", model)):
     forward = jax.jit(m.apply).lower({"params": params}, z, t).compile()
@@ -50,9 +63,11 @@ def main():
       times.append(time.perf_counter() - start)
     cost = forward.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out[way] = {"ms_per_image_median": 1e3 * float(np.median(times)) / args.batch,
-                "ms_per_image_min": 1e3 * float(np.min(times)) / args.batch,
-                "gflop_per_image": float(cost["flops"]) / args.batch / 1e9}
+    out[way] = {
+        "ms_per_image_median": 1e3 * float(np.median(times)) / args.batch,
+        "ms_per_image_min": 1e3 * float(np.min(times)) / args.batch,
+        "gflop_per_image": float(cost["flops"]) / args.batch / 1e9,
+    }
   out["max_abs_difference"] = float(np.abs(results["per_pixel"] - results["per_patch"]).max())
   print(json.dumps(out, indent=1))
 

@@ -34,6 +34,7 @@ class ProcessError(RuntimeError):
 @dataclasses.dataclass
 class Outcome:
   """What all processes reported: any stop request, and each process's payload."""
+
   stop: bool
   payloads: list[Any]
 
@@ -66,15 +67,17 @@ def rebuild_error(process: int, module: str, name: str, message: str) -> Excepti
 
 def _allgather_bytes(data: bytes) -> list[bytes]:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64)))
   buffer = np.zeros(int(lengths.max()), np.uint8)
-  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  buffer[: len(data)] = np.frombuffer(data, np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(buffer))
-  return [gathered[p, :int(n)].tobytes() for p, n in enumerate(lengths.reshape(-1))]
+  return [gathered[p, : int(n)].tobytes() for p, n in enumerate(lengths.reshape(-1))]
 
 
-def agree(error: Optional[BaseException] = None, stop: bool = False,
-          payload: Any = None) -> Outcome:
+def agree(
+    error: Optional[BaseException] = None, stop: bool = False, payload: Any = None
+) -> Outcome:
   """A collective of all processes (each must call it at the same point): raises on every
   process if any process passes an error, else returns whether any process asked to stop and
   every process's `payload` (JSON-serialisable), in process order.

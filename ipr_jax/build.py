@@ -26,11 +26,20 @@ def make_model(config: ml_collections.ConfigDict, training: bool = False) -> une
   m = config.model
   d = config.data.channels
   model = unet.UNet(
-      hid_dims=tuple(m.hid_dims), attention=tuple(bool(a) for a in m.attention), d_in=d,
-      d_out=2 * d + 1, num_blocks=m.num_blocks, t_emb_dim=m.t_emb_dim, d_emb=m.d_emb,
-      num_head_channels=m.num_head_channels, dropout=m.dropout, num_groups=m.num_groups,
-      dtype=jnp.dtype(m.dtype), time_patch_size=int(config.data.patch_size),
-      remat=bool(training and config.get("remat", False)))
+      hid_dims=tuple(m.hid_dims),
+      attention=tuple(bool(a) for a in m.attention),
+      d_in=d,
+      d_out=2 * d + 1,
+      num_blocks=m.num_blocks,
+      t_emb_dim=m.t_emb_dim,
+      d_emb=m.d_emb,
+      num_head_channels=m.num_head_channels,
+      dropout=m.dropout,
+      num_groups=m.num_groups,
+      dtype=jnp.dtype(m.dtype),
+      time_patch_size=int(config.data.patch_size),
+      remat=bool(training and config.get("remat", False)),
+  )
   model.check_config()
   return model
 
@@ -62,7 +71,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   decay_steps, end = o.get("decay_steps"), float(o.get("decay_end_factor", 0.0))
   if decay_steps is not None and decay_steps <= max(warmup, 0):
     raise errors.ConfigError(
-        f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}")
+        f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={warmup}"
+    )
   if not 0.0 <= end <= 1.0:
     raise errors.ConfigError(f"optim.decay_end_factor={end} must lie in [0, 1]")
 
@@ -87,7 +97,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   o = config.optim
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=adam_eps(config),
-                  weight_decay=o.weight_decay),
+      optax.adamw(
+          learning_rate_schedule(config),
+          b1=o.b1,
+          b2=o.b2,
+          eps=adam_eps(config),
+          weight_decay=o.weight_decay,
+      ),
   )
-

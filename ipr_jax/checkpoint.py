@@ -52,7 +52,8 @@ def make_manager(
   checkpoints (all if None) and saves asynchronously: call `wait_until_finished()` before exit.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+  )
   return ocp.CheckpointManager(
       checkpoint_dir(workdir).absolute(),
       options=options,
@@ -89,10 +90,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, config: Any) -> 
   host_state = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), state)
   return manager.save(
       step,
-      args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(host_state),
-          _CONFIG: ocp.args.JsonSave(_config_as_json(config)),
-      }),
+      args=ocp.args.Composite(
+          **{
+              _STATE: ocp.args.StandardSave(host_state),
+              _CONFIG: ocp.args.JsonSave(_config_as_json(config)),
+          }
+      ),
   )
 
 
@@ -127,7 +130,8 @@ def _restore_into(restored: Mapping[str, Any], target: Any, step_dir: pathlib.Pa
   if missing or extra:
     raise CheckpointError(
         f"Checkpoint {step_dir} does not match this model/optimizer: missing {missing[:5]}, "
-        f"unexpected {extra[:5]}. Is it from a different config?")
+        f"unexpected {extra[:5]}. Is it from a different config?"
+    )
   leaves = []
   for p, t in expected:
     r = np.asarray(saved[p])
@@ -136,7 +140,8 @@ def _restore_into(restored: Mapping[str, Any], target: Any, step_dir: pathlib.Pa
       raise CheckpointError(
           f"Checkpoint {step_dir} does not match this model/optimizer at {p}: saved "
           f"{r.dtype}{list(r.shape)}, expected {t.dtype}{list(t.shape)}. "
-          "Is it from a different config?")
+          "Is it from a different config?"
+      )
     leaves.append(r)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -165,7 +170,8 @@ def restore_latest(workdir: str | os.PathLike, target_state: Any) -> Any | None:
     if any(directory.iterdir()):
       raise CheckpointError(
           f"{directory} is not empty but holds no checkpoint steps; refusing to start over on "
-          "top of it. Use a fresh --workdir or remove that directory.")
+          "top of it. Use a fresh --workdir or remove that directory."
+      )
     return None
   step_dir = directory / str(steps[-1])
   restored = _restore_state_dict(step_dir)
@@ -179,7 +185,8 @@ def _state_dict(restored: Any, step_dir: pathlib.Path) -> dict[str, Any]:
     keys = sorted(restored) if isinstance(restored, Mapping) else type(restored).__name__
     raise CheckpointError(
         f"{step_dir} is an Orbax checkpoint but not an ipr_jax TrainState (found {keys}, "
-        f"expected {sorted(_STATE_KEYS)}).")
+        f"expected {sorted(_STATE_KEYS)})."
+    )
   return dict(restored)
 
 
@@ -207,7 +214,8 @@ def find_step_dir(path: str | os.PathLike, step: int | None = None) -> pathlib.P
   if not steps:
     raise CheckpointError(
         f"No ipr_jax checkpoint in {path}: expected a run directory, its '{CHECKPOINT_DIR}' "
-        f"directory or a step directory holding '{_STATE}/'.")
+        f"directory or a step directory holding '{_STATE}/'."
+    )
   if step is None:
     step = steps[-1]
   elif step not in steps:
@@ -221,7 +229,8 @@ def _restore_state_dict(step_dir: pathlib.Path) -> dict[str, Any]:
       restored = checkpointer.restore((step_dir / _STATE).absolute())
   except Exception as e:  # Orbax/tensorstore raise many types; report them as one.
     raise CheckpointError(
-        f"Could not read the checkpoint in {step_dir}: {type(e).__name__}: {e}") from e
+        f"Could not read the checkpoint in {step_dir}: {type(e).__name__}: {e}"
+    ) from e
   return _state_dict(restored, step_dir)
 
 
@@ -253,7 +262,8 @@ def restore_config(path: str | os.PathLike, step: int | None = None) -> dict[str
       return checkpointer.restore((step_dir / _CONFIG).absolute())
   except Exception as e:  # Orbax raises many types; report them as one.
     raise CheckpointError(
-        f"Could not read the config stored in {step_dir}: {type(e).__name__}: {e}") from e
+        f"Could not read the config stored in {step_dir}: {type(e).__name__}: {e}"
+    ) from e
 
 
 def save_params_checkpoint(

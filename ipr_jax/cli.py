@@ -162,8 +162,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
-def run(main: Callable[[list[str]], None],
-        user_errors: tuple[type[BaseException], ...] = ()) -> None:
+def run(
+    main: Callable[[list[str]], None], user_errors: tuple[type[BaseException], ...] = ()
+) -> None:
   """app.run(main) with `parse_flags`, a --verbose flag, and one line for a user error."""
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the traceback of an error (else one line).")

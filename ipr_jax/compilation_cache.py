@@ -18,8 +18,11 @@ def directory(config: Optional[ml_collections.ConfigDict] = None) -> Optional[st
   """Where the binaries cache compiled programs under `config` (None: nowhere)."""
   value = None if config is None else config.get("compilation_cache_dir")
   if value is not None:
-    return None if str(value).strip().lower() in ("", "off", "none") else os.path.expanduser(
-        str(value))
+    return (
+        None
+        if str(value).strip().lower() in ("", "off", "none")
+        else os.path.expanduser(str(value))
+    )
   return os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_DIR)
 
 

@@ -20,15 +20,17 @@ from ipr_jax import errors
 from ipr_jax import sampling
 from ipr_jax.models import unet
 
-
 # The packaged task configs (`ipr_jax/configs/<task>.py`), named by `--config=<task>[:preset]`.
 PACKAGED_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
 def packaged_configs() -> tuple[str, ...]:
   """The names of the packaged configs, sorted: ('counting_polygons', 'even_pixels', ...)."""
-  return tuple(sorted(path.stem for path in PACKAGED_CONFIG_DIR.glob("*.py")
-                      if not path.name.startswith("_")))
+  return tuple(
+      sorted(
+          path.stem for path in PACKAGED_CONFIG_DIR.glob("*.py") if not path.name.startswith("_")
+      )
+  )
 
 
 def resolve_config_spec(spec: str | os.PathLike) -> str:
@@ -50,7 +52,8 @@ def resolve_config_spec(spec: str | os.PathLike) -> str:
     raise errors.ConfigError(
         f"--config={spec}: {path!r} is neither a config file nor a packaged config; packaged: "
         f"{', '.join(packaged_configs())} (e.g. --config=mnist_sudoku:demo), or give a file's "
-        "path (configs/<task>.py[:preset])")
+        "path (configs/<task>.py[:preset])"
+    )
   return f"{PACKAGED_CONFIG_DIR / path}.py{colon}{preset}"
 
 
@@ -74,8 +77,9 @@ def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config(preset or None)
 
 
-def parse_preset(arg: str | None, sizes: Sequence[str], evals: Sequence[str],
-                 default_eval: str) -> tuple[str | None, str]:
+def parse_preset(
+    arg: str | None, sizes: Sequence[str], evals: Sequence[str], default_eval: str
+) -> tuple[str | None, str]:
   """Splits a preset string like 'tiny,cp_test' into (size or None, eval name).
 
   Raises:
@@ -93,7 +97,8 @@ def parse_preset(arg: str | None, sizes: Sequence[str], evals: Sequence[str],
     else:
       raise ValueError(
           f"Unknown or repeated preset token {token!r} in {arg!r}; expected at most one of "
-          f"{tuple(sizes)} and at most one of {tuple(evals)}.")
+          f"{tuple(sizes)} and at most one of {tuple(evals)}."
+      )
   return size, eval_name or default_eval
 
 
@@ -301,8 +306,9 @@ def _eval_section() -> ml_collections.ConfigDict:
   return section
 
 
-def use_tiny_model(config: ml_collections.ConfigDict, hid_dims: Sequence[int],
-                   attention: Sequence[bool]) -> None:
+def use_tiny_model(
+    config: ml_collections.ConfigDict, hid_dims: Sequence[int], attention: Sequence[bool]
+) -> None:
   """Turns `config` into a CPU-sized run: a small float32 U-Net and a fast optimizer schedule."""
   config.model.name = "tiny"
   config.model.hid_dims = tuple(hid_dims)

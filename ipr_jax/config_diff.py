@@ -18,8 +18,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def differences(old: dict[str, Any], new: dict[str, Any],
-                absent: Any = None) -> list[tuple[str, Any, Any]]:
+def differences(
+    old: dict[str, Any], new: dict[str, Any], absent: Any = None
+) -> list[tuple[str, Any, Any]]:
   """(dotted key, old value, new value) of every leaf in which the flattened `old` and `new` differ,
   sorted by key. A key one side lacks compares as None there and is reported as `absent`."""
   old, new = flatten(old), flatten(new)

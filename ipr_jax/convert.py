@@ -36,8 +36,10 @@ from ipr_jax.models import state_dict as state_dict_lib
 # State_dict key counts of the reference presets, duplicated time-embedding keys included.
 REFERENCE_KEY_COUNTS = {"unet_32": 424, "unet_128": 504, "unet_256": 584}
 
-def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
-                     weights: str = "ema") -> dict[str, Any]:
+
+def convert_denoiser(
+    state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict, weights: str = "ema"
+) -> dict[str, Any]:
   """A Lightning or plain SRM state_dict -> Flax U-Net params for `config.model`.
 
   Args:
@@ -58,20 +60,29 @@ def convert_denoiser(state_dict: Mapping[str, np.ndarray], config: ml_collection
   if expected is not None and _is_reference_preset(config) and len(denoiser_sd) != expected:
     raise errors.ConfigError(
         f"a {config.model.name} denoiser state_dict has {expected} keys, this one has "
-        f"{len(denoiser_sd)}: is it a checkpoint of another config?")
+        f"{len(denoiser_sd)}: is it a checkpoint of another config?"
+    )
   return state_dict_lib.unet_params_from_state_dict(denoiser_sd, model)
 
 
 def _is_reference_preset(config: ml_collections.ConfigDict) -> bool:
   from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top
+
   preset = unet.UNET_PRESETS.get(config.model.name)
   return preset is not None and all(
-      tuple(config.model[k]) == tuple(v) for k, v in preset.items()
-      if k in ("hid_dims", "attention"))
+      tuple(config.model[k]) == tuple(v)
+      for k, v in preset.items()
+      if k in ("hid_dims", "attention")
+  )
 
 
-def convert_checkpoint(torch_checkpoint: str, config: ml_collections.ConfigDict, workdir: str,
-                       weights: str = "ema", step: Optional[int] = None) -> str:
+def convert_checkpoint(
+    torch_checkpoint: str,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    weights: str = "ema",
+    step: Optional[int] = None,
+) -> str:
   """Converts a PyTorch SRM checkpoint file into an Orbax checkpoint in `workdir`.
 
   Returns:
@@ -82,7 +93,8 @@ def convert_checkpoint(torch_checkpoint: str, config: ml_collections.ConfigDict,
   if step is None:
     step = int(extras.get("global_step", 0))  # type: ignore[call-overload]  # a number
   step_dir = checkpoint.save_params_checkpoint(
-      workdir, params, config, build.make_optimizer(config), step=step, seed=config.seed)
+      workdir, params, config, build.make_optimizer(config), step=step, seed=config.seed
+  )
   return str(step_dir)
 
 
@@ -90,25 +102,32 @@ def convert_classifier(torch_classifier: str, out_path: str) -> str:
   """Converts the srmbench MNIST classifier state_dict into a Flax params `.npz`."""
   state_dict, _ = torch_files.load_state_dict_file(torch_classifier)
   params = classifier_lib.classifier_params_from_state_dict(state_dict)
-  classifier_lib.save_classifier_params(out_path, params, {'source': torch_classifier})
+  classifier_lib.save_classifier_params(out_path, params, {"source": torch_classifier})
   return out_path
 
 
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Task config the checkpoint belongs to (configs/<task>.py[:preset], or a "
+      "config",
+      None,
+      "Task config the checkpoint belongs to (configs/<task>.py[:preset], or a "
       "packaged config's name: <task>[:preset]).",
-      lock_config=True)
-  flags.DEFINE_string("torch_checkpoint", None,
-                      "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict.")
+      lock_config=True,
+  )
+  flags.DEFINE_string(
+      "torch_checkpoint", None, "Lightning .ckpt, torch .pth/.pt or .npz denoiser state_dict."
+  )
   flags.DEFINE_string("workdir", None, "Run directory to write the Orbax checkpoint to.")
-  flags.DEFINE_enum("weights", "ema", ["ema", "live"],
-                    "Which weights of a Lightning checkpoint to import.")
-  flags.DEFINE_integer("step", None,
-                       "Step to record (default: the checkpoint's global_step, else 0).")
-  flags.DEFINE_string("torch_classifier", None,
-                      "srmbench MNIST classifier state_dict (.pth/.pt/.npz).")
+  flags.DEFINE_enum(
+      "weights", "ema", ["ema", "live"], "Which weights of a Lightning checkpoint to import."
+  )
+  flags.DEFINE_integer(
+      "step", None, "Step to record (default: the checkpoint's global_step, else 0)."
+  )
+  flags.DEFINE_string(
+      "torch_classifier", None, "srmbench MNIST classifier state_dict (.pth/.pt/.npz)."
+  )
   flags.DEFINE_string("classifier_out", None, "Where to write the converted classifier (.npz).")
 
 
@@ -117,8 +136,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if not f.torch_checkpoint and not f.torch_classifier:
-    raise app.UsageError("give --torch_checkpoint (with --config, --workdir) and/or "
-                         "--torch_classifier (with --classifier_out)")
+    raise app.UsageError(
+        "give --torch_checkpoint (with --config, --workdir) and/or "
+        "--torch_classifier (with --classifier_out)"
+    )
   if f.torch_checkpoint:
     if f.config is None or not f.workdir:
       raise app.UsageError("--torch_checkpoint needs --config and --workdir")

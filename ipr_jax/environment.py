@@ -22,9 +22,15 @@ import jax
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "ml-collections")
 _PLUGIN_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "libtpu")
 # jax.config options that change numerics or random streams.
-JAX_OPTIONS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_default_prng_impl",
-               "jax_threefry_partitionable", "jax_disable_most_optimizations",
-               "jax_exec_time_optimization_effort", "jax_optimization_level")
+JAX_OPTIONS = (
+    "jax_default_matmul_precision",
+    "jax_enable_x64",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+    "jax_disable_most_optimizations",
+    "jax_exec_time_optimization_effort",
+    "jax_optimization_level",
+)
 # Environment variables that change how XLA compiles.
 VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 

@@ -40,8 +40,9 @@ def wilson_interval(successes: int, total: int, z: float = _Z95) -> tuple[float,
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def budget_table(scores: Mapping[str, np.ndarray], nfe: Optional[np.ndarray] = None
-                 ) -> list[dict[str, Any]]:
+def budget_table(
+    scores: Mapping[str, np.ndarray], nfe: Optional[np.ndarray] = None
+) -> list[dict[str, Any]]:
   """Aggregates per-puzzle scores into one row per budget.
 
   Args:
@@ -118,14 +119,16 @@ def json_safe(value: Any) -> Any:
   return value
 
 
-def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
-                  metadata: Mapping[str, Any]) -> None:
+def write_results(
+    out_dir: str, rows: Sequence[Mapping[str, Any]], metadata: Mapping[str, Any]
+) -> None:
   """Writes `results.json` (metadata + rows; strict JSON: an undefined value, NaN, is null) and
   `results.csv` (rows) into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(json_safe({"metadata": dict(metadata), "budgets": list(rows)}), f, indent=2,
-              allow_nan=False)
+    json.dump(
+        json_safe({"metadata": dict(metadata), "budgets": list(rows)}), f, indent=2, allow_nan=False
+    )
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
     writer.writeheader()
@@ -135,8 +138,9 @@ def write_results(out_dir: str, rows: Sequence[Mapping[str, Any]],
 PUZZLES_NPZ, PUZZLES_CSV = "puzzles.npz", "puzzles.csv"
 
 
-def write_puzzle_results(out_dir: str, per_puzzle: Mapping[str, np.ndarray],
-                         csv_scores: Sequence[str]) -> None:
+def write_puzzle_results(
+    out_dir: str, per_puzzle: Mapping[str, np.ndarray], csv_scores: Sequence[str]
+) -> None:
   """Writes the per-puzzle records: every array of `per_puzzle` to puzzles.npz, and a CSV with
   one row per puzzle: index, unknown_patches, num_given (if present), `<score>_b<b>` for every
   score of `csv_scores` and budget b, `nfe_b<b>`, and for Sudoku `digit_grid` (the final
@@ -161,9 +165,11 @@ def write_puzzle_results(out_dir: str, per_puzzle: Mapping[str, np.ndarray],
     values = np.asarray(per_puzzle[name])
     for b in range(values.shape[1]):
       column = values[:, b]
-      columns[f"{name}_b{b}"] = ([str(int(v)) for v in column]
-                                 if column.dtype.kind in "biu" else [repr(float(v))
-                                                                      for v in column])
+      columns[f"{name}_b{b}"] = (
+          [str(int(v)) for v in column]
+          if column.dtype.kind in "biu"
+          else [repr(float(v)) for v in column]
+      )
   if "digit_grid" in per_puzzle:
     columns["digit_grid"] = ["".join(map(str, g.reshape(-1))) for g in per_puzzle["digit_grid"]]
   with open(os.path.join(out_dir, PUZZLES_CSV), "w", newline="") as f:
@@ -172,8 +178,7 @@ def write_puzzle_results(out_dir: str, per_puzzle: Mapping[str, np.ndarray],
     writer.writerows(zip(*columns.values()))
 
 
-def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str,
-                      metrics: Sequence[str] = ()):
+def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str, metrics: Sequence[str] = ()):
   """Valid rate against IPR budget with its 95% band; b = 0 (plain SRM) is marked.
 
   `metrics` names further per-image scores whose means (`mean_<name>` in the rows) are drawn as
@@ -186,14 +191,20 @@ def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str,
   rate = [r["valid_rate"] for r in rows]
   fig = Figure(figsize=(5.5, 3.8))
   ax = fig.add_subplot()
-  ax.fill_between(budgets, [r["valid_ci_low"] for r in rows],
-                  [r["valid_ci_high"] for r in rows], alpha=0.25, label="95% interval")
+  ax.fill_between(
+      budgets,
+      [r["valid_ci_low"] for r in rows],
+      [r["valid_ci_high"] for r in rows],
+      alpha=0.25,
+      label="95% interval",
+  )
   ax.plot(budgets, rate, marker="o", ms=3, label="SRM + IPR")
   for name in metrics:
     if f"mean_{name}" not in rows[0]:
       raise ValueError(f"metric {name!r} is not in the rows (keys {sorted(rows[0])})")
-    ax.plot(budgets, [r[f"mean_{name}"] for r in rows], linestyle="--", marker=".", ms=3,
-            label=name)
+    ax.plot(
+        budgets, [r[f"mean_{name}"] for r in rows], linestyle="--", marker=".", ms=3, label=name
+    )
   ax.scatter([budgets[0]], [rate[0]], color="k", zorder=3, label="SRM (b = 0)")
   ax.set_xlabel("IPR budget (iterations)")
   ax.set_ylabel("valid rate" if not metrics else "rate")
@@ -205,8 +216,9 @@ def valid_rate_figure(rows: Sequence[Mapping[str, Any]], title: str,
   return fig
 
 
-def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
-                    metrics: Sequence[str] = ()) -> None:
+def plot_valid_rate(
+    path: str, rows: Sequence[Mapping[str, Any]], title: str, metrics: Sequence[str] = ()
+) -> None:
   """Writes `valid_rate_figure(rows, title, metrics)` as a PNG to `path`."""
   valid_rate_figure(rows, title, metrics).savefig(path, dpi=120)
 
@@ -214,8 +226,13 @@ def plot_valid_rate(path: str, rows: Sequence[Mapping[str, Any]], title: str,
 def _show_image(ax, image: np.ndarray) -> None:
   """Draws an [H, W, C] image in [-1, 1] without ticks."""
   image = np.clip((np.asarray(image) + 1) / 2, 0, 1)
-  ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
-            interpolation="nearest")
+  ax.imshow(
+      image[..., 0] if image.shape[-1] == 1 else image,
+      cmap="gray",
+      vmin=0,
+      vmax=1,
+      interpolation="nearest",
+  )
   ax.set_xticks([])
   ax.set_yticks([])
 
@@ -234,16 +251,24 @@ def choose_plot_puzzles(valid: np.ndarray, count: int) -> np.ndarray:
   fixed = np.flatnonzero(~first & last)
   broken = np.flatnonzero(~first & ~last)
   shows_broken = len(broken) > 0 and count > 1
-  chosen = list(fixed[:count - shows_broken]) + list(broken[:int(shows_broken)])
-  rest = [i for group in (np.flatnonzero(first & last), np.flatnonzero(first & ~last), fixed,
-                          broken) for i in group if i not in chosen]
-  return np.asarray(sorted(chosen + rest[:count - len(chosen)]), np.int64)
+  chosen = list(fixed[: count - shows_broken]) + list(broken[: int(shows_broken)])
+  rest = [
+      i
+      for group in (np.flatnonzero(first & last), np.flatnonzero(first & ~last), fixed, broken)
+      for i in group
+      if i not in chosen
+  ]
+  return np.asarray(sorted(chosen + rest[: count - len(chosen)]), np.int64)
 
 
-def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
-                       cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
-                       puzzles: Optional[np.ndarray] = None,
-                       labels: Optional[Sequence[str]] = None):
+def ipr_process_figure(
+    snapshots: np.ndarray,
+    invalid_cells: Optional[np.ndarray],
+    cell_size: int,
+    budgets_to_show: Optional[Sequence[int]] = None,
+    puzzles: Optional[np.ndarray] = None,
+    labels: Optional[Sequence[str]] = None,
+):
   """A few puzzles across IPR iterations, invalid cells outlined in red.
 
   Args:
@@ -266,8 +291,10 @@ def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray
     raise ValueError(f"snapshots must be [P, budgets, H, W, C], got shape {snapshots.shape}")
   num_puzzles, num_budgets = snapshots.shape[:2]
   if puzzles is not None and np.shape(puzzles) != (num_puzzles, *snapshots.shape[2:]):
-    raise ValueError(f"puzzles must be [P, H, W, C] = {(num_puzzles, *snapshots.shape[2:])}, "
-                     f"got shape {np.shape(puzzles)}")
+    raise ValueError(
+        f"puzzles must be [P, H, W, C] = {(num_puzzles, *snapshots.shape[2:])}, "
+        f"got shape {np.shape(puzzles)}"
+    )
   if budgets_to_show is None:
     budgets_to_show = sorted(set(np.linspace(0, num_budgets - 1, min(8, num_budgets)).astype(int)))
   first = 0 if puzzles is None else 1
@@ -288,18 +315,32 @@ def ipr_process_figure(snapshots: np.ndarray, invalid_cells: Optional[np.ndarray
       _show_image(ax, snapshots[p, b])
       if invalid_cells is not None:
         for r, c in zip(*np.nonzero(invalid_cells[p, b])):
-          ax.add_patch(Rectangle((c * cell_size - 0.5, r * cell_size - 0.5), cell_size, cell_size,
-                                 fill=False, edgecolor="red", linewidth=1.0))
+          ax.add_patch(
+              Rectangle(
+                  (c * cell_size - 0.5, r * cell_size - 0.5),
+                  cell_size,
+                  cell_size,
+                  fill=False,
+                  edgecolor="red",
+                  linewidth=1.0,
+              )
+          )
       if p == 0:
         ax.set_title("SRM" if b == 0 else f"b = {b}", fontsize=8)
   fig.tight_layout()
   return fig
 
 
-def plot_ipr_process(path: str, snapshots: np.ndarray, invalid_cells: Optional[np.ndarray],
-                     cell_size: int, budgets_to_show: Optional[Sequence[int]] = None,
-                     puzzles: Optional[np.ndarray] = None,
-                     labels: Optional[Sequence[str]] = None) -> None:
+def plot_ipr_process(
+    path: str,
+    snapshots: np.ndarray,
+    invalid_cells: Optional[np.ndarray],
+    cell_size: int,
+    budgets_to_show: Optional[Sequence[int]] = None,
+    puzzles: Optional[np.ndarray] = None,
+    labels: Optional[Sequence[str]] = None,
+) -> None:
   """Writes `ipr_process_figure(...)` (same arguments) as a PNG to `path`."""
-  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show, puzzles,
-                     labels).savefig(path, dpi=100)
+  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show, puzzles, labels).savefig(
+      path, dpi=100
+  )

@@ -127,9 +127,20 @@ CODE_FILES = (
     "data/assets/mnist_digits_10k_ranking.npz",
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
-NOT_IN_CODE_RECORD = ("agreement", "checkpoint", "cli", "compilation_cache", "environment",
-                      "errors", "eval_report", "eval_shards", "fit", "host_devices", "preemption",
-                      "pretrained")
+NOT_IN_CODE_RECORD = (
+    "agreement",
+    "checkpoint",
+    "cli",
+    "compilation_cache",
+    "environment",
+    "errors",
+    "eval_report",
+    "eval_shards",
+    "fit",
+    "host_devices",
+    "preemption",
+    "pretrained",
+)
 # run.json's records of where the shards were computed, checked apart from the settings.
 ENVIRONMENT = "environment"
 ENVIRONMENT_CHANGES = "environment_changes"
@@ -159,8 +170,9 @@ def remove_code_files(prefix: str) -> None:
     del _ADDED_CODE_FILES[name]
 
 
-def code_record(package_dir: Optional[str | os.PathLike] = None,
-                files: Sequence[str] = CODE_FILES) -> dict[str, Any]:
+def code_record(
+    package_dir: Optional[str | os.PathLike] = None, files: Sequence[str] = CODE_FILES
+) -> dict[str, Any]:
   """The code that computes results: {"ipr_jax_version", "sha256" (of all files), "files":
   {path: sha256 of its bytes}} for `files` (paths relative to `package_dir`, default: the
   installed ipr_jax package, then also the files of registered tasks, `add_code_files`).
@@ -173,8 +185,9 @@ def code_record(package_dir: Optional[str | os.PathLike] = None,
   if package_dir is None:
     paths.update(_ADDED_CODE_FILES)
   digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
-  overall = hashlib.sha256("".join(f"{name}:{d}\n" for name, d in sorted(digests.items()))
-                           .encode()).hexdigest()
+  overall = hashlib.sha256(
+      "".join(f"{name}:{d}\n" for name, d in sorted(digests.items())).encode()
+  ).hexdigest()
   return {"ipr_jax_version": ipr_jax.__version__, "sha256": overall, "files": digests}
 
 
@@ -187,8 +200,11 @@ def batches_record(batches: Sequence[np.ndarray]) -> dict[str, Any]:
     batch = np.asarray(batch, dtype="<i8").reshape(-1)
     digest.update(np.int64(len(batch)).astype("<i8").tobytes())
     digest.update(batch.tobytes())
-  return {"count": len(batches), "puzzles": int(sum(len(b) for b in batches)),
-          "sha256": digest.hexdigest()}
+  return {
+      "count": len(batches),
+      "puzzles": int(sum(len(b) for b in batches)),
+      "sha256": digest.hexdigest(),
+  }
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -217,13 +233,13 @@ def check_processes_agree(per_process: Sequence[dict[str, Any]]) -> None:
   found = []
   for process, settings in enumerate(per_process[1:], start=1):
     differing = config_diff.differences(per_process[0], settings, absent="<absent>")
-    found += [f"{key}: {a!r} (process 0) vs {b!r} (process {process})"
-              for key, a, b in differing]
+    found += [f"{key}: {a!r} (process 0) vs {b!r} (process {process})" for key, a, b in differing]
   if found:
     raise SettingsMismatchError(
         f"the {len(per_process)} processes of this run would compute different things: "
         f"{_listed(found)}. Give every process the same checkout, environment, config "
-        "overrides and checkpoint.")
+        "overrides and checkpoint."
+    )
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -266,8 +282,9 @@ def write_settings(shard_dir: str | os.PathLike, settings: dict[str, Any]) -> No
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """'key: old -> new' for every differing dotted key (`config_diff.differences`)."""
-  return [f"{k}: {a!r} -> {b!r}"
-          for k, a, b in config_diff.differences(old, new, absent="<absent>")]
+  return [
+      f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff.differences(old, new, absent="<absent>")
+  ]
 
 
 def _listed(items: list[str], limit: int = 10) -> str:
@@ -278,14 +295,21 @@ def _listed(items: list[str], limit: int = 10) -> str:
 def settings_digest(settings: dict[str, Any]) -> str:
   """sha256 of the settings and code record as run.json stores them, without the environment
   records: what every shard of a run holds as "settings_sha256"."""
-  kept = {k: v for k, v in canonical(settings).items()
-          if k not in (ENVIRONMENT, ENVIRONMENT_CHANGES, "format")}
+  kept = {
+      k: v
+      for k, v in canonical(settings).items()
+      if k not in (ENVIRONMENT, ENVIRONMENT_CHANGES, "format")
+  }
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write: bool = False,
-                   check_code: bool = True,
-                   allow_environment_change: bool = False) -> Optional[set[str]]:
+def check_settings(
+    shard_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    write: bool = False,
+    check_code: bool = True,
+    allow_environment_change: bool = False,
+) -> Optional[set[str]]:
   """Checks `settings` (with their "code" and "environment" records, if any) against the shard
   directory's run.json.
 
@@ -321,7 +345,8 @@ def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write
   if differing:
     raise SettingsMismatchError(
         f"{shard_dir} holds results computed with other settings: {_listed(differing)}. Use "
-        "another config.eval.name, or delete that directory to start over.")
+        "another config.eval.name, or delete that directory to start over."
+    )
   if not check_code:
     return None
   has_shards = bool(done_batches(shard_dir))
@@ -331,7 +356,8 @@ def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write
       raise SettingsMismatchError(
           f"{shard_dir} holds results computed by other code: {_listed(differing)}. A change of "
           "the code that computes results (eval_shards.CODE_FILES) requires computing the shards "
-          "again: delete that directory, or use another config.eval.name.")
+          "again: delete that directory, or use another config.eval.name."
+      )
   current = {**settings, "code": code_new, ENVIRONMENT: env_new}
   if env_new is None or env_new == env_old or env_new in changes:
     if write and code_old != code_new:
@@ -350,12 +376,15 @@ def check_settings(shard_dir: str | os.PathLike, settings: dict[str, Any], write
         "Shards of another environment can differ in single puzzles (XLA, CPU kind, flags); "
         "delete that directory or use another config.eval.name to compute them again, or pass "
         "--allow_environment_change (evaluate(..., allow_environment_change=True)) to reuse them "
-        "(recorded in run.json and results.json).")
-  logging.warning("%s: reusing shards of another environment (%s), as allowed", shard_dir,
-                  _listed(differing))
+        "(recorded in run.json and results.json)."
+    )
+  logging.warning(
+      "%s: reusing shards of another environment (%s), as allowed", shard_dir, _listed(differing)
+  )
   if write:
-    write_settings(shard_dir, {**current, ENVIRONMENT: env_old,
-                               ENVIRONMENT_CHANGES: [*changes, env_new]})
+    write_settings(
+        shard_dir, {**current, ENVIRONMENT: env_old, ENVIRONMENT_CHANGES: [*changes, env_new]}
+    )
   return None
 
 
@@ -364,15 +393,17 @@ def _read_settings(path: pathlib.Path) -> dict[str, Any]:
   try:
     stored = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SettingsMismatchError(f"{path} is not valid JSON ({e}); delete {path.parent} to start "
-                                "the evaluation over") from None
+    raise SettingsMismatchError(
+        f"{path} is not valid JSON ({e}); delete {path.parent} to start " "the evaluation over"
+    ) from None
   if not isinstance(stored, dict) or stored.get("format") != FORMAT:
     found = stored.get("format", 1) if isinstance(stored, dict) else "unknown"
     raise SettingsMismatchError(
         f"{path} is of format {found}, not {FORMAT}: written by an earlier ipr-jax, it records "
         "neither every setting nor the code, so its shards cannot be checked against this run. "
         f"Delete {path.parent} to compute them again (experiments/migrate_run_json.py converts "
-        "such a file, to keep it as a record).")
+        "such a file, to keep it as a record)."
+    )
   return stored
 
 
@@ -380,8 +411,10 @@ def _environment_digests(settings: dict[str, Any]) -> Optional[set[str]]:
   """The digests of run.json's environment and accepted changes; None without a record."""
   if settings.get(ENVIRONMENT) is None:
     return None
-  return {environment_lib.digest(e)
-          for e in [settings[ENVIRONMENT], *settings.get(ENVIRONMENT_CHANGES, [])]}
+  return {
+      environment_lib.digest(e)
+      for e in [settings[ENVIRONMENT], *settings.get(ENVIRONMENT_CHANGES, [])]
+  }
 
 
 def shard_path(shard_dir: str | os.PathLike, batch: int) -> pathlib.Path:
@@ -424,37 +457,44 @@ def _load(path: pathlib.Path) -> dict[str, np.ndarray]:
 class ShardDigests:
   """What a shard must hold to be part of a run: the run's `settings_digest` as "settings_sha256"
   and, as "environment_sha256", one of `environments` (`environment.digest`s; None: any)."""
+
   settings: str
   environment: str
   environments: Optional[frozenset[str]]
 
   def arrays(self) -> dict[str, np.ndarray]:
     """The digest arrays a new shard of this run holds."""
-    return {SETTINGS_DIGEST: np.asarray(self.settings), ENVIRONMENT_DIGEST: np.asarray(
-        self.environment)}
+    return {
+        SETTINGS_DIGEST: np.asarray(self.settings),
+        ENVIRONMENT_DIGEST: np.asarray(self.environment),
+    }
 
   def check(self, path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     """Raises SettingsMismatchError unless the shard `arrays` (read from `path`) belong here."""
     if SETTINGS_DIGEST not in arrays or ENVIRONMENT_DIGEST not in arrays:
       raise SettingsMismatchError(
           f"{path} records no settings digest (written by an earlier ipr-jax), so it cannot be "
-          f"checked against this run: delete {path.parent} to compute it again")
+          f"checked against this run: delete {path.parent} to compute it again"
+      )
     if str(arrays[SETTINGS_DIGEST]) != self.settings:
       raise SettingsMismatchError(
           f"{path} was computed under other settings or code (settings_sha256 "
           f"{str(arrays[SETTINGS_DIGEST])[:12]}..., this run's {self.settings[:12]}...): it is "
           f"not a shard of this run (copied in, or left after run.json was replaced). Delete "
-          f"{path.parent} to start over, or use another config.eval.name.")
+          f"{path.parent} to start over, or use another config.eval.name."
+      )
     found = str(arrays[ENVIRONMENT_DIGEST])
     if self.environments is not None and found not in self.environments:
       raise SettingsMismatchError(
           f"{path} was computed in another environment (environment_sha256 {found[:12]}..., "
           f"this run's {self.environment[:12]}...): delete {path.parent} to compute it again, "
-          "or pass --allow_environment_change to reuse it")
+          "or pass --allow_environment_change to reuse it"
+      )
 
 
-def _check_index(path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int,
-                 expected: np.ndarray) -> None:
+def _check_index(
+    path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int, expected: np.ndarray
+) -> None:
   if "index" not in arrays:
     raise SettingsMismatchError(f"{path} has no 'index' array: not a shard of this evaluation")
   index, expected = np.asarray(arrays["index"]).reshape(-1), np.asarray(expected).reshape(-1)
@@ -463,11 +503,15 @@ def _check_index(path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int,
     raise SettingsMismatchError(
         f"{path} holds puzzles {show(index)} ({len(index)}), but batch {batch} of this run is "
         f"{show(expected)} ({len(expected)}): the shards are of another batching. Delete "
-        f"{path.parent} to start over.")
+        f"{path.parent} to start over."
+    )
 
 
-def verify_shards(shard_dir: str | os.PathLike, batches: Sequence[np.ndarray],
-                  digests: Optional["ShardDigests"] = None) -> tuple[set[int], list[str]]:
+def verify_shards(
+    shard_dir: str | os.PathLike,
+    batches: Sequence[np.ndarray],
+    digests: Optional["ShardDigests"] = None,
+) -> tuple[set[int], list[str]]:
   """Reads every existing shard in full: the batches done, and the names of the damaged shards
   (unreadable: truncated, corrupt), which are deleted with a warning so that they are computed
   again.
@@ -481,14 +525,20 @@ def verify_shards(shard_dir: str | os.PathLike, batches: Sequence[np.ndarray],
   for batch in sorted(done_batches(shard_dir)):
     path = shard_path(shard_dir, batch)
     if batch >= len(batches):
-      raise SettingsMismatchError(f"{path} is batch {batch}, but this run has {len(batches)} "
-                                  f"batches: the shards are of another batching. Delete "
-                                  f"{path.parent} to start over.")
+      raise SettingsMismatchError(
+          f"{path} is batch {batch}, but this run has {len(batches)} "
+          f"batches: the shards are of another batching. Delete "
+          f"{path.parent} to start over."
+      )
     try:
       arrays = _load(path)
     except Exception as e:  # a zip, CRC or npy error: the file is damaged
-      logging.warning("%s is damaged (%s: %s); deleting it, the batch is computed again", path,
-                      type(e).__name__, e)
+      logging.warning(
+          "%s is damaged (%s: %s); deleting it, the batch is computed again",
+          path,
+          type(e).__name__,
+          e,
+      )
       path.unlink(missing_ok=True)
       damaged.append(path.name)
       continue
@@ -501,8 +551,11 @@ def verify_shards(shard_dir: str | os.PathLike, batches: Sequence[np.ndarray],
   return done, damaged
 
 
-def read_shards(shard_dir: str | os.PathLike, batches: int | Sequence[np.ndarray],
-                digests: Optional["ShardDigests"] = None) -> list[dict[str, np.ndarray]]:
+def read_shards(
+    shard_dir: str | os.PathLike,
+    batches: int | Sequence[np.ndarray],
+    digests: Optional["ShardDigests"] = None,
+) -> list[dict[str, np.ndarray]]:
   """The arrays of batches 0..n-1, in batch order.
 
   Args:
@@ -520,17 +573,21 @@ def read_shards(shard_dir: str | os.PathLike, batches: int | Sequence[np.ndarray
   missing = sorted(set(range(num_batches)) - done_batches(shard_dir))
   if missing:
     shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-    raise FileNotFoundError(f"{len(missing)} of {num_batches} batches have no results in "
-                            f"{shard_dir} (batches {shown}); rerun the same command to "
-                            "compute them")
+    raise FileNotFoundError(
+        f"{len(missing)} of {num_batches} batches have no results in "
+        f"{shard_dir} (batches {shown}); rerun the same command to "
+        "compute them"
+    )
   shards = []
   for batch in range(num_batches):
     path = shard_path(shard_dir, batch)
     try:
       arrays = _load(path)
     except Exception as e:  # a zip or npy error: the file is damaged
-      raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}); delete it and rerun to "
-                       "compute that batch again") from None
+      raise ValueError(
+          f"cannot read {path} ({type(e).__name__}: {e}); delete it and rerun to "
+          "compute that batch again"
+      ) from None
     if not isinstance(batches, int):
       _check_index(path, arrays, batch, batches[batch])
     if digests is not None:
@@ -551,12 +608,19 @@ def migrate_format_1(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[s
   if "format" in stored:
     raise ValueError(f"run.json is of format {stored['format']}, not 1")
   old, new = config_diff.flatten(canonical(stored)), config_diff.flatten(canonical(resolved))
-  changed = [f"{k}: {old[k]!r} -> {new.get(k, '<absent>')!r}" for k in sorted(old)
-             if new.get(k, "<absent>") != old[k]]
+  changed = [
+      f"{k}: {old[k]!r} -> {new.get(k, '<absent>')!r}"
+      for k in sorted(old)
+      if new.get(k, "<absent>") != old[k]
+  ]
   if changed:
     raise ValueError(f"the resolved settings change recorded values: {_listed(changed)}")
-  code = {"ipr_jax_version": None, "sha256": None, "files": None,
-          "note": "format 1 recorded no code; migrated by experiments/migrate_run_json.py"}
+  code = {
+      "ipr_jax_version": None,
+      "sha256": None,
+      "files": None,
+      "note": "format 1 recorded no code; migrated by experiments/migrate_run_json.py",
+  }
   return {**canonical(resolved), "code": code, "format": FORMAT}
 
 

@@ -60,6 +60,7 @@ from ipr_jax import compilation_cache
 from ipr_jax import evaluation
 from ipr_jax import fit
 from ipr_jax import host_devices
+
 # The library's names, importable from here as before the split (evaluate.Evaluator, ...).
 from ipr_jax.evaluation import BatchResult  # pylint: disable=unused-import
 from ipr_jax.evaluation import check_schedules  # pylint: disable=unused-import
@@ -82,16 +83,25 @@ from ipr_jax.evaluation import unknown_counts  # pylint: disable=unused-import
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Task config: a file, e.g. configs/mnist_sudoku.py:ms_hard_test, or a "
+      "config",
+      None,
+      "Task config: a file, e.g. configs/mnist_sudoku.py:ms_hard_test, or a "
       "packaged config's name, e.g. mnist_sudoku:ms_hard_test.",
-      lock_config=True)
+      lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Run directory; results go to workdir/eval/<name>.")
-  flags.DEFINE_string("checkpoint", None,
-                      "Checkpoint to evaluate (default: the shipped model config.eval.pretrained "
-                      "if the config names one, else the newest checkpoint in --workdir).")
-  flags.DEFINE_bool("allow_environment_change", False,
-                    "Reuse shards computed in another environment (package versions, CPU, "
-                    "devices, XLA flags); recorded in run.json and results.json.")
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "Checkpoint to evaluate (default: the shipped model config.eval.pretrained "
+      "if the config names one, else the newest checkpoint in --workdir).",
+  )
+  flags.DEFINE_bool(
+      "allow_environment_change",
+      False,
+      "Reuse shards computed in another environment (package versions, CPU, "
+      "devices, XLA flags); recorded in run.json and results.json.",
+  )
 
 
 def main(argv):
@@ -108,8 +118,9 @@ def main(argv):
   # shards were computed with).
   config = fit.resolve_eval_batch_size(f.config, f.workdir)
   try:
-    evaluation.evaluate(config, f.workdir, f.checkpoint,
-                        allow_environment_change=f.allow_environment_change)
+    evaluation.evaluate(
+        config, f.workdir, f.checkpoint, allow_environment_change=f.allow_environment_change
+    )
   except evaluation.EvaluationStopped as e:
     sys.exit(str(e))
 

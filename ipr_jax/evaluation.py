@@ -68,19 +68,24 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
     raise errors.ConfigError(
         f"config.ipr.selection='verifier' needs a per-cell verifier, which only "
         f"{' and '.join(tasks.with_cell_verifier())} has; got task "
-        f"{config.task!r}")
-  graph_sections = [name for name in ("sampler", "ipr")
-                    if config[name].get("schedule") == "graph_sequential"]
+        f"{config.task!r}"
+    )
+  graph_sections = [
+      name for name in ("sampler", "ipr") if config[name].get("schedule") == "graph_sequential"
+  ]
   if graph_sections and task.dependency_matrix is None:
     raise errors.ConfigError(
         f"config.{graph_sections[0]}.schedule='graph_sequential' needs the task's dependency "
-        f"graph; task {config.task!r} has none (use 'random_sequential')")
+        f"graph; task {config.task!r} has none (use 'random_sequential')"
+    )
   return task
 
 
 def _sampler_configs(config: ml_collections.ConfigDict):
-  return (sampling.SamplerConfig(**config.sampler.to_dict()),
-          sampling.IPRConfig(**config.ipr.to_dict()))
+  return (
+      sampling.SamplerConfig(**config.sampler.to_dict()),
+      sampling.IPRConfig(**config.ipr.to_dict()),
+  )
 
 
 def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -115,11 +120,12 @@ def puzzle_batches(config: ml_collections.ConfigDict, unknown: np.ndarray) -> li
   indices = np.arange(num_puzzles)
   if config.eval.sort_by_unknowns:
     indices = indices[np.argsort(unknown, kind="stable")]
-  return [np.sort(indices[s:s + batch_size]) for s in range(0, num_puzzles, batch_size)]
+  return [np.sort(indices[s : s + batch_size]) for s in range(0, num_puzzles, batch_size)]
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str,
-                checkpoint_path: Optional[str] = None) -> tuple[Any, str, str]:
+def load_params(
+    config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Optional[str] = None
+) -> tuple[Any, str, str]:
   """The U-Net parameters to evaluate: (params, where they came from, 'ema' | 'live').
 
   `checkpoint_path` if given, else the shipped model `config.eval.pretrained` if set (its EMA
@@ -151,6 +157,7 @@ class BatchResult:
     sample_indices: `[S]` puzzle indices of `samples`.
     final_samples: `[P, H, W, d]` the final samples in [-1, 1] (with `keep_final`), or None.
   """
+
   indices: np.ndarray
   scores: dict[str, np.ndarray]
   nfe: np.ndarray
@@ -169,21 +176,33 @@ def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) 
 
   def run(params, keys, noise, image, mask, num_snapshots, keep_final):
     result = sampling.srm_ipr(
-        functools.partial(denoise, params), keys, image=image, mask=mask, noise=noise,
-        patch_size=task.patch_size, sampler_config=sampler_config, ipr_config=ipr_config,
+        functools.partial(denoise, params),
+        keys,
+        image=image,
+        mask=mask,
+        noise=noise,
+        patch_size=task.patch_size,
+        sampler_config=sampler_config,
+        ipr_config=ipr_config,
         score_fn=task.score_fn,
         verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
         cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
-        num_snapshots=num_snapshots, dependency=task.dependency_matrix)
+        num_snapshots=num_snapshots,
+        dependency=task.dependency_matrix,
+    )
     scores = dict(result.scores)
     if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
       scores.update({f"last_{name}": value for name, value in result.last_scores.items()})
     if result.uncertainty is not None:
       scores["model_uncertainty"] = result.uncertainty
     # Only what the host needs leaves the devices: the final images only when asked for.
-    return {"scores": scores, "nfe": result.nfe_per_budget,
-            "snapshots": result.snapshots, "final": task.final_fn(result.z),
-            "z": result.z if keep_final else None}
+    return {
+        "scores": scores,
+        "nfe": result.nfe_per_budget,
+        "snapshots": result.snapshots,
+        "final": task.final_fn(result.z),
+        "z": result.z if keep_final else None,
+    }
 
   return run
 
@@ -214,8 +233,11 @@ class Evaluator:
     root = jax.random.key(config.eval.seed)
     self._sampling_key = jax.random.fold_in(root, SAMPLING_STREAM)
     noise_key = jax.random.fold_in(root, NOISE_STREAM)
-    self._initial_noise = jax.jit(jax.vmap(
-        lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), self.task.image_shape)))
+    self._initial_noise = jax.jit(
+        jax.vmap(
+            lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), self.task.image_shape)
+        )
+    )
 
   def inputs(self, indices: np.ndarray) -> dict[str, Optional[jax.Array]]:
     """Test puzzles `indices`: image [P, H, W, d] and mask [P, H, W, 1] (None for tasks
@@ -232,8 +254,12 @@ class Evaluator:
     once)."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     batch_size = batch_size or len(indices)
-    return np.concatenate([self(indices[s:s + batch_size], samples_per_device=None).samples
-                           for s in range(0, len(indices), batch_size)])
+    return np.concatenate(
+        [
+            self(indices[s : s + batch_size], samples_per_device=None).samples
+            for s in range(0, len(indices), batch_size)
+        ]
+    )
 
   def final_facts(self, samples: np.ndarray) -> dict[str, np.ndarray]:
     """The task's facts (`final_fn`; Sudoku: 'digit_grid' [..., n, n], the classified digits) of
@@ -252,8 +278,13 @@ class Evaluator:
     mask = np.asarray(inputs["mask"], np.float32)
     return (1.0 - mask) * np.asarray(inputs["image"], np.float32)
 
-  def __call__(self, indices, samples_per_device: Optional[int] = 0, keep_final: bool = False,
-               pad_to: Optional[int] = None) -> BatchResult:
+  def __call__(
+      self,
+      indices,
+      samples_per_device: Optional[int] = 0,
+      keep_final: bool = False,
+      pad_to: Optional[int] = None,
+  ) -> BatchResult:
     """Runs SRM + IPR on puzzles `indices` ([P] ints).
 
     Args:
@@ -272,36 +303,48 @@ class Evaluator:
     if real == 0:
       raise ValueError("Evaluator needs at least one puzzle index, got none.")
     if indices.min() < 0 or indices.max() >= MAX_PUZZLES:
-      raise ValueError(f"puzzle indices must be in [0, {MAX_PUZZLES}), got {indices.min()}.."
-                       f"{indices.max()}")
+      raise ValueError(
+          f"puzzle indices must be in [0, {MAX_PUZZLES}), got {indices.min()}.." f"{indices.max()}"
+      )
     if samples_per_device is not None and samples_per_device < 0:
       raise ValueError(f"samples_per_device={samples_per_device} must be >= 0 or None")
     num_devices = self.num_devices
     per_device = -(-max(real, pad_to or 0) // num_devices)
     padded = np.concatenate([indices, np.full(per_device * num_devices - real, indices[-1])])
-    num_snapshots = per_device if samples_per_device is None else min(samples_per_device,
-                                                                        per_device)
+    num_snapshots = (
+        per_device if samples_per_device is None else min(samples_per_device, per_device)
+    )
     inputs = self.inputs(padded)
     keys = sampling.puzzle_keys(self._sampling_key, jnp.asarray(padded))
     noise = self._initial_noise(jnp.asarray(padded))
     shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
-    result = self._p_run(self._replicated_params, shard(keys), shard(noise),
-                         shard(inputs["image"]), shard(inputs["mask"]), num_snapshots,
-                         bool(keep_final))
+    result = self._p_run(
+        self._replicated_params,
+        shard(keys),
+        shard(noise),
+        shard(inputs["image"]),
+        shard(inputs["mask"]),
+        num_snapshots,
+        bool(keep_final),
+    )
     result = jax.device_get(result)
     # [devices, budgets, per_device] -> [budgets, P]; [devices, per_device, ...] -> [P, ...].
     by_budget = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
     by_puzzle = lambda x: np.asarray(x).reshape(-1, *x.shape[2:])[:real]
-    out = BatchResult(indices, {k: by_budget(v) for k, v in result["scores"].items()},
-                      by_budget(result["nfe"]),
-                      final={k: by_puzzle(v) for k, v in result["final"].items()})
+    out = BatchResult(
+        indices,
+        {k: by_budget(v) for k, v in result["scores"].items()},
+        by_budget(result["nfe"]),
+        final={k: by_puzzle(v) for k, v in result["final"].items()},
+    )
     if result["z"] is not None:
       out.final_samples = by_puzzle(result["z"])
     if result["snapshots"] is not None:
       # [devices, budgets, S, H, W, d] -> [devices * S, budgets, ...], real puzzles only.
       snapshots = np.asarray(result["snapshots"]).swapaxes(1, 2)
-      positions = (np.arange(num_devices)[:, None] * per_device
-                   + np.arange(num_snapshots)[None, :]).reshape(-1)
+      positions = (
+          np.arange(num_devices)[:, None] * per_device + np.arange(num_snapshots)[None, :]
+      ).reshape(-1)
       keep = positions < real
       out.samples = snapshots.reshape(-1, *snapshots.shape[2:])[keep]
       out.sample_indices = padded[positions[keep]]
@@ -318,8 +361,9 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()
 
 
-def resolved_settings(config: ml_collections.ConfigDict,
-                      batches: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
+def resolved_settings(
+    config: ml_collections.ConfigDict, batches: Optional[list[np.ndarray]] = None
+) -> dict[str, Any]:
   """What an evaluation's results depend on besides its parameters and code, every field
   resolved: the task; the data and model sections; the sampler and IPR options as the sampler
   resolves them (`SamplerConfig`, `IPRConfig`: every field, defaults included); the eval section
@@ -328,24 +372,38 @@ def resolved_settings(config: ml_collections.ConfigDict,
   """
   if batches is None:
     task = task_evaluation(config)
-    batches = puzzle_batches(config, task.unknown_patches(config.eval.seed,
-                                                          np.arange(config.eval.num_puzzles)))
+    batches = puzzle_batches(
+        config, task.unknown_patches(config.eval.seed, np.arange(config.eval.num_puzzles))
+    )
   sampler_config, ipr_config = _sampler_configs(config)
   eval_settings = config.eval.to_dict()
   eval_settings.pop("name", None)
   eval_settings["unique_solution"] = bool(config.eval.get("unique_solution", False))
-  return {"task": config.task, "data": config.data.to_dict(), "model": config.model.to_dict(),
-          "sampler": dataclasses.asdict(sampler_config), "ipr": dataclasses.asdict(ipr_config),
-          "eval": eval_settings, "batches": eval_shards.batches_record(batches)}
+  return {
+      "task": config.task,
+      "data": config.data.to_dict(),
+      "model": config.model.to_dict(),
+      "sampler": dataclasses.asdict(sampler_config),
+      "ipr": dataclasses.asdict(ipr_config),
+      "eval": eval_settings,
+      "batches": eval_shards.batches_record(batches),
+  }
 
 
-def run_settings(config: ml_collections.ConfigDict, params: Any, which: str,
-                 batches: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
+def run_settings(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    which: str,
+    batches: Optional[list[np.ndarray]] = None,
+) -> dict[str, Any]:
   """`resolved_settings` and the parameters ('ema' | 'live' and their `params_digest`): what
   run.json records besides the code; shards computed under other settings are refused
   (`eval_shards.check_settings`)."""
-  return {**resolved_settings(config, batches), "params": which,
-          "params_sha256": params_digest(params)}
+  return {
+      **resolved_settings(config, batches),
+      "params": which,
+      "params_sha256": params_digest(params),
+  }
 
 
 class EvaluationStopped(Exception):
@@ -357,13 +415,19 @@ def _as_uint8(images: np.ndarray) -> np.ndarray:
   return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def _shard_arrays(batch: BatchResult, unknown: np.ndarray, seconds: float,
-                  digests: eval_shards.ShardDigests) -> dict[str, np.ndarray]:
+def _shard_arrays(
+    batch: BatchResult, unknown: np.ndarray, seconds: float, digests: eval_shards.ShardDigests
+) -> dict[str, np.ndarray]:
   """A batch's per-puzzle arrays, puzzle-major ([P, budget + 1] for the per-budget ones), with
   the run's settings and environment digests."""
-  arrays = {"index": batch.indices, "unknown_patches": unknown, "nfe": batch.nfe.T,
-            "seconds": np.float64(seconds), "process": np.int64(jax.process_index()),
-            **digests.arrays()}
+  arrays = {
+      "index": batch.indices,
+      "unknown_patches": unknown,
+      "nfe": batch.nfe.T,
+      "seconds": np.float64(seconds),
+      "process": np.int64(jax.process_index()),
+      **digests.arrays(),
+  }
   arrays.update({f"score.{k}": v.T for k, v in batch.scores.items()})
   arrays.update({f"final.{k}": v for k, v in batch.final.items()})
   if batch.final_samples is not None:
@@ -371,8 +435,9 @@ def _shard_arrays(batch: BatchResult, unknown: np.ndarray, seconds: float,
   return arrays
 
 
-def merge_shards(shards: list[dict[str, np.ndarray]], batches: list[np.ndarray],
-                 num_puzzles: int) -> dict[str, np.ndarray]:
+def merge_shards(
+    shards: list[dict[str, np.ndarray]], batches: list[np.ndarray], num_puzzles: int
+) -> dict[str, np.ndarray]:
   """The per-puzzle arrays of all shards, in puzzle index order (what puzzles.npz holds):
   index [P], unknown_patches [P], nfe [P, budget + 1], one [P, budget + 1] array per score,
   the final facts (Sudoku: digit_grid [P, n, n]) and, if saved, samples uint8 [P, H, W, d].
@@ -383,17 +448,20 @@ def merge_shards(shards: list[dict[str, np.ndarray]], batches: list[np.ndarray],
   """
   if len(shards) != len(batches):
     raise eval_shards.SettingsMismatchError(
-        f"{len(shards)} shards for the run's {len(batches)} batches")
+        f"{len(shards)} shards for the run's {len(batches)} batches"
+    )
   for b, (shard, batch) in enumerate(zip(shards, batches)):
     if not np.array_equal(np.asarray(shard["index"]).reshape(-1), np.asarray(batch)):
       raise eval_shards.SettingsMismatchError(
-          f"shard {b} holds puzzles {shard['index']}, but batch {b} is {batch}")
+          f"shard {b} holds puzzles {shard['index']}, but batch {b} is {batch}"
+      )
   index = np.concatenate([s["index"] for s in shards])
   order = np.argsort(index, kind="stable")
   if not np.array_equal(index[order], np.arange(num_puzzles)):
     raise eval_shards.SettingsMismatchError(
         f"the shards hold {len(index)} puzzle indices ({len(np.unique(index))} distinct, "
-        f"{index.min()}..{index.max()}), not exactly the run's puzzles 0..{num_puzzles - 1}")
+        f"{index.min()}..{index.max()}), not exactly the run's puzzles 0..{num_puzzles - 1}"
+    )
   skip = {"seconds", "process", eval_shards.SETTINGS_DIGEST, eval_shards.ENVIRONMENT_DIGEST}
   merged = {}
   for key in shards[0]:
@@ -403,39 +471,55 @@ def merge_shards(shards: list[dict[str, np.ndarray]], batches: list[np.ndarray],
   return merged
 
 
-def _progress_line(done: int, total: int, passes: float, elapsed: float, valid: np.ndarray,
-                   prefix: str) -> str:
+def _progress_line(
+    done: int, total: int, passes: float, elapsed: float, valid: np.ndarray, prefix: str
+) -> str:
   rate = done / max(elapsed, 1e-9)
   eta = (total - done) / rate if rate > 0 else float("inf")
-  return (f"{prefix}[{done}/{total}] {elapsed:.0f}s, {rate:.2f} puzzles/s, "
-          f"{passes / max(elapsed, 1e-9):.0f} denoiser passes/s, ETA {eta:.0f}s; valid rate at "
-          f"budget 0 {valid[0]:.3f}, at budget {len(valid) - 1} {valid[-1]:.3f}")
+  return (
+      f"{prefix}[{done}/{total}] {elapsed:.0f}s, {rate:.2f} puzzles/s, "
+      f"{passes / max(elapsed, 1e-9):.0f} denoiser passes/s, ETA {eta:.0f}s; valid rate at "
+      f"budget 0 {valid[0]:.3f}, at budget {len(valid) - 1} {valid[-1]:.3f}"
+  )
 
 
-def _prepare_shard_dir(shard_dir: str, settings: dict[str, Any], batches: list[np.ndarray],
-                       allow_environment_change: bool) -> dict[str, Any]:
+def _prepare_shard_dir(
+    shard_dir: str,
+    settings: dict[str, Any],
+    batches: list[np.ndarray],
+    allow_environment_change: bool,
+) -> dict[str, Any]:
   """Process 0, before any process computes: checks (or writes) run.json, removes the temporary
   files of killed writes, reads every existing shard (deleting the damaged ones, refusing those
   of other settings). Returns the batches done ("done"), the temporary files removed
   ("removed"), the damaged shards deleted ("damaged") and the environment digests whose shards
   may be merged ("environments", None: any)."""
-  environments = eval_shards.check_settings(shard_dir, settings, write=True,
-                                            allow_environment_change=allow_environment_change)
+  environments = eval_shards.check_settings(
+      shard_dir, settings, write=True, allow_environment_change=allow_environment_change
+  )
   if allow_environment_change:
     environments = None
   removed = eval_shards.remove_temporaries(shard_dir)
-  done, damaged = eval_shards.verify_shards(shard_dir, batches,
-                                            _shard_digests(settings, environments))
-  return {"done": sorted(done), "removed": removed, "damaged": damaged,
-          "environments": None if environments is None else sorted(environments)}
+  done, damaged = eval_shards.verify_shards(
+      shard_dir, batches, _shard_digests(settings, environments)
+  )
+  return {
+      "done": sorted(done),
+      "removed": removed,
+      "damaged": damaged,
+      "environments": None if environments is None else sorted(environments),
+  }
 
 
-def _shard_digests(settings: dict[str, Any],
-                   environments: Optional[Iterable[str]]) -> eval_shards.ShardDigests:
+def _shard_digests(
+    settings: dict[str, Any], environments: Optional[Iterable[str]]
+) -> eval_shards.ShardDigests:
   mine = environment.digest(settings[eval_shards.ENVIRONMENT])
   return eval_shards.ShardDigests(
-      eval_shards.settings_digest(settings), mine,
-      None if environments is None else frozenset(environments) | {mine})
+      eval_shards.settings_digest(settings),
+      mine,
+      None if environments is None else frozenset(environments) | {mine},
+  )
 
 
 @dataclasses.dataclass
@@ -452,6 +536,7 @@ class _Run:
     done_before: the batches whose shards existed already.
     digests: what each shard of this run holds and each merged shard must hold.
   """
+
   config: ml_collections.ConfigDict
   out_dir: str
   shard_dir: str
@@ -471,16 +556,24 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
   if isinstance(batch_size, str):
     raise errors.ConfigError(
         f"config.eval.batch_size={batch_size!r}: the evaluation binary resolves 'auto' to a "
-        "number; in Python, resolve it first with fit.resolve_eval_batch_size(config, workdir)")
+        "number; in Python, resolve it first with fit.resolve_eval_batch_size(config, workdir)"
+    )
   if num_puzzles < 1 or batch_size < 1:
-    raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
-                             f"{batch_size} must be positive")
+    raise errors.ConfigError(
+        f"config.eval.num_puzzles={num_puzzles} and config.eval.batch_size="
+        f"{batch_size} must be positive"
+    )
   if num_puzzles > MAX_PUZZLES:
     raise errors.ConfigError(f"config.eval.num_puzzles={num_puzzles} exceeds {MAX_PUZZLES}")
 
 
-def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Optional[str],
-            preemption: preemption_lib.Preemption, allow_environment_change: bool) -> _Run:
+def _set_up(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint_path: Optional[str],
+    preemption: preemption_lib.Preemption,
+    allow_environment_change: bool,
+) -> _Run:
   """Loads the parameters, builds the Evaluator and the batches, agrees on them with every
   process, and (process 0) checks the shard directory.
 
@@ -501,13 +594,18 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Op
     # Computed once: they order the batches and go into each batch's shard.
     unknown = evaluator.task.unknown_patches(config.eval.seed, np.arange(config.eval.num_puzzles))
     batches = puzzle_batches(config, unknown)
-    settings = {**run_settings(config, params, which, batches),
-                "code": eval_shards.code_record(),
-                eval_shards.ENVIRONMENT: environment.record()}
+    settings = {
+        **run_settings(config, params, which, batches),
+        "code": eval_shards.code_record(),
+        eval_shards.ENVIRONMENT: environment.record(),
+    }
   except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
     error = e
-  outcome = agreement.agree(error, stop=preemption.this_process(),
-                            payload=None if settings is None else eval_shards.canonical(settings))
+  outcome = agreement.agree(
+      error,
+      stop=preemption.this_process(),
+      payload=None if settings is None else eval_shards.canonical(settings),
+  )
   eval_shards.check_processes_agree(outcome.payloads)  # the same verdict on every process
 
   error, prepared = None, None
@@ -516,16 +614,28 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Op
       prepared = _prepare_shard_dir(shard_dir, settings, batches, allow_environment_change)
     except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
       error = e
-  outcome = agreement.agree(error, stop=outcome.stop or preemption.this_process(),
-                            payload=prepared)
+  outcome = agreement.agree(error, stop=outcome.stop or preemption.this_process(), payload=prepared)
   prepared = outcome.payloads[0]
   for name in prepared["damaged"]:
     print(f"{prefix}{name} in {shard_dir} was damaged: deleted, computed again.", flush=True)
   if outcome.stop:
-    raise EvaluationStopped(f"stopped before any batch; rerun the same command to compute "
-                            f"them ({shard_dir}).")
-  return _Run(config, out_dir, shard_dir, prefix, evaluator, source, which, unknown, batches,
-              settings, set(prepared["done"]), _shard_digests(settings, prepared["environments"]))
+    raise EvaluationStopped(
+        f"stopped before any batch; rerun the same command to compute " f"them ({shard_dir})."
+    )
+  return _Run(
+      config,
+      out_dir,
+      shard_dir,
+      prefix,
+      evaluator,
+      source,
+      which,
+      unknown,
+      batches,
+      settings,
+      set(prepared["done"]),
+      _shard_digests(settings, prepared["environments"]),
+  )
 
 
 def _compute_batch(run: _Run, b: int, pad_to: int) -> BatchResult:
@@ -534,25 +644,34 @@ def _compute_batch(run: _Run, b: int, pad_to: int) -> BatchResult:
   # Every batch runs one program (padded to the largest batch), without samples: the figure's
   # puzzles are computed again with theirs once the results are known (`_plot_process`).
   result = run.evaluator(run.batches[b], keep_final=run.config.eval.save_samples, pad_to=pad_to)
-  eval_shards.write_shard(run.shard_dir, b, _shard_arrays(
-      result, run.unknown[result.indices], time.time() - batch_start, run.digests))
+  eval_shards.write_shard(
+      run.shard_dir,
+      b,
+      _shard_arrays(result, run.unknown[result.indices], time.time() - batch_start, run.digests),
+  )
   return result
 
 
-def _compute_batches(run: _Run, preemption: preemption_lib.Preemption,
-                     after_batch: Optional[Callable[[int], None]]) -> float:
+def _compute_batches(
+    run: _Run, preemption: preemption_lib.Preemption, after_batch: Optional[Callable[[int], None]]
+) -> float:
   """Process p computes batches p, p + N, ... not done yet, one per round; after every round all
   processes agree on errors and stop requests (a collective: the same number of rounds on every
   process, also for those with fewer batches). Returns the time the batches started."""
   process, num_processes = jax.process_index(), jax.process_count()
   batches, done_before = run.batches, run.done_before
-  shares = [[b for b in range(len(batches)) if b % num_processes == p and b not in done_before]
-            for p in range(num_processes)]
+  shares = [
+      [b for b in range(len(batches)) if b % num_processes == p and b not in done_before]
+      for p in range(num_processes)
+  ]
   mine = shares[process]
   rounds = max(len(share) for share in shares)
   if done_before:
-    print(f"{run.prefix}{len(done_before)} of {len(batches)} batches already done in "
-          f"{run.shard_dir}; {len(mine)} to compute here.", flush=True)
+    print(
+        f"{run.prefix}{len(done_before)} of {len(batches)} batches already done in "
+        f"{run.shard_dir}; {len(mine)} to compute here.",
+        flush=True,
+    )
   my_total = sum(len(batches[b]) for b in mine)
   pad_to = max(len(b) for b in batches)
 
@@ -566,8 +685,12 @@ def _compute_batches(run: _Run, preemption: preemption_lib.Preemption,
         done += len(result.indices)
         passes += float(result.nfe[-1].sum())
         valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
-        print(_progress_line(done, my_total, passes, time.time() - start_time,
-                             valid_sum / done, run.prefix), flush=True)
+        print(
+            _progress_line(
+                done, my_total, passes, time.time() - start_time, valid_sum / done, run.prefix
+            ),
+            flush=True,
+        )
         if after_batch is not None:
           after_batch(mine[r])
       except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
@@ -577,12 +700,14 @@ def _compute_batches(run: _Run, preemption: preemption_lib.Preemption,
     if stop and r < rounds - 1:
       raise EvaluationStopped(
           f"stopped after {completed} of {len(batches)} batches; rerun the same command to "
-          f"compute the rest ({run.shard_dir}).")
+          f"compute the rest ({run.shard_dir})."
+      )
   return start_time
 
 
-def _results_metadata(run: _Run, shards: list[dict[str, np.ndarray]],
-                      seconds: float) -> dict[str, Any]:
+def _results_metadata(
+    run: _Run, shards: list[dict[str, np.ndarray]], seconds: float
+) -> dict[str, Any]:
   """What results.json records besides the rows: settings, parameters, code, environment (with
   the environments the merged shards were computed in), devices, the throughput of the batches
   computed by this run, and the task's metadata."""
@@ -591,7 +716,8 @@ def _results_metadata(run: _Run, shards: list[dict[str, np.ndarray]],
   new_puzzles = sum(len(run.batches[b]) for b in new)
   new_passes = float(sum(shards[b]["nfe"][:, -1].sum() for b in new))
   shard_environments = collections.Counter(
-      str(shard[eval_shards.ENVIRONMENT_DIGEST]) for shard in shards)
+      str(shard[eval_shards.ENVIRONMENT_DIGEST]) for shard in shards
+  )
   return {
       "task": config.task,
       "eval": config.eval.to_dict(),
@@ -626,24 +752,34 @@ def _plot_process(run: _Run, per_puzzle: dict[str, np.ndarray], path: str) -> li
   fixed first and one it did not (`eval_report.choose_plot_puzzles`), computed again (a puzzle's
   result depends only on the seed and its index) with every budget's sample: the iterate the
   table scores. Returns the indices of the puzzles shown."""
-  chosen = eval_report.choose_plot_puzzles(per_puzzle["valid"],
-                                           run.config.eval.num_plot_puzzles)
+  chosen = eval_report.choose_plot_puzzles(per_puzzle["valid"], run.config.eval.num_plot_puzzles)
   if not len(chosen):
     return []
   indices = per_puzzle["index"][chosen]
   again = run.evaluator(indices, samples_per_device=None)
   valid = per_puzzle["valid"][chosen]
   if not np.array_equal(again.scores["valid"].T, valid):
-    print(f"{run.prefix}note: the plotted puzzles {indices.tolist()}, computed again with their "
-          "samples, differ from their shards in a valid flag (floating point of another "
-          "program); the figure shows the recomputed samples.", flush=True)
-  outcome = lambda v: {(0, 1): "fixed by IPR", (0, 0): "stays invalid", (1, 1): "valid",
-                       (1, 0): "broken by IPR"}[(int(v[0]), int(v[-1]))]
+    print(
+        f"{run.prefix}note: the plotted puzzles {indices.tolist()}, computed again with their "
+        "samples, differ from their shards in a valid flag (floating point of another "
+        "program); the figure shows the recomputed samples.",
+        flush=True,
+    )
+  outcome = lambda v: {
+      (0, 1): "fixed by IPR",
+      (0, 0): "stays invalid",
+      (1, 1): "valid",
+      (1, 0): "broken by IPR",
+  }[(int(v[0]), int(v[-1]))]
   labels = [f"puzzle {i}: {outcome(v)}" for i, v in zip(indices, again.scores["valid"].T)]
-  eval_report.plot_ipr_process(path, again.samples, run.evaluator.invalid_cells(again.samples),
-                               run.evaluator.task.cell_size,
-                               puzzles=run.evaluator.puzzle_images(again.sample_indices),
-                               labels=labels)
+  eval_report.plot_ipr_process(
+      path,
+      again.samples,
+      run.evaluator.invalid_cells(again.samples),
+      run.evaluator.task.cell_size,
+      puzzles=run.evaluator.puzzle_images(again.sample_indices),
+      labels=labels,
+  )
   return indices.tolist()
 
 
@@ -659,25 +795,33 @@ def _merge_and_write(run: _Run, seconds: float) -> list[dict[str, Any]]:
 
   config, out_dir, task = run.config, run.out_dir, run.evaluator.task
   metadata = _results_metadata(run, shards, seconds)
-  metadata["plotted_puzzles"] = _plot_process(run, per_puzzle,
-                                              os.path.join(out_dir, "ipr_process.png"))
+  metadata["plotted_puzzles"] = _plot_process(
+      run, per_puzzle, os.path.join(out_dir, "ipr_process.png")
+  )
   eval_report.write_results(out_dir, rows, metadata)
   per_puzzle.update(task.puzzle_columns(per_puzzle))
   eval_report.write_puzzle_results(out_dir, per_puzzle, task.csv_scores)
-  eval_report.plot_valid_rate(os.path.join(out_dir, "valid_rate_vs_budget.png"), rows,
-                              f"{config.task} / {config.eval.name}",
-                              metrics=task.plot_metrics)
+  eval_report.plot_valid_rate(
+      os.path.join(out_dir, "valid_rate_vs_budget.png"),
+      rows,
+      f"{config.task} / {config.eval.name}",
+      metrics=task.plot_metrics,
+  )
   print(eval_report.format_table(rows))
   throughput = metadata["throughput"]
   if throughput["puzzles"]:
-    print(f"{throughput['puzzles']} puzzles in {seconds:.0f}s: "
-          f"{throughput['puzzles_per_sec']:.2f} puzzles/s, "
-          f"{throughput['denoiser_passes_per_sec']:.0f} denoiser passes/s on "
-          f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), "
-          f"{jax.process_count()} process(es)")
+    print(
+        f"{throughput['puzzles']} puzzles in {seconds:.0f}s: "
+        f"{throughput['puzzles_per_sec']:.2f} puzzles/s, "
+        f"{throughput['denoiser_passes_per_sec']:.0f} denoiser passes/s on "
+        f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), "
+        f"{jax.process_count()} process(es)"
+    )
   if len(metadata["shard_environments"]) > 1:
-    print(f"note: the shards were computed in {len(metadata['shard_environments'])} "
-          "environments (accepted with --allow_environment_change; results.json lists them)")
+    print(
+        f"note: the shards were computed in {len(metadata['shard_environments'])} "
+        "environments (accepted with --allow_environment_change; results.json lists them)"
+    )
   print(f"wrote {out_dir}/results.json, results.csv, puzzles.npz, puzzles.csv and plots")
   return rows
 
@@ -695,10 +839,13 @@ def _write_results(run: _Run, seconds: float) -> list[dict[str, Any]]:
   return rows
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             checkpoint_path: Optional[str] = None,
-             after_batch: Optional[Callable[[int], None]] = None,
-             allow_environment_change: bool = False) -> list[dict[str, Any]]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint_path: Optional[str] = None,
+    after_batch: Optional[Callable[[int], None]] = None,
+    allow_environment_change: bool = False,
+) -> list[dict[str, Any]]:
   """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
 
   Every batch's per-puzzle results are written as a shard under

@@ -52,6 +52,7 @@ class ProgramCost:
     flops: XLA's cost_analysis 'flops' (None where the backend gives none).
     compile_seconds: wall time of lower + compile.
   """
+
   bytes: int
   argument_bytes: int
   output_bytes: int
@@ -64,8 +65,11 @@ class ProgramCost:
 def analyse(fn: Callable[..., Any], *args, static_argnums=(), donate_argnums=()) -> ProgramCost:
   """Compiles `jax.jit(fn)` for `args` (arrays or `jax.ShapeDtypeStruct`s) without running it."""
   start = time.time()
-  compiled = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums).lower(
-      *args).compile()
+  compiled = (
+      jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
+      .lower(*args)
+      .compile()
+  )
   seconds = time.time() - start
   memory = compiled.memory_analysis()
   if memory is None:
@@ -74,16 +78,27 @@ def analyse(fn: Callable[..., Any], *args, static_argnums=(), donate_argnums=())
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
     cost = cost[0] if cost else None
   flops = None if not cost or "flops" not in cost else float(cost["flops"])
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  return ProgramCost(int(total), int(memory.argument_size_in_bytes),
-                     int(memory.output_size_in_bytes), int(memory.temp_size_in_bytes),
-                     int(memory.alias_size_in_bytes), flops, seconds)
+  total = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes
+      - memory.alias_size_in_bytes
+  )
+  return ProgramCost(
+      int(total),
+      int(memory.argument_size_in_bytes),
+      int(memory.output_size_in_bytes),
+      int(memory.temp_size_in_bytes),
+      int(memory.alias_size_in_bytes),
+      flops,
+      seconds,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearFit:
   """bytes(b) = fixed + per_item * b, from two measured batches."""
+
   fixed: float
   per_item: float
 
@@ -149,8 +164,9 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
   return jax.eval_shape(lambda k: build.init_params(config, model, k), jax.random.key(0))
 
 
-def eval_program_cost(config: ml_collections.ConfigDict, batch_per_device: int,
-                      params: Any = None) -> ProgramCost:
+def eval_program_cost(
+    config: ml_collections.ConfigDict, batch_per_device: int, params: Any = None
+) -> ProgramCost:
   """The compiled analysis of the evaluation program on one device's `batch_per_device` puzzles
   (the program the evaluation's batches run: SRM + IPR at `config.ipr.budget`, no snapshots,
   final images with `config.eval.save_samples`; the figure's few puzzles are computed apart)."""
@@ -158,15 +174,21 @@ def eval_program_cost(config: ml_collections.ConfigDict, batch_per_device: int,
     raise ValueError(f"batch_per_device={batch_per_device} must be >= 1")
   task = evaluation.task_evaluation(config)
   run = evaluation.make_run_fn(config, task)
-  params = abstract_params(config) if params is None else jax.tree_util.tree_map(_abstract,
-                                                                                  params)
+  params = abstract_params(config) if params is None else jax.tree_util.tree_map(_abstract, params)
   inputs = task.inputs(config.eval.seed, np.arange(1))
   keys = sampling.puzzle_keys(jax.random.key(0), jnp.arange(1))
   noise = jax.ShapeDtypeStruct((batch_per_device, *task.image_shape), jnp.float32)
-  return analyse(run, params, _abstract(keys, batch_per_device), noise,
-                 _abstract(inputs["image"], batch_per_device),
-                 _abstract(inputs["mask"], batch_per_device), 0,
-                 bool(config.eval.save_samples), static_argnums=(5, 6))
+  return analyse(
+      run,
+      params,
+      _abstract(keys, batch_per_device),
+      noise,
+      _abstract(inputs["image"], batch_per_device),
+      _abstract(inputs["mask"], batch_per_device),
+      0,
+      bool(config.eval.save_samples),
+      static_argnums=(5, 6),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +203,7 @@ class AutoBatch:
     fit: the linear model of the analysed bytes in the per-device batch.
     measured: {per-device batch: analysed bytes} of every compilation made.
   """
+
   batch_size: int
   per_device: int
   limit_bytes: int
@@ -190,17 +213,23 @@ class AutoBatch:
   measured: dict[int, int]
 
   def describe(self) -> str:
-    return (f"eval.batch_size=auto -> {self.batch_size} ({self.per_device} per device x "
-            f"{self.batch_size // max(self.per_device, 1)} device(s)): the compiled evaluation "
-            f"program needs {self.fit.fixed / GB:.3g} GB + {self.fit.per_item / GB:.3g} GB per "
-            f"puzzle per device (XLA's compiled memory analysis); the budget is "
-            f"{self.budget_bytes / GB:.3g} GB = {self.limit_bytes / GB:.3g} GB x (1 - headroom "
-            f"{self.headroom:g})")
+    return (
+        f"eval.batch_size=auto -> {self.batch_size} ({self.per_device} per device x "
+        f"{self.batch_size // max(self.per_device, 1)} device(s)): the compiled evaluation "
+        f"program needs {self.fit.fixed / GB:.3g} GB + {self.fit.per_item / GB:.3g} GB per "
+        f"puzzle per device (XLA's compiled memory analysis); the budget is "
+        f"{self.budget_bytes / GB:.3g} GB = {self.limit_bytes / GB:.3g} GB x (1 - headroom "
+        f"{self.headroom:g})"
+    )
 
 
-def auto_eval_batch(config: ml_collections.ConfigDict, limit_bytes: int, headroom: float,
-                    cost_fn: Optional[Callable[[int], int]] = None,
-                    num_devices: Optional[int] = None) -> AutoBatch:
+def auto_eval_batch(
+    config: ml_collections.ConfigDict,
+    limit_bytes: int,
+    headroom: float,
+    cost_fn: Optional[Callable[[int], int]] = None,
+    num_devices: Optional[int] = None,
+) -> AutoBatch:
   """The largest evaluation batch whose compiled program fits `limit_bytes * (1 - headroom)`.
 
   Compiles the program at per-device batches `FIT_BATCHES`, fits the bytes linearly, then checks
@@ -237,24 +266,33 @@ def auto_eval_batch(config: ml_collections.ConfigDict, limit_bytes: int, headroo
   if cost(1) > budget:
     raise errors.ConfigError(
         f"eval.batch_size=auto: one puzzle per device needs {cost(1) / GB:.3f} GB, more than the "
-        f"budget {budget / GB:.3f} GB ({limit_bytes / GB:.3f} GB less headroom {headroom:g})")
+        f"budget {budget / GB:.3f} GB ({limit_bytes / GB:.3f} GB less headroom {headroom:g})"
+    )
   b = max(1, min(fit.largest(budget, cap), cap))
   while b > 1 and cost(b) > budget:
     b -= 1
   while b < cap and fit(b + 1) <= budget and cost(b + 1) <= budget:
     b += 1
-  return AutoBatch(batch_size=min(b * num_devices, max(int(config.eval.num_puzzles), 1)),
-                   per_device=b, limit_bytes=int(limit_bytes), headroom=float(headroom),
-                   budget_bytes=budget, fit=fit, measured=dict(sorted(measured.items())))
+  return AutoBatch(
+      batch_size=min(b * num_devices, max(int(config.eval.num_puzzles), 1)),
+      per_device=b,
+      limit_bytes=int(limit_bytes),
+      headroom=float(headroom),
+      budget_bytes=budget,
+      fit=fit,
+      measured=dict(sorted(measured.items())),
+  )
 
 
-def _recorded_batch_size(workdir: Optional[str], config: ml_collections.ConfigDict
-                         ) -> Optional[int]:
+def _recorded_batch_size(
+    workdir: Optional[str], config: ml_collections.ConfigDict
+) -> Optional[int]:
   """eval.batch_size recorded by an earlier run of this evaluation (its shards' run.json)."""
   if not workdir:
     return None
-  path = (pathlib.Path(workdir) / "eval" / str(config.eval.name) / "shards"
-          / eval_shards.SETTINGS_FILE)
+  path = (
+      pathlib.Path(workdir) / "eval" / str(config.eval.name) / "shards" / eval_shards.SETTINGS_FILE
+  )
   try:
     recorded = json.loads(path.read_text())["eval"]["batch_size"]
   except (OSError, ValueError, KeyError, TypeError):
@@ -262,8 +300,9 @@ def _recorded_batch_size(workdir: Optional[str], config: ml_collections.ConfigDi
   return recorded if isinstance(recorded, int) and recorded > 0 else None
 
 
-def resolve_eval_batch_size(config: ml_collections.ConfigDict,
-                            workdir: Optional[str] = None) -> ml_collections.ConfigDict:
+def resolve_eval_batch_size(
+    config: ml_collections.ConfigDict, workdir: Optional[str] = None
+) -> ml_collections.ConfigDict:
   """`config` with `eval.batch_size` a number: itself, or for "auto" the batch that fits.
 
   "auto" resumes an earlier run's batching: if `workdir` holds shards of this evaluation, their
@@ -283,16 +322,21 @@ def resolve_eval_batch_size(config: ml_collections.ConfigDict,
   resolved = copy.deepcopy(config)
   recorded = _recorded_batch_size(workdir, config)
   if recorded is not None:
-    print(f"eval.batch_size=auto -> {recorded}, as recorded by the shards of this evaluation in "
-          f"{workdir} (delete them to choose again).", flush=True)
+    print(
+        f"eval.batch_size=auto -> {recorded}, as recorded by the shards of this evaluation in "
+        f"{workdir} (delete them to choose again).",
+        flush=True,
+    )
     with resolved.unlocked():
       resolved.eval.batch_size = recorded
     return resolved
   limit = device_memory_bytes(config)
   if limit is None:
-    raise errors.ConfigError(f"eval.batch_size='auto' needs the device's memory, which "
-                             f"{jax.devices()[0].device_kind!r} does not report: set "
-                             f"--config.memory_limit_gb")
+    raise errors.ConfigError(
+        f"eval.batch_size='auto' needs the device's memory, which "
+        f"{jax.devices()[0].device_kind!r} does not report: set "
+        f"--config.memory_limit_gb"
+    )
   choice = auto_eval_batch(config, limit, float(config.memory_headroom))
   print(choice.describe(), flush=True)
   with resolved.unlocked():
@@ -309,11 +353,13 @@ def train_step_cost(config: ml_collections.ConfigDict, batch_per_device: int) ->
   """The compiled analysis of one device's train step at `batch_per_device` examples (with
   `config.remat` and `config.grad_accum_steps`; the state donated, as `train` does)."""
   from ipr_jax import train  # pylint: disable=g-import-not-at-top  (train is the heavier import)
+
   model = build.make_model(config, training=True)
   tx = build.make_optimizer(config)
   step = train.make_train_step(config, model, tx, axis_name=None)
-  state = jax.eval_shape(lambda k: train.create_train_state(config, model, tx, k),
-                         jax.random.key(0))
+  state = jax.eval_shape(
+      lambda k: train.create_train_state(config, model, tx, k), jax.random.key(0)
+  )
   num_bins = int(config.time_sampler.density_num_bins)
   weight_table = jax.ShapeDtypeStruct((num_bins,), jnp.float32)
   index = jax.ShapeDtypeStruct((batch_per_device,), jnp.int32)

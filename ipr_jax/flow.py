@@ -165,7 +165,7 @@ def reverse_kernel(
   """
   g = gamma(t, s, stochasticity)
   mean = (1.0 - s) * (z - t * u) + (z + (1.0 - t) * u) * g
-  var = reverse_sigma(t, s, v, stochasticity, variance)**2
+  var = reverse_sigma(t, s, v, stochasticity, variance) ** 2
   var = temperature**2 * var
   return DiagonalGaussian.from_var(mean, var)
 

@@ -32,8 +32,14 @@ _HALF_BIN = 1.0 / 255.0
 _EDGE = 0.999
 _LOG_FLOOR = 1e-12
 _TANH_TAIL = 0.55
-_TANH_POLY = (-0.33333333306629404, 0.13333326424558928, -0.053965361480669743,
-              0.0218252077529169, -0.008554188717115158, 0.002566185727764568)
+_TANH_POLY = (
+    -0.33333333306629404,
+    0.13333326424558928,
+    -0.053965361480669743,
+    0.0218252077529169,
+    -0.008554188717115158,
+    0.002566185727764568,
+)
 
 
 def _tanh(y: jax.Array) -> jax.Array:
@@ -79,6 +85,7 @@ class DiagonalGaussian:
     std: standard deviations derived as described in the module docstring.
     logvar: log-variances derived as described in the module docstring.
   """
+
   mean: jax.Array
   var: jax.Array
   std: jax.Array
@@ -97,8 +104,7 @@ class DiagonalGaussian:
   @classmethod
   def from_logvar(cls, mean: jax.Array, logvar: jax.Array) -> "DiagonalGaussian":
     logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
-    return cls(
-        mean=mean, var=jnp.exp(logvar), std=jnp.exp(0.5 * logvar), logvar=logvar)
+    return cls(mean=mean, var=jnp.exp(logvar), std=jnp.exp(0.5 * logvar), logvar=logvar)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -118,12 +124,13 @@ class DiagonalGaussian:
     if other is None:
       return 0.5 * (self.mean**2 + self.var - self.logvar - 1.0)
     logvar_delta = self.logvar - other.logvar
-    return 0.5 * ((self.mean - other.mean)**2 / other.var + jnp.exp(logvar_delta)
-                  - logvar_delta - 1.0)
+    return 0.5 * (
+        (self.mean - other.mean) ** 2 / other.var + jnp.exp(logvar_delta) - logvar_delta - 1.0
+    )
 
   def nll(self, y: jax.Array) -> jax.Array:
     """Negative log-density of `y` per element, in nats."""
-    return 0.5 * (math.log(2.0 * math.pi) + self.logvar + (y - self.mean)**2 / self.var)
+    return 0.5 * (math.log(2.0 * math.pi) + self.logvar + (y - self.mean) ** 2 / self.var)
 
   def discretized_log_likelihood(self, x: jax.Array) -> jax.Array:
     """Log-probability (nats) of the uint8 bin that holds `x` (on the [-1, 1] scale).
@@ -145,5 +152,5 @@ class DiagonalGaussian:
     log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, _LOG_FLOOR))
     log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, _LOG_FLOOR))
     return jnp.where(
-        x < -_EDGE, log_cdf_plus,
-        jnp.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
+        x < -_EDGE, log_cdf_plus, jnp.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+    )

@@ -67,16 +67,17 @@ def initialize_distributed() -> None:
     if not all(values):
       missing = [n for n, v in zip(names, values) if not v]
       raise errors.ConfigError(
-          f"{', '.join(missing)} not set: set all of {', '.join(names)} or none.")
+          f"{', '.join(missing)} not set: set all of {', '.join(names)} or none."
+      )
     try:
       num_processes, process_id = int(str(values[1])), int(str(values[2]))
     except ValueError:
       raise errors.ConfigError(
           f"{NUM_PROCESSES_ENV}={values[1]!r} and {PROCESS_ID_ENV}={values[2]!r} "
-          "must be integers") from None
+          "must be integers"
+      ) from None
     if not 0 <= process_id < num_processes:
       raise errors.ConfigError(f"{PROCESS_ID_ENV}={process_id} must be in [0, {num_processes})")
-    kwargs = dict(coordinator_address=values[0], num_processes=num_processes,
-                  process_id=process_id)
+    kwargs = dict(coordinator_address=values[0], num_processes=num_processes, process_id=process_id)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)

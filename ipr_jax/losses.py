@@ -125,17 +125,15 @@ def srm_loss(
       raise ValueError("a raw network output needs patch_size; got patch_size=None")
     output = srm_head(output, patch_size)
   if output.u.shape != x.shape or eps.shape != x.shape:
-    raise ValueError(
-        f"u_hat {output.u.shape}, x {x.shape} and eps {eps.shape} must have one shape")
+    raise ValueError(f"u_hat {output.u.shape}, x {x.shape} and eps {eps.shape} must have one shape")
   expected_map = x.shape[:-1] + (1,)
   if t_pix.shape != expected_map or w_pix.shape != expected_map:
-    raise ValueError(
-        f"t_pix {t_pix.shape} and w_pix {w_pix.shape} must have shape {expected_map}")
+    raise ValueError(f"t_pix {t_pix.shape} and w_pix {w_pix.shape} must have shape {expected_map}")
 
   target = flow.velocity_target(x, eps)
   weight = jnp.broadcast_to(w_pix, x.shape)
 
-  mse_per_element = (output.u - target)**2
+  mse_per_element = (output.u - target) ** 2
   vlb_per_element = vlb_bits(output.u, output.v, x, eps, t_pix, vlb_time_step, time_eps)
   sigma_per_element = jnp.broadcast_to(sigma_nll(output.u, output.sigma, target), x.shape)
 

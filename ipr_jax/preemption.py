@@ -64,5 +64,6 @@ class Preemption:
     flag = self.this_process()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
     return flag

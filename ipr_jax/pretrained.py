@@ -50,6 +50,7 @@ class Pretrained:
     config: the config it was trained with (`configs/<task>.py` fields).
     metadata: the training and shipping record.
   """
+
   name: str
   params: dict
   config: ml_collections.ConfigDict
@@ -65,8 +66,9 @@ def path_of(name: str) -> pathlib.Path:
   """The file of shipped model `name`, or a clear error listing what ships."""
   path = ASSETS / f"{name}.npz"
   if not path.is_file():
-    raise FileNotFoundError(f"no shipped model named {name!r} (looked for {str(path)!r}); "
-                            f"shipped: {names()}")
+    raise FileNotFoundError(
+        f"no shipped model named {name!r} (looked for {str(path)!r}); " f"shipped: {names()}"
+    )
   return path
 
 
@@ -95,8 +97,12 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
   return params
 
 
-def save(path: str | os.PathLike, params: Mapping[str, Any], config: ml_collections.ConfigDict,
-         metadata: Mapping[str, Any]) -> None:
+def save(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    metadata: Mapping[str, Any],
+) -> None:
   """Writes params, config and metadata as one compressed `.npz` (float32 leaves)."""
   arrays = {k: np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
   arrays[_CONFIG_KEY] = np.asarray(config.to_json_best_effort(sort_keys=True))
@@ -125,7 +131,8 @@ def load_file(path: str | os.PathLike) -> Pretrained:
   missing = [k for k in (_CONFIG_KEY, _METADATA_KEY) if k not in flat]
   if missing:
     raise errors.ConfigError(
-        f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained")
+        f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained"
+    )
   config = ml_collections.ConfigDict(json.loads(str(flat.pop(_CONFIG_KEY))))
   metadata = json.loads(str(flat.pop(_METADATA_KEY)))
   params = _unflatten(flat)
@@ -135,8 +142,10 @@ def load_file(path: str | os.PathLike) -> Pretrained:
   have = {k: tuple(v.shape) for k, v in flat.items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:6]
-    raise errors.ConfigError(f"{str(path)!r}: parameters do not fit the model of its config "
-                             f"(first differences, name and shape: {diff})")
+    raise errors.ConfigError(
+        f"{str(path)!r}: parameters do not fit the model of its config "
+        f"(first differences, name and shape: {diff})"
+    )
   return Pretrained(name=path.stem, params=params, config=config, metadata=metadata)
 
 
@@ -150,6 +159,7 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
 
   Only the sections in MODEL_SECTIONS are compared (sampler, IPR and eval settings are free).
   """
+
   def section(c, name):
     value = c[name]
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
@@ -160,11 +170,14 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
   differences = []
   for name in MODEL_SECTIONS:  # In this order; each section's keys sorted.
     ours, theirs = normalise(section(config, name)), normalise(section(shipped.config, name))
-    differences += [f"{key}: {a!r} (shipped: {b!r})"
-                    for key, a, b in config_diff.differences({name: ours}, {name: theirs})]
+    differences += [
+        f"{key}: {a!r} (shipped: {b!r})"
+        for key, a, b in config_diff.differences({name: ours}, {name: theirs})
+    ]
   if differences:
-    raise errors.ConfigError(f"the config does not match the shipped model {shipped.name!r}: "
-                     + "; ".join(differences))
+    raise errors.ConfigError(
+        f"the config does not match the shipped model {shipped.name!r}: " + "; ".join(differences)
+    )
 
 
 def regression_facts(evaluator, num_puzzles: int, batch_size: int) -> dict[str, np.ndarray]:
@@ -183,8 +196,10 @@ def regression_facts(evaluator, num_puzzles: int, batch_size: int) -> dict[str, 
   cell = evaluator.task.cell_size
   num, budgets, height, width, depth = samples.shape
   cells = samples.reshape(num, budgets, height // cell, cell, width // cell, cell, depth)
-  return {"digit_grid": evaluator.final_facts(samples)["digit_grid"],
-          "cell_mean": cells.mean(axis=(3, 5, 6))}
+  return {
+      "digit_grid": evaluator.final_facts(samples)["digit_grid"],
+      "cell_mean": cells.mean(axis=(3, 5, 6)),
+  }
 
 
 def _training_record(workdir: pathlib.Path, step: int) -> dict[str, Any]:
@@ -204,13 +219,22 @@ def _training_record(workdir: pathlib.Path, step: int) -> dict[str, Any]:
   for record in records:
     seconds += (record["step"] - previous) / max(record["steps_per_sec"], 1e-9)
     previous = record["step"]
-  return {"final_loss": last["loss"], "final_mse": last["mse"], "logged_step": last["step"],
-          "train_seconds_excluding_compilation": round(seconds, 1)}
+  return {
+      "final_loss": last["loss"],
+      "final_mse": last["mse"],
+      "logged_step": last["step"],
+      "train_seconds_excluding_compilation": round(seconds, 1),
+  }
 
 
-def export_run(workdir: str | os.PathLike, name: str, step: Optional[int] = None,
-               git_commit: str = "", extra: Optional[Mapping[str, Any]] = None,
-               output_dir: str | os.PathLike = ASSETS) -> pathlib.Path:
+def export_run(
+    workdir: str | os.PathLike,
+    name: str,
+    step: Optional[int] = None,
+    git_commit: str = "",
+    extra: Optional[Mapping[str, Any]] = None,
+    output_dir: str | os.PathLike = ASSETS,
+) -> pathlib.Path:
   """Writes the EMA weights of a training run as a shipped model.
 
   Args:

@@ -51,8 +51,7 @@ def _check_args(n: int, steps_per_patch: int, overlap: float) -> None:
   if int(n) != n or n < 0:
     raise ValueError(f"n must be a non-negative integer, got {n!r}.")
   if int(steps_per_patch) != steps_per_patch or steps_per_patch < 1:
-    raise ValueError(
-        f"steps_per_patch must be a positive integer, got {steps_per_patch!r}.")
+    raise ValueError(f"steps_per_patch must be a positive integer, got {steps_per_patch!r}.")
   if not 0.0 <= overlap < 1.0:
     raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}.")
 
@@ -75,6 +74,7 @@ class Schedule:
       the last entry is the -1 sentinel that no step ever matches.
     prototype: `[block_len]` float32, (L - j) / L for j = 0..L-1.
   """
+
   n: int
   max_steps: int
   ideal_block_len: float
@@ -89,9 +89,14 @@ PLANNED = ("random_sequential", "graph_sequential")
 
 
 def _empty_schedule() -> Schedule:
-  return Schedule(n=0, max_steps=0, ideal_block_len=0.0, block_len=0,
-                  block_starts=np.full([1], -1, np.int64),
-                  prototype=np.zeros([0], _F32))
+  return Schedule(
+      n=0,
+      max_steps=0,
+      ideal_block_len=0.0,
+      block_len=0,
+      block_starts=np.full([1], -1, np.int64),
+      prototype=np.zeros([0], _F32),
+  )
 
 
 def _float32_block_len(blocks: int, om: np.float32, total_steps: int) -> np.float32:
@@ -101,8 +106,9 @@ def _float32_block_len(blocks: int, om: np.float32, total_steps: int) -> np.floa
   return (_F32(1) / denom) * _F32(total_steps)
 
 
-def _float32_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = None,
-                      total_steps: int = 0) -> Schedule:
+def _float32_schedule(
+    n: int, p: int, overlap: float, blocks: Optional[int] = None, total_steps: int = 0
+) -> Schedule:
   """Emulates the reference's float32 torch arithmetic, operation by operation.
 
   `blocks` (default n) patch groups; `total_steps` > 0 fixes the step count (the SRM reference's
@@ -125,14 +131,19 @@ def _float32_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = No
   fl = _F32(block_len)
   j = np.arange(block_len, dtype=_F32)
   proto = np.clip((fl - j) / fl, _F32(0), _F32(1)).astype(_F32)
-  return Schedule(n=n, max_steps=steps, ideal_block_len=float(ideal),
-                  block_len=block_len,
-                  block_starts=np.append(starts, -1).astype(np.int64),
-                  prototype=proto)
+  return Schedule(
+      n=n,
+      max_steps=steps,
+      ideal_block_len=float(ideal),
+      block_len=block_len,
+      block_starts=np.append(starts, -1).astype(np.int64),
+      prototype=proto,
+  )
 
 
-def _exact_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = None,
-                    total_steps: int = 0) -> Schedule:
+def _exact_schedule(
+    n: int, p: int, overlap: float, blocks: Optional[int] = None, total_steps: int = 0
+) -> Schedule:
   """The same formulas in exact rational arithmetic (the `clean` mode)."""
   blocks = n if blocks is None else blocks
   om = 1 - _overlap_fraction(overlap)
@@ -142,16 +153,18 @@ def _exact_schedule(n: int, p: int, overlap: float, blocks: Optional[int] = None
   starts = [math.floor(k * ideal * om) for k in range(blocks)]
   if total_steps:
     steps = min(steps, starts[-1] + block_len)
-  proto = np.array([(block_len - j) / block_len for j in range(block_len)],
-                   dtype=_F32)
-  return Schedule(n=n, max_steps=steps, ideal_block_len=float(ideal),
-                  block_len=block_len,
-                  block_starts=np.array(starts + [-1], dtype=np.int64),
-                  prototype=proto)
+  proto = np.array([(block_len - j) / block_len for j in range(block_len)], dtype=_F32)
+  return Schedule(
+      n=n,
+      max_steps=steps,
+      ideal_block_len=float(ideal),
+      block_len=block_len,
+      block_starts=np.array(starts + [-1], dtype=np.int64),
+      prototype=proto,
+  )
 
 
-def _sequential_schedule(n: int, p: int, overlap: float, clean: bool,
-                         total_steps: int) -> Schedule:
+def _sequential_schedule(n: int, p: int, overlap: float, clean: bool, total_steps: int) -> Schedule:
   """The SRM reference's graph_sequential time scheduler (random_sequential is its max_order 0)
   for n patches in n blocks of one patch: M steps (total_steps, or the adaptive schedule's step
   count + 1, so that both take the same passes), block length L = floor(M / ((n - 1)(1 -
@@ -159,22 +172,28 @@ def _sequential_schedule(n: int, p: int, overlap: float, clean: bool,
   of the M time rows is 0, so the loop takes M - 1 passes."""
   steps = int(total_steps) if total_steps else make_schedule(n, p, overlap, clean).max_steps + 1
   if clean:
-    om = 1 - _overlap_fraction(overlap)
-    block_len = math.floor(fractions.Fraction(steps) / ((n - 1) * om + 1))
-    starts = [math.floor(k * block_len * om) for k in range(n)]
+    exact_om = 1 - _overlap_fraction(overlap)
+    block_len = math.floor(fractions.Fraction(steps) / ((n - 1) * exact_om + 1))
+    starts = [math.floor(k * block_len * exact_om) for k in range(n)]
   else:
     om = _F32(1.0 - overlap)
     block_len = int(np.floor(_float32_block_len(n, om, steps)))
-    starts = np.floor((np.arange(n, dtype=_F32) * _F32(block_len)) * om).astype(np.int64)
-    starts = [int(s) for s in starts]
+    starts = [int(s) for s in np.floor((np.arange(n, dtype=_F32) * _F32(block_len)) * om)]
   if block_len < 1:
-    raise ValueError(f"{steps} steps leave a block length of 0 for n={n} patches at overlap "
-                     f"{overlap}; use more steps.")
+    raise ValueError(
+        f"{steps} steps leave a block length of 0 for n={n} patches at overlap "
+        f"{overlap}; use more steps."
+    )
   fl = _F32(block_len)
   proto = ((fl - np.arange(block_len, dtype=_F32)) / fl).astype(_F32)
-  return Schedule(n=n, max_steps=steps - 1, ideal_block_len=float(block_len),
-                  block_len=block_len, block_starts=np.array(starts + [-1], np.int64),
-                  prototype=proto)
+  return Schedule(
+      n=n,
+      max_steps=steps - 1,
+      ideal_block_len=float(block_len),
+      block_len=block_len,
+      block_starts=np.array(starts + [-1], np.int64),
+      prototype=proto,
+  )
 
 
 def _fixed_schedule(n: int, p: int, overlap: float, clean: bool, total_steps: int) -> Schedule:
@@ -184,13 +203,26 @@ def _fixed_schedule(n: int, p: int, overlap: float, clean: bool, total_steps: in
   float32 linspace agrees to within an ulp)."""
   steps = int(total_steps) if total_steps else make_schedule(n, p, overlap, clean).max_steps
   ramp = np.linspace(1.0, 0.0, steps + 1).astype(_F32)
-  return Schedule(n=n, max_steps=steps, ideal_block_len=float(steps), block_len=steps,
-                  block_starts=np.array([0, -1], np.int64), prototype=ramp[:steps])
+  return Schedule(
+      n=n,
+      max_steps=steps,
+      ideal_block_len=float(steps),
+      block_len=steps,
+      block_starts=np.array([0, -1], np.int64),
+      prototype=ramp[:steps],
+  )
 
 
-def make_schedule(n: int, steps_per_patch: int, overlap: float,
-                  clean: bool = False, *, kind: str = "adaptive", top_k: int = 1,
-                  total_steps: int = 0) -> Schedule:
+def make_schedule(
+    n: int,
+    steps_per_patch: int,
+    overlap: float,
+    clean: bool = False,
+    *,
+    kind: str = "adaptive",
+    top_k: int = 1,
+    total_steps: int = 0,
+) -> Schedule:
   """Schedule constants for `n` unknown patches.
 
   Args:
@@ -227,8 +259,14 @@ def make_schedule(n: int, steps_per_patch: int, overlap: float,
   return build(n, p, overlap, blocks, int(total_steps))
 
 
-def check_block_starts(n_values, steps_per_patch: int, overlap: float, clean: bool = False,
-                       name: str = "sampler", **kind_args) -> None:
+def check_block_starts(
+    n_values,
+    steps_per_patch: int,
+    overlap: float,
+    clean: bool = False,
+    name: str = "sampler",
+    **kind_args,
+) -> None:
   """Raises ValueError unless every n in `n_values` has strictly increasing block starts.
 
   Args:
@@ -248,7 +286,8 @@ def check_block_starts(n_values, steps_per_patch: int, overlap: float, clean: bo
           f"{name}: steps_per_patch={steps_per_patch} and overlap={overlap} give repeated block "
           f"starts for n={n} patches ({shown}): the greedy loop would select only some of them "
           f"and jump the others from noise to the prediction. Use steps_per_patch * "
-          f"(1 - overlap) >= 1 (e.g. a smaller overlap or more steps per patch).")
+          f"(1 - overlap) >= 1 (e.g. a smaller overlap or more steps per patch)."
+      )
 
 
 def max_steps(n, steps_per_patch, overlap, clean=False) -> int:
@@ -292,6 +331,7 @@ class ScheduleTable:
     planned: True if the patch of each block is planned before sampling (random_sequential,
       graph_sequential: `sampling.planning`), not chosen by sigma.
   """
+
   num_patches: int
   max_steps: np.ndarray
   block_len: np.ndarray
@@ -302,15 +342,22 @@ class ScheduleTable:
 
   def steps_bound(self, n_values=None) -> int:
     """Largest max_steps over `n_values` (default: all n): a static loop length."""
-    steps = self.max_steps if n_values is None else self.max_steps[
-        np.asarray(n_values)]
+    steps = self.max_steps if n_values is None else self.max_steps[np.asarray(n_values)]
     return int(np.max(steps)) if np.size(steps) else 0
 
 
 @functools.lru_cache(maxsize=64)
-def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
-                   clean: bool = False, start_time: float = 1.0, *, kind: str = "adaptive",
-                   top_k: int = 1, total_steps: int = 0) -> ScheduleTable:
+def schedule_table(
+    num_patches: int,
+    steps_per_patch: int,
+    overlap: float,
+    clean: bool = False,
+    start_time: float = 1.0,
+    *,
+    kind: str = "adaptive",
+    top_k: int = 1,
+    total_steps: int = 0,
+) -> ScheduleTable:
   """Tabulates `make_schedule` for n = 0..num_patches (cached per argument set).
 
   With `start_time` t0 < 1 (IPR's partial re-noising) every prototype is scaled by t0, so a
@@ -321,15 +368,18 @@ def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
     raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}.")
   if not 0.0 < start_time <= 1.0:
     raise ValueError(f"start_time must lie in (0, 1], got {start_time!r}.")
-  schedules = [make_schedule(n, steps_per_patch, overlap, clean, kind=kind, top_k=top_k,
-                             total_steps=total_steps)
-               for n in range(num_patches + 1)]
+  schedules = [
+      make_schedule(
+          n, steps_per_patch, overlap, clean, kind=kind, top_k=top_k, total_steps=total_steps
+      )
+      for n in range(num_patches + 1)
+  ]
   max_len = max(1, max(s.block_len for s in schedules))
   starts = np.full([num_patches + 1, num_patches + 1], -1, np.int32)
   protos = np.zeros([num_patches + 1, max_len], np.float32)
   for s in schedules:
-    starts[s.n, :len(s.block_starts)] = s.block_starts
-    protos[s.n, :s.block_len] = s.prototype
+    starts[s.n, : len(s.block_starts)] = s.block_starts
+    protos[s.n, : s.block_len] = s.prototype
   if start_time != 1.0:
     protos = (protos * _F32(start_time)).astype(_F32)
   table = ScheduleTable(
@@ -339,8 +389,8 @@ def schedule_table(num_patches: int, steps_per_patch: int, overlap: float,
       block_starts=starts,
       prototypes=protos,
       patches_per_block=int(num_patches) if kind == "fixed" else int(top_k),
-      planned=kind in PLANNED)
-  for a in (table.max_steps, table.block_len, table.block_starts,
-            table.prototypes):
+      planned=kind in PLANNED,
+  )
+  for a in (table.max_steps, table.block_len, table.block_starts, table.prototypes):
     a.setflags(write=False)
   return table

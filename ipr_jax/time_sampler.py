@@ -33,7 +33,7 @@ MIN_DENSITY = 1e-3
 
 def beta_concentration(n: int, beta_sharpness: float) -> float:
   """Beta(a, a) parameter a_n = (n - 1 - (n mod 2))^1.05 * beta_sharpness for a split of n."""
-  return float((n - 1 - (n % 2))**1.05 * beta_sharpness)
+  return float((n - 1 - (n % 2)) ** 1.05 * beta_sharpness)
 
 
 def _check_grid(grid_hw: Sequence[int]) -> tuple[int, int]:
@@ -80,9 +80,15 @@ def split_total(key: jax.Array, total: jax.Array, n: int, beta_sharpness: float)
   if not split_sizes:
     return amounts
   concentration = jnp.asarray(
-      [beta_concentration(size, beta_sharpness) for size in split_sizes], jnp.float32)
-  rho = jax.random.beta(key, concentration, concentration,
-                        shape=(amounts.shape[0], len(split_sizes)), dtype=amounts.dtype)
+      [beta_concentration(size, beta_sharpness) for size in split_sizes], jnp.float32
+  )
+  rho = jax.random.beta(
+      key,
+      concentration,
+      concentration,
+      shape=(amounts.shape[0], len(split_sizes)),
+      dtype=amounts.dtype,
+  )
   split_index = 0
   for sizes in levels[:-1]:
     columns = []
@@ -197,23 +203,31 @@ def mean_beta_times(
 def _blur_kernel(size: int, sigma: float) -> jax.Array:
   center = size // 2
   offsets = jnp.arange(-center, center + 1, dtype=jnp.float32)
-  kernel = jnp.exp(-0.5 * (offsets / sigma)**2)
+  kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
   return kernel / kernel.sum()
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("grid_hw", "beta_sharpness", "num_samples", "num_bins",
-                     "blur_kernel_size", "blur_sigma", "chunk_size"))
-def _density(key, grid_hw, beta_sharpness, num_samples, num_bins, blur_kernel_size,
-             blur_sigma, chunk_size):
+    static_argnames=(
+        "grid_hw",
+        "beta_sharpness",
+        "num_samples",
+        "num_bins",
+        "blur_kernel_size",
+        "blur_sigma",
+        "chunk_size",
+    ),
+)
+def _density(
+    key, grid_hw, beta_sharpness, num_samples, num_bins, blur_kernel_size, blur_sigma, chunk_size
+):
   num_chunks = math.ceil(num_samples / chunk_size)
 
   def count_chunk(counts, chunk):
     chunk_key, index = chunk
     mean = jax.random.uniform(jax.random.fold_in(chunk_key, 0), (chunk_size,))
-    t = mean_beta_times_with_mean(
-        jax.random.fold_in(chunk_key, 1), mean, grid_hw, beta_sharpness)
+    t = mean_beta_times_with_mean(jax.random.fold_in(chunk_key, 1), mean, grid_hw, beta_sharpness)
     valid = (index * chunk_size + jnp.arange(chunk_size)) < num_samples
     bins = jnp.clip(jnp.floor(t * num_bins).astype(jnp.int32), 0, num_bins - 1)
     weights = jnp.broadcast_to(valid[:, None, None], bins.shape).astype(jnp.float32)
@@ -222,7 +236,8 @@ def _density(key, grid_hw, beta_sharpness, num_samples, num_bins, blur_kernel_si
 
   keys = jax.random.split(key, num_chunks)
   counts, _ = jax.lax.scan(
-      count_chunk, jnp.zeros(num_bins, jnp.float32), (keys, jnp.arange(num_chunks)))
+      count_chunk, jnp.zeros(num_bins, jnp.float32), (keys, jnp.arange(num_chunks))
+  )
   pad = blur_kernel_size // 2
   padded = jnp.pad(counts, pad, mode="reflect")
   smoothed = jnp.convolve(padded, _blur_kernel(blur_kernel_size, blur_sigma), mode="valid")
@@ -271,17 +286,26 @@ def loss_weight_density(
   if num_samples < 1 or num_bins < 1 or chunk_size < 1:
     raise ValueError(
         f"num_samples, num_bins and chunk_size must be positive, got "
-        f"{num_samples}, {num_bins}, {chunk_size}")
+        f"{num_samples}, {num_bins}, {chunk_size}"
+    )
   grid_hw = _check_grid(grid_hw)
-  density = _density(key, grid_hw, float(beta_sharpness), int(num_samples), int(num_bins),
-                     int(blur_kernel_size), float(blur_sigma),
-                     int(min(chunk_size, num_samples)))
+  density = _density(
+      key,
+      grid_hw,
+      float(beta_sharpness),
+      int(num_samples),
+      int(num_bins),
+      int(blur_kernel_size),
+      float(blur_sigma),
+      int(min(chunk_size, num_samples)),
+  )
   if not isinstance(density, jax.core.Tracer):
     minimum = float(np.min(np.asarray(density)))
     if minimum <= MIN_DENSITY:
       raise ValueError(
           f"loss-weight histogram too inaccurate: minimum density {minimum:.3g} <= "
-          f"{MIN_DENSITY}; draw more samples or use another time sampler")
+          f"{MIN_DENSITY}; draw more samples or use another time sampler"
+      )
   return density
 
 
@@ -311,6 +335,7 @@ def apply_condition_mask(
   if mask.shape != t_pix.shape or w_pix.shape != t_pix.shape:
     raise ValueError(
         f"mask, t_pix and w_pix shapes must agree, got {mask.shape}, {t_pix.shape}, "
-        f"{w_pix.shape}")
+        f"{w_pix.shape}"
+    )
   mask = mask.astype(t_pix.dtype)
   return t_pix * mask, w_pix * mask

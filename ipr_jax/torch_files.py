@@ -40,8 +40,11 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
   if path.endswith(".npz"):
     try:
       with np.load(path, allow_pickle=False) as archive:
-        state_dict = {k[3:] if k.startswith("sd/") else k: np.asarray(archive[k])
-                      for k in archive.files if k != "config_json"}
+        state_dict = {
+            k[3:] if k.startswith("sd/") else k: np.asarray(archive[k])
+            for k in archive.files
+            if k != "config_json"
+        }
     except Exception as e:  # zipfile / pickle errors of a corrupt archive.
       raise errors.ConfigError(f"{path!r} is not a readable .npz state_dict: {e}") from e
     return state_dict, {}
@@ -50,7 +53,8 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
   except ImportError as e:
     raise ImportError(
         f"reading {path!r} needs torch: pip install 'ipr-jax[convert]' (or torch==2.13.0 for "
-        "the CPU build); .npz state_dicts work without it") from e
+        "the CPU build); .npz state_dicts work without it"
+    ) from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as first_error:  # Lightning checkpoints may hold non-tensor objects.
@@ -58,10 +62,12 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
       obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
       raise errors.ConfigError(
-          f"{path!r} is not a readable PyTorch checkpoint: {first_error}") from e
+          f"{path!r} is not a readable PyTorch checkpoint: {first_error}"
+      ) from e
   if not isinstance(obj, Mapping):
     raise errors.ConfigError(
-        f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+        f"{path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict"
+    )
   extras = {k: obj[k] for k in ("global_step", "epoch") if k in obj}
   tensors = obj.get("state_dict", obj)
   if not isinstance(tensors, Mapping):
@@ -70,13 +76,15 @@ def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, ob
   for key, value in tensors.items():
     if not hasattr(value, "detach"):
       raise errors.ConfigError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    state_dict[key] = value.detach().to(torch.float32 if value.is_floating_point()
-                                        else value.dtype).cpu().numpy()
+    state_dict[key] = (
+        value.detach().to(torch.float32 if value.is_floating_point() else value.dtype).cpu().numpy()
+    )
   return state_dict, extras
 
 
-def select_denoiser(state_dict: Mapping[str, np.ndarray], weights: str = "ema"
-                    ) -> dict[str, np.ndarray]:
+def select_denoiser(
+    state_dict: Mapping[str, np.ndarray], weights: str = "ema"
+) -> dict[str, np.ndarray]:
   """Picks the denoiser's own keys out of a Lightning state_dict.
 
   Args:
@@ -97,5 +105,6 @@ def select_denoiser(state_dict: Mapping[str, np.ndarray], weights: str = "ema"
   if not any(k.startswith(prefix) for k in state_dict):
     raise errors.ConfigError(
         f"the checkpoint has no {weights} weights (no keys starting with {prefix!r}); "
-        f"use the other --weights choice")
-  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        f"use the other --weights choice"
+    )
+  return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

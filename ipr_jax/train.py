@@ -96,9 +96,14 @@ def make_loss_weight_table(config: ml_collections.ConfigDict, key: jax.Array) ->
   if ts.name != "mean_beta":
     raise errors.ConfigError(f"time_sampler.name={ts.name!r}: only 'mean_beta' is implemented")
   return time_sampler.loss_weight_density(
-      key, geometry.patch_grid(config), ts.beta_sharpness, num_samples=ts.density_num_samples,
-      num_bins=ts.density_num_bins, blur_kernel_size=ts.density_blur_kernel_size,
-      blur_sigma=ts.density_blur_sigma)
+      key,
+      geometry.patch_grid(config),
+      ts.beta_sharpness,
+      num_samples=ts.density_num_samples,
+      num_bins=ts.density_num_bins,
+      blur_kernel_size=ts.density_blur_kernel_size,
+      blur_sigma=ts.density_blur_sigma,
+  )
 
 
 def create_train_state(config, model, tx, key: jax.Array) -> TrainState:
@@ -129,9 +134,12 @@ def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
   return value
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
-                    tx: optax.GradientTransformation,
-                    axis_name: str | None = "batch") -> Callable[..., Any]:
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: unet.UNet,
+    tx: optax.GradientTransformation,
+    axis_name: str | None = "batch",
+) -> Callable[..., Any]:
   """The pure per-device train step `(state, task, weight_table, example_index) -> (state, m)`.
 
   Args:
@@ -160,7 +168,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     step_key = jax.random.fold_in(state.key, state.step)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_index)
     k_data, k_time, k_noise, k_dropout = jnp.moveaxis(
-        jax.vmap(lambda k: jax.random.split(k, 4))(example_keys), 1, 0)
+        jax.vmap(lambda k: jax.random.split(k, 4))(example_keys), 1, 0
+    )
 
     if images is None:
       batch = _per_example(lambda k: task.train_batch(k, 1), k_data)
@@ -169,7 +178,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     x = batch["image"]  # [b, H, W, d]
     t_patch, w_patch = _per_example(
         lambda k: time_sampler.mean_beta_times(
-            k, 1, grid, ts.beta_sharpness, ts.add_zeros, weight_table), k_time)
+            k, 1, grid, ts.beta_sharpness, ts.add_zeros, weight_table
+        ),
+        k_time,
+    )
     t_pix = time_sampler.patch_to_pixel(t_patch, patch_size)  # [b, H, W, 1]
     w_pix = time_sampler.patch_to_pixel(w_patch, patch_size)
     if "mask" in batch:  # given cells: t = 0 (clean context) and no loss (spec §3.2)
@@ -179,14 +191,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
     def loss_fn(params):
       def apply_one(z1, t1, key):
-        return model.apply({"params": params}, z1[None], t1[None], train=True,
-                           rngs={"dropout": key})[0]
+        return model.apply(
+            {"params": params}, z1[None], t1[None], train=True, rngs={"dropout": key}
+        )[0]
+
       raw = jax.vmap(apply_one)(z, t_pix, k_dropout)  # per-example dropout masks
       output = denoiser.srm_head(raw, patch_size)
       return losses.srm_loss(
-          output, x, eps, t_pix, w_pix, step=state.step, aux_after_step=loss_cfg.aux_after_step,
-          vlb_weight=loss_cfg.vlb_weight, sigma_nll_weight=loss_cfg.sigma_nll_weight,
-          vlb_time_step=loss_cfg.vlb_time_step, time_eps=loss_cfg.time_eps)
+          output,
+          x,
+          eps,
+          t_pix,
+          w_pix,
+          step=state.step,
+          aux_after_step=loss_cfg.aux_after_step,
+          vlb_weight=loss_cfg.vlb_weight,
+          sigma_nll_weight=loss_cfg.sigma_nll_weight,
+          vlb_time_step=loss_cfg.vlb_time_step,
+          time_eps=loss_cfg.time_eps,
+      )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, dict(metrics)
@@ -195,8 +218,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
     """The mean of `accum` micro-batches' gradients and metrics (every loss term is a mean over
     equally many elements per micro-batch, so this is the whole batch's, to float rounding)."""
     if example_index.shape[0] % accum:
-      raise ValueError(f"grad_accum_steps={accum} does not divide the per-device batch "
-                       f"{example_index.shape[0]}")
+      raise ValueError(
+          f"grad_accum_steps={accum} does not divide the per-device batch "
+          f"{example_index.shape[0]}"
+      )
     split = lambda x: None if x is None else x.reshape(accum, -1, *x.shape[1:])
 
     def body(total, xs):
@@ -206,8 +231,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet,
 
     zeros = jax.tree_util.tree_map(
         lambda x: jnp.zeros(x.shape, x.dtype),
-        jax.eval_shape(grads_and_metrics, state, task, weight_table,
-                       split(example_index)[0], None if images is None else split(images)[0]))
+        jax.eval_shape(
+            grads_and_metrics,
+            state,
+            task,
+            weight_table,
+            split(example_index)[0],
+            None if images is None else split(images)[0],
+        ),
+    )
     total, _ = jax.lax.scan(body, zeros, (split(example_index), split(images)))
     return jax.tree_util.tree_map(lambda x: x / accum, total)
 
@@ -239,14 +271,18 @@ def pmapped_train_step(config, model, tx) -> Callable[..., Any]:
 
   Re-tracing the step costs seconds; resuming in the same process (tests, notebooks) reuses it.
   """
-  key = json.dumps({**{k: config[k] for k in _STEP_SECTIONS},
-                    **{k: config.get(k) for k in _STEP_FIELDS}}, sort_keys=True, default=str)
+  key = json.dumps(
+      {**{k: config[k] for k in _STEP_SECTIONS}, **{k: config.get(k) for k in _STEP_FIELDS}},
+      sort_keys=True,
+      default=str,
+  )
   key += str(jax.local_devices())
   if key not in _P_TRAIN_STEPS:
     if len(_P_TRAIN_STEPS) >= 4:
       _P_TRAIN_STEPS.clear()
-    _P_TRAIN_STEPS[key] = jax.pmap(make_train_step(config, model, tx), axis_name="batch",
-                                   donate_argnums=(0,))
+    _P_TRAIN_STEPS[key] = jax.pmap(
+        make_train_step(config, model, tx), axis_name="batch", donate_argnums=(0,)
+    )
   return _P_TRAIN_STEPS[key]
 
 
@@ -264,6 +300,7 @@ class TrainResult:
     history: the logged metric records, as appended to metrics.jsonl.
     preempted: True if SIGTERM or the time limit stopped the run before num_train_steps.
   """
+
   state: TrainState
   history: list[dict[str, float]]
   preempted: bool = False
@@ -298,10 +335,13 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          hooks: Sequence[Callable[[int], None]] = (),
-          log_fn: Optional[Callable[[dict[str, Any]], None]] = None,
-          time_limit_s: Optional[float] = None) -> TrainResult:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    hooks: Sequence[Callable[[int], None]] = (),
+    log_fn: Optional[Callable[[dict[str, Any]], None]] = None,
+    time_limit_s: Optional[float] = None,
+) -> TrainResult:
   """Trains (or resumes training) until `config.num_train_steps`.
 
   Args:
@@ -359,6 +399,7 @@ class _Loop:
     window_wait: the prefetcher's wait_seconds when it started.
     preempted: SIGTERM or the time limit stopped the run.
   """
+
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   start_step: int
@@ -382,10 +423,13 @@ class _Loop:
   preempted: bool = False
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-           hooks: Sequence[Callable[[int], None]],
-           log_fn: Optional[Callable[[dict[str, Any]], None]],
-           preemption: preemption_lib.Preemption) -> TrainResult:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    hooks: Sequence[Callable[[int], None]],
+    log_fn: Optional[Callable[[dict[str, Any]], None]],
+    preemption: preemption_lib.Preemption,
+) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -397,8 +441,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
     return TrainResult(jax.device_get(state), [])
 
-  loop = _start_loop(config, workdir, model, tx, task, weight_table, state, example_index,
-                     log_fn)
+  loop = _start_loop(config, workdir, model, tx, task, weight_table, state, example_index, log_fn)
   logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
   try:
     for step in range(start_step + 1, num_steps + 1):
@@ -427,19 +470,29 @@ def _local_example_index(config: ml_collections.ConfigDict) -> np.ndarray:
   num_devices, num_local = jax.device_count(), jax.local_device_count()
   if config.batch_size % num_devices:
     raise errors.ConfigError(
-        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices.")
+        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices."
+    )
   per_device = config.batch_size // num_devices
   accum = grad_accum_steps(config)
   if per_device % accum:
-    raise ValueError(f"grad_accum_steps={accum} does not divide the per-device batch "
-                     f"{per_device} (batch_size={config.batch_size} over {num_devices} devices)")
+    raise ValueError(
+        f"grad_accum_steps={accum} does not divide the per-device batch "
+        f"{per_device} (batch_size={config.batch_size} over {num_devices} devices)"
+    )
   local_batch = per_device * num_local
-  logging.info("Devices: %d (%d local, %s); batch %d = %d per device; compute dtype %s.",
-               num_devices, num_local, jax.devices()[0].device_kind, config.batch_size,
-               per_device, config.model.dtype)
+  logging.info(
+      "Devices: %d (%d local, %s); batch %d = %d per device; compute dtype %s.",
+      num_devices,
+      num_local,
+      jax.devices()[0].device_kind,
+      config.batch_size,
+      per_device,
+      config.model.dtype,
+  )
   # This process's examples: global indices [process * local_batch, ... + local_batch).
-  return (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)
-          ).reshape(num_local, per_device)
+  return (jax.process_index() * local_batch + np.arange(local_batch, dtype=np.int32)).reshape(
+      num_local, per_device
+  )
 
 
 def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -453,8 +506,9 @@ def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   task = tasks.get(config.task).make_data(config)
   weight_table = make_loss_weight_table(config, density_key)
   state = create_train_state(config, model, tx, state_key)
-  logging.info("U-Net parameters: %s",
-               f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}")
+  logging.info(
+      "U-Net parameters: %s", f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}"
+  )
 
   restored = checkpoint.restore_latest(workdir, state)
   if restored is not None:
@@ -462,10 +516,17 @@ def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   return model, tx, task, weight_table, state
 
 
-def _start_loop(config: ml_collections.ConfigDict, workdir: pathlib.Path, model: unet.UNet,
-                tx: optax.GradientTransformation, task: Any, weight_table: jax.Array,
-                state: TrainState, example_index: np.ndarray,
-                log_fn: Optional[Callable[[dict[str, Any]], None]]) -> _Loop:
+def _start_loop(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    model: unet.UNet,
+    tx: optax.GradientTransformation,
+    task: Any,
+    weight_table: jax.Array,
+    state: TrainState,
+    example_index: np.ndarray,
+    log_fn: Optional[Callable[[dict[str, Any]], None]],
+) -> _Loop:
   """Compiles the step, replicates its inputs, starts the image prefetcher and the manager."""
   host_task = None
   if tasks.get(config.task).HOST_RENDERED:
@@ -483,12 +544,24 @@ def _start_loop(config: ml_collections.ConfigDict, workdir: pathlib.Path, model:
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   return _Loop(
-      config=config, workdir=workdir, start_step=start_step,
-      num_steps=int(config.num_train_steps), log_every=max(int(config.log_every_steps), 1),
-      ckpt_every=max(int(config.checkpoint_every_steps), 1), p_train_step=p_train_step,
-      state=state, task=task, weight_table=weight_table, example_index=example_index,
-      images_shape=images_shape, prefetcher=prefetcher, manager=manager, log_fn=log_fn,
-      window_time=time.time(), window_step=start_step)
+      config=config,
+      workdir=workdir,
+      start_step=start_step,
+      num_steps=int(config.num_train_steps),
+      log_every=max(int(config.log_every_steps), 1),
+      ckpt_every=max(int(config.checkpoint_every_steps), 1),
+      p_train_step=p_train_step,
+      state=state,
+      task=task,
+      weight_table=weight_table,
+      example_index=example_index,
+      images_shape=images_shape,
+      prefetcher=prefetcher,
+      manager=manager,
+      log_fn=log_fn,
+      window_time=time.time(),
+      window_step=start_step,
+  )
 
 
 # The step loop.
@@ -499,8 +572,9 @@ def _take_step(loop: _Loop, step: int) -> None:
   images = None
   if loop.prefetcher is not None:
     images = _shard_local(loop.prefetcher.get().reshape(loop.images_shape))
-  loop.state, metrics = loop.p_train_step(loop.state, loop.task, loop.weight_table,
-                                          loop.example_index, images)
+  loop.state, metrics = loop.p_train_step(
+      loop.state, loop.task, loop.weight_table, loop.example_index, images
+  )
   loop.pending.append((step, metrics))
   if step == loop.start_step + 1:
     jax.block_until_ready(metrics)
@@ -520,8 +594,11 @@ def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -
   if step % loop.ckpt_every == 0 or is_last or loop.preempted:
     _save_checkpoint(loop, step)
   if loop.preempted:
-    logging.warning("Stopped at step %d after SIGTERM or the time limit; rerun with the "
-                    "same --workdir to resume.", step)
+    logging.warning(
+        "Stopped at step %d after SIGTERM or the time limit; rerun with the "
+        "same --workdir to resume.",
+        step,
+    )
   return loop.preempted
 
 
@@ -531,16 +608,21 @@ def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -
 def _check_pending(loop: _Loop) -> list[dict[str, float]]:
   """Fetches the un-checked metrics and raises NonFiniteLossError on a NaN/inf."""
   records = []
-  for step, device_metrics in zip([s for s, _ in loop.pending],
-                                  jax.device_get([m for _, m in loop.pending])):
+  for step, device_metrics in zip(
+      [s for s, _ in loop.pending], jax.device_get([m for _, m in loop.pending])
+  ):
     record = {k: float(v[0]) for k, v in device_metrics.items()}
     bad = {k: record[k] for k in ("loss", "grad_norm") if not math.isfinite(record[k])}
     if bad:
       latest = loop.manager.latest_step()
       raise NonFiniteLossError(
           f"Non-finite {bad} at step {step}; stopping without saving this state. "
-          + (f"Last good checkpoint: step {latest} in {checkpoint.checkpoint_dir(loop.workdir)}."
-             if latest is not None else "No checkpoint was written yet."))
+          + (
+              f"Last good checkpoint: step {latest} in {checkpoint.checkpoint_dir(loop.workdir)}."
+              if latest is not None
+              else "No checkpoint was written yet."
+          )
+      )
     records.append(record)
   loop.pending.clear()
   return records
@@ -552,12 +634,12 @@ def _window_record(loop: _Loop, step: int, now: float) -> dict[str, Any]:
   steps_per_sec = (step - loop.window_step) / max(now - loop.window_time, 1e-9)
   record = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
   eta = (loop.num_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
-  record.update(step=step, steps_per_sec=steps_per_sec,
-                eta_sec=eta if math.isfinite(eta) else None)
+  record.update(step=step, steps_per_sec=steps_per_sec, eta_sec=eta if math.isfinite(eta) else None)
   if loop.prefetcher is not None:
     # Fraction of the window's wall time spent waiting for host-rendered images.
-    record["input_wait"] = ((loop.prefetcher.wait_seconds - loop.window_wait)
-                            / max(now - loop.window_time, 1e-9))
+    record["input_wait"] = (loop.prefetcher.wait_seconds - loop.window_wait) / max(
+        now - loop.window_time, 1e-9
+    )
     loop.window_wait = loop.prefetcher.wait_seconds
   return record
 
@@ -576,8 +658,14 @@ def _log_record(loop: _Loop, step: int) -> None:
   if "input_wait" in record:
     terms += f" input_wait={record['input_wait']:.0%}"
   eta = record["eta_sec"] if record["eta_sec"] is not None else math.inf
-  logging.info("step %d/%d %s | %.2f steps/s, ETA %s", step, loop.num_steps, terms,
-               record["steps_per_sec"], _format_duration(eta))
+  logging.info(
+      "step %d/%d %s | %.2f steps/s, ETA %s",
+      step,
+      loop.num_steps,
+      terms,
+      record["steps_per_sec"],
+      _format_duration(eta),
+  )
   loop.window_time, loop.window_step = now, step
 
 
@@ -588,7 +676,8 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
   if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_state.params)):
     raise NonFiniteLossError(
         f"Parameters became non-finite by step {step}; not saving them. Last good checkpoint: "
-        f"step {loop.manager.latest_step()} in {checkpoint.checkpoint_dir(loop.workdir)}.")
+        f"step {loop.manager.latest_step()} in {checkpoint.checkpoint_dir(loop.workdir)}."
+    )
   checkpoint.save(loop.manager, step, host_state, loop.config)
   logging.info("Saving checkpoint of step %d (asynchronously).", step)
 
@@ -601,8 +690,12 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "config", None, "Training config: a file, e.g. configs/even_pixels.py:tiny, or a packaged "
-      "config's name, e.g. even_pixels:tiny.", lock_config=True)
+      "config",
+      None,
+      "Training config: a file, e.g. configs/even_pixels.py:tiny, or a packaged "
+      "config's name, e.g. even_pixels:tiny.",
+      lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 
 
@@ -623,8 +716,12 @@ def main(argv: Sequence[str]) -> None:
     host_devices.initialize_distributed()
   cache = compilation_cache.enable(config)
   logging.info("Compilation cache: %s", cache or "off (config.compilation_cache_dir)")
-  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  logging.info(
+      "JAX process %d/%d, local devices %s",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_devices(),
+  )
   try:
     train(config, flags.FLAGS.workdir)
   except (NonFiniteLossError, checkpoint.CheckpointError) as e:

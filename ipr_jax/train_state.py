@@ -71,7 +71,8 @@ class TrainState(flax.struct.PyTreeNode):
     params = optax.apply_updates(self.params, updates)
     first = self.step == 0
     ema_params = jax.tree_util.tree_map(
-        lambda e, p: jnp.where(first, p, e + (1.0 - ema_decay) * (p - e)),
-        self.ema_params, params)
+        lambda e, p: jnp.where(first, p, e + (1.0 - ema_decay) * (p - e)), self.ema_params, params
+    )
     return self.replace(
-        step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+        step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+    )

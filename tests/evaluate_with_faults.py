@@ -21,6 +21,7 @@ def _failing(compute_batch):
     if b == failing:
       raise RuntimeError(f"batch {b} failed on purpose")
     return compute_batch(run, b, pad_to)
+
   return compute
 
 

@@ -25,9 +25,15 @@ def load_golden_unet(case: str):
     arrays.update({k: extra[k] for k in extra.files if k.startswith("sd/")})
   state_dict = {k[3:]: v for k, v in arrays.items() if k.startswith("sd/")}
   model = unet_lib.UNet(
-      hid_dims=tuple(config["hid_dims"]), attention=tuple(config["attention"]),
-      d_in=config["d_in"], d_out=config["d_out"], num_blocks=config["num_blocks"],
-      t_emb_dim=config["t_emb_dim"], d_emb=config["sinusoid_d_emb"],
-      num_head_channels=config["num_head_channels"], dropout=config["dropout"],
-      num_groups=config["groupnorm_groups"])
+      hid_dims=tuple(config["hid_dims"]),
+      attention=tuple(config["attention"]),
+      d_in=config["d_in"],
+      d_out=config["d_out"],
+      num_blocks=config["num_blocks"],
+      t_emb_dim=config["t_emb_dim"],
+      d_emb=config["sinusoid_d_emb"],
+      num_head_channels=config["num_head_channels"],
+      dropout=config["dropout"],
+      num_groups=config["groupnorm_groups"],
+  )
   return arrays, config, state_dict, model

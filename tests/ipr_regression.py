@@ -41,7 +41,7 @@ def inputs():
   for b, given in enumerate([[0, 5], [3], [0, 6, 9, 15], []]):
     for p in given:
       r, c = divmod(p, 4)
-      mask[b, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = 0.0
+      mask[b, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = 0.0
   noise = rng.standard_normal(SHAPE).astype(np.float32)
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(5), jnp.arange(4))
   return keys, image, mask, noise
@@ -53,10 +53,14 @@ def _score(z):
 
 CASES = {
     "standard": dict(ipr=dict(budget=3, steps_per_patch=4, overlap=0.5)),
-    "fixed_noise": dict(ipr=dict(budget=2, steps_per_patch=4, overlap=0.5, noise_type="fixed",
-                                 resampling_ratio=0.5)),
-    "correction": dict(ipr=dict(budget=2, steps_per_patch=4, overlap=0.5, mode="correction",
-                                num_corruption_swaps=3)),
+    "fixed_noise": dict(
+        ipr=dict(budget=2, steps_per_patch=4, overlap=0.5, noise_type="fixed", resampling_ratio=0.5)
+    ),
+    "correction": dict(
+        ipr=dict(
+            budget=2, steps_per_patch=4, overlap=0.5, mode="correction", num_corruption_swaps=3
+        )
+    ),
 }
 
 
@@ -65,12 +69,25 @@ def run(name: str) -> dict[str, np.ndarray]:
   keys, image, mask, noise = inputs()
   ipr_config = sampling.IPRConfig(**CASES[name]["ipr"])
   sampler_config = sampling.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
-  result = jax.jit(lambda keys, image, mask, noise: sampling.srm_ipr(
-      denoise, keys, image=image, mask=None if ipr_config.mode == "correction" else mask,
-      noise=noise, patch_size=PATCH, sampler_config=sampler_config, ipr_config=ipr_config,
-      score_fn=_score))(keys, image, mask, noise)
-  out = {"z": result.z, "nfe_per_budget": result.nfe_per_budget, "resampled": result.resampled,
-         "initial_order": result.initial_order}
+  result = jax.jit(
+      lambda keys, image, mask, noise: sampling.srm_ipr(
+          denoise,
+          keys,
+          image=image,
+          mask=None if ipr_config.mode == "correction" else mask,
+          noise=noise,
+          patch_size=PATCH,
+          sampler_config=sampler_config,
+          ipr_config=ipr_config,
+          score_fn=_score,
+      )
+  )(keys, image, mask, noise)
+  out = {
+      "z": result.z,
+      "nfe_per_budget": result.nfe_per_budget,
+      "resampled": result.resampled,
+      "initial_order": result.initial_order,
+  }
   out.update({f"score_{k}": v for k, v in result.scores.items()})
   return {k: np.asarray(v) for k, v in out.items()}
 

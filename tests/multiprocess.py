@@ -22,27 +22,44 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(module: str, args: list[str], num_processes: int = 2,
-                    devices_per_process: int = 1,
-                    extra_env: dict[str, str] | None = None,
-                    process_args: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+def start_processes(
+    module: str,
+    args: list[str],
+    num_processes: int = 2,
+    devices_per_process: int = 1,
+    extra_env: dict[str, str] | None = None,
+    process_args: dict[int, list[str]] | None = None,
+) -> list[subprocess.Popen]:
   """Starts `python -m module *args --config.distributed=True` as `num_processes` processes,
   process p with `process_args[p]` appended (a host given other flags); `wait_processes`
   collects them."""
   port = free_port()
   procs = []
   for process_id in range(num_processes):
-    env = {**os.environ,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           "JAX_PLATFORMS": "cpu",
-           host_devices.COORDINATOR_ENV: f"127.0.0.1:{port}",
-           host_devices.NUM_PROCESSES_ENV: str(num_processes),
-           host_devices.PROCESS_ID_ENV: str(process_id), **(extra_env or {})}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "JAX_PLATFORMS": "cpu",
+        host_devices.COORDINATOR_ENV: f"127.0.0.1:{port}",
+        host_devices.NUM_PROCESSES_ENV: str(num_processes),
+        host_devices.PROCESS_ID_ENV: str(process_id),
+        **(extra_env or {}),
+    }
     output = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args, *(process_args or {}).get(process_id, []),
-         "--config.distributed=True"], env=env,
-        stdout=output, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            *(process_args or {}).get(process_id, []),
+            "--config.distributed=True",
+        ],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     proc.output_file = output
     procs.append(proc)
   return procs
@@ -79,9 +96,14 @@ def wait_processes(procs: list[subprocess.Popen], timeout: float) -> list[tuple[
   return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
 
 
-def run_processes(module: str, args: list[str], num_processes: int = 2,
-                  devices_per_process: int = 1, timeout: float = 900,
-                  extra_env: dict[str, str] | None = None) -> list[str]:
+def run_processes(
+    module: str,
+    args: list[str],
+    num_processes: int = 2,
+    devices_per_process: int = 1,
+    timeout: float = 900,
+    extra_env: dict[str, str] | None = None,
+) -> list[str]:
   """Runs `python -m module *args --config.distributed=True` as `num_processes` processes.
 
   Returns:

@@ -14,8 +14,10 @@ from ipr_jax import train_state
 def small_params(seed=0, width=4):
   rng = np.random.default_rng(seed)
   return {
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, width)), jnp.float32),
-               "bias": jnp.asarray(rng.normal(size=(width,)), jnp.float32)},
+      "conv": {
+          "kernel": jnp.asarray(rng.normal(size=(3, 3, 2, width)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=(width,)), jnp.float32),
+      },
       "norm": {"scale": jnp.ones((width,), jnp.float32)},
   }
 
@@ -51,14 +53,16 @@ def assert_trees_equal(a, b):
 
 def test_save_keeps_last_k_and_restore_latest_is_exact(tmp_path):
   states = save_steps(tmp_path, [1, 2, 3], max_to_keep=2)
-  assert sorted(int(p.name) for p in checkpoint.checkpoint_dir(tmp_path).iterdir()
-                if p.name.isdigit()) == [2, 3]
+  assert sorted(
+      int(p.name) for p in checkpoint.checkpoint_dir(tmp_path).iterdir() if p.name.isdigit()
+  ) == [2, 3]
   target = train_state.TrainState.create(small_params(), TX, jax.random.key(7))
   restored = checkpoint.restore_latest(tmp_path, target)
   assert int(restored.step) == 3
   assert_trees_equal(restored, states[3])  # params, opt_state, EMA and PRNG data
-  np.testing.assert_array_equal(jax.random.key_data(restored.key),
-                                jax.random.key_data(states[3].key))
+  np.testing.assert_array_equal(
+      jax.random.key_data(restored.key), jax.random.key_data(states[3].key)
+  )
 
 
 def test_restore_latest_without_checkpoint_is_none(tmp_path):
@@ -76,8 +80,7 @@ def test_restore_params_from_any_level_of_the_run_dir(tmp_path, which, field):
     params = checkpoint.restore_params(path, which=which)
     assert isinstance(params, dict)
     assert_trees_equal(params, getattr(states[2], field))
-  assert_trees_equal(checkpoint.restore_params(tmp_path, which, step=1),
-                     getattr(states[1], field))
+  assert_trees_equal(checkpoint.restore_params(tmp_path, which, step=1), getattr(states[1], field))
   # EMA and live weights really differ after two steps (decay 0.9), so `which` matters.
   assert not np.allclose(states[2].params["conv"]["bias"], states[2].ema_params["conv"]["bias"])
   assert checkpoint.restore_config(tmp_path)["task"] == "unit_test"
@@ -86,14 +89,16 @@ def test_restore_params_from_any_level_of_the_run_dir(tmp_path, which, field):
 def test_save_params_checkpoint_roundtrip(tmp_path):
   params = small_params(3)
   ema = small_params(4)
-  step_dir = checkpoint.save_params_checkpoint(tmp_path, params, CONFIG, TX, ema_params=ema,
-                                               step=250_001)
+  step_dir = checkpoint.save_params_checkpoint(
+      tmp_path, params, CONFIG, TX, ema_params=ema, step=250_001
+  )
   assert step_dir.name == "250001"
   assert_trees_equal(checkpoint.restore_params(tmp_path, "ema"), ema)
   assert_trees_equal(checkpoint.restore_params(step_dir, "live"), params)
   # It is a full training checkpoint: training can resume from it.
-  resumed = checkpoint.restore_latest(tmp_path, train_state.TrainState.create(
-      small_params(0), TX, jax.random.key(0)))
+  resumed = checkpoint.restore_latest(
+      tmp_path, train_state.TrainState.create(small_params(0), TX, jax.random.key(0))
+  )
   assert int(resumed.step) == 250_001
 
 
@@ -127,6 +132,7 @@ def test_foreign_orbax_checkpoint_is_a_clear_error(tmp_path):
   # An Orbax checkpoint with a 'state' item that is not a TrainState.
   with checkpoint.make_manager(tmp_path) as manager:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.ones(3)})))
     manager.wait_until_finished()
   with pytest.raises(checkpoint.CheckpointError, match="not an ipr_jax TrainState"):
@@ -150,7 +156,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   other = train_state.TrainState.create(small_params(width=8), TX, jax.random.key(0))
   with pytest.raises(checkpoint.CheckpointError, match="different config"):
     checkpoint.restore_latest(tmp_path, other)
-  extra = train_state.TrainState.create({**small_params(), "head": {"kernel": jnp.ones(2)}}, TX,
-                                        jax.random.key(0))
+  extra = train_state.TrainState.create(
+      {**small_params(), "head": {"kernel": jnp.ones(2)}}, TX, jax.random.key(0)
+  )
   with pytest.raises(checkpoint.CheckpointError, match="head"):
     checkpoint.restore_latest(tmp_path, extra)

@@ -12,9 +12,16 @@ from ipr_jax.models import classifier
 
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  shapes = {"conv1.weight": (32, 1, 3, 3), "conv1.bias": (32,), "conv2.weight": (64, 32, 3, 3),
-            "conv2.bias": (64,), "fc1.weight": (128, 3136), "fc1.bias": (128,),
-            "fc2.weight": (10, 128), "fc2.bias": (10,)}
+  shapes = {
+      "conv1.weight": (32, 1, 3, 3),
+      "conv1.bias": (32,),
+      "conv2.weight": (64, 32, 3, 3),
+      "conv2.bias": (64,),
+      "fc1.weight": (128, 3136),
+      "fc1.bias": (128,),
+      "fc2.weight": (10, 128),
+      "fc2.bias": (10,),
+  }
   return {k: (rng.normal(size=s) * 0.1).astype(np.float32) for k, s in shapes.items()}
 
 
@@ -27,7 +34,7 @@ def numpy_reference_forward(sd: dict[str, np.ndarray], x_nchw: np.ndarray) -> np
     out = np.zeros((x.shape[0], w.shape[0], h, wd))
     for dy in range(3):
       for dx in range(3):
-        out += np.einsum("bchw,oc->bohw", padded[:, :, dy:dy + h, dx:dx + wd], w[:, :, dy, dx])
+        out += np.einsum("bchw,oc->bohw", padded[:, :, dy : dy + h, dx : dx + wd], w[:, :, dy, dx])
     return out + b[None, :, None, None]
 
   def pool(x):
@@ -46,8 +53,9 @@ def test_state_dict_conversion_matches_pytorch_layout_forward():
   x = np.random.default_rng(1).uniform(-1, 1, (3, 1, 28, 28)).astype(np.float32)
   params = classifier.classifier_params_from_state_dict(sd)
   logits = classifier.classifier_logits(params, jnp.asarray(x.transpose(0, 2, 3, 1)))
-  np.testing.assert_allclose(logits, numpy_reference_forward(sd, x.astype(np.float64)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      logits, numpy_reference_forward(sd, x.astype(np.float64)), rtol=1e-4, atol=1e-4
+  )
   back = classifier.state_dict_from_classifier_params(params)
   assert back.keys() == sd.keys()
   for k in sd:
@@ -111,8 +119,9 @@ def test_channel_dropout_in_training_only():
   params = classifier.init_classifier_params(jax.random.key(0))
   x = jnp.ones((2, 28, 28, 1))
   model = classifier.MNISTClassifier()
-  np.testing.assert_array_equal(model.apply({"params": params}, x),
-                                model.apply({"params": params}, x))
+  np.testing.assert_array_equal(
+      model.apply({"params": params}, x), model.apply({"params": params}, x)
+  )
   a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
   b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
   assert not np.allclose(a, b)
@@ -137,8 +146,9 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_training_smoke():
   images, labels = digits.load_digits("train")
-  params = train_classifier.train_classifier(images[::40][:192], labels[::40][:192], num_epochs=2,
-                                             batch_size=64, learning_rate=1e-3)
+  params = train_classifier.train_classifier(
+      images[::40][:192], labels[::40][:192], num_epochs=2, batch_size=64, learning_rate=1e-3
+  )
   logits = classifier.classifier_logits(params, digits.to_unit_range(images[:4])[..., None])
   assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
 
@@ -160,14 +170,15 @@ def test_coarsening_is_what_the_metric_sees():
   images = images[:8]
   small = digits.downsample_digits(images, 7)  # what the Sudoku task draws
   from ipr_jax.metrics import sudoku as sudoku_metrics  # pylint: disable=g-import-not-at-top
+
   grid = np.zeros((1, 28, 28), np.uint8)  # a 4x4 grid of 7 px cells: first 8 cells filled
   for i in range(8):
     r, c = divmod(i, 4)
-    grid[0, 7 * r:7 * r + 7, 7 * c:7 * c + 7] = small[i]
+    grid[0, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] = small[i]
   tiles = sudoku_metrics.image_tiles(digits.to_unit_range(grid)[..., None], 4)[0, :8]
   np.testing.assert_allclose(
-      tiles, digits.to_unit_range(train_classifier.coarsen_digits(images, 7))[..., None],
-      atol=1e-6)
+      tiles, digits.to_unit_range(train_classifier.coarsen_digits(images, 7))[..., None], atol=1e-6
+  )
   on_device = train_classifier.coarsen_tiles(digits.to_unit_range(images)[..., None], 7)
   # Box means before vs after the uint8 rounding: within half a grey level.
   np.testing.assert_allclose(on_device, tiles, atol=1.01 / 255)

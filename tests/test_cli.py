@@ -30,9 +30,15 @@ CASES = {
 
 def run_binary(module, args, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args, f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args, f"--workdir={tmp_path}"],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=300,
+      check=False,
+  )
 
 
 def assert_one_line_error(done, bad):
@@ -43,8 +49,17 @@ def assert_one_line_error(done, bad):
   assert lines[0].startswith("error: ") and bad in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case", ["misspelt field", "bad preset", "missing config file",
-                                  "unknown packaged config", "bad ratio", "missing checkpoint"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "misspelt field",
+        "bad preset",
+        "missing config file",
+        "unknown packaged config",
+        "bad ratio",
+        "missing checkpoint",
+    ],
+)
 def test_evaluate_reports_a_bad_command_line_in_one_line(case, tmp_path):
   args, bad = CASES[case]
   done = run_binary("ipr_jax.evaluate", args, tmp_path)
@@ -52,8 +67,10 @@ def test_evaluate_reports_a_bad_command_line_in_one_line(case, tmp_path):
   assert not (tmp_path / "eval").exists()  # stopped before evaluating anything
 
 
-@pytest.mark.parametrize("case", ["misspelt field", "bad preset", "missing config file",
-                                  "bad ratio", "missing checkpoint"])
+@pytest.mark.parametrize(
+    "case",
+    ["misspelt field", "bad preset", "missing config file", "bad ratio", "missing checkpoint"],
+)
 def test_train_reports_a_bad_command_line_in_one_line(case, tmp_path):
   args, bad = CASES[case]
   if case == "missing checkpoint":  # train has no --checkpoint flag: an unknown flag, named
@@ -64,8 +81,9 @@ def test_train_reports_a_bad_command_line_in_one_line(case, tmp_path):
 
 
 def test_convert_reports_a_missing_file_in_one_line(tmp_path):
-  done = run_binary("ipr_jax.convert", [DEMO, "--torch_checkpoint=/nonexistent/last.ckpt"],
-                    tmp_path / "run")
+  done = run_binary(
+      "ipr_jax.convert", [DEMO, "--torch_checkpoint=/nonexistent/last.ckpt"], tmp_path / "run"
+  )
   assert_one_line_error(done, "/nonexistent/last.ckpt")
 
 
@@ -95,16 +113,23 @@ cli.run(main)
 """
 
 
-@pytest.mark.parametrize("kind, one_line", [
-    ("jax", False), ("value", False), ("config", True), ("missing", True)])
+@pytest.mark.parametrize(
+    "kind, one_line", [("jax", False), ("value", False), ("config", True), ("missing", True)]
+)
 def test_only_configuration_and_input_errors_lose_their_traceback(kind, one_line, tmp_path):
   """A ConfigError or a missing file is the user's to fix: one line. Anything else, JAX's own
   ValueError or a plain one included, is a bug: its traceback."""
   script = tmp_path / "binary.py"
   script.write_text(_BINARY)
-  done = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, timeout=120,
-                        check=False)
+  done = subprocess.run(
+      [sys.executable, str(script), kind],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      cwd=ROOT,
+      timeout=120,
+      check=False,
+  )
   if one_line:
     assert_one_line_error(done, {"config": "config.x=3", "missing": "/nonexistent/file.txt"}[kind])
   else:
@@ -113,31 +138,49 @@ def test_only_configuration_and_input_errors_lose_their_traceback(kind, one_line
     assert "ValueError" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("args, last_line", [
-    ([DEMO, "--config.ipr.budgett=3", "--verbose"], "AttributeError"),  # while parsing
-    ([DEMO, "--checkpoint=/nonexistent", "-v", "1"], "FileNotFoundError"),  # while running
-])
+@pytest.mark.parametrize(
+    "args, last_line",
+    [
+        ([DEMO, "--config.ipr.budgett=3", "--verbose"], "AttributeError"),  # while parsing
+        ([DEMO, "--checkpoint=/nonexistent", "-v", "1"], "FileNotFoundError"),  # while running
+    ],
+)
 def test_verbose_shows_the_traceback(args, last_line, tmp_path):
   done = run_binary("ipr_jax.evaluate", args, tmp_path)
   assert done.returncode != 0
   assert "Traceback (most recent call last)" in done.stderr
   # The exception's own line ends the traceback; with -v 1, absl's INFO lines (JAX clearing its
   # caches at exit) may follow it.
-  lines = [line for line in done.stderr.strip().splitlines()
-           if not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", line)]
+  lines = [
+      line
+      for line in done.stderr.strip().splitlines()
+      if not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", line)
+  ]
   assert lines[-1].startswith(last_line), done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("argv, verbose", [
-    ([], False), (["--verbose"], True), (["--verbose=false"], False), (["--noverbose"], False),
-    (["-v", "1"], True), (["-v", "0"], False), (["--verbosity=2"], True), (["-v=1"], True),
-    (["--", "--verbose"], False), (["--config.ipr.budget=3"], False)])
+@pytest.mark.parametrize(
+    "argv, verbose",
+    [
+        ([], False),
+        (["--verbose"], True),
+        (["--verbose=false"], False),
+        (["--noverbose"], False),
+        (["-v", "1"], True),
+        (["-v", "0"], False),
+        (["--verbosity=2"], True),
+        (["-v=1"], True),
+        (["--", "--verbose"], False),
+        (["--config.ipr.budget=3"], False),
+    ],
+)
 def test_verbose_is_read_from_argv(argv, verbose):
   assert cli.verbose_in(["prog", *argv]) is verbose
 
 
 def test_check_config_names_the_field_and_value():
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("mnist_sudoku", "demo")
   cli.check_config(config)  # the preset itself is fine
   config.ipr.resampling_ratio = 1.5

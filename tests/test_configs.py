@@ -17,27 +17,79 @@ COUNTING_POLYGONS = CONFIG_DIR / "counting_polygons.py"
 
 PRESETS = {
     EVEN_PIXELS: ["", "tiny", "small", "ep_test", "tiny,ep_test", "ep_test,small"],
-    MNIST_SUDOKU: ["", "demo", "tiny", "small", "ms_hard_test", "ms_medium_test", "ms_easy_test",
-                   "ms_corrupted_test", "tiny,ms_corrupted_test", "small,ms_hard_test"],
+    MNIST_SUDOKU: [
+        "",
+        "demo",
+        "tiny",
+        "small",
+        "ms_hard_test",
+        "ms_medium_test",
+        "ms_easy_test",
+        "ms_corrupted_test",
+        "tiny,ms_corrupted_test",
+        "small,ms_hard_test",
+    ],
     COUNTING_POLYGONS: ["", "tiny", "small", "cp_test", "tiny,cp_test"],
 }
 ALL_PRESETS = [(path, arg) for path, args in PRESETS.items() for arg in args]
 
 # The shared schema of common.md (every config must have these fields).
 SCHEMA = {
-    "": ["task", "seed", "batch_size", "num_train_steps", "checkpoint_every_steps",
-         "log_every_steps"],
-    "model": ["hid_dims", "attention", "num_blocks", "t_emb_dim", "d_emb", "num_head_channels",
-              "dropout", "dtype"],
+    "": [
+        "task",
+        "seed",
+        "batch_size",
+        "num_train_steps",
+        "checkpoint_every_steps",
+        "log_every_steps",
+    ],
+    "model": [
+        "hid_dims",
+        "attention",
+        "num_blocks",
+        "t_emb_dim",
+        "d_emb",
+        "num_head_channels",
+        "dropout",
+        "dtype",
+    ],
     "data": ["image_size", "channels", "patch_size"],
-    "sampler": ["steps_per_patch", "overlap", "stochasticity", "temperature", "top_k",
-                "clean_schedule", "clamp_noise", "schedule", "max_steps", "max_order",
-                "certainty_decay"],
-    "ipr": ["budget", "steps_per_patch", "overlap", "resampling_ratio", "noise_type", "mode",
-            "num_corruption_swaps", "immediate_stop", "selection", "uncertainty_score",
-            "uncertainty_groups", "selection_temperature", "renoise_time", "ratio_schedule",
-            "final_resampling_ratio", "ratio_decay_iterations", "return_iterate", "schedule",
-            "top_k", "max_order", "certainty_decay"],
+    "sampler": [
+        "steps_per_patch",
+        "overlap",
+        "stochasticity",
+        "temperature",
+        "top_k",
+        "clean_schedule",
+        "clamp_noise",
+        "schedule",
+        "max_steps",
+        "max_order",
+        "certainty_decay",
+    ],
+    "ipr": [
+        "budget",
+        "steps_per_patch",
+        "overlap",
+        "resampling_ratio",
+        "noise_type",
+        "mode",
+        "num_corruption_swaps",
+        "immediate_stop",
+        "selection",
+        "uncertainty_score",
+        "uncertainty_groups",
+        "selection_temperature",
+        "renoise_time",
+        "ratio_schedule",
+        "final_resampling_ratio",
+        "ratio_decay_iterations",
+        "return_iterate",
+        "schedule",
+        "top_k",
+        "max_order",
+        "certainty_decay",
+    ],
     "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
 }
 
@@ -56,8 +108,9 @@ def get(path, arg=""):
 def parse_flags(argv):
   """Parses argv with a locked config flag, as ipr_jax.train does."""
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      "config", None, "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flag_values(argv)
   return flag_values.config
 
@@ -92,20 +145,27 @@ def every_preset():
 def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
   from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ipr_jax import schedule  # pylint: disable=g-import-not-at-top
+
   config = get(path, arg)
   evaluate.check_schedules(config)
   # The same, spelled out for the SRM pass: every patch count the preset can produce.
   sampler = config.sampler
   for n in evaluate.unknown_counts(config):
-    starts = schedule.make_schedule(n, sampler.steps_per_patch, sampler.overlap,
-                                    sampler.clean_schedule, kind=sampler.schedule,
-                                    top_k=sampler.top_k,
-                                    total_steps=sampler.max_steps).block_starts[:-1]
+    starts = schedule.make_schedule(
+        n,
+        sampler.steps_per_patch,
+        sampler.overlap,
+        sampler.clean_schedule,
+        kind=sampler.schedule,
+        top_k=sampler.top_k,
+        total_steps=sampler.max_steps,
+    ).block_starts[:-1]
     assert list(starts) == sorted(set(starts)), (arg, n)
 
 
 def test_a_degenerate_override_is_refused_before_sampling():
   from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   config = get(EVEN_PIXELS, "tiny")
   config.sampler.overlap = 0.9  # 5 steps per patch at overlap 0.9: starts 0, 0, 1, 1, ...
   with pytest.raises(ValueError, match=r"sampler: steps_per_patch=5 and overlap=0.9 .*n=64"):
@@ -184,8 +244,10 @@ def test_mnist_sudoku_corrupted_test_preset():
   assert ipr.mode == "correction" and ipr.num_corruption_swaps == 5
   assert tuple(config.eval.given_range) == (81, 81)
   assert config.eval.seed == 4
-  ranges = {name: tuple(get(MNIST_SUDOKU, name).eval.given_range)
-            for name in ("ms_medium_test", "ms_easy_test")}
+  ranges = {
+      name: tuple(get(MNIST_SUDOKU, name).eval.given_range)
+      for name in ("ms_medium_test", "ms_easy_test")
+  }
   assert ranges == {"ms_medium_test": (27, 53), "ms_easy_test": (54, 80)}
 
 
@@ -221,8 +283,13 @@ def test_training_recipe_is_the_reference(path):
   assert o.eps is None  # derived from the precision: 1e-7 under bf16 (the reference's runs)
   assert config.model.dtype == "bfloat16"
   assert config.model.dropout == 0.1
-  assert (config.model.num_blocks, config.model.t_emb_dim, config.model.d_emb,
-          config.model.num_head_channels, config.model.num_groups) == (2, 512, 256, 64, 32)
+  assert (
+      config.model.num_blocks,
+      config.model.t_emb_dim,
+      config.model.d_emb,
+      config.model.num_head_channels,
+      config.model.num_groups,
+  ) == (2, 512, 256, 64, 32)
   assert config.loss.vlb_weight == 1.0 and config.loss.sigma_nll_weight == 0.01
   ts = config.time_sampler
   assert ts.name == "mean_beta"
@@ -249,6 +316,7 @@ def test_tiny_presets_are_small():
 
 def test_demo_preset_is_the_shipped_model():
   from ipr_jax import pretrained  # pylint: disable=g-import-not-at-top
+
   demo = get(MNIST_SUDOKU, "demo")
   assert (demo.data.box_size, demo.data.cell_size, demo.data.image_size) == (2, 7, 28)
   assert tuple(demo.eval.given_range) == (0, 5)  # hard
@@ -260,22 +328,31 @@ def test_demo_preset_is_the_shipped_model():
     assert shipped.config[section].to_dict() == demo[section].to_dict(), section
 
 
-@pytest.mark.parametrize("path,arg,bad", [
-    (EVEN_PIXELS, "tiny,bogus", "bogus"),
-    (EVEN_PIXELS, "ms_hard_test", "ms_hard_test"),  # a Sudoku eval on Even Pixels
-    (MNIST_SUDOKU, "tiny,small", "small"),  # two sizes
-    (MNIST_SUDOKU, "Tiny", "Tiny"),
-    (COUNTING_POLYGONS, "tiny,ep_test", "ep_test"),
-])
+@pytest.mark.parametrize(
+    "path,arg,bad",
+    [
+        (EVEN_PIXELS, "tiny,bogus", "bogus"),
+        (EVEN_PIXELS, "ms_hard_test", "ms_hard_test"),  # a Sudoku eval on Even Pixels
+        (MNIST_SUDOKU, "tiny,small", "small"),  # two sizes
+        (MNIST_SUDOKU, "Tiny", "Tiny"),
+        (COUNTING_POLYGONS, "tiny,ep_test", "ep_test"),
+    ],
+)
 def test_unknown_preset_token_raises(path, arg, bad):
   with pytest.raises(ValueError, match=repr(bad)):
     get(path, arg)
 
 
 def test_command_line_overrides_and_lock():
-  config = parse_flags([
-      "prog", f"--config={MNIST_SUDOKU}:tiny,ms_corrupted_test", "--config.batch_size=8",
-      "--config.data.tfds_data_dir=/tmp/tfds", "--config.optim.eps=1e-6"])
+  config = parse_flags(
+      [
+          "prog",
+          f"--config={MNIST_SUDOKU}:tiny,ms_corrupted_test",
+          "--config.batch_size=8",
+          "--config.data.tfds_data_dir=/tmp/tfds",
+          "--config.optim.eps=1e-6",
+      ]
+  )
   assert config.batch_size == 8
   assert config.data.tfds_data_dir == "/tmp/tfds"  # a placeholder accepts a value
   assert config.optim.eps == 1e-6
@@ -287,6 +364,7 @@ def test_command_line_overrides_and_lock():
 def test_ipr_section_is_made_from_the_ipr_config_dataclass():
   """config.ipr has one source: the fields, defaults (types included) and order of IPRConfig."""
   from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
+
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").ipr
   defaults = sampling.IPRConfig.defaults()
   assert list(section.keys()) == sorted(defaults)  # ConfigDict lists its keys sorted
@@ -305,6 +383,7 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
   reference's ms_hard_test values, spec §4.3-4.4: 3 steps per patch, overlap 0), order and
   documentation; every field, clamp_noise included, is a config field (--config.sampler.<name>)."""
   from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
+
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").sampler
   defaults = sampling.SamplerConfig.defaults()
   assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
@@ -315,35 +394,43 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
   assert list(docs) == SCHEMA["sampler"] and all(doc.strip() for doc in docs.values())
 
 
-@pytest.mark.parametrize("path,arg,overrides", [
-    (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
-    (EVEN_PIXELS, "tiny", dict(steps_per_patch=5, overlap=0.5)),
-    (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's
-    (MNIST_SUDOKU, "demo", dict()),
-    (COUNTING_POLYGONS, "", dict(steps_per_patch=10, overlap=0.9)),
-    (COUNTING_POLYGONS, "tiny", dict(steps_per_patch=2, overlap=0.5)),
-])
+@pytest.mark.parametrize(
+    "path,arg,overrides",
+    [
+        (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
+        (EVEN_PIXELS, "tiny", dict(steps_per_patch=5, overlap=0.5)),
+        (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's
+        (MNIST_SUDOKU, "demo", dict()),
+        (COUNTING_POLYGONS, "", dict(steps_per_patch=10, overlap=0.9)),
+        (COUNTING_POLYGONS, "tiny", dict(steps_per_patch=2, overlap=0.5)),
+    ],
+)
 def test_task_configs_override_the_sampler_defaults(path, arg, overrides):
   """A preset's config.sampler is SamplerConfig's defaults with the task's overrides (the
   reference's ep_test / cp_test values, spec §4.3), nothing else."""
   from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
+
   section = get(path, arg).sampler.to_dict()
   defaults = sampling.SamplerConfig.defaults()
   assert {name: value for name, value in section.items() if value != defaults[name]} == overrides
 
 
-@pytest.mark.parametrize("path,arg,overrides", [
-    (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
-    (EVEN_PIXELS, "tiny", dict(budget=2, steps_per_patch=5, overlap=0.5)),
-    (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's (overlap 0.8)
-    (MNIST_SUDOKU, "ms_corrupted_test", dict(budget=15, mode="correction")),
-    (MNIST_SUDOKU, "tiny", dict(num_corruption_swaps=2, budget=3)),
-    (COUNTING_POLYGONS, "", dict(overlap=0.9)),
-    (COUNTING_POLYGONS, "tiny", dict(budget=2, steps_per_patch=2, overlap=0.5)),
-])
+@pytest.mark.parametrize(
+    "path,arg,overrides",
+    [
+        (EVEN_PIXELS, "", dict(steps_per_patch=30, overlap=0.9)),
+        (EVEN_PIXELS, "tiny", dict(budget=2, steps_per_patch=5, overlap=0.5)),
+        (MNIST_SUDOKU, "", dict()),  # the defaults are ms_hard_test's (overlap 0.8)
+        (MNIST_SUDOKU, "ms_corrupted_test", dict(budget=15, mode="correction")),
+        (MNIST_SUDOKU, "tiny", dict(num_corruption_swaps=2, budget=3)),
+        (COUNTING_POLYGONS, "", dict(overlap=0.9)),
+        (COUNTING_POLYGONS, "tiny", dict(budget=2, steps_per_patch=2, overlap=0.5)),
+    ],
+)
 def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
   """A preset's config.ipr is IPRConfig's defaults with the task's overrides, nothing else."""
   from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
+
   ipr = get(path, arg).ipr.to_dict()
   defaults = sampling.IPRConfig.defaults()
   changed = {name: value for name, value in ipr.items() if value != defaults[name]}
@@ -354,13 +441,15 @@ def test_task_configs_override_the_ipr_defaults(path, arg, overrides):
 CLONE_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("path,arg", [(MNIST_SUDOKU, "demo"), (EVEN_PIXELS, "tiny,ep_test"),
-                                      (COUNTING_POLYGONS, "")])
+@pytest.mark.parametrize(
+    "path,arg", [(MNIST_SUDOKU, "demo"), (EVEN_PIXELS, "tiny,ep_test"), (COUNTING_POLYGONS, "")]
+)
 def test_clone_and_packaged_names_give_the_packaged_config(path, arg):
   """`configs/<task>.py:<preset>` (a clone's file), `<task>:<preset>` (the packaged name) and the
   packaged file give the same config, through load_config and through the binaries' flag."""
   from ipr_jax import cli  # pylint: disable=g-import-not-at-top
   from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+
   suffix = f":{arg}" if arg else ""
   packaged = get(path, arg or None)
   assert config_base.load_config(f"{CLONE_CONFIG_DIR / path.name}{suffix}") == packaged
@@ -372,16 +461,20 @@ def test_clone_and_packaged_names_give_the_packaged_config(path, arg):
 
 def test_packaged_configs_are_the_clone_configs():
   from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+
   assert config_base.packaged_configs() == ("counting_polygons", "even_pixels", "mnist_sudoku")
   assert sorted(p.stem for p in CLONE_CONFIG_DIR.glob("*.py")) == list(
-      config_base.packaged_configs())
+      config_base.packaged_configs()
+  )
 
 
 def test_an_unknown_config_name_lists_the_packaged_ones():
   from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
   from ipr_jax import errors  # pylint: disable=g-import-not-at-top
-  with pytest.raises(errors.ConfigError, match="packaged: counting_polygons, even_pixels, "
-                     "mnist_sudoku"):
+
+  with pytest.raises(
+      errors.ConfigError, match="packaged: counting_polygons, even_pixels, " "mnist_sudoku"
+  ):
     config_base.load_config("sudoku:demo")
   # A path stays a path: its absence is reported where the file is loaded.
   assert config_base.resolve_config_spec("configs/nosuch.py:x") == "configs/nosuch.py:x"

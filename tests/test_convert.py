@@ -45,10 +45,15 @@ def _config_overrides(case, golden_config):
   hid = tuple(get("hid_dims"))
   attention = tuple(bool(a) for a in get("attention"))
   return {
-      "model.hid_dims": hid, "model.attention": attention,
-      "model.num_blocks": get("num_blocks"), "model.t_emb_dim": get("t_emb_dim"),
-      "model.d_emb": get("sinusoid_d_emb"), "model.num_head_channels": get("num_head_channels"),
-      "model.num_groups": 32, "model.dtype": "float32", "model.dropout": 0.0,
+      "model.hid_dims": hid,
+      "model.attention": attention,
+      "model.num_blocks": get("num_blocks"),
+      "model.t_emb_dim": get("t_emb_dim"),
+      "model.d_emb": get("sinusoid_d_emb"),
+      "model.num_head_channels": get("num_head_channels"),
+      "model.num_groups": 32,
+      "model.dtype": "float32",
+      "model.dropout": 0.0,
       "model.name": f"golden_{case}",
   }
 
@@ -56,21 +61,35 @@ def _config_overrides(case, golden_config):
 def _write_lightning_ckpt(path, state_dict):
   ema = {f"ema_denoiser.module.{k}": torch.from_numpy(v) for k, v in state_dict.items()}
   live = {f"denoiser.{k}": torch.from_numpy(v + 1.0) for k, v in state_dict.items()}
-  torch.save({"state_dict": {**live, **ema, "ema_denoiser.n_averaged": torch.tensor(7)},
-              "global_step": 1234, "epoch": 3}, path)
+  torch.save(
+      {
+          "state_dict": {**live, **ema, "ema_denoiser.n_averaged": torch.tensor(7)},
+          "global_step": 1234,
+          "epoch": 3,
+      },
+      path,
+  )
 
 
-@pytest.mark.parametrize("case,config_file", [("ms_tiny", "mnist_sudoku.py"),
-                                              ("ep_tiny", "even_pixels.py")])
-def test_converted_lightning_checkpoint_holds_the_ema_parameters(case, config_file, golden_dir,
-                                                              tmp_path, task_config):
+@pytest.mark.parametrize(
+    "case,config_file", [("ms_tiny", "mnist_sudoku.py"), ("ep_tiny", "even_pixels.py")]
+)
+def test_converted_lightning_checkpoint_holds_the_ema_parameters(
+    case, config_file, golden_dir, tmp_path, task_config
+):
   golden_config, state_dict, _ = _golden(golden_dir, case)
   ckpt = tmp_path / "last.ckpt"
   _write_lightning_ckpt(ckpt, state_dict)
   overrides = _config_overrides(case, golden_config)
   workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "ipr_jax.convert", f"--torch_checkpoint={ckpt}",
-             f"--config={_ROOT / 'configs' / config_file}", f"--workdir={workdir}"]
+  command = [
+      sys.executable,
+      "-m",
+      "ipr_jax.convert",
+      f"--torch_checkpoint={ckpt}",
+      f"--config={_ROOT / 'configs' / config_file}",
+      f"--workdir={workdir}",
+  ]
   command += [f"--config.{k}={v}" for k, v in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT)
@@ -101,17 +120,20 @@ def test_plain_npz_state_dict_needs_no_torch_and_live_weights_are_selectable(gol
   live = torch_files.select_denoiser(loaded, "live")
   ema = torch_files.select_denoiser(loaded, "ema")
   assert len(live) == len(ema) == len(state_dict) == 376
-  np.testing.assert_array_equal(live["time_embedding.mlp.0.bias"],
-                                state_dict["time_embedding.mlp.0.bias"] + 1.0)
-  np.testing.assert_array_equal(ema["time_embedding.mlp.0.bias"],
-                                state_dict["time_embedding.mlp.0.bias"])
+  np.testing.assert_array_equal(
+      live["time_embedding.mlp.0.bias"], state_dict["time_embedding.mlp.0.bias"] + 1.0
+  )
+  np.testing.assert_array_equal(
+      ema["time_embedding.mlp.0.bias"], state_dict["time_embedding.mlp.0.bias"]
+  )
   # The golden .npz itself (keys under sd/) reads without torch as a plain state_dict.
   plain, _ = torch_files.load_state_dict_file(str(golden_dir / "unet_ms_tiny.npz"))
   assert torch_files.select_denoiser(plain).keys() >= set(state_dict)
 
 
-@pytest.mark.parametrize("config_name,preset,count", [("even_pixels", "unet_32", 424),
-                                                      ("mnist_sudoku", "unet_256", 584)])
+@pytest.mark.parametrize(
+    "config_name,preset,count", [("even_pixels", "unet_32", 424), ("mnist_sudoku", "unet_256", 584)]
+)
 def test_reference_presets_check_the_key_count(config_name, preset, count, task_config):
   config = task_config(config_name)
   assert config.model.name == preset

@@ -60,6 +60,7 @@ def count_corners(share: np.ndarray, centre, radius: float) -> int:
 # ------------------------------------------------------------------------------------------------
 # Layouts and colour.
 
+
 def test_layouts_are_valid_pure_and_split_disjoint():
   for num_circles in range(cp.MIN_CIRCLES, cp.MAX_CIRCLES + 1):
     train = cp.circle_layouts(0, num_circles, 12, "train")
@@ -105,10 +106,12 @@ def test_procedural_backgrounds_leave_hues_free():
     assert background.shape == (128, 128, 3) and background.dtype == np.uint8
     assert background.std(axis=(0, 1)).max() > 5  # textured, not flat
     hues = np.asarray(Image.fromarray(background).convert("HSV"))[..., 0]
-    colour_hue = np.asarray(Image.fromarray(np.asarray([[cp.polygon_colour(background)]],
-                                                       np.uint8)).convert("HSV"))[0, 0, 0]
-    circular = np.minimum((hues.astype(int) - colour_hue) % 256, (colour_hue - hues.astype(int))
-                          % 256)
+    colour_hue = np.asarray(
+        Image.fromarray(np.asarray([[cp.polygon_colour(background)]], np.uint8)).convert("HSV")
+    )[0, 0, 0]
+    circular = np.minimum(
+        (hues.astype(int) - colour_hue) % 256, (colour_hue - hues.astype(int)) % 256
+    )
     assert np.mean(circular < 16) < 0.02  # the polygon hue is rare in the background
 
 
@@ -133,8 +136,9 @@ def digit_template(info: cp.RenderInfo, slot: int, digit: int) -> np.ndarray:
   """Coverage [128, 128] of one digit drawn alone in text circle `slot` of `info`'s layout."""
   x, y, r = info.layout[info.num_polygons + slot] * cp.CANVAS_SIZE
   canvas = Image.new("L", (cp.CANVAS_SIZE, cp.CANVAS_SIZE), 0)
-  ImageDraw.Draw(canvas).text((x, y), str(digit), font=ImageFont.load_default(size=int(r)),
-                              fill=255)
+  ImageDraw.Draw(canvas).text(
+      (x, y), str(digit), font=ImageFont.load_default(size=int(r)), fill=255
+  )
   return np.asarray(canvas.resize((128, 128), Image.Resampling.BICUBIC)) / 255.0
 
 
@@ -147,12 +151,17 @@ def check_image_through_layout(image: np.ndarray, info: cp.RenderInfo):
   colour = np.asarray(info.colour)
   near_text = np.zeros(128 * 128, bool)
   for x0, y0, x1, y1 in info.text_boxes:
-    near_text |= ((PIXELS[:, 0] > x0 - 3) & (PIXELS[:, 0] < x1 + 3) & (PIXELS[:, 1] > y0 - 3)
-                  & (PIXELS[:, 1] < y1 + 3))
+    near_text |= (
+        (PIXELS[:, 0] > x0 - 3)
+        & (PIXELS[:, 0] < x1 + 3)
+        & (PIXELS[:, 1] > y0 - 3)
+        & (PIXELS[:, 1] < y1 + 3)
+    )
   near_polygon = np.zeros(128 * 128, bool)
   flat = image.reshape(-1, 3).astype(int)
-  for vertices, centre, radius in zip(info.polygon_vertices, info.polygon_centres,
-                                      info.polygon_radii):
+  for vertices, centre, radius in zip(
+      info.polygon_vertices, info.polygon_centres, info.polygon_radii
+  ):
     # The polygon is regular, centred on its layout circle, with its corners on the circle.
     np.testing.assert_allclose(np.linalg.norm(vertices - centre, axis=-1), radius, rtol=1e-9)
     distances = edge_distances(PIXELS, vertices)
@@ -171,8 +180,12 @@ def check_image_through_layout(image: np.ndarray, info: cp.RenderInfo):
   # Each text circle shows its printed number: the best-matching digit template.
   for slot, number in enumerate(info.printed_numbers):
     x0, y0, x1, y1 = info.text_boxes[slot]
-    box = ((PIXELS[:, 0] > x0 - 3) & (PIXELS[:, 0] < x1 + 3) & (PIXELS[:, 1] > y0 - 3)
-           & (PIXELS[:, 1] < y1 + 3)).reshape(128, 128) & known
+    box = (
+        (PIXELS[:, 0] > x0 - 3)
+        & (PIXELS[:, 0] < x1 + 3)
+        & (PIXELS[:, 1] > y0 - 3)
+        & (PIXELS[:, 1] < y1 + 3)
+    ).reshape(128, 128) & known
     assert (share[box] > 0.5).sum() >= 2
     errors = [np.abs(share[box] - digit_template(info, slot, d)[box]).sum() for d in range(1, 10)]
     assert int(np.argmin(errors)) + 1 == number
@@ -190,8 +203,9 @@ def test_test_images_show_the_layout():
 def test_negatives_show_what_they_claim():
   rng = np.random.default_rng(3)
   layout = cp.circle_layout(0, 5, 11, "train")
-  image, info = cp.render_image(rng, 3, (4, 6, 4), layout, cp.procedural_background(rng),
-                                printed_numbers=(9, 3))
+  image, info = cp.render_image(
+      rng, 3, (4, 6, 4), layout, cp.procedural_background(rng), printed_numbers=(9, 3)
+  )
   assert not info.is_uniform and not info.numbers_match
   check_image_through_layout(image, info)
 
@@ -212,15 +226,17 @@ def test_train_batches_and_scorer_labels():
   assert plain["image"].shape == (8, 128, 128, 3) and plain["image"].dtype == np.float32
   assert plain["image"].min() >= -1 and plain["image"].max() <= 1
   assert plain["is_uniform"].all() and plain["numbers_match"].all()
-  np.testing.assert_array_equal(plain["printed_numbers"],
-                                np.stack([plain["num_polygons"], plain["num_vertices"]], -1))
+  np.testing.assert_array_equal(
+      plain["printed_numbers"], np.stack([plain["num_polygons"], plain["num_vertices"]], -1)
+  )
   negatives = cp.CountingPolygonsTask(seed=0, nonuniform_prob=1.0, mismatch_prob=1.0)
   batch = negatives.train_batch(np.random.default_rng(1), 24)
   assert not batch["is_uniform"][batch["num_polygons"] > 1].all()
   pairs = np.sort(batch["printed_numbers"], axis=1)
   drawn = np.sort(np.stack([batch["num_polygons"], batch["num_vertices"]], -1), axis=1)
-  np.testing.assert_array_equal(batch["numbers_match"],
-                                batch["is_uniform"] & np.all(pairs == drawn, axis=1))
+  np.testing.assert_array_equal(
+      batch["numbers_match"], batch["is_uniform"] & np.all(pairs == drawn, axis=1)
+  )
   assert not batch["numbers_match"].all()
   decoded = np.asarray(cpm.decode_numbers_label(batch["numbers_label"]))
   np.testing.assert_array_equal(decoded, pairs)
@@ -248,8 +264,12 @@ def test_folder_backgrounds(tmp_path):
 def test_train_images_depend_only_on_step_and_global_index():
   task = cp.CountingPolygonsTask(seed=0)
   together = cp.render_train_images(task, seed=5, step=3, example_index=np.arange(4))
-  halves = np.concatenate([cp.render_train_images(task, 5, 3, np.arange(2)),
-                           cp.render_train_images(task, 5, 3, np.arange(2, 4))])
+  halves = np.concatenate(
+      [
+          cp.render_train_images(task, 5, 3, np.arange(2)),
+          cp.render_train_images(task, 5, 3, np.arange(2, 4)),
+      ]
+  )
   np.testing.assert_array_equal(together, halves)  # any split over devices or hosts
   assert together.shape == (4, 128, 128, 3) and together.dtype == np.uint8
   assert len({im.tobytes() for im in together}) == 4
@@ -261,51 +281,79 @@ def test_train_images_depend_only_on_step_and_global_index():
 def test_train_image_prefetcher_returns_steps_in_order(use_processes):
   task = cp.CountingPolygonsTask(seed=0)
   index = np.array([6, 7])
-  with cp.TrainImagePrefetcher(task, seed=1, example_index=index, first_step=10, num_workers=2,
-                               prefetch=3, use_processes=use_processes) as feed:
+  with cp.TrainImagePrefetcher(
+      task,
+      seed=1,
+      example_index=index,
+      first_step=10,
+      num_workers=2,
+      prefetch=3,
+      use_processes=use_processes,
+  ) as feed:
     got = [feed.get() for _ in range(4)]
   for k, images in enumerate(got):
     expected = cp.render_train_images(task, 1, 10 + k, index)
     np.testing.assert_array_equal(images, expected)
   # Converted on device to exactly the host conversion.
-  np.testing.assert_array_equal(jax.jit(cp.unit_range_on_device)(got[0]),
-                                cp.images_to_unit_range(got[0]))
+  np.testing.assert_array_equal(
+      jax.jit(cp.unit_range_on_device)(got[0]), cp.images_to_unit_range(got[0])
+  )
   assert feed.wait_seconds >= 0.0
 
 
 def test_train_image_prefetcher_reraises_render_errors():
   class Broken:
+
     def example(self, rng, split):
       raise RuntimeError("render failed")
 
-  with cp.TrainImagePrefetcher(Broken(), seed=0, example_index=np.arange(2), first_step=0,
-                               num_workers=1, prefetch=2) as feed:
+  with cp.TrainImagePrefetcher(
+      Broken(), seed=0, example_index=np.arange(2), first_step=0, num_workers=1, prefetch=2
+  ) as feed:
     with pytest.raises(RuntimeError, match="render failed"):
       feed.get()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: cp.render_image(np.random.default_rng(0), 0, 3, np.zeros((2, 3)), GREY),
-     "num_polygons=0"),
-    (lambda: cp.render_image(np.random.default_rng(0), 10, 3, np.zeros((12, 3)), GREY),
-     "num_polygons=10"),
-    (lambda: cp.render_image(np.random.default_rng(0), 2, 8, BIG_LAYOUT, GREY), "num_vertices=8"),
-    (lambda: cp.render_image(np.random.default_rng(0), 2, (3, 2), BIG_LAYOUT, GREY),
-     "num_vertices=2"),
-    (lambda: cp.render_image(np.random.default_rng(0), 2, (3, 4, 5), BIG_LAYOUT, GREY),
-     "num_vertices"),
-    (lambda: cp.render_image(np.random.default_rng(0), 2, 4, BIG_LAYOUT, GREY, (0, 4)),
-     "num_polygons=0"),
-    (lambda: cp.render_image(np.random.default_rng(0), 3, 4, BIG_LAYOUT, GREY), r"\(4, 3\)"),
-    (lambda: cp.render_image(np.random.default_rng(0), 2, 4, BIG_LAYOUT, GREY[:64]),
-     r"\(64, 128, 3\)"),
-    (lambda: cp.images_to_unit_range(np.zeros((2, 64, 64, 3), np.uint8)), r"\(2, 64, 64, 3\)"),
-    (lambda: cp.circle_layout(0, 12, 0), "num_circles=12"),
-    (lambda: cp.circle_layout(0, 5, 5000, "test"), "index=5000"),
-    (lambda: cp.circle_layout(0, 5, 0, "val"), "split='val'"),
-    (lambda: cp.test_image(0, -1), "index=-1"),
-    (lambda: cp.CountingPolygonsTask(mismatch_prob=1.5), "mismatch_prob=1.5"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 0, 3, np.zeros((2, 3)), GREY),
+            "num_polygons=0",
+        ),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 10, 3, np.zeros((12, 3)), GREY),
+            "num_polygons=10",
+        ),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 2, 8, BIG_LAYOUT, GREY),
+            "num_vertices=8",
+        ),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 2, (3, 2), BIG_LAYOUT, GREY),
+            "num_vertices=2",
+        ),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 2, (3, 4, 5), BIG_LAYOUT, GREY),
+            "num_vertices",
+        ),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 2, 4, BIG_LAYOUT, GREY, (0, 4)),
+            "num_polygons=0",
+        ),
+        (lambda: cp.render_image(np.random.default_rng(0), 3, 4, BIG_LAYOUT, GREY), r"\(4, 3\)"),
+        (
+            lambda: cp.render_image(np.random.default_rng(0), 2, 4, BIG_LAYOUT, GREY[:64]),
+            r"\(64, 128, 3\)",
+        ),
+        (lambda: cp.images_to_unit_range(np.zeros((2, 64, 64, 3), np.uint8)), r"\(2, 64, 64, 3\)"),
+        (lambda: cp.circle_layout(0, 12, 0), "num_circles=12"),
+        (lambda: cp.circle_layout(0, 5, 5000, "test"), "index=5000"),
+        (lambda: cp.circle_layout(0, 5, 0, "val"), "split='val'"),
+        (lambda: cp.test_image(0, -1), "index=-1"),
+        (lambda: cp.CountingPolygonsTask(mismatch_prob=1.5), "mismatch_prob=1.5"),
+    ],
+)
 def test_bad_input_raises_value_error(call, message):
   with pytest.raises(ValueError, match=message):
     call()
@@ -314,12 +362,23 @@ def test_bad_input_raises_value_error(call, message):
 # ------------------------------------------------------------------------------------------------
 # Metrics.
 
+
 def test_numbers_label_enumeration():
   pairs = cpm.NUMBERS_PAIRS
   distinct = {(min(p, v), max(p, v)) for p in range(1, 10) for v in range(3, 8)}
   assert len(pairs) == len(set(pairs)) == len(distinct) == 35 and set(pairs) == distinct
-  assert pairs[:10] == ((1, 3), (2, 3), (3, 3), (3, 4), (3, 5), (3, 6), (3, 7), (3, 8), (3, 9),
-                        (1, 4))
+  assert pairs[:10] == (
+      (1, 3),
+      (2, 3),
+      (3, 3),
+      (3, 4),
+      (3, 5),
+      (3, 6),
+      (3, 7),
+      (3, 8),
+      (3, 9),
+      (1, 4),
+  )
   for p, v in itertools.product(range(1, 10), range(3, 8)):
     assert pairs[int(cpm.numbers_label(p, v))] == (min(p, v), max(p, v))
   assert cpm.numbers_label(5, 3) == cpm.numbers_label(3, 5)
@@ -343,14 +402,19 @@ def test_metrics_on_constructed_batches():
   good = cpm.counting_polygons_metrics(one_hot_logits([4, 5], [5, 4], [1, 1], [(4, 5), (4, 5)]))
   assert good["are_vertices_uniform"] == 1.0 and good["numbers_match_objects"] == 1.0
   # Non-uniform, wrong numbers, and one of each.
-  logits = one_hot_logits(polygons=[4, 5, 3, 2], vertices=[5, 4, 6, 3], uniform=[1, 1, 0, 1],
-                          printed=[(4, 5), (5, 4), (3, 6), (2, 4)])
+  logits = one_hot_logits(
+      polygons=[4, 5, 3, 2],
+      vertices=[5, 4, 6, 3],
+      uniform=[1, 1, 0, 1],
+      printed=[(4, 5), (5, 4), (3, 6), (2, 4)],
+  )
   metrics = cpm.counting_polygons_metrics(logits)
   assert metrics["are_vertices_uniform"] == pytest.approx(0.75)
   assert metrics["numbers_match_objects"] == pytest.approx(0.75)
   assert metrics["are_numbers_consistent"] == metrics["numbers_match_objects"]
-  np.testing.assert_allclose(metrics["polygons_count_frequency"],
-                             [0, 0.25, 0.25, 0.25, 0.25, 0, 0, 0, 0])
+  np.testing.assert_allclose(
+      metrics["polygons_count_frequency"], [0, 0.25, 0.25, 0.25, 0.25, 0, 0, 0, 0]
+  )
   np.testing.assert_allclose(metrics["vertex_count_frequency"], [0.25, 0.25, 0.25, 0.25, 0])
   assert metrics["relative_polygons_count_2"] == pytest.approx(0.25)
   assert metrics["relative_vertex_count_7"] == 0.0
@@ -368,23 +432,32 @@ def test_oracle_scorer_on_generated_images():
   """A scorer that reads the true labels gives the data's own match and uniform rates."""
   task = cp.CountingPolygonsTask(seed=2, nonuniform_prob=0.5, mismatch_prob=0.5)
   batch = task.test_batch(range(10))
-  logits = one_hot_logits(batch["num_polygons"], batch["num_vertices"], batch["is_uniform"],
-                          batch["printed_numbers"])
-  metrics = cpm.metrics_of_images(batch["image"], lambda images: {
-      k: v[:len(images)] for k, v in logits.items()}, batch_size=16)
+  logits = one_hot_logits(
+      batch["num_polygons"], batch["num_vertices"], batch["is_uniform"], batch["printed_numbers"]
+  )
+  metrics = cpm.metrics_of_images(
+      batch["image"], lambda images: {k: v[: len(images)] for k, v in logits.items()}, batch_size=16
+  )
   pairs = np.sort(batch["printed_numbers"], axis=1)
   drawn = np.sort(np.stack([batch["num_polygons"], batch["num_vertices"]], -1), axis=1)
   assert metrics["numbers_match_objects"] == pytest.approx(np.all(pairs == drawn, 1).mean())
   assert metrics["are_vertices_uniform"] == pytest.approx(batch["is_uniform"].mean())
 
 
-@pytest.mark.parametrize("logits, message", [
-    ({"num_polygons": np.zeros((2, 9))}, "lack heads"),
-    ({**one_hot_logits([1], [3], [1], [(1, 3)]), "num_polygons": np.zeros((1, 8))},
-     r"logits\['num_polygons'\] of shape \(1, 8\)"),
-    ({**one_hot_logits([1], [3], [1], [(1, 3)]), "numbers_label": np.zeros((2, 35))},
-     "batch 2"),
-])
+@pytest.mark.parametrize(
+    "logits, message",
+    [
+        ({"num_polygons": np.zeros((2, 9))}, "lack heads"),
+        (
+            {**one_hot_logits([1], [3], [1], [(1, 3)]), "num_polygons": np.zeros((1, 8))},
+            r"logits\['num_polygons'\] of shape \(1, 8\)",
+        ),
+        (
+            {**one_hot_logits([1], [3], [1], [(1, 3)]), "numbers_label": np.zeros((2, 35))},
+            "batch 2",
+        ),
+    ],
+)
 def test_metrics_bad_logits(logits, message):
   with pytest.raises(ValueError, match=message):
     cpm.counting_polygons_metrics(logits)

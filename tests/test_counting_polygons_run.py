@@ -28,6 +28,7 @@ def fast_compilation():
 
 def tiny_config():
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("counting_polygons", "tiny")
   config.batch_size = 2
   config.num_train_steps = 3
@@ -72,8 +73,11 @@ def test_resume_sees_the_same_images(trained, tmp_path):
   train.train(partial, workdir)
   resumed = train.train(config, workdir)
   assert int(resumed.state.step) == 3
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               resumed.state.params, straight.state.params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      resumed.state.params,
+      straight.state.params,
+  )
 
 
 def test_evaluate_writes_both_metrics_per_budget(trained):
@@ -85,8 +89,7 @@ def test_evaluate_writes_both_metrics_per_budget(trained):
   with open(out / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [int(r["budget"]) for r in table] == [0, 1]
-  columns = ["valid_rate", "mean_are_vertices_uniform", "mean_numbers_match_objects",
-             "mean_nfe"]
+  columns = ["valid_rate", "mean_are_vertices_uniform", "mean_numbers_match_objects", "mean_nfe"]
   columns += [f"mean_polygons_count_{n}" for n in range(1, 10)]
   columns += [f"mean_vertex_count_{v}" for v in range(3, 8)]
   for column in columns:
@@ -105,6 +108,7 @@ def test_evaluate_writes_both_metrics_per_budget(trained):
 def test_score_fn_agrees_with_the_batch_metrics():
   """Per-image scores averaged over a batch are the spec's batch metrics."""
   from ipr_jax.models import polygon_scorer  # pylint: disable=g-import-not-at-top
+
   scorer = polygon_scorer.make_scorer({"widths": [8, 8, 16]})
   params = polygon_scorer.init_scorer_params(scorer, jax.random.key(3))
   images = jax.random.uniform(jax.random.key(4), (6, 128, 128, 3), minval=-1.0, maxval=1.0)
@@ -113,10 +117,12 @@ def test_score_fn_agrees_with_the_batch_metrics():
   for name in ("are_vertices_uniform", "numbers_match_objects"):
     assert np.isclose(np.mean(per_image[name]), batch[name])
   for n in range(1, 10):
-    assert np.isclose(np.mean(per_image[f"polygons_count_{n}"]),
-                      batch[f"relative_polygons_count_{n}"])
+    assert np.isclose(
+        np.mean(per_image[f"polygons_count_{n}"]), batch[f"relative_polygons_count_{n}"]
+    )
   np.testing.assert_array_equal(
-      per_image["valid"], per_image["are_vertices_uniform"] & per_image["numbers_match_objects"])
+      per_image["valid"], per_image["are_vertices_uniform"] & per_image["numbers_match_objects"]
+  )
 
 
 def test_missing_scorer_weights_are_a_clear_error(trained, tmp_path):

@@ -12,8 +12,7 @@ from ipr_jax.models import unet as unet_lib
 
 
 def _raw(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * 2,
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * 2, jnp.float32)
 
 
 def test_srm_head_splits_channels_and_pools_logvar():
@@ -23,14 +22,15 @@ def test_srm_head_splits_channels_and_pools_logvar():
   raw_np = np.asarray(raw, np.float64)
   np.testing.assert_array_equal(out.u, raw[..., :d])
   # v is (raw + 1) / 2 and not clamped: |raw| ~ 2 gives v outside [0, 1].
-  np.testing.assert_allclose(out.v, (raw_np[..., d:2 * d] + 1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(out.v, (raw_np[..., d : 2 * d] + 1) / 2, rtol=1e-6)
   assert float(out.v.min()) < 0 and float(out.v.max()) > 1
   expected = np.empty((b, h, w, 1))
   for i in range(h // p):
     for j in range(w // p):
-      patch = raw_np[:, i * p:(i + 1) * p, j * p:(j + 1) * p, -1]
-      expected[:, i * p:(i + 1) * p, j * p:(j + 1) * p, 0] = patch.mean(
-          axis=(1, 2))[:, None, None]
+      patch = raw_np[:, i * p : (i + 1) * p, j * p : (j + 1) * p, -1]
+      expected[:, i * p : (i + 1) * p, j * p : (j + 1) * p, 0] = patch.mean(axis=(1, 2))[
+          :, None, None
+      ]
   np.testing.assert_allclose(out.logvar, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.sigma, np.exp(expected / 2), rtol=1e-5)
   for x in (out.u, out.v, out.logvar, out.sigma):
@@ -44,9 +44,10 @@ def test_srm_head_patch_one_and_whole_image():
   whole = denoiser.srm_head(raw, None)
   np.testing.assert_allclose(
       whole.logvar,
-      np.broadcast_to(np.asarray(raw)[..., 2:].mean(axis=(1, 2),
-                                                    keepdims=True),
-                      (2, 6, 6, 1)), rtol=1e-5, atol=1e-6)
+      np.broadcast_to(np.asarray(raw)[..., 2:].mean(axis=(1, 2), keepdims=True), (2, 6, 6, 1)),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_srm_head_casts_bf16_to_float32():
@@ -83,16 +84,23 @@ def test_bad_raw_channels_raise():
 def test_make_denoise_fn_with_zero_output_conv():
   # With the output conv at zero (as at init), raw = 0, so u = 0, v = 1/2,
   # logvar = 0 and sigma = 1 (spec §1.8) whatever the other weights are.
-  model = unet_lib.UNet(hid_dims=(32, 32), attention=(False, True), d_in=3,
-                        d_out=7, num_blocks=1, t_emb_dim=16,
-                        num_head_channels=16)
+  model = unet_lib.UNet(
+      hid_dims=(32, 32),
+      attention=(False, True),
+      d_in=3,
+      d_out=7,
+      num_blocks=1,
+      t_emb_dim=16,
+      num_head_channels=16,
+  )
   rng = np.random.default_rng(0)
-  flat = {path: 0.1 * rng.standard_normal(shape)
-          for path, shape in sd_lib.param_shapes(model).items()}
-  flat = {path: np.zeros_like(v) if path[1] == "out_2" else v
-          for path, v in flat.items()}
+  flat = {
+      path: 0.1 * rng.standard_normal(shape) for path, shape in sd_lib.param_shapes(model).items()
+  }
+  flat = {path: np.zeros_like(v) if path[1] == "out_2" else v for path, v in flat.items()}
   params = flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+      {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}
+  )
   denoise = jax.jit(denoiser.make_denoise_fn(model, patch_size=4))
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   t = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))

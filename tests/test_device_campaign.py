@@ -17,10 +17,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def campaign(tmp_path_factory):
   out = tmp_path_factory.mktemp("device_campaign")
   env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
-  done = subprocess.run([sys.executable, str(ROOT / "experiments" / "device_campaign.py"),
-                         "--scale=tiny", "--memory_limit_gb=0.01", f"--out={out}",
-                         "--train_steps=1", "--steps=ms_eval,train"],
-                        capture_output=True, text=True, env=env, timeout=900, check=False)
+  done = subprocess.run(
+      [
+          sys.executable,
+          str(ROOT / "experiments" / "device_campaign.py"),
+          "--scale=tiny",
+          "--memory_limit_gb=0.01",
+          f"--out={out}",
+          "--train_steps=1",
+          "--steps=ms_eval,train",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=900,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads((out / "campaign.json").read_text()), (out / "summary.md").read_text()
 

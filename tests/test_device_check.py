@@ -27,9 +27,20 @@ def check(tmp_path_factory):
   out = tmp_path_factory.mktemp("device_check")
   # The tiny programs compile ~4x faster without XLA's optimisations and still run in seconds.
   env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
-  done = subprocess.run([sys.executable, str(ROOT / "experiments" / "device_check.py"),
-                         "--scale=tiny", f"--out={out}", "--train_steps=2"],
-                        capture_output=True, text=True, env=env, timeout=900, check=False)
+  done = subprocess.run(
+      [
+          sys.executable,
+          str(ROOT / "experiments" / "device_check.py"),
+          "--scale=tiny",
+          f"--out={out}",
+          "--train_steps=2",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=900,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads((out / "device_check.json").read_text())
   assert "errors" not in results, results.get("errors")
@@ -77,8 +88,9 @@ def test_sampler_section_counts_the_spec_passes(check):
   task = tasks.get(config.task).make_data(config)
   (ms_name,) = [n for n in results["sampler"] if n.startswith("mnist_sudoku")]
   for row in results["sampler"][ms_name]:
-    batch = task.test_batch(config.eval.seed, np.arange(row["batch"]),
-                            tuple(config.eval.given_range))
+    batch = task.test_batch(
+        config.eval.seed, np.arange(row["batch"]), tuple(config.eval.given_range)
+    )
     unknown = 16 - np.asarray(batch["num_given"])
     passes_2, passes_30 = np.mean(_spec_passes(unknown, 2)), np.mean(_spec_passes(unknown, 30))
     assert row["passes_per_puzzle"] == pytest.approx(passes_2)
@@ -90,7 +102,8 @@ def test_sampler_section_counts_the_spec_passes(check):
     # cells, k = 3, 14 passes per iteration): 456 / 64 = (36 + 30 * 14) / (36 + 2 * 14) times
     # the call.
     assert row["s_per_puzzle_at_budget_30"] == pytest.approx(
-        row["call_s"] / row["batch"] * passes_30 / passes_2, rel=1e-6)
+        row["call_s"] / row["batch"] * passes_30 / passes_2, rel=1e-6
+    )
   assert "## Sampler" in summary
 
 

@@ -66,8 +66,9 @@ def test_select_top_n():
   kept_images, kept_labels = digits.select_top_n(images, labels, confidence, 7)
   for d in range(10):
     expected = np.sort(confidence[labels == d])[::-1][:7]
-    np.testing.assert_array_equal(np.sort(confidence[kept_images[kept_labels == d]])[::-1],
-                                  expected)
+    np.testing.assert_array_equal(
+        np.sort(confidence[kept_images[kept_labels == d]])[::-1], expected
+    )
   with pytest.raises(ValueError, match="top_n=0"):
     digits.select_top_n(images, labels, confidence, 0)
 
@@ -79,8 +80,9 @@ def test_top_n_keeps_confident_digits():
   np.testing.assert_array_equal(np.asarray(bank.counts), np.full(10, 40))
   for d in range(10):
     threshold = np.sort(confidence[labels == d])[::-1][39]
-    kept_confidence = sudoku_metrics.classifier_confidence(np.asarray(bank.images[d, :40]),
-                                                           np.full(40, d))
+    kept_confidence = sudoku_metrics.classifier_confidence(
+        np.asarray(bank.images[d, :40]), np.full(40, d)
+    )
     assert np.all(kept_confidence >= threshold - 1e-6)
 
 
@@ -92,8 +94,9 @@ def test_the_shipped_ranking_is_the_shipped_classifiers():
     assert set(shipped.files) == set(expected)
     for name in expected:
       np.testing.assert_array_equal(shipped[name], expected[name], err_msg=name)
-  ranked = digits.load_digit_bank("train", top_n=30, cell_size=14,
-                                  digit_confidence=sudoku_metrics.classifier_confidence)
+  ranked = digits.load_digit_bank(
+      "train", top_n=30, cell_size=14, digit_confidence=sudoku_metrics.classifier_confidence
+  )
   shipped_bank = digits.load_digit_bank("train", top_n=30, cell_size=14)
   np.testing.assert_array_equal(np.asarray(ranked.images), np.asarray(shipped_bank.images))
 
@@ -104,8 +107,12 @@ def test_other_digits_need_a_confidence_for_top_n(tmp_path):
   np.savez(path, images=images[::20], labels=labels[::20])
   with pytest.raises(ValueError, match="needs a digit_confidence"):
     digits.load_digit_bank("test", top_n=5, path=str(path))
-  bank = digits.load_digit_bank("test", top_n=5, path=str(path),
-                                digit_confidence=lambda images, labels: -np.arange(len(labels)))
+  bank = digits.load_digit_bank(
+      "test",
+      top_n=5,
+      path=str(path),
+      digit_confidence=lambda images, labels: -np.arange(len(labels)),
+  )
   assert np.asarray(bank.counts).tolist() == [5] * 10
 
 
@@ -115,8 +122,9 @@ def test_downsample_is_box_average():
   small = digits.downsample_digits(images, 14)
   block = images[1, 4:6, 10:12].astype(np.float64)
   assert small.shape == (3, 14, 14) and small[1, 2, 5] == np.floor(block.mean() + 0.5)
-  np.testing.assert_array_equal(digits.downsample_digits(np.full((1, 28, 28), 77, np.uint8), 14),
-                                np.full((1, 14, 14), 77))
+  np.testing.assert_array_equal(
+      digits.downsample_digits(np.full((1, 28, 28), 77, np.uint8), 14), np.full((1, 14, 14), 77)
+  )
   with pytest.raises(ValueError, match="cell_size=12"):
     digits.downsample_digits(images, 12)
 

@@ -20,11 +20,15 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
-MAIN_COMMAND = ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
-                "python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:demo "
-                "--workdir=runs/demo")
-TEST_COMMAND = ("python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
-                "python -m pytest -q -n auto --dist loadfile tests")
+MAIN_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+    "python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:demo "
+    "--workdir=runs/demo"
+)
+TEST_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
+    "python -m pytest -q -n auto --dist loadfile tests"
+)
 # Lines of README.md a newcomer sees first.
 FIRST_SCREEN_LINES = 45
 
@@ -49,15 +53,21 @@ def heading_anchors(page: pathlib.Path) -> set[str]:
 def relative_links(page: pathlib.Path) -> list[str]:
   """The targets of the page's links that are not URLs or mail addresses (code blocks left out)."""
   text = _FENCE.sub("", page.read_text())
-  return [target for target in _LINK.findall(text)
-          if not re.match(r"^[a-z][a-z0-9+.-]*:", target)]
+  return [target for target in _LINK.findall(text) if not re.match(r"^[a-z][a-z0-9+.-]*:", target)]
 
 
 def test_the_docs_pages_exist_and_the_readme_links_every_one():
   names = {page.name for page in DOCS}
-  assert {"binaries_and_configs.md", "ipr_variants.md", "evaluation_at_scale.md",
-          "checkpoints.md", "adding_a_task.md", "reproducing.md", "deviations.md",
-          "contributing.md"} <= names, names
+  assert {
+      "binaries_and_configs.md",
+      "ipr_variants.md",
+      "evaluation_at_scale.md",
+      "checkpoints.md",
+      "adding_a_task.md",
+      "reproducing.md",
+      "deviations.md",
+      "contributing.md",
+  } <= names, names
   linked = {pathlib.Path(t.split("#")[0]).name for t in relative_links(README)}
   assert names <= linked, names - linked
   for target in ("CHANGELOG.md", "constraints.txt"):
@@ -75,8 +85,9 @@ def test_every_relative_link_points_at_what_exists(page):
     assert ROOT in path.parents or path == ROOT, f"{page.name}: {target} leaves the repository"
     if anchor:
       assert path.suffix == ".md", f"{page.name}: anchor into a non-Markdown file: {target}"
-      assert anchor in heading_anchors(path), (
-          f"{page.name}: no heading #{anchor} in {path.relative_to(ROOT)}")
+      assert anchor in heading_anchors(
+          path
+      ), f"{page.name}: no heading #{anchor} in {path.relative_to(ROOT)}"
 
 
 def test_the_first_screen_holds_the_two_commands():
@@ -90,8 +101,10 @@ def shell_blocks(page: pathlib.Path) -> list[str]:
   blocks = []
   for language, body in _FENCE.findall(page.read_text()):
     if language in ("bash", "sh", "shell"):
-      lines = [line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
-               for line in body.replace("\\\n", " ").splitlines()]
+      lines = [
+          line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+          for line in body.replace("\\\n", " ").splitlines()
+      ]
       blocks.append("\n".join(line for line in lines if line.strip()))
   return blocks
 
@@ -132,8 +145,11 @@ def check_command_names_what_exists(command: str) -> list[str]:
           problems.append(f"{word}: {type(e).__name__}: {e}")
       extras = re.fullmatch(r"\.\[([\w,]+)\]", word)
       if extras:
-        problems += [f"no extra {name}" for name in extras.group(1).split(",")
-                     if name not in extras_declared()]
+        problems += [
+            f"no extra {name}"
+            for name in extras.group(1).split(",")
+            if name not in extras_declared()
+        ]
     if "pip" in words[:3]:
       for flag, value in zip(words, words[1:]):
         if flag in ("-c", "-r") and not (ROOT / value).is_file():
@@ -156,7 +172,7 @@ def test_the_docs_commands_name_modules_and_configs_that_exist(page):
     for command in block.splitlines():
       if command.lstrip().startswith(("gcloud", "srun", "IPR_JAX_")):
         # The python command the launcher runs (gcloud's --command quotes it).
-        command = command[command.find("python"):].rstrip("\"'")
+        command = command[command.find("python") :].rstrip("\"'")
       problems = check_command_names_what_exists(command)
       assert not problems, (page.name, command, problems)
 
@@ -165,9 +181,11 @@ def test_the_checker_finds_what_does_not_exist():
   assert check_command_names_what_exists("python -m ipr_jax.nosuch --workdir=x")
   assert check_command_names_what_exists("python -m ipr_jax.evaluate --config=configs/no.py:demo")
   assert check_command_names_what_exists(
-      "python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:nosuch")
+      "python -m ipr_jax.evaluate --config=configs/mnist_sudoku.py:nosuch"
+  )
   assert check_command_names_what_exists("pip install -e '.[nosuch]'")
   assert check_command_names_what_exists("pip install -e . -c nosuch.txt")
   assert not check_command_names_what_exists(
       "pip install -e '.[test,convert]' -c constraints.txt && "
-      "python -m ipr_jax.evaluate --config=mnist_sudoku:demo,ms_unique_test --workdir=runs/x")
+      "python -m ipr_jax.evaluate --config=mnist_sudoku:demo,ms_unique_test --workdir=runs/x"
+  )

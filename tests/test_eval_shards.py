@@ -43,27 +43,52 @@ def test_settings_are_written_once_then_compared_field_by_field(tmp_path):
   eval_shards.check_settings(tmp_path, settings, write=True)
   assert json.loads((tmp_path / "run.json").read_text())["eval"]["given_range"] == [0, 26]
   eval_shards.check_settings(tmp_path, settings)  # tuples and lists are the same setting
-  changed = {"ipr": {"budget": 10, "resampling_ratio": 0.25}, "eval": {"given_range": (0, 26)},
-             "sampler": {"top_k": 1}}
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"ipr.budget: 30 -> 10; sampler.top_k: '<absent>' -> 1"):
+  changed = {
+      "ipr": {"budget": 10, "resampling_ratio": 0.25},
+      "eval": {"given_range": (0, 26)},
+      "sampler": {"top_k": 1},
+  }
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"ipr.budget: 30 -> 10; sampler.top_k: '<absent>' -> 1",
+  ):
     eval_shards.check_settings(tmp_path, changed, write=True)
   (tmp_path / "run.json").write_text("{not json")
   with pytest.raises(eval_shards.SettingsMismatchError, match="not valid JSON"):
     eval_shards.check_settings(tmp_path, settings)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({host_devices.COORDINATOR_ENV: "127.0.0.1:1234"},
-     "IPR_JAX_NUM_PROCESSES, IPR_JAX_PROCESS_ID not set"),
-    ({host_devices.COORDINATOR_ENV: "h:1", host_devices.NUM_PROCESSES_ENV: "two",
-      host_devices.PROCESS_ID_ENV: "0"}, "IPR_JAX_NUM_PROCESSES='two'"),
-    ({host_devices.COORDINATOR_ENV: "h:1", host_devices.NUM_PROCESSES_ENV: "2",
-      host_devices.PROCESS_ID_ENV: "2"}, r"IPR_JAX_PROCESS_ID=2 must be in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {host_devices.COORDINATOR_ENV: "127.0.0.1:1234"},
+            "IPR_JAX_NUM_PROCESSES, IPR_JAX_PROCESS_ID not set",
+        ),
+        (
+            {
+                host_devices.COORDINATOR_ENV: "h:1",
+                host_devices.NUM_PROCESSES_ENV: "two",
+                host_devices.PROCESS_ID_ENV: "0",
+            },
+            "IPR_JAX_NUM_PROCESSES='two'",
+        ),
+        (
+            {
+                host_devices.COORDINATOR_ENV: "h:1",
+                host_devices.NUM_PROCESSES_ENV: "2",
+                host_devices.PROCESS_ID_ENV: "2",
+            },
+            r"IPR_JAX_PROCESS_ID=2 must be in \[0, 2\)",
+        ),
+    ],
+)
 def test_partial_or_bad_process_settings_are_refused(monkeypatch, env, message):
-  for name in (host_devices.COORDINATOR_ENV, host_devices.NUM_PROCESSES_ENV,
-               host_devices.PROCESS_ID_ENV):
+  for name in (
+      host_devices.COORDINATOR_ENV,
+      host_devices.NUM_PROCESSES_ENV,
+      host_devices.PROCESS_ID_ENV,
+  ):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
@@ -77,16 +102,21 @@ def test_partial_or_bad_process_settings_are_refused(monkeypatch, env, message):
 
 
 def _code(sampler_digest="a" * 64):
-  return {"ipr_jax_version": "0.1.0", "sha256": "c" * 64,
-          "files": {"evaluate.py": "b" * 64, "sampler.py": sampler_digest}}
+  return {
+      "ipr_jax_version": "0.1.0",
+      "sha256": "c" * 64,
+      "files": {"evaluate.py": "b" * 64, "sampler.py": sampler_digest},
+  }
 
 
 def test_a_format_1_run_json_is_refused_with_a_pointer_to_the_migration(tmp_path):
   (tmp_path / "run.json").write_text(json.dumps({"ipr": {"budget": 30}, "task": "mnist_sudoku"}))
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"format 1, not 2.*migrate_run_json.py"):
-    eval_shards.check_settings(tmp_path, {"ipr": {"budget": 30}, "task": "mnist_sudoku"},
-                               write=True)
+  with pytest.raises(
+      eval_shards.SettingsMismatchError, match=r"format 1, not 2.*migrate_run_json.py"
+  ):
+    eval_shards.check_settings(
+        tmp_path, {"ipr": {"budget": 30}, "task": "mnist_sudoku"}, write=True
+    )
 
 
 def test_other_code_is_refused_while_shards_exist_and_recorded_when_none_do(tmp_path):
@@ -97,17 +127,21 @@ def test_other_code_is_refused_while_shards_exist_and_recorded_when_none_do(tmp_
   # No shard yet: nothing of the other code would be reused, run.json takes the new code.
   eval_shards.check_settings(tmp_path, {**settings, "code": _code("d" * 64)}, write=True)
   assert json.loads((tmp_path / "run.json").read_text())["code"]["files"]["sampler.py"] == (
-      "d" * 64)
+      "d" * 64
+  )
   eval_shards.write_shard(tmp_path, 0, {"index": np.arange(2)})
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"other code: code.files.sampler.py: 'd{64}' -> 'e{64}'\. .*"
-                           r"requires computing the shards again"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"other code: code.files.sampler.py: 'd{64}' -> 'e{64}'\. .*"
+      r"requires computing the shards again",
+  ):
     eval_shards.check_settings(tmp_path, {**settings, "code": _code("e" * 64)}, write=True)
   # A committed run.json is a record: its settings can be checked without the code.
   eval_shards.check_settings(tmp_path, {**settings, "code": _code("e" * 64)}, check_code=False)
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"ipr.budget: 30 -> 31"):
-    eval_shards.check_settings(tmp_path, {"ipr": {"budget": 31}, "code": _code("d" * 64)},
-                               check_code=False)
+    eval_shards.check_settings(
+        tmp_path, {"ipr": {"budget": 31}, "code": _code("d" * 64)}, check_code=False
+    )
   # Settings are compared first, and refused with or without shards.
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"other settings: ipr.budget"):
     eval_shards.check_settings(tmp_path, {"ipr": {"budget": 31}, "code": _code("e" * 64)})
@@ -131,8 +165,10 @@ def test_code_record_hashes_each_listed_file(tmp_path):
   (tmp_path / "models" / "b.py").write_bytes(b"y = 2\n")
   files = ("a.py", "models/b.py")
   record = eval_shards.code_record(tmp_path, files)
-  assert record["files"] == {"a.py": hashlib.sha256(b"x = 1\n").hexdigest(),
-                             "models/b.py": hashlib.sha256(b"y = 2\n").hexdigest()}
+  assert record["files"] == {
+      "a.py": hashlib.sha256(b"x = 1\n").hexdigest(),
+      "models/b.py": hashlib.sha256(b"y = 2\n").hexdigest(),
+  }
   assert record["ipr_jax_version"] == ipr_jax.__version__
   (tmp_path / "a.py").write_text("x = 1  # a comment counts\n")
   changed = eval_shards.code_record(tmp_path, files)
@@ -151,11 +187,15 @@ def test_batches_record_tells_batch_sizes_and_assignments_apart():
   assert record["count"] == 3 and record["puzzles"] == 5
   assert eval_shards.batches_record([b.copy() for b in batches]) == record
   assert eval_shards.batches_record([np.array([0, 2, 1]), np.array([3, 4])])["sha256"] != (
-      record["sha256"])  # another batch size
-  assert eval_shards.batches_record([np.array([0, 1]), np.array([2, 3]), np.array([4])])[
-      "sha256"] != record["sha256"]  # the same sizes, other puzzles per batch
+      record["sha256"]
+  )  # another batch size
+  assert (
+      eval_shards.batches_record([np.array([0, 1]), np.array([2, 3]), np.array([4])])["sha256"]
+      != record["sha256"]
+  )  # the same sizes, other puzzles per batch
   assert eval_shards.batches_record([np.array([0, 2, 1, 3]), np.array([4])])["sha256"] != (
-      record["sha256"])  # the same order, other boundaries
+      record["sha256"]
+  )  # the same order, other boundaries
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +246,7 @@ def test_damaged_shards_are_deleted_at_resume_and_others_are_checked(tmp_path):
   for b, batch in enumerate(batches):
     eval_shards.write_shard(tmp_path, b, {"index": batch, "nfe": np.full((len(batch), 3), b)})
   whole = eval_shards.shard_path(tmp_path, 1).read_bytes()
-  eval_shards.shard_path(tmp_path, 1).write_bytes(whole[:len(whole) // 2])  # truncated
+  eval_shards.shard_path(tmp_path, 1).write_bytes(whole[: len(whole) // 2])  # truncated
   corrupt = bytearray(eval_shards.shard_path(tmp_path, 2).read_bytes())
   position = corrupt.index(b"\x93NUMPY", corrupt.index(b"nfe.npy")) + 140  # in nfe's data
   corrupt[position] ^= 0xFF  # a flipped byte: only the zip's CRC tells
@@ -218,9 +258,11 @@ def test_damaged_shards_are_deleted_at_resume_and_others_are_checked(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"2 of 4 batches .*batches 1, 2\)"):
     eval_shards.read_shards(tmp_path, batches)
   # A readable shard of other puzzles is refused, not recomputed.
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"batch_000003.npz holds puzzles \[5\] \(1\), but batch 3 of this run "
-                           r"is \[6\] \(1\)"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"batch_000003.npz holds puzzles \[5\] \(1\), but batch 3 of this run "
+      r"is \[6\] \(1\)",
+  ):
     eval_shards.verify_shards(tmp_path, batches[:3] + [np.array([6])])
   with pytest.raises(eval_shards.SettingsMismatchError, match="batch 3, but this run has 3"):
     eval_shards.verify_shards(tmp_path, batches[:3])
@@ -241,7 +283,8 @@ def test_read_shards_checks_every_shard_against_its_batch(tmp_path):
 
 def test_agree_with_one_process_reraises_or_returns_the_stop_flag():
   assert agreement.agree(None, stop=True, payload={"done": [1]}) == agreement.Outcome(
-      True, [{"done": [1]}])
+      True, [{"done": [1]}]
+  )
   error = ValueError("mine")
   with pytest.raises(ValueError) as raised:
     agreement.agree(error)
@@ -249,14 +292,21 @@ def test_agree_with_one_process_reraises_or_returns_the_stop_flag():
 
 
 def test_other_processes_rebuild_the_error_type_and_message():
-  error = agreement.rebuild_error(0, "ipr_jax.eval_shards", "SettingsMismatchError",
-                                  "x holds results computed with other settings: ipr.budget")
+  error = agreement.rebuild_error(
+      0,
+      "ipr_jax.eval_shards",
+      "SettingsMismatchError",
+      "x holds results computed with other settings: ipr.budget",
+  )
   assert type(error) is eval_shards.SettingsMismatchError
   assert str(error) == "x holds results computed with other settings: ipr.budget"
   error = agreement.rebuild_error(1, "builtins", "FileNotFoundError", "[Errno 2] no: 'a'")
   assert type(error) is FileNotFoundError and str(error) == "[Errno 2] no: 'a'"
-  for module, name in (("jaxlib.xla_extension", "XlaRuntimeError"), ("builtins", "print"),
-                       ("ipr_jax.eval_shards", "NoSuchError")):
+  for module, name in (
+      ("jaxlib.xla_extension", "XlaRuntimeError"),
+      ("builtins", "print"),
+      ("ipr_jax.eval_shards", "NoSuchError"),
+  ):
     error = agreement.rebuild_error(1, module, name, "boom")
     assert type(error) is agreement.ProcessError
     assert str(error) == f"process 1 failed: {module}.{name}: boom"
@@ -265,11 +315,18 @@ def test_other_processes_rebuild_the_error_type_and_message():
 def test_config_diff_names_every_differing_leaf_by_its_dotted_key():
   """The one diff of eval_shards.check_settings and pretrained.check_compatible."""
   old = {"ipr": {"budget": 30, "gone": 1, "same": None}, "task": "a", "eval": {"seed": 1}}
-  new = {"ipr": {"budget": 10, "same": None}, "task": "b", "sampler": {"top_k": 1},
-         "eval": {"seed": 1}}
+  new = {
+      "ipr": {"budget": 10, "same": None},
+      "task": "b",
+      "sampler": {"top_k": 1},
+      "eval": {"seed": 1},
+  }
   assert config_diff.differences(old, new, absent="<absent>") == [
-      ("ipr.budget", 30, 10), ("ipr.gone", 1, "<absent>"), ("sampler.top_k", "<absent>", 1),
-      ("task", "a", "b")]
+      ("ipr.budget", 30, 10),
+      ("ipr.gone", 1, "<absent>"),
+      ("sampler.top_k", "<absent>", 1),
+      ("task", "a", "b"),
+  ]
   assert config_diff.differences(old, old) == []
   assert config_diff.flatten({"a": {"b": [1, 2]}, "c": 3}) == {"a.b": [1, 2], "c": 3}
 
@@ -282,23 +339,31 @@ def test_another_environment_is_refused_while_shards_exist_unless_accepted(tmp_p
   settings = {"ipr": {"budget": 30}, "code": _code()}
   first, second = _environment(), _environment(jaxlib="0.11.0")
   digest = lambda env: {environment.digest(env)}
-  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first},
-                                    write=True) == digest(first)
+  assert eval_shards.check_settings(
+      tmp_path, {**settings, "environment": first}, write=True
+  ) == digest(first)
   # No shard yet: run.json simply takes the new environment.
   eval_shards.check_settings(tmp_path, {**settings, "environment": second}, write=True)
   assert json.loads((tmp_path / "run.json").read_text())["environment"] == second
   eval_shards.write_shard(tmp_path, 0, {"index": np.arange(2)})
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"another environment: environment\.packages\.jaxlib: '0\.11\.0' -> "
-                           r"'0\.10\.2'\..*--allow_environment_change"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"another environment: environment\.packages\.jaxlib: '0\.11\.0' -> "
+      r"'0\.10\.2'\..*--allow_environment_change",
+  ):
     eval_shards.check_settings(tmp_path, {**settings, "environment": first}, write=True)
   # Accepted: recorded, and from then on both environments' shards belong to the run.
-  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first}, write=True,
-                                    allow_environment_change=True) is None
+  assert (
+      eval_shards.check_settings(
+          tmp_path, {**settings, "environment": first}, write=True, allow_environment_change=True
+      )
+      is None
+  )
   stored = json.loads((tmp_path / "run.json").read_text())
   assert stored["environment"] == second and stored["environment_changes"] == [first]
-  assert eval_shards.check_settings(tmp_path, {**settings, "environment": first},
-                                    write=True) == digest(first) | digest(second)
+  assert eval_shards.check_settings(
+      tmp_path, {**settings, "environment": first}, write=True
+  ) == digest(first) | digest(second)
   # The environment is not a setting: a committed record is checked without it.
   eval_shards.check_settings(tmp_path, settings, check_code=False)
 
@@ -309,15 +374,17 @@ def test_each_shard_is_checked_against_the_runs_digests(tmp_path):
   digests = eval_shards.ShardDigests(eval_shards.settings_digest(settings), env, frozenset({env}))
   # The digest ignores the environment records, not the code.
   assert digests.settings == eval_shards.settings_digest(
-      {**settings, "environment": _environment("0.11.0"), "environment_changes": [{}]})
+      {**settings, "environment": _environment("0.11.0"), "environment_changes": [{}]}
+  )
   assert digests.settings != eval_shards.settings_digest({**settings, "code": _code("e" * 64)})
   batches = [np.array([0, 1]), np.array([2, 3])]
   eval_shards.write_shard(tmp_path, 0, {"index": batches[0], **digests.arrays()})
   assert eval_shards.verify_shards(tmp_path, batches, digests) == ({0}, [])
-  other = eval_shards.ShardDigests(eval_shards.settings_digest({"ipr": {"budget": 31}}), env,
-                                   None)
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"batch_000000\.npz was computed under other settings or code"):
+  other = eval_shards.ShardDigests(eval_shards.settings_digest({"ipr": {"budget": 31}}), env, None)
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"batch_000000\.npz was computed under other settings or code",
+  ):
     eval_shards.verify_shards(tmp_path, batches, other)
   elsewhere = eval_shards.ShardDigests(digests.settings, "f" * 64, frozenset({"f" * 64}))
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"another environment"):
@@ -333,11 +400,13 @@ def test_processes_that_would_compute_different_things_are_named():
   settings = {"ipr": {"budget": 30}, "code": _code(), "environment": _environment()}
   eval_shards.check_processes_agree([settings, dict(settings)])
   other = {**settings, "ipr": {"budget": 3}, "environment": _environment("0.11.0")}
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"the 3 processes of this run would compute different things: "
-                           r"environment\.packages\.jaxlib: '0\.10\.2' \(process 0\) vs "
-                           r"'0\.11\.0' \(process 2\); ipr\.budget: 30 \(process 0\) vs 3 "
-                           r"\(process 2\)\."):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"the 3 processes of this run would compute different things: "
+      r"environment\.packages\.jaxlib: '0\.10\.2' \(process 0\) vs "
+      r"'0\.11\.0' \(process 2\); ipr\.budget: 30 \(process 0\) vs 3 "
+      r"\(process 2\)\.",
+  ):
     eval_shards.check_processes_agree([settings, settings, other])
 
 
@@ -346,6 +415,7 @@ def test_sigint_asks_for_a_stop_and_a_second_one_interrupts():
   KeyboardInterrupt; the handlers are restored afterwards."""
   import signal  # pylint: disable=g-import-not-at-top
   from ipr_jax import preemption  # pylint: disable=g-import-not-at-top
+
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   with preemption.Preemption("stopping.") as stop:
     assert not stop.this_process()

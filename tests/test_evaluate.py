@@ -49,8 +49,9 @@ def _random_weights_checkpoint(config, workdir):
   params = build.init_params(config, model, jax.random.key(0))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+      treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
   checkpoint.save_params_checkpoint(workdir, params, config, build.make_optimizer(config))
 
 
@@ -66,6 +67,7 @@ def shipped():
 
 def _regression_config(shipped, **overrides):
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   record = shipped.metadata["regression"]
   config = load_task_config("mnist_sudoku", "demo")
   config.eval.num_puzzles = record["num_puzzles"]
@@ -96,8 +98,14 @@ def test_writes_results_with_documented_columns(demo_run):
   with open(out / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [int(r["budget"]) for r in table] == list(range(config.ipr.budget + 1))
-  for column in ("valid_rate", "valid_ci_low", "valid_ci_high", "mean_duplicate_count",
-                 "mean_nfe", "num_puzzles"):
+  for column in (
+      "valid_rate",
+      "valid_ci_low",
+      "valid_ci_high",
+      "mean_duplicate_count",
+      "mean_nfe",
+      "num_puzzles",
+  ):
     assert column in table[0], column
   saved = json.loads((out / "results.json").read_text())
   assert saved["metadata"]["task"] == "mnist_sudoku"
@@ -111,8 +119,9 @@ def test_writes_results_with_documented_columns(demo_run):
   n, p, z = len(grids), valid / len(grids), 1.959963984540054
   centre = (p + z * z / (2 * n)) / (1 + z * z / n)
   half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  assert (last["valid_ci_low"], last["valid_ci_high"]) == pytest.approx((centre - half,
-                                                                         centre + half))
+  assert (last["valid_ci_low"], last["valid_ci_high"]) == pytest.approx(
+      (centre - half, centre + half)
+  )
   # The environment that computed it: this process's libraries and devices.
   environment = saved["metadata"]["environment"]
   assert environment["packages"]["jax"] == jax.__version__
@@ -128,8 +137,9 @@ def test_nfe_is_the_spec_count_of_each_puzzle(demo_run):
   0.8, spec §4.3) with k = max(1, floor(unknown / 4)) re-noised cells."""
   config, _, rows = demo_run
   task = tasks.get(config.task).make_data(config)
-  batch = task.test_batch(config.eval.seed, np.arange(config.eval.num_puzzles),
-                          tuple(config.eval.given_range))
+  batch = task.test_batch(
+      config.eval.seed, np.arange(config.eval.num_puzzles), tuple(config.eval.given_range)
+  )
   unknown = 16 - np.asarray(batch["num_given"])
   k = np.maximum(1, unknown // 4)
   for budget, row in enumerate(rows):
@@ -155,8 +165,9 @@ def differing_puzzles(record, facts, valid=None, duplicate_count=None):
 
 def _regression_facts(config, params, record):
   """The regression set's facts as experiments/ship_demo_model.py records them."""
-  return pretrained.regression_facts(evaluate.Evaluator(config, params), record["num_puzzles"],
-                                     record["batch_size"])
+  return pretrained.regression_facts(
+      evaluate.Evaluator(config, params), record["num_puzzles"], record["batch_size"]
+  )
 
 
 def test_shipped_model_matches_its_record(shipped, demo_run):
@@ -175,7 +186,8 @@ def test_shipped_model_matches_its_record(shipped, demo_run):
   assert np.mean(record["duplicate_count"], 0)[-1] < np.mean(record["duplicate_count"], 0)[0]
   np.testing.assert_array_equal(
       np.asarray(record["valid"], bool),
-      [[_obeys_sudoku_rules(grid) for grid in puzzle] for puzzle in record["digit_grid"]])
+      [[_obeys_sudoku_rules(grid) for grid in puzzle] for puzzle in record["digit_grid"]],
+  )
   puzzles = _load_puzzles(workdir)
   np.testing.assert_array_equal(puzzles["index"], np.arange(shape[0]))
   facts = _regression_facts(config, shipped.params, record)
@@ -189,7 +201,8 @@ def test_shipped_model_matches_its_record(shipped, demo_run):
       "largest cell mean change "
       f"{np.abs(facts['cell_mean'] - np.asarray(record['cell_mean'])).max():.2e}); if the code "
       "changed what the sampler draws on purpose, re-record: python "
-      "experiments/ship_demo_model.py --record_only")
+      "experiments/ship_demo_model.py --record_only"
+  )
   assert [r["mean_nfe"] for r in rows] == pytest.approx(record["mean_nfe"])
 
 
@@ -199,24 +212,36 @@ def _obeys_sudoku_rules(grid):
   grid = np.asarray(grid)
   n = len(grid)
   box = int(round(np.sqrt(n)))
-  groups = [grid[i] for i in range(n)] + [grid[:, j] for j in range(n)] + [
-      grid[r:r + box, c:c + box].reshape(-1) for r in range(0, n, box) for c in range(0, n, box)]
+  groups = (
+      [grid[i] for i in range(n)]
+      + [grid[:, j] for j in range(n)]
+      + [
+          grid[r : r + box, c : c + box].reshape(-1)
+          for r in range(0, n, box)
+          for c in range(0, n, box)
+      ]
+  )
   return all(sorted(g.tolist()) == list(range(1, n + 1)) for g in groups)
 
 
 def _given_cells_as_candidates(refine):
   """A sampler bug: IPR re-noises among every cell, the given ones included (they are pasted
   back, so only the number and choice of the regenerated cells change)."""
+
   def buggy(denoise_fn, z, masked, mask, candidates, noise, keys, **kwargs):
-    return refine(denoise_fn, z, masked, mask, jax.numpy.ones_like(candidates), noise, keys,
-                  **kwargs)
+    return refine(
+        denoise_fn, z, masked, mask, jax.numpy.ones_like(candidates), noise, keys, **kwargs
+    )
+
   return buggy
 
 
-@pytest.mark.parametrize("change", ["weights_5pct_noise", "given_cells_as_candidates",
-                                    "renoise_to_t08"])
-def test_the_record_check_fails_for_a_changed_model_or_sampler(shipped, demo_run, change,
-                                                                monkeypatch):
+@pytest.mark.parametrize(
+    "change", ["weights_5pct_noise", "given_cells_as_candidates", "renoise_to_t08"]
+)
+def test_the_record_check_fails_for_a_changed_model_or_sampler(
+    shipped, demo_run, change, monkeypatch
+):
   """The comparison above bites: weights with Gaussian noise of 5% of each tensor's RMS, and two
   sampler bugs that barely move the valid rate or a digit (counting the given cells as IPR
   candidates; re-noising to t = 0.8 instead of pure noise) each change the cells of more than
@@ -228,9 +253,13 @@ def test_the_record_check_fails_for_a_changed_model_or_sampler(shipped, demo_run
   if change == "weights_5pct_noise":
     leaves, treedef = jax.tree.flatten(shipped.params)
     rng = np.random.default_rng(0)
-    params = jax.tree.unflatten(treedef, [
-        x + 0.05 * np.sqrt(np.mean(np.square(x))) * rng.standard_normal(x.shape).astype(x.dtype)
-        for x in leaves])
+    params = jax.tree.unflatten(
+        treedef,
+        [
+            x + 0.05 * np.sqrt(np.mean(np.square(x))) * rng.standard_normal(x.shape).astype(x.dtype)
+            for x in leaves
+        ],
+    )
   elif change == "given_cells_as_candidates":
     buggy = _given_cells_as_candidates(sampling_ipr._refine)  # pylint: disable=protected-access
     monkeypatch.setattr(sampling_ipr, "_refine", buggy)
@@ -258,11 +287,13 @@ def _sigterm_after(batch_to_stop):
   def hook(batch):
     if batch == batch_to_stop:
       signal.raise_signal(signal.SIGTERM)
+
   return hook
 
 
 def test_interrupted_run_at_another_batch_size_resumes_to_the_same_results(
-    shipped, demo_run, tmp_path):
+    shipped, demo_run, tmp_path
+):
   """SIGTERM after a batch keeps the shards written so far; the rerun computes only the rest
   and its files equal an uninterrupted run's, here one with another batch size (so other
   batches and paddings): a puzzle's result depends only on (seed, index)."""
@@ -288,7 +319,8 @@ def test_interrupted_run_at_another_batch_size_resumes_to_the_same_results(
     for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
       assert a[key] == b[key], (a["budget"], key)
   throughput = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
-      "metadata"]["throughput"]
+      "metadata"
+  ]["throughput"]
   assert throughput["batches_reused"] == 3 and throughput["puzzles"] == 32 - 18
   assert throughput["puzzles_per_sec"] > 0 and throughput["device_count"] == 2
 
@@ -335,10 +367,17 @@ def test_two_processes_split_the_batches_and_match_one_process(demo_run, tmp_pat
   computes batches 0 and 2, process 1 only batch 1 and waits for it in the last round): the same
   per-puzzle results as the single-process run on 2 devices, written once by process 0."""
   _, demo_workdir, _ = demo_run
-  outputs = multiprocess.run_processes("ipr_jax.evaluate", [
-      f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo", f"--workdir={tmp_path}",
-      "--config.eval.num_puzzles=32", "--config.eval.batch_size=12", "--config.ipr.budget=4",
-      "--config.eval.name=regression"])
+  outputs = multiprocess.run_processes(
+      "ipr_jax.evaluate",
+      [
+          f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo",
+          f"--workdir={tmp_path}",
+          "--config.eval.num_puzzles=32",
+          "--config.eval.batch_size=12",
+          "--config.ipr.budget=4",
+          "--config.eval.name=regression",
+      ],
+  )
   assert "[process 0] [20/20]" in outputs[0] and "[process 1] [12/12]" in outputs[1]
   assert "wrote" in outputs[0] and "wrote" not in outputs[1]
   shard_dir = tmp_path / "eval" / "regression" / "shards"
@@ -348,7 +387,8 @@ def test_two_processes_split_the_batches_and_match_one_process(demo_run, tmp_pat
   for key in theirs:
     np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
   throughput = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
-      "metadata"]["throughput"]
+      "metadata"
+  ]["throughput"]
   assert throughput["process_count"] == 2 and throughput["device_count"] == 2
 
 
@@ -361,8 +401,12 @@ def test_key_streams_never_share_a_key(shipped, demo_run):
   root = jax.random.key(config.eval.seed)
   noise_root = jax.random.fold_in(root, evaluate.NOISE_STREAM)
   sampling_key = evaluator._sampling_key  # pylint: disable=protected-access
-  keys = [sampling.puzzle_keys(root, indices), sampling.puzzle_keys(noise_root, indices),
-          sampling.puzzle_keys(sampling_key, indices), jax.numpy.stack([noise_root, sampling_key])]
+  keys = [
+      sampling.puzzle_keys(root, indices),
+      sampling.puzzle_keys(noise_root, indices),
+      sampling.puzzle_keys(sampling_key, indices),
+      jax.numpy.stack([noise_root, sampling_key]),
+  ]
   data = np.concatenate([np.asarray(jax.random.key_data(k)) for k in keys])
   assert len({tuple(row) for row in data}) == len(data) == 3002
   # The evaluator's initial noise of puzzle 5 is the noise stream's draw, not the content's.
@@ -385,7 +429,8 @@ def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_r
   rest = evaluator(np.arange(16, config.eval.num_puzzles), samples_per_device=4)
   table = eval_report.budget_table(
       {k: np.concatenate([full.scores[k], rest.scores[k]], axis=1) for k in full.scores},
-      np.concatenate([full.nfe, rest.nfe], axis=1))
+      np.concatenate([full.nfe, rest.nfe], axis=1),
+  )
   for mine, theirs in zip(table, rows):
     for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
       assert mine[key] == pytest.approx(theirs[key], abs=1e-9), key
@@ -397,8 +442,11 @@ def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_r
     np.testing.assert_array_equal(part.scores[name], full.scores[name][:, picked])
   np.testing.assert_array_equal(part.nfe, full.nfe[:, picked])
   for i in (0, 2, 9, 11):
-    np.testing.assert_allclose(part.samples[list(picked).index(i)],
-                               full.samples[list(full.sample_indices).index(i)], atol=1e-4)
+    np.testing.assert_allclose(
+        part.samples[list(picked).index(i)],
+        full.samples[list(full.sample_indices).index(i)],
+        atol=1e-4,
+    )
   # The outlined cells (numpy, from the classified digits) agree with the metric (JAX).
   broken = evaluator.invalid_cells(part.samples).any(axis=(-2, -1))  # [P, budgets]
   np.testing.assert_array_equal(broken.T, part.scores["duplicate_count"] > 0)
@@ -429,6 +477,7 @@ def test_a_config_that_changes_the_shipped_model_is_refused(shipped, tmp_path):
 @pytest.fixture(scope="module")
 def ep_run(tmp_path_factory):
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("even_pixels", "tiny")
   config.ipr.budget = 2
   config.eval.num_puzzles = 3
@@ -466,6 +515,7 @@ def test_even_pixels_results_do_not_depend_on_batch_size(ep_run):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("even_pixels", "tiny")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
     evaluate.evaluate(config, str(tmp_path / "nothing"))
@@ -488,8 +538,10 @@ def test_wilson_interval_closed_forms():
 
 
 def test_budget_table_means_and_shape_errors():
-  scores = {"valid": np.array([[1, 0, 0, 0], [1, 1, 0, 1]], bool),
-            "duplicate_count": np.array([[0, 2, 4, 6], [0, 0, 2, 0]])}
+  scores = {
+      "valid": np.array([[1, 0, 0, 0], [1, 1, 0, 1]], bool),
+      "duplicate_count": np.array([[0, 2, 4, 6], [0, 0, 2, 0]]),
+  }
   rows = eval_report.budget_table(scores, nfe=np.array([[3, 3, 3, 3], [5, 5, 5, 5]]))
   assert [r["valid_rate"] for r in rows] == [0.25, 0.75]
   assert [r["mean_duplicate_count"] for r in rows] == [3.0, 0.5]
@@ -555,25 +607,34 @@ def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, 
   """selection='uncertainty' with return_iterate='confident': the query's G passes after the SRM
   pass and after every iteration on top of the spec counts; the last iterate's scores too."""
   groups = 4
-  config = _regression_config(shipped, ipr__budget=2, eval__num_puzzles=8, eval__batch_size=8,
-                              ipr__selection="uncertainty", ipr__return_iterate="confident",
-                              ipr__uncertainty_groups=groups)
+  config = _regression_config(
+      shipped,
+      ipr__budget=2,
+      eval__num_puzzles=8,
+      eval__batch_size=8,
+      ipr__selection="uncertainty",
+      ipr__return_iterate="confident",
+      ipr__uncertainty_groups=groups,
+  )
   rows = evaluate.evaluate(config, str(tmp_path))
   puzzles = _load_puzzles(tmp_path)
   unknown = puzzles["unknown_patches"]
   k = np.maximum(1, unknown // 4)
   for budget in range(3):
     np.testing.assert_array_equal(
-        puzzles["nfe"][:, budget], 3 * unknown + groups + budget * (2 * k + 8 + groups))
+        puzzles["nfe"][:, budget], 3 * unknown + groups + budget * (2 * k + 8 + groups)
+    )
   for name in ("last_valid", "last_duplicate_count", "model_uncertainty"):
     assert puzzles[name].shape == (8, 3), name
   # The returned iterate after budget b is the iterate j <= b of lowest mean uncertainty.
-  best = [np.argmin(puzzles["model_uncertainty"][:, :b + 1], axis=1) for b in range(3)]
+  best = [np.argmin(puzzles["model_uncertainty"][:, : b + 1], axis=1) for b in range(3)]
   for b in range(3):
-    np.testing.assert_array_equal(puzzles["valid"][:, b],
-                                  puzzles["last_valid"][np.arange(8), best[b]])
-    np.testing.assert_array_equal(puzzles["duplicate_count"][:, b],
-                                  puzzles["last_duplicate_count"][np.arange(8), best[b]])
+    np.testing.assert_array_equal(
+        puzzles["valid"][:, b], puzzles["last_valid"][np.arange(8), best[b]]
+    )
+    np.testing.assert_array_equal(
+        puzzles["duplicate_count"][:, b], puzzles["last_duplicate_count"][np.arange(8), best[b]]
+    )
   assert rows[-1]["mean_last_valid"] == pytest.approx(puzzles["last_valid"][:, -1].mean())
   settings = json.loads((tmp_path / "eval" / "regression" / "shards" / "run.json").read_text())
   assert settings["ipr"]["selection"] == "uncertainty"
@@ -583,6 +644,7 @@ def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, 
 
 def test_verifier_selection_needs_a_sudoku_verifier():
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("even_pixels", "tiny,ep_test")
   config.ipr.selection = "verifier"
   with pytest.raises(ValueError, match="only mnist_sudoku has; got task 'even_pixels'"):
@@ -601,7 +663,7 @@ def _apply_overrides(config, args):
   """`--config.section.field=value` arguments as config_flags applies them (typed by the
   field's current value)."""
   for arg in args:
-    name, value = arg[len("--config."):].split("=", 1)
+    name, value = arg[len("--config.") :].split("=", 1)
     section, field = name.split(".")
     current = config[section][field]
     if isinstance(current, bool):
@@ -615,8 +677,13 @@ def _apply_overrides(config, args):
 def _committed_run_commands():
   """{run folder under experiments/results: its --config.* overrides of the demo config}: the
   reproduction's command (experiments/README.md) and every run of experiments/run_variants.sh."""
-  runs = {"repro_1000_keys2": ["--config.eval.num_puzzles=1000", "--config.eval.batch_size=50",
-                               "--config.ipr.budget=30"]}
+  runs = {
+      "repro_1000_keys2": [
+          "--config.eval.num_puzzles=1000",
+          "--config.eval.batch_size=50",
+          "--config.ipr.budget=30",
+      ]
+  }
   script = (_ROOT / "experiments" / "run_variants.sh").read_text()
   common = re.search(r'^common="([^"]*)"', script, re.M).group(1).split()
   assert common[0] == "--config=configs/mnist_sudoku.py:demo", common
@@ -635,8 +702,12 @@ def _committed_runs_model():
   """The params digest that the committed runs record: one model for all eight (the 3,250-step
   demo model shipped until 2026-12-04, in the git history only, so its digest cannot be computed
   here), and not the model shipped now."""
-  digests = {json.loads((_RESULTS / run / "eval" / "ms_hard_test" / "shards" / "run.json")
-                        .read_text())["params_sha256"] for run in _COMMITTED_RUNS}
+  digests = {
+      json.loads((_RESULTS / run / "eval" / "ms_hard_test" / "shards" / "run.json").read_text())[
+          "params_sha256"
+      ]
+      for run in _COMMITTED_RUNS
+  }
   assert len(digests) == 1, digests
   (digest,) = digests
   assert digest != evaluate.params_digest(pretrained.load("mnist_sudoku_demo").params)
@@ -646,8 +717,7 @@ def _committed_runs_model():
 def _committed_run_settings(config, params):
   """`evaluate.run_settings` of `config`, but for the params digest: the earlier model's that
   the committed runs record (`_committed_runs_model`); every other setting is checked."""
-  return {**evaluate.run_settings(config, params, "ema"),
-          "params_sha256": _committed_runs_model()}
+  return {**evaluate.run_settings(config, params, "ema"), "params_sha256": _committed_runs_model()}
 
 
 @pytest.mark.parametrize("run", sorted(_COMMITTED_RUNS))
@@ -657,6 +727,7 @@ def test_the_committed_run_json_records_the_settings_of_its_command(shipped, run
   (format 1 did not record it), so their shards would not be reused; reusing shards needs the
   same code (tests/test_eval_shards.py)."""
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), _COMMITTED_RUNS[run])
   shard_dir = _RESULTS / run / "eval" / "ms_hard_test" / "shards"
   stored = json.loads((shard_dir / "run.json").read_text())
@@ -671,16 +742,30 @@ def test_the_committed_run_json_records_the_settings_of_its_command(shipped, run
 # The step-20,494 model's evaluations (experiments/results/demo_20494, made by
 # experiments/demo_recipes.py on a GPU): eval name -> (preset, overrides), as experiments/README.md
 # gives the commands.
-_TABLE_ARGS = ["--config.eval.num_puzzles=1000", "--config.eval.batch_size=500",
-               "--config.ipr.budget=30"]
+_TABLE_ARGS = [
+    "--config.eval.num_puzzles=1000",
+    "--config.eval.batch_size=500",
+    "--config.ipr.budget=30",
+]
 _UNCERTAINTY_ARGS = ["--config.ipr.selection=uncertainty", "--config.ipr.return_iterate=confident"]
 _DEMO_20494_RUNS = {
-    "select_hard": ("demo", ["--config.eval.seed=36", "--config.eval.num_puzzles=500",
-                             "--config.eval.batch_size=500", "--config.ipr.budget=30"]),
-    **{f"{ev}_paper": (f"demo,{ev}", _TABLE_ARGS)
-       for ev in ("ms_hard_test", "ms_medium_test", "ms_unique_test")},
-    **{f"{ev}_uncertainty": (f"demo,{ev}", _TABLE_ARGS + _UNCERTAINTY_ARGS)
-       for ev in ("ms_hard_test", "ms_medium_test", "ms_unique_test")},
+    "select_hard": (
+        "demo",
+        [
+            "--config.eval.seed=36",
+            "--config.eval.num_puzzles=500",
+            "--config.eval.batch_size=500",
+            "--config.ipr.budget=30",
+        ],
+    ),
+    **{
+        f"{ev}_paper": (f"demo,{ev}", _TABLE_ARGS)
+        for ev in ("ms_hard_test", "ms_medium_test", "ms_unique_test")
+    },
+    **{
+        f"{ev}_uncertainty": (f"demo,{ev}", _TABLE_ARGS + _UNCERTAINTY_ARGS)
+        for ev in ("ms_hard_test", "ms_medium_test", "ms_unique_test")
+    },
 }
 
 
@@ -689,11 +774,13 @@ def test_the_shipped_models_committed_tables_record_their_commands(shipped, name
   """The tables of experiments/README.md were computed with the model shipped now (its digest)
   and the documented settings (the uniquely solvable puzzles included)."""
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   preset, args = _DEMO_20494_RUNS[name]
   config = _apply_overrides(load_task_config("mnist_sudoku", preset), args)
   shard_dir = _RESULTS / "demo_20494" / "eval" / name / "shards"
-  eval_shards.check_settings(shard_dir, evaluate.run_settings(config, shipped.params, "ema"),
-                             check_code=False)
+  eval_shards.check_settings(
+      shard_dir, evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+  )
   stored = json.loads((shard_dir / "run.json").read_text())
   assert stored["eval"].get("unique_solution", False) == name.startswith("ms_unique_test")
 
@@ -702,12 +789,13 @@ def test_the_cpu_rerun_records_its_command_code_and_environment(shipped):
   """experiments/results/demo_20494_cpu: the hard table rerun with committed code records the
   settings of its documented command, the code that made it and the environment."""
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   _, args = _DEMO_20494_RUNS["ms_hard_test_paper"]
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), args)
   run_dir = _RESULTS / "demo_20494_cpu" / "eval" / "ms_hard_test_paper"
-  eval_shards.check_settings(run_dir / "shards",
-                             evaluate.run_settings(config, shipped.params, "ema"),
-                             check_code=False)
+  eval_shards.check_settings(
+      run_dir / "shards", evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+  )
   stored = json.loads((run_dir / "shards" / "run.json").read_text())
   assert stored["code"]["sha256"] and "sampling/ipr.py" in stored["code"]["files"]
   assert stored["environment"]["backend"] == "cpu" and stored["environment"]["device_count"] == 2
@@ -718,23 +806,30 @@ def test_the_cpu_rerun_records_its_command_code_and_environment(shipped):
 
 def test_a_changed_default_or_batching_does_not_match_the_committed_run(shipped):
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   args = _COMMITTED_RUNS["repro_1000_keys2"]
   shard_dir = _RESULTS / "repro_1000_keys2" / "eval" / "ms_hard_test" / "shards"
   for field, value, message in (
       ("renoise_time", "0.5", r"ipr.renoise_time: 1.0 -> 0.5"),
       # Unused by the paper's random selection, but a setting all the same.
-      ("uncertainty_groups", "8", r"ipr.uncertainty_groups: 4 -> 8")):
-    config = _apply_overrides(load_task_config("mnist_sudoku", "demo"),
-                              args + [f"--config.ipr.{field}={value}"])
+      ("uncertainty_groups", "8", r"ipr.uncertainty_groups: 4 -> 8"),
+  ):
+    config = _apply_overrides(
+        load_task_config("mnist_sudoku", "demo"), args + [f"--config.ipr.{field}={value}"]
+    )
     with pytest.raises(eval_shards.SettingsMismatchError, match=message):
-      eval_shards.check_settings(shard_dir, _committed_run_settings(config, shipped.params),
-                                 check_code=False)
+      eval_shards.check_settings(
+          shard_dir, _committed_run_settings(config, shipped.params), check_code=False
+      )
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), args)
   config.eval.sort_by_unknowns = False  # the same batch size, other puzzles in each batch
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"batches.sha256: .*eval.sort_by_unknowns: True -> False"):
-    eval_shards.check_settings(shard_dir, _committed_run_settings(config, shipped.params),
-                               check_code=False)
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"batches.sha256: .*eval.sort_by_unknowns: True -> False",
+  ):
+    eval_shards.check_settings(
+        shard_dir, _committed_run_settings(config, shipped.params), check_code=False
+    )
 
 
 def _package_imports(path):
@@ -752,8 +847,11 @@ def _package_imports(path):
         elif "." in node.module:
           found.add(node.module.split(".", 1)[1].replace(".", "/"))  # from ipr_jax.x import Y
     elif isinstance(node, ast.Import):
-      found.update(a.name.split(".", 1)[1].replace(".", "/") for a in node.names
-                   if a.name.startswith("ipr_jax."))
+      found.update(
+          a.name.split(".", 1)[1].replace(".", "/")
+          for a in node.names
+          if a.name.startswith("ipr_jax.")
+      )
   return found
 
 
@@ -771,8 +869,11 @@ def test_the_code_record_covers_what_the_evaluation_imports():
         (todo if imported in listed else [left_out.add(imported)]).append(imported)
   assert listed == reached, listed ^ reached
   assert left_out == set(eval_shards.NOT_IN_CODE_RECORD)
-  assets = {str(p.relative_to(_ROOT / "ipr_jax")) for folder in ("metrics", "data")
-            for p in (_ROOT / "ipr_jax" / folder / "assets").glob("*.npz")}
+  assets = {
+      str(p.relative_to(_ROOT / "ipr_jax"))
+      for folder in ("metrics", "data")
+      for p in (_ROOT / "ipr_jax" / folder / "assets").glob("*.npz")
+  }
   assert assets and assets <= set(eval_shards.CODE_FILES), assets - set(eval_shards.CODE_FILES)
 
 
@@ -787,7 +888,7 @@ def test_a_damaged_shard_and_stale_temporaries_are_cleaned_at_resume(shipped, de
   config, demo_workdir, _ = demo_run
   shard_dir = _copy_run(demo_workdir, tmp_path)
   whole = eval_shards.shard_path(shard_dir, 1).read_bytes()
-  eval_shards.shard_path(shard_dir, 1).write_bytes(whole[:len(whole) // 3])
+  eval_shards.shard_path(shard_dir, 1).write_bytes(whole[: len(whole) // 3])
   (shard_dir / "batch_000000.npz.tmp999").write_bytes(b"a write killed midway")
   (tmp_path / "eval" / "regression" / "puzzles.npz").unlink()
   computed = []
@@ -807,9 +908,11 @@ def test_shards_of_other_code_or_other_puzzles_are_refused(demo_run, tmp_path):
   assert stored["code"] == eval_shards.code_record()  # what wrote them: this code
   stored["code"]["files"]["sampling/ipr.py"] = "0" * 64
   run_json.write_text(json.dumps(stored))
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"other code: code.files.sampling/ipr.py: '0{64}' -> '[0-9a-f]{64}'.*"
-                           r"requires computing the shards again"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"other code: code.files.sampling/ipr.py: '0{64}' -> '[0-9a-f]{64}'.*"
+      r"requires computing the shards again",
+  ):
     evaluate.evaluate(config, str(tmp_path))
   shutil.rmtree(tmp_path / "eval")
   shard_dir = _copy_run(demo_workdir, tmp_path)
@@ -817,9 +920,11 @@ def test_shards_of_other_code_or_other_puzzles_are_refused(demo_run, tmp_path):
   first.rename(shard_dir / "swap")
   second.rename(first)
   (shard_dir / "swap").rename(second)
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"batch_000000.npz holds puzzles \[.*\] \(16\), but batch 0 of this "
-                           r"run is \[.*\] \(16\): the shards are of another batching"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"batch_000000.npz holds puzzles \[.*\] \(16\), but batch 0 of this "
+      r"run is \[.*\] \(16\): the shards are of another batching",
+  ):
     evaluate.evaluate(config, str(tmp_path))
 
 
@@ -833,8 +938,9 @@ def test_merge_checks_each_batch_and_the_union_of_the_puzzles():
     evaluate.merge_shards([shard([0, 2]), shard([1, 4])], batches, 4)
   with pytest.raises(eval_shards.SettingsMismatchError, match="1 shards for the run's 2 batches"):
     evaluate.merge_shards([shard([0, 2])], batches, 4)
-  with pytest.raises(eval_shards.SettingsMismatchError, match=r"not exactly the run's puzzles "
-                                                             r"0\.\.4"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError, match=r"not exactly the run's puzzles " r"0\.\.4"
+  ):
     evaluate.merge_shards([shard([0, 2]), shard([1, 3])], batches, 5)
   twice = [np.array([0, 1]), np.array([1, 2])]
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"\(3 distinct"):
@@ -849,30 +955,44 @@ def test_merge_checks_each_batch_and_the_union_of_the_puzzles():
 def _strict_json(text):
   def refuse(name):
     raise AssertionError(f"results.json holds {name}, not JSON")
+
   return json.loads(text, strict=True, parse_constant=refuse)
 
 
 def test_results_json_writes_undefined_values_as_null(tmp_path):
-  rows = [{"budget": 0, "valid_rate": 0.5, "mean_model_uncertainty": np.float32(-1.5)},
-          {"budget": 1, "valid_rate": float("nan"), "mean_model_uncertainty": float("nan")}]
+  rows = [
+      {"budget": 0, "valid_rate": 0.5, "mean_model_uncertainty": np.float32(-1.5)},
+      {"budget": 1, "valid_rate": float("nan"), "mean_model_uncertainty": float("nan")},
+  ]
   metadata = {"x": float("inf"), "y": (np.int64(3), -float("inf")), "z": np.array([1.0, np.nan])}
   eval_report.write_results(str(tmp_path), rows, metadata)
   saved = _strict_json((tmp_path / "results.json").read_text())
   assert saved["budgets"] == [
       {"budget": 0, "valid_rate": 0.5, "mean_model_uncertainty": -1.5},
-      {"budget": 1, "valid_rate": None, "mean_model_uncertainty": None}]
+      {"budget": 1, "valid_rate": None, "mean_model_uncertainty": None},
+  ]
   assert saved["metadata"] == {"x": None, "y": [3, None], "z": [1.0, None]}
 
 
-@pytest.mark.parametrize("variant", [
-    {},  # the paper's random selection
-    {"ipr__selection": "uncertainty"},  # the last iterate: its uncertainty is never measured
-    {"ipr__selection": "uncertainty", "ipr__return_iterate": "confident"},
-    {"ipr__selection": "verifier"},
-], ids=["random", "uncertainty_last", "uncertainty_confident", "verifier"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # the paper's random selection
+        {"ipr__selection": "uncertainty"},  # the last iterate: its uncertainty is never measured
+        {"ipr__selection": "uncertainty", "ipr__return_iterate": "confident"},
+        {"ipr__selection": "verifier"},
+    ],
+    ids=["random", "uncertainty_last", "uncertainty_confident", "verifier"],
+)
 def test_results_json_is_strict_json_for_every_variant(shipped, tmp_path, variant):
-  config = _regression_config(shipped, ipr__budget=1, eval__num_puzzles=2, eval__batch_size=2,
-                              ipr__uncertainty_groups=2, **variant)
+  config = _regression_config(
+      shipped,
+      ipr__budget=1,
+      eval__num_puzzles=2,
+      eval__batch_size=2,
+      ipr__uncertainty_groups=2,
+      **variant,
+  )
   rows = evaluate.evaluate(config, str(tmp_path))
   saved = _strict_json((tmp_path / "eval" / "regression" / "results.json").read_text())
   assert [r["budget"] for r in saved["budgets"]] == [0, 1]
@@ -884,8 +1004,9 @@ def test_results_json_is_strict_json_for_every_variant(shipped, tmp_path, varian
       assert isinstance(uncertainty[1], float)
     else:
       assert uncertainty[1] is None and np.isnan(rows[1]["mean_model_uncertainty"])
-  assert json.loads((tmp_path / "eval" / "regression" / "shards" / "run.json").read_text())[
-      "ipr"]["selection"] == variant.get("ipr__selection", "random")
+  assert json.loads((tmp_path / "eval" / "regression" / "shards" / "run.json").read_text())["ipr"][
+      "selection"
+  ] == variant.get("ipr__selection", "random")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -894,8 +1015,12 @@ def test_results_json_is_strict_json_for_every_variant(shipped, tmp_path, varian
 
 
 def _demo_args(workdir, *extra):
-  return [f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo", f"--workdir={workdir}",
-          "--config.eval.name=regression", *extra]
+  return [
+      f"--config={CONFIG_DIR / 'mnist_sudoku.py'}:demo",
+      f"--workdir={workdir}",
+      "--config.eval.name=regression",
+      *extra,
+  ]
 
 
 def _lines_with(text, pattern):
@@ -906,6 +1031,7 @@ def test_a_settings_mismatch_ends_both_processes_with_the_same_message(shipped, 
   """Process 0 finds run.json of other settings; process 1, which never reads it, ends too,
   with the same message, instead of waiting for process 0 at a barrier."""
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   extra = ["--config.eval.num_puzzles=4", "--config.eval.batch_size=2", "--config.ipr.budget=1"]
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), extra)
   config.ipr.budget = 3  # what the shards there were computed with
@@ -913,11 +1039,12 @@ def test_a_settings_mismatch_ends_both_processes_with_the_same_message(shipped, 
   eval_shards.check_settings(
       tmp_path / "eval" / "regression" / "shards",
       {**evaluate.run_settings(config, shipped.params, "ema"), "code": eval_shards.code_record()},
-      write=True)
+      write=True,
+  )
   start = time.time()
   results = multiprocess.wait_processes(
-      multiprocess.start_processes("ipr_jax.evaluate", _demo_args(tmp_path, *extra)),
-      timeout=180)
+      multiprocess.start_processes("ipr_jax.evaluate", _demo_args(tmp_path, *extra)), timeout=180
+  )
   assert time.time() - start < 180
   messages = []
   for process, (returncode, output) in enumerate(results):
@@ -935,8 +1062,9 @@ def test_a_signal_to_one_process_stops_both_and_the_rerun_finishes(demo_run, tmp
   processes stop after the round of batches in flight with the same message; the rerun computes
   the rest, and the files equal the single-process run's (checked once, after SIGTERM)."""
   _, demo_workdir, _ = demo_run
-  args = _demo_args(tmp_path, "--config.eval.num_puzzles=8", "--config.eval.batch_size=1",
-                    "--config.ipr.budget=4")
+  args = _demo_args(
+      tmp_path, "--config.eval.num_puzzles=8", "--config.eval.batch_size=1", "--config.ipr.budget=4"
+  )
   shard_dir = tmp_path / "eval" / "regression" / "shards"
   procs = multiprocess.start_processes("ipr_jax.evaluate", args)
   deadline = time.time() + 300
@@ -986,16 +1114,29 @@ def test_processes_that_would_compute_different_things_end_together(tmp_path):
   at set-up (nothing computed) with the same one-line error naming the field and the processes,
   or the missing path."""
   extra = ["--config.eval.num_puzzles=4", "--config.eval.batch_size=2", "--config.ipr.budget=1"]
-  results = multiprocess.wait_processes(multiprocess.start_processes(
-      "ipr_jax.evaluate", _demo_args(tmp_path, *extra),
-      process_args={1: ["--config.ipr.budget=2"]}), timeout=180)
-  _one_line_each(results, r"^error: the 2 processes of this run would compute different things: "
-                          r".*ipr\.budget: 1 \(process 0\) vs 2 \(process 1\)")
+  results = multiprocess.wait_processes(
+      multiprocess.start_processes(
+          "ipr_jax.evaluate",
+          _demo_args(tmp_path, *extra),
+          process_args={1: ["--config.ipr.budget=2"]},
+      ),
+      timeout=180,
+  )
+  _one_line_each(
+      results,
+      r"^error: the 2 processes of this run would compute different things: "
+      r".*ipr\.budget: 1 \(process 0\) vs 2 \(process 1\)",
+  )
   assert not (tmp_path / "eval").exists()
 
-  results = multiprocess.wait_processes(multiprocess.start_processes(
-      "ipr_jax.evaluate", _demo_args(tmp_path, *extra),
-      process_args={1: [f"--checkpoint={tmp_path / 'no_such_run'}"]}), timeout=180)
+  results = multiprocess.wait_processes(
+      multiprocess.start_processes(
+          "ipr_jax.evaluate",
+          _demo_args(tmp_path, *extra),
+          process_args={1: [f"--checkpoint={tmp_path / 'no_such_run'}"]},
+      ),
+      timeout=180,
+  )
   _one_line_each(results, r"^error: .*no_such_run")
   assert not (tmp_path / "eval").exists()
 
@@ -1003,13 +1144,17 @@ def test_processes_that_would_compute_different_things_end_together(tmp_path):
 def test_a_batch_that_fails_on_one_process_ends_both_and_the_rerun_finishes(tmp_path):
   """Batch 1 (process 1's, round 0) raises: both processes end with the same error after that
   round, process 0's batch 0 kept; the rerun computes batches 1 and 2 only."""
-  args = _demo_args(tmp_path, "--config.eval.num_puzzles=3", "--config.eval.batch_size=1",
-                    "--config.ipr.budget=1")
+  args = _demo_args(
+      tmp_path, "--config.eval.num_puzzles=3", "--config.eval.batch_size=1", "--config.ipr.budget=1"
+  )
   tests_dir = str(pathlib.Path(__file__).resolve().parent)
-  env = {"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
-         "IPR_JAX_TEST_FAILING_BATCH": "1"}
-  results = multiprocess.wait_processes(multiprocess.start_processes(
-      "evaluate_with_faults", args, extra_env=env), timeout=300)
+  env = {
+      "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+      "IPR_JAX_TEST_FAILING_BATCH": "1",
+  }
+  results = multiprocess.wait_processes(
+      multiprocess.start_processes("evaluate_with_faults", args, extra_env=env), timeout=300
+  )
   _one_line_each(results, r"batch 1 failed on purpose")
   shard_dir = tmp_path / "eval" / "regression" / "shards"
   assert eval_shards.done_batches(shard_dir) == {0}
@@ -1039,20 +1184,22 @@ def test_shards_of_another_environment_are_reused_only_when_allowed(demo_run, tm
   config, demo_workdir, _ = demo_run
   shard_dir = _copy_run(demo_workdir, tmp_path)
   old = _rewrite_environment(shard_dir, lambda env: env["packages"].update(jaxlib="0.0.1"))
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"another environment: environment\.packages\.jaxlib: '0\.0\.1' -> "
-                           r"'[0-9.]+'.*--allow_environment_change"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"another environment: environment\.packages\.jaxlib: '0\.0\.1' -> "
+      r"'[0-9.]+'.*--allow_environment_change",
+  ):
     evaluate.evaluate(config, str(tmp_path))
   computed = []
-  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append,
-                    allow_environment_change=True)
+  evaluate.evaluate(
+      config, str(tmp_path), after_batch=computed.append, allow_environment_change=True
+  )
   assert not computed  # both shards reused
   stored = json.loads((shard_dir / "run.json").read_text())
   assert stored["environment"]["packages"]["jaxlib"] == "0.0.1"
   jaxlib = importlib.metadata.version("jaxlib")
   assert [e["packages"]["jaxlib"] for e in stored["environment_changes"]] == [jaxlib]
-  metadata = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())[
-      "metadata"]
+  metadata = json.loads((tmp_path / "eval" / "regression" / "results.json").read_text())["metadata"]
   assert metadata["shard_environments"] == {old: 2}
   assert metadata["environment"]["packages"]["jaxlib"] == jaxlib
   # Accepted once, recorded: the same command runs again without the flag.
@@ -1060,16 +1207,19 @@ def test_shards_of_another_environment_are_reused_only_when_allowed(demo_run, tm
   assert not computed
 
 
-def test_shards_are_refused_without_run_json_when_their_settings_differ(shipped, demo_run,
-                                                                         tmp_path):
+def test_shards_are_refused_without_run_json_when_their_settings_differ(
+    shipped, demo_run, tmp_path
+):
   """run.json deleted (or shards copied into another run's folder): each shard's own settings
   digest still keeps shards of other settings or code out, and lets the same run's in."""
   config, demo_workdir, _ = demo_run
   shard_dir = _copy_run(demo_workdir, tmp_path)
   (shard_dir / "run.json").unlink()
   other = _regression_config(shipped, ipr__renoise_time=0.9)  # same batches, other sampling
-  with pytest.raises(eval_shards.SettingsMismatchError,
-                     match=r"batch_00000[01]\.npz was computed under other settings or code"):
+  with pytest.raises(
+      eval_shards.SettingsMismatchError,
+      match=r"batch_00000[01]\.npz was computed under other settings or code",
+  ):
     evaluate.evaluate(other, str(tmp_path))
   shutil.rmtree(tmp_path / "eval")
   shard_dir = _copy_run(demo_workdir, tmp_path)
@@ -1084,11 +1234,10 @@ def test_the_figure_shows_puzzles_ipr_fixed(demo_run):
   the end) and one that stays broken, not the first puzzles of the first batch."""
   config, workdir, _ = demo_run
   puzzles = _load_puzzles(workdir)
-  metadata = json.loads((workdir / "eval" / "regression" / "results.json").read_text())[
-      "metadata"]
+  metadata = json.loads((workdir / "eval" / "regression" / "results.json").read_text())["metadata"]
   shown = metadata["plotted_puzzles"]
   valid = puzzles["valid"]
   fixed = np.flatnonzero(~valid[:, 0] & valid[:, -1])
   broken = np.flatnonzero(~valid[:, 0] & ~valid[:, -1])
   assert len(fixed) >= 3 and len(broken) >= 1  # the record: 18 -> 21 of 32 valid
-  assert shown == sorted(fixed[:config.eval.num_plot_puzzles - 1].tolist() + [broken[0]])
+  assert shown == sorted(fixed[: config.eval.num_plot_puzzles - 1].tolist() + [broken[0]])

@@ -20,8 +20,9 @@ def test_pil_hsv_to_rgb_matches_pil():
   rng = np.random.default_rng(0)
   hsv = rng.integers(0, 256, (500_000, 3)).astype(np.uint8)
   # Every hue at the Even Pixels saturation/value, and the corner values.
-  extra = np.stack(np.meshgrid(np.arange(256), [0, 1, 254, 255], [0, 178, 255], indexing="ij"),
-                   axis=-1).reshape(-1, 3)
+  extra = np.stack(
+      np.meshgrid(np.arange(256), [0, 1, 254, 255], [0, 178, 255], indexing="ij"), axis=-1
+  ).reshape(-1, 3)
   hsv = np.concatenate([hsv, extra.astype(np.uint8)])
   np.testing.assert_array_equal(even_pixels.pil_hsv_to_rgb(hsv), pil_convert(hsv))
 
@@ -35,7 +36,8 @@ def test_batches_have_two_balanced_opposite_hues():
   assert images.shape == (16, 32, 32, 3) and images.dtype == jnp.float32
   pixels = to_u8(images)
   table = even_pixels.pil_hsv_to_rgb(
-      np.stack([np.arange(256), np.full(256, 255), np.full(256, 178)], -1))
+      np.stack([np.arange(256), np.full(256, 255), np.full(256, 178)], -1)
+  )
   for image in pixels:
     colours, counts = np.unique(image.reshape(-1, 3), axis=0, return_counts=True)
     assert len(colours) == 2 and list(counts) == [512, 512]

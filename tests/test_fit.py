@@ -52,6 +52,7 @@ def test_auto_batch_walks_to_the_compiled_boundary():
   cost = lambda b: 1000 + 100 * b + (500 if b >= 6 else 0)
 
   class Config:  # what auto_eval_batch reads
+
     class eval:  # pylint: disable=invalid-name
       num_puzzles = 1000
 

@@ -48,18 +48,25 @@ def test_golden_reverse_kernel_with_v_outside_unit_interval(golden):
 def test_golden_sigma_and_gamma_helpers(golden, alpha):
   g = golden
   t, s = g["t"], g["s"]
-  np.testing.assert_allclose(flow.sigma_small(t, s, alpha), g[f"sigma_small_a{alpha}"],
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(flow.sigma_large(t, s, alpha), g[f"sigma_large_a{alpha}"],
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      flow.sigma_small(t, s, alpha), g[f"sigma_small_a{alpha}"], rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+      flow.sigma_large(t, s, alpha), g[f"sigma_large_a{alpha}"], rtol=RTOL, atol=ATOL
+  )
   np.testing.assert_allclose(flow.gamma(t, s, alpha), g[f"gamma_a{alpha}"], rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(flow.sigma_learned(t, s, alpha, g["v"]), g[f"sigma_learned_a{alpha}"],
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      flow.sigma_learned(t, s, alpha, g["v"]), g[f"sigma_learned_a{alpha}"], rtol=RTOL, atol=ATOL
+  )
 
 
 def test_golden_x_from_u(golden):
-  np.testing.assert_allclose(flow.x_from_u(golden["z"], golden["t"], golden["u"]),
-                             golden["x_from_u_z"], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      flow.x_from_u(golden["z"], golden["t"], golden["u"]),
+      golden["x_from_u_z"],
+      rtol=RTOL,
+      atol=ATOL,
+  )
 
 
 def test_golden_vlb_pieces(golden):
@@ -117,8 +124,9 @@ def test_special_cases_of_reverse_step(alpha):
   t = jnp.ones(5)
   np.testing.assert_allclose(flow.sigma_small(t, s_values, alpha), alpha * s_values, rtol=1e-6)
   np.testing.assert_allclose(flow.sigma_large(t, s_values, alpha), np.full(5, alpha), rtol=1e-6)
-  np.testing.assert_allclose(flow.gamma(t, s_values, alpha), s_values * math.sqrt(1 - alpha**2),
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      flow.gamma(t, s_values, alpha), s_values * math.sqrt(1 - alpha**2), rtol=1e-6, atol=1e-7
+  )
 
 
 def test_sigma_bounds_and_learned_range_endpoints():
@@ -130,7 +138,7 @@ def test_sigma_bounds_and_learned_range_endpoints():
   np.testing.assert_allclose(flow.sigma_learned(t, s, 0.7, jnp.zeros(4)), small, rtol=1e-6)
   np.testing.assert_allclose(flow.sigma_learned(t, s, 0.7, jnp.ones(4)), large, rtol=1e-6)
   # gamma^2 + sigma_small^2 = s^2: z_s keeps the marginal noise level s.
-  np.testing.assert_allclose(flow.gamma(t, s, 0.7)**2 + small**2, s**2, rtol=1e-5)
+  np.testing.assert_allclose(flow.gamma(t, s, 0.7) ** 2 + small**2, s**2, rtol=1e-5)
   # Zero bounds (t == 0 or s == 1) give exactly 0.
   zero_t = jnp.float32([0.0, 1.0])
   zero_s = jnp.float32([0.0, 1.0])
@@ -157,8 +165,9 @@ def test_true_velocity_with_sigma_small_equals_posterior():
   eps = jnp.float32(rng.normal(size=(64, 3)))
   t = jnp.float32(rng.uniform(0.01, 1.0, size=(64, 1)))
   s = t * jnp.float32(rng.uniform(size=(64, 1)))
-  p = flow.reverse_kernel(flow.velocity_target(x, eps), flow.z_t(x, eps, t), t, s,
-                          jnp.zeros_like(x), 1.0)
+  p = flow.reverse_kernel(
+      flow.velocity_target(x, eps), flow.z_t(x, eps, t), t, s, jnp.zeros_like(x), 1.0
+  )
   q = flow.posterior_q(x, eps, t, s)
   np.testing.assert_allclose(p.mean, q.mean, atol=2e-6)
   np.testing.assert_allclose(_full(p.std, x), _full(q.std, x), rtol=1e-5, atol=1e-6)

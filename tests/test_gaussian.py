@@ -63,7 +63,7 @@ def test_kl_matches_closed_form_of_two_normals():
   s1, s2 = rng.uniform(0.05, 3.0, size=(2, 100))
   p = DiagonalGaussian.from_std(jnp.float32(m1), jnp.float32(s1))
   q = DiagonalGaussian.from_std(jnp.float32(m2), jnp.float32(s2))
-  expected = np.log(s2 / s1) + (s1**2 + (m1 - m2)**2) / (2 * s2**2) - 0.5
+  expected = np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
   np.testing.assert_allclose(p.kl(q), expected, rtol=1e-4, atol=1e-5)
   to_standard = np.log(1 / s1) + (s1**2 + m1**2) / 2 - 0.5
   np.testing.assert_allclose(p.kl(), to_standard, rtol=1e-4, atol=1e-5)
@@ -108,8 +108,9 @@ def test_discretized_log_likelihood_edges_and_floor():
   np.testing.assert_allclose(ll[3], np.log(1 - cdf(0.9995 - 1 / 255)), rtol=2e-3)
   np.testing.assert_allclose(ll[4], ll[0], rtol=1e-6)
   far = DiagonalGaussian.from_std(jnp.zeros(1), jnp.full(1, 1e-3))
-  np.testing.assert_allclose(far.discretized_log_likelihood(jnp.array([0.5])), math.log(1e-12),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      far.discretized_log_likelihood(jnp.array([0.5])), math.log(1e-12), rtol=1e-6
+  )
 
 
 def test_golden_nll(flow_golden):
@@ -125,7 +126,8 @@ def test_golden_discretized_log_likelihood(flow_golden):
   gauss = DiagonalGaussian.from_var(g["dll_mean"], g["dll_var_in"])
   np.testing.assert_allclose(gauss.std, g["dll_std"], rtol=1e-6, atol=0)
   np.testing.assert_allclose(
-      gauss.discretized_log_likelihood(g["dll_x"]), g["dll_values"], rtol=1e-5, atol=1e-6)
+      gauss.discretized_log_likelihood(g["dll_x"]), g["dll_values"], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_golden_vlb_discretized_log_likelihood_from_golden_p(flow_golden):
@@ -148,7 +150,8 @@ def test_gradients_are_finite_at_clamps():
     return (gauss.nll(y) + gauss.kl(other) + gauss.discretized_log_likelihood(y)).sum()
 
   std = jnp.array([0.0, 1e-9, 1e-3, 1.0, 1e6])
-  grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.linspace(-1, 1, 5), std, jnp.array(
-      [-1.0, -0.5, 0.0, 0.9995, 1.0]))
+  grads = jax.grad(loss, argnums=(0, 1, 2))(
+      jnp.linspace(-1, 1, 5), std, jnp.array([-1.0, -0.5, 0.0, 0.9995, 1.0])
+  )
   for grad in grads:
     assert np.all(np.isfinite(grad))

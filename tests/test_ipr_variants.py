@@ -21,8 +21,8 @@ from ipr_jax import sampling
 from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
 
-P = 2           # patch size
-GRID = (4, 4)   # patch grid of the 8x8 test images
+P = 2  # patch size
+GRID = (4, 4)  # patch grid of the 8x8 test images
 N = 16
 SAMPLER = sampling.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
 
@@ -49,6 +49,7 @@ def oracle_denoiser(x, patch_sigma):
     u = jnp.where(t > 0, (z - target) / jnp.where(t > 0, t, 1.0), 0.0)
     s = jnp.tile(sigma, (reps, 1, 1, 1))
     return DenoiserOutput(u=u, v=jnp.full_like(z, 0.5), logvar=2 * jnp.log(s), sigma=s)
+
   return denoise
 
 
@@ -90,25 +91,40 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
   candidates = np.ones((4, N), bool)
   candidates[:, 0] = False
   denoise = oracle_denoiser(x, sigma)
-  query = jax.jit(functools.partial(sampling.uncertainty_query, denoise, patch_size=P, groups=4),
-                  static_argnames="score")
+  query = jax.jit(
+      functools.partial(sampling.uncertainty_query, denoise, patch_size=P, groups=4),
+      static_argnames="score",
+  )
   nll = np.asarray(query(z, candidates, _keys(range(4)), score="nll"))
   log_sigma = np.asarray(query(z, candidates, _keys(range(4)), score="sigma"))
   flat_sigma = sigma.reshape(4, N)
   sq_err = ((z - x) ** 2).reshape(4, 4, P, 4, P).mean((2, 4)).reshape(4, N)
-  expected_nll = np.log(flat_sigma) + 0.5 * sq_err / flat_sigma ** 2
+  expected_nll = np.log(flat_sigma) + 0.5 * sq_err / flat_sigma**2
   np.testing.assert_allclose(nll[candidates], expected_nll[candidates], rtol=1e-5)
-  np.testing.assert_allclose(log_sigma[candidates], np.log(flat_sigma)[candidates], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      log_sigma[candidates], np.log(flat_sigma)[candidates], rtol=1e-5, atol=1e-6
+  )
   assert np.all(nll[:, 0] == 0) and np.all(log_sigma[:, 0] == 0)
 
 
-def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None,
-            num_snapshots=0):
-  return jax.jit(lambda z, candidates, noise, keys: sampling.ipr_refine(
-      denoise, z, None, None, candidates, noise, keys, patch_size=P, sampler_config=SAMPLER,
-      ipr_config=ipr_config, score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
-      cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots))(z, candidates, noise, keys)
+def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None, num_snapshots=0):
+  return jax.jit(
+      lambda z, candidates, noise, keys: sampling.ipr_refine(
+          denoise,
+          z,
+          None,
+          None,
+          candidates,
+          noise,
+          keys,
+          patch_size=P,
+          sampler_config=SAMPLER,
+          ipr_config=ipr_config,
+          score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
+          cell_verify_fn=cell_verify_fn,
+          num_snapshots=num_snapshots,
+      )
+  )(z, candidates, noise, keys)
 
 
 def test_uncertainty_selection_renoises_the_most_uncertain_patches():
@@ -116,8 +132,14 @@ def test_uncertainty_selection_renoises_the_most_uncertain_patches():
   candidates = np.ones((4, N), bool)
   candidates[:, :3] = False  # 13 candidates: k = max(1, int(13 * 0.25)) = 3
   denoise = oracle_denoiser(x, sigma)
-  greedy = sampling.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
-                             uncertainty_score="sigma", selection_temperature=1e-3)
+  greedy = sampling.IPRConfig(
+      budget=3,
+      steps_per_patch=4,
+      overlap=0.5,
+      selection="uncertainty",
+      uncertainty_score="sigma",
+      selection_temperature=1e-3,
+  )
   result = _refine(greedy, denoise, x, candidates, noise, _keys(range(4)))
   flat = np.where(candidates, sigma.reshape(4, N), -np.inf)
   top3 = np.argsort(-flat, axis=1)[:, :3]
@@ -126,8 +148,14 @@ def test_uncertainty_selection_renoises_the_most_uncertain_patches():
   for it in range(3):  # sigma is fixed: the same three every iteration
     np.testing.assert_array_equal(np.asarray(result.resampled[it]), expected)
   # At a high temperature the draw is nearly uniform: the iterations differ.
-  loose = sampling.IPRConfig(budget=3, steps_per_patch=4, overlap=0.5, selection="uncertainty",
-                            uncertainty_score="sigma", selection_temperature=1e3)
+  loose = sampling.IPRConfig(
+      budget=3,
+      steps_per_patch=4,
+      overlap=0.5,
+      selection="uncertainty",
+      uncertainty_score="sigma",
+      selection_temperature=1e3,
+  )
   result = _refine(loose, denoise, x, candidates, noise, _keys(range(4)))
   resampled = np.asarray(result.resampled)
   assert np.all(resampled.sum(-1) == 3) and not np.any(resampled & ~candidates)
@@ -143,10 +171,17 @@ def test_nll_selection_finds_the_patches_that_disagree_with_the_model():
   wrong[2, [3, 6, 12]] = True
   wrong[3, [10, 11, 14]] = True
   z = np.where(_pixels(wrong.reshape(4, *GRID)), -x, x).astype(np.float32)
-  config = sampling.IPRConfig(budget=1, steps_per_patch=4, overlap=0.5, selection="uncertainty",
-                             resampling_ratio=0.1875, selection_temperature=1e-3)  # k = 3
-  result = _refine(config, oracle_denoiser(x, sigma), z, np.ones((4, N), bool), noise,
-                   _keys(range(4)))
+  config = sampling.IPRConfig(
+      budget=1,
+      steps_per_patch=4,
+      overlap=0.5,
+      selection="uncertainty",
+      resampling_ratio=0.1875,
+      selection_temperature=1e-3,
+  )  # k = 3
+  result = _refine(
+      config, oracle_denoiser(x, sigma), z, np.ones((4, N), bool), noise, _keys(range(4))
+  )
   np.testing.assert_array_equal(np.asarray(result.resampled[0]), wrong)
   # The oracle regenerates them: the sample is x again, and its NLL is the minimum.
   np.testing.assert_allclose(np.asarray(result.z), x, atol=1e-5)
@@ -155,13 +190,20 @@ def test_nll_selection_finds_the_patches_that_disagree_with_the_model():
 def test_verifier_selection_takes_flagged_cells_first():
   x, sigma, noise = _inputs(seed=3)
   flagged = np.zeros((4, N), bool)
-  flagged[0, [4]] = True            # fewer than k = 4: all of them, plus 3 others
+  flagged[0, [4]] = True  # fewer than k = 4: all of them, plus 3 others
   flagged[1, [1, 2, 3, 8, 9, 10]] = True  # more than k: 4 of them
   flagged[2, [0, 5, 10, 15]] = True  # exactly k
   cell_verify = lambda z: jnp.asarray(flagged)
   config = sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="verifier")
-  result = _refine(config, oracle_denoiser(x, sigma), x, np.ones((4, N), bool), noise,
-                   _keys(range(4)), cell_verify_fn=cell_verify)
+  result = _refine(
+      config,
+      oracle_denoiser(x, sigma),
+      x,
+      np.ones((4, N), bool),
+      noise,
+      _keys(range(4)),
+      cell_verify_fn=cell_verify,
+  )
   for it in range(2):
     chosen = np.asarray(result.resampled[it])
     assert np.all(chosen.sum(-1) == 4)
@@ -170,8 +212,9 @@ def test_verifier_selection_takes_flagged_cells_first():
     np.testing.assert_array_equal(chosen[2], flagged[2])
   # The verifier costs no denoiser passes: the IPR schedule's alone, k = 4 of 16 per iteration.
   per_iteration = schedule.max_steps(4, 4, 0.5)
-  np.testing.assert_array_equal(np.asarray(result.nfe_per_budget)[:, 0],
-                                [0, per_iteration, 2 * per_iteration])
+  np.testing.assert_array_equal(
+      np.asarray(result.nfe_per_budget)[:, 0], [0, per_iteration, 2 * per_iteration]
+  )
   with pytest.raises(ValueError, match="cell_verify_fn"):
     _refine(config, oracle_denoiser(x, sigma), x, np.ones((4, N), bool), noise, _keys(range(4)))
 
@@ -195,8 +238,14 @@ def test_partial_renoising_is_the_forward_process_on_the_chosen_patches():
     return base(z_in, t_in)
 
   t0 = 0.5
-  config = sampling.IPRConfig(budget=1, steps_per_patch=8, overlap=0.5, renoise_time=t0,
-                             noise_type="fixed", resampling_ratio=0.25)  # k = 4
+  config = sampling.IPRConfig(
+      budget=1,
+      steps_per_patch=8,
+      overlap=0.5,
+      renoise_time=t0,
+      noise_type="fixed",
+      resampling_ratio=0.25,
+  )  # k = 4
   result = _refine(config, denoise, z, np.ones((4, N), bool), noise, _keys(range(4)))
   jax.effects_barrier()
   chosen = _pixels(np.asarray(result.resampled[0]).reshape(4, *GRID))
@@ -211,11 +260,12 @@ def test_partial_renoising_is_the_forward_process_on_the_chosen_patches():
   proto = schedule.prototype(4, 4, 0.5)
   # The first patch chosen is the earliest in its block: the lowest time among the chosen.
   first = np.array([np.where(chosen[0], t[0], np.inf).min() for _, t in calls])
-  np.testing.assert_allclose(first[:len(proto)], t0 * proto, rtol=1e-6)
+  np.testing.assert_allclose(first[: len(proto)], t0 * proto, rtol=1e-6)
   assert all(t.max() <= t0 for _, t in calls)
   # Nothing outside the chosen patches ever changes.
-  np.testing.assert_array_equal(np.where(chosen, 0.0, np.asarray(result.z)),
-                                np.where(chosen, 0.0, z))
+  np.testing.assert_array_equal(
+      np.where(chosen, 0.0, np.asarray(result.z)), np.where(chosen, 0.0, z)
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -229,17 +279,26 @@ def _standard_setup(seed=5):
   for b, patches in enumerate(given):
     for p in patches:
       r, c = divmod(p, 4)
-      mask[b, r * P:(r + 1) * P, c * P:(c + 1) * P] = 0.0
+      mask[b, r * P : (r + 1) * P, c * P : (c + 1) * P] = 0.0
   unknown = np.array([N - len(g) for g in given])
   return x, sigma, noise, mask, unknown
 
 
 def _srm_ipr(ipr_config, x, sigma, noise, mask, num_snapshots=0):
-  return jax.jit(lambda keys: sampling.srm_ipr(
-      _noisy_oracle(x, sigma), keys, image=x, mask=mask, noise=noise, patch_size=P,
-      sampler_config=SAMPLER, ipr_config=ipr_config,
-      score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
-      num_snapshots=num_snapshots))(_keys(range(4), seed=9))
+  return jax.jit(
+      lambda keys: sampling.srm_ipr(
+          _noisy_oracle(x, sigma),
+          keys,
+          image=x,
+          mask=mask,
+          noise=noise,
+          patch_size=P,
+          sampler_config=SAMPLER,
+          ipr_config=ipr_config,
+          score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
+          num_snapshots=num_snapshots,
+      )
+  )(_keys(range(4), seed=9))
 
 
 def _noisy_oracle(x, sigma):
@@ -249,11 +308,13 @@ def _noisy_oracle(x, sigma):
   def denoise(z, t):
     out = base(z, t)
     return out.replace(u=out.u + 0.3 * jnp.sin(3.0 * z))
+
   return denoise
 
 
-@pytest.mark.parametrize("variant", ["uncertainty_last", "uncertainty_confident", "partial",
-                                     "linear"])
+@pytest.mark.parametrize(
+    "variant", ["uncertainty_last", "uncertainty_confident", "partial", "linear"]
+)
 def test_pass_counts_follow_the_schedules(variant):
   x, sigma, noise, mask, unknown = _standard_setup()
   budget, p, overlap, groups = 3, 4, 0.5, 3
@@ -262,8 +323,12 @@ def test_pass_counts_follow_the_schedules(variant):
       "uncertainty_last": dict(selection="uncertainty"),
       "uncertainty_confident": dict(selection="uncertainty", return_iterate="confident"),
       "partial": dict(renoise_time=0.5),
-      "linear": dict(ratio_schedule="linear", resampling_ratio=0.5, final_resampling_ratio=0.1,
-                     ratio_decay_iterations=3),
+      "linear": dict(
+          ratio_schedule="linear",
+          resampling_ratio=0.5,
+          final_resampling_ratio=0.1,
+          ratio_decay_iterations=3,
+      ),
   }[variant]
   result = _srm_ipr(sampling.IPRConfig(**common, **settings), x, sigma, noise, mask)
   nfe = np.asarray(result.nfe_per_budget)
@@ -295,8 +360,14 @@ def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncer
   x, sigma, noise, mask, _ = _standard_setup(seed=6)
   common = dict(budget=4, steps_per_patch=4, overlap=0.5)
   paper = _srm_ipr(sampling.IPRConfig(**common), x, sigma, noise, mask, num_snapshots=4)
-  confident = _srm_ipr(sampling.IPRConfig(**common, return_iterate="confident"), x, sigma, noise,
-                       mask, num_snapshots=4)
+  confident = _srm_ipr(
+      sampling.IPRConfig(**common, return_iterate="confident"),
+      x,
+      sigma,
+      noise,
+      mask,
+      num_snapshots=4,
+  )
   # The query has keys of its own: the re-noised sets and the iterates are the paper's.
   np.testing.assert_array_equal(np.asarray(confident.resampled), np.asarray(paper.resampled))
   np.testing.assert_array_equal(confident.last_scores["mean"], paper.scores["mean"])
@@ -305,36 +376,54 @@ def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncer
   snapshots = np.asarray(paper.snapshots)
   for b in range(4):
     for budget in range(5):
-      best = int(np.argmin(uncertainty[:budget + 1, b]))
-      np.testing.assert_allclose(confident.scores["mean"][budget, b],
-                                 snapshots[best, b].mean(), rtol=0, atol=1e-7)
+      best = int(np.argmin(uncertainty[: budget + 1, b]))
+      np.testing.assert_allclose(
+          confident.scores["mean"][budget, b], snapshots[best, b].mean(), rtol=0, atol=1e-7
+      )
       # Its snapshots are the iterates its scores score: the paper's best so far.
-      np.testing.assert_array_equal(np.asarray(confident.snapshots)[budget, b],
-                                    snapshots[best, b])
+      np.testing.assert_array_equal(np.asarray(confident.snapshots)[budget, b], snapshots[best, b])
     np.testing.assert_array_equal(np.asarray(confident.z[b]), snapshots[best, b])
   assert np.any(np.argmin(uncertainty, 0) != 4), "every puzzle returned its last iterate"
 
 
 def test_variants_batch_and_pmap_like_single_puzzles():
   x, sigma, noise, mask, _ = _standard_setup(seed=7)
-  config = sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, selection="uncertainty",
-                             return_iterate="confident", renoise_time=0.5,
-                             ratio_schedule="linear", resampling_ratio=0.5,
-                             ratio_decay_iterations=2)
+  config = sampling.IPRConfig(
+      budget=2,
+      steps_per_patch=4,
+      overlap=0.5,
+      selection="uncertainty",
+      return_iterate="confident",
+      renoise_time=0.5,
+      ratio_schedule="linear",
+      resampling_ratio=0.5,
+      ratio_decay_iterations=2,
+  )
   keys = _keys(range(4), seed=9)
 
   def run(keys, x, noise, mask):
-    return sampling.srm_ipr(batchwise_denoiser, keys, image=x, mask=mask,
-                           noise=noise, patch_size=P, sampler_config=SAMPLER, ipr_config=config,
-                           score_fn=lambda z: {"mean": z.mean((1, 2, 3))})
+    return sampling.srm_ipr(
+        batchwise_denoiser,
+        keys,
+        image=x,
+        mask=mask,
+        noise=noise,
+        patch_size=P,
+        sampler_config=SAMPLER,
+        ipr_config=config,
+        score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
+    )
 
   together = jax.device_get(jax.jit(run)(keys, x, noise, mask))
   alone = jax.device_get(jax.jit(run)(keys[1:2], x[1:2], noise[1:2], mask[1:2]))
   np.testing.assert_allclose(alone.z[0], together.z[1], atol=1e-6)
   np.testing.assert_array_equal(alone.nfe_per_budget[:, 0], together.nfe_per_budget[:, 1])
   shard = lambda a: a.reshape((2, 2) + a.shape[1:])
-  pmapped = jax.device_get(jax.pmap(run, devices=jax.local_devices()[:2])(
-      shard(keys), shard(x), shard(noise), shard(mask)))
+  pmapped = jax.device_get(
+      jax.pmap(run, devices=jax.local_devices()[:2])(
+          shard(keys), shard(x), shard(noise), shard(mask)
+      )
+  )
   np.testing.assert_allclose(pmapped.z.reshape(together.z.shape), together.z, atol=1e-6)
   np.testing.assert_array_equal(pmapped.nfe.reshape(-1), together.nfe)
 
@@ -353,26 +442,43 @@ def batchwise_denoiser(z, t):
 # Settings.
 
 
-@pytest.mark.parametrize("field, value", [
-    ("selection", "greedy"), ("uncertainty_score", "entropy"), ("ratio_schedule", "cosine"),
-    ("return_iterate", "best"), ("renoise_time", 0.0), ("renoise_time", 1.5),
-    ("final_resampling_ratio", 0.0), ("uncertainty_groups", 0), ("selection_temperature", 0.0),
-    ("ratio_decay_iterations", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("selection", "greedy"),
+        ("uncertainty_score", "entropy"),
+        ("ratio_schedule", "cosine"),
+        ("return_iterate", "best"),
+        ("renoise_time", 0.0),
+        ("renoise_time", 1.5),
+        ("final_resampling_ratio", 0.0),
+        ("uncertainty_groups", 0),
+        ("selection_temperature", 0.0),
+        ("ratio_decay_iterations", 0),
+    ],
+)
 def test_bad_variant_settings_raise_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     sampling.IPRConfig(**{field: value})
 
 
-@pytest.mark.parametrize("decay, expected", [
-    # D iterations: the first at resampling_ratio, the D-th and later at the final ratio.
-    (1, [0.125, 0.125, 0.125, 0.125]),  # reached at iteration 1: never the starting ratio
-    (2, [0.5, 0.125, 0.125, 0.125]),
-    (3, [0.5, 0.3125, 0.125, 0.125]),  # (0.5 + 0.125) / 2 at the midpoint
-])
-def test_linear_ratio_reaches_the_final_ratio_at_iteration_ratio_decay_iterations(decay,
-                                                                                    expected):
-  config = sampling.IPRConfig(budget=4, ratio_schedule="linear", resampling_ratio=0.5,
-                             final_resampling_ratio=0.125, ratio_decay_iterations=decay)
+@pytest.mark.parametrize(
+    "decay, expected",
+    [
+        # D iterations: the first at resampling_ratio, the D-th and later at the final ratio.
+        (1, [0.125, 0.125, 0.125, 0.125]),  # reached at iteration 1: never the starting ratio
+        (2, [0.5, 0.125, 0.125, 0.125]),
+        (3, [0.5, 0.3125, 0.125, 0.125]),  # (0.5 + 0.125) / 2 at the midpoint
+    ],
+)
+def test_linear_ratio_reaches_the_final_ratio_at_iteration_ratio_decay_iterations(decay, expected):
+  config = sampling.IPRConfig(
+      budget=4,
+      ratio_schedule="linear",
+      resampling_ratio=0.5,
+      final_resampling_ratio=0.125,
+      ratio_decay_iterations=decay,
+  )
   assert [config.ratio_at(i) for i in (1, 2, 3, 4)] == expected
   # k = max(1, floor(c * ratio)) re-noised cells of c = 16 candidates, per iteration 0..4 (0, the
   # SRM pass, repeats iteration 1): 16 * 0.5 = 8, 16 * 0.3125 = 5, 16 * 0.125 = 2.
@@ -382,10 +488,21 @@ def test_linear_ratio_reaches_the_final_ratio_at_iteration_ratio_decay_iteration
 
 
 def test_ratio_schedule_and_shortened_schedule_check():
-  config = sampling.IPRConfig(budget=12, ratio_schedule="linear", resampling_ratio=0.5,
-                             final_resampling_ratio=0.1, ratio_decay_iterations=5)
-  assert [round(config.ratio_at(i), 6) for i in (1, 2, 3, 5, 6, 12)] == [0.5, 0.4, 0.3, 0.1,
-                                                                         0.1, 0.1]
+  config = sampling.IPRConfig(
+      budget=12,
+      ratio_schedule="linear",
+      resampling_ratio=0.5,
+      final_resampling_ratio=0.1,
+      ratio_decay_iterations=5,
+  )
+  assert [round(config.ratio_at(i), 6) for i in (1, 2, 3, 5, 6, 12)] == [
+      0.5,
+      0.4,
+      0.3,
+      0.1,
+      0.1,
+      0.1,
+  ]
   table = sampling.resample_counts(config, 16)
   assert table.shape == (13, 17)
   assert table[1, 12] == 6 and table[5, 12] == 1 and table[12, 16] == 1
@@ -393,8 +510,9 @@ def test_ratio_schedule_and_shortened_schedule_check():
   # per patch: 0.5 step apart, repeated block starts.
   sampling.check_schedules(SAMPLER, sampling.IPRConfig(steps_per_patch=10, overlap=0.9), 16, [12])
   with pytest.raises(ValueError, match=r"renoise_time=0.5 leaves 5 of steps_per_patch=10"):
-    sampling.check_schedules(SAMPLER, sampling.IPRConfig(steps_per_patch=10, overlap=0.9,
-                                                       renoise_time=0.5), 16, [12])
+    sampling.check_schedules(
+        SAMPLER, sampling.IPRConfig(steps_per_patch=10, overlap=0.9, renoise_time=0.5), 16, [12]
+    )
 
 
 def test_selection_strategies_share_one_signature_and_draw_k_candidates():
@@ -406,9 +524,18 @@ def test_selection_strategies_share_one_signature_and_draw_k_candidates():
   cells = jnp.asarray(rng.standard_normal((3, N)), jnp.float32)
   k = jnp.array([2, 5, 40], jnp.int32)
   for name, select in sampling.SELECTORS.items():
-    chosen = np.asarray(select(
-        _keys(range(3)), candidates, k, z=z, cells=cells, ipr_config=sampling.IPRConfig(),
-        cell_verify_fn=lambda z: sampling.patch_mean(z, P) > 0.0))
+    chosen = np.asarray(
+        select(
+            _keys(range(3)),
+            candidates,
+            k,
+            z=z,
+            cells=cells,
+            ipr_config=sampling.IPRConfig(),
+            cell_verify_fn=lambda z: sampling.patch_mean(z, P) > 0.0,
+        )
+    )
     assert not (chosen & ~np.asarray(candidates)).any(), name
     np.testing.assert_array_equal(
-        chosen.sum(1), np.minimum(k, np.asarray(candidates).sum(1)), err_msg=name)
+        chosen.sum(1), np.minimum(k, np.asarray(candidates).sum(1)), err_msg=name
+    )

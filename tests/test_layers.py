@@ -33,20 +33,46 @@ MAX_LINES = 800
 LONG_MODULE_REASON = f"Why over {MAX_LINES} lines:"
 
 LAYERS = (
-    ("core", ("ipr_jax", "ipr_jax.agreement", "ipr_jax.checkpoint", "ipr_jax.compilation_cache",
-              "ipr_jax.config_diff", "ipr_jax.environment", "ipr_jax.errors", "ipr_jax.eval_report",
-              "ipr_jax.eval_shards", "ipr_jax.flow", "ipr_jax.gaussian",
-              "ipr_jax.geometry", "ipr_jax.host_devices", "ipr_jax.preemption",
-              "ipr_jax.schedule", "ipr_jax.time_sampler", "ipr_jax.torch_files",
-              "ipr_jax.train_state")),
+    (
+        "core",
+        (
+            "ipr_jax",
+            "ipr_jax.agreement",
+            "ipr_jax.checkpoint",
+            "ipr_jax.compilation_cache",
+            "ipr_jax.config_diff",
+            "ipr_jax.environment",
+            "ipr_jax.errors",
+            "ipr_jax.eval_report",
+            "ipr_jax.eval_shards",
+            "ipr_jax.flow",
+            "ipr_jax.gaussian",
+            "ipr_jax.geometry",
+            "ipr_jax.host_devices",
+            "ipr_jax.preemption",
+            "ipr_jax.schedule",
+            "ipr_jax.time_sampler",
+            "ipr_jax.torch_files",
+            "ipr_jax.train_state",
+        ),
+    ),
     ("sampling", ("ipr_jax.sampling.*", "ipr_jax.sampler")),
     ("data", ("ipr_jax.data.*",)),
     ("models", ("ipr_jax.models.*", "ipr_jax.losses")),
     ("metrics", ("ipr_jax.metrics.*", "ipr_jax.scorers.*")),
     ("tasks", ("ipr_jax.tasks.*",)),
     ("build", ("ipr_jax.build", "ipr_jax.config_base", "ipr_jax.configs.*", "ipr_jax.pretrained")),
-    ("binaries", ("ipr_jax.cli", "ipr_jax.convert", "ipr_jax.evaluate", "ipr_jax.evaluation",
-                  "ipr_jax.fit", "ipr_jax.train")),
+    (
+        "binaries",
+        (
+            "ipr_jax.cli",
+            "ipr_jax.convert",
+            "ipr_jax.evaluate",
+            "ipr_jax.evaluation",
+            "ipr_jax.fit",
+            "ipr_jax.train",
+        ),
+    ),
 )
 
 
@@ -67,8 +93,9 @@ MODULES = _modules()
 def _layer(module: str) -> int:
   for rank, (_, patterns) in enumerate(LAYERS):
     for pattern in patterns:
-      if module == pattern or (pattern.endswith(".*") and (
-          module == pattern[:-2] or module.startswith(pattern[:-1]))):
+      if module == pattern or (
+          pattern.endswith(".*") and (module == pattern[:-2] or module.startswith(pattern[:-1]))
+      ):
         return rank
   raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layers.py")
 
@@ -85,8 +112,10 @@ def imports(module: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:  # relative import
-        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] +
-                        ([node.module] if node.module else []))
+        base = ".".join(
+            package.split(".")[: len(package.split(".")) - node.level + 1]
+            + ([node.module] if node.module else [])
+        )
       for alias in node.names:
         found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
   return {name for name in found if name in MODULES and name != module}
@@ -94,8 +123,12 @@ def imports(module: str) -> set[str]:
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
   """(module, imported) pairs of `graph` ({module: modules it imports}) that go up a layer."""
-  return [(module, name) for module in sorted(graph) for name in sorted(graph[module])
-          if _layer(name) > _layer(module)]
+  return [
+      (module, name)
+      for module in sorted(graph)
+      for name in sorted(graph[module])
+      if _layer(name) > _layer(module)
+  ]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -106,7 +139,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state[module] = 1
     for name in sorted(graph.get(module, ())):
       if state.get(name) == 1:
-        return path[path.index(name):] + [name]
+        return path[path.index(name) :] + [name]
       if name not in state:
         cycle = visit(name, path + [name])
         if cycle:
@@ -133,7 +166,8 @@ def test_every_module_is_in_a_layer():
 def test_no_import_goes_up_a_layer():
   assert not upward_imports(GRAPH), [
       f"{module} ({LAYERS[_layer(module)][0]}) imports {name} ({LAYERS[_layer(name)][0]})"
-      for module, name in upward_imports(GRAPH)]
+      for module, name in upward_imports(GRAPH)
+  ]
 
 
 def test_no_import_cycle():
@@ -144,11 +178,19 @@ def test_the_checks_find_an_upward_import_and_a_cycle():
   """On made-up graphs: the digits importing the classifier (what the ranking asset replaced),
   and the tasks importing build while build imports the tasks (what geometry.py replaced)."""
   assert upward_imports({"ipr_jax.data.digits": {"ipr_jax.models.classifier"}}) == [
-      ("ipr_jax.data.digits", "ipr_jax.models.classifier")]
-  graph = {"ipr_jax.tasks.base": {"ipr_jax.build"}, "ipr_jax.build": {"ipr_jax.tasks"},
-           "ipr_jax.tasks": {"ipr_jax.tasks.base"}}
-  assert find_cycle(graph) == ["ipr_jax.build", "ipr_jax.tasks", "ipr_jax.tasks.base",
-                               "ipr_jax.build"]
+      ("ipr_jax.data.digits", "ipr_jax.models.classifier")
+  ]
+  graph = {
+      "ipr_jax.tasks.base": {"ipr_jax.build"},
+      "ipr_jax.build": {"ipr_jax.tasks"},
+      "ipr_jax.tasks": {"ipr_jax.tasks.base"},
+  }
+  assert find_cycle(graph) == [
+      "ipr_jax.build",
+      "ipr_jax.tasks",
+      "ipr_jax.tasks.base",
+      "ipr_jax.build",
+  ]
   with pytest.raises(AssertionError, match="in no layer"):
     _layer("ipr_jax.nowhere")
 
@@ -161,4 +203,5 @@ def test_long_modules_say_why(module):
     docstring = ast.get_docstring(ast.parse(text)) or ""
     assert LONG_MODULE_REASON in docstring, (
         f"{module} has {lines} lines (> {MAX_LINES}): split it, or give the reason in its "
-        f"docstring after {LONG_MODULE_REASON!r}")
+        f"docstring after {LONG_MODULE_REASON!r}"
+    )

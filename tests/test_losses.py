@@ -10,7 +10,6 @@ import pytest
 from ipr_jax import flow, losses
 from ipr_jax.models.denoiser import DenoiserOutput, srm_head
 
-
 # One compiled program per static configuration keeps the test fast.
 _srm_loss = jax.jit(losses.srm_loss, static_argnames=("patch_size",))
 
@@ -54,13 +53,15 @@ def test_perfect_prediction_has_zero_mse_and_terms_add_up():
   total, metrics = _srm_loss(_output(target, v, logvar), x, eps, t, w, step=1)
   assert float(metrics["mse"]) == 0.0
   np.testing.assert_allclose(
-      total, metrics["mse"] + metrics["vlb"] + 0.01 * metrics["sigma_nll"], rtol=1e-6)
+      total, metrics["mse"] + metrics["vlb"] + 0.01 * metrics["sigma_nll"], rtol=1e-6
+  )
   np.testing.assert_allclose(metrics["loss"], total, rtol=0)
   # Sigma NLL at zero residual: -log N(0; 0, sigma^2) = log(2 pi sigma^2) / 2.
   sigma = np.exp(0.5 * np.asarray(logvar))
   nll = 0.5 * np.log(2 * np.pi * sigma**2)
-  np.testing.assert_allclose(metrics["sigma_nll"], np.mean(np.asarray(w) * nll), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      metrics["sigma_nll"], np.mean(np.asarray(w) * nll), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_aux_terms_only_after_step_zero():
@@ -70,8 +71,9 @@ def test_aux_terms_only_after_step_zero():
   total1, metrics1 = _srm_loss(out, x, eps, t, w, step=jnp.int32(1))
   np.testing.assert_allclose(total0, metrics0["mse"], rtol=0)
   np.testing.assert_allclose(
-      total1, metrics1["mse"] + metrics1["vlb"] + 0.01 * metrics1["sigma_nll"], rtol=1e-6)
-  weighted = np.mean(np.asarray(w) * (np.asarray(u) - np.asarray(eps - x))**2)
+      total1, metrics1["mse"] + metrics1["vlb"] + 0.01 * metrics1["sigma_nll"], rtol=1e-6
+  )
+  weighted = np.mean(np.asarray(w) * (np.asarray(u) - np.asarray(eps - x)) ** 2)
   np.testing.assert_allclose(metrics0["mse"], weighted, rtol=1e-5)
 
 
@@ -91,15 +93,22 @@ def test_gradients_are_separated_by_term_and_finite():
   np.testing.assert_allclose(grad_u, expected_u, rtol=1e-5, atol=1e-6 * np.abs(expected_u).max())
   # v: only the VLB term.
   vlb_grad = jax.grad(
-      lambda v: jnp.mean(jnp.broadcast_to(w, x.shape) * losses.vlb_bits(u, v, x, eps, t)))(v)
+      lambda v: jnp.mean(jnp.broadcast_to(w, x.shape) * losses.vlb_bits(u, v, x, eps, t))
+  )(v)
   np.testing.assert_allclose(grad_v, vlb_grad, rtol=1e-5, atol=1e-6 * np.abs(vlb_grad).max())
   assert np.abs(np.asarray(grad_v)).max() > 0
   # logvar: only 0.01 * sigma NLL; per element d/dl 0.5 (l + r^2 e^-l) = 0.5 (1 - r^2 e^-l),
   # summed over channels.
-  residual_sq = np.asarray((target - u)**2)
-  expected = 0.01 * np.sum(
-      np.asarray(w) * 0.5 * (1 - residual_sq * np.exp(-np.asarray(logvar))), axis=-1,
-      keepdims=True) / u.size
+  residual_sq = np.asarray((target - u) ** 2)
+  expected = (
+      0.01
+      * np.sum(
+          np.asarray(w) * 0.5 * (1 - residual_sq * np.exp(-np.asarray(logvar))),
+          axis=-1,
+          keepdims=True,
+      )
+      / u.size
+  )
   np.testing.assert_allclose(grad_logvar, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 

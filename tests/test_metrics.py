@@ -22,6 +22,7 @@ def golden(golden_dir):
 
 # ---------------------------------------------------------------------------- Even Pixels
 
+
 def test_even_pixels_golden(golden):
   images = golden["ep_images"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
   hsv = ep_metrics.images_to_hsv(images)
@@ -29,16 +30,17 @@ def test_even_pixels_golden(golden):
   per_image = ep_metrics.per_image_metrics(images)
   np.testing.assert_array_equal(per_image["color_imbalance"], golden["ep_imbalance_per_image"])
   # numpy's float32 std of a constant image is ~1e-7, not 0 (summation rounding): atol 5e-7.
-  np.testing.assert_allclose(per_image["saturation_std"], golden["ep_sat_std_per_image"],
-                             rtol=1e-5, atol=5e-7)
-  np.testing.assert_allclose(per_image["value_std"], golden["ep_val_std_per_image"],
-                             rtol=1e-5, atol=5e-7)
+  np.testing.assert_allclose(
+      per_image["saturation_std"], golden["ep_sat_std_per_image"], rtol=1e-5, atol=5e-7
+  )
+  np.testing.assert_allclose(
+      per_image["value_std"], golden["ep_val_std_per_image"], rtol=1e-5, atol=5e-7
+  )
   metrics = ep_metrics.even_pixels_metrics(images)
   for name in ("is_color_count_even", "color_imbalance_count"):
     assert float(metrics[name]) == float(golden[f"ep_metric/{name}"])
   for name in ("saturation_std", "value_std"):
-    np.testing.assert_allclose(float(metrics[name]), float(golden[f"ep_metric/{name}"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(metrics[name]), float(golden[f"ep_metric/{name}"]), rtol=1e-5)
 
 
 def test_rgb_to_hsv_matches_matplotlib_including_ties():
@@ -67,12 +69,13 @@ def test_even_pixels_bad_input():
 
 # ---------------------------------------------------------------------------- Sudoku metric
 
+
 def reference_duplicate_count(grid: np.ndarray) -> int:
   """Independent loop version of spec §6.1: sum over units and digits of |count - 1|."""
   n = grid.shape[0]
-  b = int(round(n ** 0.5))
+  b = int(round(n**0.5))
   units = [grid[i] for i in range(n)] + [grid[:, j] for j in range(n)]
-  units += [grid[r:r + b, c:c + b].ravel() for r in range(0, n, b) for c in range(0, n, b)]
+  units += [grid[r : r + b, c : c + b].ravel() for r in range(0, n, b) for c in range(0, n, b)]
   return sum(abs(int(np.sum(u == d)) - 1) for u in units for d in range(1, n + 1))
 
 
@@ -88,9 +91,13 @@ def test_discretize_golden(golden):
 
 
 def test_discretize_zero_rule():
-  logits = jnp.array([[5.0, 1, 2, 0, 0, 0, 0, 0, 0, 0],   # argmax 0 -> second best 2
-                      [0.0, 1, 2, 9, 0, 0, 0, 0, 0, 0],   # argmax 3
-                      [9.0, 0, 0, 0, 0, 1, 0, 0, 0, 8]])  # argmax 0 -> 9
+  logits = jnp.array(
+      [
+          [5.0, 1, 2, 0, 0, 0, 0, 0, 0, 0],  # argmax 0 -> second best 2
+          [0.0, 1, 2, 9, 0, 0, 0, 0, 0, 0],  # argmax 3
+          [9.0, 0, 0, 0, 0, 1, 0, 0, 0, 8],
+      ]
+  )  # argmax 0 -> 9
   np.testing.assert_array_equal(sudoku_metrics.discretize_logits(logits), [2, 3, 9])
   np.testing.assert_array_equal(sudoku_metrics.discretize_logits(logits, num_digits=4), [2, 3, 1])
 
@@ -111,6 +118,7 @@ def test_duplicate_count_matches_loop_version(box_size):
 
 
 # ---------------------------------------------------------------------------- classifier
+
 
 def test_shipped_classifier_held_out_accuracy():
   images, labels = digits.load_digits("test")
@@ -154,8 +162,9 @@ def test_rendered_solved_and_swapped_grids(confident_digits):
 def test_rendered_test_batch_classified(confident_digits):
   bank = digits.make_digit_bank(*confident_digits)
   grids = sudoku_grids.make_grid_sets(3, 3, 5, 5)
-  task = sudoku.SudokuTask(train_digits=bank, test_digits=bank, train_grids=grids.train,
-                           test_grids=grids.test)
+  task = sudoku.SudokuTask(
+      train_digits=bank, test_digits=bank, train_grids=grids.train, test_grids=grids.test
+  )
   batch = task.test_batch(1, jnp.arange(4), "hard")
   result = sudoku_metrics.evaluate_sudoku_images(batch["image"])
   np.testing.assert_array_equal(result["pred"], batch["grid"])
@@ -165,9 +174,15 @@ def test_rendered_test_batch_classified(confident_digits):
 def test_small_cells_and_4x4(confident_digits):
   bank = digits.make_digit_bank(*confident_digits, cell_size=14)
   grids = sudoku_grids.make_grid_sets(0, 2)
-  task = sudoku.SudokuTask(train_digits=bank, test_digits=bank, train_grids=grids.train,
-                           test_grids=grids.test, box_size=2, transform_grids=False,
-                           train_given_range=(0, 15))
+  task = sudoku.SudokuTask(
+      train_digits=bank,
+      test_digits=bank,
+      train_grids=grids.train,
+      test_grids=grids.test,
+      box_size=2,
+      transform_grids=False,
+      train_given_range=(0, 15),
+  )
   batch = task.test_batch(0, jnp.arange(16), "easy")
   assert batch["image"].shape == (16, 56, 56, 1)
   result = sudoku_metrics.evaluate_sudoku_images(batch["image"], box_size=2)
@@ -177,8 +192,10 @@ def test_small_cells_and_4x4(confident_digits):
   assert np.mean(pred == np.asarray(batch["grid"])) >= 0.95
 
 
-@pytest.mark.parametrize("shape", [(2, 252, 252, 3), (2, 250, 250, 1), (2, 252, 126, 1),
-                                   (252, 252, 1), (2, 9 * 10, 9 * 10, 1)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 252, 252, 3), (2, 250, 250, 1), (2, 252, 126, 1), (252, 252, 1), (2, 9 * 10, 9 * 10, 1)],
+)
 def test_sudoku_images_bad_shape(shape):
   with pytest.raises(ValueError, match="Sudoku images"):
     sudoku_metrics.evaluate_sudoku_images(jnp.zeros(shape), params={})

@@ -39,8 +39,9 @@ def executed(tmp_path_factory):
     patch.setenv("IPR_JAX_NOTEBOOK_TEST", "1")
     patch.setenv("IPR_JAX_ROOT", str(ROOT))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": str(workdir)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
   return notebook, workdir
 
 
@@ -57,9 +58,12 @@ def text_of(cell):
 def images_of(cell):
   """The PNGs a cell displayed, decoded."""
   import base64  # pylint: disable=g-import-not-at-top
-  return [Image.open(io.BytesIO(base64.b64decode(o.data["image/png"])))
-          for o in cell.outputs
-          if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
+
+  return [
+      Image.open(io.BytesIO(base64.b64decode(o.data["image/png"])))
+      for o in cell.outputs
+      if o.output_type in ("display_data", "execute_result") and "image/png" in o.data
+  ]
 
 
 def printed_table(text):
@@ -68,7 +72,7 @@ def printed_table(text):
   start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["budget"])
   header = lines[start].split()
   rows = []
-  for line in lines[start + 1:]:
+  for line in lines[start + 1 :]:
     fields = line.split()
     if len(fields) != len(header) or not fields[0].isdigit():
       break
@@ -124,13 +128,17 @@ def test_shipped_model_section_shows_iterations_and_table(executed):
   # classified digits of the final grid (budget 2). One puzzle may differ (floating point: the
   # test mode compiles without XLA's optimisations), as tests/test_evaluate.py allows 2 of 32.
   with np.load(out_dir / "puzzles.npz") as f:
-    index, valid, duplicates, grids = (f["index"], f["valid"], f["duplicate_count"],
-                                       f["digit_grid"])
+    index, valid, duplicates, grids = (
+        f["index"],
+        f["valid"],
+        f["duplicate_count"],
+        f["digit_grid"],
+    )
   np.testing.assert_array_equal(index, np.arange(NUM_PUZZLES))
   record = pretrained.load("mnist_sudoku_demo").metadata["regression"]
   assert record["num_puzzles"] >= NUM_PUZZLES and record["budget"] >= BUDGET
-  want_valid = np.asarray(record["valid"], bool)[:NUM_PUZZLES, :BUDGET + 1]
-  want_duplicates = np.asarray(record["duplicate_count"])[:NUM_PUZZLES, :BUDGET + 1]
+  want_valid = np.asarray(record["valid"], bool)[:NUM_PUZZLES, : BUDGET + 1]
+  want_duplicates = np.asarray(record["duplicate_count"])[:NUM_PUZZLES, : BUDGET + 1]
   want_grids = np.asarray(record["digit_grid"])[:NUM_PUZZLES, BUDGET]
   differing = ((valid != want_valid) | (duplicates != want_duplicates)).any(axis=1)
   differing |= (grids != want_grids).any(axis=(1, 2))
@@ -144,14 +152,18 @@ def test_shipped_model_section_shows_iterations_and_table(executed):
 def test_training_section_trains_saves_and_evaluates(executed):
   notebook, workdir = executed
   train_cell = tagged(notebook, "train")
-  steps = [int(line.split()[1]) for line in text_of(train_cell).splitlines()
-           if line.startswith("step ")]
+  steps = [
+      int(line.split()[1]) for line in text_of(train_cell).splitlines() if line.startswith("step ")
+  ]
   assert steps == list(range(1, TRAIN_STEPS + 1))
   assert images_of(train_cell)  # the live loss plot
   run = workdir / "ipr_runs" / "my_srm"
   assert (run / "checkpoints" / str(TRAIN_STEPS)).is_dir()
-  losses = [float(line.split()[3]) for line in text_of(train_cell).splitlines()
-            if line.startswith("step ")]
+  losses = [
+      float(line.split()[3])
+      for line in text_of(train_cell).splitlines()
+      if line.startswith("step ")
+  ]
   assert np.all(np.isfinite(losses))
 
   trained_cell = tagged(notebook, "trained-eval")

@@ -18,13 +18,17 @@ def test_heads_have_the_reference_class_counts():
   params = polygon_scorer.init_scorer_params(scorer, jax.random.key(0))
   logits = scorer.apply({"params": params}, jnp.zeros((3, 128, 128, 3)))
   assert {k: v.shape for k, v in logits.items()} == {
-      "num_polygons": (3, 9), "num_vertices": (3, 5), "is_uniform": (3, 2),
-      "numbers_label": (3, 35)}
+      "num_polygons": (3, 9),
+      "num_vertices": (3, 5),
+      "is_uniform": (3, 2),
+      "numbers_label": (3, 35),
+  }
   cp_metrics.counting_polygons_metrics(logits)  # accepted by the metrics
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (2, 128, 128, 1), (128, 128, 3),
-                                   (0, 128, 128, 3)])
+@pytest.mark.parametrize(
+    "shape", [(2, 64, 64, 3), (2, 128, 128, 1), (128, 128, 3), (0, 128, 128, 3)]
+)
 def test_wrong_image_batch_is_a_clear_error(shape):
   scorer = polygon_scorer.make_scorer(SMALL)
   params = polygon_scorer.init_scorer_params(scorer, jax.random.key(0))
@@ -71,20 +75,22 @@ def test_digit_map_marks_the_printed_numbers_where_they_are_drawn():
     assert sorted(cells[rows, cols].tolist()) == sorted(info.printed_numbers.tolist())
     for row, col in zip(rows, cols):
       # The cell holds ink: the image differs from the background there, drawn in the colour.
-      block = np.s_[8 * row:8 * row + 8, 8 * col:8 * col + 8]
+      block = np.s_[8 * row : 8 * row + 8, 8 * col : 8 * col + 8]
       changed = np.any(image[block] != info.background[block], axis=-1)
       assert changed.any(), (row, col)
       # ... and the polygons are all farther away than the number's own circle.
       centre = np.array([8 * col + 4, 8 * row + 4])
-      assert np.all(np.linalg.norm(info.polygon_centres - centre, axis=1)
-                    > info.polygon_radii), info
+      assert np.all(
+          np.linalg.norm(info.polygon_centres - centre, axis=1) > info.polygon_radii
+      ), info
 
 
 def test_digit_map_feeds_the_numbers_head():
   scorer = polygon_scorer.make_scorer({**SMALL, "digit_map": True})
   params = polygon_scorer.init_scorer_params(scorer, jax.random.key(0))
-  logits, features = scorer.apply({"params": params}, jnp.zeros((2, 128, 128, 3)),
-                                  with_features=True)
+  logits, features = scorer.apply(
+      {"params": params}, jnp.zeros((2, 128, 128, 3)), with_features=True
+  )
   assert features["digit_map"].shape == (2, 16, 16, 10)
   assert logits["numbers_label"].shape == (2, 35)
   # pooled features + per digit (1..9) the max and the sum of the map's probabilities
@@ -94,8 +100,10 @@ def test_digit_map_feeds_the_numbers_head():
   with pytest.raises(ValueError, match="stem_patch=16"):
     polygon_scorer.init_scorer_params(
         polygon_scorer.make_scorer(
-            {**SMALL, "stem_patch": 16, "widths": [8, 8], "digit_map": True}),
-        jax.random.key(0))
+            {**SMALL, "stem_patch": 16, "widths": [8, 8], "digit_map": True}
+        ),
+        jax.random.key(0),
+    )
 
 
 def test_continued_training_keeps_the_parameters_that_fit():
@@ -103,18 +111,21 @@ def test_continued_training_keeps_the_parameters_that_fit():
   fresh = polygon_scorer.init_scorer_params(scorer, jax.random.key(0))
   old = polygon_scorer.init_scorer_params(polygon_scorer.make_scorer(SMALL), jax.random.key(1))
   merged, kept_fresh = train_polygon_scorer._merge_params(fresh, old)
-  assert sorted(kept_fresh) == ["digit_map/bias", "digit_map/kernel",
-                                "head_numbers_label/kernel"]
+  assert sorted(kept_fresh) == ["digit_map/bias", "digit_map/kernel", "head_numbers_label/kernel"]
   np.testing.assert_array_equal(merged["stem"]["kernel"], old["stem"]["kernel"])
-  np.testing.assert_array_equal(merged["head_numbers_label"]["bias"],
-                                old["head_numbers_label"]["bias"])
+  np.testing.assert_array_equal(
+      merged["head_numbers_label"]["bias"], old["head_numbers_label"]["bias"]
+  )
   np.testing.assert_array_equal(merged["digit_map"]["kernel"], fresh["digit_map"]["kernel"])
 
 
 def test_targets_follow_the_head_conventions():
-  batch = {"num_polygons": np.array([1, 9]), "num_vertices": np.array([3, 7]),
-           "is_uniform": np.array([True, False]),
-           "numbers_label": cp_metrics.numbers_label([1, 9], [3, 7])}
+  batch = {
+      "num_polygons": np.array([1, 9]),
+      "num_vertices": np.array([3, 7]),
+      "is_uniform": np.array([True, False]),
+      "numbers_label": cp_metrics.numbers_label([1, 9], [3, 7]),
+  }
   t = train_polygon_scorer.targets(batch)
   np.testing.assert_array_equal(t["num_polygons"], [0, 8])
   np.testing.assert_array_equal(t["num_vertices"], [0, 4])
@@ -124,19 +135,39 @@ def test_targets_follow_the_head_conventions():
 
 def test_build_scorer_writes_a_loadable_file(tmp_path):
   metadata = train_polygon_scorer.build_scorer(
-      str(tmp_path / "s.npz"), num_train=64, num_held_out=32, num_workers=1, num_epochs=1,
-      batch_size=32, widths=(8, 8, 16))
+      str(tmp_path / "s.npz"),
+      num_train=64,
+      num_held_out=32,
+      num_workers=1,
+      num_epochs=1,
+      batch_size=32,
+      widths=(8, 8, 16),
+  )
   assert set(metadata["held_out_accuracy"]) == set(cp_metrics.HEAD_CLASSES)
   scorer, _ = polygon_scorer.load_scorer(tmp_path / "s.npz")
   assert tuple(scorer.widths) == (8, 8, 16)
   continued = train_polygon_scorer.build_scorer(
-      str(tmp_path / "c.npz"), num_train=64, num_held_out=32, num_workers=1, num_epochs=1,
-      batch_size=32, widths=(4, 4), init_from=str(tmp_path / "s.npz"))
+      str(tmp_path / "c.npz"),
+      num_train=64,
+      num_held_out=32,
+      num_workers=1,
+      num_epochs=1,
+      batch_size=32,
+      widths=(4, 4),
+      init_from=str(tmp_path / "s.npz"),
+  )
   assert continued["continued_from"]["architecture"]["widths"] == [8, 8, 16]  # not (4, 4)
   with pytest.raises(ValueError, match="min_accuracy"):
     train_polygon_scorer.build_scorer(
-        str(tmp_path / "t.npz"), num_train=64, num_held_out=32, num_workers=1, num_epochs=1,
-        batch_size=32, widths=(8, 8, 16), min_accuracy=1.01)
+        str(tmp_path / "t.npz"),
+        num_train=64,
+        num_held_out=32,
+        num_workers=1,
+        num_epochs=1,
+        batch_size=32,
+        widths=(8, 8, 16),
+        min_accuracy=1.01,
+    )
   assert not (tmp_path / "t.npz").exists()
 
 

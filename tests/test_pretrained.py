@@ -12,6 +12,7 @@ from ipr_jax import pretrained
 @pytest.fixture(scope="module")
 def tiny():
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
+
   config = load_task_config("mnist_sudoku", "tiny")
   params = build.init_params(config, build.make_model(config), jax.random.key(0))
   return config, jax.device_get(params)
@@ -46,8 +47,9 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
   # Weights of another model under this config: refused, naming a parameter.
   other = config.copy_and_resolve_references()
   other.model.hid_dims = (16, 32, 32)
-  shapes = jax.eval_shape(lambda: build.init_params(other, build.make_model(other),
-                                                     jax.random.key(0)))
+  shapes = jax.eval_shape(
+      lambda: build.init_params(other, build.make_model(other), jax.random.key(0))
+  )
   small = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)  # no compilation needed
   mismatched = tmp_path / "mismatched.npz"
   pretrained.save(mismatched, small, config, {})
@@ -72,10 +74,12 @@ def test_check_compatible_names_the_changed_field(tiny, tmp_path):
 def test_export_run_writes_the_ema_weights_and_record(tiny, tmp_path):
   config, params = tiny
   ema = jax.tree.map(lambda x: x + 1.0, params)
-  checkpoint.save_params_checkpoint(tmp_path / "run", params, config,
-                                    build.make_optimizer(config), ema_params=ema, step=7)
-  path = pretrained.export_run(tmp_path / "run", "exported", git_commit="abc",
-                               extra={"note": "x"}, output_dir=tmp_path)
+  checkpoint.save_params_checkpoint(
+      tmp_path / "run", params, config, build.make_optimizer(config), ema_params=ema, step=7
+  )
+  path = pretrained.export_run(
+      tmp_path / "run", "exported", git_commit="abc", extra={"note": "x"}, output_dir=tmp_path
+  )
   loaded = pretrained.load_file(path)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, ema)
   assert loaded.metadata["steps"] == 7 and loaded.config.num_train_steps == 7
@@ -87,8 +91,15 @@ def test_the_shipped_demo_model_is_small_and_recorded():
   path = pretrained.path_of("mnist_sudoku_demo")
   assert path.stat().st_size < 5e6
   demo = pretrained.load("mnist_sudoku_demo")
-  for key in ("steps", "batch_size", "machine", "git_commit", "final_loss", "wall_time_seconds",
-              "regression"):
+  for key in (
+      "steps",
+      "batch_size",
+      "machine",
+      "git_commit",
+      "final_loss",
+      "wall_time_seconds",
+      "regression",
+  ):
     assert key in demo.metadata, key
   assert len(demo.metadata["git_commit"]) == 40
 
@@ -101,8 +112,13 @@ def test_the_shipped_demo_weights_are_the_committed_runs_ema_weights(tmp_path):
   import pathlib  # pylint: disable=g-import-not-at-top
   import tarfile  # pylint: disable=g-import-not-at-top
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
-  archive = (pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo_run" /
-             "demo_step20494.tar.gz")
+
+  archive = (
+      pathlib.Path(__file__).resolve().parent.parent
+      / "experiments"
+      / "demo_run"
+      / "demo_step20494.tar.gz"
+  )
   with tarfile.open(archive) as tar:
     tar.extractall(tmp_path, filter="data")
   demo = pretrained.load("mnist_sudoku_demo")
@@ -110,8 +126,11 @@ def test_the_shipped_demo_weights_are_the_committed_runs_ema_weights(tmp_path):
   ema = checkpoint.restore_params(tmp_path, which="ema")
   assert jax.tree.structure(ema) == jax.tree.structure(demo.params)
   jax.tree.map(np.testing.assert_array_equal, ema, demo.params)
-  logged = [json.loads(line)["step"] for line in
-            (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  logged = [
+      json.loads(line)["step"]
+      for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+      if line.strip()
+  ]
   demo_steps = load_task_config("mnist_sudoku", "demo").num_train_steps
   assert demo.metadata["steps"] == int(step_dir.name) == logged[-1] == demo_steps
   assert demo.metadata["logged_step"] == logged[-1]

@@ -40,8 +40,7 @@ def _random_mask(seed, grid, patch_size, num_unknown):
 
 
 def _unknown(mask, patch_size):
-  return np.asarray(mask)[:, ::patch_size, ::patch_size, 0].reshape(
-      mask.shape[0], -1) > 0.5
+  return np.asarray(mask)[:, ::patch_size, ::patch_size, 0].reshape(mask.shape[0], -1) > 0.5
 
 
 def _uniform(seed, shape, low=-1.0, high=1.0):
@@ -71,22 +70,25 @@ def fixed_sigma_denoiser(x, patch_sigma, patch_size, gain=1.0):
 
   def denoise(z, t):
     u = gain * jnp.where(t > 0, (z - x) / jnp.where(t > 0, t, 1.0), 0.0)
-    return DenoiserOutput(u=u, v=jnp.full_like(z, 0.5), logvar=2 * jnp.log(sigma),
-                          sigma=sigma)
+    return DenoiserOutput(u=u, v=jnp.full_like(z, 0.5), logvar=2 * jnp.log(sigma), sigma=sigma)
+
   return denoise
 
 
 def toy_denoiser(patch_size, scale=1.0):
   """A cheap per-example denoiser whose sigma depends on the state."""
+
   def denoise(z, t):
     b, h, w, _ = z.shape
     u = scale * jnp.tanh(z) * (0.5 + t) + 0.1
-    pooled = z.mean(-1).reshape(b, h // patch_size, patch_size, w // patch_size,
-                                patch_size).mean((2, 4))
-    sigma = jnp.repeat(jnp.repeat(jnp.exp(jnp.sin(3.0 * pooled)), patch_size, 1),
-                       patch_size, 2)[..., None]
-    return DenoiserOutput(u=u, v=jax.nn.sigmoid(z), logvar=2 * jnp.log(sigma),
-                          sigma=sigma)
+    pooled = (
+        z.mean(-1).reshape(b, h // patch_size, patch_size, w // patch_size, patch_size).mean((2, 4))
+    )
+    sigma = jnp.repeat(jnp.repeat(jnp.exp(jnp.sin(3.0 * pooled)), patch_size, 1), patch_size, 2)[
+        ..., None
+    ]
+    return DenoiserOutput(u=u, v=jax.nn.sigmoid(z), logvar=2 * jnp.log(sigma), sigma=sigma)
+
   return denoise
 
 
@@ -118,10 +120,9 @@ def reference_rows(unknown, sigma, steps_per_patch, overlap):
       order.append(q)
       steps.append(step)
       length = min(len(proto), max_steps - step)
-      matrix[step:step + length, q] = np.minimum(proto[:length],
-                                                 matrix[step:step + length, q])
+      matrix[step : step + length, q] = np.minimum(proto[:length], matrix[step : step + length, q])
       if step + length < max_steps:
-        matrix[step + length:, q] = 0
+        matrix[step + length :, q] = 0
       matrix[max_steps] = 0
   return np.array(rows).reshape(max_steps, -1), order, steps
 
@@ -133,16 +134,25 @@ def reference_rows(unknown, sigma, steps_per_patch, overlap):
 @functools.lru_cache(maxsize=None)
 def _srm_run(steps_per_patch, overlap, stochasticity, clamp_noise, gain):
   """A jitted SRM run (patch size 1) with recorded rows; one compile per setting."""
-  config = sampling.SamplerConfig(steps_per_patch, overlap, stochasticity=stochasticity,
-                                 clamp_noise=clamp_noise)
+  config = sampling.SamplerConfig(
+      steps_per_patch, overlap, stochasticity=stochasticity, clamp_noise=clamp_noise
+  )
 
   @jax.jit
   def run(x, patch_sigma, mask, noise, keys):
     masked = (1 - mask) * x
     return sampling.srm_sample(
-        fixed_sigma_denoiser(x, patch_sigma, 1, gain), masked + mask * noise,
-        masked, mask, sampling.unknown_patches(mask, 1), keys, patch_size=1,
-        config=config, record=True)
+        fixed_sigma_denoiser(x, patch_sigma, 1, gain),
+        masked + mask * noise,
+        masked,
+        mask,
+        sampling.unknown_patches(mask, 1),
+        keys,
+        patch_size=1,
+        config=config,
+        record=True,
+    )
+
   return run
 
 
@@ -152,10 +162,10 @@ def ms_oracle_run():
   x = _uniform(1, (3, 9, 9, 1))
   mask = _random_mask(5, (9, 9), 1, [61, 56, 81])
   # Few distinct values: many ties.
-  patch_sigma = (np.random.default_rng(6).integers(0, 6, (3, 9, 9)) * .25 + .5
-                 ).astype(np.float32)
-  out = _srm_run(3, 0.0, 0.5, True, 1.0)(x, patch_sigma, mask,
-                                          _normal(7, x.shape), _keys([0, 1, 2]))
+  patch_sigma = (np.random.default_rng(6).integers(0, 6, (3, 9, 9)) * 0.25 + 0.5).astype(np.float32)
+  out = _srm_run(3, 0.0, 0.5, True, 1.0)(
+      x, patch_sigma, mask, _normal(7, x.shape), _keys([0, 1, 2])
+  )
   return x, mask, patch_sigma, jax.device_get(out)
 
 
@@ -176,23 +186,25 @@ def test_generation_order_is_ascending_sigma_with_ties_to_lowest_index(ms_oracle
   for b in range(3):
     ids = np.flatnonzero(unknown[b])
     expected = ids[np.argsort(sig[b, ids], kind="stable")]
-    np.testing.assert_array_equal(out.order[b, :len(ids)], expected)
-    assert np.all(out.order[b, len(ids):] == -1)
+    np.testing.assert_array_equal(out.order[b, : len(ids)], expected)
+    assert np.all(out.order[b, len(ids) :] == -1)
     # The reference's S-matrix algorithm gives the same order, steps and rows
     # (n = 61: starts 0, 2, 5, ...; n = 56: L = 4 with a truncated last block).
     rows, order, steps = reference_rows(unknown[b], sig[b], 3, 0.0)
-    np.testing.assert_array_equal(out.order[b, :len(ids)], order)
-    np.testing.assert_array_equal(out.order_step[b, :len(ids)], steps)
-    np.testing.assert_array_equal(out.t_rows[:len(rows), b], rows)
-    assert np.all(out.t_rows[len(rows):, b] == 0)
+    np.testing.assert_array_equal(out.order[b, : len(ids)], order)
+    np.testing.assert_array_equal(out.order_step[b, : len(ids)], steps)
+    np.testing.assert_array_equal(out.t_rows[: len(rows), b], rows)
+    assert np.all(out.t_rows[len(rows) :, b] == 0)
 
 
-@pytest.mark.parametrize("steps_per_patch,overlap,num_unknown", [
-    (10, 0.8, [17, 13, 19, 1]),  # L = 11 truncated; starts 0, 1, 3; n = 1
-    (30, 0.9, [9, 12, 16, 2]),  # L = 31 in float32
-])
-def test_time_rows_match_the_reference_matrix_algorithm(steps_per_patch, overlap,
-                                                       num_unknown):
+@pytest.mark.parametrize(
+    "steps_per_patch,overlap,num_unknown",
+    [
+        (10, 0.8, [17, 13, 19, 1]),  # L = 11 truncated; starts 0, 1, 3; n = 1
+        (30, 0.9, [9, 12, 16, 2]),  # L = 31 in float32
+    ],
+)
+def test_time_rows_match_the_reference_matrix_algorithm(steps_per_patch, overlap, num_unknown):
   mask = _random_mask(8, (5, 5), 1, num_unknown)
   patch_sigma = _uniform(9, (4, 5, 5), 0.0, 1.0)
   x, noise = _uniform(10, (4, 5, 5, 1)), _normal(11, (4, 5, 5, 1))
@@ -200,17 +212,17 @@ def test_time_rows_match_the_reference_matrix_algorithm(steps_per_patch, overlap
   out = jax.device_get(run(x, patch_sigma, mask, noise, _keys([0, 1, 2, 3])))
   unknown = _unknown(mask, 1)
   for b in range(4):
-    rows, order, _ = reference_rows(unknown[b], patch_sigma[b].ravel(),
-                                    steps_per_patch, overlap)
-    np.testing.assert_array_equal(out.t_rows[:len(rows), b], rows)
-    np.testing.assert_array_equal(out.order[b, :len(order)], order)
+    rows, order, _ = reference_rows(unknown[b], patch_sigma[b].ravel(), steps_per_patch, overlap)
+    np.testing.assert_array_equal(out.t_rows[: len(rows), b], rows)
+    np.testing.assert_array_equal(out.order[b, : len(order)], order)
     assert out.nfe[b] == len(rows)
   # Stochasticity 0 without clamp noise is deterministic: keys do not matter.
   other = run(x, patch_sigma, mask, noise, _keys([4, 5, 6, 7], seed=1))
   np.testing.assert_array_equal(other.z, out.z)
   if steps_per_patch == 10:  # the reference's clamp noise: tiny but present
     noisy = _srm_run(steps_per_patch, overlap, 0.0, True, 0.9)(
-        x, patch_sigma, mask, noise, _keys([0, 1, 2, 3]))
+        x, patch_sigma, mask, noise, _keys([0, 1, 2, 3])
+    )
     diff = float(np.abs(np.asarray(noisy.z) - out.z).max())
     assert 0 < diff < 1e-4, diff
 
@@ -222,10 +234,17 @@ _DETERMINISTIC = dict(stochasticity=0.0, clamp_noise=False)
 
 
 def test_nfe_even_pixels():
-  fn = jax.jit(lambda keys: sampling.srm_ipr(
-      toy_denoiser(1), keys, image=None, noise=jnp.zeros((1, 8, 8, 3)), patch_size=1,
-      sampler_config=sampling.SamplerConfig(30, 0.9, **_DETERMINISTIC),
-      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9)))
+  fn = jax.jit(
+      lambda keys: sampling.srm_ipr(
+          toy_denoiser(1),
+          keys,
+          image=None,
+          noise=jnp.zeros((1, 8, 8, 3)),
+          patch_size=1,
+          sampler_config=sampling.SamplerConfig(30, 0.9, **_DETERMINISTIC),
+          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9),
+      )
+  )
   result = jax.device_get(fn(_keys([0])))
   assert int(result.nfe[0]) == 219 + 30 * 75 == 2469
   assert np.all(result.initial_order >= 0)  # all 64 generated
@@ -235,10 +254,17 @@ def test_nfe_even_pixels():
 
 def test_nfe_counting_polygons():
   # cp_test on a 16x16 grid (n = 256): SRM 265 passes, each IPR iteration 73 (k = 64).
-  fn = jax.jit(lambda keys: sampling.srm_ipr(
-      toy_denoiser(1), keys, image=None, noise=jnp.zeros((1, 16, 16, 3)), patch_size=1,
-      sampler_config=sampling.SamplerConfig(10, 0.9, **_DETERMINISTIC),
-      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9)))
+  fn = jax.jit(
+      lambda keys: sampling.srm_ipr(
+          toy_denoiser(1),
+          keys,
+          image=None,
+          noise=jnp.zeros((1, 16, 16, 3)),
+          patch_size=1,
+          sampler_config=sampling.SamplerConfig(10, 0.9, **_DETERMINISTIC),
+          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9),
+      )
+  )
   result = jax.device_get(fn(_keys([0])))
   assert int(result.nfe[0]) == 265 + 30 * 73 == 2455
   np.testing.assert_array_equal(result.nfe_per_budget[:, 0], 265 + 73 * np.arange(31))
@@ -251,11 +277,18 @@ def test_nfe_sudoku_hard_and_oracle_ipr():
   mask = _random_mask(10, (9, 9), 1, num_unknown)
   x = _uniform(11, (batch, 9, 9, 1))
   patch_sigma = _uniform(12, (batch, 9, 9), 0.0, 1.0)
-  fn = jax.jit(lambda keys, x, mask: sampling.srm_ipr(
-      fixed_sigma_denoiser(x, patch_sigma, 1), keys, image=x, mask=mask,
-      noise=jnp.asarray(_normal(13, x.shape)), patch_size=1,
-      sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-      ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8)))
+  fn = jax.jit(
+      lambda keys, x, mask: sampling.srm_ipr(
+          fixed_sigma_denoiser(x, patch_sigma, 1),
+          keys,
+          image=x,
+          mask=mask,
+          noise=jnp.asarray(_normal(13, x.shape)),
+          patch_size=1,
+          sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8),
+      )
+  )
   result = jax.device_get(fn(_keys(range(batch)), x, mask))
   expected = [3 * n + 30 * (2 * (n // 4) + 8) for n in num_unknown]
   np.testing.assert_array_equal(result.nfe, expected)
@@ -272,12 +305,20 @@ def test_nfe_sudoku_hard_and_oracle_ipr():
 def test_nfe_sudoku_corrupted_and_oracle_correction():
   x = _uniform(12, (2, 9, 9, 1))
   patch_sigma = _uniform(13, (2, 9, 9), 0.0, 1.0)
-  fn = jax.jit(lambda keys, x: sampling.srm_ipr(
-      fixed_sigma_denoiser(x, patch_sigma, 1), keys, image=x,
-      noise=jnp.zeros_like(x), patch_size=1, num_snapshots=1,
-      sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-      ipr_config=sampling.IPRConfig(budget=15, steps_per_patch=10, overlap=0.8,
-                                   mode="correction", num_corruption_swaps=5)))
+  fn = jax.jit(
+      lambda keys, x: sampling.srm_ipr(
+          fixed_sigma_denoiser(x, patch_sigma, 1),
+          keys,
+          image=x,
+          noise=jnp.zeros_like(x),
+          patch_size=1,
+          num_snapshots=1,
+          sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+          ipr_config=sampling.IPRConfig(
+              budget=15, steps_per_patch=10, overlap=0.8, mode="correction", num_corruption_swaps=5
+          ),
+      )
+  )
   result = jax.device_get(fn(_keys([0, 1]), x))
   np.testing.assert_array_equal(result.nfe, [15 * 48] * 2)
   assert np.all(result.resampled.sum(-1) == 20)
@@ -318,42 +359,44 @@ def _score_fn(z):
 
 
 _BATCH_CONFIGS = dict(
-    patch_size=2, sampler_config=sampling.SamplerConfig(3, 0.5, stochasticity=0.5),
-    ipr_config=sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5,
-                                 immediate_stop=True),
-    score_fn=_score_fn, verify_fn=_verify, num_snapshots=2)
+    patch_size=2,
+    sampler_config=sampling.SamplerConfig(3, 0.5, stochasticity=0.5),
+    ipr_config=sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, immediate_stop=True),
+    score_fn=_score_fn,
+    verify_fn=_verify,
+    num_snapshots=2,
+)
 
 
 @jax.jit
 @chex.assert_max_traces(n=2)  # batch 4 and batch 1, however often it is called
 def _batch_run(scale, keys, image, mask, noise):
-  return sampling.srm_ipr(toy_denoiser(2, scale), keys, image=image, mask=mask,
-                         noise=noise, **_BATCH_CONFIGS)
+  return sampling.srm_ipr(
+      toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise, **_BATCH_CONFIGS
+  )
 
 
 @pytest.fixture(scope="module")
 def batch_run():
   image, mask, noise = _standard_inputs()
   keys = _keys([7, 3, 11, 5])
-  return (keys, image, mask, noise), jax.device_get(
-      _batch_run(1.0, keys, image, mask, noise))
+  return (keys, image, mask, noise), jax.device_get(_batch_run(1.0, keys, image, mask, noise))
 
 
 def test_batch_equals_puzzles_alone(batch_run):
   (keys, image, mask, noise), together = batch_run
   for b in range(4):
-    alone = jax.device_get(_batch_run(1.0, keys[b:b + 1], image[b:b + 1],
-                                      mask[b:b + 1], noise[b:b + 1]))
+    alone = jax.device_get(
+        _batch_run(1.0, keys[b : b + 1], image[b : b + 1], mask[b : b + 1], noise[b : b + 1])
+    )
     np.testing.assert_allclose(alone.z[0], together.z[b], atol=1e-6)
     np.testing.assert_array_equal(alone.initial_order[0], together.initial_order[b])
     np.testing.assert_array_equal(alone.resampled[:, 0], together.resampled[:, b])
     assert alone.nfe[0] == together.nfe[b]
-    np.testing.assert_allclose(alone.scores["mean"][:, 0],
-                               together.scores["mean"][:, b], atol=1e-6)
+    np.testing.assert_allclose(alone.scores["mean"][:, 0], together.scores["mean"][:, b], atol=1e-6)
   # Different puzzle keys give different refinements; given cells are kept.
   assert not np.array_equal(together.resampled[:, 2], together.resampled[:, 3])
-  np.testing.assert_array_equal(together.z[mask[..., 0] == 0],
-                                image[mask[..., 0] == 0])
+  np.testing.assert_array_equal(together.z[mask[..., 0] == 0], image[mask[..., 0] == 0])
   # The jitted sampler does not retrace for new values (assert_max_traces).
   again = _batch_run(1.0, _keys([0, 1, 2, 3], seed=1), image, 1 - mask, noise)
   assert not np.allclose(again.z, together.z)
@@ -369,11 +412,12 @@ def test_pmap_matches_jit(batch_run):
 
   p_run = jax.pmap(
       lambda scale, keys, image, mask, noise: sampling.srm_ipr(
-          toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise,
-          **_BATCH_CONFIGS),
-      in_axes=(None, 0, 0, 0, 0), devices=devices[:2])
-  got = jax.device_get(p_run(1.0, shard(keys), shard(image), shard(mask),
-                             shard(noise)))
+          toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise, **_BATCH_CONFIGS
+      ),
+      in_axes=(None, 0, 0, 0, 0),
+      devices=devices[:2],
+  )
+  got = jax.device_get(p_run(1.0, shard(keys), shard(image), shard(mask), shard(noise)))
   np.testing.assert_allclose(got.z.reshape(expected.z.shape), expected.z, atol=1e-6)
   np.testing.assert_array_equal(got.nfe.reshape(-1), expected.nfe)
 
@@ -385,23 +429,23 @@ def test_immediate_stop_scores_and_snapshots(batch_run):
   srm_nfe = [schedule.max_steps(n, 3, 0.5) for n in _unknown(mask, 2).sum(-1)]
   np.testing.assert_array_equal(result.nfe_per_budget[0], srm_nfe)
   np.testing.assert_array_equal(result.nfe_per_budget[:, 0], srm_nfe[0])
-  np.testing.assert_array_equal(result.snapshots[:, 0],
-                                np.repeat(result.snapshots[:1, 0], 3, axis=0))
+  np.testing.assert_array_equal(
+      result.snapshots[:, 0], np.repeat(result.snapshots[:1, 0], 3, axis=0)
+  )
   np.testing.assert_array_equal(result.z[0], result.snapshots[0, 0])
   assert not np.any(result.resampled[:, 0])
   # The others run on: k = max(1, n // 4) patches and 2k + 2 passes each time.
   for b, n in enumerate(_unknown(mask, 2).sum(-1)[1:], start=1):
     k = max(1, n // 4)
     assert np.all(result.resampled[:, b].sum(-1) == k)
-    np.testing.assert_array_equal(np.diff(result.nfe_per_budget[:, b]),
-                                  schedule.max_steps(k, 4, 0.5))
+    np.testing.assert_array_equal(
+        np.diff(result.nfe_per_budget[:, b]), schedule.max_steps(k, 4, 0.5)
+    )
   np.testing.assert_array_equal(result.z[1], result.snapshots[-1, 1])
   # Scores are score_fn of the sample after each budget.
   assert result.scores["mean"].shape == (3, 4)
-  np.testing.assert_array_equal(result.scores["first"][:, :2],
-                                result.snapshots[:, :, 0, 1, 0])
-  np.testing.assert_allclose(result.scores["mean"][-1], result.z.mean((1, 2, 3)),
-                             rtol=1e-6)
+  np.testing.assert_array_equal(result.scores["first"][:, :2], result.snapshots[:, :, 0, 1, 0])
+  np.testing.assert_allclose(result.scores["mean"][-1], result.z.mean((1, 2, 3)), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -415,8 +459,10 @@ def test_resample_mask_has_exactly_k_candidates(ratio):
   candidates = np.zeros((len(counts), 81), bool)
   for i, count in enumerate(counts):
     candidates[i, rng.permutation(81)[:count]] = True
-  draw = jax.jit(jax.vmap(jax.vmap(sampling.resample_mask, in_axes=(0, None, None)),
-                          in_axes=(None, 0, None)), static_argnums=2)
+  draw = jax.jit(
+      jax.vmap(jax.vmap(sampling.resample_mask, in_axes=(0, None, None)), in_axes=(None, 0, None)),
+      static_argnums=2,
+  )
   keys = jax.random.split(jax.random.key(16), 400)
   masks = np.asarray(draw(keys, candidates, ratio))  # [5, 400, 81]
   for i, count in enumerate(counts):
@@ -455,13 +501,27 @@ def test_bad_config_values_raise():
   with pytest.raises(ValueError, match="patch_size"):
     sampling.unknown_patches(np.ones((1, 9, 9, 1)), 2)
   with pytest.raises(ValueError, match="keys"):
-    sampling.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
-                       np.ones((2, 9), bool), jax.random.key(0), patch_size=1,
-                       config=sampling.SamplerConfig())
+    sampling.srm_sample(
+        toy_denoiser(1),
+        np.zeros((2, 3, 3, 1)),
+        None,
+        None,
+        np.ones((2, 9), bool),
+        jax.random.key(0),
+        patch_size=1,
+        config=sampling.SamplerConfig(),
+    )
   with pytest.raises(ValueError, match="patch vector"):
-    sampling.srm_sample(toy_denoiser(1), np.zeros((2, 3, 3, 1)), None, None,
-                       np.ones((2, 8), bool), _keys([0, 1]), patch_size=1,
-                       config=sampling.SamplerConfig())
+    sampling.srm_sample(
+        toy_denoiser(1),
+        np.zeros((2, 3, 3, 1)),
+        None,
+        None,
+        np.ones((2, 8), bool),
+        _keys([0, 1]),
+        patch_size=1,
+        config=sampling.SamplerConfig(),
+    )
 
 
 def test_corruption_swaps_two_cells_in_different_rows_and_columns():
@@ -499,19 +559,36 @@ def _golden_denoiser(golden_dir, case):
     with np.load(path) as f:
       state.update({k[3:]: f[k] for k in f.files if k.startswith("sd/")})
   if case == "ms":
-    model = UNet(hid_dims=[32] * 6, attention=[False] * 4 + [True] * 2, d_in=1,
-                 d_out=3, num_blocks=1, t_emb_dim=64, d_emb=256,
-                 num_head_channels=16, dropout=0.0)
+    model = UNet(
+        hid_dims=[32] * 6,
+        attention=[False] * 4 + [True] * 2,
+        d_in=1,
+        d_out=3,
+        num_blocks=1,
+        t_emb_dim=64,
+        d_emb=256,
+        num_head_channels=16,
+        dropout=0.0,
+    )
     patch = 28
   else:
-    model = UNet(hid_dims=[32, 64, 64, 64], attention=[False, False, True, True],
-                 d_in=3, d_out=7, num_blocks=2, t_emb_dim=64, d_emb=256,
-                 num_head_channels=32, dropout=0.0)
+    model = UNet(
+        hid_dims=[32, 64, 64, 64],
+        attention=[False, False, True, True],
+        d_in=3,
+        d_out=7,
+        num_blocks=2,
+        t_emb_dim=64,
+        d_emb=256,
+        num_head_channels=32,
+        dropout=0.0,
+    )
     patch = 4
   params = unet_params_from_state_dict(state, model)
 
   def denoise(z, t):
     return srm_head(model.apply({"params": params}, z, t), patch)
+
   return denoise, patch
 
 
@@ -531,9 +608,13 @@ def _golden_setup(golden_dir, case):
     mask = masked = None
     z0 = z_t
     unknown = np.ones((1, golden["t_rows"].shape[1]), bool)
-  config = sampling.SamplerConfig(cfg["steps_per_patch"], cfg["overlap"],
-                                 stochasticity=cfg["stochasticity"],
-                                 temperature=cfg["temperature"], clamp_noise=False)
+  config = sampling.SamplerConfig(
+      cfg["steps_per_patch"],
+      cfg["overlap"],
+      stochasticity=cfg["stochasticity"],
+      temperature=cfg["temperature"],
+      clamp_noise=False,
+  )
   return golden, (z0, masked, mask, unknown), config
 
 
@@ -543,9 +624,21 @@ def test_greedy_matches_reference_run(golden_dir):
   denoise, patch = _golden_denoiser(golden_dir, case)
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, case)
   start = time.time()
-  out = jax.device_get(jax.jit(lambda z: sampling.srm_sample(
-      denoise, z, masked, mask, unknown, _keys([0]), patch_size=patch,
-      config=config, record=True))(z0))
+  out = jax.device_get(
+      jax.jit(
+          lambda z: sampling.srm_sample(
+              denoise,
+              z,
+              masked,
+              mask,
+              unknown,
+              _keys([0]),
+              patch_size=patch,
+              config=config,
+              record=True,
+          )
+      )(z0)
+  )
   elapsed = time.time() - start
   calls = int(golden["num_denoiser_calls"])
   n = len(golden["selected_patches"])
@@ -553,19 +646,25 @@ def test_greedy_matches_reference_run(golden_dir):
   np.testing.assert_array_equal(out.order[0, :n], golden["selected_patches"])
   np.testing.assert_array_equal(out.order_step[0, :n], golden["selection_steps"])
   np.testing.assert_array_equal(out.t_rows[:calls, 0], golden["t_rows"])
-  np.testing.assert_allclose(out.sigma_rows[:calls, 0], golden["sigma_rows"],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.sigma_rows[:calls, 0], golden["sigma_rows"], rtol=1e-4, atol=1e-5)
   max_diff = float(np.abs(out.z - _nhwc(golden["sample"])).max())
-  print(f"greedy {case}: {calls} calls in {elapsed:.1f}s, "
-        f"max |z - ref| = {max_diff:.2e}")
+  print(f"greedy {case}: {calls} calls in {elapsed:.1f}s, " f"max |z - ref| = {max_diff:.2e}")
   assert max_diff < 1e-4
   # The reference's real clamp noise moved it by ~1e-5.
-  noisy = jax.device_get(sampling.srm_sample(
-      denoise, z0, masked, mask, unknown, _keys([0]), patch_size=patch,
-      config=dataclasses.replace(config, clamp_noise=True)))
+  noisy = jax.device_get(
+      sampling.srm_sample(
+          denoise,
+          z0,
+          masked,
+          mask,
+          unknown,
+          _keys([0]),
+          patch_size=patch,
+          config=dataclasses.replace(config, clamp_noise=True),
+      )
+  )
   np.testing.assert_array_equal(noisy.order[0], golden["selected_patches"])
-  np.testing.assert_allclose(noisy.z, _nhwc(golden["sample_with_clamp_noise"]),
-                             atol=1e-4)
+  np.testing.assert_allclose(noisy.z, _nhwc(golden["sample_with_clamp_noise"]), atol=1e-4)
 
 
 # The MNIST-Sudoku-shaped run has 183 calls of a 252x252 U-Net (over 2 CPU minutes); its first
@@ -579,37 +678,62 @@ def test_greedy_ms_run_prefix_matches_reference(golden_dir):
   denoise, patch = _golden_denoiser(golden_dir, "ms")
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
   steps = _MS_PREFIX_STEPS
-  out = jax.device_get(jax.jit(lambda z: sampling.srm_sample(
-      denoise, z, masked, mask, unknown, _keys([0]), patch_size=patch,
-      config=config, record=True, step_limit=steps))(z0))
+  out = jax.device_get(
+      jax.jit(
+          lambda z: sampling.srm_sample(
+              denoise,
+              z,
+              masked,
+              mask,
+              unknown,
+              _keys([0]),
+              patch_size=patch,
+              config=config,
+              record=True,
+              step_limit=steps,
+          )
+      )(z0)
+  )
   assert int(out.nfe[0]) == steps
   selected = int(np.sum(golden["selection_steps"] < steps))
   assert selected >= 10
   np.testing.assert_array_equal(out.order[0, :selected], golden["selected_patches"][:selected])
-  np.testing.assert_array_equal(out.order_step[0, :selected],
-                                golden["selection_steps"][:selected])
+  np.testing.assert_array_equal(out.order_step[0, :selected], golden["selection_steps"][:selected])
   np.testing.assert_array_equal(out.t_rows[:steps, 0], golden["t_rows"][:steps])
-  np.testing.assert_allclose(out.sigma_rows[:steps, 0], golden["sigma_rows"][:steps],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      out.sigma_rows[:steps, 0], golden["sigma_rows"][:steps], rtol=1e-4, atol=1e-5
+  )
 
 
 def test_greedy_ms_first_step_matches_reference(golden_dir):
   """The cheap part of the ms run: the first update, with the given cells."""
   denoise, patch = _golden_denoiser(golden_dir, "ms")
   golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
-  out = jax.device_get(sampling.srm_sample(
-      denoise, z0, masked, mask, unknown, _keys([0]), patch_size=patch,
-      config=config, record=True, step_limit=1))
+  out = jax.device_get(
+      sampling.srm_sample(
+          denoise,
+          z0,
+          masked,
+          mask,
+          unknown,
+          _keys([0]),
+          patch_size=patch,
+          config=config,
+          record=True,
+          step_limit=1,
+      )
+  )
   assert golden["snapshot_steps"][0] == 1 and int(out.nfe[0]) == 1
   np.testing.assert_array_equal(out.order[0, :1], golden["selected_patches"][:1])
   np.testing.assert_array_equal(out.t_rows[0, 0], golden["t_rows"][0])
-  np.testing.assert_allclose(out.sigma_rows[0, 0], golden["sigma_rows"][0],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.sigma_rows[0, 0], golden["sigma_rows"][0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.z, _nhwc(golden["z_snapshots"][:1]), atol=1e-4)
 
 
 def test_the_former_import_path_gives_the_same_names():
   """`ipr_jax.sampler` (before the split into ipr_jax/sampling/) re-exports the public names."""
   from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
-  assert sampling.__all__ and all(getattr(sampler, name) is getattr(sampling, name)
-                                  for name in sampling.__all__)
+
+  assert sampling.__all__ and all(
+      getattr(sampler, name) is getattr(sampling, name) for name in sampling.__all__
+  )

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from ipr_jax import sampling
-from ipr_jax import schedule as schedule_lib
 from ipr_jax.models.denoiser import DenoiserOutput
 from ipr_jax.sampling import greedy
 from ipr_jax.sampling import planning
@@ -41,9 +40,13 @@ def toy_denoiser(golden):
     raw = w["e"] * z.mean(-1, keepdims=True) + w["f"] * t + w["g"]
     pooled = raw.reshape(b, h // PATCH, PATCH, wd // PATCH, PATCH).mean((2, 4))
     logvar = jnp.repeat(jnp.repeat(pooled, PATCH, 1), PATCH, 2)[..., None]
-    return DenoiserOutput(u=jnp.tanh(w["a"] * z + w["b"] * t + w["c"]),
-                          v=(jnp.tanh(w["d"] * z) + 1) / 2, logvar=logvar,
-                          sigma=jnp.exp(0.5 * logvar))
+    return DenoiserOutput(
+        u=jnp.tanh(w["a"] * z + w["b"] * t + w["c"]),
+        v=(jnp.tanh(w["d"] * z) + 1) / 2,
+        logvar=logvar,
+        sigma=jnp.exp(0.5 * logvar),
+    )
+
   return denoise
 
 
@@ -97,15 +100,25 @@ def _run(golden, case):
   if table.planned:
     weights = None
     if config.schedule == "graph_sequential":
-      weights = planning.weighted_adjacency(golden["dependency"], config.max_order,
-                                            config.certainty_decay)
-    order = planning.sequential_order(jnp.asarray(unknown), weights, config.overlap,
-                                      _lowest_index_ties(len(z)))
+      weights = planning.weighted_adjacency(
+          golden["dependency"], config.max_order, config.certainty_decay
+      )
+    order = planning.sequential_order(
+        jnp.asarray(unknown), weights, config.overlap, _lowest_index_ties(len(z))
+    )
   sched = greedy.lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
-  out = jax.jit(lambda *a: greedy.greedy_loop(
-      denoise, *a, sched, patch_size=PATCH, stochasticity=0.0, temperature=1.0,
-      clamp_noise=False, record_steps=table.steps_bound()))(
-          z, masked, mask, jnp.asarray(unknown), keys)
+  out = jax.jit(
+      lambda *a: greedy.greedy_loop(
+          denoise,
+          *a,
+          sched,
+          patch_size=PATCH,
+          stochasticity=0.0,
+          temperature=1.0,
+          clamp_noise=False,
+          record_steps=table.steps_bound(),
+      )
+  )(z, masked, mask, jnp.asarray(unknown), keys)
   return np.asarray(out.z), np.asarray(out.t_rows), np.asarray(out.nfe)
 
 
@@ -124,8 +137,7 @@ def test_each_schedule_matches_the_reference_run(golden, case):
   np.testing.assert_allclose(z, _nhwc(golden[f"{case}/sample"]), atol=5e-5)
 
 
-@pytest.mark.parametrize("case", ["random_seq000", "random_seq075", "graph_seq000",
-                                  "graph_seq075"])
+@pytest.mark.parametrize("case", ["random_seq000", "random_seq075", "graph_seq000", "graph_seq075"])
 def test_planned_schedules_match_the_reference_scheduling_matrices(golden, case):
   """The reference's graph_sequential scheduling matrix of 12 more puzzles, rebuilt from the
   planned order and the schedule table: start of each patch's ramp, block length, last row."""
@@ -134,10 +146,12 @@ def test_planned_schedules_match_the_reference_scheduling_matrices(golden, case)
   unknown = jnp.asarray(np.stack(rows))
   weights = None
   if config.schedule == "graph_sequential":
-    weights = planning.weighted_adjacency(golden["dependency"], config.max_order,
-                                          config.certainty_decay)
-  order = np.asarray(planning.sequential_order(unknown, weights, config.overlap,
-                                               _lowest_index_ties(len(rows))))
+    weights = planning.weighted_adjacency(
+        golden["dependency"], config.max_order, config.certainty_decay
+    )
+  order = np.asarray(
+      planning.sequential_order(unknown, weights, config.overlap, _lowest_index_ties(len(rows)))
+  )
   table = greedy.srm_table(GRID * GRID, config)
   for i, row in enumerate(rows):
     n = int(row.sum())
@@ -175,8 +189,11 @@ def test_random_ties_give_every_cell_the_same_chance():
   puzzles: every count within 5 standard deviations of 125) and the orders are permutations."""
   keys = sampling.puzzle_keys(jax.random.key(3), jnp.arange(2000))
   unknown = jnp.ones((2000, 16), bool)
-  order = np.asarray(jax.jit(lambda k: planning.sequential_order(
-      unknown, None, 0.0, planning.tie_priorities(k, 16)))(keys))
+  order = np.asarray(
+      jax.jit(
+          lambda k: planning.sequential_order(unknown, None, 0.0, planning.tie_priorities(k, 16))
+      )(keys)
+  )
   assert all(sorted(row) == list(range(16)) for row in order[:50])
   counts = np.bincount(order[:, 0], minlength=16)
   std = math.sqrt(2000 * (1 / 16) * (15 / 16))
@@ -192,16 +209,19 @@ def test_the_sudoku_dependency_graph():
     assert np.all(matrix.sum(axis=1) == neighbours) and not np.any(np.diag(matrix))
 
 
-@pytest.mark.parametrize("kind,top_k,expected", [
-    # Passes per puzzle from the schedule formulas, steps_per_patch 3, overlap 0:
-    ("adaptive", 1, lambda n: 3 * n),
-    ("adaptive", 2, lambda n: 3 * math.ceil(n / 2)),
-    ("adaptive", 4, lambda n: 3 * math.ceil(n / 4)),
-    # fixed and the sequential ones take the adaptive schedule's passes at equal settings.
-    ("fixed", 1, lambda n: 3 * n),
-    ("random_sequential", 1, lambda n: 3 * n),
-    ("graph_sequential", 1, lambda n: 3 * n),
-])
+@pytest.mark.parametrize(
+    "kind,top_k,expected",
+    [
+        # Passes per puzzle from the schedule formulas, steps_per_patch 3, overlap 0:
+        ("adaptive", 1, lambda n: 3 * n),
+        ("adaptive", 2, lambda n: 3 * math.ceil(n / 2)),
+        ("adaptive", 4, lambda n: 3 * math.ceil(n / 4)),
+        # fixed and the sequential ones take the adaptive schedule's passes at equal settings.
+        ("fixed", 1, lambda n: 3 * n),
+        ("random_sequential", 1, lambda n: 3 * n),
+        ("graph_sequential", 1, lambda n: 3 * n),
+    ],
+)
 def test_srm_sample_passes(kind, top_k, expected):
   n_values = [1, 5, 9, 16]
   unknown = np.zeros((len(n_values), 16), bool)
@@ -210,10 +230,17 @@ def test_srm_sample_passes(kind, top_k, expected):
   z = np.random.default_rng(0).standard_normal((len(n_values), 12, 12, 1)).astype(np.float32)
   golden = {f"toy/{k}": np.ones((12, 12), np.float32) * 0.3 for k in "abcdefg"}
   config = sampling.SamplerConfig(schedule=kind, top_k=top_k)
-  out = sampling.srm_sample(toy_denoiser(golden), z, None, None, unknown,
-                            sampling.puzzle_keys(jax.random.key(1), jnp.arange(len(n_values))),
-                            patch_size=PATCH, config=config,
-                            dependency=mnist_sudoku.dependency_matrix(2))
+  out = sampling.srm_sample(
+      toy_denoiser(golden),
+      z,
+      None,
+      None,
+      unknown,
+      sampling.puzzle_keys(jax.random.key(1), jnp.arange(len(n_values))),
+      patch_size=PATCH,
+      config=config,
+      dependency=mnist_sudoku.dependency_matrix(2),
+  )
   assert list(np.asarray(out.nfe)) == [expected(n) for n in n_values]
   order = np.asarray(out.order)
   for b, n in enumerate(n_values):  # every unknown patch generated, once
@@ -224,21 +251,30 @@ def test_graph_sequential_needs_a_dependency_graph():
   config = sampling.SamplerConfig(schedule="graph_sequential")
   golden = {f"toy/{k}": np.zeros((12, 12), np.float32) for k in "abcdefg"}
   with pytest.raises(ValueError, match="graph_sequential.*dependency graph"):
-    sampling.srm_sample(toy_denoiser(golden), np.zeros((1, 12, 12, 1), np.float32), None, None,
-                        np.ones((1, 16), bool), sampling.puzzle_keys(jax.random.key(0),
-                                                                    jnp.arange(1)),
-                        patch_size=PATCH, config=config)
+    sampling.srm_sample(
+        toy_denoiser(golden),
+        np.zeros((1, 12, 12, 1), np.float32),
+        None,
+        None,
+        np.ones((1, 16), bool),
+        sampling.puzzle_keys(jax.random.key(0), jnp.arange(1)),
+        patch_size=PATCH,
+        config=config,
+    )
 
 
-@pytest.mark.parametrize("ipr_schedule,ipr_top_k,per_iteration", [
-    # IPR regeneration of k = 4 re-noised patches, 10 steps per patch at overlap 0.8 (spec §4.6:
-    # 2k + 8 passes); fixed and the sequential ones take the same; top_k 2: ceil(k / 2) blocks.
-    ("adaptive", 1, 2 * 4 + 8),
-    ("fixed", 1, 2 * 4 + 8),
-    ("random_sequential", 1, 2 * 4 + 8),
-    ("graph_sequential", 1, 2 * 4 + 8),
-    ("adaptive", 2, 2 * 2 + 8),
-])
+@pytest.mark.parametrize(
+    "ipr_schedule,ipr_top_k,per_iteration",
+    [
+        # IPR regeneration of k = 4 re-noised patches, 10 steps per patch at overlap 0.8 (spec §4.6:
+        # 2k + 8 passes); fixed and the sequential ones take the same; top_k 2: ceil(k / 2) blocks.
+        ("adaptive", 1, 2 * 4 + 8),
+        ("fixed", 1, 2 * 4 + 8),
+        ("random_sequential", 1, 2 * 4 + 8),
+        ("graph_sequential", 1, 2 * 4 + 8),
+        ("adaptive", 2, 2 * 2 + 8),
+    ],
+)
 def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iteration):
   """srm_ipr, SRM pass graph_sequential (3 n passes) and IPR regeneration under another
   schedule: passes per budget from the formulas; a changed sample from the regeneration."""
@@ -247,11 +283,15 @@ def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iter
   unknown[:, :0] = False
   noise = np.random.default_rng(5).standard_normal((2, 12, 12, 1)).astype(np.float32)
   result = sampling.srm_ipr(
-      toy_denoiser(golden), sampling.puzzle_keys(jax.random.key(2), jnp.arange(2)), image=None,
-      noise=noise, patch_size=PATCH,
+      toy_denoiser(golden),
+      sampling.puzzle_keys(jax.random.key(2), jnp.arange(2)),
+      image=None,
+      noise=noise,
+      patch_size=PATCH,
       sampler_config=sampling.SamplerConfig(schedule="graph_sequential"),
       ipr_config=sampling.IPRConfig(budget=2, schedule=ipr_schedule, top_k=ipr_top_k),
-      dependency=mnist_sudoku.dependency_matrix(2))
+      dependency=mnist_sudoku.dependency_matrix(2),
+  )
   nfe = np.asarray(result.nfe_per_budget)
   np.testing.assert_array_equal(nfe[:, 0], [48, 48 + per_iteration, 48 + 2 * per_iteration])
   assert np.asarray(result.resampled).sum(axis=-1).tolist() == [[4, 4], [4, 4]]
@@ -259,13 +299,22 @@ def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iter
 
 def test_check_schedules_names_a_degenerate_sequential_schedule():
   """graph_sequential at overlap 0.75 with 3 steps per patch: block starts repeat."""
-  with pytest.raises(ValueError, match=r"sampler: steps_per_patch=3 and overlap=0.75 give "
-                                       r"repeated block starts"):
-    sampling.check_schedules(sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
-                             sampling.IPRConfig(), 16, [10])
-  sampling.check_schedules(sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75,
-                                                  steps_per_patch=12),
-                           sampling.IPRConfig(schedule="fixed"), 16, range(11, 17))
+  with pytest.raises(
+      ValueError,
+      match=r"sampler: steps_per_patch=3 and overlap=0.75 give " r"repeated block starts",
+  ):
+    sampling.check_schedules(
+        sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
+        sampling.IPRConfig(),
+        16,
+        [10],
+    )
+  sampling.check_schedules(
+      sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75, steps_per_patch=12),
+      sampling.IPRConfig(schedule="fixed"),
+      16,
+      range(11, 17),
+  )
 
 
 def _puzzle_unknowns(workdir, name):
@@ -278,21 +327,36 @@ def test_the_evaluation_binary_runs_a_reference_sampler_test(tmp_path):
   binary on the shipped model: the passes of every puzzle from the formulas (SRM 3n, IPR 2k + 8
   with k = max(1, floor(n / 4))) and the settings in results.json."""
   done = subprocess.run(
-      [sys.executable, "-m", "ipr_jax.evaluate",
-       "--config=configs/mnist_sudoku.py:demo,ms_hard_graph_seq000",
-       "--config.eval.num_puzzles=6", "--config.eval.batch_size=6", "--config.ipr.budget=2",
-       "--config.ipr.schedule=fixed", f"--workdir={tmp_path}"],
-      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1],
-      timeout=600, check=False)
+      [
+          sys.executable,
+          "-m",
+          "ipr_jax.evaluate",
+          "--config=configs/mnist_sudoku.py:demo,ms_hard_graph_seq000",
+          "--config.eval.num_puzzles=6",
+          "--config.eval.batch_size=6",
+          "--config.ipr.budget=2",
+          "--config.ipr.schedule=fixed",
+          f"--workdir={tmp_path}",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+      timeout=600,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   unknown, nfe = _puzzle_unknowns(tmp_path, "ms_hard_graph_seq000")
   k = np.maximum(1, unknown // 4)
-  np.testing.assert_array_equal(nfe, np.stack([3 * unknown + b * (2 * k + 8)
-                                               for b in range(3)], axis=1))
-  metadata = json.loads(
-      (tmp_path / "eval" / "ms_hard_graph_seq000" / "results.json").read_text())["metadata"]
+  np.testing.assert_array_equal(
+      nfe, np.stack([3 * unknown + b * (2 * k + 8) for b in range(3)], axis=1)
+  )
+  metadata = json.loads((tmp_path / "eval" / "ms_hard_graph_seq000" / "results.json").read_text())[
+      "metadata"
+  ]
   assert (metadata["sampler"]["schedule"], metadata["sampler"]["max_order"]) == (
-      "graph_sequential", 1)
+      "graph_sequential",
+      1,
+  )
   assert (metadata["ipr"]["schedule"], metadata["ipr"]["budget"]) == ("fixed", 2)
 
 
@@ -300,6 +364,7 @@ def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
   """evaluate.evaluate with sampler.top_k=2 and ipr.top_k=2: SRM 3 ceil(n / 2), IPR
   2 ceil(k / 2) + 8 passes per puzzle; the samples are scored (valid rates in [0, 1])."""
   from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   config = task_config("mnist_sudoku", "demo")
   config.eval.num_puzzles = 6
   config.eval.batch_size = 6
@@ -318,6 +383,7 @@ def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
   """experiments/migrate_run_json.py gives a format-2 run.json without the family's fields the
   values its computation had (the defaults), and leaves the other fields as they were."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   root = pathlib.Path(__file__).resolve().parents[1]
   spec = importlib.util.spec_from_file_location("migrate", root / "experiments/migrate_run_json.py")
   migrate = importlib.util.module_from_spec(spec)
@@ -332,7 +398,9 @@ def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
   (tmp_path / "shards" / "run.json").write_text(json.dumps(old))
   assert migrate.main([str(tmp_path / "shards" / "run.json")]) == 0
   assert json.loads((tmp_path / "shards" / "run.json").read_text()) == stored
-  defaults = {"sampler": dataclasses.asdict(sampling.SamplerConfig()),
-              "ipr": dataclasses.asdict(sampling.IPRConfig())}
+  defaults = {
+      "sampler": dataclasses.asdict(sampling.SamplerConfig()),
+      "ipr": dataclasses.asdict(sampling.IPRConfig()),
+  }
   for section, fields in migrate.SCHEDULE_FIELDS.items():
     assert all(defaults[section][name] == value for name, value in fields.items())

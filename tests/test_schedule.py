@@ -31,11 +31,11 @@ def test_matches_reference_schedules(golden, group):
     assert s.block_len == golden[f"{group}/block_len"][i], (group, n)
     assert np.float32(s.ideal_block_len) == golden[f"{group}/ideal_block_len"][i]
     starts = golden[f"{group}/block_starts"][i]
-    np.testing.assert_array_equal(s.block_starts, starts[:n + 1], err_msg=f"{group} {n}")
-    assert np.all(starts[n + 1:] == -2)
+    np.testing.assert_array_equal(s.block_starts, starts[: n + 1], err_msg=f"{group} {n}")
+    assert np.all(starts[n + 1 :] == -2)
     proto = golden[f"{group}/prototypes"][i]
-    np.testing.assert_array_equal(s.prototype, proto[:s.block_len])
-    assert np.all(proto[s.block_len:] == -2)
+    np.testing.assert_array_equal(s.prototype, proto[: s.block_len])
+    assert np.all(proto[s.block_len :] == -2)
 
 
 def test_float32_anomalies_of_the_spec():
@@ -43,7 +43,7 @@ def test_float32_anomalies_of_the_spec():
   for n in (56, 60, 63):
     s = schedule.make_schedule(n, 3, 0.0)
     assert (s.max_steps, s.block_len) == (3 * n, 4)
-    np.testing.assert_array_equal(s.prototype, [1, .75, .5, .25])
+    np.testing.assert_array_equal(s.prototype, [1, 0.75, 0.5, 0.25])
     np.testing.assert_array_equal(s.block_starts[:-1], 3 * np.arange(n))
   s = schedule.make_schedule(61, 3, 0.0)
   assert s.block_len == 3
@@ -92,7 +92,8 @@ def test_clean_schedule_matches_hand_derived_values(p, overlap, n):
   assert (s.max_steps, s.block_len) == (steps, length)
   assert list(s.block_starts) == starts + [-1]
   np.testing.assert_array_equal(
-      s.prototype, np.array([(length - j) / length for j in range(length)], np.float32))
+      s.prototype, np.array([(length - j) / length for j in range(length)], np.float32)
+  )
 
 
 def test_clean_schedule_has_no_float32_anomalies():
@@ -117,8 +118,7 @@ def test_degenerate_block_starts_are_refused():
   schedule.check_block_starts(range(65), 5, 0.5)
 
 
-@pytest.mark.parametrize("p,overlap,clean", [(3, 0.0, False), (10, 0.8, False),
-                                             (30, 0.9, True)])
+@pytest.mark.parametrize("p,overlap,clean", [(3, 0.0, False), (10, 0.8, False), (30, 0.9, True)])
 def test_every_patch_starts_before_the_end(p, overlap, clean):
   for n in range(1, 82):
     s = schedule.make_schedule(n, p, overlap, clean)
@@ -134,16 +134,17 @@ def test_table_rows_equal_single_schedules():
   for n in (1, 56, 61, 81):
     s = schedule.make_schedule(n, 3, 0.0)
     assert table.max_steps[n] == s.max_steps and table.block_len[n] == s.block_len
-    np.testing.assert_array_equal(table.block_starts[n, :n + 1], s.block_starts)
-    assert np.all(table.block_starts[n, n + 1:] == -1)
-    np.testing.assert_array_equal(table.prototypes[n, :s.block_len], s.prototype)
-    assert np.all(table.prototypes[n, s.block_len:] == 0)
+    np.testing.assert_array_equal(table.block_starts[n, : n + 1], s.block_starts)
+    assert np.all(table.block_starts[n, n + 1 :] == -1)
+    np.testing.assert_array_equal(table.prototypes[n, : s.block_len], s.prototype)
+    assert np.all(table.prototypes[n, s.block_len :] == 0)
   assert table.steps_bound() == 243
   assert table.steps_bound([55, 60]) == 180
 
 
-@pytest.mark.parametrize("kwargs", [dict(n=-1), dict(steps_per_patch=0),
-                                    dict(overlap=1.0), dict(overlap=-0.1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(n=-1), dict(steps_per_patch=0), dict(overlap=1.0), dict(overlap=-0.1)]
+)
 def test_bad_arguments_raise(kwargs):
   args = dict(n=3, steps_per_patch=3, overlap=0.0) | kwargs
   bad = [k for k in kwargs][0]

@@ -25,32 +25,31 @@ def ep_golden(golden_dir):
 
 
 # Spec §1.10 key counts and §1.9 unique parameter counts.
-@pytest.mark.parametrize("preset,d_in,d_out,total,duplicates,unique_params", [
-    ("unet_32", 3, 7, 424, 88, 19_718_791),
-    ("unet_128", 3, 7, 504, 108, 76_765_191),
-    ("unet_256", 1, 3, 584, 128, 118_994_691),
-])
-def test_preset_key_counts(preset, d_in, d_out, total, duplicates,
-                           unique_params):
+@pytest.mark.parametrize(
+    "preset,d_in,d_out,total,duplicates,unique_params",
+    [
+        ("unet_32", 3, 7, 424, 88, 19_718_791),
+        ("unet_128", 3, 7, 504, 108, 76_765_191),
+        ("unet_256", 1, 3, 584, 128, 118_994_691),
+    ],
+)
+def test_preset_key_counts(preset, d_in, d_out, total, duplicates, unique_params):
   model = unet_lib.make_unet(preset, d_in, d_out)
   shapes = sd_lib.expected_state_dict_shapes(model)
   assert len(shapes) == total
   dup = [k for k in shapes if ".norm_with_embedding.t_emb.mlp." in k]
   assert len(dup) == duplicates
-  assert sum(int(np.prod(s)) for k, s in shapes.items()
-             if k not in dup) == unique_params
+  assert sum(int(np.prod(s)) for k, s in shapes.items() if k not in dup) == unique_params
 
 
 def test_unet_256_shapes_from_the_spec():
-  shapes = sd_lib.expected_state_dict_shapes(
-      unet_lib.make_unet("unet_256", 1, 3))
+  shapes = sd_lib.expected_state_dict_shapes(unet_lib.make_unet("unet_256", 1, 3))
   expected = {
       "time_embedding.mlp.0.weight": (512, 256),
       "time_embedding.mlp.2.bias": (512,),
       "model.encoder.blocks.0.0.weight": (128, 1, 3, 3),
       "model.encoder.blocks.7.0.shortcut.weight": (256, 128, 1, 1),
-      "model.encoder.blocks.7.0.norm_with_embedding.embedding_layer.1.weight":
-          (256, 512),
+      "model.encoder.blocks.7.0.norm_with_embedding.embedding_layer.1.weight": (256, 512),
       "model.encoder.blocks.9.0.downsample.weight": (256, 256, 3, 3),
       "model.encoder.blocks.13.1.qkv.weight": (1536, 512, 1),
       "model.encoder.blocks.13.1.proj.weight": (512, 512, 1),
@@ -61,8 +60,7 @@ def test_unet_256_shapes_from_the_spec():
       "model.decoder.blocks.6.0.shortcut.weight": (256, 768, 1, 1),
       "model.decoder.blocks.8.1.conv.weight": (256, 256, 3, 3),
       "model.decoder.blocks.12.0.conv_1.2.weight": (128, 384, 3, 3),
-      "model.decoder.blocks.17.0.norm_with_embedding.t_emb.mlp.2.weight":
-          (512, 512),
+      "model.decoder.blocks.17.0.norm_with_embedding.t_emb.mlp.2.weight": (512, 512),
       "model.decoder.out.0.weight": (128,),
       "model.decoder.out.2.weight": (3, 128, 3, 3),
   }
@@ -107,27 +105,30 @@ def test_layouts_follow_pytorch(ep_golden):
   assert qkv_kernel.shape == (64, 192)
   assert qkv_kernel[10, 150] == qkv[150, 10, 0]
   norm = params["decoder"]["out_0"]
-  np.testing.assert_array_equal(norm["scale"],
-                                state_dict["model.decoder.out.0.weight"])
-  np.testing.assert_array_equal(norm["bias"],
-                                state_dict["model.decoder.out.0.bias"])
+  np.testing.assert_array_equal(norm["scale"], state_dict["model.decoder.out.0.weight"])
+  np.testing.assert_array_equal(norm["bias"], state_dict["model.decoder.out.0.bias"])
 
 
 def test_params_round_trip_through_state_dict():
-  model = unet_lib.UNet(hid_dims=(32, 64), attention=(False, True), d_in=2,
-                        d_out=5, num_blocks=1, t_emb_dim=16,
-                        num_head_channels=32)
+  model = unet_lib.UNet(
+      hid_dims=(32, 64),
+      attention=(False, True),
+      d_in=2,
+      d_out=5,
+      num_blocks=1,
+      t_emb_dim=16,
+      num_head_channels=32,
+  )
   shapes = sd_lib.param_shapes(model)
   rng = np.random.default_rng(0)
   params = flax.traverse_util.unflatten_dict(
-      {path: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-       for path, shape in shapes.items()})
+      {path: jnp.asarray(rng.standard_normal(shape), jnp.float32) for path, shape in shapes.items()}
+  )
   state_dict = sd_lib.state_dict_from_unet_params({"params": params}, model)
   # 4 duplicated time-embedding tensors per ResBlock (2 + 2 + 4 ResBlocks).
   assert sum(".t_emb." in k for k in state_dict) == 4 * 8
   back = sd_lib.unet_params_from_state_dict(state_dict, model)
-  flat, flat_back = (flax.traverse_util.flatten_dict(p)
-                     for p in (params, back))
+  flat, flat_back = (flax.traverse_util.flatten_dict(p) for p in (params, back))
   assert set(flat) == set(flat_back)
   for path in flat:
     np.testing.assert_array_equal(flat_back[path], flat[path])
@@ -142,16 +143,17 @@ def test_missing_key_is_named(ep_golden):
   state_dict, _, model = ep_golden
   bad = dict(state_dict)
   del bad["model.decoder.blocks.3.1.proj.bias"]
-  with pytest.raises(ValueError, match=r"1 missing keys \[model\.decoder\."
-                     r"blocks\.3\.1\.proj\.bias\]; 0 unexpected"):
+  with pytest.raises(
+      ValueError,
+      match=r"1 missing keys \[model\.decoder\." r"blocks\.3\.1\.proj\.bias\]; 0 unexpected",
+  ):
     sd_lib.unet_params_from_state_dict(bad, model)
 
 
 def test_unexpected_key_is_named(ep_golden):
   state_dict, _, model = ep_golden
   bad = dict(state_dict, **{"model.decoder.extra.weight": np.zeros(3)})
-  with pytest.raises(ValueError, match=r"1 unexpected keys \[model\.decoder"
-                     r"\.extra\.weight\]"):
+  with pytest.raises(ValueError, match=r"1 unexpected keys \[model\.decoder" r"\.extra\.weight\]"):
     sd_lib.unet_params_from_state_dict(bad, model)
 
 
@@ -167,8 +169,9 @@ def test_misshaped_key_names_key_and_both_shapes(ep_golden):
   key = "model.encoder.blocks.4.0.conv_1.2.weight"
   bad = dict(state_dict)
   bad[key] = np.transpose(state_dict[key], (1, 0, 2, 3))
-  with pytest.raises(ValueError, match=rf"{re.escape(key)}.*"
-                     r"\(32, 64, 3, 3\).*\(64, 32, 3, 3\)"):
+  with pytest.raises(
+      ValueError, match=rf"{re.escape(key)}.*" r"\(32, 64, 3, 3\).*\(64, 32, 3, 3\)"
+  ):
     sd_lib.unet_params_from_state_dict(bad, model)
 
 
@@ -177,8 +180,9 @@ def test_differing_duplicate_time_embedding_raises(ep_golden):
   key = "model.bottleneck.blocks.2.norm_with_embedding.t_emb.mlp.2.bias"
   bad = dict(state_dict)
   bad[key] = state_dict[key] + 1e-3
-  with pytest.raises(ValueError, match=r"t_emb\.mlp\.2\.bias.*differs.*"
-                     r"time_embedding\.mlp\.2\.bias"):
+  with pytest.raises(
+      ValueError, match=r"t_emb\.mlp\.2\.bias.*differs.*" r"time_embedding\.mlp\.2\.bias"
+  ):
     sd_lib.unet_params_from_state_dict(bad, model)
 
 
@@ -194,8 +198,7 @@ def test_integer_arrays_are_rejected(ep_golden):
 def test_wrong_model_is_rejected(ep_golden):
   state_dict, _, model = ep_golden
   other = model.clone(d_out=5)
-  with pytest.raises(ValueError, match=r"out\.2\.weight.*\(7, 32, 3, 3\).*"
-                     r"\(5, 32, 3, 3\)"):
+  with pytest.raises(ValueError, match=r"out\.2\.weight.*\(7, 32, 3, 3\).*" r"\(5, 32, 3, 3\)"):
     sd_lib.unet_params_from_state_dict(state_dict, other)
 
 
@@ -205,6 +208,7 @@ def test_inverse_rejects_params_of_another_model(ep_golden):
   with pytest.raises(ValueError, match=r"decoder/out_2/bias.*\(7,\).*\(5,\)"):
     sd_lib.state_dict_from_unet_params(params, model.clone(d_out=5))
   del params["decoder"]["out_0"]
-  with pytest.raises(ValueError, match=r"2 missing \[decoder/out_0/bias, "
-                     r"decoder/out_0/scale\]"):
+  with pytest.raises(
+      ValueError, match=r"2 missing \[decoder/out_0/bias, " r"decoder/out_0/scale\]"
+  ):
     sd_lib.state_dict_from_unet_params(params, model)

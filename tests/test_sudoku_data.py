@@ -18,17 +18,18 @@ def is_valid(grid: np.ndarray) -> bool:
   """Independent check: every row, column and box holds each of 1..n once."""
   grid = np.asarray(grid)
   n = grid.shape[0]
-  b = int(round(n ** 0.5))
+  b = int(round(n**0.5))
   digits = set(range(1, n + 1))
   units = [grid[i] for i in range(n)] + [grid[:, j] for j in range(n)]
-  units += [grid[r:r + b, c:c + b].ravel() for r in range(0, n, b) for c in range(0, n, b)]
+  units += [grid[r : r + b, c : c + b].ravel() for r in range(0, n, b) for c in range(0, n, b)]
   return all(set(u.tolist()) == digits and len(u) == n for u in units)
 
 
 @pytest.fixture(scope="module")
 def task9():
-  return sudoku.make_sudoku_task(box_size=3, cell_size=28, seed=5, num_train_grids=40,
-                                 num_test_grids=20)
+  return sudoku.make_sudoku_task(
+      box_size=3, cell_size=28, seed=5, num_train_grids=40, num_test_grids=20
+  )
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,16 @@ def test_batch_layout_and_masks(task9):
   np.testing.assert_array_equal(mask[:, :, 0, :, 0].reshape(16, 81), cell_mask.astype(np.float32))
 
 
-@pytest.mark.parametrize("given_range,expected", [("hard", (0, 26)), ("medium", (27, 53)),
-                                                  ("easy", (54, 80)), ((81, 81), (81, 81)),
-                                                  ((10, 10), (10, 10))])
+@pytest.mark.parametrize(
+    "given_range,expected",
+    [
+        ("hard", (0, 26)),
+        ("medium", (27, 53)),
+        ("easy", (54, 80)),
+        ((81, 81), (81, 81)),
+        ((10, 10), (10, 10)),
+    ],
+)
 def test_test_given_counts(task9, given_range, expected):
   batch = task9.test_batch(4, jnp.arange(8), given_range)
   num_given = np.asarray(batch["num_given"])
@@ -123,8 +131,11 @@ def test_test_given_counts(task9, given_range, expected):
 
 
 def test_difficulty_ranges():
-  assert [sudoku.difficulty_range(d, 3) for d in sudoku.DIFFICULTIES] == [(0, 26), (27, 53),
-                                                                          (54, 80)]
+  assert [sudoku.difficulty_range(d, 3) for d in sudoku.DIFFICULTIES] == [
+      (0, 26),
+      (27, 53),
+      (54, 80),
+  ]
   ranges = [sudoku.difficulty_range(d, 2) for d in sudoku.DIFFICULTIES]
   covered = [g for lo, hi in ranges for g in range(lo, hi + 1)]
   assert covered == list(range(16))  # the three ranges partition 0..15
@@ -142,7 +153,7 @@ def test_test_puzzle_shows_solution_digits(task9):
     for r in range(9):
       for c in range(9):
         digit = grids[b, r, c]
-        candidates = bank[digit, :counts[digit]]
+        candidates = bank[digit, : counts[digit]]
         assert np.any(np.all(candidates == tiles[b, r, c], axis=(1, 2))), (b, r, c)
 
 
@@ -176,8 +187,9 @@ def test_test_puzzles_identical_across_processes(task9):
   """)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   batch = task9.test_batch(3, jnp.arange(8), "hard")
-  local = hashlib.sha256(b"".join(np.asarray(batch[k]).tobytes()
-                                  for k in ("image", "mask", "grid"))).hexdigest()
+  local = hashlib.sha256(
+      b"".join(np.asarray(batch[k]).tobytes() for k in ("image", "mask", "grid"))
+  ).hexdigest()
   assert out.stdout.strip().splitlines()[-1] == local
 
 
@@ -211,8 +223,17 @@ def test_bad_task_arguments():
 
 def test_task_from_config():
   task = sudoku.make_sudoku_task_from_config(
-      {"box_size": 2, "cell_size": 28, "image_size": 112, "channels": 1, "patch_size": 28,
-       "train_given_range": [2, 3], "seed": 0, "unrelated": 1})
+      {
+          "box_size": 2,
+          "cell_size": 28,
+          "image_size": 112,
+          "channels": 1,
+          "patch_size": 28,
+          "train_given_range": [2, 3],
+          "seed": 0,
+          "unrelated": 1,
+      }
+  )
   assert task.image_size == 112 and task.train_given_range == (2, 3)
   num_given = np.asarray(task.train_batch(jax.random.key(0), 32)["num_given"])
   assert np.all((num_given >= 2) & (num_given <= 3))
@@ -246,8 +267,9 @@ def test_unique_solution_puzzles_have_one_completion_and_are_minimal(task4):
   unknown = np.asarray(batch["cell_mask"])
   num_given = np.asarray(batch["num_given"])
   np.testing.assert_array_equal(num_given, 16 - unknown.sum(1))
-  np.testing.assert_array_equal(task4.test_given_counts(35, indices, "hard", unique_solution=True),
-                                num_given)
+  np.testing.assert_array_equal(
+      task4.test_given_counts(35, indices, "hard", unique_solution=True), num_given
+  )
   assert num_given.min() >= 4 and num_given.max() <= 6  # 4x4 needs at least 4 clues
   for grid, hidden in zip(grids, unknown):
     puzzle = [int(d) if not h else 0 for d, h in zip(grid, hidden)]
@@ -257,8 +279,9 @@ def test_unique_solution_puzzles_have_one_completion_and_are_minimal(task4):
       fewer[cell] = 0
       assert _count_completions(fewer) == 2
   # The mask agrees with the image mask, and the grid and digits are the puzzle's usual ones.
-  np.testing.assert_array_equal(np.asarray(batch["mask"])[:, ::14, ::14, 0].reshape(-1, 16),
-                                unknown.astype(np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(batch["mask"])[:, ::14, ::14, 0].reshape(-1, 16), unknown.astype(np.float32)
+  )
   plain = task4.test_batch(35, indices, "hard")
   np.testing.assert_array_equal(plain["grid"], batch["grid"])
   np.testing.assert_array_equal(plain["image"], batch["image"])

@@ -14,8 +14,11 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_get_names_the_unknown_task_and_the_known_ones():
-  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; expected one of \('even_pixels', "
-                                       r"'mnist_sudoku', 'counting_polygons'\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"unknown task 'sudoku'; expected one of \('even_pixels', "
+      r"'mnist_sudoku', 'counting_polygons'\)",
+  ):
     tasks.get("sudoku")
 
 
@@ -45,10 +48,13 @@ def test_the_trainer_imports_no_task_module():
 def test_no_task_branches_outside_the_registry():
   """What differs between tasks lives in their modules: no `config.task ==` anywhere else."""
   files = [*(_ROOT / "ipr_jax").rglob("*.py"), _ROOT / "experiments" / "ipr_colab.ipynb"]
-  branches = [f"{path.relative_to(_ROOT)}:{n + 1}" for path in files
-              if "tasks" not in path.relative_to(_ROOT).parts
-              for n, line in enumerate(path.read_text().splitlines())
-              if re.search(r"config\.task\s*(==|!=|\bin\b)", line)]
+  branches = [
+      f"{path.relative_to(_ROOT)}:{n + 1}"
+      for path in files
+      if "tasks" not in path.relative_to(_ROOT).parts
+      for n, line in enumerate(path.read_text().splitlines())
+      if re.search(r"config\.task\s*(==|!=|\bin\b)", line)
+  ]
   assert not branches, branches
 
 
@@ -57,7 +63,11 @@ def test_no_data_module_imports_the_metrics():
   the other way round."""
   for path in (_ROOT / "ipr_jax" / "data").glob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
-      names = ([node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-               if isinstance(node, ast.ImportFrom) else
-               [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+      names = (
+          [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+          if isinstance(node, ast.ImportFrom)
+          else [a.name for a in node.names]
+          if isinstance(node, ast.Import)
+          else []
+      )
       assert not any(n.startswith("ipr_jax.metrics") for n in names), path.name

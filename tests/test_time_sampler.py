@@ -14,18 +14,38 @@ _sample = jax.jit(ts.mean_beta_times, static_argnums=(1, 2, 3, 4))
 @pytest.fixture(scope="module")
 def ep_draw():
   """EP-like draws (8 x 8 grid, sharpness 0.75) with histogram weights."""
-  density = ts.loss_weight_density(jax.random.key(2), (8, 8), 0.75, num_samples=4000,
-                                   chunk_size=_BATCH)
+  density = ts.loss_weight_density(
+      jax.random.key(2), (8, 8), 0.75, num_samples=4000, chunk_size=_BATCH
+  )
   t, w = _sample(jax.random.key(0), _BATCH, (8, 8), 0.75, False, density)
   return density, t, w
+
 
 # Spec §3.1 a_n tables: (beta_sharpness, {n: a_n}, decimals shown in the spec).
 A_N_TABLES = {
     "EP": (0.75, {64: 58.13, 32: 27.61, 16: 12.88, 8: 5.79, 4: 2.38, 2: 0.75}, 2),
-    "CP": (0.5, {256: 168.2, 128: 80.9, 64: 38.75, 32: 18.40, 16: 8.59, 8: 3.86, 4: 1.58,
-                 2: 0.5}, None),
-    "MS": (1.0, {81: 98.29, 41: 46.84, 40: 46.84, 21: 22.01, 20: 22.01, 11: 10.05, 10: 10.05,
-                 6: 5.42, 5: 3.17, 3: 1.0, 2: 1.0}, 2),
+    "CP": (
+        0.5,
+        {256: 168.2, 128: 80.9, 64: 38.75, 32: 18.40, 16: 8.59, 8: 3.86, 4: 1.58, 2: 0.5},
+        None,
+    ),
+    "MS": (
+        1.0,
+        {
+            81: 98.29,
+            41: 46.84,
+            40: 46.84,
+            21: 22.01,
+            20: 22.01,
+            11: 10.05,
+            10: 10.05,
+            6: 5.42,
+            5: 3.17,
+            3: 1.0,
+            2: 1.0,
+        },
+        2,
+    ),
 }
 
 
@@ -105,8 +125,7 @@ def test_loss_weights_formula():
 
 def test_density_of_uniform_times_is_flat():
   # With one patch, t = m ~ U[0, 1): the density is 1 everywhere.
-  density = np.asarray(ts.loss_weight_density(jax.random.key(0), (1, 1), 1.0,
-                                              num_samples=200_000))
+  density = np.asarray(ts.loss_weight_density(jax.random.key(0), (1, 1), 1.0, num_samples=200_000))
   assert density.shape == (1000,)
   np.testing.assert_allclose(density.mean(), 1.0, rtol=1e-5)
   assert np.mean(np.abs(density - 1.0)) < 0.08
@@ -115,8 +134,7 @@ def test_density_of_uniform_times_is_flat():
 def test_density_of_two_patches_matches_closed_form():
   # N = 2, a_2 = 1 (sharpness 1): given L = 2m, t is uniform on
   # [max(L - 1, 0), min(L, 1)], so its density is -(ln t + ln(1 - t)) / 2.
-  density = np.asarray(ts.loss_weight_density(jax.random.key(1), (1, 2), 1.0,
-                                              num_samples=150_000))
+  density = np.asarray(ts.loss_weight_density(jax.random.key(1), (1, 2), 1.0, num_samples=150_000))
   edges = np.linspace(0.0, 1.0, 51)
 
   def cdf(x):

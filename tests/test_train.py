@@ -147,8 +147,12 @@ def run_pmapped_steps(config, devices, num_steps):
   task = tasks.get(config.task).make_data(config)
   table = train.make_loss_weight_table(config, jax.random.key(1))
   state = train.create_train_state(config, model, tx, jax.random.key(0))
-  p_step = jax.pmap(train.make_train_step(config, model, tx), axis_name="batch",
-                    devices=devices, donate_argnums=(0,))
+  p_step = jax.pmap(
+      train.make_train_step(config, model, tx),
+      axis_name="batch",
+      devices=devices,
+      donate_argnums=(0,),
+  )
   state, task, table = jax_utils.replicate((state, task, table), devices, axis_name="batch")
   index = np.arange(config.batch_size, dtype=np.int32).reshape(len(devices), -1)
   losses = []
@@ -170,10 +174,12 @@ def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
   assert_trees_close(two.ema_params, one.ema_params)
   assert_trees_close(two.opt_state, one.opt_state)
   # Not vacuous: the parameters moved.
-  init = train.create_train_state(config, build.make_model(config), build.make_optimizer(config),
-                                  jax.random.key(0))
-  assert not np.allclose(two.params["decoder"]["out_2"]["kernel"],
-                         init.params["decoder"]["out_2"]["kernel"])
+  init = train.create_train_state(
+      config, build.make_model(config), build.make_optimizer(config), jax.random.key(0)
+  )
+  assert not np.allclose(
+      two.params["decoder"]["out_2"]["kernel"], init.params["decoder"]["out_2"]["kernel"]
+  )
 
 
 def test_batch_must_split_over_devices(tmp_path):
@@ -190,6 +196,7 @@ def sigterm_at(step_to_stop):
   def hook(step):
     if step == step_to_stop:
       signal.raise_signal(signal.SIGTERM)
+
   return hook
 
 
@@ -227,14 +234,16 @@ def test_sigterm_then_resume_equals_uninterrupted_run(straight, stopped_at_2, tm
   assert [r["step"] for r in resumed.history] == [3, 4]
 
   for field in ("params", "ema_params", "opt_state", "rng", "step"):
-    assert_trees_close(getattr(resumed.state, field), getattr(straight.state, field), rtol=0,
-                       atol=0)
+    assert_trees_close(
+        getattr(resumed.state, field), getattr(straight.state, field), rtol=0, atol=0
+    )
   # The saved config and the metrics of both parts are in the workdir.
   assert json.loads((workdir / "config.json").read_text())["task"] == "even_pixels"
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
-  assert_trees_close(checkpoint.restore_params(workdir, "ema"), straight.state.ema_params,
-                     rtol=0, atol=0)
+  assert_trees_close(
+      checkpoint.restore_params(workdir, "ema"), straight.state.ema_params, rtol=0, atol=0
+  )
   # Restarting a finished run does nothing.
   assert int(train.train(config, workdir).state.step) == 4
 
@@ -242,10 +251,11 @@ def test_sigterm_then_resume_equals_uninterrupted_run(straight, stopped_at_2, tm
 def _override_flags(config):
   """The command-line overrides that turn even_pixels.py:tiny into `config`."""
   flags = []
-  for section, names in (("data", ("image_size",)),
-                         ("model", ("hid_dims", "attention", "num_groups", "num_head_channels",
-                                    "t_emb_dim", "d_emb")),
-                         ("time_sampler", ("density_num_samples",))):
+  for section, names in (
+      ("data", ("image_size",)),
+      ("model", ("hid_dims", "attention", "num_groups", "num_head_channels", "t_emb_dim", "d_emb")),
+      ("time_sampler", ("density_num_samples",)),
+  ):
     for name in names:
       value = config[section][name]
       text = f"({','.join(map(str, value))})" if isinstance(value, tuple) else str(value)
@@ -260,8 +270,12 @@ def test_two_processes_resume_a_checkpoint_and_train_like_one(straight, stopped_
   of a single-process run, train steps 3 and 4 on the same global batch, and write one step-4
   checkpoint equal to the uninterrupted single process on 2 devices."""
   shutil.copytree(stopped_at_2, tmp_path, dirs_exist_ok=True)
-  args = [f"--config={CONFIG_DIR / 'even_pixels.py'}:tiny", f"--workdir={tmp_path}",
-          *_override_flags(resume_config()), "--config.checkpoint_every_steps=3"]
+  args = [
+      f"--config={CONFIG_DIR / 'even_pixels.py'}:tiny",
+      f"--workdir={tmp_path}",
+      *_override_flags(resume_config()),
+      "--config.checkpoint_every_steps=3",
+  ]
   # Compiled like this module's runs (see fast_compilation).
   env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
   outputs = multiprocess.run_processes("ipr_jax.train", args, extra_env=env)
@@ -308,9 +322,11 @@ def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
   train.train(config, tmp_path)
   # Resume with a corrupted loss-weight table (an input of the compiled step, so nothing is
   # recompiled): step 3 gets a NaN loss.
-  monkeypatch.setattr(train, "make_loss_weight_table",
-                      lambda config, key: jnp.full((config.time_sampler.density_num_bins,),
-                                                   jnp.nan, jnp.float32))
+  monkeypatch.setattr(
+      train,
+      "make_loss_weight_table",
+      lambda config, key: jnp.full((config.time_sampler.density_num_bins,), jnp.nan, jnp.float32),
+  )
   config.num_train_steps = 6
   with pytest.raises(train.NonFiniteLossError, match="step 3") as error:
     train.train(config, tmp_path)
@@ -341,13 +357,15 @@ def plain_step():
   return one_step(small_config())
 
 
-@pytest.mark.parametrize("overrides", [dict(grad_accum_steps=4), dict(remat=True),
-                                       dict(remat=True, grad_accum_steps=2)])
+@pytest.mark.parametrize(
+    "overrides", [dict(grad_accum_steps=4), dict(remat=True), dict(remat=True, grad_accum_steps=2)]
+)
 def test_remat_and_accumulation_give_the_plain_update(plain_step, overrides):
   want_state, want_metrics = plain_step
   got_state, got_metrics = one_step(small_config(**overrides))
-  assert (jax.tree_util.tree_structure(got_state.params)
-          == jax.tree_util.tree_structure(want_state.params))
+  assert jax.tree_util.tree_structure(got_state.params) == jax.tree_util.tree_structure(
+      want_state.params
+  )
   for name in ("loss", "mse", "vlb", "sigma_nll", "grad_norm"):
     np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name)
   assert_trees_close(got_state.params, want_state.params)

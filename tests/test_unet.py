@@ -24,8 +24,16 @@ PRESET_CASES = [
 # Two levels with odd sizes (5 -> 3, so a 3 -> 5 nearest upsample), attention
 # (2 heads) at the last level and in the bottleneck. Small, because Flax init
 # (threefry per parameter) compiles slowly on CPU.
-TINY = dict(hid_dims=(32, 32), attention=(False, True), d_in=3, d_out=7,
-            num_blocks=1, t_emb_dim=32, num_head_channels=16, dropout=0.5)
+TINY = dict(
+    hid_dims=(32, 32),
+    attention=(False, True),
+    d_in=3,
+    d_out=7,
+    num_blocks=1,
+    t_emb_dim=32,
+    num_head_channels=16,
+    dropout=0.5,
+)
 TINY_HW = 5
 
 
@@ -46,8 +54,9 @@ def _random_params(model, seed=0, scale=0.1):
       flat[path] = 1 + scale * rng.standard_normal(shape)
     else:
       fan_in = int(np.prod(shape[:-1])) if path[-1] == "kernel" else 1
-      flat[path] = rng.standard_normal(shape) / math.sqrt(fan_in) * (
-          1.0 if path[-1] == "kernel" else scale)
+      flat[path] = (
+          rng.standard_normal(shape) / math.sqrt(fan_in) * (1.0 if path[-1] == "kernel" else scale)
+      )
   flat = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}
   return flax.traverse_util.unflatten_dict(flat)
 
@@ -68,7 +77,10 @@ def test_preset_parameter_counts_and_shapes(preset, d_in, d_out, hw, count):
   assert all(leaf.dtype == jnp.float32 for leaf in leaves)
   out, inter = jax.eval_shape(
       functools.partial(model.apply, mutable=["intermediates"]),
-      {"params": variables["params"]}, z, t)
+      {"params": variables["params"]},
+      z,
+      t,
+  )
   assert out.shape == (2, hw, hw, d_out) and out.dtype == jnp.float32
   bottom = unet_lib.level_sizes((hw, hw), len(model.hid_dims))[-1]
   (bottleneck,) = inter["intermediates"]["bottleneck_out"]
@@ -78,9 +90,14 @@ def test_preset_parameter_counts_and_shapes(preset, d_in, d_out, hw, count):
 def test_level_sizes_follow_stride2_pad1_conv():
   # Spec §1.6: 252->126->63->32->16->8, 128->...->8, 32->16->8->4.
   assert unet_lib.level_sizes((252, 252), 6) == [
-      (252, 252), (126, 126), (63, 63), (32, 32), (16, 16), (8, 8)]
-  assert [s[0] for s in unet_lib.level_sizes((128, 128), 5)] == [
-      128, 64, 32, 16, 8]
+      (252, 252),
+      (126, 126),
+      (63, 63),
+      (32, 32),
+      (16, 16),
+      (8, 8),
+  ]
+  assert [s[0] for s in unet_lib.level_sizes((128, 128), 5)] == [128, 64, 32, 16, 8]
   assert [s[0] for s in unet_lib.level_sizes((32, 32), 4)] == [32, 16, 8, 4]
 
 
@@ -92,8 +109,7 @@ def test_level_sizes_follow_stride2_pad1_conv():
 def test_nearest_indices_32_to_63_and_doubling():
   expected = [k for k in range(31) for _ in range(2)] + [31]
   np.testing.assert_array_equal(unet_lib.nearest_indices(32, 63), expected)
-  np.testing.assert_array_equal(unet_lib.nearest_indices(16, 32),
-                                np.arange(32) // 2)
+  np.testing.assert_array_equal(unet_lib.nearest_indices(16, 32), np.arange(32) // 2)
   np.testing.assert_array_equal(unet_lib.nearest_indices(7, 7), np.arange(7))
   # Half-pixel-centre nearest (jax.image.resize) differs exactly at 31..61 odd.
   half_pixel = np.floor((np.arange(63) + 0.5) * 32 / 63).astype(int)
@@ -115,20 +131,18 @@ def _bilinear_reference(x, out_size, src):
   i0 = np.floor(src).astype(int)
   i1 = np.minimum(i0 + 1, n - 1)
   w = src - i0
-  x = x[:, i0] * (1 - w)[None, :, None, None] + x[:, i1] * w[
-      None, :, None, None]
-  x = x[:, :, i0] * (1 - w)[None, None, :, None] + x[:, :, i1] * w[
-      None, None, :, None]
+  x = x[:, i0] * (1 - w)[None, :, None, None] + x[:, i1] * w[None, :, None, None]
+  x = x[:, :, i0] * (1 - w)[None, None, :, None] + x[:, :, i1] * w[None, None, :, None]
   assert x.shape[1:3] == (out_size, out_size)
   return x
 
 
 # Spec §1.3: source coordinates for 252 -> 126/63/32/16/8.
-@pytest.mark.parametrize("out_size,slope,offset", [
-    (126, 2.0, 0.5), (63, 4.0, 1.5), (32, 7.875, 3.4375),
-    (16, 15.75, 7.375), (8, 31.5, 15.25)])
-def test_bilinear_downsampling_uses_torch_source_coordinates(out_size, slope,
-                                                             offset):
+@pytest.mark.parametrize(
+    "out_size,slope,offset",
+    [(126, 2.0, 0.5), (63, 4.0, 1.5), (32, 7.875, 3.4375), (16, 15.75, 7.375), (8, 31.5, 15.25)],
+)
+def test_bilinear_downsampling_uses_torch_source_coordinates(out_size, slope, offset):
   x = jax.random.uniform(jax.random.key(3), (2, 252, 252, 1))
   src = slope * np.arange(out_size) + offset
   expected = _bilinear_reference(x, out_size, src)
@@ -151,10 +165,15 @@ def test_bilinear_matches_scale_and_translate_without_antialias():
   x = jax.random.uniform(jax.random.key(5), (2, 252, 252, 1))
   for size in (63, 32):
     ref = jax.image.scale_and_translate(
-        x, (2, size, size, 1), (1, 2), jnp.full((2,), size / 252),
-        jnp.zeros((2,)), method="linear", antialias=False)
-    np.testing.assert_allclose(unet_lib.bilinear_resize(x, (size, size)),
-                               ref, atol=5e-5)
+        x,
+        (2, size, size, 1),
+        (1, 2),
+        jnp.full((2,), size / 252),
+        jnp.zeros((2,)),
+        method="linear",
+        antialias=False,
+    )
+    np.testing.assert_allclose(unet_lib.bilinear_resize(x, (size, size)), ref, atol=5e-5)
 
 
 def test_bilinear_same_size_is_identity():
@@ -184,13 +203,12 @@ def _legacy_attention_reference(x_nhwc, p, heads, groups):
   b, c, h, w = x.shape
   xs = x.reshape(b, c, h * w)
   g = xs.reshape(b, groups, -1)
-  g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True)
-                                                + 1e-5)
+  g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
   xn = g.reshape(b, c, -1) * p["norm_w"][:, None] + p["norm_b"][:, None]
   qkv = np.einsum("oc,bct->bot", p["qkv_w"], xn) + p["qkv_b"][:, None]
   qkv = qkv.reshape(b * heads, -1, h * w)  # heads first, then q/k/v
   ch = qkv.shape[1] // 3
-  q, k, v = qkv[:, :ch], qkv[:, ch:2 * ch], qkv[:, 2 * ch:]
+  q, k, v = qkv[:, :ch], qkv[:, ch : 2 * ch], qkv[:, 2 * ch :]
   scale = ch**-0.25
   logits = np.einsum("bct,bcs->bts", q * scale, k * scale)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
@@ -203,12 +221,14 @@ def _legacy_attention_reference(x_nhwc, p, heads, groups):
 def test_attention_uses_the_legacy_head_major_qkv_layout():
   c, heads, groups = 64, 4, 8
   rng = np.random.default_rng(0)
-  p = dict(norm_w=1 + 0.1 * rng.standard_normal(c),
-           norm_b=0.1 * rng.standard_normal(c),
-           qkv_w=rng.standard_normal((3 * c, c)) / 8,
-           qkv_b=0.1 * rng.standard_normal(3 * c),
-           proj_w=rng.standard_normal((c, c)) / 8,
-           proj_b=0.1 * rng.standard_normal(c))
+  p = dict(
+      norm_w=1 + 0.1 * rng.standard_normal(c),
+      norm_b=0.1 * rng.standard_normal(c),
+      qkv_w=rng.standard_normal((3 * c, c)) / 8,
+      qkv_b=0.1 * rng.standard_normal(3 * c),
+      proj_w=rng.standard_normal((c, c)) / 8,
+      proj_b=0.1 * rng.standard_normal(c),
+  )
   x = rng.standard_normal((2, 5, 3, c)).astype(np.float32)
   f32 = lambda a: np.asarray(a, np.float32)
   params = {
@@ -216,8 +236,7 @@ def test_attention_uses_the_legacy_head_major_qkv_layout():
       "qkv": {"kernel": f32(p["qkv_w"].T), "bias": f32(p["qkv_b"])},
       "proj": {"kernel": f32(p["proj_w"].T), "bias": f32(p["proj_b"])},
   }
-  attention = unet_lib.SelfAttention(num_head_channels=c // heads,
-                                     num_groups=groups)
+  attention = unet_lib.SelfAttention(num_head_channels=c // heads, num_groups=groups)
   out = attention.apply({"params": params}, x)
   expected = _legacy_attention_reference(x, p, heads, groups)
   np.testing.assert_allclose(out, expected, atol=2e-5)
@@ -293,8 +312,11 @@ def test_dropout_only_in_training():
   @jax.jit
   def run(key_a, key_b):
     apply = functools.partial(model.apply, {"params": params}, z, t)
-    return (apply(train=False), apply(train=True, rngs={"dropout": key_a}),
-            apply(train=True, rngs={"dropout": key_b}))
+    return (
+        apply(train=False),
+        apply(train=True, rngs={"dropout": key_a}),
+        apply(train=True, rngs={"dropout": key_b}),
+    )
 
   eval_plain, train_a, train_b = run(jax.random.key(0), jax.random.key(1))
   assert float(jnp.abs(train_a - train_b).max()) > 1e-3
@@ -314,8 +336,7 @@ def _trace(model, z_shape, t_shape):
   return jax.eval_shape(model.init, jax.random.key(0), z, t)
 
 
-@pytest.mark.parametrize("t_shape", [(2, 8, 8), (2, 8, 6, 1), (1, 8, 8, 1),
-                                     (2, 8, 8, 3)])
+@pytest.mark.parametrize("t_shape", [(2, 8, 8), (2, 8, 6, 1), (1, 8, 8, 1), (2, 8, 8, 3)])
 def test_wrong_time_map_shape_raises(t_shape):
   model = unet_lib.UNet(**TINY)
   with pytest.raises(ValueError, match=r"time map t has shape"):
@@ -327,17 +348,19 @@ def test_wrong_input_channels_raise():
     _trace(unet_lib.UNet(**TINY), (2, 8, 8, 1), (2, 8, 8, 1))
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(hid_dims=(64, 128, 128, 250)), "250"),
-    (dict(hid_dims=(64, 128, 128, 256), num_groups=48), "num_groups=48"),
-    (dict(attention=(False, True, True)), "len\\(attention\\)=3"),
-    (dict(num_head_channels=48), "num_head_channels=48"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(hid_dims=(64, 128, 128, 250)), "250"),
+        (dict(hid_dims=(64, 128, 128, 256), num_groups=48), "num_groups=48"),
+        (dict(attention=(False, True, True)), "len\\(attention\\)=3"),
+        (dict(num_head_channels=48), "num_head_channels=48"),
+    ],
+)
 def test_bad_configs_raise(overrides, match):
   with pytest.raises(ValueError, match=match):
     unet_lib.make_unet("unet_32", 3, 7, **overrides)
-  model = unet_lib.UNet(**{**unet_lib.UNET_PRESETS["unet_32"], "d_in": 3,
-                           "d_out": 7, **overrides})
+  model = unet_lib.UNet(**{**unet_lib.UNET_PRESETS["unet_32"], "d_in": 3, "d_out": 7, **overrides})
   with pytest.raises(ValueError, match=match):
     _trace(model, (1, 32, 32, 3), (1, 32, 32, 1))
 
@@ -372,16 +395,14 @@ def _nhwc(x):
 def test_time_embedding_matches_reference_probes(golden_dir, case):
   arrays, config, state_dict, model = _load_golden(golden_dir, case)
   probe_t = arrays["temb_probe_t"]
-  sinusoid = unet_lib.sinusoidal_embedding(jnp.asarray(probe_t),
-                                           config["sinusoid_d_emb"])
+  sinusoid = unet_lib.sinusoidal_embedding(jnp.asarray(probe_t), config["sinusoid_d_emb"])
   # |arg| reaches 999 rad, whose float32 ulp is 6e-5: 1e-4 is rounding only.
-  np.testing.assert_allclose(sinusoid, arrays["temb_probe_sinusoid"],
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(sinusoid, arrays["temb_probe_sinusoid"], atol=1e-4, rtol=0)
   params = sd_lib.unet_params_from_state_dict(state_dict, model)
   embed = unet_lib.TimeEmbedding(model.t_emb_dim, model.d_emb).apply(
-      {"params": params["time_embedding"]}, jnp.asarray(probe_t))
-  np.testing.assert_allclose(embed, arrays["temb_probe_out"], atol=1e-5,
-                             rtol=0)
+      {"params": params["time_embedding"]}, jnp.asarray(probe_t)
+  )
+  np.testing.assert_allclose(embed, arrays["temb_probe_out"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["ms", "ep"])
@@ -392,21 +413,24 @@ def test_forward_matches_reference(golden_dir, case):
   prefixes = [""] + (["pixt_"] if case == "ep" else [])
   for prefix in prefixes:
     t_key = "pixt_t" if prefix else "t"
-    raw, inter = forward({"params": params}, _nhwc(arrays["z"]),
-                         _nhwc(arrays[t_key]))
+    raw, inter = forward({"params": params}, _nhwc(arrays["z"]), _nhwc(arrays[t_key]))
     out = denoiser.srm_head(raw, config["patch_size"])
     (bottleneck,) = inter["intermediates"]["bottleneck_out"]
-    for name, ours in [("mean_theta", out.u), ("v_theta", out.v),
-                       ("sigma_theta", out.sigma)]:
-      np.testing.assert_allclose(ours, _nhwc(arrays[prefix + name]),
-                                 atol=1e-4, rtol=0, err_msg=prefix + name)
+    for name, ours in [("mean_theta", out.u), ("v_theta", out.v), ("sigma_theta", out.sigma)]:
+      np.testing.assert_allclose(
+          ours, _nhwc(arrays[prefix + name]), atol=1e-4, rtol=0, err_msg=prefix + name
+      )
     # raw carries the x10 log-variance row (|raw| up to ~11).
-    np.testing.assert_allclose(raw, _nhwc(arrays[prefix + "raw"]), atol=1e-4,
-                               rtol=1e-5, err_msg=prefix + "raw")
-    np.testing.assert_allclose(bottleneck,
-                               _nhwc(arrays[prefix + "bottleneck_out"]),
-                               atol=1e-4, rtol=0,
-                               err_msg=prefix + "bottleneck_out")
+    np.testing.assert_allclose(
+        raw, _nhwc(arrays[prefix + "raw"]), atol=1e-4, rtol=1e-5, err_msg=prefix + "raw"
+    )
+    np.testing.assert_allclose(
+        bottleneck,
+        _nhwc(arrays[prefix + "bottleneck_out"]),
+        atol=1e-4,
+        rtol=0,
+        err_msg=prefix + "bottleneck_out",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -423,15 +447,18 @@ def test_level_time_patch_of_the_paper_sudoku():
   assert unet_lib.level_time_patch((252, 252), (126, 126), None) is None
 
 
-@pytest.mark.parametrize("in_size,patch,out_size,expected", [
-    (16, 4, 8, 2),    # 2x: taps 2j, 2j+1 of one patch, weights 0.5 / 0.5
-    (8, 2, 4, 1),     # down to one pixel per patch
-    (12, 4, 6, 2),    # 3 patches of 4 -> 3 of 2
-    (12, 4, 9, None),  # scale 4/3: weights like 0.83 / 0.17 round differently
-    (8, 1, 4, None),  # 8 one-pixel patches cannot tile 4 pixels
-    (10, 4, 5, None),  # the patch size does not divide the image
-    (8, 2, 8, 2),     # same size: the identity
-])
+@pytest.mark.parametrize(
+    "in_size,patch,out_size,expected",
+    [
+        (16, 4, 8, 2),  # 2x: taps 2j, 2j+1 of one patch, weights 0.5 / 0.5
+        (8, 2, 4, 1),  # down to one pixel per patch
+        (12, 4, 6, 2),  # 3 patches of 4 -> 3 of 2
+        (12, 4, 9, None),  # scale 4/3: weights like 0.83 / 0.17 round differently
+        (8, 1, 4, None),  # 8 one-pixel patches cannot tile 4 pixels
+        (10, 4, 5, None),  # the patch size does not divide the image
+        (8, 2, 8, 2),  # same size: the identity
+    ],
+)
 def test_level_time_patch_boundary(in_size, patch, out_size, expected):
   got = unet_lib.level_time_patch((in_size, in_size), (out_size, out_size), patch)
   assert got == (None if expected is None else (expected, expected))
@@ -445,8 +472,9 @@ def test_level_time_patch_boundary(in_size, patch, out_size, expected):
   t = np.repeat(np.repeat(values, patch, axis=1), patch, axis=2)
   resized = np.asarray(unet_lib.bilinear_resize(jnp.asarray(t), (out_size, out_size)))
   if expected is not None:
-    np.testing.assert_array_equal(resized, np.repeat(np.repeat(values, expected, axis=1),
-                                                     expected, axis=2))
+    np.testing.assert_array_equal(
+        resized, np.repeat(np.repeat(values, expected, axis=1), expected, axis=2)
+    )
   elif out_size % grid == 0:
     q = out_size // grid
     blocks = resized.reshape(3, grid, q, grid, q)
@@ -462,17 +490,30 @@ def _patch_constant_time(batch, size, patch, seed=0):
 def test_per_patch_time_embedding_equals_the_per_pixel_one():
   # 24x24 in 4-pixel patches over 4 levels: 24 (4), 12 (2), 6 (1) per patch, 3 per pixel (6
   # patches do not tile 3 pixels): both paths in one model.
-  fields = dict(hid_dims=(32, 32, 32, 32), attention=(False, False, True, True), d_in=1,
-                d_out=3, num_blocks=1, t_emb_dim=32, d_emb=16, num_head_channels=16,
-                dropout=0.0)
+  fields = dict(
+      hid_dims=(32, 32, 32, 32),
+      attention=(False, False, True, True),
+      d_in=1,
+      d_out=3,
+      num_blocks=1,
+      t_emb_dim=32,
+      d_emb=16,
+      num_head_channels=16,
+      dropout=0.0,
+  )
   per_pixel = unet_lib.UNet(**fields)
   per_patch = unet_lib.UNet(**fields, time_patch_size=4)
   sizes = unet_lib.level_sizes((24, 24), 4)
   assert [unet_lib.level_time_patch((24, 24), s, 4) for s in sizes] == [
-      (4, 4), (2, 2), (1, 1), None]
+      (4, 4),
+      (2, 2),
+      (1, 1),
+      None,
+  ]
   params = _random_params(per_pixel)
-  assert (jax.tree_util.tree_structure(params) ==
-          jax.tree_util.tree_structure(_random_params(per_patch)))
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      _random_params(per_patch)
+  )
   z = jax.random.normal(jax.random.key(1), (2, 24, 24, 1))
   t = _patch_constant_time(2, 24, 4)
   want = jax.jit(per_pixel.apply)({"params": params}, z, t)
@@ -508,5 +549,6 @@ def test_remat_keeps_the_parameters_and_the_gradients():
   want = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(params)
   got = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(params)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                         got[1], want[1])
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), got[1], want[1]
+  )

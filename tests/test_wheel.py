@@ -42,13 +42,15 @@ def wheel(tmp_path_factory):
   source = tmp_path_factory.mktemp("source")
   for name in BUILD_INPUTS:
     if (ROOT / name).is_dir():
-      shutil.copytree(ROOT / name, source / name,
-                      ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+      shutil.copytree(
+          ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+      )
     else:
       shutil.copy2(ROOT / name, source / name)
   out = tmp_path_factory.mktemp("wheel")
-  done = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--verbose", "-w", str(out),
-              str(source)])
+  done = run(
+      [sys.executable, "-m", "pip", "wheel", "--no-deps", "--verbose", "-w", str(out), str(source)]
+  )
   # setuptools' warnings (an undeclared package: "Package would be ignored", a deprecated
   # setting) are classes named *Warning; pip's own lower-case "warning:" lines about disabled
   # byte-compiling (PYTHONDONTWRITEBYTECODE) are not about the package.
@@ -63,11 +65,13 @@ def test_the_wheel_holds_the_configs_and_the_assets(wheel):
   names = set(zipfile.ZipFile(wheel).namelist())
   for task in ("mnist_sudoku", "even_pixels", "counting_polygons"):
     assert f"ipr_jax/configs/{task}.py" in names
-  for asset in ("ipr_jax/assets/mnist_sudoku_demo.npz",
-                "ipr_jax/data/assets/mnist_digits_10k.npz",
-                "ipr_jax/data/assets/mnist_digits_10k_ranking.npz",
-                "ipr_jax/metrics/assets/mnist_classifier_cell7.npz",
-                "ipr_jax/metrics/assets/polygon_scorer.npz"):
+  for asset in (
+      "ipr_jax/assets/mnist_sudoku_demo.npz",
+      "ipr_jax/data/assets/mnist_digits_10k.npz",
+      "ipr_jax/data/assets/mnist_digits_10k_ranking.npz",
+      "ipr_jax/metrics/assets/mnist_classifier_cell7.npz",
+      "ipr_jax/metrics/assets/polygon_scorer.npz",
+  ):
     assert asset in names
   assert not any(name.startswith(("tests/", "configs/", "experiments/")) for name in names)
 
@@ -79,26 +83,41 @@ def test_the_installed_wheel_runs_the_main_job_outside_the_checkout(wheel, tmp_p
   venv = tmp_path / "venv"
   run([sys.executable, "-m", "venv", str(venv)], env=env)
   python = venv / "bin" / "python"
-  run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-      env=env)
-  site_packages = pathlib.Path(run([
-      str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-  ], env=env).stdout.strip())
+  run(
+      [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+      env=env,
+  )
+  site_packages = pathlib.Path(
+      run(
+          [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env
+      ).stdout.strip()
+  )
   # The dependencies: this interpreter's site-packages, after the new environment's own.
   test_env = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
   (site_packages / "test_env_dependencies.pth").write_text("\n".join(sorted(test_env)) + "\n")
 
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  imported = run([str(python), "-c", "import ipr_jax; print(ipr_jax.__file__)"],
-                 cwd=elsewhere, env=env).stdout.strip()
+  imported = run(
+      [str(python), "-c", "import ipr_jax; print(ipr_jax.__file__)"], cwd=elsewhere, env=env
+  ).stdout.strip()
   assert pathlib.Path(imported).resolve().is_relative_to(site_packages.resolve()), imported
   assert not pathlib.Path(imported).resolve().is_relative_to(ROOT), imported
 
-  done = run([str(python), "-m", "ipr_jax.evaluate", "--config=mnist_sudoku:demo",
-              "--workdir=runs/demo", f"--config.eval.num_puzzles={NUM_PUZZLES}",
-              "--config.eval.batch_size=2", f"--config.ipr.budget={BUDGET}"],
-             cwd=elsewhere, env=env)
+  done = run(
+      [
+          str(python),
+          "-m",
+          "ipr_jax.evaluate",
+          "--config=mnist_sudoku:demo",
+          "--workdir=runs/demo",
+          f"--config.eval.num_puzzles={NUM_PUZZLES}",
+          "--config.eval.batch_size=2",
+          f"--config.ipr.budget={BUDGET}",
+      ],
+      cwd=elsewhere,
+      env=env,
+  )
   out = elsewhere / "runs" / "demo" / "eval" / "ms_hard_test"
   results = json.loads((out / "results.json").read_text())
   assert results, "empty results.json"

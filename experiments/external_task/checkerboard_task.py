@@ -47,6 +47,7 @@ def checkerboards(phase: jax.Array, grid: tuple[int, int], patch_size: int) -> j
 @flax.struct.dataclass
 class CheckerboardData:
   """Training images and test puzzles (a pytree, as the training step takes it)."""
+
   grid: tuple[int, int] = flax.struct.field(pytree_node=False)
   patch_size: int = flax.struct.field(pytree_node=False)
 
@@ -56,15 +57,17 @@ class CheckerboardData:
     phase = jax.random.bernoulli(key, 0.5, (batch_size,)).astype(jnp.int32)
     return {"image": checkerboards(phase, self.grid, self.patch_size)}
 
-  def test_batch(self, seed: int, indices: np.ndarray,
-                 given_range: tuple[int, int]) -> dict[str, jax.Array]:
+  def test_batch(
+      self, seed: int, indices: np.ndarray, given_range: tuple[int, int]
+  ) -> dict[str, jax.Array]:
     """Puzzles `indices`, each a pure function of (seed, index): {'image' [B, H, W, 1] (the
     solution), 'mask' [B, H, W, 1] (1 = generate), 'num_given' int32 [B]}."""
     num_patches = self.grid[0] * self.grid[1]
     root = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices, jnp.int32))
     phase_keys, count_keys, order_keys = jnp.moveaxis(
-        jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0)
+        jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0
+    )
     phase = jax.vmap(lambda k: jax.random.bernoulli(k).astype(jnp.int32))(phase_keys)
     lo, hi = given_range
     num_given = jax.vmap(lambda k: jax.random.randint(k, (), lo, hi + 1))(count_keys)
@@ -72,8 +75,11 @@ class CheckerboardData:
     given = jnp.argsort(ranks, axis=1) < num_given[:, None]  # [B, N]
     free = (~given).reshape(-1, *self.grid).astype(jnp.float32)
     mask = jnp.repeat(jnp.repeat(free, self.patch_size, axis=1), self.patch_size, axis=2)
-    return {"image": checkerboards(phase, self.grid, self.patch_size), "mask": mask[..., None],
-            "num_given": num_given.astype(jnp.int32)}
+    return {
+        "image": checkerboards(phase, self.grid, self.patch_size),
+        "mask": mask[..., None],
+        "num_given": num_given.astype(jnp.int32),
+    }
 
 
 def make_data(config: ml_collections.ConfigDict) -> CheckerboardData:
@@ -98,8 +104,9 @@ def score_fn(patch_size: int):
     b, h, w, _ = z.shape
     means = z.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size).mean((2, 4))
     white = means > 0
-    broken = (jnp.sum(white[:, :, 1:] == white[:, :, :-1], axis=(1, 2))
-              + jnp.sum(white[:, 1:, :] == white[:, :-1, :], axis=(1, 2)))
+    broken = jnp.sum(white[:, :, 1:] == white[:, :, :-1], axis=(1, 2)) + jnp.sum(
+        white[:, 1:, :] == white[:, :-1, :], axis=(1, 2)
+    )
     return {"valid": broken == 0, "broken_pairs": broken.astype(jnp.int32)}
 
   return score

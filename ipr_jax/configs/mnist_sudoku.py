@@ -66,21 +66,35 @@ _SRM_SAMPLER_TESTS = {
 }
 _SRM_DDIM_TESTS = ("fixed", "graph_seq000", "graph_seq075", "seq_adaptive000", "seq_adaptive075")
 SAMPLER_TESTS = tuple(f"ms_hard_{name}" for name in _SRM_SAMPLER_TESTS) + tuple(
-    f"ms_hard_{name}_ddim" for name in _SRM_DDIM_TESTS)
-_EVALS = ("ms_hard_test", "ms_medium_test", "ms_easy_test", "ms_corrupted_test",
-          "ms_unique_test") + SAMPLER_TESTS
+    f"ms_hard_{name}_ddim" for name in _SRM_DDIM_TESTS
+)
+_EVALS = (
+    "ms_hard_test",
+    "ms_medium_test",
+    "ms_easy_test",
+    "ms_corrupted_test",
+    "ms_unique_test",
+) + SAMPLER_TESTS
 
 # Number of given (clean) cells at test time, inclusive, per evaluation and grid. The 9x9 values
 # are the reference's `num_fill` (hard [0, 26]; medium and easy from its comments; corrupted: all
 # 81 given, spec §5.1); the 4x4 ones split the 16 cells the same way.
 _GIVEN_RANGE = {
-    3: {"ms_hard_test": (0, 26), "ms_medium_test": (27, 53), "ms_easy_test": (54, 80),
-        "ms_corrupted_test": (81, 81)},
-    2: {"ms_hard_test": (0, 5), "ms_medium_test": (6, 10), "ms_easy_test": (11, 15),
+    3: {
+        "ms_hard_test": (0, 26),
+        "ms_medium_test": (27, 53),
+        "ms_easy_test": (54, 80),
+        "ms_corrupted_test": (81, 81),
+    },
+    2: {
+        "ms_hard_test": (0, 5),
+        "ms_medium_test": (6, 10),
+        "ms_easy_test": (11, 15),
         "ms_corrupted_test": (16, 16),
         # Minimal uniquely solvable puzzles have 4-6 given cells (4x4 only); the evaluation
         # refuses a puzzle outside this range.
-        "ms_unique_test": (4, 6)},
+        "ms_unique_test": (4, 6),
+    },
 }
 
 
@@ -110,7 +124,7 @@ def _use_sampler_test(config: ml_collections.ConfigDict, eval_name: str, four_by
   same passes: 3n + 9 for n unknown cells instead of 3n), so that the schedules compare at
   (nearly) equal passes on the shipped model.
   """
-  name = eval_name[len("ms_hard_"):]
+  name = eval_name[len("ms_hard_") :]
   ddim = name.endswith("_ddim")
   schedule, overlap, max_order = _SRM_SAMPLER_TESTS[name.removesuffix("_ddim")]
   config.sampler.schedule = schedule
@@ -130,8 +144,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config for preset string `arg` (see the module docstring)."""
   size, eval_name = config_base.parse_preset(arg, _SIZES, _EVALS, "ms_hard_test")
   if eval_name == "ms_unique_test" and size not in ("demo", "tiny"):
-    raise ValueError(f"preset {arg!r}: ms_unique_test needs a 4x4 preset (demo or tiny); "
-                     "uniqueness is checked against all 288 solved 4x4 grids")
+    raise ValueError(
+        f"preset {arg!r}: ms_unique_test needs a 4x4 preset (demo or tiny); "
+        "uniqueness is checked against all 288 solved 4x4 grids"
+    )
   # Shared sections and their documentation: ipr_jax/config_base.py.
   config = config_base.base_config("mnist_sudoku", arg, unet_preset="unet_256")
   # Reference ms1000_28: 28 per GPU x 2 GPUs = global batch 56, 250,001 steps (the defaults).
@@ -180,8 +196,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.seed = 35
   # Given cells per test puzzle, inclusive (min, max), drawn uniformly.
   # (ms_unique_test exists for 4x4 only: its range is set by _use_four_by_four.)
-  config.eval.given_range = _GIVEN_RANGE[3].get(_given_range_name(eval_name),
-                                                _GIVEN_RANGE[3]["ms_hard_test"])
+  config.eval.given_range = _GIVEN_RANGE[3].get(
+      _given_range_name(eval_name), _GIVEN_RANGE[3]["ms_hard_test"]
+  )
   # Digit classifier weights (.npz) of the Sudoku metric; None: the weights shipped in the package.
   config.eval.classifier_path = config_dict.placeholder(str)
 

@@ -102,7 +102,8 @@ _MAX_RESTARTS = 1000
 # ToTensor + Normalize(0.5, 0.5) in float32, as torchvision computes it.
 _GRID_Y, _GRID_X = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
 _U8_TO_UNIT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(
-    0.5)
+    0.5
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +148,10 @@ def check_counts(num_polygons, num_vertices) -> tuple[np.ndarray, np.ndarray]:
   """Validates concrete counts: polygons in 1..9 and vertices in 3..7 (ValueError naming them)."""
   num_polygons = np.asarray(num_polygons)
   num_vertices = np.asarray(num_vertices)
-  for name, values, lo, hi in (("num_polygons", num_polygons, MIN_POLYGONS, MAX_POLYGONS),
-                               ("num_vertices", num_vertices, MIN_VERTICES, MAX_VERTICES)):
+  for name, values, lo, hi in (
+      ("num_polygons", num_polygons, MIN_POLYGONS, MAX_POLYGONS),
+      ("num_vertices", num_vertices, MIN_VERTICES, MAX_VERTICES),
+  ):
     if not np.issubdtype(values.dtype, np.integer):
       raise ValueError(f"{name}={values.tolist()!r}: expected integers in {lo}..{hi}")
     bad = values[(values < lo) | (values > hi)]
@@ -175,15 +178,17 @@ def check_images(images) -> None:
   """Raises ValueError unless `images` is a batch [B, 128, 128, 3] with B >= 1."""
   shape = tuple(np.shape(images))
   if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
-    raise ValueError(f"Counting Polygons images of shape {shape}: expected [B, 128, 128, 3] "
-                     "(NHWC, B >= 1)")
+    raise ValueError(
+        f"Counting Polygons images of shape {shape}: expected [B, 128, 128, 3] " "(NHWC, B >= 1)"
+    )
+
 
 def check_num_polygons(num_polygons) -> int:
   """N as an int in 1..9, else ValueError naming it."""
-  if isinstance(num_polygons, (bool, np.bool_)) or not isinstance(num_polygons,
-                                                                  (int, np.integer)):
-    raise ValueError(f"num_polygons={num_polygons!r}: expected an int in "
-                     f"{MIN_POLYGONS}..{MAX_POLYGONS}")
+  if isinstance(num_polygons, (bool, np.bool_)) or not isinstance(num_polygons, (int, np.integer)):
+    raise ValueError(
+        f"num_polygons={num_polygons!r}: expected an int in " f"{MIN_POLYGONS}..{MAX_POLYGONS}"
+    )
   if not MIN_POLYGONS <= num_polygons <= MAX_POLYGONS:
     raise ValueError(f"num_polygons={num_polygons} is outside {MIN_POLYGONS}..{MAX_POLYGONS}")
   return int(num_polygons)
@@ -195,8 +200,10 @@ def check_num_vertices(num_vertices, num_polygons: int) -> np.ndarray:
   if values.ndim == 0:
     values = np.full(num_polygons, values)
   if values.shape != (num_polygons,) or not np.issubdtype(values.dtype, np.integer):
-    raise ValueError(f"num_vertices={num_vertices!r}: expected an int or {num_polygons} ints "
-                     f"in {MIN_VERTICES}..{MAX_VERTICES}")
+    raise ValueError(
+        f"num_vertices={num_vertices!r}: expected an int or {num_polygons} ints "
+        f"in {MIN_VERTICES}..{MAX_VERTICES}"
+    )
   bad = values[(values < MIN_VERTICES) | (values > MAX_VERTICES)]
   if bad.size:
     raise ValueError(f"num_vertices={bad[0].item()} is outside {MIN_VERTICES}..{MAX_VERTICES}")
@@ -207,8 +214,10 @@ def check_background(background) -> np.ndarray:
   """uint8 [128, 128, 3], else ValueError naming the shape or dtype."""
   background = np.asarray(background)
   if background.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or background.dtype != np.uint8:
-    raise ValueError(f"background of shape {background.shape} and dtype {background.dtype}: "
-                     f"expected uint8 [{IMAGE_SIZE}, {IMAGE_SIZE}, 3]")
+    raise ValueError(
+        f"background of shape {background.shape} and dtype {background.dtype}: "
+        f"expected uint8 [{IMAGE_SIZE}, {IMAGE_SIZE}, 3]"
+    )
   return background
 
 
@@ -226,6 +235,7 @@ def _check_seed(seed) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Circle layouts.
+
 
 def _place_circles(rng: np.random.Generator, num_circles: int) -> np.ndarray | None:
   """One rejection-sampling attempt: largest circles first; None if a circle finds no place."""
@@ -282,6 +292,7 @@ def circle_layouts(seed: int, num_circles: int, count: int, split: str = "train"
 # ------------------------------------------------------------------------------------------------
 # Backgrounds and colour.
 
+
 @functools.lru_cache(maxsize=None)
 def _upsample_matrix(grid: int) -> np.ndarray:
   """float32 [128, grid]: cubic-convolution (a = -0.5) upsampling of `grid` samples to 128.
@@ -293,9 +304,11 @@ def _upsample_matrix(grid: int) -> np.ndarray:
   matrix = np.zeros((IMAGE_SIZE, grid), np.float64)
   for tap in range(-1, 3):
     distance = np.abs(position - (base + tap))
-    weight = np.where(distance <= 1, 1.5 * distance**3 - 2.5 * distance**2 + 1,
-                      np.where(distance < 2, -0.5 * distance**3 + 2.5 * distance**2
-                               - 4 * distance + 2, 0.0))
+    weight = np.where(
+        distance <= 1,
+        1.5 * distance**3 - 2.5 * distance**2 + 1,
+        np.where(distance < 2, -0.5 * distance**3 + 2.5 * distance**2 - 4 * distance + 2, 0.0),
+    )
     np.add.at(matrix, (np.arange(IMAGE_SIZE), np.clip(base + tap, 0, grid - 1)), weight)
   return matrix.astype(np.float32)
 
@@ -311,8 +324,9 @@ def _smooth_field(rng: np.random.Generator, grid: int, channels: int) -> np.ndar
 
 def _hsv_to_rgb_u8(hue, saturation, value) -> np.ndarray:
   """uint8 [128, 128, 3] RGB of float HSV fields [128, 128] (hue mod 1), via PIL's HSV."""
-  channels = [np.clip(np.floor(c * 256.0), 0, 255).astype(np.uint8)
-              for c in (hue % 1.0, saturation, value)]
+  channels = [
+      np.clip(np.floor(c * 256.0), 0, 255).astype(np.uint8) for c in (hue % 1.0, saturation, value)
+  ]
   hsv = Image.merge("HSV", [Image.fromarray(c) for c in channels])
   return np.asarray(hsv.convert("RGB"))
 
@@ -331,11 +345,13 @@ def procedural_background(rng: np.random.Generator) -> np.ndarray:
   hue = base + (second - base) * mix + 0.15 * (low[0] - 0.5)
   saturation = 0.15 + 0.75 * low[1]
   value = 0.25 + 0.6 * low[2]
-  texture = 0.12 * (_smooth_field(rng, 16, 1)[0] - 0.5) + 0.06 * (_smooth_field(rng, 32, 1)[0]
-                                                                   - 0.5)
+  texture = 0.12 * (_smooth_field(rng, 16, 1)[0] - 0.5) + 0.06 * (
+      _smooth_field(rng, 32, 1)[0] - 0.5
+  )
   angle, frequency = rng.uniform(0, np.pi), rng.uniform(0.1, 0.6)
-  stripes = np.sin(frequency * (_GRID_X * np.cos(angle) + _GRID_Y * np.sin(angle))
-                   + rng.uniform(0, 2 * np.pi))
+  stripes = np.sin(
+      frequency * (_GRID_X * np.cos(angle) + _GRID_Y * np.sin(angle)) + rng.uniform(0, 2 * np.pi)
+  )
   value = value + texture + rng.uniform(0.0, 0.06) * stripes
   return _hsv_to_rgb_u8(hue, np.clip(saturation, 0, 1), np.clip(value, 0, 1))
 
@@ -364,11 +380,14 @@ class FolderBackgrounds:
     self.path = pathlib.Path(path)
     if not self.path.is_dir():
       raise ValueError(f"background folder {str(self.path)!r} does not exist")
-    self.files = sorted(p for p in self.path.rglob("*")
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    self.files = sorted(
+        p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not self.files:
-      raise ValueError(f"background folder {str(self.path)!r} holds no images "
-                       f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+      raise ValueError(
+          f"background folder {str(self.path)!r} holds no images "
+          f"(looked for {', '.join(IMAGE_SUFFIXES)})"
+      )
 
   def __len__(self) -> int:
     return len(self.files)
@@ -407,6 +426,7 @@ def polygon_colour(background: np.ndarray) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------------
 # Rendering.
 
+
 @functools.lru_cache(maxsize=None)
 def _font(size: int) -> ImageFont.FreeTypeFont:
   return ImageFont.load_default(size=size)
@@ -434,6 +454,7 @@ class RenderInfo:
     colour: (r, g, b) of polygons and numbers.
     background: uint8 [128, 128, 3], the image under the shapes.
   """
+
   num_polygons: int
   vertices_per_polygon: np.ndarray
   printed_numbers: np.ndarray
@@ -457,9 +478,14 @@ class RenderInfo:
     return self.is_uniform and sorted(self.printed_numbers.tolist()) == drawn
 
 
-def render_image(rng: np.random.Generator, num_polygons: int, num_vertices,
-                 layout: np.ndarray, background: np.ndarray,
-                 printed_numbers: Sequence[int] | None = None) -> tuple[np.ndarray, RenderInfo]:
+def render_image(
+    rng: np.random.Generator,
+    num_polygons: int,
+    num_vertices,
+    layout: np.ndarray,
+    background: np.ndarray,
+    printed_numbers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, RenderInfo]:
   """Draws one Counting Polygons image.
 
   Args:
@@ -478,8 +504,10 @@ def render_image(rng: np.random.Generator, num_polygons: int, num_vertices,
   vertices = check_num_vertices(num_vertices, num_polygons)
   layout = np.asarray(layout, np.float64)
   if layout.shape != (num_polygons + NUM_TEXT_CIRCLES, 3):
-    raise ValueError(f"layout of shape {layout.shape}: expected [{num_polygons + 2}, 3] for "
-                     f"num_polygons={num_polygons}")
+    raise ValueError(
+        f"layout of shape {layout.shape}: expected [{num_polygons + 2}, 3] for "
+        f"num_polygons={num_polygons}"
+    )
   if not np.all((layout >= 0.0) & (layout <= 1.0)):
     raise ValueError("layout values must be normalised to [0, 1]")
   background = check_background(background)
@@ -509,26 +537,34 @@ def render_image(rng: np.random.Generator, num_polygons: int, num_vertices,
     font = _font(int(r))
     draw.text((x, y), str(number), font=font, fill=255)
     x0, y0, x1, y1 = draw.textbbox((x, y), str(number), font=font)
-    boxes.append([*_to_image_coords([x0 - 0.5, y0 - 0.5]), *_to_image_coords([x1 - 0.5,
-                                                                              y1 - 0.5])])
+    boxes.append([*_to_image_coords([x0 - 0.5, y0 - 0.5]), *_to_image_coords([x1 - 0.5, y1 - 0.5])])
   alpha = mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-  image = Image.composite(Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour),
-                          Image.fromarray(background), alpha)
+  image = Image.composite(
+      Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour), Image.fromarray(background), alpha
+  )
   info = RenderInfo(
-      num_polygons=num_polygons, vertices_per_polygon=vertices, printed_numbers=printed,
-      layout=layout, angle_offsets=angles,
+      num_polygons=num_polygons,
+      vertices_per_polygon=vertices,
+      printed_numbers=printed,
+      layout=layout,
+      angle_offsets=angles,
       polygon_centres=_to_image_coords(xyr[:num_polygons, :2]),
       polygon_radii=xyr[:num_polygons, 2] * IMAGE_SIZE / CANVAS_SIZE,
-      polygon_vertices=tuple(polygon_vertices), text_boxes=np.asarray(boxes), colour=colour,
-      background=background)
+      polygon_vertices=tuple(polygon_vertices),
+      text_boxes=np.asarray(boxes),
+      colour=colour,
+      background=background,
+  )
   return np.asarray(image), info
 
 
 def check_image_geometry(image_size: int, channels: int) -> None:
   """Raises ValueError unless a config's (data.image_size, data.channels) is (128, 3)."""
   if (image_size, channels) != (IMAGE_SIZE, 3):
-    raise ValueError(f"counting_polygons images are {IMAGE_SIZE}x{IMAGE_SIZE} RGB; "
-                     f"data.image_size={image_size}, data.channels={channels}")
+    raise ValueError(
+        f"counting_polygons images are {IMAGE_SIZE}x{IMAGE_SIZE} RGB; "
+        f"data.image_size={image_size}, data.channels={channels}"
+    )
 
 
 def unit_range_on_device(images_u8: jax.Array) -> jax.Array:
@@ -539,15 +575,21 @@ def unit_range_on_device(images_u8: jax.Array) -> jax.Array:
 def images_to_unit_range(images: np.ndarray) -> np.ndarray:
   """uint8 [B, 128, 128, 3] -> float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5)."""
   images = np.asarray(images)
-  if (images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
-      or images.dtype != np.uint8):
-    raise ValueError(f"image batch of shape {images.shape} and dtype {images.dtype}: expected "
-                     f"uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3]")
+  if (
+      images.ndim != 4
+      or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
+      or images.dtype != np.uint8
+  ):
+    raise ValueError(
+        f"image batch of shape {images.shape} and dtype {images.dtype}: expected "
+        f"uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3]"
+    )
   return _U8_TO_UNIT.take(images)
 
 
 # ------------------------------------------------------------------------------------------------
 # The task: random training examples and deterministic test images.
+
 
 @dataclasses.dataclass(frozen=True)
 class CountingPolygonsTask:
@@ -561,6 +603,7 @@ class CountingPolygonsTask:
     mismatch_prob: probability that the printed numbers are drawn independently, polygons
       ~ U{1..9} and vertices ~ U{3..7} (the reference's scorer data: 1.0; generative model: 0).
   """
+
   seed: int = 0
   background_dir: str | None = None
   nonuniform_prob: float = 0.0
@@ -581,12 +624,17 @@ class CountingPolygonsTask:
       return procedural_background(rng)
     return folder.sample(rng) if index is None else folder[index]
 
-  def example(self, rng: np.random.Generator, split: str = "train",
-              index: int | None = None) -> tuple[np.ndarray, RenderInfo]:
+  def example(
+      self, rng: np.random.Generator, split: str = "train", index: int | None = None
+  ) -> tuple[np.ndarray, RenderInfo]:
     """One random image of a split's layouts: (uint8 [128, 128, 3], RenderInfo)."""
     num_polygons = int(rng.integers(MIN_POLYGONS, MAX_POLYGONS + 1))
-    layout = circle_layout(self.seed, num_polygons + NUM_TEXT_CIRCLES,
-                           int(rng.integers(NUM_LAYOUTS[_check_split(split)])), split)
+    layout = circle_layout(
+        self.seed,
+        num_polygons + NUM_TEXT_CIRCLES,
+        int(rng.integers(NUM_LAYOUTS[_check_split(split)])),
+        split,
+    )
     if split == "train":
       layout = layout[rng.permutation(len(layout))]
     if num_polygons > 1 and rng.random() < self.nonuniform_prob:
@@ -595,8 +643,10 @@ class CountingPolygonsTask:
       vertices = np.full(num_polygons, rng.integers(MIN_VERTICES, MAX_VERTICES + 1))
     printed = (num_polygons, int(vertices[0]))
     if rng.random() < self.mismatch_prob:
-      printed = (int(rng.integers(MIN_POLYGONS, MAX_POLYGONS + 1)),
-                 int(rng.integers(MIN_VERTICES, MAX_VERTICES + 1)))
+      printed = (
+          int(rng.integers(MIN_POLYGONS, MAX_POLYGONS + 1)),
+          int(rng.integers(MIN_VERTICES, MAX_VERTICES + 1)),
+      )
     background = self._background(rng, index)
     return render_image(rng, num_polygons, vertices, layout, background, printed)
 
@@ -653,8 +703,10 @@ test_image.__test__ = False  # not a pytest test
 # ------------------------------------------------------------------------------------------------
 # The SRM training feed: images of (step, global example index), rendered ahead of use.
 
-def render_train_images(task: CountingPolygonsTask, seed: int, step: int,
-                        example_index: np.ndarray) -> np.ndarray:
+
+def render_train_images(
+    task: CountingPolygonsTask, seed: int, step: int, example_index: np.ndarray
+) -> np.ndarray:
   """uint8 [len(example_index), 128, 128, 3]: the training images of `step`.
 
   Example i of step s is drawn from `default_rng([seed, 3, s, i])`, so an image depends only on
@@ -699,21 +751,32 @@ class TrainImagePrefetcher:
     use_processes: processes instead of threads.
   """
 
-  def __init__(self, task: CountingPolygonsTask, seed: int, example_index: np.ndarray,
-               first_step: int, num_workers: int = 4, prefetch: int = 8,
-               use_processes: bool = False):
+  def __init__(
+      self,
+      task: CountingPolygonsTask,
+      seed: int,
+      example_index: np.ndarray,
+      first_step: int,
+      num_workers: int = 4,
+      prefetch: int = 8,
+      use_processes: bool = False,
+  ):
     if num_workers < 1 or prefetch < 1:
       raise ValueError(f"num_workers={num_workers} and prefetch={prefetch}: each must be >= 1")
     self._seed = _check_seed(seed)
     self._example_index = np.asarray(example_index).reshape(-1)
     if use_processes:
       self._executor = concurrent.futures.ProcessPoolExecutor(
-          num_workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_set_process_task, initargs=(task,))
+          num_workers,
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_set_process_task,
+          initargs=(task,),
+      )
       self._render = _render_in_process
     else:
       self._executor = concurrent.futures.ThreadPoolExecutor(
-          num_workers, thread_name_prefix="render")
+          num_workers, thread_name_prefix="render"
+      )
       self._render = functools.partial(render_train_images, task)
     self._pending: collections.deque = collections.deque()
     self._next_step = int(first_step)
@@ -722,8 +785,9 @@ class TrainImagePrefetcher:
       self._submit()
 
   def _submit(self) -> None:
-    self._pending.append(self._executor.submit(
-        self._render, self._seed, self._next_step, self._example_index))
+    self._pending.append(
+        self._executor.submit(self._render, self._seed, self._next_step, self._example_index)
+    )
     self._next_step += 1
 
   def get(self) -> np.ndarray:

@@ -62,12 +62,15 @@ def load_bundled_digits(path: str | pathlib.Path | None = None) -> tuple[np.ndar
     raise FileNotFoundError(f"digits file not found: {str(path)!r}")
   with np.load(path) as f:
     if "images" not in f.files or "labels" not in f.files:
-      raise ValueError(f"digits file {str(path)!r} needs arrays 'images' and 'labels', "
-                       f"has {f.files}")
+      raise ValueError(
+          f"digits file {str(path)!r} needs arrays 'images' and 'labels', " f"has {f.files}"
+      )
     images, labels = f["images"], f["labels"]
   if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-    raise ValueError(f"digits file {str(path)!r}: images {images.shape}, labels {labels.shape}; "
-                     "expected [N, 28, 28] and [N]")
+    raise ValueError(
+        f"digits file {str(path)!r}: images {images.shape}, labels {labels.shape}; "
+        "expected [N, 28, 28] and [N]"
+    )
   return images.astype(np.uint8), labels.astype(np.uint8)
 
 
@@ -77,7 +80,7 @@ def holdout_mask(labels: np.ndarray) -> np.ndarray:
   held_out = np.zeros(labels.shape, bool)
   for digit in np.unique(labels):
     positions = np.flatnonzero(labels == digit)
-    held_out[positions[HOLDOUT_EVERY - 1::HOLDOUT_EVERY]] = True
+    held_out[positions[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY]] = True
   return held_out
 
 
@@ -99,8 +102,10 @@ def load_tfds_digits(part: Part, data_dir: str | None = None) -> tuple[np.ndarra
   split = {"train": "train", "test": "test"}[part]
   builder = tfds.builder("mnist", data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(f"TFDS dataset 'mnist' is not prepared under {builder.data_dir!r} "
-                            f"(data_dir={data_dir!r}); this project never downloads it")
+    raise FileNotFoundError(
+        f"TFDS dataset 'mnist' is not prepared under {builder.data_dir!r} "
+        f"(data_dir={data_dir!r}); this project never downloads it"
+    )
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError:
@@ -112,16 +117,19 @@ def load_tfds_digits(part: Part, data_dir: str | None = None) -> tuple[np.ndarra
     try:
       source = builder.as_data_source(split=split)
     except NotImplementedError as e:
-      raise ValueError(f"TFDS 'mnist' under {builder.data_dir!r} needs TensorFlow to be read (it "
-                       "is not in array_record format)") from e
+      raise ValueError(
+          f"TFDS 'mnist' under {builder.data_dir!r} needs TensorFlow to be read (it "
+          "is not in array_record format)"
+      ) from e
     examples = [source[i] for i in range(len(source))]
     images = np.stack([e["image"] for e in examples])
     labels = np.asarray([e["label"] for e in examples])
   return np.asarray(images).reshape(-1, 28, 28).astype(np.uint8), np.asarray(labels, np.uint8)
 
 
-def load_digits(part: Part, source: str = "bundled", *, path: str | None = None,
-                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_digits(
+    part: Part, source: str = "bundled", *, path: str | None = None, data_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """One part of one digit source.
 
   Args:
@@ -147,7 +155,8 @@ def load_digits(part: Part, source: str = "bundled", *, path: str | None = None,
 # (u8 / 255 - 0.5) / 0.5 in float32, as torchvision's ToTensor + Normalize(0.5, 0.5) compute it.
 # A table, because XLA may turn the division by 255 into a multiplication (255 -> 1.0000001).
 _U8_TO_UNIT = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(
-    0.5)
+    0.5
+)
 
 
 def to_unit_range(images_u8: jax.Array) -> jax.Array:
@@ -155,8 +164,9 @@ def to_unit_range(images_u8: jax.Array) -> jax.Array:
   return jnp.asarray(_U8_TO_UNIT)[jnp.asarray(images_u8).astype(jnp.int32)]
 
 
-def select_top_n(images: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
-                 top_n: int) -> tuple[np.ndarray, np.ndarray]:
+def select_top_n(
+    images: np.ndarray, labels: np.ndarray, confidence: np.ndarray, top_n: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Keeps, per class, the `top_n` digits of highest confidence (all of a class if it has fewer).
 
   Ties keep file order. The result lists class 0's kept digits first (most confident first), then
@@ -205,6 +215,7 @@ class DigitBank:
     images: uint8 [10, K, h, w]; images[d, :counts[d]] are digits of class d, the rest is padding.
     counts: int32 [10] number of real digits of each class (0 for an absent class).
   """
+
   images: jax.Array
   counts: jax.Array
 
@@ -226,8 +237,9 @@ class DigitBank:
     return self.images[digits, indices]
 
 
-def make_digit_bank(images: np.ndarray, labels: np.ndarray, cell_size: int = 28,
-                    required_digits=range(10)) -> DigitBank:
+def make_digit_bank(
+    images: np.ndarray, labels: np.ndarray, cell_size: int = 28, required_digits=range(10)
+) -> DigitBank:
   """Groups digits by class into a `DigitBank` (numpy arrays; move with jax.device_put if wanted).
 
   Args:
@@ -247,13 +259,20 @@ def make_digit_bank(images: np.ndarray, labels: np.ndarray, cell_size: int = 28,
     raise ValueError(f"digit bank: no images of digit(s) {missing}")
   bank = np.zeros((10, max(int(counts.max()), 1), cell_size, cell_size), np.uint8)
   for digit in range(10):
-    bank[digit, :counts[digit]] = images[labels == digit]
+    bank[digit, : counts[digit]] = images[labels == digit]
   return DigitBank(images=bank, counts=counts)
 
 
-def load_digit_bank(part: Part, source: str = "bundled", *, cell_size: int = 28,
-                    top_n: int | None = None, digit_confidence: ConfidenceFn | None = None,
-                    path: str | None = None, data_dir: str | None = None) -> DigitBank:
+def load_digit_bank(
+    part: Part,
+    source: str = "bundled",
+    *,
+    cell_size: int = 28,
+    top_n: int | None = None,
+    digit_confidence: ConfidenceFn | None = None,
+    path: str | None = None,
+    data_dir: str | None = None,
+) -> DigitBank:
   """Loads a part of a source, optionally keeps the top-N per class, and builds the bank.
 
   Args:
@@ -273,9 +292,11 @@ def load_digit_bank(part: Part, source: str = "bundled", *, cell_size: int = 28,
     elif source == "bundled" and path is None:
       confidence = -shipped_ranking(part)  # select_top_n keeps the highest first
     else:
-      raise ValueError(f"top_n of digits_source={source!r} (path={path!r}) needs a "
-                       "digit_confidence (the shipped ranking covers the bundled file only), e.g. "
-                       "ipr_jax.metrics.sudoku.classifier_confidence")
+      raise ValueError(
+          f"top_n of digits_source={source!r} (path={path!r}) needs a "
+          "digit_confidence (the shipped ranking covers the bundled file only), e.g. "
+          "ipr_jax.metrics.sudoku.classifier_confidence"
+      )
     images, labels = select_top_n(images, labels, confidence, top_n)
   return make_digit_bank(images, labels, cell_size)
 

@@ -70,8 +70,9 @@ def _check_image_size(image_size: int) -> int:
   return image_size * image_size
 
 
-def even_pixels_from_uniforms(uniforms: jax.Array, image_size: int = 32,
-                              saturation: float = 1.0, value: float = 0.7) -> jax.Array:
+def even_pixels_from_uniforms(
+    uniforms: jax.Array, image_size: int = 32, saturation: float = 1.0, value: float = 0.7
+) -> jax.Array:
   """Even Pixels images from uniforms in [0, 1) (all randomness drawn at once: small programs).
 
   Args:
@@ -93,8 +94,13 @@ def even_pixels_from_uniforms(uniforms: jax.Array, image_size: int = 32,
   return digits_lib.to_unit_range(rgb)
 
 
-def even_pixels_images(key: jax.Array, batch_size: int, image_size: int = 32,
-                       saturation: float = 1.0, value: float = 0.7) -> jax.Array:
+def even_pixels_images(
+    key: jax.Array,
+    batch_size: int,
+    image_size: int = 32,
+    saturation: float = 1.0,
+    value: float = 0.7,
+) -> jax.Array:
   """Random Even Pixels images: float32 [B, H, W, 3] in [-1, 1] (see even_pixels_from_uniforms)."""
   num_pixels = _check_image_size(image_size)
   uniforms = jax.random.uniform(key, (batch_size, 1 + num_pixels))
@@ -104,6 +110,7 @@ def even_pixels_images(key: jax.Array, batch_size: int, image_size: int = 32,
 @flax.struct.dataclass
 class EvenPixelsTask:
   """Even Pixels batches with the same interface as `SudokuTask` (no mask: unconditional)."""
+
   image_size: int = flax.struct.field(pytree_node=False, default=32)
   saturation: float = flax.struct.field(pytree_node=False, default=1.0)
   value: float = flax.struct.field(pytree_node=False, default=0.7)
@@ -111,8 +118,9 @@ class EvenPixelsTask:
   @functools.partial(jax.jit, static_argnames="batch_size")
   def train_batch(self, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
     """{'image': float32 [B, H, W, 3]} random training images."""
-    return {"image": even_pixels_images(key, batch_size, self.image_size, self.saturation,
-                                        self.value)}
+    return {
+        "image": even_pixels_images(key, batch_size, self.image_size, self.saturation, self.value)
+    }
 
   @jax.jit
   def test_batch(self, seed, indices) -> dict[str, jax.Array]:
@@ -120,6 +128,8 @@ class EvenPixelsTask:
     root = jax.random.key(jnp.asarray(seed, jnp.uint32))
     size = 1 + _check_image_size(self.image_size)
     uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i), (size,)))(
-        jnp.asarray(indices, jnp.int32))
-    return {"image": even_pixels_from_uniforms(uniforms, self.image_size, self.saturation,
-                                               self.value)}
+        jnp.asarray(indices, jnp.int32)
+    )
+    return {
+        "image": even_pixels_from_uniforms(uniforms, self.image_size, self.saturation, self.value)
+    }

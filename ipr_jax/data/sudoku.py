@@ -58,8 +58,11 @@ def difficulty_range(name: str, box_size: int = 3) -> tuple[int, int]:
   """
   last = (sudoku_grids.check_box_size(box_size) ** 2) ** 2 - 1
   first_cut, second_cut = last // 3, 2 * last // 3
-  ranges = {"hard": (0, first_cut), "medium": (first_cut + 1, second_cut),
-            "easy": (second_cut + 1, last)}
+  ranges = {
+      "hard": (0, first_cut),
+      "medium": (first_cut + 1, second_cut),
+      "easy": (second_cut + 1, last),
+  }
   if name not in ranges:
     raise errors.ConfigError(f"difficulty {name!r}: expected one of {DIFFICULTIES}")
   return ranges[name]
@@ -79,11 +82,12 @@ def check_given_range(given_range, box_size: int = 3) -> tuple[int, int]:
   if not ok:
     raise errors.ConfigError(
         f"given_range={given_range!r}: expected a difficulty name {DIFFICULTIES} or "
-        "a pair of integers (lo, hi)")
+        "a pair of integers (lo, hi)"
+    )
   if not 0 <= lo <= hi <= num_cells:
     raise errors.ConfigError(
-        f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number "
-        "of cells)")
+        f"given_range={given_range!r}: need 0 <= lo <= hi <= {num_cells} (the number " "of cells)"
+    )
   return lo, hi
 
 
@@ -96,8 +100,9 @@ def uniform_integers(uniforms: jax.Array, low, high) -> jax.Array:
   return low + jnp.minimum(jnp.floor(uniforms * span).astype(jnp.int32), span - 1)
 
 
-def render_grids_from_uniforms(grids: jax.Array, bank: digits_lib.DigitBank,
-                               uniforms: jax.Array) -> jax.Array:
+def render_grids_from_uniforms(
+    grids: jax.Array, bank: digits_lib.DigitBank, uniforms: jax.Array
+) -> jax.Array:
   """Draws each cell's digit with the bank image of that digit that `uniforms` selects.
 
   Args:
@@ -129,12 +134,14 @@ def given_masks_from_uniforms(uniforms: jax.Array, num_given: jax.Array) -> jax.
 
 def random_given_masks(key: jax.Array, num_given: jax.Array, num_cells: int) -> jax.Array:
   """bool [B, num_cells], True = unknown, with exactly num_given[b] given (False) random cells."""
-  return given_masks_from_uniforms(jax.random.uniform(key, (*num_given.shape, num_cells)),
-                                   num_given)
+  return given_masks_from_uniforms(
+      jax.random.uniform(key, (*num_given.shape, num_cells)), num_given
+  )
 
 
-def minimal_unique_masks(grids: jax.Array, order_uniforms: jax.Array,
-                         solutions: jax.Array) -> jax.Array:
+def minimal_unique_masks(
+    grids: jax.Array, order_uniforms: jax.Array, solutions: jax.Array
+) -> jax.Array:
   """bool [B, N] (True = unknown): minimal given sets with exactly one completion.
 
   Starting from the full grid, the cells are visited in decreasing order of `order_uniforms` (the
@@ -171,8 +178,9 @@ def cell_mask_to_image(cell_mask: jax.Array, n: int, cell_size: int) -> jax.Arra
   return jnp.repeat(jnp.repeat(grid, cell_size, axis=1), cell_size, axis=2)[..., None]
 
 
-def make_puzzles(key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank,
-                 num_given: jax.Array) -> dict[str, jax.Array]:
+def make_puzzles(
+    key: jax.Array, grids: jax.Array, bank: digits_lib.DigitBank, num_given: jax.Array
+) -> dict[str, jax.Array]:
   """A batch dict (see the module docstring) for given solution grids and given-cell counts."""
   grids = jnp.asarray(grids, jnp.int32)
   n = grids.shape[1]
@@ -214,6 +222,7 @@ class SudokuTask:
     transform_grids: apply a random Sudoku-group element to each base grid (9x9).
     train_given_range: inclusive given-count range of training puzzles.
   """
+
   train_digits: digits_lib.DigitBank
   test_digits: digits_lib.DigitBank
   train_grids: jax.Array
@@ -238,25 +247,26 @@ class SudokuTask:
   @property
   def _uniforms_per_puzzle(self) -> int:
     # base grid, given count, digit images (n*n), given cells (n*n), group element.
-    return 2 + 2 * self.grid_size ** 2 + sudoku_grids.group_uniforms_size(self.box_size)
+    return 2 + 2 * self.grid_size**2 + sudoku_grids.group_uniforms_size(self.box_size)
 
   def _grids_from_uniforms(self, base_grids, uniforms):
     """int32 [B, n, n]: the solution grid of each row of uniforms."""
     base_index = uniform_integers(uniforms[:, 0], 0, base_grids.shape[0] - 1)
     grids = jnp.asarray(base_grids, jnp.int32)[base_index]
     if self.transform_grids:
-      nn = self.grid_size ** 2
-      grids = sudoku_grids.apply_group_element(grids, uniforms[:, 2 + 2 * nn:], self.box_size)
+      nn = self.grid_size**2
+      grids = sudoku_grids.apply_group_element(grids, uniforms[:, 2 + 2 * nn :], self.box_size)
     return grids
 
   def _puzzles_from_uniforms(self, base_grids, bank, uniforms, lo, hi, unique_solution=False):
     """Puzzles from one row of uniforms each (all randomness drawn at once: small programs)."""
-    nn = self.grid_size ** 2
+    nn = self.grid_size**2
     num_given = uniform_integers(uniforms[:, 1], lo, hi)
     grids = self._grids_from_uniforms(base_grids, uniforms)
     solutions = sudoku_grids.all_solved_grids(self.box_size) if unique_solution else None
-    return _puzzles(grids, bank, num_given, uniforms[:, 2:2 + nn], uniforms[:, 2 + nn:2 + 2 * nn],
-                    solutions)
+    return _puzzles(
+        grids, bank, num_given, uniforms[:, 2 : 2 + nn], uniforms[:, 2 + nn : 2 + 2 * nn], solutions
+    )
 
   @functools.partial(jax.jit, static_argnames="batch_size")
   def train_batch(self, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
@@ -273,8 +283,9 @@ class SudokuTask:
     lo, hi = self.train_given_range
     return self._puzzles_from_uniforms(self.train_grids, self.train_digits, uniforms, lo, hi)
 
-  def test_batch(self, seed: int | jax.Array, indices, given_range="hard",
-                 unique_solution: bool = False) -> dict[str, jax.Array]:
+  def test_batch(
+      self, seed: int | jax.Array, indices, given_range="hard", unique_solution: bool = False
+  ) -> dict[str, jax.Array]:
     """Test puzzles `indices`: puzzle i is a pure function of (task, seed, i, given_range).
 
     The grid and the digit images of puzzle i do not depend on the given range; its given count
@@ -293,11 +304,13 @@ class SudokuTask:
     """
     lo, hi = check_given_range(given_range, self.box_size)
     indices = self._check_test_request(indices, unique_solution)
-    return self._test_batch(jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi),
-                            bool(unique_solution))
+    return self._test_batch(
+        jnp.asarray(seed, jnp.uint32), indices, jnp.int32(lo), jnp.int32(hi), bool(unique_solution)
+    )
 
-  def test_given_counts(self, seed: int | jax.Array, indices, given_range="hard",
-                        unique_solution: bool = False) -> jax.Array:
+  def test_given_counts(
+      self, seed: int | jax.Array, indices, given_range="hard", unique_solution: bool = False
+  ) -> jax.Array:
     """int32 [B] the given-cell counts of test puzzles `indices`, as `test_batch` draws them,
     without rendering the puzzles (cheap enough for a whole test set)."""
     lo, hi = check_given_range(given_range, self.box_size)
@@ -310,8 +323,10 @@ class SudokuTask:
 
   def _check_test_request(self, indices, unique_solution: bool) -> jax.Array:
     if unique_solution and self.box_size != 2:
-      raise errors.ConfigError(f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
-                               f"{self.box_size}: uniqueness is checked against all 288 4x4 grids")
+      raise errors.ConfigError(
+          f"unique_solution=True needs 4x4 Sudoku (box_size=2), got box_size="
+          f"{self.box_size}: uniqueness is checked against all 288 4x4 grids"
+      )
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 1:
       raise ValueError(f"indices shape {indices.shape}: expected [B]")
@@ -320,31 +335,41 @@ class SudokuTask:
   @jax.jit
   def _unique_given_counts(self, seed, indices):
     uniforms = self._test_uniforms(seed, indices)
-    nn = self.grid_size ** 2
+    nn = self.grid_size**2
     grids = self._grids_from_uniforms(self.test_grids, uniforms)
-    masks = minimal_unique_masks(grids, uniforms[:, 2 + nn:2 + 2 * nn],
-                                 sudoku_grids.all_solved_grids(self.box_size))
+    masks = minimal_unique_masks(
+        grids, uniforms[:, 2 + nn : 2 + 2 * nn], sudoku_grids.all_solved_grids(self.box_size)
+    )
     return nn - masks.sum(axis=-1, dtype=jnp.int32)
 
   @jax.jit
   def _test_uniforms(self, seed, indices):
     root = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(root, i),
-                                                 (self._uniforms_per_puzzle,)))(indices)
+    return jax.vmap(
+        lambda i: jax.random.uniform(jax.random.fold_in(root, i), (self._uniforms_per_puzzle,))
+    )(indices)
 
   @functools.partial(jax.jit, static_argnums=5)
   def _test_batch(self, seed, indices, lo, hi, unique_solution):
     uniforms = self._test_uniforms(seed, indices)
-    return self._puzzles_from_uniforms(self.test_grids, self.test_digits, uniforms, lo, hi,
-                                       unique_solution)
+    return self._puzzles_from_uniforms(
+        self.test_grids, self.test_digits, uniforms, lo, hi, unique_solution
+    )
 
 
-def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str = "bundled",
-                     top_n: int | None = None, seed: int = 0,
-                     train_given_range: tuple[int, int] | None = None,
-                     num_train_grids: int | None = None, num_test_grids: int | None = None,
-                     digits_path: str | None = None, tfds_data_dir: str | None = None,
-                     digit_confidence: digits_lib.ConfidenceFn | None = None) -> SudokuTask:
+def make_sudoku_task(
+    box_size: int = 3,
+    cell_size: int = 28,
+    digits_source: str = "bundled",
+    top_n: int | None = None,
+    seed: int = 0,
+    train_given_range: tuple[int, int] | None = None,
+    num_train_grids: int | None = None,
+    num_test_grids: int | None = None,
+    digits_path: str | None = None,
+    tfds_data_dir: str | None = None,
+    digit_confidence: digits_lib.ConfidenceFn | None = None,
+) -> SudokuTask:
   """Builds a SudokuTask from config-like arguments (host work: a few seconds for 9x9).
 
   Args:
@@ -370,24 +395,47 @@ def make_sudoku_task(box_size: int = 3, cell_size: int = 28, digits_source: str 
   train_given_range = check_given_range(train_given_range, box_size)
   grids = sudoku_grids.make_grid_sets(seed, box_size, num_train_grids, num_test_grids)
   banks = [
-      digits_lib.load_digit_bank(part, digits_source, cell_size=cell_size, top_n=top_n,
-                                 digit_confidence=digit_confidence, path=digits_path,
-                                 data_dir=tfds_data_dir)
+      digits_lib.load_digit_bank(
+          part,
+          digits_source,
+          cell_size=cell_size,
+          top_n=top_n,
+          digit_confidence=digit_confidence,
+          path=digits_path,
+          data_dir=tfds_data_dir,
+      )
       for part in ("train", "test")
   ]
-  return jax.device_put(SudokuTask(
-      train_digits=banks[0], test_digits=banks[1], train_grids=grids.train,
-      test_grids=grids.test, box_size=box_size, transform_grids=grids.transform,
-      train_given_range=train_given_range))
+  return jax.device_put(
+      SudokuTask(
+          train_digits=banks[0],
+          test_digits=banks[1],
+          train_grids=grids.train,
+          test_grids=grids.test,
+          box_size=box_size,
+          transform_grids=grids.transform,
+          train_given_range=train_given_range,
+      )
+  )
 
 
-_TASK_KEYS = ("box_size", "cell_size", "digits_source", "top_n", "seed", "train_given_range",
-              "num_train_grids", "num_test_grids", "digits_path", "tfds_data_dir")
+_TASK_KEYS = (
+    "box_size",
+    "cell_size",
+    "digits_source",
+    "top_n",
+    "seed",
+    "train_given_range",
+    "num_train_grids",
+    "num_test_grids",
+    "digits_path",
+    "tfds_data_dir",
+)
 
 
-def make_sudoku_task_from_config(data_config: Mapping,
-                                 digit_confidence: digits_lib.ConfidenceFn | None = None
-                                 ) -> SudokuTask:
+def make_sudoku_task_from_config(
+    data_config: Mapping, digit_confidence: digits_lib.ConfidenceFn | None = None
+) -> SudokuTask:
   """`make_sudoku_task` from a config mapping (e.g. `config.data`), checking its image fields.
 
   Keys read (all optional): box_size, cell_size, digits_source, top_n, seed (the grid seed;
@@ -401,12 +449,11 @@ def make_sudoku_task_from_config(data_config: Mapping,
   box_size = kwargs.get("box_size", 3)
   cell_size = kwargs.get("cell_size", 28)
   sudoku_grids.check_box_size(box_size)
-  expected = {"image_size": box_size * box_size * cell_size, "channels": 1,
-              "patch_size": cell_size}
+  expected = {"image_size": box_size * box_size * cell_size, "channels": 1, "patch_size": cell_size}
   for name, value in expected.items():
     if name in data_config and data_config[name] != value:
       raise errors.ConfigError(
           f"data.{name}={data_config[name]!r} does not fit box_size={box_size}, "
-          f"cell_size={cell_size}: expected {value}")
+          f"cell_size={cell_size}: expected {value}"
+      )
   return make_sudoku_task(**kwargs, digit_confidence=digit_confidence)
-

@@ -35,7 +35,8 @@ def check_box_size(box_size: int) -> int:
   if box_size not in SUPPORTED_BOX_SIZES:
     raise ValueError(
         f"box_size={box_size!r} is not supported; use 3 (9x9 Sudoku) or 2 (4x4 Sudoku): the "
-        "digits come from MNIST, so at most 9 symbols exist.")
+        "digits come from MNIST, so at most 9 symbols exist."
+    )
   return box_size
 
 
@@ -155,7 +156,7 @@ def orbit_invariant(grids: np.ndarray) -> list[bytes]:
   # How many mini-lines (the box_size cells of one row or one column inside one box) hold both
   # digits: block permutations and line permutations inside blocks only move mini-lines around,
   # and transposition swaps mini-rows with mini-columns.
-  box_size = int(round(n ** 0.5))
+  box_size = int(round(n**0.5))
   mini_rows = grids.reshape(num, n, box_size, box_size)
   mini_cols = grids.transpose(0, 2, 1).reshape(num, n, box_size, box_size)
   mini_lines = np.concatenate([mini_rows, mini_cols], axis=1).reshape(num, -1, box_size)
@@ -187,8 +188,9 @@ def apply_group_element(grids: jax.Array, uniforms: jax.Array, box_size: int) ->
     [B, n, n] grids of the same dtype.
   """
   batch, n, b = grids.shape[0], box_size * box_size, box_size
-  u_relabel, u_blocks, u_inner, u_transpose = jnp.split(uniforms, [n, n + 2 * b, 3 * n + 2 * b],
-                                                        axis=1)
+  u_relabel, u_blocks, u_inner, u_transpose = jnp.split(
+      uniforms, [n, n + 2 * b, 3 * n + 2 * b], axis=1
+  )
   relabel = jnp.argsort(u_relabel, axis=-1) + 1  # [B, n]
   blocks = jnp.argsort(u_blocks.reshape(batch, 2, b), axis=-1)  # [B, rows/cols, b]
   inner = jnp.argsort(u_inner.reshape(batch, 2, b, b), axis=-1)  # [B, rows/cols, b, b]
@@ -227,14 +229,16 @@ class GridSets(NamedTuple):
       `transform` is True, and simply different grids when it is False.
     transform: whether batches apply a random group element to the base grids (True for 9x9).
   """
+
   train: np.ndarray
   test: np.ndarray
   transform: bool
 
 
 @functools.lru_cache(maxsize=8)
-def make_grid_sets(seed: int = 0, box_size: int = 3, num_train: int | None = None,
-                   num_test: int | None = None) -> GridSets:
+def make_grid_sets(
+    seed: int = 0, box_size: int = 3, num_train: int | None = None, num_test: int | None = None
+) -> GridSets:
   """Deterministic train/test grid sets.
 
   Args:
@@ -255,11 +259,16 @@ def make_grid_sets(seed: int = 0, box_size: int = 3, num_train: int | None = Non
     num_test = 64 if num_test is None else num_test
     num_train = len(grids) - num_test if num_train is None else num_train
     if num_test < 1 or num_train < 1 or num_train + num_test > len(grids):
-      raise ValueError(f"num_train={num_train}, num_test={num_test}: 4x4 Sudoku has only "
-                       f"{len(grids)} grids; both must be >= 1 and sum to at most that")
+      raise ValueError(
+          f"num_train={num_train}, num_test={num_test}: 4x4 Sudoku has only "
+          f"{len(grids)} grids; both must be >= 1 and sum to at most that"
+      )
     order = rng.permutation(len(grids))
-    return GridSets(train=grids[order[:num_train]],
-                    test=grids[order[num_train:num_train + num_test]], transform=False)
+    return GridSets(
+        train=grids[order[:num_train]],
+        test=grids[order[num_train : num_train + num_test]],
+        transform=False,
+    )
 
   num_train = 1000 if num_train is None else num_train
   num_test = 200 if num_test is None else num_test
@@ -270,6 +279,7 @@ def make_grid_sets(seed: int = 0, box_size: int = 3, num_train: int | None = Non
   test: list[np.ndarray] = []
   while len(test) < num_test:
     candidates = np.stack([random_solved_grid(rng, box_size) for _ in range(num_test - len(test))])
-    test.extend(g for g, f in zip(candidates, orbit_invariant(candidates))
-                if f not in train_fingerprints)
+    test.extend(
+        g for g, f in zip(candidates, orbit_invariant(candidates)) if f not in train_fingerprints
+    )
   return GridSets(train=train, test=np.stack(test), transform=True)

@@ -75,8 +75,9 @@ def _per_image(logits: dict[str, jax.Array]) -> dict[str, jax.Array]:
   num_polygons = (classes["num_polygons"] + MIN_POLYGONS).astype(jnp.int32)
   num_vertices = (classes["num_vertices"] + MIN_VERTICES).astype(jnp.int32)
   printed = decode_numbers_label(classes["numbers_label"])
-  objects = jnp.stack([jnp.minimum(num_polygons, num_vertices),
-                       jnp.maximum(num_polygons, num_vertices)], axis=-1)
+  objects = jnp.stack(
+      [jnp.minimum(num_polygons, num_vertices), jnp.maximum(num_polygons, num_vertices)], axis=-1
+  )
   out = {
       "num_polygons": num_polygons,
       "num_vertices": num_vertices,
@@ -85,8 +86,7 @@ def _per_image(logits: dict[str, jax.Array]) -> dict[str, jax.Array]:
       "numbers_match": jnp.all(printed == objects, axis=-1),
   }
   for name, value in logits.items():
-    out[f"{name}_confidence"] = jnp.max(jax.nn.softmax(value.astype(jnp.float32), axis=-1),
-                                        axis=-1)
+    out[f"{name}_confidence"] = jnp.max(jax.nn.softmax(value.astype(jnp.float32), axis=-1), axis=-1)
   return out
 
 
@@ -144,9 +144,11 @@ def counting_polygons_metrics(logits: Mapping[str, jax.Array]) -> dict[str, jax.
   return _metrics(check_logits(logits))
 
 
-def metrics_of_images(images: jax.Array,
-                      scorer_fn: Callable[[jax.Array], Mapping[str, jax.Array]],
-                      batch_size: int = 256) -> dict[str, jax.Array]:
+def metrics_of_images(
+    images: jax.Array,
+    scorer_fn: Callable[[jax.Array], Mapping[str, jax.Array]],
+    batch_size: int = 256,
+) -> dict[str, jax.Array]:
   """Scores images in chunks and returns `counting_polygons_metrics` of all of them.
 
   Args:
@@ -157,6 +159,6 @@ def metrics_of_images(images: jax.Array,
   check_images(images)
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: must be >= 1")
-  chunks = [scorer_fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+  chunks = [scorer_fn(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
   logits = {name: jnp.concatenate([jnp.asarray(c[name]) for c in chunks]) for name in HEAD_CLASSES}
   return counting_polygons_metrics(logits)

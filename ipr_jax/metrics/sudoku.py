@@ -25,7 +25,7 @@ CLASSIFIER_TILE = 28
 
 
 def _box_size_of(n: int) -> int:
-  box_size = int(round(n ** 0.5))
+  box_size = int(round(n**0.5))
   if box_size * box_size != n:
     raise ValueError(f"grid side {n} is not a square (box size * box size)")
   return box_size
@@ -42,7 +42,7 @@ def discretize_logits(logits: jax.Array, num_digits: int = 9) -> jax.Array:
   Returns:
     int32 [...] digits in 1..num_digits.
   """
-  return jnp.argmax(logits[..., 1:num_digits + 1], axis=-1).astype(jnp.int32) + 1
+  return jnp.argmax(logits[..., 1 : num_digits + 1], axis=-1).astype(jnp.int32) + 1
 
 
 @jax.jit
@@ -64,8 +64,11 @@ def duplicate_count(grids: jax.Array) -> jax.Array:
   rows = one_hot.sum(axis=2)  # [B, row, digit]
   cols = one_hot.sum(axis=1)  # [B, col, digit]
   boxes = one_hot.reshape(batch, box, box, box, box, n).sum(axis=(2, 4))  # [B, band, stack, digit]
-  return (jnp.abs(rows - 1).sum(axis=(1, 2)) + jnp.abs(cols - 1).sum(axis=(1, 2))
-          + jnp.abs(boxes - 1).sum(axis=(1, 2, 3)))
+  return (
+      jnp.abs(rows - 1).sum(axis=(1, 2))
+      + jnp.abs(cols - 1).sum(axis=(1, 2))
+      + jnp.abs(boxes - 1).sum(axis=(1, 2, 3))
+  )
 
 
 def invalid_cells(grids: jax.Array) -> jax.Array:
@@ -106,12 +109,16 @@ def check_image_shape(shape: tuple[int, ...], grid_size: int) -> int:
     raise ValueError(f"Sudoku images of shape {tuple(shape)}: expected [B, H, W, 1]")
   height, width = shape[1], shape[2]
   if height != width or height % grid_size:
-    raise ValueError(f"Sudoku images of size {height}x{width}: expected a square whose side is a "
-                     f"multiple of the grid size {grid_size}")
+    raise ValueError(
+        f"Sudoku images of size {height}x{width}: expected a square whose side is a "
+        f"multiple of the grid size {grid_size}"
+    )
   cell = height // grid_size
   if CLASSIFIER_TILE % cell:
-    raise ValueError(f"Sudoku images of size {height}x{width}: cell size {cell} does not divide "
-                     f"the classifier's {CLASSIFIER_TILE}x{CLASSIFIER_TILE} tile")
+    raise ValueError(
+        f"Sudoku images of size {height}x{width}: cell size {cell} does not divide "
+        f"the classifier's {CLASSIFIER_TILE}x{CLASSIFIER_TILE} tile"
+    )
   return cell
 
 
@@ -132,8 +139,9 @@ def cell_logits(params: Mapping, images: jax.Array, box_size: int = 3) -> jax.Ar
   n = box_size * box_size
   tiles = image_tiles(jnp.asarray(images, jnp.float32), n)
   batch = tiles.shape[0]
-  logits = classifier_lib.MNISTClassifier().apply({"params": params},
-                                                  tiles.reshape(-1, *tiles.shape[2:]))
+  logits = classifier_lib.MNISTClassifier().apply(
+      {"params": params}, tiles.reshape(-1, *tiles.shape[2:])
+  )
   return logits.reshape(batch, n, n, 10)
 
 
@@ -150,8 +158,9 @@ def _evaluate(params, images, box_size):
   return {"pred": pred, "duplicate_count": count, "is_valid_sudoku": count == 0}
 
 
-def evaluate_sudoku_images(images: jax.Array, params: Mapping | None = None,
-                           box_size: int = 3) -> dict[str, jax.Array]:
+def evaluate_sudoku_images(
+    images: jax.Array, params: Mapping | None = None, box_size: int = 3
+) -> dict[str, jax.Array]:
   """Images -> predicted digit grids and the Sudoku metrics.
 
   Args:
@@ -174,8 +183,9 @@ def shipped_classifier_params(cell_size: int = 28):
   return classifier_lib.load_classifier_params(cell_size=cell_size)
 
 
-def classifier_confidence(images: np.ndarray, labels: np.ndarray, params=None,
-                          batch_size: int = 1000) -> np.ndarray:
+def classifier_confidence(
+    images: np.ndarray, labels: np.ndarray, params=None, batch_size: int = 1000
+) -> np.ndarray:
   """Softmax probability that the classifier gives each digit's own label (what ranks the digits
   of `config.data.top_n`, `digits.load_digit_bank`).
 
@@ -191,8 +201,8 @@ def classifier_confidence(images: np.ndarray, labels: np.ndarray, params=None,
   params = classifier_lib.load_classifier_params() if params is None else params
   confidence = []
   for start in range(0, len(images), batch_size):
-    tiles = digits_lib.to_unit_range(images[start:start + batch_size])[..., None]
+    tiles = digits_lib.to_unit_range(images[start : start + batch_size])[..., None]
     probs = jax.nn.softmax(classifier_lib.classifier_logits(params, tiles))
-    lab = jnp.asarray(labels[start:start + batch_size], jnp.int32)
+    lab = jnp.asarray(labels[start : start + batch_size], jnp.int32)
     confidence.append(np.asarray(jnp.take_along_axis(probs, lab[:, None], axis=1)[:, 0]))
   return np.concatenate(confidence) if confidence else np.zeros((0,), np.float32)

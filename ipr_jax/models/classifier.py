@@ -52,6 +52,7 @@ class MNISTClassifier(nn.Module):
 
   The dropout rates only matter in training (srmbench: 0.25 and 0.5); they have no parameters.
   """
+
   dropout1_rate: float = 0.25  # channel dropout after the first conv block
   dropout2_rate: float = 0.5  # channel dropout after the second conv block
 
@@ -130,8 +131,9 @@ def state_dict_from_classifier_params(params: Mapping) -> dict[str, np.ndarray]:
   return state_dict
 
 
-def save_classifier_params(path: str | pathlib.Path, params: Mapping,
-                           metadata: Mapping | None = None) -> None:
+def save_classifier_params(
+    path: str | pathlib.Path, params: Mapping, metadata: Mapping | None = None
+) -> None:
   """Writes params as an .npz state dict (srmbench keys), plus optional JSON metadata."""
   arrays = state_dict_from_classifier_params(params)
   if metadata is not None:

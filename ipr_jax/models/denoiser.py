@@ -33,10 +33,15 @@ class DenoiserOutput:
 
 def _check_patch_size(shape: tuple[int, ...], patch_size: int) -> None:
   height, width = shape[1:3]
-  if (not isinstance(patch_size, numbers.Integral) or patch_size < 1 or
-      height % patch_size or width % patch_size):
-    raise ValueError(f"patch_size={patch_size!r} does not divide the image "
-                     f"size {height}x{width}")
+  if (
+      not isinstance(patch_size, numbers.Integral)
+      or patch_size < 1
+      or height % patch_size
+      or width % patch_size
+  ):
+    raise ValueError(
+        f"patch_size={patch_size!r} does not divide the image " f"size {height}x{width}"
+    )
 
 
 def _patch_mean(x: Array, patch_size: int) -> Array:
@@ -60,22 +65,19 @@ def srm_head(raw: Array, patch_size: int | None) -> DenoiserOutput:
     DenoiserOutput in float32.
   """
   if raw.ndim != 4 or raw.shape[-1] < 3 or raw.shape[-1] % 2 != 1:
-    raise ValueError(f"raw output has shape {raw.shape}; expected "
-                     "[B, H, W, 2 d + 1]")
+    raise ValueError(f"raw output has shape {raw.shape}; expected " "[B, H, W, 2 d + 1]")
   raw = raw.astype(jnp.float32)
   d = (raw.shape[-1] - 1) // 2
   u = raw[..., :d]
-  v = (raw[..., d:2 * d] + 1) / 2
+  v = (raw[..., d : 2 * d] + 1) / 2
   logvar = raw[..., -1:]
   if patch_size is None:
-    logvar = jnp.broadcast_to(logvar.mean(axis=(1, 2), keepdims=True),
-                              logvar.shape)
+    logvar = jnp.broadcast_to(logvar.mean(axis=(1, 2), keepdims=True), logvar.shape)
   else:
     _check_patch_size(raw.shape, patch_size)
     if patch_size > 1:
       pooled = _patch_mean(logvar, patch_size)
-      logvar = jnp.repeat(jnp.repeat(pooled, patch_size, axis=1), patch_size,
-                          axis=2)
+      logvar = jnp.repeat(jnp.repeat(pooled, patch_size, axis=1), patch_size, axis=2)
   sigma = jnp.exp(0.5 * logvar)
   return DenoiserOutput(u=u, v=v, logvar=logvar, sigma=sigma)
 
@@ -97,8 +99,9 @@ def patch_sigma(sigma: Array, patch_size: int) -> Array:
   return pooled.reshape(sigma.shape[0], -1)
 
 
-def make_denoise_fn(model: nn.Module, patch_size: int | None
-                    ) -> Callable[[dict, Array, Array], DenoiserOutput]:
+def make_denoise_fn(
+    model: nn.Module, patch_size: int | None
+) -> Callable[[dict, Array, Array], DenoiserOutput]:
   """`denoise(params, z, t) -> DenoiserOutput`, the model in eval mode.
 
   Args:

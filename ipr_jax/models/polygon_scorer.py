@@ -49,8 +49,9 @@ import numpy as np
 
 from ipr_jax.data import counting_polygons as cp_data
 
-DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parent.parent / "metrics" / "assets" / (
-    "polygon_scorer.npz")
+DEFAULT_WEIGHTS = (
+    pathlib.Path(__file__).resolve().parent.parent / "metrics" / "assets" / ("polygon_scorer.npz")
+)
 IMAGE_SHAPE = cp_data.IMAGE_SHAPE
 HEAD_CLASSES = cp_data.HEAD_CLASSES
 # The digit map: one cell per 8x8 pixels (16x16 cells), class 0 = no digit centred here, else 1..9.
@@ -60,6 +61,7 @@ DIGIT_CLASSES = 10
 
 class ResidualBlock(nn.Module):
   """Two 3x3 convolutions with GroupNorm and a (projected) skip connection."""
+
   features: int
   strides: int = 1
   num_groups: int = 8
@@ -78,6 +80,7 @@ class ResidualBlock(nn.Module):
 
 class PolygonScorer(nn.Module):
   """Images [B, 128, 128, 3] in [-1, 1] -> logits of the four heads (module docstring)."""
+
   widths: Sequence[int] = (32, 32, 64, 128, 256)
   blocks_per_stage: int = 1
   num_groups: int = 8
@@ -103,33 +106,44 @@ class PolygonScorer(nn.Module):
     if self.stem_patch > 1:
       b, h, w, c = x.shape
       p = self.stem_patch
-      x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-          b, h // p, w // p, p * p * c)
+      x = (
+          x.reshape(b, h // p, p, w // p, p, c)
+          .transpose(0, 1, 3, 2, 4, 5)
+          .reshape(b, h // p, w // p, p * p * c)
+      )
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False, name="stem")(x)
     x = nn.relu(nn.GroupNorm(self.num_groups, name="stem_norm")(x))
     extras = {}
     for stage, width in enumerate(self.widths[1:]):
       for block in range(self.blocks_per_stage):
         strides = 2 if block == 0 and stage > 0 else 1
-        x = ResidualBlock(width, strides=strides, num_groups=self.num_groups,
-                          name=f"stage{stage}_block{block}")(x)
+        x = ResidualBlock(
+            width, strides=strides, num_groups=self.num_groups, name=f"stage{stage}_block{block}"
+        )(x)
       if self.digit_map and self.stem_patch * 2**stage == DIGIT_MAP_STRIDE:
         extras["digit_map"] = nn.Conv(DIGIT_CLASSES, (1, 1), name="digit_map")(x)
     pooled = jnp.mean(x, axis=(1, 2))
-    logits = {name: nn.Dense(classes, name=f"head_{name}")(pooled)
-              for name, classes in HEAD_CLASSES.items() if name != "numbers_label"}
+    logits = {
+        name: nn.Dense(classes, name=f"head_{name}")(pooled)
+        for name, classes in HEAD_CLASSES.items()
+        if name != "numbers_label"
+    }
     numbers_input = pooled
     if self.digit_map:
       if "digit_map" not in extras:
-        raise ValueError(f"digit_map needs a stage at stride {DIGIT_MAP_STRIDE}; stem_patch="
-                         f"{self.stem_patch} and {len(self.widths) - 1} stages give none")
+        raise ValueError(
+            f"digit_map needs a stage at stride {DIGIT_MAP_STRIDE}; stem_patch="
+            f"{self.stem_patch} and {len(self.widths) - 1} stages give none"
+        )
       # Per digit: the strongest cell (is it printed?) and the summed probability (how often:
       # the pairs (3, 3) .. (7, 7) print one digit twice).
       probs = jax.nn.softmax(extras["digit_map"], axis=-1)[..., 1:]
       numbers_input = jnp.concatenate(
-          [pooled, jnp.max(probs, axis=(1, 2)), jnp.sum(probs, axis=(1, 2))], axis=-1)
-    logits["numbers_label"] = nn.Dense(HEAD_CLASSES["numbers_label"],
-                                       name="head_numbers_label")(numbers_input)
+          [pooled, jnp.max(probs, axis=(1, 2)), jnp.sum(probs, axis=(1, 2))], axis=-1
+      )
+    logits["numbers_label"] = nn.Dense(HEAD_CLASSES["numbers_label"], name="head_numbers_label")(
+        numbers_input
+    )
     logits = {name: logits[name] for name in HEAD_CLASSES}
     return (logits, {"pooled": pooled, **extras}) if with_features else logits
 
@@ -137,8 +151,9 @@ class PolygonScorer(nn.Module):
 def make_scorer(architecture: Mapping | None = None) -> PolygonScorer:
   """A PolygonScorer from an architecture dict (its fields: widths, blocks_per_stage, ...)."""
   architecture = dict(architecture or {})
-  unknown = sorted(set(architecture) - {"widths", "blocks_per_stage", "num_groups", "stem_patch",
-                                        "digit_map"})
+  unknown = sorted(
+      set(architecture) - {"widths", "blocks_per_stage", "num_groups", "stem_patch", "digit_map"}
+  )
   if unknown:
     raise ValueError(f"unknown scorer architecture keys {unknown}")
   if "widths" in architecture:
@@ -161,11 +176,17 @@ def num_parameters(params) -> int:
 _METADATA_KEY = "metadata_json"
 
 
-def save_scorer(path: str | pathlib.Path, params: Mapping, architecture: Mapping,
-                metadata: Mapping | None = None) -> None:
+def save_scorer(
+    path: str | pathlib.Path,
+    params: Mapping,
+    architecture: Mapping,
+    metadata: Mapping | None = None,
+) -> None:
   """Writes parameters (float32) with the architecture and metadata as one .npz file."""
-  flat = {"/".join(str(getattr(k, "key", k)) for k in key_path): np.asarray(value, np.float32)
-          for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+      "/".join(str(getattr(k, "key", k)) for k in key_path): np.asarray(value, np.float32)
+      for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   info = {"architecture": dict(architecture), **dict(metadata or {})}
   flat[_METADATA_KEY] = np.asarray(json.dumps(info, sort_keys=True, default=list))
   path = pathlib.Path(path)
@@ -183,8 +204,9 @@ def _read(path: str | pathlib.Path | None) -> tuple[dict[str, np.ndarray], dict]
     with np.load(path) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:  # zipfile / pickle errors of a truncated or foreign file
-    raise ValueError(f"polygon scorer weights {str(path)!r} are not a readable .npz file: {e}"
-                     ) from e
+    raise ValueError(
+        f"polygon scorer weights {str(path)!r} are not a readable .npz file: {e}"
+    ) from e
   if _METADATA_KEY not in arrays:
     raise ValueError(f"polygon scorer weights {str(path)!r} have no {_METADATA_KEY!r} entry")
   return arrays, json.loads(str(arrays.pop(_METADATA_KEY)))
@@ -212,15 +234,17 @@ def load_scorer(path: str | pathlib.Path | None = None) -> tuple[PolygonScorer, 
     name = "/".join(names)
     value = arrays.pop(name, None)
     if value is None or value.shape != leaf.shape:
-      problems.append(f"{name}: expected {leaf.shape}, got "
-                      f"{'nothing' if value is None else value.shape}")
+      problems.append(
+          f"{name}: expected {leaf.shape}, got " f"{'nothing' if value is None else value.shape}"
+      )
       continue
     node = params
     for part in names[:-1]:
       node = node.setdefault(part, {})
     node[names[-1]] = jnp.asarray(value, jnp.float32)
   if problems or arrays:
-    raise ValueError(f"polygon scorer weights {str(path or DEFAULT_WEIGHTS)!r} do not fit "
-                     f"{metadata['architecture']}: {problems[:5]} unexpected {sorted(arrays)[:5]}")
+    raise ValueError(
+        f"polygon scorer weights {str(path or DEFAULT_WEIGHTS)!r} do not fit "
+        f"{metadata['architecture']}: {problems[:5]} unexpected {sorted(arrays)[:5]}"
+    )
   return scorer, params
-

@@ -48,16 +48,34 @@ _TOP_LEVEL = {
     "bottleneck": "model.bottleneck",
     "decoder": "model.decoder",
 }
-_INDEXED = re.compile(
-    r"^(blocks|mlp|out|embedding_layer|conv_1|conv_2)((?:_\d+)+)$")
+_INDEXED = re.compile(r"^(blocks|mlp|out|embedding_layer|conv_1|conv_2)((?:_\d+)+)$")
 _CONV1D = ("qkv", "proj")
 _T_EMB_PARAMS = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 # Registration order of the reference modules, used to order the keys as
 # PyTorch's state_dict() does.
-_ORDER = ("time_embedding", "model", "encoder", "bottleneck", "decoder",
-          "blocks", "out", "conv_1", "norm_with_embedding", "t_emb", "mlp",
-          "norm", "embedding_layer", "conv_2", "shortcut", "qkv", "proj",
-          "downsample", "conv", "weight", "bias")
+_ORDER = (
+    "time_embedding",
+    "model",
+    "encoder",
+    "bottleneck",
+    "decoder",
+    "blocks",
+    "out",
+    "conv_1",
+    "norm_with_embedding",
+    "t_emb",
+    "mlp",
+    "norm",
+    "embedding_layer",
+    "conv_2",
+    "shortcut",
+    "qkv",
+    "proj",
+    "downsample",
+    "conv",
+    "weight",
+    "bias",
+)
 _MAX_LISTED = 20
 
 FlaxPath = tuple[str, ...]
@@ -110,9 +128,12 @@ def _torch_key(path: FlaxPath) -> str:
 
 
 def _key_order(key: str):
-  return tuple((0, int(part), "") if part.isdigit() else
-               (1, _ORDER.index(part) if part in _ORDER else len(_ORDER), part)
-               for part in key.split("."))
+  return tuple(
+      (0, int(part), "")
+      if part.isdigit()
+      else (1, _ORDER.index(part) if part in _ORDER else len(_ORDER), part)
+      for part in key.split(".")
+  )
 
 
 _TEMPLATE_CACHE: dict[tuple, dict[FlaxPath, tuple[int, ...]]] = {}
@@ -120,17 +141,24 @@ _TEMPLATE_CACHE: dict[tuple, dict[FlaxPath, tuple[int, ...]]] = {}
 
 def param_shapes(model: UNet) -> dict[FlaxPath, tuple[int, ...]]:
   """Flax parameter paths and shapes of `model`, via `jax.eval_shape`."""
-  cache_key = (tuple(model.hid_dims), tuple(model.attention), model.d_in,
-               model.d_out, model.num_blocks, model.t_emb_dim, model.d_emb,
-               model.num_head_channels, model.num_groups)
+  cache_key = (
+      tuple(model.hid_dims),
+      tuple(model.attention),
+      model.d_in,
+      model.d_out,
+      model.num_blocks,
+      model.t_emb_dim,
+      model.d_emb,
+      model.num_head_channels,
+      model.num_groups,
+  )
   if cache_key not in _TEMPLATE_CACHE:
     model.check_config()
     z = jax.ShapeDtypeStruct((1, 8, 8, model.d_in), jnp.float32)
     t = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), z, t)
     flat = flax.traverse_util.flatten_dict(variables["params"])
-    _TEMPLATE_CACHE[cache_key] = {
-        path: tuple(leaf.shape) for path, leaf in flat.items()}
+    _TEMPLATE_CACHE[cache_key] = {path: tuple(leaf.shape) for path, leaf in flat.items()}
   return dict(_TEMPLATE_CACHE[cache_key])
 
 
@@ -146,8 +174,7 @@ def _entries(model: UNet) -> list[tuple[str, FlaxPath | None, tuple[int, ...]]]:
   shapes = {key: shape for key, _, shape in entries}
   for prefix in nwe_prefixes:
     for name in _T_EMB_PARAMS:
-      entries.append((f"{prefix}.t_emb.{name}", None,
-                      shapes[f"time_embedding.{name}"]))
+      entries.append((f"{prefix}.t_emb.{name}", None, shapes[f"time_embedding.{name}"]))
   return sorted(entries, key=lambda entry: _key_order(entry[0]))
 
 
@@ -167,8 +194,7 @@ def _listing(keys: list[str]) -> str:
   return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def unet_params_from_state_dict(state_dict: Mapping[str, Any],
-                                model: UNet) -> dict:
+def unet_params_from_state_dict(state_dict: Mapping[str, Any], model: UNet) -> dict:
   """Flax params of `model` from a reference state_dict (strict).
 
   Args:
@@ -189,40 +215,42 @@ def unet_params_from_state_dict(state_dict: Mapping[str, Any],
   missing = [key for key, _, _ in entries if key not in state_dict]
   unexpected = sorted(key for key in state_dict if key not in expected)
   if missing or unexpected:
-    message = ("state_dict does not match the model: "
-               f"{len(missing)} missing keys [{_listing(missing)}]; "
-               f"{len(unexpected)} unexpected keys [{_listing(unexpected)}]")
+    message = (
+        "state_dict does not match the model: "
+        f"{len(missing)} missing keys [{_listing(missing)}]; "
+        f"{len(unexpected)} unexpected keys [{_listing(unexpected)}]"
+    )
     if missing and unexpected:
-      prefixes = {key[:-len(missing[0])] for key in unexpected
-                  if key.endswith("." + missing[0])}
+      prefixes = {key[: -len(missing[0])] for key in unexpected if key.endswith("." + missing[0])}
       if prefixes:
-        message += (f" (the unexpected keys carry a prefix "
-                    f"{sorted(prefixes)}; strip it first)")
+        message += f" (the unexpected keys carry a prefix " f"{sorted(prefixes)}; strip it first)"
     raise errors.ConfigError(message)
 
   flat = {}
   for key, path, shape in entries:
     value = np.asarray(state_dict[key])
     if value.shape != shape:
-      raise errors.ConfigError(f"state_dict[{key!r}] has shape {value.shape}; the "
-                               f"model expects {shape}")
+      raise errors.ConfigError(
+          f"state_dict[{key!r}] has shape {value.shape}; the " f"model expects {shape}"
+      )
     if not np.issubdtype(value.dtype, np.floating):
-      raise errors.ConfigError(f"state_dict[{key!r}] has dtype {value.dtype}; "
-                               "expected a floating dtype")
+      raise errors.ConfigError(
+          f"state_dict[{key!r}] has dtype {value.dtype}; " "expected a floating dtype"
+      )
     if path is None:
       source = "time_embedding." + key.split(".t_emb.", 1)[1]
       if not np.array_equal(value, np.asarray(state_dict[source])):
-        raise errors.ConfigError(f"state_dict[{key!r}] differs from "
-                                 f"state_dict[{source!r}]; they must be the same "
-                                 "shared time embedding")
+        raise errors.ConfigError(
+            f"state_dict[{key!r}] differs from "
+            f"state_dict[{source!r}]; they must be the same "
+            "shared time embedding"
+        )
       continue
-    flat[path] = jnp.asarray(
-        _to_flax_layout(path, value.astype(np.float32)))
+    flat[path] = jnp.asarray(_to_flax_layout(path, value.astype(np.float32)))
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def state_dict_from_unet_params(params: Mapping[str, Any],
-                                model: UNet) -> dict[str, np.ndarray]:
+def state_dict_from_unet_params(params: Mapping[str, Any], model: UNet) -> dict[str, np.ndarray]:
   """Reference state_dict (PyTorch layouts, duplicates included) of params.
 
   Args:
@@ -236,8 +264,7 @@ def state_dict_from_unet_params(params: Mapping[str, Any],
   Raises:
     ValueError: if the params tree does not match the model.
   """
-  params = flax.core.unfreeze(params) if isinstance(
-      params, flax.core.FrozenDict) else params
+  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
   if set(params) == {"params"}:
     params = params["params"]
   flat = flax.traverse_util.flatten_dict(params)
@@ -248,12 +275,15 @@ def state_dict_from_unet_params(params: Mapping[str, Any],
     raise errors.ConfigError(
         "params do not match the model: "
         f"{len(missing)} missing [{_listing(missing)}]; "
-        f"{len(unexpected)} unexpected [{_listing(unexpected)}]")
+        f"{len(unexpected)} unexpected [{_listing(unexpected)}]"
+    )
   for path, shape in template.items():
     if tuple(np.shape(flat[path])) != shape:
-      raise errors.ConfigError(f"params[{'/'.join(path)!r}] has shape "
-                               f"{tuple(np.shape(flat[path]))}; the model expects "
-                               f"{shape}")
+      raise errors.ConfigError(
+          f"params[{'/'.join(path)!r}] has shape "
+          f"{tuple(np.shape(flat[path]))}; the model expects "
+          f"{shape}"
+      )
   out = {}
   for key, path, _ in _entries(model):
     if path is None:

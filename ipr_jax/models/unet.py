@@ -180,13 +180,11 @@ def _axis_time_patch(in_size: int, out_size: int, patch: int) -> int | None:
     if np.any((weights != 0) & (taps // patch != block)):
       return None
   half = np.float32(0.5)
-  pairs_ok = (((w0 == 1) & (w1 == 0)) | ((w0 == 0) & (w1 == 1)) |
-              ((w0 == half) & (w1 == half)))
+  pairs_ok = ((w0 == 1) & (w1 == 0)) | ((w0 == 0) & (w1 == 1)) | ((w0 == half) & (w1 == half))
   return q if bool(np.all(pairs_ok)) else None
 
 
-def level_time_patch(in_size: Size, out_size: Size,
-                     time_patch_size: int | None) -> Size | None:
+def level_time_patch(in_size: Size, out_size: Size, time_patch_size: int | None) -> Size | None:
   """(qh, qw): patch size at `out_size` on which the resized time map is constant.
 
   Args:
@@ -205,8 +203,7 @@ def level_time_patch(in_size: Size, out_size: Size,
   """
   if time_patch_size is None:
     return None
-  sides = [_axis_time_patch(n, m, time_patch_size)
-           for n, m in zip(in_size, out_size)]
+  sides = [_axis_time_patch(n, m, time_patch_size) for n, m in zip(in_size, out_size)]
   if any(q is None for q in sides):
     return None
   return tuple(sides)
@@ -230,9 +227,13 @@ def level_sizes(size: Size, num_levels: int) -> list[Size]:
 # ---------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: Array, d_emb: int = 256, scale: float = 1000.0,
-                         shift: float = -1.0,
-                         max_period: float = 10000.0) -> Array:
+def sinusoidal_embedding(
+    t: Array,
+    d_emb: int = 256,
+    scale: float = 1000.0,
+    shift: float = -1.0,
+    max_period: float = 10000.0,
+) -> Array:
   """Sinusoidal features of the reference (cos first), in float32.
 
   arg_k = max(scale * t + shift, 0) * exp(-ln(max_period) * k / half).
@@ -248,8 +249,9 @@ def sinusoidal_embedding(t: Array, d_emb: int = 256, scale: float = 1000.0,
   # The exponent is formed in float32 as the reference does; exp is taken in
   # float64 and rounded, so the constants do not depend on the backend's
   # float32 exp (they equal PyTorch's to within its 1-ulp exp error).
-  exponent = (np.float32(-math.log(max_period)) *
-              np.arange(half, dtype=np.float32)) / np.float32(half)
+  exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(
+      half
+  )
   freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
   args = jnp.maximum(scale * t.astype(jnp.float32)[..., None] + shift, 0.0)
   args = args * freqs
@@ -264,8 +266,7 @@ def sinusoidal_embedding(t: Array, d_emb: int = 256, scale: float = 1000.0,
 # ---------------------------------------------------------------------------
 
 # kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-_torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in",
-                                                      "uniform")
+_torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def _torch_bias_init(fan_in: int):
@@ -277,37 +278,56 @@ def _torch_bias_init(fan_in: int):
   return init
 
 
-def _conv(features: int, fan_in: int, *, name: str, dtype, precision,
-          kernel_size: int = 3, strides: int = 1,
-          zero_init: bool = False) -> nn.Conv:
+def _conv(
+    features: int,
+    fan_in: int,
+    *,
+    name: str,
+    dtype,
+    precision,
+    kernel_size: int = 3,
+    strides: int = 1,
+    zero_init: bool = False,
+) -> nn.Conv:
   pad = (kernel_size - 1) // 2
   return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)), dtype=dtype,
-      param_dtype=jnp.float32, precision=precision,
-      kernel_init=(nn.initializers.zeros if zero_init
-                   else _torch_kernel_init),
-      bias_init=(nn.initializers.zeros if zero_init
-                 else _torch_bias_init(fan_in * kernel_size**2)),
-      name=name)
+      features,
+      (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      precision=precision,
+      kernel_init=(nn.initializers.zeros if zero_init else _torch_kernel_init),
+      bias_init=(nn.initializers.zeros if zero_init else _torch_bias_init(fan_in * kernel_size**2)),
+      name=name,
+  )
 
 
-def _dense(features: int, fan_in: int, *, name: str, dtype, precision,
-           zero_init: bool = False) -> nn.Dense:
+def _dense(
+    features: int, fan_in: int, *, name: str, dtype, precision, zero_init: bool = False
+) -> nn.Dense:
   return nn.Dense(
-      features, dtype=dtype, param_dtype=jnp.float32, precision=precision,
-      kernel_init=(nn.initializers.zeros if zero_init
-                   else _torch_kernel_init),
-      bias_init=(nn.initializers.zeros if zero_init
-                 else _torch_bias_init(fan_in)),
-      name=name)
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      precision=precision,
+      kernel_init=(nn.initializers.zeros if zero_init else _torch_kernel_init),
+      bias_init=(nn.initializers.zeros if zero_init else _torch_bias_init(fan_in)),
+      name=name,
+  )
 
 
 def _group_norm(num_groups: int, name: str):
   """GroupNorm applied in float32 (as under autocast); returns float32."""
-  norm = nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPS,
-                      use_fast_variance=False, dtype=jnp.float32,
-                      param_dtype=jnp.float32, name=name)
+  norm = nn.GroupNorm(
+      num_groups=num_groups,
+      epsilon=GROUP_NORM_EPS,
+      use_fast_variance=False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name=name,
+  )
   return lambda x: norm(x.astype(jnp.float32))
 
 
@@ -318,6 +338,7 @@ def _group_norm(num_groups: int, name: str):
 
 class TimeEmbedding(nn.Module):
   """Sinusoid -> Linear -> SiLU -> Linear (reference `time_embedding`)."""
+
   features: int = 512
   d_emb: int = 256
   dtype: Any = jnp.float32
@@ -340,6 +361,7 @@ class NormWithEmbedding(nn.Module):
   or per patch ([B, gh, gw, E] with gh | h, gw | w): the projection then runs
   once per patch and its output is broadcast over each patch's pixels.
   """
+
   num_groups: int = 32
   dtype: Any = jnp.float32
   precision: Any = None
@@ -347,8 +369,9 @@ class NormWithEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x: Array, emb_act: Array) -> Array:
     c = x.shape[-1]
-    emb = _dense(c, emb_act.shape[-1], name="embedding_layer_1",
-                 dtype=self.dtype, precision=self.precision)(emb_act)
+    emb = _dense(
+        c, emb_act.shape[-1], name="embedding_layer_1", dtype=self.dtype, precision=self.precision
+    )(emb_act)
     if emb.shape[1:3] != x.shape[1:3]:
       b, h, w, _ = x.shape
       gh, gw = emb.shape[1:3]
@@ -360,6 +383,7 @@ class NormWithEmbedding(nn.Module):
 
 class ResBlock(nn.Module):
   """GN-SiLU-Conv, NormWithEmbedding, SiLU-Dropout-Conv(zero), + skip."""
+
   features: int
   num_groups: int = 32
   dropout: float = 0.0
@@ -373,16 +397,13 @@ class ResBlock(nn.Module):
     c_in = x.shape[-1]
     h = _group_norm(self.num_groups, "conv_1_0")(x)
     h = _conv(self.features, c_in, name="conv_1_2", **kw)(nn.silu(h))
-    h = NormWithEmbedding(self.num_groups, name="norm_with_embedding",
-                          **kw)(h, emb_act)
+    h = NormWithEmbedding(self.num_groups, name="norm_with_embedding", **kw)(h, emb_act)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-    h = _conv(self.features, self.features, name="conv_2_2", zero_init=True,
-              **kw)(h)
+    h = _conv(self.features, self.features, name="conv_2_2", zero_init=True, **kw)(h)
     if c_in == self.features:
       skip = x
     else:
-      skip = _conv(self.features, c_in, kernel_size=1, name="shortcut",
-                   **kw)(x)
+      skip = _conv(self.features, c_in, kernel_size=1, name="shortcut", **kw)(x)
     return h + skip
 
 
@@ -394,6 +415,7 @@ class SelfAttention(nn.Module):
   each scaled by ch^(-1/4); the softmax runs in float32; the residual is added
   to the un-normalised input.
   """
+
   num_head_channels: int = 64
   num_groups: int = 32
   dtype: Any = jnp.float32
@@ -425,18 +447,19 @@ class SelfAttention(nn.Module):
 
 class Downsample(nn.Module):
   """3x3 conv, stride 2, padding 1 on every side (not "SAME")."""
+
   dtype: Any = jnp.float32
   precision: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    return _conv(c, c, strides=2, name="downsample", dtype=self.dtype,
-                 precision=self.precision)(x)
+    return _conv(c, c, strides=2, name="downsample", dtype=self.dtype, precision=self.precision)(x)
 
 
 class Upsample(nn.Module):
   """Legacy-nearest resize to `size`, then a 3x3 conv."""
+
   dtype: Any = jnp.float32
   precision: Any = None
 
@@ -444,9 +467,7 @@ class Upsample(nn.Module):
   def __call__(self, x: Array, size: Size) -> Array:
     c = x.shape[-1]
     x = nearest_resize(x, size)
-    return _conv(c, c, name="conv", dtype=self.dtype,
-                 precision=self.precision)(x)
-
+    return _conv(c, c, name="conv", dtype=self.dtype, precision=self.precision)(x)
 
 
 def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
@@ -464,6 +485,7 @@ class Encoder(nn.Module):
   Returns every block output (the skip stack), conv_in and downsamples
   included.
   """
+
   hid_dims: Sequence[int]
   attention: Sequence[bool]
   num_blocks: int = 2
@@ -475,8 +497,7 @@ class Encoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, embs: Mapping[Size, Array],
-               train: bool) -> list[Array]:
+  def __call__(self, x: Array, embs: Mapping[Size, Array], train: bool) -> list[Array]:
     kw = dict(dtype=self.dtype, precision=self.precision)
     rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
     res_block = _maybe_remat(ResBlock, self.remat)
@@ -487,11 +508,9 @@ class Encoder(nn.Module):
     num_levels = len(self.hid_dims)
     for level, width in enumerate(self.hid_dims):
       for _ in range(self.num_blocks):
-        h = res_block(width, name=f"blocks_{i}_0", **rb)(
-            h, embs[h.shape[1:3]], train)
+        h = res_block(width, name=f"blocks_{i}_0", **rb)(h, embs[h.shape[1:3]], train)
         if self.attention[level]:
-          h = attention(self.num_head_channels, self.num_groups,
-                            name=f"blocks_{i}_1", **kw)(h)
+          h = attention(self.num_head_channels, self.num_groups, name=f"blocks_{i}_1", **kw)(h)
         hs.append(h)
         i += 1
       if level != num_levels - 1:
@@ -503,6 +522,7 @@ class Encoder(nn.Module):
 
 class Bottleneck(nn.Module):
   """ResBlock, Attn, ResBlock at the lowest resolution (always present)."""
+
   num_head_channels: int = 64
   num_groups: int = 32
   dropout: float = 0.0
@@ -518,8 +538,7 @@ class Bottleneck(nn.Module):
     attention = _maybe_remat(SelfAttention, self.remat)
     c = x.shape[-1]
     h = res_block(c, name="blocks_0", **rb)(x, emb_act, train)
-    h = attention(self.num_head_channels, self.num_groups,
-                      name="blocks_1", **kw)(h)
+    h = attention(self.num_head_channels, self.num_groups, name="blocks_1", **kw)(h)
     return res_block(c, name="blocks_2", **rb)(h, emb_act, train)
 
 
@@ -527,6 +546,7 @@ class Decoder(nn.Module):
   """Per level (reversed) `num_blocks + 1` x (concat skip, ResBlock [+ Attn]),
   an Upsample to the next skip's size after the last block of a level, then
   GN -> SiLU -> Conv(zero) to d_out."""
+
   hid_dims: Sequence[int]
   attention: Sequence[bool]
   d_out: int
@@ -539,8 +559,9 @@ class Decoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, h: Array, skips: Sequence[Array],
-               embs: Mapping[Size, Array], train: bool) -> Array:
+  def __call__(
+      self, h: Array, skips: Sequence[Array], embs: Mapping[Size, Array], train: bool
+  ) -> Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     rb = dict(num_groups=self.num_groups, dropout=self.dropout, **kw)
     res_block = _maybe_remat(ResBlock, self.remat)
@@ -553,19 +574,16 @@ class Decoder(nn.Module):
       width = self.hid_dims[level]
       for idx in range(self.num_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # h first, skip second
-        h = res_block(width, name=f"blocks_{i}_0", **rb)(
-            h, embs[h.shape[1:3]], train)
+        h = res_block(width, name=f"blocks_{i}_0", **rb)(h, embs[h.shape[1:3]], train)
         j = 1
         if self.attention[level]:
-          h = attention(self.num_head_channels, self.num_groups,
-                            name=f"blocks_{i}_{j}", **kw)(h)
+          h = attention(self.num_head_channels, self.num_groups, name=f"blocks_{i}_{j}", **kw)(h)
           j += 1
         if rev_level != num_levels - 1 and idx == self.num_blocks:
           h = Upsample(name=f"blocks_{i}_{j}", **kw)(h, skips[-1].shape[1:3])
         i += 1
     h = nn.silu(_group_norm(self.num_groups, "out_0")(h))
-    return _conv(self.d_out, h.shape[-1], name="out_2", zero_init=True,
-                 **kw)(h)
+    return _conv(self.d_out, h.shape[-1], name="out_2", zero_init=True, **kw)(h)
 
 
 class UNet(nn.Module):
@@ -595,6 +613,7 @@ class UNet(nn.Module):
       pass (`nn.remat`): activations are recomputed instead of stored, for
       memory; same parameters, same values.
   """
+
   hid_dims: Sequence[int]
   attention: Sequence[bool]
   d_in: int
@@ -622,7 +641,8 @@ class UNet(nn.Module):
     if len(self.attention) != len(self.hid_dims):
       raise ValueError(
           f"len(attention)={len(self.attention)} (attention="
-          f"{tuple(self.attention)}) != len(hid_dims)={len(self.hid_dims)}")
+          f"{tuple(self.attention)}) != len(hid_dims)={len(self.hid_dims)}"
+      )
     if not self.hid_dims:
       raise ValueError(f"hid_dims={tuple(self.hid_dims)} is empty")
     if self.num_blocks < 1:
@@ -631,13 +651,15 @@ class UNet(nn.Module):
       if width % self.num_groups:
         raise ValueError(
             f"GroupNorm width {width} is not divisible by num_groups="
-            f"{self.num_groups} (hid_dims={tuple(self.hid_dims)})")
+            f"{self.num_groups} (hid_dims={tuple(self.hid_dims)})"
+        )
     attn_widths = [w for w, a in zip(self.hid_dims, self.attention) if a]
     for width in attn_widths + [self.hid_dims[-1]]:
       if width % self.num_head_channels:
         raise ValueError(
             f"attention width {width} is not divisible by num_head_channels="
-            f"{self.num_head_channels}")
+            f"{self.num_head_channels}"
+        )
 
   def _time_embeddings(self, t: Array, kw: dict[str, Any]) -> dict[Size, Array]:
     """SiLU(e(t_l)) for every level size, shared by the level's blocks.
@@ -651,8 +673,7 @@ class UNet(nn.Module):
       t: [B, H, W, 1] float32 time map.
       kw: dtype and precision of the layers.
     """
-    time_embedding = TimeEmbedding(self.t_emb_dim, self.d_emb,
-                                   name="time_embedding", **kw)
+    time_embedding = TimeEmbedding(self.t_emb_dim, self.d_emb, name="time_embedding", **kw)
     full = t.shape[1:3]
     embs, per_patch = {}, None
     for size in level_sizes(full, len(self.hid_dims)):
@@ -682,25 +703,32 @@ class UNet(nn.Module):
     """
     self.check_config()
     if z.ndim != 4 or z.shape[-1] != self.d_in:
-      raise ValueError(f"z has shape {z.shape}; expected [B, H, W, "
-                       f"d_in={self.d_in}]")
+      raise ValueError(f"z has shape {z.shape}; expected [B, H, W, " f"d_in={self.d_in}]")
     if t.shape != z.shape[:3] + (1,):
-      raise ValueError(f"time map t has shape {t.shape}; expected "
-                       f"{z.shape[:3] + (1,)} ([B, H, W, 1] matching z)")
+      raise ValueError(
+          f"time map t has shape {t.shape}; expected "
+          f"{z.shape[:3] + (1,)} ([B, H, W, 1] matching z)"
+      )
     kw = dict(dtype=self.dtype, precision=self.precision)
-    blocks = dict(num_head_channels=self.num_head_channels,
-                  num_groups=self.num_groups, dropout=self.dropout,
-                  remat=self.remat, **kw)
+    blocks = dict(
+        num_head_channels=self.num_head_channels,
+        num_groups=self.num_groups,
+        dropout=self.dropout,
+        remat=self.remat,
+        **kw,
+    )
 
     embs = self._time_embeddings(t.astype(jnp.float32), kw)
 
-    hs = Encoder(self.hid_dims, self.attention, self.num_blocks,
-                 name="encoder", **blocks)(z, embs, train)
+    hs = Encoder(self.hid_dims, self.attention, self.num_blocks, name="encoder", **blocks)(
+        z, embs, train
+    )
     h = hs[-1]
     h = Bottleneck(name="bottleneck", **blocks)(h, embs[h.shape[1:3]], train)
     self.sow("intermediates", "bottleneck_out", h)
-    out = Decoder(self.hid_dims, self.attention, self.d_out, self.num_blocks,
-                  name="decoder", **blocks)(h, hs, embs, train)
+    out = Decoder(
+        self.hid_dims, self.attention, self.d_out, self.num_blocks, name="decoder", **blocks
+    )(h, hs, embs, train)
     return out.astype(jnp.float32)
 
 
@@ -738,8 +766,7 @@ def make_unet(preset: str, d_in: int, d_out: int, **overrides) -> UNet:
       not build (see `UNet.check_config`).
   """
   if preset not in UNET_PRESETS:
-    raise ValueError(f"unknown U-Net preset {preset!r}; known: "
-                     f"{sorted(UNET_PRESETS)}")
+    raise ValueError(f"unknown U-Net preset {preset!r}; known: " f"{sorted(UNET_PRESETS)}")
   fields = dict(UNET_PRESETS[preset])
   fields.update(overrides)
   fields["hid_dims"] = tuple(int(w) for w in fields["hid_dims"])
@@ -764,7 +791,8 @@ def nonzero_init(model: UNet, shape: Sequence[int], key: jax.Array, scale: float
   params = jax.jit(model.init)(key, z, t)["params"]
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-  leaves = [jnp.where(jnp.all(x == 0), scale * jax.random.normal(k, x.shape, x.dtype), x)
-            for x, k in zip(leaves, keys)]
+  leaves = [
+      jnp.where(jnp.all(x == 0), scale * jax.random.normal(k, x.shape, x.dtype), x)
+      for x, k in zip(leaves, keys)
+  ]
   return jax.tree_util.tree_unflatten(treedef, leaves)
-

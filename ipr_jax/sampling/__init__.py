@@ -64,7 +64,6 @@ Deviations from the reference (documented choices):
   of a block in index order (the reference: by sigma), which changes no sample.
 """
 
-
 # pylint: disable=g-importing-member,unused-import
 from ipr_jax.sampling.config import CellVerifyFn
 from ipr_jax.sampling.config import DenoiseFn
@@ -115,12 +114,15 @@ __all__ = (
     "RATIO_SCHEDULES",
     "RETURN_ITERATES",
     "SamplerConfig",
+    "SCHEDULES",
     "ScoreFn",
     "SELECTIONS",
     "UNCERTAINTY_SCORES",
     "VerifyFn",
     "GreedyResult",
     "srm_sample",
+    "sequential_order",
+    "weighted_adjacency",
     "check_schedules",
     "ipr_refine",
     "IPRResult",

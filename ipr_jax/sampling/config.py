@@ -6,7 +6,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-
 # (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput (ipr_jax.models.denoiser),
 # of which the sampler reads u [B, H, W, d], v [B, H, W, d], sigma [B, H, W, 1].
 DenoiseFn = Callable[[jax.Array, jax.Array], Any]
@@ -67,44 +66,69 @@ class SamplerConfig(_DocumentedFields):
   (`config_base.sampler_section`); configs/<task>.py override what is task-specific (Even
   Pixels and Counting Polygons: 30 and 10 steps per patch at overlap 0.9).
   """
+
   steps_per_patch: int = _field(3, "Denoising steps each patch takes from t = 1 to t = 0.")
-  overlap: float = _field(0.0, "Fraction of a patch's steps shared with the next patch's, in "
-                          "[0, 1).")
+  overlap: float = _field(
+      0.0, "Fraction of a patch's steps shared with the next patch's, in " "[0, 1)."
+  )
   stochasticity: float = _field(0.5, "alpha of the reverse kernel, in [0, 1].")
   temperature: float = _field(1.0, "tau: scales the reverse kernel's standard deviation, > 0.")
-  top_k: int = _field(1, "Patches the adaptive schedule selects at once (lowest sigma first), "
-                      ">= 1; ceil(n / top_k) blocks.")
-  clean_schedule: bool = _field(False, "False: the reference's float32 schedule arithmetic (spec "
-                                "§4.3); True: exact arithmetic (a deliberate deviation).")
-  clamp_noise: bool = _field(True, "Add the reference's ~3e-7 clamp noise wherever t_next > 0 "
-                             "(spec §2.3, §4.4); False: none.")
+  top_k: int = _field(
+      1,
+      "Patches the adaptive schedule selects at once (lowest sigma first), "
+      ">= 1; ceil(n / top_k) blocks.",
+  )
+  clean_schedule: bool = _field(
+      False,
+      "False: the reference's float32 schedule arithmetic (spec "
+      "§4.3); True: exact arithmetic (a deliberate deviation).",
+  )
+  clamp_noise: bool = _field(
+      True,
+      "Add the reference's ~3e-7 clamp noise wherever t_next > 0 "
+      "(spec §2.3, §4.4); False: none.",
+  )
   schedule: str = _field(
-      "adaptive", "SRM schedule (`SCHEDULES`): 'adaptive' (next patches = lowest predicted "
+      "adaptive",
+      "SRM schedule (`SCHEDULES`): 'adaptive' (next patches = lowest predicted "
       "uncertainty, top_k at a time), 'fixed' (every unknown patch on one shared ramp), "
       "'random_sequential' (one patch at a time in random order), 'graph_sequential' (next "
-      "patch = most certain by its known neighbours in the task's dependency graph).")
+      "patch = most certain by its known neighbours in the task's dependency graph).",
+  )
   max_steps: int = _field(
-      0, "Total steps of the SRM pass (the SRM reference samplers' max_steps, e.g. 1000); 0: "
+      0,
+      "Total steps of the SRM pass (the SRM reference samplers' max_steps, e.g. 1000); 0: "
       "derived from steps_per_patch and overlap, every schedule then taking the adaptive "
-      "schedule's passes.")
-  max_order: int = _field(1, "graph_sequential: hops over which known patches' certainty "
-                          "spreads (>= 0; 0 is random_sequential).")
+      "schedule's passes.",
+  )
+  max_order: int = _field(
+      1,
+      "graph_sequential: hops over which known patches' certainty "
+      "spreads (>= 0; 0 is random_sequential).",
+  )
   certainty_decay: float = _field(0.5, "graph_sequential: certainty weight per hop, in (0, 1).")
 
   def __post_init__(self):
-    _coerce(self, steps_per_patch=int, overlap=float, stochasticity=float,
-            temperature=float, top_k=int, max_steps=int, max_order=int, certainty_decay=float)
+    _coerce(
+        self,
+        steps_per_patch=int,
+        overlap=float,
+        stochasticity=float,
+        temperature=float,
+        top_k=int,
+        max_steps=int,
+        max_order=int,
+        certainty_decay=float,
+    )
     check_schedule_fields(self)
     if self.max_steps < 0:
       raise ValueError(f"max_steps must be a non-negative integer, got {self.max_steps!r}.")
     if self.steps_per_patch < 1:
-      raise ValueError(
-          f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
+      raise ValueError(f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
     if not 0.0 <= self.overlap < 1.0:
       raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}.")
     if not 0.0 <= self.stochasticity <= 1.0:
-      raise ValueError(
-          f"stochasticity must lie in [0, 1], got {self.stochasticity!r}.")
+      raise ValueError(f"stochasticity must lie in [0, 1], got {self.stochasticity!r}.")
     if not self.temperature > 0.0:
       raise ValueError(f"temperature must be positive, got {self.temperature!r}.")
 
@@ -119,110 +143,161 @@ class IPRConfig(_DocumentedFields):
   Pixels' ep_test: 30 steps per patch at overlap 0.9). Each field's documentation is its `doc`
   metadata (`IPRConfig.field_docs()`).
   """
+
   budget: int = _field(30, "Refinement iterations B (budgets 0..B are scored).")
-  steps_per_patch: int = _field(10, "Denoising steps per re-noised patch (the regeneration "
-                                "schedule).")
-  overlap: float = _field(0.8, "Block overlap of the re-noised patches' schedule, in [0, 1) "
-                         "(reference ms_hard_test: 0.8; ep_test and cp_test: 0.9, set by their "
-                         "configs).")
+  steps_per_patch: int = _field(
+      10, "Denoising steps per re-noised patch (the regeneration " "schedule)."
+  )
+  overlap: float = _field(
+      0.8,
+      "Block overlap of the re-noised patches' schedule, in [0, 1) "
+      "(reference ms_hard_test: 0.8; ep_test and cp_test: 0.9, set by their "
+      "configs).",
+  )
   resampling_ratio: float = _field(
-      0.25, "Fraction of candidate patches re-noised per iteration, in (0, 1]; "
-      "k = max(1, floor(ratio * number of candidates)).")
-  noise_type: str = _field("random", "'random': fresh noise; 'fixed': the initial noise of the "
-                           "patch (ablation).")
-  mode: str = _field("standard", "'standard' (SRM pass, then refine) or 'correction' (refine a "
-                     "solved grid corrupted by random cell swaps; every cell becomes free; no SRM "
-                     "pass).")
-  num_corruption_swaps: int = _field(5, "Cell swaps K that corrupt a solution in 'correction' "
-                                     "mode.")
-  immediate_stop: bool = _field(False, "Stop refining a puzzle once the task check (`verify_fn`) "
-                                "accepts it (reference: False).")
+      0.25,
+      "Fraction of candidate patches re-noised per iteration, in (0, 1]; "
+      "k = max(1, floor(ratio * number of candidates)).",
+  )
+  noise_type: str = _field(
+      "random", "'random': fresh noise; 'fixed': the initial noise of the " "patch (ablation)."
+  )
+  mode: str = _field(
+      "standard",
+      "'standard' (SRM pass, then refine) or 'correction' (refine a "
+      "solved grid corrupted by random cell swaps; every cell becomes free; no SRM "
+      "pass).",
+  )
+  num_corruption_swaps: int = _field(
+      5, "Cell swaps K that corrupt a solution in 'correction' " "mode."
+  )
+  immediate_stop: bool = _field(
+      False,
+      "Stop refining a puzzle once the task check (`verify_fn`) " "accepts it (reference: False).",
+  )
   # Variants beyond the paper (module docstring; experiments/README.md compares them). Their
   # defaults are the paper's.
   selection: str = _field(
-      "random", "Patches to re-noise (`SELECTIONS`): 'random' (the paper's), 'uncertainty' (the "
+      "random",
+      "Patches to re-noise (`SELECTIONS`): 'random' (the paper's), 'uncertainty' (the "
       "model's own uncertainty query, Gumbel top-k; costs uncertainty_groups passes per "
       "iteration) or 'verifier' (cells that `cell_verify_fn` flags first: on MNIST Sudoku those "
-      "in a broken row, column or box as classified; uses the task's verifier: a reference).")
+      "in a broken row, column or box as classified; uses the task's verifier: a reference).",
+  )
   uncertainty_score: str = _field(
-      "nll", "What the uncertainty query scores per patch: 'nll' (negative log-likelihood of its "
+      "nll",
+      "What the uncertainty query scores per patch: 'nll' (negative log-likelihood of its "
       "current content under the model's prediction from the other patches) or 'sigma' (the "
-      "predicted log sigma alone).")
+      "predicted log sigma alone).",
+  )
   uncertainty_groups: int = _field(
-      4, "G, denoiser passes per uncertainty query: the candidates are split into G random "
-      "groups, each re-noised to t = 1 in one pass.")
+      4,
+      "G, denoiser passes per uncertainty query: the candidates are split into G random "
+      "groups, each re-noised to t = 1 in one pass.",
+  )
   selection_temperature: float = _field(
-      0.5, "Gumbel temperature of the uncertainty-guided draw over the standardised scores, > 0 "
-      "(smaller: greedier).")
+      0.5,
+      "Gumbel temperature of the uncertainty-guided draw over the standardised scores, > 0 "
+      "(smaller: greedier).",
+  )
   renoise_time: float = _field(
-      1.0, "t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x + t0 eps and are "
+      1.0,
+      "t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x + t0 eps and are "
       "regenerated from t0 with round(steps_per_patch * t0) steps per patch (1: the paper's "
-      "full re-noising).")
+      "full re-noising).",
+  )
   ratio_schedule: str = _field(
-      "constant", "'constant' (the paper's) or 'linear': the ratio of IPR iteration i goes "
+      "constant",
+      "'constant' (the paper's) or 'linear': the ratio of IPR iteration i goes "
       "linearly from resampling_ratio (i = 1) to final_resampling_ratio (i >= "
-      "ratio_decay_iterations).")
+      "ratio_decay_iterations).",
+  )
   final_resampling_ratio: float = _field(
-      0.125, "The ratio the 'linear' schedule reaches at iteration ratio_decay_iterations and "
-      "keeps, in (0, 1].")
-  ratio_decay_iterations: int = _field(10, "Iterations over which the 'linear' ratio schedule "
-                                       "moves.")
+      0.125,
+      "The ratio the 'linear' schedule reaches at iteration ratio_decay_iterations and "
+      "keeps, in (0, 1].",
+  )
+  ratio_decay_iterations: int = _field(
+      10, "Iterations over which the 'linear' ratio schedule " "moves."
+  )
   return_iterate: str = _field(
-      "last", "'last' (the paper's) or 'confident': the iterate (SRM sample included) with the "
-      "lowest mean uncertainty score so far.")
+      "last",
+      "'last' (the paper's) or 'confident': the iterate (SRM sample included) with the "
+      "lowest mean uncertainty score so far.",
+  )
   schedule: str = _field(
-      "adaptive", "Schedule of the regeneration of the re-noised patches (as sampler.schedule; "
+      "adaptive",
+      "Schedule of the regeneration of the re-noised patches (as sampler.schedule; "
       "every other patch is known context): 'adaptive' (the paper's), 'fixed', "
-      "'random_sequential', 'graph_sequential'.")
+      "'random_sequential', 'graph_sequential'.",
+  )
   top_k: int = _field(1, "Re-noised patches the adaptive regeneration selects at once, >= 1.")
   max_order: int = _field(1, "graph_sequential regeneration: hops of certainty propagation.")
-  certainty_decay: float = _field(0.5, "graph_sequential regeneration: certainty weight per hop, "
-                                  "in (0, 1).")
+  certainty_decay: float = _field(
+      0.5, "graph_sequential regeneration: certainty weight per hop, " "in (0, 1)."
+  )
 
   def __post_init__(self):
-    _coerce(self, budget=int, steps_per_patch=int, overlap=float,
-            resampling_ratio=float, num_corruption_swaps=int,
-            uncertainty_groups=int, selection_temperature=float,
-            renoise_time=float, final_resampling_ratio=float,
-            ratio_decay_iterations=int, top_k=int, max_order=int, certainty_decay=float)
+    _coerce(
+        self,
+        budget=int,
+        steps_per_patch=int,
+        overlap=float,
+        resampling_ratio=float,
+        num_corruption_swaps=int,
+        uncertainty_groups=int,
+        selection_temperature=float,
+        renoise_time=float,
+        final_resampling_ratio=float,
+        ratio_decay_iterations=int,
+        top_k=int,
+        max_order=int,
+        certainty_decay=float,
+    )
     check_schedule_fields(self)
     if self.budget < 0:
       raise ValueError(f"budget must be a non-negative integer, got {self.budget!r}.")
     if self.steps_per_patch < 1:
-      raise ValueError(
-          f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
+      raise ValueError(f"steps_per_patch must be a positive integer, got {self.steps_per_patch!r}.")
     if not 0.0 <= self.overlap < 1.0:
       raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}.")
     check_ratio(self.resampling_ratio)
     if self.noise_type not in NOISE_TYPES:
-      raise ValueError(
-          f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}.")
+      raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}.")
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
     if self.num_corruption_swaps < 0:
-      raise ValueError("num_corruption_swaps must be a non-negative integer, "
-                       f"got {self.num_corruption_swaps!r}.")
-    for name, allowed in (("selection", SELECTIONS),
-                          ("uncertainty_score", UNCERTAINTY_SCORES),
-                          ("ratio_schedule", RATIO_SCHEDULES),
-                          ("return_iterate", RETURN_ITERATES)):
+      raise ValueError(
+          "num_corruption_swaps must be a non-negative integer, "
+          f"got {self.num_corruption_swaps!r}."
+      )
+    for name, allowed in (
+        ("selection", SELECTIONS),
+        ("uncertainty_score", UNCERTAINTY_SCORES),
+        ("ratio_schedule", RATIO_SCHEDULES),
+        ("return_iterate", RETURN_ITERATES),
+    ):
       if getattr(self, name) not in allowed:
-        raise ValueError(
-            f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
     if self.uncertainty_groups < 1:
-      raise ValueError("uncertainty_groups must be a positive integer, "
-                       f"got {self.uncertainty_groups!r}.")
+      raise ValueError(
+          "uncertainty_groups must be a positive integer, " f"got {self.uncertainty_groups!r}."
+      )
     if not self.selection_temperature > 0.0:
-      raise ValueError("selection_temperature must be positive, "
-                       f"got {self.selection_temperature!r}.")
+      raise ValueError(
+          "selection_temperature must be positive, " f"got {self.selection_temperature!r}."
+      )
     if not 0.0 < self.renoise_time <= 1.0:
       raise ValueError(f"renoise_time must lie in (0, 1], got {self.renoise_time!r}.")
     if not 0.0 < self.final_resampling_ratio <= 1.0:
-      raise ValueError("final_resampling_ratio must lie in (0, 1], "
-                       f"got {self.final_resampling_ratio!r}.")
+      raise ValueError(
+          "final_resampling_ratio must lie in (0, 1], " f"got {self.final_resampling_ratio!r}."
+      )
     if self.ratio_decay_iterations < 1:
-      raise ValueError("ratio_decay_iterations must be a positive integer, "
-                       f"got {self.ratio_decay_iterations!r}.")
+      raise ValueError(
+          "ratio_decay_iterations must be a positive integer, "
+          f"got {self.ratio_decay_iterations!r}."
+      )
 
   @property
   def queries_uncertainty(self) -> bool:
@@ -260,8 +335,10 @@ def check_schedule_fields(config) -> None:
   if config.top_k < 1:
     raise ValueError(f"top_k must be a positive integer, got {config.top_k!r}.")
   if config.top_k != 1 and config.schedule != "adaptive":
-    raise ValueError(f"top_k={config.top_k!r} needs schedule='adaptive'; schedule "
-                     f"{config.schedule!r} takes one patch per block (fixed: all at once).")
+    raise ValueError(
+        f"top_k={config.top_k!r} needs schedule='adaptive'; schedule "
+        f"{config.schedule!r} takes one patch per block (fixed: all at once)."
+    )
   if config.max_order < 0:
     raise ValueError(f"max_order must be a non-negative integer, got {config.max_order!r}.")
   if not 0.0 < config.certainty_decay < 1.0:

@@ -24,9 +24,13 @@ from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
 from ipr_jax.sampling import planning
 from ipr_jax.sampling.config import DenoiseFn, SamplerConfig
-from ipr_jax.sampling.patches import (check_keys, fold_keys, patch_grid, patch_mean,
-                                      patches_to_pixels)
-
+from ipr_jax.sampling.patches import (
+    check_keys,
+    fold_keys,
+    patch_grid,
+    patch_mean,
+    patches_to_pixels,
+)
 
 # fold_in tag of the SRM pass's planning keys (no step index of the greedy loop reaches it).
 PLAN_STREAM = 2**31 - 1
@@ -48,6 +52,7 @@ class GreedyResult:
     sigma_rows: `[S, B, N]` float32 patch-pooled sigma returned at each step
       (only with record=True, else None); rows after the batch's last step are 0.
   """
+
   z: jax.Array
   order: jax.Array
   order_step: jax.Array
@@ -58,15 +63,15 @@ class GreedyResult:
 
 @flax.struct.dataclass
 class _GreedyState:
-  z: jax.Array             # [B, H, W, d] float32
-  waiting: jax.Array       # [B, N] bool: unknown, not selected yet
-  selected_at: jax.Array   # [B, N] int32 step of selection, -1 if none
-  order: jax.Array         # [B, N] int32
-  order_step: jax.Array    # [B, N] int32
+  z: jax.Array  # [B, H, W, d] float32
+  waiting: jax.Array  # [B, N] bool: unknown, not selected yet
+  selected_at: jax.Array  # [B, N] int32 step of selection, -1 if none
+  order: jax.Array  # [B, N] int32
+  order_step: jax.Array  # [B, N] int32
   num_selected: jax.Array  # [B] int32
   block_counter: jax.Array  # [B] int32
-  next_start: jax.Array    # [B] int32 step of the next selection (-1: none)
-  nfe: jax.Array           # [B] int32
+  next_start: jax.Array  # [B] int32 step of the next selection (-1: none)
+  nfe: jax.Array  # [B] int32
 
 
 @flax.struct.dataclass
@@ -84,6 +89,7 @@ class PuzzleSchedule:
     planned_order: `[B, N]` int32 planned patch per block (`planning.sequential_order`), -1
       where nothing is planned.
   """
+
   max_steps: jax.Array
   block_len: jax.Array
   starts: jax.Array
@@ -93,9 +99,12 @@ class PuzzleSchedule:
   planned_order: jax.Array
 
 
-def lookup_schedule(table: schedule_lib.ScheduleTable, n: jax.Array,
-                     proto_len: Optional[int] = None,
-                     planned_order: Optional[jax.Array] = None) -> PuzzleSchedule:
+def lookup_schedule(
+    table: schedule_lib.ScheduleTable,
+    n: jax.Array,
+    proto_len: Optional[int] = None,
+    planned_order: Optional[jax.Array] = None,
+) -> PuzzleSchedule:
   """Each puzzle's schedule row for its n `[B]` (prototypes padded to proto_len); a planned table
   needs the `planned_order` `[B, N]` of its puzzles."""
   protos = table.prototypes
@@ -113,11 +122,13 @@ def lookup_schedule(table: schedule_lib.ScheduleTable, n: jax.Array,
       prototype=jnp.asarray(protos)[n],
       per_block=jnp.full([batch], table.patches_per_block, jnp.int32),
       planned=jnp.full([batch], table.planned),
-      planned_order=planned_order.astype(jnp.int32))
+      planned_order=planned_order.astype(jnp.int32),
+  )
 
 
-def _time_rows(step, state: _GreedyState, sched: PuzzleSchedule,
-               start_time: Optional[jax.Array] = None) -> jax.Array:
+def _time_rows(
+    step, state: _GreedyState, sched: PuzzleSchedule, start_time: Optional[jax.Array] = None
+) -> jax.Array:
   """Patch times `[B, N]` at `step` (see the module docstring).
 
   Waiting patches are at `start_time` `[B]` (None: 1, pure noise).
@@ -131,21 +142,26 @@ def _time_rows(step, state: _GreedyState, sched: PuzzleSchedule,
   return jnp.where((step < sched.max_steps)[:, None], t, 0.0).astype(jnp.float32)
 
 
-def _select(step, live, state: _GreedyState, sched: PuzzleSchedule,
-            sigma: jax.Array) -> _GreedyState:
+def _select(
+    step, live, state: _GreedyState, sched: PuzzleSchedule, sigma: jax.Array
+) -> _GreedyState:
   """Block bookkeeping and the patch choice at `step`: at a block start, the `per_block` waiting
   patches of lowest sigma (ties to the lowest index), or the block's planned patch."""
   num_patches = state.waiting.shape[1]
   predict = live & (state.next_start == step)
   block_counter = state.block_counter + predict.astype(jnp.int32)
   start = jnp.take_along_axis(
-      sched.starts, jnp.minimum(block_counter, num_patches)[:, None], axis=1)[:, 0]
+      sched.starts, jnp.minimum(block_counter, num_patches)[:, None], axis=1
+  )[:, 0]
   next_start = jnp.where(predict, start, state.next_start)
   select = predict & jnp.any(state.waiting, axis=1)
   patch_ids = jnp.arange(num_patches)
   # A stable double argsort ranks equal sigmas by index: rank 0 is argmin's first minimum.
-  rank = jnp.argsort(jnp.argsort(jnp.where(state.waiting, sigma, jnp.inf), axis=1, stable=True),
-                     axis=1, stable=True)
+  rank = jnp.argsort(
+      jnp.argsort(jnp.where(state.waiting, sigma, jnp.inf), axis=1, stable=True),
+      axis=1,
+      stable=True,
+  )
   by_sigma = state.waiting & (rank < sched.per_block[:, None])
   block = jnp.clip(block_counter - 1, 0, num_patches - 1)
   planned_patch = jnp.take_along_axis(sched.planned_order, block[:, None], axis=1)
@@ -162,7 +178,8 @@ def _select(step, live, state: _GreedyState, sched: PuzzleSchedule,
       order_step=jnp.where(filled, step, state.order_step),
       num_selected=state.num_selected + jnp.sum(chosen, axis=1, dtype=jnp.int32),
       block_counter=block_counter,
-      next_start=next_start)
+      next_start=next_start,
+  )
 
 
 def _initial_greedy_state(z: jax.Array, waiting: jax.Array) -> _GreedyState:
@@ -170,13 +187,30 @@ def _initial_greedy_state(z: jax.Array, waiting: jax.Array) -> _GreedyState:
   batch, num_patches = waiting.shape
   minus_one = jnp.full((batch, num_patches), -1, jnp.int32)
   zeros = jnp.zeros([batch], jnp.int32)
-  return _GreedyState(z=z, waiting=waiting, selected_at=minus_one, order=minus_one,
-                      order_step=minus_one, num_selected=zeros, block_counter=zeros,
-                      next_start=zeros, nfe=zeros)
+  return _GreedyState(
+      z=z,
+      waiting=waiting,
+      selected_at=minus_one,
+      order=minus_one,
+      order_step=minus_one,
+      num_selected=zeros,
+      block_counter=zeros,
+      next_start=zeros,
+      nfe=zeros,
+  )
 
 
-def _reverse_step(out, z, t_now_pix, t_next_pix, keys, *, stochasticity: float,
-                  temperature: float, clamp_noise: bool) -> jax.Array:
+def _reverse_step(
+    out,
+    z,
+    t_now_pix,
+    t_next_pix,
+    keys,
+    *,
+    stochasticity: float,
+    temperature: float,
+    clamp_noise: bool,
+) -> jax.Array:
   """One step of the reverse kernel p(z_next | z) from the denoiser's output `out`.
 
   Args:
@@ -191,8 +225,14 @@ def _reverse_step(out, z, t_now_pix, t_next_pix, keys, *, stochasticity: float,
     t_next > 0, as the reference; else only where the unclamped sigma is positive).
   """
   kernel = flow.reverse_kernel(
-      out.u.astype(jnp.float32), z, t_now_pix, t_next_pix,
-      out.v.astype(jnp.float32), stochasticity, temperature)
+      out.u.astype(jnp.float32),
+      z,
+      t_now_pix,
+      t_next_pix,
+      out.v.astype(jnp.float32),
+      stochasticity,
+      temperature,
+  )
   z_next = kernel.mean
   if clamp_noise or stochasticity > 0.0:
     eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys)
@@ -204,11 +244,23 @@ def _reverse_step(out, z, t_now_pix, t_next_pix, keys, *, stochasticity: float,
   return z_next
 
 
-def greedy_loop(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
-            sched: PuzzleSchedule, *, patch_size: int, stochasticity: float,
-            temperature: float, clamp_noise: bool, record_steps: int = 0,
-            step_limit: Optional[int] = None,
-            start_time: Optional[jax.Array] = None) -> GreedyResult:
+def greedy_loop(
+    denoise_fn: DenoiseFn,
+    z,
+    masked,
+    mask,
+    waiting,
+    keys,
+    sched: PuzzleSchedule,
+    *,
+    patch_size: int,
+    stochasticity: float,
+    temperature: float,
+    clamp_noise: bool,
+    record_steps: int = 0,
+    step_limit: Optional[int] = None,
+    start_time: Optional[jax.Array] = None,
+) -> GreedyResult:
   """The greedy loop on a batch; `waiting` [B, N] are the patches to generate.
 
   A `lax.while_loop` over steps that runs until the longest schedule of the
@@ -234,38 +286,61 @@ def greedy_loop(denoise_fn: DenoiseFn, z, masked, mask, waiting, keys,
     out = denoise_fn(state.z, t_now_pix)
     sigma = patch_mean(out.sigma.astype(jnp.float32), patch_size)
     new = _select(step, live, state, sched, sigma)
-    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time),
-                                   grid, patch_size)
-    z_next = _reverse_step(out, state.z, t_now_pix, t_next_pix, fold_keys(keys, step),
-                           stochasticity=stochasticity, temperature=temperature,
-                           clamp_noise=clamp_noise)
+    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time), grid, patch_size)
+    z_next = _reverse_step(
+        out,
+        state.z,
+        t_now_pix,
+        t_next_pix,
+        fold_keys(keys, step),
+        stochasticity=stochasticity,
+        temperature=temperature,
+        clamp_noise=clamp_noise,
+    )
     if mask is not None:
       z_next = masked + mask * z_next
     new = new.replace(
         z=jnp.where(live[:, None, None, None], z_next, state.z),
-        nfe=state.nfe + live.astype(jnp.int32))
+        nfe=state.nfe + live.astype(jnp.int32),
+    )
     if record_steps:
       rows = rows.at[:, step].set(jnp.stack([t_now, sigma]), mode="drop")
     return step + 1, new, rows
 
   _, state, rows = jax.lax.while_loop(
-      lambda carry: carry[0] < num_steps, step_fn, (jnp.int32(0), state, rows))
+      lambda carry: carry[0] < num_steps, step_fn, (jnp.int32(0), state, rows)
+  )
   return GreedyResult(
-      z=state.z, order=state.order, order_step=state.order_step, nfe=state.nfe,
+      z=state.z,
+      order=state.order,
+      order_step=state.order_step,
+      nfe=state.nfe,
       t_rows=rows[0] if record_steps else None,
-      sigma_rows=rows[1] if record_steps else None)
+      sigma_rows=rows[1] if record_steps else None,
+  )
 
 
 def srm_table(num_patches: int, config: SamplerConfig) -> schedule_lib.ScheduleTable:
   """The SRM pass's schedule table under `config` (schedule, top_k, max_steps)."""
-  return schedule_lib.schedule_table(num_patches, config.steps_per_patch, config.overlap,
-                                     config.clean_schedule, kind=config.schedule,
-                                     top_k=config.top_k, total_steps=config.max_steps)
+  return schedule_lib.schedule_table(
+      num_patches,
+      config.steps_per_patch,
+      config.overlap,
+      config.clean_schedule,
+      kind=config.schedule,
+      top_k=config.top_k,
+      total_steps=config.max_steps,
+  )
 
 
-def planned_order(table: schedule_lib.ScheduleTable, config, unknown: jax.Array,
-                  keys: jax.Array, dependency: Optional[np.ndarray],
-                  overlap: float) -> Optional[jax.Array]:
+def planned_order(
+    table: schedule_lib.ScheduleTable,
+    config,
+    unknown: jax.Array,
+    keys: jax.Array,
+    dependency: Optional[np.ndarray],
+    overlap: float,
+) -> Optional[jax.Array]:
   """The planned patch order `[B, N]` of `unknown` `[B, N]` for a planned `table` (else None).
 
   config: the SamplerConfig or IPRConfig whose schedule, max_order and certainty_decay apply;
@@ -277,18 +352,30 @@ def planned_order(table: schedule_lib.ScheduleTable, config, unknown: jax.Array,
   weights = None
   if config.schedule == "graph_sequential":
     if dependency is None:
-      raise ValueError("schedule='graph_sequential' needs the task's dependency graph "
-                       "(`dependency`); this task has none: use random_sequential.")
+      raise ValueError(
+          "schedule='graph_sequential' needs the task's dependency graph "
+          "(`dependency`); this task has none: use random_sequential."
+      )
     weights = planning.weighted_adjacency(dependency, config.max_order, config.certainty_decay)
-  return planning.sequential_order(unknown, weights, overlap,
-                                   planning.tie_priorities(keys, unknown.shape[1]))
+  return planning.sequential_order(
+      unknown, weights, overlap, planning.tie_priorities(keys, unknown.shape[1])
+  )
 
 
-def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
-               mask: Optional[jax.Array], unknown: jax.Array, keys: jax.Array, *,
-               patch_size: int, config: SamplerConfig, record: bool = False,
-               step_limit: Optional[int] = None,
-               dependency: Optional[np.ndarray] = None) -> GreedyResult:
+def srm_sample(
+    denoise_fn: DenoiseFn,
+    z: jax.Array,
+    masked: Optional[jax.Array],
+    mask: Optional[jax.Array],
+    unknown: jax.Array,
+    keys: jax.Array,
+    *,
+    patch_size: int,
+    config: SamplerConfig,
+    record: bool = False,
+    step_limit: Optional[int] = None,
+    dependency: Optional[np.ndarray] = None,
+) -> GreedyResult:
   """SRM sampling of a batch (spec §4.4 and the SRM reference's sampler family), one compiled
   loop over steps.
 
@@ -319,14 +406,25 @@ def srm_sample(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
   """
   check_inputs(z, masked, mask, unknown, keys, patch_size)
   table = srm_table(unknown.shape[1], config)
-  order = planned_order(table, config, unknown, fold_keys(keys, PLAN_STREAM), dependency,
-                        config.overlap)
+  order = planned_order(
+      table, config, unknown, fold_keys(keys, PLAN_STREAM), dependency, config.overlap
+  )
   sched = lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
-  return greedy_loop(denoise_fn, z, masked, mask, unknown, keys, sched,
-                 patch_size=patch_size, stochasticity=config.stochasticity,
-                 temperature=config.temperature, clamp_noise=config.clamp_noise,
-                 record_steps=table.steps_bound() if record else 0,
-                 step_limit=step_limit)
+  return greedy_loop(
+      denoise_fn,
+      z,
+      masked,
+      mask,
+      unknown,
+      keys,
+      sched,
+      patch_size=patch_size,
+      stochasticity=config.stochasticity,
+      temperature=config.temperature,
+      clamp_noise=config.clamp_noise,
+      record_steps=table.steps_bound() if record else 0,
+      step_limit=step_limit,
+  )
 
 
 def check_inputs(z, masked, mask, unknown, keys, patch_size) -> None:
@@ -340,6 +438,8 @@ def check_inputs(z, masked, mask, unknown, keys, patch_size) -> None:
   if masked is not None and masked.shape != z.shape:
     raise ValueError(f"masked must have shape {z.shape}, got {masked.shape}.")
   if unknown.shape != (z.shape[0], gh * gw):
-    raise ValueError(f"the patch vector must have shape {(z.shape[0], gh * gw)} "
-                     f"for a {gh}x{gw} patch grid, got {unknown.shape}.")
+    raise ValueError(
+        f"the patch vector must have shape {(z.shape[0], gh * gw)} "
+        f"for a {gh}x{gw} patch grid, got {unknown.shape}."
+    )
   check_keys(keys, z.shape[0])

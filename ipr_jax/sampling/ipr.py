@@ -32,14 +32,32 @@ import numpy as np
 
 from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
-from ipr_jax.sampling.config import (CellVerifyFn, DenoiseFn, IPRConfig, SamplerConfig, ScoreFn,
-                                     VerifyFn)
-from ipr_jax.sampling.greedy import (PLAN_STREAM, PuzzleSchedule, check_inputs, greedy_loop,
-                                     lookup_schedule, planned_order, srm_table)
-from ipr_jax.sampling.patches import (check_keys, corrupt_by_swaps, fold_keys, patch_grid,
-                                      patch_pixel_mask, unknown_patches)
+from ipr_jax.sampling.config import (
+    CellVerifyFn,
+    DenoiseFn,
+    IPRConfig,
+    SamplerConfig,
+    ScoreFn,
+    VerifyFn,
+)
+from ipr_jax.sampling.greedy import (
+    PLAN_STREAM,
+    PuzzleSchedule,
+    check_inputs,
+    greedy_loop,
+    lookup_schedule,
+    planned_order,
+    srm_table,
+)
+from ipr_jax.sampling.patches import (
+    check_keys,
+    corrupt_by_swaps,
+    fold_keys,
+    patch_grid,
+    patch_pixel_mask,
+    unknown_patches,
+)
 from ipr_jax.sampling.selection import SELECTORS, mean_over, resample_counts, uncertainty_query
-
 
 # Tags for fold_in, so the streams of one puzzle key never collide.
 _IPR_STREAM, _CORRUPT_STREAM, _NOISE_STREAM, _QUERY_STREAM = 1, 2, 3, 4
@@ -70,6 +88,7 @@ class IPRResult:
     uncertainty: `[budget + 1, B]` float32 mean uncertainty score of the last
       iterate after each budget when the configuration queries it, else None.
   """
+
   z: jax.Array
   scores: dict
   nfe: jax.Array
@@ -82,8 +101,9 @@ class IPRResult:
   uncertainty: Optional[jax.Array] = None
 
 
-def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_patches: int,
-                    unknown_counts) -> None:
+def check_schedules(
+    sampler_config: SamplerConfig, ipr_config: IPRConfig, num_patches: int, unknown_counts
+) -> None:
   """Refuses settings whose schedules are degenerate for the patch counts that can occur.
 
   Args:
@@ -101,21 +121,35 @@ def check_schedules(sampler_config: SamplerConfig, ipr_config: IPRConfig, num_pa
     counts = [num_patches]
   else:
     counts = [int(c) for c in unknown_counts]
-    schedule_lib.check_block_starts(counts, sampler_config.steps_per_patch,
-                                    sampler_config.overlap, clean, name="sampler",
-                                    kind=sampler_config.schedule, top_k=sampler_config.top_k,
-                                    total_steps=sampler_config.max_steps)
+    schedule_lib.check_block_starts(
+        counts,
+        sampler_config.steps_per_patch,
+        sampler_config.overlap,
+        clean,
+        name="sampler",
+        kind=sampler_config.schedule,
+        top_k=sampler_config.top_k,
+        total_steps=sampler_config.max_steps,
+    )
   if ipr_config.budget > 0:
     table = resample_counts(ipr_config, num_patches)
     ks = {min(int(k), c) for row in table for k, c in zip(row[counts], counts)}
     name = "ipr"
     if ipr_config.renoise_steps_per_patch != ipr_config.steps_per_patch:
-      name = (f"ipr (renoise_time={ipr_config.renoise_time} leaves "
-              f"{ipr_config.renoise_steps_per_patch} of steps_per_patch="
-              f"{ipr_config.steps_per_patch})")
-    schedule_lib.check_block_starts(ks, ipr_config.renoise_steps_per_patch, ipr_config.overlap,
-                                    clean, name=name, kind=ipr_config.schedule,
-                                    top_k=ipr_config.top_k)
+      name = (
+          f"ipr (renoise_time={ipr_config.renoise_time} leaves "
+          f"{ipr_config.renoise_steps_per_patch} of steps_per_patch="
+          f"{ipr_config.steps_per_patch})"
+      )
+    schedule_lib.check_block_starts(
+        ks,
+        ipr_config.renoise_steps_per_patch,
+        ipr_config.overlap,
+        clean,
+        name=name,
+        kind=ipr_config.schedule,
+        top_k=ipr_config.top_k,
+    )
 
 
 def _scores(score_fn: Optional[ScoreFn], z) -> dict:
@@ -124,8 +158,9 @@ def _scores(score_fn: Optional[ScoreFn], z) -> dict:
   return {name: jnp.asarray(value) for name, value in score_fn(z).items()}
 
 
-def _renoise(z, chosen, keys, noise, masked, mask, *, patch_size: int,
-             noise_type: str, renoise_time: float) -> jax.Array:
+def _renoise(
+    z, chosen, keys, noise, masked, mask, *, patch_size: int, noise_type: str, renoise_time: float
+) -> jax.Array:
   """The start of an IPR iteration: z with the chosen patches re-noised (spec §4.5).
 
   Args:
@@ -166,6 +201,7 @@ class _Refinement:
   SRM pass's schedule; iteration_keys and query_keys `[B]`; counts `[budget + 1, N + 1]`
   (`resample_counts`).
   """
+
   denoise_fn: DenoiseFn
   masked: Optional[jax.Array]
   mask: Optional[jax.Array]
@@ -203,14 +239,15 @@ class _Refinement:
 @flax.struct.dataclass
 class _RefineCarry:
   """The state `_refine`'s scan carries from one iteration to the next."""
-  z: jax.Array              # [B, H, W, d] float32 the last iterate
-  nfe: jax.Array            # [B] int32 denoiser passes so far
-  stopped: jax.Array        # [B] bool: frozen by immediate_stop
-  stop_budget: jax.Array    # [B] int32 budget at which immediate_stop froze it, -1 if not
+
+  z: jax.Array  # [B, H, W, d] float32 the last iterate
+  nfe: jax.Array  # [B] int32 denoiser passes so far
+  stopped: jax.Array  # [B] bool: frozen by immediate_stop
+  stop_budget: jax.Array  # [B] int32 budget at which immediate_stop froze it, -1 if not
   initial_order: jax.Array  # [B, N] int32 selection order of the SRM pass
-  cells: jax.Array          # [B, N] float32 uncertainty of z's patches (the next selection's)
-  z_best: jax.Array         # [B, H, W, d] float32 the most confident iterate so far
-  best: jax.Array           # [B] float32 its mean uncertainty score
+  cells: jax.Array  # [B, N] float32 uncertainty of z's patches (the next selection's)
+  z_best: jax.Array  # [B, H, W, d] float32 the most confident iterate so far
+  best: jax.Array  # [B] float32 its mean uncertainty score
 
 
 def _check_refine(z, noise, ipr_config: IPRConfig, verify_fn, cell_verify_fn) -> None:
@@ -219,36 +256,78 @@ def _check_refine(z, noise, ipr_config: IPRConfig, verify_fn, cell_verify_fn) ->
   if ipr_config.immediate_stop and verify_fn is None:
     raise ValueError("immediate_stop=True needs a verify_fn.")
   if ipr_config.selection == "verifier" and cell_verify_fn is None:
-    raise ValueError("selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
-                     "check); only MNIST Sudoku has one.")
+    raise ValueError(
+        "selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
+        "check); only MNIST Sudoku has one."
+    )
 
 
-def _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown, *,
-                patch_size, sampler_config, ipr_config, score_fn, verify_fn, cell_verify_fn,
-                num_snapshots, dependency) -> _Refinement:
+def _refinement(
+    denoise_fn,
+    masked,
+    mask,
+    candidates,
+    noise,
+    keys,
+    srm_unknown,
+    *,
+    patch_size,
+    sampler_config,
+    ipr_config,
+    score_fn,
+    verify_fn,
+    cell_verify_fn,
+    num_snapshots,
+    dependency,
+) -> _Refinement:
   """The schedules, keys and resampling counts of `_refine`, with its inputs."""
   batch, num_patches = candidates.shape
   clean = sampler_config.clean_schedule
-  ipr_table = schedule_lib.schedule_table(num_patches, ipr_config.renoise_steps_per_patch,
-                                          ipr_config.overlap, clean, ipr_config.renoise_time,
-                                          kind=ipr_config.schedule, top_k=ipr_config.top_k)
+  ipr_table = schedule_lib.schedule_table(
+      num_patches,
+      ipr_config.renoise_steps_per_patch,
+      ipr_config.overlap,
+      clean,
+      ipr_config.renoise_time,
+      kind=ipr_config.schedule,
+      top_k=ipr_config.top_k,
+  )
   proto_len = ipr_table.prototypes.shape[1]
   srm_sched = None
   if srm_unknown is not None:
     table = srm_table(num_patches, sampler_config)
     proto_len = max(proto_len, table.prototypes.shape[1])
-    order = planned_order(table, sampler_config, srm_unknown, fold_keys(keys, PLAN_STREAM),
-                          dependency, sampler_config.overlap)
+    order = planned_order(
+        table,
+        sampler_config,
+        srm_unknown,
+        fold_keys(keys, PLAN_STREAM),
+        dependency,
+        sampler_config.overlap,
+    )
     srm_sched = lookup_schedule(table, jnp.sum(srm_unknown, axis=1), proto_len, order)
   return _Refinement(
-      denoise_fn=denoise_fn, masked=masked, mask=mask, candidates=candidates, noise=noise,
-      srm_unknown=srm_unknown, srm_sched=srm_sched,
-      iteration_keys=fold_keys(keys, _IPR_STREAM), query_keys=fold_keys(keys, _QUERY_STREAM),
-      counts=jnp.asarray(resample_counts(ipr_config, num_patches)), dependency=dependency,
+      denoise_fn=denoise_fn,
+      masked=masked,
+      mask=mask,
+      candidates=candidates,
+      noise=noise,
+      srm_unknown=srm_unknown,
+      srm_sched=srm_sched,
+      iteration_keys=fold_keys(keys, _IPR_STREAM),
+      query_keys=fold_keys(keys, _QUERY_STREAM),
+      counts=jnp.asarray(resample_counts(ipr_config, num_patches)),
+      dependency=dependency,
       ipr_table=ipr_table,
-      proto_len=proto_len, patch_size=patch_size, sampler_config=sampler_config,
-      ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-      cell_verify_fn=cell_verify_fn, num_snapshots=min(int(num_snapshots), batch))
+      proto_len=proto_len,
+      patch_size=patch_size,
+      sampler_config=sampler_config,
+      ipr_config=ipr_config,
+      score_fn=score_fn,
+      verify_fn=verify_fn,
+      cell_verify_fn=cell_verify_fn,
+      num_snapshots=min(int(num_snapshots), batch),
+  )
 
 
 def _query(run: _Refinement, z, index, active) -> tuple[jax.Array, jax.Array]:
@@ -256,8 +335,14 @@ def _query(run: _Refinement, z, index, active) -> tuple[jax.Array, jax.Array]:
   passes it costs `[B]`, 0 for inactive puzzles)."""
   cfg = run.ipr_config
   cells = uncertainty_query(
-      run.denoise_fn, z, run.candidates, fold_keys(run.query_keys, index),
-      patch_size=run.patch_size, groups=cfg.uncertainty_groups, score=cfg.uncertainty_score)
+      run.denoise_fn,
+      z,
+      run.candidates,
+      fold_keys(run.query_keys, index),
+      patch_size=run.patch_size,
+      groups=cfg.uncertainty_groups,
+      score=cfg.uncertainty_score,
+  )
   return cells, jnp.where(active, cfg.uncertainty_groups, 0).astype(jnp.int32)
 
 
@@ -276,9 +361,15 @@ def _initial_carry(run: _Refinement, z: jax.Array) -> _RefineCarry:
     nfe = nfe + cost
     best = mean_over(cells, run.candidates)
   return _RefineCarry(
-      z=z, nfe=nfe, stopped=stopped, stop_budget=jnp.where(stopped, 0, -1).astype(jnp.int32),
-      initial_order=jnp.full((batch, num_patches), -1, jnp.int32), cells=cells, z_best=z,
-      best=best)
+      z=z,
+      nfe=nfe,
+      stopped=stopped,
+      stop_budget=jnp.where(stopped, 0, -1).astype(jnp.int32),
+      initial_order=jnp.full((batch, num_patches), -1, jnp.int32),
+      cells=cells,
+      z_best=z,
+      best=best,
+  )
 
 
 def _iteration_start(run: _Refinement, carry: _RefineCarry, j, keys, active):
@@ -290,14 +381,30 @@ def _iteration_start(run: _Refinement, carry: _RefineCarry, j, keys, active):
   ipr_iteration = j if run.with_srm else j + 1  # 1-based; 0 is the SRM pass
   num_candidates = jnp.sum(run.candidates, axis=1)
   k = jnp.minimum(run.counts[ipr_iteration][num_candidates], num_candidates)
-  chosen = SELECTORS[cfg.selection](keys[:, 0], run.candidates, k, z=carry.z, cells=carry.cells,
-                                    ipr_config=cfg, cell_verify_fn=run.cell_verify_fn)
+  chosen = SELECTORS[cfg.selection](
+      keys[:, 0],
+      run.candidates,
+      k,
+      z=carry.z,
+      cells=carry.cells,
+      ipr_config=cfg,
+      cell_verify_fn=run.cell_verify_fn,
+  )
   chosen = chosen & active[:, None]
-  z_start = _renoise(carry.z, chosen, keys[:, 1], run.noise, run.masked, run.mask,
-                     patch_size=run.patch_size, noise_type=cfg.noise_type,
-                     renoise_time=cfg.renoise_time)
-  order = planned_order(run.ipr_table, cfg, chosen, fold_keys(keys[:, 0], PLAN_STREAM),
-                        run.dependency, cfg.overlap)
+  z_start = _renoise(
+      carry.z,
+      chosen,
+      keys[:, 1],
+      run.noise,
+      run.masked,
+      run.mask,
+      patch_size=run.patch_size,
+      noise_type=cfg.noise_type,
+      renoise_time=cfg.renoise_time,
+  )
+  order = planned_order(
+      run.ipr_table, cfg, chosen, fold_keys(keys[:, 0], PLAN_STREAM), run.dependency, cfg.overlap
+  )
   sched = lookup_schedule(run.ipr_table, jnp.sum(chosen, axis=1), run.proto_len, order)
   partial = cfg.renoise_time < 1.0
   start_time = jnp.full([batch], cfg.renoise_time, jnp.float32) if partial else None
@@ -322,14 +429,18 @@ def _query_and_track(run: _Refinement, carry: _RefineCarry, j, active):
   needed = True if run.confident else j < run.num_iterations - 1
   batch = run.candidates.shape[0]
   cells, cost = jax.lax.cond(
-      needed, lambda: _query(run, carry.z, j + 1, active),
-      lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)))
+      needed,
+      lambda: _query(run, carry.z, j + 1, active),
+      lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)),
+  )
   uncertainty = mean_over(cells, run.candidates)
   carry = carry.replace(cells=cells, nfe=carry.nfe + cost)
   if run.confident:  # Keep the iterate with the lowest mean score so far.
     better = active & (uncertainty < carry.best)
-    carry = carry.replace(z_best=jnp.where(better[:, None, None, None], carry.z, carry.z_best),
-                          best=jnp.where(better, uncertainty, carry.best))
+    carry = carry.replace(
+        z_best=jnp.where(better[:, None, None, None], carry.z, carry.z_best),
+        best=jnp.where(better, uncertainty, carry.best),
+    )
   return carry, uncertainty
 
 
@@ -339,7 +450,8 @@ def _immediate_stop(run: _Refinement, carry: _RefineCarry, j, active) -> _Refine
   accepted = active & run.verify_fn(carry.z).astype(bool)
   carry = carry.replace(
       stop_budget=jnp.where(accepted, j if run.with_srm else j + 1, carry.stop_budget),
-      stopped=carry.stopped | accepted)
+      stopped=carry.stopped | accepted,
+  )
   if run.confident:  # The verifier's choice overrides the model's.
     carry = carry.replace(z_best=jnp.where(accepted[:, None, None, None], carry.z, carry.z_best))
   return carry
@@ -354,21 +466,37 @@ def _iteration(run: _Refinement, carry: _RefineCarry, j):
   active = ~carry.stopped
   chosen, waiting, z_start, sched, start_time = _iteration_start(run, carry, j, keys, active)
   config = run.sampler_config
-  out = greedy_loop(run.denoise_fn, z_start, run.masked, run.mask, waiting, keys[:, 2], sched,
-                patch_size=run.patch_size, stochasticity=config.stochasticity,
-                temperature=config.temperature, clamp_noise=config.clamp_noise,
-                start_time=start_time)
-  carry = carry.replace(z=jnp.where(active[:, None, None, None], out.z, carry.z),
-                        nfe=carry.nfe + out.nfe)
+  out = greedy_loop(
+      run.denoise_fn,
+      z_start,
+      run.masked,
+      run.mask,
+      waiting,
+      keys[:, 2],
+      sched,
+      patch_size=run.patch_size,
+      stochasticity=config.stochasticity,
+      temperature=config.temperature,
+      clamp_noise=config.clamp_noise,
+      start_time=start_time,
+  )
+  carry = carry.replace(
+      z=jnp.where(active[:, None, None, None], out.z, carry.z), nfe=carry.nfe + out.nfe
+  )
   if run.with_srm:
     carry = carry.replace(initial_order=jnp.where(j == 0, out.order, carry.initial_order))
   carry, uncertainty = _query_and_track(run, carry, j, active)
   if run.ipr_config.immediate_stop:
     carry = _immediate_stop(run, carry, j, active)
   returned = carry.z_best if run.confident else carry.z
-  return carry, (_scores(run.score_fn, returned), carry.nfe, chosen,
-                 returned[:run.num_snapshots],
-                 _scores(run.score_fn, carry.z) if run.confident else None, uncertainty)
+  return carry, (
+      _scores(run.score_fn, returned),
+      carry.nfe,
+      chosen,
+      returned[: run.num_snapshots],
+      _scores(run.score_fn, carry.z) if run.confident else None,
+      uncertainty,
+  )
 
 
 def _result(run: _Refinement, first: _RefineCarry, last: _RefineCarry, outputs) -> IPRResult:
@@ -377,28 +505,50 @@ def _result(run: _Refinement, first: _RefineCarry, last: _RefineCarry, outputs) 
   if run.with_srm:
     resampled = resampled[1:]
   else:  # Budget 0 is the input itself.
+
     def with_budget0(budget0, rest):
       return jnp.concatenate([budget0[None], rest], axis=0)
+
     scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), scores)
     nfes = with_budget0(first.nfe, nfes)
-    snapshots = with_budget0(first.z[:run.num_snapshots], snapshots)
+    snapshots = with_budget0(first.z[: run.num_snapshots], snapshots)
     if run.confident:
       last_scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), last_scores)
     if run.ipr_config.queries_uncertainty:  # The input's query, made before the scan.
       uncertainty = with_budget0(first.best, uncertainty)
-  return IPRResult(z=last.z_best if run.confident else last.z, scores=scores, nfe=last.nfe,
-                   nfe_per_budget=nfes, stop_budget=last.stop_budget, resampled=resampled,
-                   initial_order=last.initial_order,
-                   snapshots=snapshots if run.num_snapshots else None,
-                   last_scores=last_scores, uncertainty=uncertainty)
+  return IPRResult(
+      z=last.z_best if run.confident else last.z,
+      scores=scores,
+      nfe=last.nfe,
+      nfe_per_budget=nfes,
+      stop_budget=last.stop_budget,
+      resampled=resampled,
+      initial_order=last.initial_order,
+      snapshots=snapshots if run.num_snapshots else None,
+      last_scores=last_scores,
+      uncertainty=uncertainty,
+  )
 
 
-def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
-            srm_unknown: Optional[jax.Array], patch_size: int,
-            sampler_config: SamplerConfig, ipr_config: IPRConfig,
-            score_fn: Optional[ScoreFn], verify_fn: Optional[VerifyFn],
-            cell_verify_fn: Optional[CellVerifyFn], num_snapshots: int,
-            dependency: Optional[np.ndarray] = None) -> IPRResult:
+def _refine(
+    denoise_fn: DenoiseFn,
+    z,
+    masked,
+    mask,
+    candidates,
+    noise,
+    keys,
+    *,
+    srm_unknown: Optional[jax.Array],
+    patch_size: int,
+    sampler_config: SamplerConfig,
+    ipr_config: IPRConfig,
+    score_fn: Optional[ScoreFn],
+    verify_fn: Optional[VerifyFn],
+    cell_verify_fn: Optional[CellVerifyFn],
+    num_snapshots: int,
+    dependency: Optional[np.ndarray] = None,
+) -> IPRResult:
   """IPR, optionally preceded by the SRM pass, as one scan over iterations.
 
   With `srm_unknown` given, iteration 0 is the SRM pass that generates those
@@ -415,26 +565,50 @@ def _refine(denoise_fn: DenoiseFn, z, masked, mask, candidates, noise, keys, *,
   candidates and srm_unknown `[B, N]` bool, keys `[B]`.
   """
   _check_refine(z, noise, ipr_config, verify_fn, cell_verify_fn)
-  run = _refinement(denoise_fn, masked, mask, candidates, noise, keys, srm_unknown,
-                    patch_size=patch_size, sampler_config=sampler_config,
-                    ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-                    cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
-                    dependency=dependency)
+  run = _refinement(
+      denoise_fn,
+      masked,
+      mask,
+      candidates,
+      noise,
+      keys,
+      srm_unknown,
+      patch_size=patch_size,
+      sampler_config=sampler_config,
+      ipr_config=ipr_config,
+      score_fn=score_fn,
+      verify_fn=verify_fn,
+      cell_verify_fn=cell_verify_fn,
+      num_snapshots=num_snapshots,
+      dependency=dependency,
+  )
   first = _initial_carry(run, z.astype(jnp.float32))
-  last, outputs = jax.lax.scan(lambda carry, j: _iteration(run, carry, j), first,
-                               jnp.arange(run.num_iterations, dtype=jnp.int32))
+  last, outputs = jax.lax.scan(
+      lambda carry, j: _iteration(run, carry, j),
+      first,
+      jnp.arange(run.num_iterations, dtype=jnp.int32),
+  )
   return _result(run, first, last, outputs)
 
 
-def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
-               mask: Optional[jax.Array], candidates: jax.Array,
-               noise: jax.Array, keys: jax.Array, *, patch_size: int,
-               sampler_config: SamplerConfig, ipr_config: IPRConfig,
-               score_fn: Optional[ScoreFn] = None,
-               verify_fn: Optional[VerifyFn] = None,
-               cell_verify_fn: Optional[CellVerifyFn] = None,
-               num_snapshots: int = 0,
-               dependency: Optional[np.ndarray] = None) -> IPRResult:
+def ipr_refine(
+    denoise_fn: DenoiseFn,
+    z: jax.Array,
+    masked: Optional[jax.Array],
+    mask: Optional[jax.Array],
+    candidates: jax.Array,
+    noise: jax.Array,
+    keys: jax.Array,
+    *,
+    patch_size: int,
+    sampler_config: SamplerConfig,
+    ipr_config: IPRConfig,
+    score_fn: Optional[ScoreFn] = None,
+    verify_fn: Optional[VerifyFn] = None,
+    cell_verify_fn: Optional[CellVerifyFn] = None,
+    num_snapshots: int = 0,
+    dependency: Optional[np.ndarray] = None,
+) -> IPRResult:
   """IPR iterations on a batch of given samples (spec §4.5).
 
   Each iteration, per puzzle: draw k = max(1, floor(ratio * |candidates|))
@@ -467,22 +641,42 @@ def ipr_refine(denoise_fn: DenoiseFn, z: jax.Array, masked: Optional[jax.Array],
     IPRResult (initial_order all -1).
   """
   check_inputs(z, masked, mask, candidates, keys, patch_size)
-  return _refine(denoise_fn, z, masked, mask, candidates, noise, keys,
-                 srm_unknown=None, patch_size=patch_size,
-                 sampler_config=sampler_config, ipr_config=ipr_config,
-                 score_fn=score_fn, verify_fn=verify_fn,
-                 cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
-                 dependency=dependency)
+  return _refine(
+      denoise_fn,
+      z,
+      masked,
+      mask,
+      candidates,
+      noise,
+      keys,
+      srm_unknown=None,
+      patch_size=patch_size,
+      sampler_config=sampler_config,
+      ipr_config=ipr_config,
+      score_fn=score_fn,
+      verify_fn=verify_fn,
+      cell_verify_fn=cell_verify_fn,
+      num_snapshots=num_snapshots,
+      dependency=dependency,
+  )
 
 
-def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array],
-            mask: Optional[jax.Array] = None, noise: Optional[jax.Array] = None,
-            patch_size: int, sampler_config: SamplerConfig,
-            ipr_config: IPRConfig, score_fn: Optional[ScoreFn] = None,
-            verify_fn: Optional[VerifyFn] = None,
-            cell_verify_fn: Optional[CellVerifyFn] = None,
-            num_snapshots: int = 0,
-            dependency: Optional[np.ndarray] = None) -> IPRResult:
+def srm_ipr(
+    denoise_fn: DenoiseFn,
+    keys: jax.Array,
+    *,
+    image: Optional[jax.Array],
+    mask: Optional[jax.Array] = None,
+    noise: Optional[jax.Array] = None,
+    patch_size: int,
+    sampler_config: SamplerConfig,
+    ipr_config: IPRConfig,
+    score_fn: Optional[ScoreFn] = None,
+    verify_fn: Optional[VerifyFn] = None,
+    cell_verify_fn: Optional[CellVerifyFn] = None,
+    num_snapshots: int = 0,
+    dependency: Optional[np.ndarray] = None,
+) -> IPRResult:
   """Initial SRM pass (or correction-mode corruption) followed by IPR.
 
   standard mode (§4.2): masked = (1 - mask) image, z = masked + mask noise,
@@ -531,19 +725,34 @@ def srm_ipr(denoise_fn: DenoiseFn, keys: jax.Array, *, image: Optional[jax.Array
   patches_shape = (reference.shape[0], grid[0] * grid[1])  # [B, N]
   if noise is None:
     noise = jax.vmap(lambda k: jax.random.normal(k, reference.shape[1:], jnp.float32))(
-        fold_keys(keys, _NOISE_STREAM))
-  common = dict(patch_size=patch_size, sampler_config=sampler_config,
-                ipr_config=ipr_config, score_fn=score_fn, verify_fn=verify_fn,
-                cell_verify_fn=cell_verify_fn, num_snapshots=num_snapshots,
-                dependency=dependency)
+        fold_keys(keys, _NOISE_STREAM)
+    )
+  common = dict(
+      patch_size=patch_size,
+      sampler_config=sampler_config,
+      ipr_config=ipr_config,
+      score_fn=score_fn,
+      verify_fn=verify_fn,
+      cell_verify_fn=cell_verify_fn,
+      num_snapshots=num_snapshots,
+      dependency=dependency,
+  )
   if ipr_config.mode == "correction":
     z = _corrupted(keys, image, patch_size, ipr_config.num_corruption_swaps)
-    return _refine(denoise_fn, z, None, None, jnp.ones(patches_shape, bool), noise, keys,
-                   srm_unknown=None, **common)
+    return _refine(
+        denoise_fn,
+        z,
+        None,
+        None,
+        jnp.ones(patches_shape, bool),
+        noise,
+        keys,
+        srm_unknown=None,
+        **common,
+    )
   z, masked, mask, unknown = _srm_start(image, mask, noise, patch_size, patches_shape)
   check_inputs(z, masked, mask, unknown, keys, patch_size)
-  return _refine(denoise_fn, z, masked, mask, unknown, noise, keys,
-                 srm_unknown=unknown, **common)
+  return _refine(denoise_fn, z, masked, mask, unknown, noise, keys, srm_unknown=unknown, **common)
 
 
 def _corrupted(keys, image, patch_size: int, num_swaps: int) -> jax.Array:
@@ -551,7 +760,8 @@ def _corrupted(keys, image, patch_size: int, num_swaps: int) -> jax.Array:
   if image is None:
     raise ValueError("correction mode needs the solved image, got image=None.")
   return jax.vmap(corrupt_by_swaps, in_axes=(0, 0, None, None))(
-      fold_keys(keys, _CORRUPT_STREAM), image.astype(jnp.float32), patch_size, num_swaps)
+      fold_keys(keys, _CORRUPT_STREAM), image.astype(jnp.float32), patch_size, num_swaps
+  )
 
 
 def _srm_start(image, mask, noise, patch_size: int, patches_shape: tuple[int, int]):

@@ -11,13 +11,11 @@ def patch_grid(image_shape, patch_size: int) -> tuple[int, int]:
   if int(patch_size) != patch_size or patch_size < 1:
     raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
   if h % patch_size or w % patch_size:
-    raise ValueError(
-        f"patch_size={patch_size} does not divide the image size {h}x{w}.")
+    raise ValueError(f"patch_size={patch_size} does not divide the image size {h}x{w}.")
   return h // patch_size, w // patch_size
 
 
-def patches_to_pixels(values: jax.Array, grid: tuple[int, int],
-                      patch_size: int) -> jax.Array:
+def patches_to_pixels(values: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
   """Repeats per-patch values over their pixels: `[B, N]` -> `[B, H, W, 1]`."""
   b = values.shape[0]
   gh, gw = grid
@@ -57,8 +55,7 @@ def unknown_patches(mask: jax.Array, patch_size: int) -> jax.Array:
   return (top_left > 0.5).reshape(mask.shape[0], -1)
 
 
-def patch_pixel_mask(patches: jax.Array, grid: tuple[int, int],
-                     patch_size: int) -> jax.Array:
+def patch_pixel_mask(patches: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
   """`[B, N]` bool patch selection -> `[B, H, W, 1]` bool pixel mask."""
   return patches_to_pixels(patches, grid, patch_size)
 
@@ -72,7 +69,8 @@ def check_keys(keys: jax.Array, batch: int) -> None:
   if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
     raise ValueError(
         "keys must be a typed key array (jax.random.key), one per puzzle; got "
-        f"dtype {keys.dtype}.")
+        f"dtype {keys.dtype}."
+    )
   if keys.shape != (batch,):
     raise ValueError(f"keys must have shape ({batch},), got {keys.shape}.")
 
@@ -82,8 +80,9 @@ def fold_keys(keys: jax.Array, data) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
-def corrupt_by_swaps(key: jax.Array, image: jax.Array, patch_size: int,
-                     num_swaps: int) -> jax.Array:
+def corrupt_by_swaps(
+    key: jax.Array, image: jax.Array, patch_size: int, num_swaps: int
+) -> jax.Array:
   """Swaps the contents of two cells `num_swaps` times (correction mode, §4.2).
 
   Each swap picks two distinct rows and two distinct columns of the patch
@@ -109,7 +108,8 @@ def corrupt_by_swaps(key: jax.Array, image: jax.Array, patch_size: int,
   def swap(i, cells):
     # r0 uniform, r1 = r0 + uniform{1..gh-1} (mod gh): a uniform distinct pair.
     r0, dr, c0, dc = jax.random.randint(
-        jax.random.fold_in(key, i), (4,), 0, jnp.array([gh, gh - 1, gw, gw - 1]))
+        jax.random.fold_in(key, i), (4,), 0, jnp.array([gh, gh - 1, gw, gw - 1])
+    )
     r1, c1 = (r0 + 1 + dr) % gh, (c0 + 1 + dc) % gw
     a, b = r0 * gw + c0, r1 * gw + c1
     cell_a, cell_b = cells[a], cells[b]

@@ -28,8 +28,9 @@ import numpy as np
 TIE_EPS = 1e-5
 
 
-def weighted_adjacency(dependency: np.ndarray, max_order: int,
-                       certainty_decay: float) -> Optional[np.ndarray]:
+def weighted_adjacency(
+    dependency: np.ndarray, max_order: int, certainty_decay: float
+) -> Optional[np.ndarray]:
   """The propagation matrix W `[N, N]` float32 of the reference, or None for max_order 0.
 
   W = I + sum_{o=1..max_order} decay^o P_o, with P_0 = I and P_o = (P_{o-1} D) whose column j is
@@ -63,8 +64,9 @@ def tie_priorities(keys: jax.Array, num_patches: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.uniform(k, (num_patches, num_patches)))(keys)
 
 
-def sequential_order(unknown: jax.Array, weights: Optional[np.ndarray], overlap: float,
-                     priorities: jax.Array) -> jax.Array:
+def sequential_order(
+    unknown: jax.Array, weights: Optional[np.ndarray], overlap: float, priorities: jax.Array
+) -> jax.Array:
   """The planned patch of each block, per puzzle.
 
   Args:

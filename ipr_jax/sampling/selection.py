@@ -11,16 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipr_jax import flow
-from ipr_jax.sampling.config import (DenoiseFn, IPRConfig, SELECTIONS, UNCERTAINTY_SCORES,
-                                     check_ratio)
+from ipr_jax.sampling.config import (
+    DenoiseFn,
+    IPRConfig,
+    SELECTIONS,
+    UNCERTAINTY_SCORES,
+    check_ratio,
+)
 from ipr_jax.sampling.patches import patch_grid, patch_mean, patch_pixel_mask
 
 
 def num_resampled_table(num_patches: int, ratio: float) -> np.ndarray:
   """k = max(1, int(c * ratio)) for c = 0..N candidates (Python float arithmetic)."""
   check_ratio(ratio)
-  return np.array([max(1, int(c * ratio)) for c in range(num_patches + 1)],
-                  np.int32)
+  return np.array([max(1, int(c * ratio)) for c in range(num_patches + 1)], np.int32)
 
 
 def resample_counts(ipr_config: IPRConfig, num_patches: int) -> np.ndarray:
@@ -31,7 +35,7 @@ def resample_counts(ipr_config: IPRConfig, num_patches: int) -> np.ndarray:
   """
   iterations = range(1, max(ipr_config.budget, 1) + 1)
   rows = [num_resampled_table(num_patches, ipr_config.ratio_at(i)) for i in iterations]
-  return np.stack(rows[:1] + rows[:ipr_config.budget])
+  return np.stack(rows[:1] + rows[: ipr_config.budget])
 
 
 def resample_mask(key: jax.Array, candidates: jax.Array, ratio: float) -> jax.Array:
@@ -49,8 +53,7 @@ def resample_mask(key: jax.Array, candidates: jax.Array, ratio: float) -> jax.Ar
   check_ratio(ratio)
   num_patches = candidates.shape[-1]
   count = jnp.sum(candidates)
-  k = jnp.minimum(jnp.asarray(num_resampled_table(num_patches, ratio))[count],
-                  count)
+  k = jnp.minimum(jnp.asarray(num_resampled_table(num_patches, ratio))[count], count)
   return random_subset(key, candidates, k)
 
 
@@ -61,8 +64,9 @@ def random_subset(key: jax.Array, candidates: jax.Array, k: jax.Array) -> jax.Ar
   return (ranks < k) & candidates
 
 
-def ranked_subset(key: jax.Array, candidates: jax.Array, priority: jax.Array,
-                  k: jax.Array) -> jax.Array:
+def ranked_subset(
+    key: jax.Array, candidates: jax.Array, priority: jax.Array, k: jax.Array
+) -> jax.Array:
   """`[N]` bool: min(k, |candidates|) candidates by Gumbel top-k of the logits `priority` [N].
 
   A draw without replacement in which a patch is picked with probability proportional to
@@ -82,13 +86,20 @@ def mean_over(values: jax.Array, candidates: jax.Array) -> jax.Array:
 def standardized(scores: jax.Array, candidates: jax.Array) -> jax.Array:
   """Scores `[B, N]` shifted and scaled to mean 0, std 1 over each puzzle's candidates."""
   centred = scores - mean_over(scores, candidates)[:, None]
-  std = jnp.sqrt(mean_over(centred ** 2, candidates))[:, None]
+  std = jnp.sqrt(mean_over(centred**2, candidates))[:, None]
   return jnp.where(candidates, centred / (std + 1e-6), 0.0)
 
 
-def uncertainty_query(denoise_fn: DenoiseFn, z: jax.Array, candidates: jax.Array,
-                      keys: jax.Array, *, patch_size: int, groups: int,
-                      score: str = "nll") -> jax.Array:
+def uncertainty_query(
+    denoise_fn: DenoiseFn,
+    z: jax.Array,
+    candidates: jax.Array,
+    keys: jax.Array,
+    *,
+    patch_size: int,
+    groups: int,
+    score: str = "nll",
+) -> jax.Array:
   """The model's own uncertainty about each candidate patch of the samples z, in G passes.
 
   The candidates of each puzzle are split into G random groups of equal size (+-1). For each
@@ -126,7 +137,8 @@ def uncertainty_query(denoise_fn: DenoiseFn, z: jax.Array, candidates: jax.Array
   noised = candidates[None] & (group[None] == jnp.arange(groups)[:, None, None])  # [G, B, N]
   pixels = patch_pixel_mask(noised.reshape(groups * batch, num_patches), grid, patch_size)
   tile = lambda x: jnp.broadcast_to(x[None], (groups,) + x.shape).reshape(
-      (groups * batch,) + x.shape[1:])
+      (groups * batch,) + x.shape[1:]
+  )
   z_all = tile(z.astype(jnp.float32))
   z_query = jnp.where(pixels, tile(eps), z_all)
   t_query = pixels.astype(jnp.float32)
@@ -156,8 +168,7 @@ def select_random(keys, candidates, k, *, z, cells, ipr_config, cell_verify_fn) 
   return jax.vmap(random_subset)(keys, candidates, k)
 
 
-def select_uncertainty(keys, candidates, k, *, z, cells, ipr_config,
-                       cell_verify_fn) -> jax.Array:
+def select_uncertainty(keys, candidates, k, *, z, cells, ipr_config, cell_verify_fn) -> jax.Array:
   """'uncertainty': Gumbel top-k of the standardised query scores at selection_temperature."""
   del z, cell_verify_fn
   priority = standardized(cells, candidates) / ipr_config.selection_temperature
@@ -171,6 +182,9 @@ def select_verifier(keys, candidates, k, *, z, cells, ipr_config, cell_verify_fn
   return jax.vmap(ranked_subset)(keys, candidates, priority, k)
 
 
-SELECTORS = {"random": select_random, "uncertainty": select_uncertainty,
-             "verifier": select_verifier}
+SELECTORS = {
+    "random": select_random,
+    "uncertainty": select_uncertainty,
+    "verifier": select_verifier,
+}
 assert tuple(SELECTORS) == SELECTIONS

@@ -31,8 +31,9 @@ from ipr_jax.models import classifier
 
 PARTS = ("train", "test")
 
-_OUTPUT = flags.DEFINE_string("ranking_path", str(digits_lib.BUNDLED_RANKING),
-                               "Where to write the file.")
+_OUTPUT = flags.DEFINE_string(
+    "ranking_path", str(digits_lib.BUNDLED_RANKING), "Where to write the file."
+)
 
 
 def rank_within_class(labels: np.ndarray, confidence: np.ndarray) -> np.ndarray:

@@ -50,9 +50,15 @@ def _gaussian_blur_matrix(size: int, sigma: float) -> jax.Array:
   return taps / jnp.sum(jnp.exp(-0.5 * (jnp.arange(-size + 1, size) / sigma) ** 2))
 
 
-def random_warp(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.0,
-                max_scale_change: float = 0.1, max_shift: float = 2.0,
-                elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> jax.Array:
+def random_warp(
+    key: jax.Array,
+    images: jax.Array,
+    max_rotation_deg: float = 12.0,
+    max_scale_change: float = 0.1,
+    max_shift: float = 2.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
+) -> jax.Array:
   """Random rotation, isotropic scaling, shift and elastic distortion (bilinear, background -1).
 
   The elastic part is Simard et al.'s (2003): a uniform [-1, 1] displacement field per pixel and
@@ -69,18 +75,21 @@ def random_warp(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.
   """
   batch, height, width, _ = images.shape
   k_rot, k_scale, k_shift, k_elastic = jax.random.split(key, 4)
-  angle = jnp.deg2rad(jax.random.uniform(k_rot, (batch,), minval=-max_rotation_deg,
-                                         maxval=max_rotation_deg))
-  scale = 1.0 + jax.random.uniform(k_scale, (batch,), minval=-max_scale_change,
-                                   maxval=max_scale_change)
+  angle = jnp.deg2rad(
+      jax.random.uniform(k_rot, (batch,), minval=-max_rotation_deg, maxval=max_rotation_deg)
+  )
+  scale = 1.0 + jax.random.uniform(
+      k_scale, (batch,), minval=-max_scale_change, maxval=max_scale_change
+  )
   shift = jax.random.uniform(k_shift, (batch, 2), minval=-max_shift, maxval=max_shift)
   noise = jax.random.uniform(k_elastic, (batch, 2, height, width), minval=-1.0, maxval=1.0)
   blur_rows = _gaussian_blur_matrix(height, elastic_sigma)
   blur_cols = _gaussian_blur_matrix(width, elastic_sigma)
   displacement = elastic_alpha * jnp.einsum("ij,bcjk,lk->bcil", blur_rows, noise, blur_cols)
   center = jnp.array([(height - 1) / 2, (width - 1) / 2])
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                            jnp.arange(width, dtype=jnp.float32), indexing="ij")
+  rows, cols = jnp.meshgrid(
+      jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+  )
 
   def warp(image, angle, scale, shift, displacement):
     # Output pixel p reads input pixel R(-angle) (p - center - shift) / scale + center + d(p).
@@ -88,8 +97,9 @@ def random_warp(key: jax.Array, images: jax.Array, max_rotation_deg: float = 12.
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     src_y = (cos * y + sin * x) / scale + center[0] + displacement[0]
     src_x = (-sin * y + cos * x) / scale + center[1] + displacement[1]
-    return jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1,
-                                             mode="constant", cval=-1.0)[..., None]
+    return jax.scipy.ndimage.map_coordinates(
+        image[..., 0], [src_y, src_x], order=1, mode="constant", cval=-1.0
+    )[..., None]
 
   return jax.vmap(warp)(images, angle, scale, shift, displacement)
 
@@ -125,10 +135,23 @@ def _loss(params, images, labels, dropout_key, dropout_rates):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "augment", "dropout_rates",
-                                             "elastic_alpha", "cell_size"), donate_argnums=(0, 1))
-def _train_step(params, opt_state, images, labels, key, optimizer, augment, dropout_rates,
-                elastic_alpha, cell_size):
+@functools.partial(
+    jax.jit,
+    static_argnames=("optimizer", "augment", "dropout_rates", "elastic_alpha", "cell_size"),
+    donate_argnums=(0, 1),
+)
+def _train_step(
+    params,
+    opt_state,
+    images,
+    labels,
+    key,
+    optimizer,
+    augment,
+    dropout_rates,
+    elastic_alpha,
+    cell_size,
+):
   k_aug, k_drop = jax.random.split(key)
   if augment:
     images = random_warp(k_aug, images, elastic_alpha=elastic_alpha)
@@ -142,18 +165,29 @@ def accuracy(params, images_u8: np.ndarray, labels: np.ndarray, batch_size: int 
   """Fraction of uint8 digits [N, 28, 28] classified as their label (plain argmax over 10)."""
   correct = 0
   for start in range(0, len(images_u8), batch_size):
-    tiles = digits_lib.to_unit_range(images_u8[start:start + batch_size])[..., None]
+    tiles = digits_lib.to_unit_range(images_u8[start : start + batch_size])[..., None]
     pred = np.asarray(jnp.argmax(classifier_lib.classifier_logits(params, tiles), axis=-1))
-    correct += int((pred == labels[start:start + batch_size]).sum())
+    correct += int((pred == labels[start : start + batch_size]).sum())
   return correct / max(len(images_u8), 1)
 
 
-def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0,
-                     num_epochs: int = 20, batch_size: int = 128, learning_rate: float = 2e-3,
-                     augment: bool = True, elastic_alpha: float = 0.0,
-                     dropout_rates: tuple[float, float] = (0.25, 0.5), ema_decay: float = 0.0,
-                     log_every_epochs: int = 1, eval_fn=None, cell_size: int = 28,
-                     init_params=None) -> dict:
+def train_classifier(
+    images_u8: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    num_epochs: int = 20,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+    augment: bool = True,
+    elastic_alpha: float = 0.0,
+    dropout_rates: tuple[float, float] = (0.25, 0.5),
+    ema_decay: float = 0.0,
+    log_every_epochs: int = 1,
+    eval_fn=None,
+    cell_size: int = 28,
+    init_params=None,
+) -> dict:
   """Trains `MNISTClassifier` (from scratch, or on from `init_params`).
 
   Args:
@@ -183,12 +217,16 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
     raise ValueError(f"batch_size={batch_size} exceeds the {len(images)} training digits")
   optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, num_epochs * steps_per_epoch))
   root = jax.random.key(seed)
-  params = (classifier_lib.init_classifier_params(jax.random.fold_in(root, 0))
-            if init_params is None else init_params)
+  params = (
+      classifier_lib.init_classifier_params(jax.random.fold_in(root, 0))
+      if init_params is None
+      else init_params
+  )
   opt_state = optimizer.init(params)
   ema = jax.tree.map(jnp.copy, params)
-  update_ema = jax.jit(lambda ema, p: jax.tree.map(lambda e, q: ema_decay * e + (1 - ema_decay) * q,
-                                                   ema, p))
+  update_ema = jax.jit(
+      lambda ema, p: jax.tree.map(lambda e, q: ema_decay * e + (1 - ema_decay) * q, ema, p)
+  )
   rng = np.random.default_rng(seed)
   step = 0
   for epoch in range(num_epochs):
@@ -196,18 +234,28 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
     order = rng.permutation(len(images))
     losses = []
     for i in range(steps_per_epoch):
-      batch = order[i * batch_size:(i + 1) * batch_size]
+      batch = order[i * batch_size : (i + 1) * batch_size]
       params, opt_state, loss = _train_step(
-          params, opt_state, images[batch], labels[batch],
-          jax.random.fold_in(jax.random.fold_in(root, 1), step), optimizer, augment,
-          tuple(dropout_rates), float(elastic_alpha), int(cell_size))
+          params,
+          opt_state,
+          images[batch],
+          labels[batch],
+          jax.random.fold_in(jax.random.fold_in(root, 1), step),
+          optimizer,
+          augment,
+          tuple(dropout_rates),
+          float(elastic_alpha),
+          int(cell_size),
+      )
       if ema_decay > 0:
         ema = update_ema(ema, params)
       losses.append(loss)
       step += 1
     if (epoch + 1) % log_every_epochs == 0 or epoch + 1 == num_epochs:
-      message = (f"epoch {epoch + 1}/{num_epochs}: loss {float(jnp.mean(jnp.stack(losses))):.4f}"
-                 f" ({time.time() - start_time:.1f} s)")
+      message = (
+          f"epoch {epoch + 1}/{num_epochs}: loss {float(jnp.mean(jnp.stack(losses))):.4f}"
+          f" ({time.time() - start_time:.1f} s)"
+      )
       if eval_fn is not None:
         message += f", held-out accuracy {eval_fn(params):.4f}"
         if ema_decay > 0:
@@ -216,26 +264,37 @@ def train_classifier(images_u8: np.ndarray, labels: np.ndarray, *, seed: int = 0
   return ema if ema_decay > 0 else params
 
 
-_OUTPUT = flags.DEFINE_string("output", None,
-                              "Where to write the weights (.npz state dict); default: the "
-                              "package's file for --cell_size.")
-_CELL_SIZE = flags.DEFINE_integer("cell_size", 28,
-                                  "Sudoku cell side the weights are for (a divisor of 28): "
-                                  "digits are box-averaged to it and repeated back to 28 px.")
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Where to write the weights (.npz state dict); default: the " "package's file for --cell_size.",
+)
+_CELL_SIZE = flags.DEFINE_integer(
+    "cell_size",
+    28,
+    "Sudoku cell side the weights are for (a divisor of 28): "
+    "digits are box-averaged to it and repeated back to 28 px.",
+)
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Weights (.npz) to start from.")
 # The defaults are the settings of the shipped weights.
 _SEED = flags.DEFINE_integer("seed", 1, "Random seed.")
 _NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 40, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
-_DROPOUT = flags.DEFINE_list("dropout_rates", ["0.1", "0.2"],
-                             "The two channel-dropout rates in training (srmbench: 0.25, 0.5).")
-_ELASTIC_ALPHA = flags.DEFINE_float("elastic_alpha", 20.0,
-                                    "Elastic distortion strength in pixels (0: affine only).")
-_EMA_DECAY = flags.DEFINE_float("ema_decay", 0.995,
-                                "Per-step decay of the parameter moving average (0: none).")
-_MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.99,
-                                   "Refuse to write weights below this held-out accuracy.")
+_DROPOUT = flags.DEFINE_list(
+    "dropout_rates",
+    ["0.1", "0.2"],
+    "The two channel-dropout rates in training (srmbench: 0.25, 0.5).",
+)
+_ELASTIC_ALPHA = flags.DEFINE_float(
+    "elastic_alpha", 20.0, "Elastic distortion strength in pixels (0: affine only)."
+)
+_EMA_DECAY = flags.DEFINE_float(
+    "ema_decay", 0.995, "Per-step decay of the parameter moving average (0: none)."
+)
+_MIN_ACCURACY = flags.DEFINE_float(
+    "min_accuracy", 0.99, "Refuse to write weights below this held-out accuracy."
+)
 
 
 def main(argv):
@@ -243,42 +302,62 @@ def main(argv):
   cell_size = _CELL_SIZE.value
   digits_lib.downsample_digits(np.zeros([1, 28, 28], np.uint8), cell_size)  # checks cell_size
   output = _OUTPUT.value or str(classifier_lib.default_weights(cell_size))
-  init_params = (None if _INIT_FROM.value is None
-                 else classifier_lib.load_classifier_params(_INIT_FROM.value))
+  init_params = (
+      None if _INIT_FROM.value is None else classifier_lib.load_classifier_params(_INIT_FROM.value)
+  )
   train_images, train_labels = digits_lib.load_digits("train")
   test_images, test_labels = digits_lib.load_digits("test")
   # Held out as the metric sees them; training digits are coarsened after augmentation.
   test_images = coarsen_digits(test_images, cell_size)
   logging.info("training on %d bundled digits, %d held out", len(train_images), len(test_images))
   start_time = time.time()
-  params = train_classifier(train_images, train_labels, seed=_SEED.value,
-                            num_epochs=_NUM_EPOCHS.value, batch_size=_BATCH_SIZE.value,
-                            learning_rate=_LEARNING_RATE.value,
-                            elastic_alpha=_ELASTIC_ALPHA.value,
-                            dropout_rates=tuple(float(r) for r in _DROPOUT.value),
-                            ema_decay=_EMA_DECAY.value,
-                            eval_fn=lambda p: accuracy(p, test_images, test_labels),
-                            cell_size=cell_size, init_params=init_params)
+  params = train_classifier(
+      train_images,
+      train_labels,
+      seed=_SEED.value,
+      num_epochs=_NUM_EPOCHS.value,
+      batch_size=_BATCH_SIZE.value,
+      learning_rate=_LEARNING_RATE.value,
+      elastic_alpha=_ELASTIC_ALPHA.value,
+      dropout_rates=tuple(float(r) for r in _DROPOUT.value),
+      ema_decay=_EMA_DECAY.value,
+      eval_fn=lambda p: accuracy(p, test_images, test_labels),
+      cell_size=cell_size,
+      init_params=init_params,
+  )
   train_seconds = time.time() - start_time
   held_out = accuracy(params, test_images, test_labels)
   train_accuracy = accuracy(params, coarsen_digits(train_images, cell_size), train_labels)
-  logging.info("held-out accuracy %.4f, training accuracy %.4f, %.0f s", held_out,
-               train_accuracy, train_seconds)
+  logging.info(
+      "held-out accuracy %.4f, training accuracy %.4f, %.0f s",
+      held_out,
+      train_accuracy,
+      train_seconds,
+  )
   if held_out < _MIN_ACCURACY.value:
-    raise SystemExit(f"held-out accuracy {held_out:.4f} < --min_accuracy={_MIN_ACCURACY.value}; "
-                     "weights not written")
+    raise SystemExit(
+        f"held-out accuracy {held_out:.4f} < --min_accuracy={_MIN_ACCURACY.value}; "
+        "weights not written"
+    )
   metadata = {
-      "held_out_accuracy": held_out, "train_accuracy": train_accuracy,
-      "num_train": len(train_images), "num_held_out": len(test_images),
+      "held_out_accuracy": held_out,
+      "train_accuracy": train_accuracy,
+      "num_train": len(train_images),
+      "num_held_out": len(test_images),
       "digits": "bundled mnist_digits_10k.npz, every 5th digit of each class held out",
-      "seed": _SEED.value, "num_epochs": _NUM_EPOCHS.value, "batch_size": _BATCH_SIZE.value,
+      "seed": _SEED.value,
+      "num_epochs": _NUM_EPOCHS.value,
+      "batch_size": _BATCH_SIZE.value,
       "learning_rate": _LEARNING_RATE.value,
       "dropout_rates": [float(r) for r in _DROPOUT.value],
       "augment": "affine: rot 12 deg, scale 0.1, shift 2",
-      "elastic_alpha": _ELASTIC_ALPHA.value, "elastic_sigma": 4.0,
+      "elastic_alpha": _ELASTIC_ALPHA.value,
+      "elastic_sigma": 4.0,
       "ema_decay": _EMA_DECAY.value,
-      "input_range": "[-1, 1], white digit on -1", "train_seconds": round(train_seconds, 1),
-      "cell_size": cell_size, "init_from": _INIT_FROM.value,
+      "input_range": "[-1, 1], white digit on -1",
+      "train_seconds": round(train_seconds, 1),
+      "cell_size": cell_size,
+      "init_from": _INIT_FROM.value,
   }
   classifier_lib.save_classifier_params(output, params, metadata)
   logging.info("wrote %s: %s", output, json.dumps(metadata))

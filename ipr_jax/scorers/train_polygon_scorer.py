@@ -66,8 +66,9 @@ _CHUNK = 250
 
 
 def scorer_task(seed: int) -> cp_data.CountingPolygonsTask:
-  return cp_data.CountingPolygonsTask(seed=seed, nonuniform_prob=NONUNIFORM_PROB,
-                                      mismatch_prob=MISMATCH_PROB)
+  return cp_data.CountingPolygonsTask(
+      seed=seed, nonuniform_prob=NONUNIFORM_PROB, mismatch_prob=MISMATCH_PROB
+  )
 
 
 def targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,8 +96,11 @@ def auxiliary_targets(infos) -> dict[str, np.ndarray]:
     digits[row, np.asarray(info.printed_numbers) - 1] = 1.0
     present[row, np.asarray(info.vertices_per_polygon) - cp_data.MIN_VERTICES] = 1.0
     for (x0, y0, x1, y1), number in zip(info.text_boxes, info.printed_numbers):
-      cell = np.clip(np.floor(np.array([(y0 + y1) / 2, (x0 + x1) / 2]) /
-                              polygon_scorer.DIGIT_MAP_STRIDE), 0, _MAP_CELLS - 1).astype(int)
+      cell = np.clip(
+          np.floor(np.array([(y0 + y1) / 2, (x0 + x1) / 2]) / polygon_scorer.DIGIT_MAP_STRIDE),
+          0,
+          _MAP_CELLS - 1,
+      ).astype(int)
       digit_map[row, cell[0], cell[1]] = number
   return {"printed_digits": digits, "vertex_presence": present, DIGIT_MAP_KEY: digit_map}
 
@@ -114,8 +118,9 @@ def _render_chunk(args) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   return np.stack([image for image, _ in examples]), labels
 
 
-def render_dataset(split: str, count: int, seed: int, num_workers: int = 1
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_dataset(
+    split: str, count: int, seed: int, num_workers: int = 1
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """uint8 images [count, 128, 128, 3] and int32 targets [count] per head.
 
   'train': random training-layout images, chunk c drawn from default_rng([seed, c * 250]);
@@ -139,7 +144,8 @@ def cached_dataset(cache_dir: str | None, split: str, count: int, seed: int, num
   if not cache_dir:
     return render_dataset(split, count, seed, num_workers)
   path = pathlib.Path(cache_dir) / (
-      f"{split}_{count}_{seed if split == 'train' else 'fixed'}_v3.npz")
+      f"{split}_{count}_{seed if split == 'train' else 'fixed'}_v3.npz"
+  )
   if path.is_file():
     with np.load(path) as f:
       return f["images"], {k: f[k] for k in TARGET_KEYS}
@@ -162,8 +168,9 @@ def _digit_map_loss(digit_logits: jax.Array, digit_map: jax.Array) -> jax.Array:
   target = digit_map.astype(jnp.int32)
   ce = optax.softmax_cross_entropy_with_integer_labels(digit_logits, target)
   is_digit = (target > 0).astype(jnp.float32)
-  return (jnp.sum(ce * is_digit) / jnp.maximum(jnp.sum(is_digit), 1.0)
-          + jnp.sum(ce * (1.0 - is_digit)) / jnp.maximum(jnp.sum(1.0 - is_digit), 1.0))
+  return jnp.sum(ce * is_digit) / jnp.maximum(jnp.sum(is_digit), 1.0) + jnp.sum(
+      ce * (1.0 - is_digit)
+  ) / jnp.maximum(jnp.sum(1.0 - is_digit), 1.0)
 
 
 def _losses(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -180,9 +187,11 @@ def _losses(logits: dict[str, jax.Array], labels: dict[str, jax.Array]) -> dict[
 
 
 @functools.partial(jax.jit, static_argnames=("scorer", "optimizer"), donate_argnums=(0, 1, 2))
-def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer, ema_decay,
-                numbers_weight):
+def _train_step(
+    params, opt_state, ema, images_u8, labels, *, scorer, optimizer, ema_decay, numbers_weight
+):
   """One step on {'scorer': scorer params, 'aux': auxiliary linear layer}."""
+
   def loss_fn(p):
     images = cp_data.unit_range_on_device(images_u8)
     logits, features = scorer.apply({"params": p["scorer"]}, images, with_features=True)
@@ -204,15 +213,17 @@ def _train_step(params, opt_state, ema, images_u8, labels, *, scorer, optimizer,
 
 @functools.partial(jax.jit, static_argnames=("scorer",))
 def _predict(params, images_u8, *, scorer):
-  logits, features = scorer.apply({"params": params}, cp_data.unit_range_on_device(images_u8),
-                                  with_features=True)
+  logits, features = scorer.apply(
+      {"params": params}, cp_data.unit_range_on_device(images_u8), with_features=True
+  )
   if scorer.digit_map:
     logits = {**logits, DIGIT_MAP_KEY: features[DIGIT_MAP_KEY]}
   return {name: jnp.argmax(value, axis=-1) for name, value in logits.items()}
 
 
-def head_accuracies(scorer, params, images_u8: np.ndarray, labels: dict[str, np.ndarray],
-                    batch_size: int = 250) -> dict[str, float]:
+def head_accuracies(
+    scorer, params, images_u8: np.ndarray, labels: dict[str, np.ndarray], batch_size: int = 250
+) -> dict[str, float]:
   """Accuracy per head (num_vertices over uniform images only).
 
   With a digit map and a 'digit_map' target, also 'digit_cells' (the fraction of digit-centre
@@ -220,7 +231,7 @@ def head_accuracies(scorer, params, images_u8: np.ndarray, labels: dict[str, np.
   """
   preds: dict[str, Any] = {}
   for start in range(0, len(images_u8), batch_size):
-    out = _predict(params, jnp.asarray(images_u8[start:start + batch_size]), scorer=scorer)
+    out = _predict(params, jnp.asarray(images_u8[start : start + batch_size]), scorer=scorer)
     for k, v in out.items():
       preds.setdefault(k, []).append(np.asarray(v))
   preds = {k: np.concatenate(v) for k, v in preds.items()}
@@ -242,8 +253,10 @@ def _merge_params(fresh, loaded) -> tuple[dict, list[str]]:
 
   Returns the merged tree and the '/'-joined names of the leaves kept fresh.
   """
-  loaded_leaves = {jax.tree_util.keystr(path): leaf
-                   for path, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  loaded_leaves = {
+      jax.tree_util.keystr(path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]
+  }
   kept_fresh = []
 
   def pick(path, leaf):
@@ -256,11 +269,22 @@ def _merge_params(fresh, loaded) -> tuple[dict, list[str]]:
   return jax.tree_util.tree_map_with_path(pick, fresh), kept_fresh
 
 
-def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architecture: dict, *,
-                 seed: int = 0, num_epochs: int = 4, batch_size: int = 64,
-                 learning_rate: float = 2e-3, weight_decay: float = 1e-4,
-                 ema_decay: float = 0.999, eval_fn=None, log_every_steps: int = 100,
-                 init_params=None, numbers_weight: float = 1.0):
+def train_scorer(
+    images_u8: np.ndarray,
+    labels: dict[str, np.ndarray],
+    architecture: dict,
+    *,
+    seed: int = 0,
+    num_epochs: int = 4,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 1e-4,
+    ema_decay: float = 0.999,
+    eval_fn=None,
+    log_every_steps: int = 100,
+    init_params=None,
+    numbers_weight: float = 1.0,
+):
   """Trains a PolygonScorer; returns (scorer, EMA params).
 
   `init_params` (optional) seed every parameter they have with the same name and shape; the
@@ -273,18 +297,22 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
   total = num_epochs * steps_per_epoch
   warmup = max(1, min(500, total // 10))
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(schedule, weight_decay=weight_decay))
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay)
+  )
   scorer_params = polygon_scorer.init_scorer_params(scorer, jax.random.key(seed))
   if init_params is not None:
     scorer_params, kept_fresh = _merge_params(scorer_params, init_params)
     if kept_fresh:
       logging.info("not in the initial parameters, initialised randomly: %s", kept_fresh)
-  logging.info("scorer %s: %s parameters", architecture,
-               f"{polygon_scorer.num_parameters(scorer_params):,}")
+  logging.info(
+      "scorer %s: %s parameters", architecture, f"{polygon_scorer.num_parameters(scorer_params):,}"
+  )
   num_aux = sum(labels[k].shape[-1] for k in AUX_KEYS)
-  params = {"scorer": scorer_params,
-            "aux": {"kernel": jnp.zeros((scorer.widths[-1], num_aux)), "bias": jnp.zeros(num_aux)}}
+  params = {
+      "scorer": scorer_params,
+      "aux": {"kernel": jnp.zeros((scorer.widths[-1], num_aux)), "bias": jnp.zeros(num_aux)},
+  }
   opt_state = optimizer.init(params)
   ema = jax.tree.map(jnp.copy, params)
   rng = np.random.default_rng(seed)
@@ -293,33 +321,62 @@ def train_scorer(images_u8: np.ndarray, labels: dict[str, np.ndarray], architect
     order = rng.permutation(len(images_u8))
     window = []
     for i in range(steps_per_epoch):
-      batch = order[i * batch_size:(i + 1) * batch_size]
+      batch = order[i * batch_size : (i + 1) * batch_size]
       params, opt_state, ema, per_head = _train_step(
-          params, opt_state, ema, jnp.asarray(images_u8[batch]),
-          {k: jnp.asarray(v[batch]) for k, v in labels.items()}, scorer=scorer,
-          optimizer=optimizer, ema_decay=min(ema_decay, (1.0 + step) / (10.0 + step)),
-          numbers_weight=numbers_weight)
+          params,
+          opt_state,
+          ema,
+          jnp.asarray(images_u8[batch]),
+          {k: jnp.asarray(v[batch]) for k, v in labels.items()},
+          scorer=scorer,
+          optimizer=optimizer,
+          ema_decay=min(ema_decay, (1.0 + step) / (10.0 + step)),
+          numbers_weight=numbers_weight,
+      )
       window.append(per_head)
       step += 1
       if step % log_every_steps == 0:
         mean = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
         window = []
         elapsed = time.time() - start
-        logging.info("step %d/%d (%.1f img/s, ETA %.0f min) loss %s", step, total,
-                     step * batch_size / elapsed, (total - step) * elapsed / step / 60,
-                     " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
+        logging.info(
+            "step %d/%d (%.1f img/s, ETA %.0f min) loss %s",
+            step,
+            total,
+            step * batch_size / elapsed,
+            (total - step) * elapsed / step / 60,
+            " ".join(f"{k}={v:.4f}" for k, v in mean.items()),
+        )
     if eval_fn is not None:
-      logging.info("epoch %d/%d: held-out accuracy %s (EMA %s)", epoch + 1, num_epochs,
-                   eval_fn(scorer, params["scorer"]), eval_fn(scorer, ema["scorer"]))
+      logging.info(
+          "epoch %d/%d: held-out accuracy %s (EMA %s)",
+          epoch + 1,
+          num_epochs,
+          eval_fn(scorer, params["scorer"]),
+          eval_fn(scorer, ema["scorer"]),
+      )
   return scorer, ema["scorer"]
 
 
-def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
-                 num_train: int = 60_000, num_held_out: int = 4_000, num_workers: int = 2,
-                 num_epochs: int = 4, batch_size: int = 64, learning_rate: float = 2e-3,
-                 widths=(32, 32, 64, 128, 256), blocks_per_stage: int = 1, stem_patch: int = 4,
-                 digit_map: bool = True, min_accuracy: float = 0.0,
-                 init_from: str | None = None, numbers_weight: float = 1.0) -> dict:
+def build_scorer(
+    output: str,
+    *,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    num_train: int = 60_000,
+    num_held_out: int = 4_000,
+    num_workers: int = 2,
+    num_epochs: int = 4,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
+    widths=(32, 32, 64, 128, 256),
+    blocks_per_stage: int = 1,
+    stem_patch: int = 4,
+    digit_map: bool = True,
+    min_accuracy: float = 0.0,
+    init_from: str | None = None,
+    numbers_weight: float = 1.0,
+) -> dict:
   """Renders the data, trains a scorer and writes it to `output`; returns the stored metadata.
 
   `init_from` names a weights file to continue training from (its architecture is used, with
@@ -329,11 +386,14 @@ def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
   Raises:
     ValueError: a head's held-out accuracy is below `min_accuracy` (nothing is written).
   """
-  architecture = {"widths": [int(w) for w in widths], "blocks_per_stage": int(blocks_per_stage),
-                  "stem_patch": int(stem_patch), "digit_map": bool(digit_map)}
+  architecture = {
+      "widths": [int(w) for w in widths],
+      "blocks_per_stage": int(blocks_per_stage),
+      "stem_patch": int(stem_patch),
+      "digit_map": bool(digit_map),
+  }
   start = time.time()
-  held_images, held_labels = cached_dataset(cache_dir, "held_out", num_held_out, seed,
-                                            num_workers)
+  held_images, held_labels = cached_dataset(cache_dir, "held_out", num_held_out, seed, num_workers)
   train_images, train_labels = cached_dataset(cache_dir, "train", num_train, seed, num_workers)
   render_seconds = time.time() - start
   evaluate = lambda scorer, p: head_accuracies(scorer, p, held_images, held_labels)
@@ -344,25 +404,42 @@ def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
     architecture = {**previous["architecture"], "digit_map": bool(digit_map)}
     init_params = polygon_scorer.load_scorer(init_from)[1]
   scorer, params = train_scorer(
-      train_images, train_labels, architecture, seed=seed, num_epochs=num_epochs,
-      batch_size=batch_size, learning_rate=learning_rate, eval_fn=evaluate,
-      init_params=init_params, numbers_weight=numbers_weight)
+      train_images,
+      train_labels,
+      architecture,
+      seed=seed,
+      num_epochs=num_epochs,
+      batch_size=batch_size,
+      learning_rate=learning_rate,
+      eval_fn=evaluate,
+      init_params=init_params,
+      numbers_weight=numbers_weight,
+  )
   train_seconds = time.time() - start
   held_out = evaluate(scorer, params)
   logging.info("held-out accuracy %s after %.0f s", held_out, train_seconds)
   digit_cells = {k: held_out.pop(k) for k in ("digit_cells", "empty_cells") if k in held_out}
   if min(held_out.values()) < min_accuracy:
-    raise ValueError(f"held-out accuracy {held_out} below min_accuracy={min_accuracy}; "
-                     "weights not written")
+    raise ValueError(
+        f"held-out accuracy {held_out} below min_accuracy={min_accuracy}; " "weights not written"
+    )
   metadata = {
-      "held_out_accuracy": held_out, "held_out_digit_map_accuracy": digit_cells,
-      "num_held_out": num_held_out, "held_out_task_seed": HELD_OUT_SEED,
+      "held_out_accuracy": held_out,
+      "held_out_digit_map_accuracy": digit_cells,
+      "num_held_out": num_held_out,
+      "held_out_task_seed": HELD_OUT_SEED,
       "held_out_uniform_images": int(held_labels["is_uniform"].sum()),
-      "num_train": num_train, "seed": seed, "num_epochs": num_epochs,
-      "batch_size": batch_size, "learning_rate": learning_rate, "numbers_weight": numbers_weight,
-      "nonuniform_prob": NONUNIFORM_PROB, "mismatch_prob": MISMATCH_PROB,
+      "num_train": num_train,
+      "seed": seed,
+      "num_epochs": num_epochs,
+      "batch_size": batch_size,
+      "learning_rate": learning_rate,
+      "numbers_weight": numbers_weight,
+      "nonuniform_prob": NONUNIFORM_PROB,
+      "mismatch_prob": MISMATCH_PROB,
       "num_parameters": polygon_scorer.num_parameters(params),
-      "render_seconds": round(render_seconds, 1), "train_seconds": round(train_seconds, 1),
+      "render_seconds": round(render_seconds, 1),
+      "train_seconds": round(train_seconds, 1),
       "input_range": "[-1, 1] RGB, NHWC 128x128",
   }
   if previous is not None:
@@ -374,10 +451,12 @@ def build_scorer(output: str, *, cache_dir: str | None = None, seed: int = 0,
 
 def define_flags() -> None:
   """The script's flags; defined only when it runs (importing this module defines none)."""
-  flags.DEFINE_string("output", str(polygon_scorer.DEFAULT_WEIGHTS),
-                      "Where to write the weights (.npz).")
-  flags.DEFINE_string("cache_dir", None,
-                      "Folder caching the rendered images (None: render in memory).")
+  flags.DEFINE_string(
+      "output", str(polygon_scorer.DEFAULT_WEIGHTS), "Where to write the weights (.npz)."
+  )
+  flags.DEFINE_string(
+      "cache_dir", None, "Folder caching the rendered images (None: render in memory)."
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the training images, init and shuffling.")
   flags.DEFINE_integer("num_train", 60_000, "Training images.")
   flags.DEFINE_integer("num_held_out", 4_000, "Held-out test-layout images.")
@@ -388,13 +467,17 @@ def define_flags() -> None:
   flags.DEFINE_list("widths", ["32", "32", "64", "128", "256"], "Stem and stage widths.")
   flags.DEFINE_integer("blocks_per_stage", 1, "Residual blocks per stage.")
   flags.DEFINE_integer("stem_patch", 4, "Space-to-depth factor before the stem.")
-  flags.DEFINE_bool("digit_map", True,
-                    "Give the scorer a dense digit map (trained on the printed digits' centres) "
-                    "that feeds the numbers_label head.")
+  flags.DEFINE_bool(
+      "digit_map",
+      True,
+      "Give the scorer a dense digit map (trained on the printed digits' centres) "
+      "that feeds the numbers_label head.",
+  )
   flags.DEFINE_string("init_from", None, "Continue training from this weights file.")
   flags.DEFINE_float("numbers_weight", 1.0, "Loss weight of the numbers_label head.")
-  flags.DEFINE_float("min_accuracy", 0.0,
-                     "Refuse to write weights if a head's held-out accuracy is below this.")
+  flags.DEFINE_float(
+      "min_accuracy", 0.0, "Refuse to write weights if a head's held-out accuracy is below this."
+  )
 
 
 def main(argv):
@@ -402,11 +485,23 @@ def main(argv):
   f = flags.FLAGS
   try:
     build_scorer(
-        f.output, cache_dir=f.cache_dir, seed=f.seed, num_train=f.num_train,
-        num_held_out=f.num_held_out, num_workers=f.num_workers, num_epochs=f.num_epochs,
-        batch_size=f.batch_size, learning_rate=f.learning_rate, widths=f.widths,
-        blocks_per_stage=f.blocks_per_stage, stem_patch=f.stem_patch, digit_map=f.digit_map,
-        min_accuracy=f.min_accuracy, init_from=f.init_from, numbers_weight=f.numbers_weight)
+        f.output,
+        cache_dir=f.cache_dir,
+        seed=f.seed,
+        num_train=f.num_train,
+        num_held_out=f.num_held_out,
+        num_workers=f.num_workers,
+        num_epochs=f.num_epochs,
+        batch_size=f.batch_size,
+        learning_rate=f.learning_rate,
+        widths=f.widths,
+        blocks_per_stage=f.blocks_per_stage,
+        stem_patch=f.stem_patch,
+        digit_map=f.digit_map,
+        min_accuracy=f.min_accuracy,
+        init_from=f.init_from,
+        numbers_weight=f.numbers_weight,
+    )
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 

@@ -31,8 +31,7 @@ _MODULES = (even_pixels, mnist_sudoku, counting_polygons)
 _BY_NAME = {module.NAME: module for module in _MODULES}
 # The built-in task names (`tasks.names()` adds the registered ones).
 TASKS = tuple(_BY_NAME)
-_INTERFACE = ("NAME", "HOST_RENDERED", "CELL_VERIFIER", "make_data", "unknown_counts",
-              "Evaluation")
+_INTERFACE = ("NAME", "HOST_RENDERED", "CELL_VERIFIER", "make_data", "unknown_counts", "Evaluation")
 _HOST_FEED = ("train_feed", "images_on_device")
 
 
@@ -50,12 +49,12 @@ def get(name: str) -> types.ModuleType:
   if name not in _BY_NAME:
     raise errors.ConfigError(
         f"unknown task {name!r}; expected one of {names()} (a task of your own project: its "
-        "module calls tasks.register_task, and its config imports it)")
+        "module calls tasks.register_task, and its config imports it)"
+    )
   return _BY_NAME[name]
 
 
-def register_task(module: types.ModuleType,
-                  code_files: Sequence[str | os.PathLike] = ()) -> None:
+def register_task(module: types.ModuleType, code_files: Sequence[str | os.PathLike] = ()) -> None:
   """Adds a task defined outside ipr_jax (the interface of `ipr_jax/tasks/base.py`).
 
   Registering the same module again does nothing, so its module may register itself on import.
@@ -70,8 +69,11 @@ def register_task(module: types.ModuleType,
     ValueError: the module lacks part of the interface, its Evaluation is not a subclass of
       `base.Evaluation`, or its NAME is taken by another module.
   """
-  missing = [a for a in _INTERFACE + (_HOST_FEED if getattr(module, "HOST_RENDERED", False)
-                                      else ()) if not hasattr(module, a)]
+  missing = [
+      a
+      for a in _INTERFACE + (_HOST_FEED if getattr(module, "HOST_RENDERED", False) else ())
+      if not hasattr(module, a)
+  ]
   if missing:
     raise ValueError(f"task module {module.__name__} lacks {missing} (see ipr_jax/tasks/base.py)")
   if not (isinstance(module.Evaluation, type) and issubclass(module.Evaluation, base.Evaluation)):
@@ -80,15 +82,17 @@ def register_task(module: types.ModuleType,
   if known is module:
     return
   if known is not None:
-    raise ValueError(f"task name {module.NAME!r} of {module.__name__} is taken by "
-                     f"{known.__name__}")
+    raise ValueError(
+        f"task name {module.NAME!r} of {module.__name__} is taken by " f"{known.__name__}"
+    )
   if module.__file__ is None:
     raise ValueError(f"task module {module.__name__} has no file to record")
   folder = pathlib.Path(module.__file__).resolve().parent
   files = [pathlib.Path(module.__file__).resolve()]
   files += [(folder / f).resolve() for f in code_files]
-  eval_shards.add_code_files({
-      f"registered/{module.NAME}/{os.path.relpath(f, folder)}": f for f in files})
+  eval_shards.add_code_files(
+      {f"registered/{module.NAME}/{os.path.relpath(f, folder)}": f for f in files}
+  )
   _BY_NAME[module.NAME] = module
 
 

@@ -26,26 +26,40 @@ METRICS = ("are_vertices_uniform", "numbers_match_objects")
 def make_data(config: ml_collections.ConfigDict) -> cp_data.CountingPolygonsTask:
   """The host-side generator (rendered by `counting_polygons.TrainImagePrefetcher`)."""
   cp_data.check_image_geometry(config.data.image_size, config.data.channels)
-  return cp_data.CountingPolygonsTask(seed=config.data.seed,
-                                      background_dir=config.data.background_dir)
+  return cp_data.CountingPolygonsTask(
+      seed=config.data.seed, background_dir=config.data.background_dir
+  )
 
 
 unknown_counts = base.all_patches
 
 
-def train_feed(data: cp_data.CountingPolygonsTask, config: ml_collections.ConfigDict,
-               example_index, first_step: int) -> cp_data.TrainImagePrefetcher:
+def train_feed(
+    data: cp_data.CountingPolygonsTask,
+    config: ml_collections.ConfigDict,
+    example_index,
+    first_step: int,
+) -> cp_data.TrainImagePrefetcher:
   """Renders the training images of steps first_step + 1, ... in background workers:
   `.get()` -> uint8 [num_local, per_device, H, W, 3] for the next step (example_index int
   [num_local, per_device], the global indices of this process's examples), `.wait_seconds`,
   `.close()`."""
   d = config.data
-  logging.info("Rendering training images on the host: %d %s, %d steps ahead.",
-               d.render_workers, "processes" if d.render_processes else "threads",
-               d.prefetch_batches)
-  return cp_data.TrainImagePrefetcher(data, config.seed, example_index, first_step=first_step,
-                                      num_workers=d.render_workers, prefetch=d.prefetch_batches,
-                                      use_processes=d.render_processes)
+  logging.info(
+      "Rendering training images on the host: %d %s, %d steps ahead.",
+      d.render_workers,
+      "processes" if d.render_processes else "threads",
+      d.prefetch_batches,
+  )
+  return cp_data.TrainImagePrefetcher(
+      data,
+      config.seed,
+      example_index,
+      first_step=first_step,
+      num_workers=d.render_workers,
+      prefetch=d.prefetch_batches,
+      use_processes=d.render_processes,
+  )
 
 
 # uint8 training images -> float32 in [-1, 1], on device (inside the train step).
@@ -90,10 +104,14 @@ class Evaluation(base.Evaluation):
     scorer, params = polygon_scorer.load_scorer(config.eval.scorer_path)
     self.score_fn = score_fn(scorer, params)
     accuracy = polygon_scorer.load_scorer_metadata(config.eval.scorer_path).get(
-        "held_out_accuracy", {})
+        "held_out_accuracy", {}
+    )
     self.metadata["scorer_held_out_accuracy"] = accuracy
     weak = {head: value for head, value in accuracy.items() if value < 0.9}
     if weak:
-      logging.warning("The polygon scorer's held-out accuracy is low for %s: the metrics "
-                      "that rest on these heads are not reliable (numbers_label: "
-                      "numbers_match_objects and valid).", weak)
+      logging.warning(
+          "The polygon scorer's held-out accuracy is low for %s: the metrics "
+          "that rest on these heads are not reliable (numbers_label: "
+          "numbers_match_objects and valid).",
+          weak,
+      )

@@ -28,8 +28,10 @@ def make_data(config: ml_collections.ConfigDict) -> sudoku.SudokuTask:
   The top-N digits of the bundled file come from its shipped ranking; other digits are ranked by
   the shipped classifier here.
   """
-  shipped = (config.data.get("digits_source", "bundled") == "bundled"
-             and config.data.get("digits_path") is None)
+  shipped = (
+      config.data.get("digits_source", "bundled") == "bundled"
+      and config.data.get("digits_path") is None
+  )
   confidence = None if shipped else sudoku_metrics.classifier_confidence
   return sudoku.make_sudoku_task_from_config(config.data, digit_confidence=confidence)
 
@@ -74,8 +76,7 @@ def dependency_matrix(box_size: int) -> np.ndarray:
   side = box_size * box_size
   row, col = np.divmod(np.arange(side * side), side)
   box = (row // box_size) * box_size + col // box_size
-  related = ((row[:, None] == row[None]) | (col[:, None] == col[None])
-             | (box[:, None] == box[None]))
+  related = (row[:, None] == row[None]) | (col[:, None] == col[None]) | (box[:, None] == box[None])
   return (related & ~np.eye(side * side, dtype=bool)).astype(np.float32)
 
 
@@ -89,7 +90,8 @@ class Evaluation(base.Evaluation):
     self.data = make_data(config)
     self.box_size = config.data.box_size
     self.classifier_params = classifier_lib.load_classifier_params(
-        config.eval.classifier_path, cell_size=config.data.cell_size)
+        config.eval.classifier_path, cell_size=config.data.cell_size
+    )
     self.score_fn = score_fn(self.classifier_params, self.box_size)
     self.cell_verify_fn = cell_verify_fn(self.classifier_params, self.box_size)
     self.dependency_matrix = dependency_matrix(self.box_size)
@@ -105,16 +107,20 @@ class Evaluation(base.Evaluation):
   def unknown_patches(self, seed: int, indices: np.ndarray) -> np.ndarray:
     """int [P] the cells of puzzles `indices` that are not given."""
     indices = np.asarray(indices)
-    chunks = [self.data.test_given_counts(seed, indices[i:i + 8192], self.given_range,
-                                          self.unique_solution)
-              for i in range(0, len(indices), 8192)]
+    chunks = [
+        self.data.test_given_counts(
+            seed, indices[i : i + 8192], self.given_range, self.unique_solution
+        )
+        for i in range(0, len(indices), 8192)
+    ]
     given = np.concatenate([np.asarray(c) for c in chunks])
     lo, hi = self.given_range
     outside = (given < lo) | (given > hi)
     if outside.any():  # only unique-solution puzzles have given counts not drawn from the range
       raise errors.ConfigError(
           f"test puzzle {indices[outside][0]} has {given[outside][0]} given cells, "
-          f"outside config.eval.given_range={self.given_range}")
+          f"outside config.eval.given_range={self.given_range}"
+      )
     return self.num_patches - given
 
   def final_fn(self, z: jax.Array) -> dict[str, jax.Array]:
@@ -125,8 +131,9 @@ class Evaluation(base.Evaluation):
   def invalid_cells(self, samples: np.ndarray) -> np.ndarray:
     """[..., n, n] bool: cells whose classified digit repeats in their row, column or box."""
     flat = samples.reshape(-1, *samples.shape[-3:])
-    grids = np.asarray(sudoku_metrics.predict_digit_grids(
-        self.classifier_params, jnp.asarray(flat), self.box_size))
+    grids = np.asarray(
+        sudoku_metrics.predict_digit_grids(self.classifier_params, jnp.asarray(flat), self.box_size)
+    )
     n = grids.shape[-1]
     return invalid_cells(grids).reshape(*samples.shape[:-3], n, n)
 

@@ -30,8 +30,8 @@ import types
 import numpy as np
 import torch
 
-GRID = 4           # 4x4 patch grid (a 4x4 Sudoku, box 2)
-PATCH = 3          # patch side in pixels
+GRID = 4  # 4x4 patch grid (a 4x4 Sudoku, box 2)
+PATCH = 3  # patch side in pixels
 CHANNELS = 1
 IMAGE = GRID * PATCH
 
@@ -39,9 +39,10 @@ IMAGE = GRID * PATCH
 def toy_arrays(seed: int = 0) -> dict[str, np.ndarray]:
   """The toy denoiser's fixed arrays, [H, W] float32 each (stored in the golden file)."""
   rng = np.random.default_rng(seed)
-  arrays = {name: rng.normal(0, scale, (IMAGE, IMAGE)).astype(np.float32)
-            for name, scale in (("a", 0.5), ("b", 0.7), ("c", 0.4), ("d", 0.6), ("e", 0.8),
-                                ("f", 1.5))}
+  arrays = {
+      name: rng.normal(0, scale, (IMAGE, IMAGE)).astype(np.float32)
+      for name, scale in (("a", 0.5), ("b", 0.7), ("c", 0.4), ("d", 0.6), ("e", 0.8), ("f", 1.5))
+  }
   # Per-patch log-variance offsets, patch-constant: spread the patches' uncertainties.
   offsets = rng.normal(0, 1.0, (GRID, GRID)).astype(np.float32)
   arrays["g"] = np.kron(offsets, np.ones((PATCH, PATCH), np.float32))
@@ -64,7 +65,8 @@ class ToyModel:
     self.cfg = types.SimpleNamespace(
         patch_size=PATCH,
         model=types.SimpleNamespace(parameterization="ut", time_interval=[0.0, 1.0]),
-        conditioning=types.SimpleNamespace(label=False, mask=True))
+        conditioning=types.SimpleNamespace(label=False, mask=True),
+    )
 
   def forward(self, z_t, t, label=None, c_cat=None, sample=True, use_ema=True):
     del label, c_cat, sample, use_ema
@@ -83,8 +85,11 @@ def sudoku_dependency() -> np.ndarray:
   side, box = GRID, 2
   row, col = np.divmod(np.arange(side * side), side)
   cell_box = (row // box) * box + col // box
-  related = (row[:, None] == row[None]) | (col[:, None] == col[None]) | (
-      cell_box[:, None] == cell_box[None])
+  related = (
+      (row[:, None] == row[None])
+      | (col[:, None] == col[None])
+      | (cell_box[:, None] == cell_box[None])
+  )
   return (related & ~np.eye(side * side, dtype=bool)).astype(np.float32)
 
 
@@ -98,6 +103,7 @@ def import_reference(srm_repo: pathlib.Path):
   import src.model.flow as flow_lib  # pylint: disable=import-outside-toplevel
   import src.sampler as sampler_lib  # pylint: disable=import-outside-toplevel
   from src.sampler import time_scheduler  # pylint: disable=import-outside-toplevel
+
   return flow_lib, sampler_lib, time_scheduler
 
 
@@ -106,7 +112,7 @@ def masks(seed: int, num: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
   rows = np.zeros((num, GRID * GRID), np.float32)
   for i in range(num):
-    rows[i, rng.permutation(GRID * GRID)[:rng.integers(6, 15)]] = 1.0
+    rows[i, rng.permutation(GRID * GRID)[: rng.integers(6, 15)]] = 1.0
   return rows
 
 
@@ -119,14 +125,16 @@ def to_pixels(rows: np.ndarray) -> np.ndarray:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--srm_repo", required=True, type=pathlib.Path)
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "sampler_family.npz")
+  parser.add_argument(
+      "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "sampler_family.npz"
+  )
   args = parser.parse_args()
   torch.use_deterministic_algorithms(True)
   torch.set_num_threads(2)
   flow_lib, sampler_lib, time_scheduler = import_reference(args.srm_repo)
-  flow = flow_lib.RectifiedFlow(flow_lib.RectifiedFlowCfg(name="rectified",
-                                                          variance="learned_range"), "ut")
+  flow = flow_lib.RectifiedFlow(
+      flow_lib.RectifiedFlowCfg(name="rectified", variance="learned_range"), "ut"
+  )
   arrays = toy_arrays()
   model = ToyModel(arrays, flow)
   dependency = sudoku_dependency()
@@ -138,14 +146,26 @@ def main():
   noises = rng.standard_normal((len(rows), CHANNELS, IMAGE, IMAGE)).astype(np.float32)
   cases = {
       "fixed": dict(name="fixed", max_steps=12),
-      "random_seq000": dict(name="manual", max_steps=40, time_scheduler=dict(
-          name="graph_sequential", max_order=0, inference_overlap=0.0)),
-      "random_seq075": dict(name="manual", max_steps=40, time_scheduler=dict(
-          name="graph_sequential", max_order=0, inference_overlap=0.75)),
-      "graph_seq000": dict(name="manual", max_steps=40, time_scheduler=dict(
-          name="graph_sequential", max_order=1, inference_overlap=0.0)),
-      "graph_seq075": dict(name="manual", max_steps=40, time_scheduler=dict(
-          name="graph_sequential", max_order=2, inference_overlap=0.75)),
+      "random_seq000": dict(
+          name="manual",
+          max_steps=40,
+          time_scheduler=dict(name="graph_sequential", max_order=0, inference_overlap=0.0),
+      ),
+      "random_seq075": dict(
+          name="manual",
+          max_steps=40,
+          time_scheduler=dict(name="graph_sequential", max_order=0, inference_overlap=0.75),
+      ),
+      "graph_seq000": dict(
+          name="manual",
+          max_steps=40,
+          time_scheduler=dict(name="graph_sequential", max_order=1, inference_overlap=0.0),
+      ),
+      "graph_seq075": dict(
+          name="manual",
+          max_steps=40,
+          time_scheduler=dict(name="graph_sequential", max_order=2, inference_overlap=0.75),
+      ),
       "adaptive_top1": dict(name="sequential_adaptive", max_steps=30, top_k=1, overlap=0.0),
       "adaptive_top2": dict(name="sequential_adaptive", max_steps=30, top_k=2, overlap=0.5),
       "adaptive_top3": dict(name="sequential_adaptive", max_steps=25, top_k=3, overlap=0.0),
@@ -158,18 +178,27 @@ def main():
       cfg = sampler_lib.FixedSamplerCfg(**settings)
     elif settings["name"] == "manual":
       cfg = sampler_lib.ManualSamplerCfg(
-          **{**settings, "time_scheduler": time_scheduler.GraphSequentialCfg(
-              **settings["time_scheduler"])})
+          **{
+              **settings,
+              "time_scheduler": time_scheduler.GraphSequentialCfg(**settings["time_scheduler"]),
+          }
+      )
     else:
       cfg = sampler_lib.SequentialAdaptiveSamplerCfg(**settings)
     sampler = sampler_lib.get_sampler(cfg, PATCH, (GRID, GRID), torch.from_numpy(dependency))
     samples, times = [], []
     for i in range(len(rows)):
-      mask = torch.from_numpy(to_pixels(rows[i:i + 1]))
-      masked = (1 - mask) * torch.from_numpy(images[i:i + 1])
+      mask = torch.from_numpy(to_pixels(rows[i : i + 1]))
+      masked = (1 - mask) * torch.from_numpy(images[i : i + 1])
       torch.manual_seed(0)
-      res = sampler.sample(model, z_t=torch.from_numpy(noises[i:i + 1]), mask=mask,
-                           masked=masked, return_intermediate=True, return_time=True)
+      res = sampler.sample(
+          model,
+          z_t=torch.from_numpy(noises[i : i + 1]),
+          mask=mask,
+          masked=masked,
+          return_intermediate=True,
+          return_time=True,
+      )
       samples.append(res["sample"].numpy())
       # [steps + 1, 1, H, W] -> patch times [steps + 1, N]
       t = res["all_t"][0].numpy()[:, 0, ::PATCH, ::PATCH].reshape(len(res["all_t"][0]), -1)
@@ -181,14 +210,24 @@ def main():
       plan_rows = masks(seed=3, num=12)
       for i, row in enumerate(plan_rows):
         matrix = sampler.time_scheduler.get_scheduling_matrix(
-            1, torch.device("cpu"), torch.from_numpy(to_pixels(row[None])))
+            1, torch.device("cpu"), torch.from_numpy(to_pixels(row[None]))
+        )
         out[f"{case}/plan_unknown/{i}"] = row
         out[f"{case}/plan_matrix/{i}"] = matrix[:, 0].numpy()
     out[f"{case}/config_json"] = np.array(json.dumps(settings))
-  out["config_json"] = np.array(json.dumps({
-      "reference": "Chrixtar/SRM ca9da2d src/sampler", "torch": torch.__version__,
-      "grid": GRID, "patch": PATCH, "channels": CHANNELS, "flow": "rectified, learned_range, ut",
-      "tie_break": "torch.randperm replaced by arange: lowest patch index"}))
+  out["config_json"] = np.array(
+      json.dumps(
+          {
+              "reference": "Chrixtar/SRM ca9da2d src/sampler",
+              "torch": torch.__version__,
+              "grid": GRID,
+              "patch": PATCH,
+              "channels": CHANNELS,
+              "flow": "rectified, learned_range, ut",
+              "tie_break": "torch.randperm replaced by arange: lowest patch index",
+          }
+      )
+  )
   np.savez_compressed(args.out, **out)
   print(f"wrote {args.out} ({args.out.stat().st_size} bytes, {len(out)} arrays)")
 
