@@ -404,3 +404,46 @@ def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
   }
   for section, fields in migrate.SCHEDULE_FIELDS.items():
     assert all(defaults[section][name] == value for name, value in fields.items())
+
+
+# experiments/run_sampler_family.sh: run name -> (preset, overrides) of the committed runs.
+_FAMILY_RUNS = {
+    "seq_adaptive000": ("demo,ms_hard_seq_adaptive000", []),
+    "fixed": ("demo,ms_hard_fixed", []),
+    "random_seq000": ("demo,ms_hard_random_seq000", []),
+    "graph_seq000": ("demo,ms_hard_graph_seq000", []),
+    "adaptive_top2": ("demo", ["sampler.top_k=2"]),
+    "adaptive_top4": ("demo", ["sampler.top_k=4"]),
+    "seq_adaptive075": ("demo,ms_hard_seq_adaptive075", []),
+    "random_seq075": ("demo,ms_hard_random_seq075", []),
+    "graph_seq075": ("demo,ms_hard_graph_seq075", []),
+    "ipr_graph_seq": ("demo", ["ipr.schedule=graph_sequential"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FAMILY_RUNS))
+def test_the_committed_family_runs_record_their_commands(name, task_config):
+  """The runs of experiments/README.md's sampler family table hold the settings of the commands
+  in experiments/run_sampler_family.sh (1,000 hard puzzles of seed 35, budget 10), the shipped
+  model, and the code and machine they ran on."""
+  from ipr_jax import eval_shards, evaluate, pretrained  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  script = (root / "experiments" / "run_sampler_family.sh").read_text()
+  preset, overrides = _FAMILY_RUNS[name]
+  assert f"run {name} {preset}" in script
+  config = task_config("mnist_sudoku", preset)
+  config.eval.num_puzzles, config.eval.batch_size, config.ipr.budget = 1000, 500, 10
+  config.eval.name = name
+  for override in overrides:
+    key, value = override.split("=")
+    section, field = key.split(".")
+    config[section][field] = type(config[section][field])(value)
+  run = root / "experiments" / "results" / "sampler_family" / name / "eval" / name
+  shipped = pretrained.load("mnist_sudoku_demo")
+  eval_shards.check_settings(
+      run / "shards", evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+  )
+  metadata = json.loads((run / "results.json").read_text())["metadata"]
+  assert metadata["code"]["sha256"] and "sampling/planning.py" in metadata["code"]["files"]
+  assert metadata["environment"]["backend"] == "cpu"
