@@ -20,7 +20,9 @@ know this very code computed (e.g. a run cut while nothing changed since).
 Files of format 2 written before the SRM sampler family (ipr-jax 0.1.0 up to the commit that added
 `sampler.schedule`) lack its fields; they get them at the values that computation had
 (`SCHEDULE_FIELDS`: the adaptive schedule, one patch per block, steps from steps_per_patch),
-which are the defaults. Their shards stay refused for reuse (other code), as before.
+which are the defaults. Their shards stay refused for reuse (other code), as before. Likewise
+files written before several chains per puzzle (`ipr.query_cells`, `ipr.chains`) get
+`CHAIN_FIELDS`: one chain, the query scoring the candidates, the defaults.
 """
 
 import argparse
@@ -67,14 +69,21 @@ SCHEDULE_FIELDS = {
 }
 
 
-def add_schedule_fields(stored: dict) -> list[str]:
-  """Adds the missing `SCHEDULE_FIELDS` to a format-2 run.json's content; returns their names."""
+# The fields that several chains per puzzle added, likewise.
+CHAIN_FIELDS = {"ipr": {"query_cells": "candidates", "chains": 1}}
+ADDED_FIELDS = (SCHEDULE_FIELDS, CHAIN_FIELDS)
+
+
+def add_missing_fields(stored: dict) -> list[str]:
+  """Adds the missing fields of `ADDED_FIELDS` to a format-2 run.json's content; returns their
+  names."""
   added = []
-  for section, fields in SCHEDULE_FIELDS.items():
-    for name, value in fields.items():
-      if name not in stored[section]:
-        stored[section][name] = value
-        added.append(f"{section}.{name}")
+  for added_fields in ADDED_FIELDS:
+    for section, fields in added_fields.items():
+      for name, value in fields.items():
+        if name not in stored[section]:
+          stored[section][name] = value
+          added.append(f"{section}.{name}")
   return added
 
 
@@ -99,7 +108,7 @@ def main(argv: list[str]) -> int:
   for path in files:
     stored = json.loads(path.read_text())
     if stored.get("format", 1) != 1:
-      added = add_schedule_fields(stored)
+      added = add_missing_fields(stored)
       if added and not args.dry_run:
         eval_shards.write_settings(path.parent, stored)
       print(

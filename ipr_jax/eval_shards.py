@@ -104,6 +104,7 @@ CODE_FILES = (
     "sampling/planning.py",
     "sampling/greedy.py",
     "sampling/selection.py",
+    "sampling/chains.py",
     "sampling/ipr.py",
     "schedule.py",
     "flow.py",

@@ -89,6 +89,8 @@ SCHEMA = {
         "top_k",
         "max_order",
         "certainty_decay",
+        "query_cells",
+        "chains",
     ],
     "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
 }

@@ -380,8 +380,9 @@ def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
 
 
 def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
-  """experiments/migrate_run_json.py gives a format-2 run.json without the family's fields the
-  values its computation had (the defaults), and leaves the other fields as they were."""
+  """experiments/migrate_run_json.py gives a format-2 run.json without the family's (or the
+  chains') fields the values its computation had (the defaults), and leaves the other fields as
+  they were."""
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(__file__).resolve().parents[1]
@@ -391,9 +392,10 @@ def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
   committed = root / "experiments/results/demo_20494/eval/ms_hard_test_paper/shards/run.json"
   stored = json.loads(committed.read_text())
   old = json.loads(json.dumps(stored))
-  for section, fields in migrate.SCHEDULE_FIELDS.items():
-    for name in fields:
-      del old[section][name]
+  for added_fields in migrate.ADDED_FIELDS:
+    for section, fields in added_fields.items():
+      for name in fields:
+        del old[section][name]
   (tmp_path / "shards").mkdir()
   (tmp_path / "shards" / "run.json").write_text(json.dumps(old))
   assert migrate.main([str(tmp_path / "shards" / "run.json")]) == 0
@@ -402,8 +404,9 @@ def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
       "sampler": dataclasses.asdict(sampling.SamplerConfig()),
       "ipr": dataclasses.asdict(sampling.IPRConfig()),
   }
-  for section, fields in migrate.SCHEDULE_FIELDS.items():
-    assert all(defaults[section][name] == value for name, value in fields.items())
+  for added_fields in migrate.ADDED_FIELDS:
+    for section, fields in added_fields.items():
+      assert all(defaults[section][name] == value for name, value in fields.items())
 
 
 # experiments/run_sampler_family.sh: run name -> (preset, overrides) of the committed runs.

@@ -7,6 +7,7 @@ The package's modules, each importing only those above it:
   planning.py   patch orders planned before sampling (random_sequential, graph_sequential);
   greedy.py     the SRM loop of every schedule (`srm_sample`);
   selection.py  resampling counts, the uncertainty query, the selection strategies (`SELECTORS`);
+  chains.py     several chains per puzzle: their keys and noise, the choice among them;
   ipr.py        IPR's scan (`srm_ipr`, `ipr_refine`) and `check_schedules`.
 
 Their public names are imported here (`from ipr_jax import sampling; sampling.srm_ipr(...)`);
@@ -70,6 +71,7 @@ from ipr_jax.sampling.config import DenoiseFn
 from ipr_jax.sampling.config import IPRConfig
 from ipr_jax.sampling.config import MODES
 from ipr_jax.sampling.config import NOISE_TYPES
+from ipr_jax.sampling.config import QUERY_CELLS
 from ipr_jax.sampling.config import RATIO_SCHEDULES
 from ipr_jax.sampling.config import RETURN_ITERATES
 from ipr_jax.sampling.config import SamplerConfig
@@ -112,6 +114,7 @@ __all__ = (
     "MODES",
     "NOISE_TYPES",
     "RATIO_SCHEDULES",
+    "QUERY_CELLS",
     "RETURN_ITERATES",
     "SamplerConfig",
     "SCHEDULES",

@@ -23,6 +23,7 @@ SELECTIONS = ("random", "uncertainty", "verifier")
 UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
+QUERY_CELLS = ("candidates", "all")
 # The SRM sampler family (`ipr_jax.schedule.SCHEDULES`).
 SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
 
@@ -236,6 +237,20 @@ class IPRConfig(_DocumentedFields):
   certainty_decay: float = _field(
       0.5, "graph_sequential regeneration: certainty weight per hop, " "in (0, 1)."
   )
+  query_cells: str = _field(
+      "candidates",
+      "Patches the uncertainty query scores and an iterate's mean score averages: "
+      "'candidates' (those IPR may re-noise) or 'all' (the given patches too: how well the "
+      "completion explains what was given). Selection draws among the candidates either way.",
+  )
+  chains: int = _field(
+      1,
+      "Independent SRM + IPR chains per puzzle, run side by side in the batch (chain 0 is the "
+      "single-chain run; the others draw their own noise and keys). With chains > 1 every "
+      "iterate is queried (uncertainty_groups passes each) and the result after each budget is "
+      "the chain whose returned iterate has the lowest mean query score; the passes of every "
+      "chain are counted. Standard mode only; not with immediate_stop.",
+  )
 
   def __post_init__(self):
     _coerce(
@@ -253,6 +268,7 @@ class IPRConfig(_DocumentedFields):
         top_k=int,
         max_order=int,
         certainty_decay=float,
+        chains=int,
     )
     check_schedule_fields(self)
     if self.budget < 0:
@@ -276,9 +292,22 @@ class IPRConfig(_DocumentedFields):
         ("uncertainty_score", UNCERTAINTY_SCORES),
         ("ratio_schedule", RATIO_SCHEDULES),
         ("return_iterate", RETURN_ITERATES),
+        ("query_cells", QUERY_CELLS),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+    if self.chains < 1:
+      raise ValueError(f"chains must be a positive integer, got {self.chains!r}.")
+    if self.chains > 1 and self.mode != "standard":
+      raise ValueError(
+          f"chains={self.chains} needs mode='standard' (chains start from their own SRM "
+          f"samples), got mode={self.mode!r}."
+      )
+    if self.chains > 1 and self.immediate_stop:
+      raise ValueError(
+          f"chains={self.chains} cannot be combined with immediate_stop=True: the chain is "
+          "chosen by the model's own score, not by the task's check."
+      )
     if self.uncertainty_groups < 1:
       raise ValueError(
           "uncertainty_groups must be a positive integer, " f"got {self.uncertainty_groups!r}."
@@ -302,7 +331,7 @@ class IPRConfig(_DocumentedFields):
   @property
   def queries_uncertainty(self) -> bool:
     """Whether iterations run the uncertainty query (it costs denoiser passes)."""
-    return self.selection == "uncertainty" or self.return_iterate == "confident"
+    return self.selection == "uncertainty" or self.return_iterate == "confident" or self.chains > 1
 
   @property
   def renoise_steps_per_patch(self) -> int:

@@ -20,6 +20,10 @@ program, keys and samples unchanged, checked against runs stored before the vari
   final_resampling_ratio over ratio_decay_iterations and then stays; k per iteration follows.
 * return_iterate='confident': the returned sample after each budget is the iterate (SRM sample
   included) with the lowest mean query score so far; the last iterate's scores are returned too.
+* query_cells='all': the query also scores the given patches (the model's prediction of each
+  given cell from the completion), and an iterate's mean score averages over every patch.
+* chains=K > 1: K independent SRM + IPR chains per puzzle in a batch of K x B (`chains.py`); each
+  budget's result is the chain with the lowest mean query score; passes are summed over chains.
 """
 
 import dataclasses
@@ -32,6 +36,7 @@ import numpy as np
 
 from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
+from ipr_jax.sampling import chains as chains_lib
 from ipr_jax.sampling.config import (
     CellVerifyFn,
     DenoiseFn,
@@ -197,8 +202,9 @@ class _Refinement:
   """What every iteration of `_refine`'s scan reads: the inputs, functions and static settings.
 
   Arrays: masked `[B, H, W, d]`, mask `[B, H, W, 1]` (both None without a mask), candidates
-  `[B, N]`, noise `[B, H, W, d]`, srm_unknown `[B, N]` (None: no SRM pass) and srm_sched, the
-  SRM pass's schedule; iteration_keys and query_keys `[B]`; counts `[budget + 1, N + 1]`
+  `[B, N]`, scored `[B, N]` (the patches the query scores, `IPRConfig.query_cells`), noise
+  `[B, H, W, d]`, srm_unknown `[B, N]` (None: no SRM pass) and srm_sched, the SRM pass's
+  schedule; iteration_keys and query_keys `[B]`; counts `[budget + 1, N + 1]`
   (`resample_counts`).
   """
 
@@ -206,6 +212,7 @@ class _Refinement:
   masked: Optional[jax.Array]
   mask: Optional[jax.Array]
   candidates: jax.Array
+  scored: jax.Array
   noise: jax.Array
   srm_unknown: Optional[jax.Array]
   srm_sched: Optional[PuzzleSchedule]
@@ -234,6 +241,11 @@ class _Refinement:
   @property
   def confident(self) -> bool:
     return self.ipr_config.return_iterate == "confident"
+
+  @property
+  def scores_every_iterate(self) -> bool:
+    """Whether the last iterate is queried too (its score ranks it among iterates or chains)."""
+    return self.confident or self.ipr_config.chains > 1
 
 
 @flax.struct.dataclass
@@ -311,6 +323,7 @@ def _refinement(
       masked=masked,
       mask=mask,
       candidates=candidates,
+      scored=jnp.ones_like(candidates) if ipr_config.query_cells == "all" else candidates,
       noise=noise,
       srm_unknown=srm_unknown,
       srm_sched=srm_sched,
@@ -337,7 +350,7 @@ def _query(run: _Refinement, z, index, active) -> tuple[jax.Array, jax.Array]:
   cells = uncertainty_query(
       run.denoise_fn,
       z,
-      run.candidates,
+      run.scored,
       fold_keys(run.query_keys, index),
       patch_size=run.patch_size,
       groups=cfg.uncertainty_groups,
@@ -359,7 +372,7 @@ def _initial_carry(run: _Refinement, z: jax.Array) -> _RefineCarry:
   if run.ipr_config.queries_uncertainty and not run.with_srm:
     cells, cost = _query(run, z, 0, ~stopped)
     nfe = nfe + cost
-    best = mean_over(cells, run.candidates)
+    best = mean_over(cells, run.scored)
   return _RefineCarry(
       z=z,
       nfe=nfe,
@@ -425,15 +438,15 @@ def _query_and_track(run: _Refinement, carry: _RefineCarry, j, active):
   'confident', the confident-iterate tracker. Returns (carry, mean score `[B]` or None)."""
   if not run.ipr_config.queries_uncertainty:
     return carry, None
-  # With return_iterate='last' the last iterate is never ranked: skip its query.
-  needed = True if run.confident else j < run.num_iterations - 1
+  # With return_iterate='last' and one chain the last iterate is never ranked: skip its query.
+  needed = True if run.scores_every_iterate else j < run.num_iterations - 1
   batch = run.candidates.shape[0]
   cells, cost = jax.lax.cond(
       needed,
       lambda: _query(run, carry.z, j + 1, active),
       lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)),
   )
-  uncertainty = mean_over(cells, run.candidates)
+  uncertainty = mean_over(cells, run.scored)
   carry = carry.replace(cells=cells, nfe=carry.nfe + cost)
   if run.confident:  # Keep the iterate with the lowest mean score so far.
     better = active & (uncertainty < carry.best)
@@ -750,9 +763,19 @@ def srm_ipr(
         srm_unknown=None,
         **common,
     )
+  chains = ipr_config.chains
+  if chains > 1:
+    keys = chains_lib.chain_keys(keys, chains)
+    noise = chains_lib.chain_noise(noise, keys, chains)
+    image, mask = chains_lib.tile(image, chains), chains_lib.tile(mask, chains)
+    patches_shape = (patches_shape[0] * chains, patches_shape[1])
+    common["num_snapshots"] = num_snapshots * chains  # every chain of the first puzzles
   z, masked, mask, unknown = _srm_start(image, mask, noise, patch_size, patches_shape)
   check_inputs(z, masked, mask, unknown, keys, patch_size)
-  return _refine(denoise_fn, z, masked, mask, unknown, noise, keys, srm_unknown=unknown, **common)
+  result = _refine(denoise_fn, z, masked, mask, unknown, noise, keys, srm_unknown=unknown, **common)
+  if chains > 1:
+    return chains_lib.chosen(result, ipr_config, num_snapshots)
+  return result
 
 
 def _corrupted(keys, image, patch_size: int, num_swaps: int) -> jax.Array:
