@@ -23,7 +23,7 @@ SELECTIONS = ("random", "uncertainty", "verifier")
 UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
-QUERY_CELLS = ("candidates", "all")
+QUERY_CELLS = ("candidates", "all", "balanced")
 # The SRM sampler family (`ipr_jax.schedule.SCHEDULES`).
 SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
 
@@ -239,9 +239,11 @@ class IPRConfig(_DocumentedFields):
   )
   query_cells: str = _field(
       "candidates",
-      "Patches the uncertainty query scores and an iterate's mean score averages: "
-      "'candidates' (those IPR may re-noise) or 'all' (the given patches too: how well the "
-      "completion explains what was given). Selection draws among the candidates either way.",
+      "Patches the uncertainty query scores and an iterate's score averages: 'candidates' "
+      "(those IPR may re-noise), 'all' (the given patches too: how well the completion "
+      "explains what was given) or 'balanced' (all scored; the mean over the given patches "
+      "and the mean over the candidates weigh equally). Selection draws among the candidates "
+      "either way.",
   )
   chains: int = _field(
       1,

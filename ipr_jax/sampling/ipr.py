@@ -20,8 +20,8 @@ program, keys and samples unchanged, checked against runs stored before the vari
   final_resampling_ratio over ratio_decay_iterations and then stays; k per iteration follows.
 * return_iterate='confident': the returned sample after each budget is the iterate (SRM sample
   included) with the lowest mean query score so far; the last iterate's scores are returned too.
-* query_cells='all': the query also scores the given patches (the model's prediction of each
-  given cell from the completion), and an iterate's mean score averages over every patch.
+* query_cells='all' | 'balanced': the query also scores the given patches, from the completion
+  (an iterate's score: `selection.iterate_score`).
 * chains=K > 1: K independent SRM + IPR chains per puzzle in a batch of K x B (`chains.py`); each
   budget's result is the chain with the lowest mean query score; passes are summed over chains.
 """
@@ -37,14 +37,8 @@ import numpy as np
 from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
 from ipr_jax.sampling import chains as chains_lib
-from ipr_jax.sampling.config import (
-    CellVerifyFn,
-    DenoiseFn,
-    IPRConfig,
-    SamplerConfig,
-    ScoreFn,
-    VerifyFn,
-)
+from ipr_jax.sampling.config import CellVerifyFn, DenoiseFn, IPRConfig
+from ipr_jax.sampling.config import SamplerConfig, ScoreFn, VerifyFn
 from ipr_jax.sampling.greedy import (
     PLAN_STREAM,
     PuzzleSchedule,
@@ -62,7 +56,8 @@ from ipr_jax.sampling.patches import (
     patch_pixel_mask,
     unknown_patches,
 )
-from ipr_jax.sampling.selection import SELECTORS, mean_over, resample_counts, uncertainty_query
+from ipr_jax.sampling.selection import SELECTORS, iterate_score, resample_counts
+from ipr_jax.sampling.selection import uncertainty_query
 
 # Tags for fold_in, so the streams of one puzzle key never collide.
 _IPR_STREAM, _CORRUPT_STREAM, _NOISE_STREAM, _QUERY_STREAM = 1, 2, 3, 4
@@ -323,7 +318,7 @@ def _refinement(
       masked=masked,
       mask=mask,
       candidates=candidates,
-      scored=jnp.ones_like(candidates) if ipr_config.query_cells == "all" else candidates,
+      scored=candidates if ipr_config.query_cells == "candidates" else jnp.ones_like(candidates),
       noise=noise,
       srm_unknown=srm_unknown,
       srm_sched=srm_sched,
@@ -372,7 +367,7 @@ def _initial_carry(run: _Refinement, z: jax.Array) -> _RefineCarry:
   if run.ipr_config.queries_uncertainty and not run.with_srm:
     cells, cost = _query(run, z, 0, ~stopped)
     nfe = nfe + cost
-    best = mean_over(cells, run.scored)
+    best = iterate_score(cells, run.candidates, run.ipr_config.query_cells)
   return _RefineCarry(
       z=z,
       nfe=nfe,
@@ -446,7 +441,7 @@ def _query_and_track(run: _Refinement, carry: _RefineCarry, j, active):
       lambda: _query(run, carry.z, j + 1, active),
       lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)),
   )
-  uncertainty = mean_over(cells, run.scored)
+  uncertainty = iterate_score(cells, run.candidates, run.ipr_config.query_cells)
   carry = carry.replace(cells=cells, nfe=carry.nfe + cost)
   if run.confident:  # Keep the iterate with the lowest mean score so far.
     better = active & (uncertainty < carry.best)

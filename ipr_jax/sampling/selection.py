@@ -83,6 +83,21 @@ def mean_over(values: jax.Array, candidates: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(candidates, values, 0.0), axis=1) / count
 
 
+def iterate_score(cells: jax.Array, candidates: jax.Array, query_cells: str) -> jax.Array:
+  """`[B]` an iterate's mean query score from its patch scores `cells` [B, N] (`IPRConfig.
+  query_cells`): the mean over the candidates ('candidates'), over every patch ('all'), or
+  the mean of the two means over the given patches and over the candidates ('balanced', so
+  that the few given cells weigh as much as the generated ones; the candidates' mean alone
+  where nothing is given)."""
+  if query_cells == "candidates":
+    return mean_over(cells, candidates)
+  if query_cells == "all":
+    return jnp.mean(cells, axis=1)
+  given = ~candidates
+  balanced = 0.5 * (mean_over(cells, given) + mean_over(cells, candidates))
+  return jnp.where(jnp.any(given, axis=1), balanced, mean_over(cells, candidates))
+
+
 def standardized(scores: jax.Array, candidates: jax.Array) -> jax.Array:
   """Scores `[B, N]` shifted and scaled to mean 0, std 1 over each puzzle's candidates."""
   centred = scores - mean_over(scores, candidates)[:, None]
