@@ -12,31 +12,40 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/beyond_paper}
 export XLA_FLAGS=${XLA_FLAGS:---xla_force_host_platform_device_count=2}
 declare -A PRESET=([hard]=demo [medium]=demo,ms_medium_test [unique]=demo,ms_unique_test)
+BATCH=128
 run() {  # run <seed> <num_puzzles> <split> <name> overrides...
   seed=$1 num=$2 split=$3 name=$4; shift 4
   dir="$OUT/seed$seed/$name"
+  if [[ -f "$dir/eval/$split/results.json" ]]; then echo "== $split $name: done"; return; fi
   mkdir -p "$dir"
   echo "== seed $seed $split $name $(date -u +%H:%M:%S)"
   python -m ipr_jax.evaluate --config="mnist_sudoku:${PRESET[$split]}" \
-      --config.eval.seed="$seed" --config.eval.num_puzzles="$num" --config.eval.batch_size=128 \
+      --config.eval.seed="$seed" --config.eval.num_puzzles="$num" --config.eval.batch_size="$BATCH" \
       --config.eval.name="$split" --workdir="$dir" "$@" 2>&1 \
       | grep -v "^I1\|^W1\|Warning" > "$dir/$split.log"
   tail -2 "$dir/$split.log"
 }
-CHAINS3="--config.ipr.chains=3 --config.ipr.query_cells=all --config.ipr.budget=6"
-CHAINS6="--config.ipr.chains=6 --config.ipr.query_cells=all --config.ipr.budget=2"
+CHAINS3="--config.ipr.chains=3 --config.ipr.budget=6"
+CHAINS6="--config.ipr.chains=6 --config.ipr.budget=2"
+CHAINS10="--config.ipr.chains=10 --config.ipr.budget=0"
+ALL="--config.ipr.query_cells=all"
+BALANCED="--config.ipr.query_cells=balanced"
 GUIDED="--config.ipr.selection=uncertainty --config.ipr.return_iterate=confident"
 case "${1:-}" in
-  pilot)
-    for split in hard unique; do
-      run 36 256 $split chains3_b6 $CHAINS3
-      run 36 256 $split paper_b40 --config.ipr.budget=40
-      run 36 256 $split chains6_b2 $CHAINS6
-      run 36 256 $split chains3_b6_guided $CHAINS3 $GUIDED
-    done
+  pilot)  # in the order they ran; the first two at commit 7968b4b, the others at a74d22f
+    run 36 256 hard chains3_b6 $CHAINS3 $ALL
+    run 36 256 hard paper_b40 --config.ipr.budget=40
+    run 36 256 unique paper_b40 --config.ipr.budget=40
+    run 36 256 unique chains3_b6_bal $CHAINS3 $BALANCED
+    run 36 256 hard chains3_b6_bal $CHAINS3 $BALANCED
+    run 36 256 unique chains10_b0_bal $CHAINS10 $BALANCED
+    run 36 256 hard chains10_b0_bal $CHAINS10 $BALANCED
     ;;
-  final)
-    echo "the final runs are added once the pilot has chosen"; exit 1
+  final)  # the setting chosen on seed 36 (experiments/README.md), at commit a74d22f
+    BATCH=200
+    for split in hard unique medium; do
+      run 35 1000 $split chains3_b6_bal $CHAINS3 $BALANCED
+    done
     ;;
   *) echo "usage: $0 pilot|final"; exit 2 ;;
 esac

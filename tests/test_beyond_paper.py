@@ -1,0 +1,87 @@
+"""experiments/chain_scores_pilot.py and beyond_paper_table.py on hand-made inputs whose answers
+are known, and the committed runs of issue 32 (settings, passes, provenance)."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _module(name):
+  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_chain_scores_analysis_of_hand_made_scores(tmp_path, capsys):
+  """2 puzzles, 2 chains, 4 cells (cell 0 given in puzzle 0, none in puzzle 1). Puzzle 0: chain 0
+  valid, its given cell scores 0 against chain 1's 10, its generated cells 5 against 1: the
+  given cells choose chain 0 (valid), the generated cells chain 1 (broken), the balanced mean
+  (0 + 5) / 2 = 2.5 < (10 + 1) / 2 = 5.5 chain 0. Puzzle 1: chain 1 valid and lower on every
+  cell."""
+  module = _module("chain_scores_pilot")
+  given = np.array([[True, False, False, False], [False] * 4])
+  q = {
+      0: np.array([[0.0, 5, 5, 5], [3.0, 3, 3, 3]]),
+      1: np.array([[10.0, 1, 1, 1], [1.0, 1, 1, 1]]),
+  }
+  valid = {0: np.array([[True, False]]), 1: np.array([[False, True]])}  # [budget + 1, P]
+  arrays = {"given": given}
+  for c in range(2):
+    arrays.update({f"q4_{c}": q[c], f"q16_{c}": q[c], f"valid_{c}": valid[c]})
+    arrays[f"nfe_{c}"] = np.array([10, 10])
+  np.savez(tmp_path / "pilot.npz", **arrays)
+  module.analyse(str(tmp_path / "pilot.npz"))
+  out = capsys.readouterr().out
+  assert "some chain valid 1.000" in out
+  assert "| q4 | generated cells | 0.500 | 0.500 (2) |" in out
+  # Puzzle 1 has no given cells: both chains score 0, the tie goes to chain 0 (broken), AUC 1/2.
+  assert "| q4 | given cells | 0.500 | 0.750 (2) |" in out
+  assert "| q4 | balanced | 1.000 | 1.000 (2) |" in out
+
+
+def test_equal_pass_cells_take_the_largest_budget_within_the_level():
+  module = _module("beyond_paper_table")
+  budgets = [
+      {
+          "budget": b,
+          "mean_nfe": 40.0 + 14 * b,
+          "valid_rate": 0.5 + b / 100,
+          "valid_ci_low": 0.4,
+          "valid_ci_high": 0.6,
+      }
+      for b in range(31)
+  ]
+  assert module._within(budgets, 450)["budget"] == 29  # 40 + 14 * 29 = 446 <= 450 < 460
+  assert module._within(budgets, 39) is None
+  assert module._cell(budgets, 450).startswith("79.0% [40.0, 60.0] (b=29, 446)")
+
+
+_FINAL = _EXPERIMENTS / "results" / "beyond_paper" / "seed35" / "chains3_b6_bal" / "eval"
+
+
+@pytest.mark.parametrize("split", ["hard", "medium", "unique"])
+def test_the_committed_final_runs_record_the_chosen_setting_and_its_passes(split):
+  """The committed seed-35 runs of the chosen setting: 1,000 puzzles, three chains, the
+  balanced query, and each puzzle's passes 3 (3n + G + b (2k + 8 + G)) with G = 4."""
+  path = _FINAL / split / "results.json"
+  if not path.is_file():
+    pytest.skip(f"{path} not committed")
+  meta = json.loads(path.read_text())["metadata"]
+  assert (meta["ipr"]["chains"], meta["ipr"]["query_cells"], meta["ipr"]["budget"]) == (
+      3,
+      "balanced",
+      6,
+  )
+  assert (meta["eval"]["seed"], meta["eval"]["num_puzzles"]) == (35, 1000)
+  assert meta["code"] is not None and meta["environment"] is not None
+  with np.load(path.parent / "puzzles.npz") as f:
+    unknown, nfe = f["unknown_patches"], f["nfe"]
+  k = np.maximum(1, unknown // 4)
+  expected = np.stack([3 * (3 * unknown + 4 + b * (2 * k + 12)) for b in range(7)], axis=1)
+  np.testing.assert_array_equal(nfe, expected)
