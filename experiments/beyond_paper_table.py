@@ -17,6 +17,9 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sampler_family_table import _rate, _within  # noqa: E402  pylint: disable=wrong-import-position
+
 PASS_LEVELS = (150, 300, 450, 600)
 _HERE = pathlib.Path(__file__).resolve().parent
 _RESULTS = _HERE / "results" / "beyond_paper"
@@ -27,19 +30,6 @@ COMMITTED_PAPER = {
     "medium": _HERE / "results/demo_20494/eval/ms_medium_test_paper/results.json",
     "unique": _HERE / "results/demo_20494/eval/ms_unique_test_paper/results.json",
 }
-
-
-def _rate(row) -> str:
-  return (
-      f"{100 * row['valid_rate']:.1f}% [{100 * row['valid_ci_low']:.1f}, "
-      f"{100 * row['valid_ci_high']:.1f}]"
-  )
-
-
-def _within(budgets, passes):
-  """The row of the largest budget whose mean passes are <= `passes` (None if none)."""
-  rows = [row for row in budgets if row["mean_nfe"] <= passes + 1e-9]
-  return rows[-1] if rows else None
 
 
 def _cell(budgets, passes) -> str:

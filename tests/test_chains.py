@@ -24,9 +24,9 @@ from test_ipr_variants import P, SAMPLER, _keys, _standard_setup, batchwise_deno
 CHAIN_STREAM, NOISE_STREAM = 5, 3  # as documented in ipr_jax/sampling/chains.py
 
 
-def _run(ipr_config, keys, x, noise, mask, score_fn=True, num_snapshots=0, **kwargs):
+def _run(ipr_config, keys, x, noise, mask, score_fn=True, num_snapshots=0, denoise=None, **kwargs):
   fn = lambda keys, x, noise: sampling.srm_ipr(
-      batchwise_denoiser,
+      denoise or batchwise_denoiser,
       keys,
       image=x,
       mask=mask,
@@ -178,20 +178,8 @@ def test_query_cells_all_scores_the_given_cells():
         uncertainty_score="sigma",
         query_cells=cells,
     )
-    means[cells] = jax.device_get(
-        jax.jit(
-            lambda keys, config=config: sampling.srm_ipr(
-                denoise,
-                keys,
-                image=x,
-                mask=mask,
-                noise=noise,
-                patch_size=P,
-                sampler_config=SAMPLER,
-                ipr_config=config,
-            )
-        )(_keys(range(4), seed=6))
-    ).uncertainty
+    result = _run(config, _keys(range(4), seed=6), x, noise, mask, score_fn=False, denoise=denoise)
+    means[cells] = result.uncertainty
   log_sigma = np.log(sigma).reshape(-1)
   for b in range(4):
     generated = log_sigma[~given[b]].mean()
