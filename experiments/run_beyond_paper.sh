@@ -26,11 +26,9 @@ run() {  # run <seed> <num_puzzles> <split> <name> overrides...
   tail -2 "$dir/$split.log"
 }
 CHAINS3="--config.ipr.chains=3 --config.ipr.budget=6"
-CHAINS6="--config.ipr.chains=6 --config.ipr.budget=2"
 CHAINS10="--config.ipr.chains=10 --config.ipr.budget=0"
 ALL="--config.ipr.query_cells=all"
 BALANCED="--config.ipr.query_cells=balanced"
-GUIDED="--config.ipr.selection=uncertainty --config.ipr.return_iterate=confident"
 case "${1:-}" in
   pilot)  # in the order they ran; the first two at commit 7968b4b, the others at a74d22f
     run 36 256 hard chains3_b6 $CHAINS3 $ALL
