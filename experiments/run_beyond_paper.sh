@@ -7,7 +7,8 @@
 #
 #   bash experiments/run_beyond_paper.sh pilot
 #   bash experiments/run_beyond_paper.sh final
-set -e
+#   bash experiments/run_beyond_paper.sh baselines
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/beyond_paper}
 export XLA_FLAGS=${XLA_FLAGS:---xla_force_host_platform_device_count=2}
@@ -45,6 +46,12 @@ case "${1:-}" in
       run 35 1000 $split chains3_b6_bal $CHAINS3 $BALANCED
     done
     ;;
-  *) echo "usage: $0 pilot|final"; exit 2 ;;
+  baselines)  # the paper's IPR on the final table's puzzles, same machine and code as `final`
+    BATCH=200
+    for split in unique medium hard; do
+      run 35 1000 $split paper_b30 --config.ipr.budget=30
+    done
+    ;;
+  *) echo "usage: $0 pilot|final|baselines"; exit 2 ;;
 esac
 echo "== done $(date -u +%H:%M:%S)"

@@ -5,7 +5,7 @@
 # paper's IPR, last iterate), NLL at temperature 0.5 and 0.2, sigma only at 0.5 (the last three
 # return the most confident iterate and record the last one too). Resumable: rerun to finish a
 # cut run. Ends with the valid rate at budget 6, returned / last iterate, per run.
-set -e
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/pilot_seed36}
 mkdir -p "$OUT"

@@ -4,7 +4,7 @@
 # reference's ms_hard sampler tests in their 4x4 demo forms, adaptive top_k 2 and 4), then the
 # paper's SRM pass with IPR regenerating under each schedule. Resumable: rerun to finish a cut
 # run (the evaluation binary reuses the finished batches of the same settings and code).
-set -e
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/sampler_family}
 PYTHON=${PYTHON:-python}

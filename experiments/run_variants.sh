@@ -3,7 +3,7 @@
 # test puzzles of the reproduction (eval seed 35), one evaluation per variant. Resumable: rerun
 # to finish a cut run. The paper's IPR (random selection) is the run in
 # experiments/results/repro_1000_keys2 (same puzzles, same keys, budget 30).
-set -e
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/variants_1000}
 common="--config=configs/mnist_sudoku.py:demo --config.eval.num_puzzles=1000 --config.eval.batch_size=50"
