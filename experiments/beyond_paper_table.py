@@ -6,16 +6,19 @@ experiments/README.md, from the runs of experiments/run_beyond_paper.sh.
 
 Per run the valid rate [95% interval] at equal mean denoiser passes per puzzle: at the largest
 budget whose mean passes stay within each level of `PASS_LEVELS` (every pass counted: the SRM
-pass, the regenerations and the queries of every chain). The paper's IPR on seed 35 is the
-committed 1,000-puzzle table of each split (hard: the CPU rerun with committed code; medium and
-unique: the H200 runs, see experiments/README.md), or the `paper` run of the same folder where
-one exists. Prints markdown and the model, code and machine every run records; `final` also
-writes valid_rate_vs_passes.png next to the runs.
+pass, the regenerations and the queries of every chain). The paper's IPR is a run of the same
+folder (`paper_b30` on seed 35: `run_beyond_paper.sh baselines`, the same machine and code as the
+chains); `final` refuses to make a table without it, or whose runs were made by other code or
+another environment. Prints markdown and the model, code and machine every run records; `final`
+also writes valid_rate_vs_passes.png next to the runs.
 """
 
 import json
+import math
 import pathlib
 import sys
+
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from sampler_family_table import _rate, _within  # noqa: E402  pylint: disable=wrong-import-position
@@ -24,12 +27,7 @@ PASS_LEVELS = (150, 300, 450, 600)
 _HERE = pathlib.Path(__file__).resolve().parent
 _RESULTS = _HERE / "results" / "beyond_paper"
 SPLITS = ("hard", "medium", "unique")
-# The committed tables of the paper's IPR on 1,000 puzzles of seed 35 (budgets 0..30).
-COMMITTED_PAPER = {
-    "hard": _HERE / "results/demo_20494_cpu/eval/ms_hard_test_paper/results.json",
-    "medium": _HERE / "results/demo_20494/eval/ms_medium_test_paper/results.json",
-    "unique": _HERE / "results/demo_20494/eval/ms_unique_test_paper/results.json",
-}
+FINAL_RUNS = ("chains3_b6_bal", "paper_b30")  # the chosen setting and the paper's IPR, seed 35
 
 
 def _cell(budgets, passes) -> str:
@@ -71,12 +69,32 @@ def runs(seed_dir: pathlib.Path) -> dict:
   return found
 
 
-def table(seed_dir: pathlib.Path, with_committed: bool) -> str:
+def check_like_for_like(found: dict, required=FINAL_RUNS) -> None:
+  """Raises SystemExit unless every split has every run of `required`, all made by one code
+  record in one environment (machine, packages, devices) with one model."""
+  missing = [
+      f"{split}/{name}" for split in SPLITS for name in required if (split, name) not in found
+  ]
+  if missing:
+    raise SystemExit(f"missing runs: {', '.join(missing)} (run_beyond_paper.sh final, baselines)")
+  records = {}
+  for key, saved in found.items():
+    meta = saved["metadata"]
+    env = dict(meta.get("environment") or {})
+    record = (
+        (meta.get("code") or {}).get("sha256"),
+        json.dumps(env, sort_keys=True),
+        meta["params_sha256"],
+    )
+    records.setdefault(record, []).append("/".join(key))
+  (code, _, _), *others = records
+  if others or code is None:
+    groups = "; ".join(f"{', '.join(v)}: code {str(k[0])[:12]}" for k, v in records.items())
+    raise SystemExit(f"not one recorded code, environment and model: {groups}")
+
+
+def table(seed_dir: pathlib.Path) -> str:
   found = runs(seed_dir)
-  if with_committed:
-    for split, path in COMMITTED_PAPER.items():
-      if (split, "paper") not in found and path.is_file():
-        found[(split, "paper (committed table)")] = json.loads(path.read_text())
   lines = [
       "| split | run | setting | "
       + " | ".join(f"within {p} passes" for p in PASS_LEVELS)
@@ -97,6 +115,33 @@ def table(seed_dir: pathlib.Path, with_committed: bool) -> str:
   return "\n".join(lines)
 
 
+def sign_test(wins: int, losses: int) -> float:
+  """Two-sided exact sign test of `wins` against `losses` discordant pairs (ties dropped)."""
+  n = wins + losses
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+  return min(1.0, 2 * tail)
+
+
+def paired(seed_dir: pathlib.Path, runs=FINAL_RUNS) -> str:
+  """Per split, the final budget of `runs[0]` against that of `runs[1]` on the same puzzles: how
+  many puzzles only one of them solves, and the sign test's p."""
+  lines = []
+  for split in SPLITS:
+    valid = []
+    for name in runs:
+      with np.load(seed_dir / name / "eval" / split / "puzzles.npz") as f:
+        order = np.argsort(f["index"])
+        valid.append(f["valid"][order, -1].astype(bool))
+    wins, losses = int(np.sum(valid[0] & ~valid[1])), int(np.sum(~valid[0] & valid[1]))
+    lines.append(
+        f"{split}: {runs[0]} only {wins}, {runs[1]} only {losses}, "
+        f"p = {sign_test(wins, losses):.2g}"
+    )
+  return "\n".join(lines)
+
+
 def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -107,8 +152,6 @@ def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
   for ax, split in zip(axes, SPLITS):
     curves = {name: saved for (s, name), saved in found.items() if s == split}
-    if "paper" not in curves and COMMITTED_PAPER[split].is_file():
-      curves["paper's IPR (committed table)"] = json.loads(COMMITTED_PAPER[split].read_text())
     for name, saved in sorted(curves.items()):
       budgets = saved["budgets"]
       x = [row["mean_nfe"] for row in budgets]
@@ -136,8 +179,11 @@ def main(argv):
   if which not in ("pilot", "final"):
     raise SystemExit(f"usage: beyond_paper_table.py pilot|final, got {which!r}")
   seed_dir = _RESULTS / ("seed36" if which == "pilot" else "seed35")
-  print(table(seed_dir, with_committed=which == "final"))
   if which == "final":
+    check_like_for_like(runs(seed_dir))
+  print(table(seed_dir))
+  if which == "final":
+    print(paired(seed_dir))
     plot(seed_dir, seed_dir / "valid_rate_vs_passes.png")
     print(f"wrote {seed_dir / 'valid_rate_vs_passes.png'}")
   return 0

@@ -69,9 +69,8 @@ def run(
         patch_size=task.patch_size,
         sampler_config=sampler_config,
         ipr_config=ipr_config,
-        score_fn=task.score_fn,
     )
-    return result.z, result.scores, result.nfe
+    return result.z, evaluation.score_iterates(task.score_fn, result.iterates), result.nfe
 
   @functools.partial(jax.jit, static_argnums=(2,))
   def query(z, query_keys, groups):

@@ -1,6 +1,7 @@
 r"""What fits where: the compiled memory and FLOPs of the paper presets, without a device.
 
   python experiments/fit_table.py --out=experiments/fit_table.json [--only=ms,ep,cp]
+  python experiments/fit_table.py --programs=eval --redo   # measure the eval rows again
 
 For each paper preset (MNIST Sudoku ms_hard_test with unet_256, Even Pixels ep_test with unet_32,
 Counting Polygons cp_test with unet_128) it compiles, on whatever backend JAX has (the CPU here),
@@ -129,11 +130,15 @@ def _machine():
   }
 
 
-def measure(out: pathlib.Path, names) -> dict:
+def measure(out: pathlib.Path, names, programs=None, redo: bool = False) -> dict:
+  """Measures the rows of `names` not yet in `out` (of the programs `programs`, e.g. ['eval'],
+  if given; with `redo` those rows are measured again)."""
   record = json.loads(out.read_text()) if out.exists() else {"rows": {}}
   record["machine"] = _machine()
   for key, job in _jobs(names):
-    if key in record["rows"]:
+    if programs is not None and key.split("/")[1] not in programs:
+      continue
+    if key in record["rows"] and not redo:
       continue
     start = time.time()
     try:
@@ -228,13 +233,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=str(_ROOT / "experiments" / "fit_table.json"))
   parser.add_argument("--only", default="ms,ep,cp")
+  parser.add_argument("--programs", default=None, help="only these, e.g. eval or eval,train")
+  parser.add_argument("--redo", action="store_true", help="measure existing rows again")
   parser.add_argument("--markdown", action="store_true", help="print the tables of --out")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   if args.markdown:
     print(markdown(json.loads(out.read_text())))
     return
-  measure(out, [n.strip() for n in args.only.split(",") if n.strip()])
+  programs = None if args.programs is None else args.programs.split(",")
+  measure(out, [n.strip() for n in args.only.split(",") if n.strip()], programs, args.redo)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,33 @@ in `user_errors`) end the binary with one line on stderr, `error: <what>`, exit 
 (EXIT_USAGE) and no traceback. Anything else, a plain ValueError or JAX's own shape and type
 errors included, is a bug to look into and keeps its traceback. `--verbose`, or absl's `-v 1` /
 `--verbosity=1`, shows the traceback of a user error too.
+
+A fault of the machine (`errors.StorageError`, or an OSError of a full disk, a read-only
+directory or a file where a directory should be, also as tensorstore reports it) ends the binary
+with one line naming the path and what to do, exit status 74 (EXIT_STORAGE). A run stopped by
+SIGTERM or SIGINT before its end (it saved what it had; rerun to resume) exits with status 75
+(EXIT_PREEMPTED), so that `train && evaluate` does not evaluate an unfinished model.
 """
 
+import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 
 from ipr_jax import errors
 
 # The exit status of a bad command line or setting (what argparse and absl's usage errors use).
 EXIT_USAGE = 2
+# The exit status of a machine fault: a full disk, a read-only or missing directory (sysexits.h
+# EX_IOERR).
+EXIT_STORAGE = 74
+# The exit status of a run stopped early by SIGTERM or SIGINT, its work saved: rerun the same
+# command to resume (sysexits.h EX_TEMPFAIL, "try again later").
+EXIT_PREEMPTED = 75
 _TRACEBACK_HINT = " (--verbose shows the traceback)"
 
 
@@ -33,11 +47,35 @@ def one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
-def fail(message: str) -> None:
-  """Writes `error: message` as one line to stderr and exits with EXIT_USAGE."""
+def fail(message: str, status: int = EXIT_USAGE) -> None:
+  """Writes `error: message` as one line to stderr and exits with `status`."""
   sys.stderr.write(f"error: {one_line(message)}\n")
   sys.stderr.flush()
-  sys.exit(EXIT_USAGE)
+  sys.exit(status)
+
+
+def stopped(message: str) -> None:
+  """Writes `message` (a run stopped early, how to resume it) as one line to stderr and exits
+  with EXIT_PREEMPTED."""
+  sys.stderr.write(f"{one_line(message)}\n")
+  sys.stderr.flush()
+  sys.exit(EXIT_PREEMPTED)
+
+
+class QuietOrbax(std_logging.Filter):
+  """Drops Orbax's INFO chatter (dozens of lines per save) from the console and the tracebacks
+  it (and asyncio, of its tasks) logs of a failed save (the binary reports the error itself, in
+  one line); keeps its warnings and errors as lines."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.name == "asyncio" and "orbax" in record.getMessage():
+      return False  # "Task exception was never retrieved": a failed save's writes, reported
+    if "orbax" not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def verbose_in(argv: Sequence[str]) -> bool:
@@ -63,15 +101,32 @@ def verbose_in(argv: Sequence[str]) -> bool:
   return verbose
 
 
+def _quiet_closed_event_loops() -> None:
+  """Drops the "Event loop is closed" errors that tensorstore's callbacks raise, by dozens, as
+  unraisable exceptions once a failed Orbax save has closed its event loop (the binary reports
+  the failure itself, in one line); any other unraisable exception is printed as before."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _flag_naming(argv: Sequence[str], text: str) -> str:
-  """The first --config... argument of argv whose dotted name ends in a word of `text`, else
-  the --config= argument, else '--config'."""
-  words = {w.strip("'\"?.,") for w in text.split()}
-  for arg in argv[1:]:
+  """The last --config... argument of argv whose dotted name ends in a word of `text` (a word
+  may be `a.b=value`), else the last --config= argument, else '--config'. The last, since a flag
+  given twice takes the value given last."""
+  words = {w.strip("'\"?.,:;()") for w in text.split()}
+  words |= {w.split("=", 1)[0].rsplit(".", 1)[-1] for w in words}
+  for arg in reversed(argv[1:]):
     name = arg.lstrip("-").split("=", 1)[0]
     if name.startswith("config.") and name.rsplit(".", 1)[-1] in words:
       return arg
-  return next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+  return next((a for a in reversed(argv[1:]) if a.startswith("--config=")), "--config")
 
 
 def _config_error_message(argv: Sequence[str], error: BaseException) -> str:
@@ -93,11 +148,30 @@ def _config_error_message(argv: Sequence[str], error: BaseException) -> str:
   return f"{_flag_naming(argv, message)}: {type(error).__name__}: {one_line(message)}"
 
 
+def check_geometry(config: ml_collections.ConfigDict) -> None:
+  """Refuses a patch size that does not divide the image size or, for a task of cells (Sudoku:
+  `data.cell_size`), is not the cell size, naming the fields and the value expected."""
+  from ipr_jax import geometry  # pylint: disable=g-import-not-at-top
+
+  data = config.get("data")
+  if data is None or "patch_size" not in data or "image_size" not in data:
+    return
+  cell = data.get("cell_size")
+  if cell is not None and data.patch_size != cell:
+    raise errors.ConfigError(
+        f"data.patch_size={data.patch_size!r} does not fit data.cell_size={cell!r}: "
+        f"expected {cell} (one SRM patch per cell)"
+    )
+  geometry.patch_grid(config)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses invalid sampler and IPR settings (ValueError naming the field and value), as the
-  sampler would read them: before a binary restores or compiles anything."""
+  sampler would read them, and a patch size that does not fit the image (`check_geometry`):
+  before a binary restores or compiles anything."""
   from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
 
+  check_geometry(config)
   if "sampler" in config:
     sampling.SamplerConfig(**config.sampler.to_dict())
   if "ipr" in config:
@@ -171,11 +245,24 @@ def run(
   user = (FileNotFoundError, errors.ConfigError, *user_errors)
 
   def guarded(argv):
+    logging.get_absl_handler().addFilter(QuietOrbax())
+    _quiet_closed_event_loops()
+    verbose = lambda: flags.FLAGS.verbose or flags.FLAGS.verbosity >= 1
     try:
       return main(argv)
+    except errors.StorageError as e:
+      if verbose():
+        raise
+      fail(str(e), EXIT_STORAGE)
     except user as e:
-      if flags.FLAGS.verbose or flags.FLAGS.verbosity >= 1:
+      if verbose():
         raise
       fail(f"{e}{_TRACEBACK_HINT}")
+    except Exception as e:  # pylint: disable=broad-except  (a storage fault in one line)
+      workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+      storage = errors.storage_error(e, default_path=workdir and f"a file in {workdir}")
+      if storage is None or verbose():
+        raise
+      fail(str(storage), EXIT_STORAGE)
 
   app.run(guarded, flags_parser=parse_flags)

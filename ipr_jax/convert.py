@@ -13,7 +13,10 @@ state_dict (`.pth`/`.pt`) or an `.npz` of the denoiser state_dict (no torch need
 
 converts the srmbench MNIST classifier (`conv1`, `conv2`, `fc1`, `fc2`) for the Sudoku metric.
 The mapping is strict: every key used, every shape checked, and for the reference presets the key
-count of reference_spec.md §1.10 (424 / 504 / 584) is checked too.
+count of reference_spec.md §1.10 (424 / 504 / 584) is checked too. The checkpoint written records
+the sha256 of its parameters like a training run's (`checkpoint.save`), printed at the end; a
+workdir that cannot be written (a file, read-only, a full disk) is one error line, exit status 74,
+and leaves no half-written checkpoint.
 """
 
 from typing import Any, Mapping, Optional
@@ -87,9 +90,13 @@ def convert_checkpoint(
 
   Returns:
     The written checkpoint step directory.
+
+  Raises:
+    errors.StorageError: `workdir` cannot be written (checked before anything is written).
   """
   state_dict, extras = torch_files.load_state_dict_file(torch_checkpoint)
   params = convert_denoiser(state_dict, config, weights)
+  errors.check_writable_dir(workdir)
   if step is None:
     step = int(extras.get("global_step", 0))  # type: ignore[call-overload]  # a number
   step_dir = checkpoint.save_params_checkpoint(
@@ -145,7 +152,11 @@ def main(argv):
       raise app.UsageError("--torch_checkpoint needs --config and --workdir")
     step_dir = convert_checkpoint(f.torch_checkpoint, f.config, f.workdir, f.weights, f.step)
     logging.info("Wrote %s (%s weights of %s).", step_dir, f.weights, f.torch_checkpoint)
-    print(f"converted {f.torch_checkpoint} -> {step_dir}")
+    digests = checkpoint.recorded_digests(step_dir) or {}
+    print(
+        f"converted {f.torch_checkpoint} -> {step_dir} "
+        f"(params sha256 {digests.get('params_sha256', '?')})"
+    )
   if f.torch_classifier:
     if not f.classifier_out:
       raise app.UsageError("--torch_classifier needs --classifier_out")

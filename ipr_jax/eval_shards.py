@@ -266,8 +266,10 @@ def _write_atomically(path: pathlib.Path, write) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+      e.filename = str(path)
     raise
   _fsync_dir(path.parent)
 

@@ -44,12 +44,17 @@ weights); they end together: an error on any of them (a settings mismatch that p
 a failed batch) ends all with the same message, and SIGTERM or SIGINT to any one stops all after
 the current round of batches (`agreement`).
 
+The checkpoint's parameter digests are checked, and its stored config is compared with this
+run's on the fields that define what its weights mean (the data's geometry, the U-Net): a
+mismatch is refused, naming the fields, unless `--allow_config_mismatch`. SIGTERM or SIGINT stops
+the run after the current round of batches with exit status 75 (`cli.EXIT_PREEMPTED`): rerun
+the same command to compute the rest. A workdir that cannot be written (a file, read-only, a full
+disk) is one error line, exit status 74.
+
 In Python (`ipr_jax.evaluation`, its names also importable from here): `Evaluator(config,
 params)(indices)` runs SRM + IPR on any puzzle indices and returns their per-puzzle scores,
 passes and (optionally) samples; `evaluate(config, workdir)` is the whole run of the binary.
 """
-
-import sys
 
 from absl import app
 from absl import flags
@@ -102,6 +107,12 @@ def define_flags() -> None:
       "Reuse shards computed in another environment (package versions, CPU, "
       "devices, XLA flags); recorded in run.json and results.json.",
   )
+  flags.DEFINE_bool(
+      "allow_config_mismatch",
+      False,
+      "Evaluate a checkpoint whose stored config differs from this one in a field "
+      "that defines what its weights mean (data geometry, U-Net architecture).",
+  )
 
 
 def main(argv):
@@ -119,10 +130,14 @@ def main(argv):
   config = fit.resolve_eval_batch_size(f.config, f.workdir)
   try:
     evaluation.evaluate(
-        config, f.workdir, f.checkpoint, allow_environment_change=f.allow_environment_change
+        config,
+        f.workdir,
+        f.checkpoint,
+        allow_environment_change=f.allow_environment_change,
+        allow_config_mismatch=f.allow_config_mismatch,
     )
   except evaluation.EvaluationStopped as e:
-    sys.exit(str(e))
+    cli.stopped(str(e))  # exit status cli.EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

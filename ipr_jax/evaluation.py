@@ -20,7 +20,6 @@ eval_report, agreement and the task modules.
 import collections
 import dataclasses
 import functools
-import hashlib
 import os
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -35,6 +34,7 @@ import numpy as np
 from ipr_jax import agreement
 from ipr_jax import build
 from ipr_jax import checkpoint
+from ipr_jax import cli
 from ipr_jax import environment
 from ipr_jax import errors
 from ipr_jax import eval_report
@@ -124,13 +124,18 @@ def puzzle_batches(config: ml_collections.ConfigDict, unknown: np.ndarray) -> li
 
 
 def load_params(
-    config: ml_collections.ConfigDict, workdir: str, checkpoint_path: Optional[str] = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint_path: Optional[str] = None,
+    allow_config_mismatch: bool = False,
 ) -> tuple[Any, str, str]:
   """The U-Net parameters to evaluate: (params, where they came from, 'ema' | 'live').
 
   `checkpoint_path` if given, else the shipped model `config.eval.pretrained` if set (its EMA
-  weights; `config` must agree with it on the task, data and model sections), else the newest
-  checkpoint in `workdir`.
+  weights, checked against their recorded digest; `config` must agree with it on the task, data
+  and model sections), else the newest checkpoint in `workdir` (its digests checked, and its
+  stored config compared with `config` on the fields that define the weights:
+  `checkpoint.check_stored_config`, refused unless `allow_config_mismatch`).
   """
   if checkpoint_path is None and config.eval.pretrained:
     shipped = pretrained.load(config.eval.pretrained)
@@ -139,8 +144,10 @@ def load_params(
     return shipped.params, source, "ema"
   which = "ema" if config.eval.use_ema else "live"
   source = checkpoint_path or workdir
-  params = checkpoint.restore_params(source, which=which)
-  return params, str(checkpoint.find_step_dir(source)), which
+  step_dir = checkpoint.find_step_dir(source)
+  checkpoint.check_stored_config(step_dir, config, allow_config_mismatch)
+  params = checkpoint.restore_params(step_dir, which=which)
+  return params, str(step_dir), which
 
 
 @dataclasses.dataclass
@@ -167,10 +174,32 @@ class BatchResult:
   final_samples: Optional[np.ndarray] = None
 
 
+def score_iterates(score_fn: Callable[[jax.Array], dict], iterates: jax.Array) -> dict:
+  """`{name: [T, B]}` the task's scores of every budget's iterates `[T, B, H, W, d]`, one budget
+  at a time (`lax.map`: the memory of scoring one budget)."""
+  return jax.lax.map(lambda z: {k: jnp.asarray(v) for k, v in score_fn(z).items()}, iterates)
+
+
+def verifiers(ipr_config: sampling.IPRConfig, task: tasks_base.Evaluation) -> dict[str, Any]:
+  """The verifiers the sampler is handed under `ipr_config`: `verify_fn` (the task's 'valid'
+  score) only for immediate_stop, `cell_verify_fn` only for selection='verifier'; none for a
+  verifier-free setting."""
+  handed: dict[str, Any] = {}
+  if ipr_config.immediate_stop:
+    handed["verify_fn"] = lambda z: task.score_fn(z)["valid"]
+  if ipr_config.selection == "verifier":
+    handed["cell_verify_fn"] = task.cell_verify_fn
+  return handed
+
+
 def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) -> Callable:
   """The per-device evaluation program `run(params, keys, noise, image, mask, num_snapshots,
   keep_final) -> dict` (SRM + IPR on one device's puzzles; `Evaluator` pmaps it, `ipr_jax.fit`
-  analyses its compiled memory); the last two arguments are static."""
+  analyses its compiled memory); the last two arguments are static.
+
+  The sampler is given no scorer and no solution (only what `verifiers` hands the two settings
+  that read a verifier): it returns every budget's iterates, which the task's scorer then scores.
+  """
   sampler_config, ipr_config = _sampler_configs(config)
   denoise = denoiser.make_denoise_fn(build.make_model(config), task.patch_size)
 
@@ -184,22 +213,20 @@ def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) 
         patch_size=task.patch_size,
         sampler_config=sampler_config,
         ipr_config=ipr_config,
-        score_fn=task.score_fn,
-        verify_fn=(lambda z: task.score_fn(z)["valid"]) if ipr_config.immediate_stop else None,
-        cell_verify_fn=task.cell_verify_fn if ipr_config.selection == "verifier" else None,
-        num_snapshots=num_snapshots,
         dependency=task.dependency_matrix,
+        **verifiers(ipr_config, task),
     )
-    scores = dict(result.scores)
-    if result.last_scores is not None:  # return_iterate='confident': the last iterate's too
-      scores.update({f"last_{name}": value for name, value in result.last_scores.items()})
+    scores = score_iterates(task.score_fn, result.iterates)
+    if result.last_iterates is not None:  # return_iterate='confident': the last iterate's too
+      last = score_iterates(task.score_fn, result.last_iterates)
+      scores.update({f"last_{name}": value for name, value in last.items()})
     if result.uncertainty is not None:
       scores["model_uncertainty"] = result.uncertainty
     # Only what the host needs leaves the devices: the final images only when asked for.
     return {
         "scores": scores,
         "nfe": result.nfe_per_budget,
-        "snapshots": result.snapshots,
+        "snapshots": result.iterates[:, :num_snapshots] if num_snapshots else None,
         "final": task.final_fn(result.z),
         "z": result.z if keep_final else None,
     }
@@ -351,14 +378,7 @@ class Evaluator:
     return out
 
 
-def params_digest(params: Any) -> str:
-  """sha256 of the parameters' names, shapes, dtypes and values (identifies a checkpoint)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
-    digest.update(leaf.tobytes())
-  return digest.hexdigest()
+params_digest = checkpoint.params_digest  # what run.json records as params_sha256
 
 
 def resolved_settings(
@@ -573,6 +593,7 @@ def _set_up(
     checkpoint_path: Optional[str],
     preemption: preemption_lib.Preemption,
     allow_environment_change: bool,
+    allow_config_mismatch: bool = False,
 ) -> _Run:
   """Loads the parameters, builds the Evaluator and the batches, agrees on them with every
   process, and (process 0) checks the shard directory.
@@ -588,7 +609,8 @@ def _set_up(
   error, settings = None, None
   try:
     check_schedules(config)
-    params, source, which = load_params(config, workdir, checkpoint_path)
+    params, source, which = load_params(config, workdir, checkpoint_path, allow_config_mismatch)
+    errors.check_writable_dir(workdir)  # every process writes its shards there
     logging.info("Evaluating the %s params of %s.", which, source)
     evaluator = Evaluator(config, params)  # checks the task's inputs (classifier, scorer) first
     # Computed once: they order the batches and go into each batch's shard.
@@ -845,6 +867,7 @@ def evaluate(
     checkpoint_path: Optional[str] = None,
     after_batch: Optional[Callable[[int], None]] = None,
     allow_environment_change: bool = False,
+    allow_config_mismatch: bool = False,
 ) -> list[dict[str, Any]]:
   """Runs SRM + IPR on `config.eval.num_puzzles` test puzzles and writes the results.
 
@@ -869,6 +892,8 @@ def evaluate(
     after_batch: called on the host with the batch number after each batch's shard is written.
     allow_environment_change: reuse shards computed in another environment (other package
       versions, CPU, devices or XLA flags); run.json and results.json record it.
+    allow_config_mismatch: evaluate a checkpoint whose stored config differs from `config` in a
+      field that defines what its weights mean (`checkpoint.WEIGHT_FIELDS`).
 
   Returns:
     The per-budget rows written to results.csv.
@@ -878,10 +903,21 @@ def evaluate(
     eval_shards.SettingsMismatchError: the processes disagree, or the shards there were computed
       with other settings, other code or (not allowed) in another environment, or hold other
       puzzles than this run's batches.
+    checkpoint.CheckpointError: the checkpoint's digests differ (damaged files), or
+      (ConfigMismatchError) it was trained with another geometry or architecture.
+    errors.StorageError: `workdir` cannot be written (a file, read-only, a full disk).
   """
   _check_sizes(config)
+  cli.check_geometry(config)
   with preemption_lib.Preemption("stopping after the current batch.") as preemption:
-    run = _set_up(config, workdir, checkpoint_path, preemption, allow_environment_change)
+    run = _set_up(
+        config,
+        workdir,
+        checkpoint_path,
+        preemption,
+        allow_environment_change,
+        allow_config_mismatch,
+    )
     start_time = _compute_batches(run, preemption, after_batch)
   seconds = time.time() - start_time
   return _write_results(run, seconds)

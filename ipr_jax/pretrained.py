@@ -10,6 +10,11 @@ like `encoder/blocks_1_0/conv_1_2/kernel`), the full training config (`config_js
 and the valid rates measured when it was shipped). The evaluation binary evaluates one when
 `config.eval.pretrained` names it (the `demo` preset of configs/mnist_sudoku.py does).
 
+Loading checks the parameters' sha256 (`checkpoint.params_digest`, what run.json records as
+params_sha256) against the one recorded for them: `SHIPPED_SHA256` for the models shipped in the
+package, `metadata["params_sha256"]` for a file exported since digests are recorded; a file
+whose weights changed (a flipped byte) is refused naming it.
+
 Export a training run (EMA weights of its newest or a given checkpoint):
 
     python -m ipr_jax.pretrained --workdir=runs/demo --name=mnist_sudoku_demo \
@@ -38,6 +43,12 @@ _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
 _SEPARATOR = "/"
 # The sections a model's weights depend on: an evaluation config must agree with the shipped one.
 MODEL_SECTIONS = ("task", "data", "model")
+# The sha256 of each shipped model's parameters (`checkpoint.params_digest`; the params_sha256 of
+# the run.json files of its committed tables), checked by `load`.
+SHIPPED_SHA256 = {
+    "mnist_sudoku_demo": "7f8b054df69dd9652bf7cd7188f4a68cb9a79b600a93c1847d5683ad331ea62e",
+}
+_DIGEST_KEY = "params_sha256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +114,31 @@ def save(
     config: ml_collections.ConfigDict,
     metadata: Mapping[str, Any],
 ) -> None:
-  """Writes params, config and metadata as one compressed `.npz` (float32 leaves)."""
+  """Writes params, config and metadata as one compressed `.npz` (float32 leaves); the metadata
+  gains the parameters' sha256 (`params_sha256`), which `load_file` checks."""
+  from ipr_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only to save)
+
   arrays = {k: np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
+  metadata = {**dict(metadata), _DIGEST_KEY: checkpoint.params_digest(_unflatten(arrays))}
   arrays[_CONFIG_KEY] = np.asarray(config.to_json_best_effort(sort_keys=True))
-  arrays[_METADATA_KEY] = np.asarray(json.dumps(dict(metadata), sort_keys=True))
+  arrays[_METADATA_KEY] = np.asarray(json.dumps(metadata, sort_keys=True))
   with open(path, "wb") as f:
     np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub
 
 
-def load_file(path: str | os.PathLike) -> Pretrained:
-  """Reads a file written by `save`; checks the parameters against the model of its config.
+def load_file(path: str | os.PathLike, expected_sha256: Optional[str] = None) -> Pretrained:
+  """Reads a file written by `save`; checks the parameters against the model of its config and
+  against their recorded sha256.
+
+  Args:
+    path: the `.npz` file.
+    expected_sha256: the parameters' digest to check (default: the one the file's metadata
+      records, if any; a file exported before digests were recorded is not checked).
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: the file is not a shipped-model file or does not fit its own config.
+    ValueError: the file is not a shipped-model file, does not fit its own config, or its
+      parameters' sha256 differs from the one expected (a changed or damaged file).
   """
   from ipr_jax import build  # pylint: disable=g-import-not-at-top  (flax and optax: only to load)
 
@@ -146,12 +168,23 @@ def load_file(path: str | os.PathLike) -> Pretrained:
         f"{str(path)!r}: parameters do not fit the model of its config "
         f"(first differences, name and shape: {diff})"
     )
+  expected = expected_sha256 or metadata.get(_DIGEST_KEY)
+  if expected is not None:
+    from ipr_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+    if checkpoint.params_digest(params) != expected:
+      raise errors.ConfigError(
+          f"{str(path)!r}: its parameters do not match the sha256 recorded for them "
+          f"({expected[:16]}...): the file was changed or damaged; reinstall the package or "
+          "export the model again"
+      )
   return Pretrained(name=path.stem, params=params, config=config, metadata=metadata)
 
 
 def load(name: str) -> Pretrained:
-  """The shipped model `name` (see `names()`)."""
-  return load_file(path_of(name))
+  """The shipped model `name` (see `names()`), its parameters checked against
+  `SHIPPED_SHA256`."""
+  return load_file(path_of(name), SHIPPED_SHA256.get(name))
 
 
 def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> None:

@@ -25,11 +25,15 @@ With `clean=True` the same formulas are evaluated in exact rational arithmetic
 block_len 0 and starts [-1]. The reference never builds that case (it would
 run ceil(p * overlap) forwards that change nothing).
 
-A schedule whose block starts repeat (e.g. p = 5, overlap 0.9, n = 64 gives
-starts 0, 0, 1, 1, 2, ...) is degenerate: the greedy loop selects one patch
-per step, so a repeated start is never matched again and the patches behind it
-jump from pure noise to the prediction in the last step. `check_block_starts`
-refuses such settings; it needs p * (1 - overlap) >= 1, up to rounding.
+Block starts may repeat (e.g. p = 5, overlap 0.9, n = 64 gives starts 0, 0, 1,
+1, 2, ...). The precomputed schedules (fixed, random_sequential,
+graph_sequential) then start several blocks in one step, as the SRM reference's
+scheduling matrix has them. The adaptive schedule starts one block per step, as
+the reference's sequential_adaptive sampler does: after a repeated start it
+selects nothing more, and the patches behind it jump from pure noise to the
+prediction in the last step. `check_block_starts` refuses that for the adaptive
+schedule (it needs p * (1 - overlap) >= 1, up to rounding), and for every kind
+a schedule with no denoiser pass or a block length of 0.
 
 Because each puzzle of a batch has its own `n` inside a jitted sampler,
 `schedule_table` tabulates every n in 0..N on the host as numpy arrays that the
@@ -70,8 +74,11 @@ class Schedule:
     ideal_block_len: the real-valued block length (float32 in the faithful
       mode, float64 of the exact value in the clean mode).
     block_len: ceil(ideal_block_len), the prototype length L.
-    block_starts: `[n + 1]` int64, the step at which the k-th patch is picked;
-      the last entry is the -1 sentinel that no step ever matches.
+    block_starts: `[blocks + 1]` int64, the step at which the k-th block starts (its patches
+      are picked); the last entry is the -1 sentinel that no step ever matches. blocks is n
+      (one patch per block), ceil(n / top_k) (adaptive), 1 (fixed), or min(n, M) for the
+      sequential schedules with M steps (the reference plans at most M blocks; the patches
+      it leaves unplanned start at step 0).
     prototype: `[block_len]` float32, (L - j) / L for j = 0..L-1.
   """
 
@@ -166,23 +173,33 @@ def _exact_schedule(
 
 def _sequential_schedule(n: int, p: int, overlap: float, clean: bool, total_steps: int) -> Schedule:
   """The SRM reference's graph_sequential time scheduler (random_sequential is its max_order 0)
-  for n patches in n blocks of one patch: M steps (total_steps, or the adaptive schedule's step
-  count + 1, so that both take the same passes), block length L = floor(M / ((n - 1)(1 -
-  overlap) + 1)), block k starting at floor(k L (1 - overlap)), prototype (L - j) / L; the last
-  of the M time rows is 0, so the loop takes M - 1 passes."""
+  for n patches in blocks of one patch: M steps (total_steps, or the adaptive schedule's step
+  count + 1, so that both take the same passes); b = min(n, M) blocks (the reference's planning
+  loop stops after M blocks; the patches it leaves unplanned keep start step 0); block length
+  L = floor(M / ((b - 1)(1 - overlap) + 1)), block k starting at floor(k L (1 - overlap)) (starts
+  may repeat: those blocks start together), prototype (L - j) / L; the last of the M time rows
+  is 0, so the loop takes M - 1 passes."""
   steps = int(total_steps) if total_steps else make_schedule(n, p, overlap, clean).max_steps + 1
+  if steps < 2:
+    raise ValueError(
+        f"max_steps={steps} leaves no denoiser pass (the last of the max_steps time rows is 0); "
+        "use max_steps >= 2."
+    )
+  blocks = min(n, steps)
   if clean:
     exact_om = 1 - _overlap_fraction(overlap)
-    block_len = math.floor(fractions.Fraction(steps) / ((n - 1) * exact_om + 1))
-    starts = [math.floor(k * block_len * exact_om) for k in range(n)]
+    block_len = math.floor(fractions.Fraction(steps) / ((blocks - 1) * exact_om + 1))
+    starts = [math.floor(k * block_len * exact_om) for k in range(blocks)]
   else:
     om = _F32(1.0 - overlap)
-    block_len = int(np.floor(_float32_block_len(n, om, steps)))
-    starts = [int(s) for s in np.floor((np.arange(n, dtype=_F32) * _F32(block_len)) * om)]
+    block_len = int(np.floor(_float32_block_len(blocks, om, steps)))
+    starts = [int(s) for s in np.floor((np.arange(blocks, dtype=_F32) * _F32(block_len)) * om)]
   if block_len < 1:
+    given = f"max_steps={steps}" if total_steps else f"steps_per_patch={p} ({steps} steps)"
     raise ValueError(
-        f"{steps} steps leave a block length of 0 for n={n} patches at overlap "
-        f"{overlap}; use more steps."
+        f"{given} and overlap={overlap} leave a block length of 0 for n={n} patches in "
+        f"{blocks} blocks (float32 rounding of {steps} / {blocks}: the reference would divide "
+        f"by 0); use {'another max_steps' if total_steps else 'more steps_per_patch'}."
     )
   fl = _F32(block_len)
   proto = ((fl - np.arange(block_len, dtype=_F32)) / fl).astype(_F32)
@@ -259,35 +276,68 @@ def make_schedule(
   return build(n, p, overlap, blocks, int(total_steps))
 
 
+def _setting(steps_per_patch: int, overlap: float, top_k: int, total_steps: int) -> str:
+  """The fields that set an adaptive schedule's block starts, as `name=value`s."""
+  fields = [f"max_steps={total_steps}" if total_steps else f"steps_per_patch={steps_per_patch}"]
+  fields.append(f"overlap={overlap}")
+  if top_k != 1:
+    fields.append(f"top_k={top_k}")
+  return ", ".join(fields[:-1]) + " and " + fields[-1]
+
+
 def check_block_starts(
     n_values,
     steps_per_patch: int,
     overlap: float,
     clean: bool = False,
     name: str = "sampler",
-    **kind_args,
+    *,
+    kind: str = "adaptive",
+    top_k: int = 1,
+    total_steps: int = 0,
 ) -> None:
-  """Raises ValueError unless every n in `n_values` has strictly increasing block starts.
+  """Raises ValueError if the schedule is degenerate for some n in `n_values`.
+
+  Degenerate: the adaptive schedule with repeated block starts (it starts one block per step,
+  as the reference's sequential_adaptive sampler, so the blocks behind a repeated start are
+  never selected and jump from noise to the prediction in the last step); any schedule with no
+  denoiser pass or a block length of 0. The precomputed schedules (fixed, random_sequential,
+  graph_sequential) start repeated blocks together, as the reference does: allowed.
 
   Args:
     n_values: the patch counts the schedule is used for (0 and 1 always pass).
     steps_per_patch, overlap, clean: as in `make_schedule`.
     name: the config section the setting comes from, for the message (e.g. 'ipr').
-    **kind_args: kind, top_k, total_steps of `make_schedule`.
+    kind, top_k, total_steps: as in `make_schedule`; the message names the fields that set the
+      block starts (max_steps instead of steps_per_patch when total_steps > 0, top_k when it
+      is not 1).
   """
   for n in sorted({int(n) for n in n_values}):
     try:
-      starts = make_schedule(n, steps_per_patch, overlap, clean, **kind_args).block_starts[:-1]
+      made = make_schedule(
+          n, steps_per_patch, overlap, clean, kind=kind, top_k=top_k, total_steps=total_steps
+      )
     except ValueError as e:
       raise ValueError(f"{name}: {e}") from e
-    if np.any(np.diff(starts) <= 0):
-      shown = ", ".join(str(s) for s in starts[:8]) + (", ..." if len(starts) > 8 else "")
-      raise ValueError(
-          f"{name}: steps_per_patch={steps_per_patch} and overlap={overlap} give repeated block "
-          f"starts for n={n} patches ({shown}): the greedy loop would select only some of them "
-          f"and jump the others from noise to the prediction. Use steps_per_patch * "
-          f"(1 - overlap) >= 1 (e.g. a smaller overlap or more steps per patch)."
+    starts = made.block_starts[:-1]
+    if kind != "adaptive" or not np.any(np.diff(starts) <= 0):
+      continue
+    shown = ", ".join(str(s) for s in starts[:8]) + (", ..." if len(starts) > 8 else "")
+    blocks = f" in {len(starts)} blocks" if top_k != 1 else ""
+    if total_steps:
+      remedy = "more max_steps or a smaller overlap"
+    else:
+      remedy = (
+          "steps_per_patch * (1 - overlap) >= 1 (e.g. a smaller overlap or more steps per patch)"
       )
+    raise ValueError(
+        f"{name}: {_setting(steps_per_patch, overlap, top_k, total_steps)} give repeated block "
+        f"starts for n={n} patches{blocks} ({shown}): the adaptive schedule starts one block "
+        f"per step (as the reference's sequential_adaptive sampler), so it would select only "
+        f"some of them and jump the others from noise to the prediction. Use {remedy}, or a "
+        f"precomputed schedule (fixed, random_sequential, graph_sequential), which starts "
+        f"such blocks together."
+    )
 
 
 def max_steps(n, steps_per_patch, overlap, clean=False) -> int:
@@ -323,8 +373,8 @@ class ScheduleTable:
     num_patches: N, the largest n tabulated.
     max_steps: `[N + 1]` int32.
     block_len: `[N + 1]` int32.
-    block_starts: `[N + 1, N + 1]` int32; row n holds the starts of its blocks, then -1 (the
-      sentinel) and -1 padding.
+    block_starts: `[N + 1, N + 1]` int32; row n holds the starts of its blocks (non-decreasing;
+      repeated starts begin together), then -1 (the sentinel) and -1 padding.
     prototypes: `[N + 1, L_max]` float32; row n holds its prototype, 0 padding.
     patches_per_block: patches the greedy loop selects at each block start (lowest sigma
       first): top_k of the adaptive schedule, N of the fixed one (all at once), 1 otherwise.
@@ -339,6 +389,12 @@ class ScheduleTable:
   prototypes: np.ndarray
   patches_per_block: int = 1
   planned: bool = False
+
+  @property
+  def num_blocks(self) -> np.ndarray:
+    """`[N + 1]` int32 blocks of each n: its starts before the -1 sentinel (the sequential
+    schedules plan at most this many patches; the rest start at step 0)."""
+    return np.sum(self.block_starts >= 0, axis=1).astype(np.int32)
 
   def steps_bound(self, n_values=None) -> int:
     """Largest max_steps over `n_values` (default: all n): a static loop length."""

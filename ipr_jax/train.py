@@ -21,11 +21,18 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
 * Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
-  SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once); restarting with the same
-  workdir resumes exactly (step, params, optimizer state, EMA, PRNG). A NaN or inf loss stops the
-  run without saving the bad state.
+  SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once; the binary then exits with
+  status 75, `cli.EXIT_PREEMPTED`); restarting with the same workdir resumes exactly (step,
+  params, optimizer state, EMA, PRNG), after checking the checkpoint's parameter digests and that
+  its config agrees with the run's on the fields that define the weights
+  (`checkpoint.check_stored_config`; `--allow_config_mismatch` to resume anyway). A NaN or inf
+  loss stops the run without saving the bad state.
 * A progress line every `log_every_steps` (loss terms, steps/s, ETA), the same values appended to
-  `workdir/metrics.jsonl`, the resolved config in `workdir/config.json`.
+  `workdir/metrics.jsonl` (cut back to the resumed step at a resume, so that the steps after the
+  last checkpoint of a killed run appear once), the resolved config in `workdir/config.json`.
+* A workdir that cannot be written (a file, read-only, a full disk) is an `errors.StorageError`
+  before training starts; an asynchronous save that fails stops the run at the next step, its
+  half-written directory removed (the binary: one line, exit status 74).
 
 Deliberate differences from the reference (same recipe, different bookkeeping):
 * randomness is drawn per example from (step, global index) rather than from one global stream,
@@ -42,7 +49,6 @@ losses, time_sampler, train_state, checkpoint and build.
 
 import dataclasses
 import json
-import logging as std_logging
 import math
 import os
 import pathlib
@@ -341,6 +347,7 @@ def train(
     hooks: Sequence[Callable[[int], None]] = (),
     log_fn: Optional[Callable[[dict[str, Any]], None]] = None,
     time_limit_s: Optional[float] = None,
+    allow_config_mismatch: bool = False,
 ) -> TrainResult:
   """Trains (or resumes training) until `config.num_train_steps`.
 
@@ -353,13 +360,18 @@ def train(
       eta_sec; what metrics.jsonl gets), every `config.log_every_steps` steps and at the end.
     time_limit_s: if set, stop once this many seconds have passed since the call, as on SIGTERM:
       save a checkpoint of the last step and return (rerun to continue from it).
+    allow_config_mismatch: resume a checkpoint whose stored config differs from `config` in a
+      field that defines what its weights mean (`checkpoint.WEIGHT_FIELDS`).
 
   Returns:
     TrainResult with the final state.
 
   Raises:
     NonFiniteLossError: the loss became NaN or inf; checkpoints written before stay intact.
-    checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed.
+    checkpoint.CheckpointError: workdir holds a checkpoint that cannot be resumed (unreadable,
+      its digests differ, or another geometry: checkpoint.ConfigMismatchError).
+    errors.StorageError: workdir cannot be written (a file, read-only, a full disk), or a save
+      failed for that reason; a failed save's half-written directory is removed.
   """
   # SIGTERM or SIGINT from here on (also during setup): a save after the next step, then a return.
   with preemption_lib.Preemption("saving a checkpoint and stopping.") as preemption:
@@ -367,7 +379,13 @@ def train(
       if time_limit_s < 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0")
       preemption.deadline = time.time() + time_limit_s
-    return _train(config, pathlib.Path(workdir), hooks, log_fn, preemption)
+    try:
+      return _train(config, pathlib.Path(workdir), hooks, log_fn, preemption, allow_config_mismatch)
+    except OSError as e:  # a write of config.json or metrics.jsonl
+      found = errors.storage_error(e)
+      if found is None:
+        raise
+      raise found from e
 
 
 @dataclasses.dataclass
@@ -398,6 +416,7 @@ class _Loop:
     window_step: the step after which it started.
     window_wait: the prefetcher's wait_seconds when it started.
     preempted: SIGTERM or the time limit stopped the run.
+    saving: the step whose asynchronous save is in flight (None: none).
   """
 
   config: ml_collections.ConfigDict
@@ -421,6 +440,7 @@ class _Loop:
   window_step: int = 0
   window_wait: float = 0.0
   preempted: bool = False
+  saving: Optional[int] = None
 
 
 def _train(
@@ -429,20 +449,26 @@ def _train(
     hooks: Sequence[Callable[[int], None]],
     log_fn: Optional[Callable[[dict[str, Any]], None]],
     preemption: preemption_lib.Preemption,
+    allow_config_mismatch: bool = False,
 ) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
+  errors.check_writable_dir(workdir)
   example_index = _local_example_index(config)
-  model, tx, task, weight_table, state = _build_and_restore(config, workdir)
+  model, tx, task, weight_table, state = _build_and_restore(config, workdir, allow_config_mismatch)
   start_step, num_steps = int(state.step), int(config.num_train_steps)
+  # Written once the checkpoint to resume (if any) is known to fit this config.
+  if jax.process_index() == 0:
+    # What a killed or failed save left half written, and the log of steps not in the checkpoint.
+    checkpoint.remove_temporaries(workdir)
+    _truncate_metrics(workdir / METRICS_FILE, start_step)
+    _write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
   if start_step >= num_steps:
     logging.info("Nothing to do: step %d >= num_train_steps %d.", start_step, num_steps)
     return TrainResult(jax.device_get(state), [])
 
   loop = _start_loop(config, workdir, model, tx, task, weight_table, state, example_index, log_fn)
   logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
+  completed = False
   try:
     for step in range(start_step + 1, num_steps + 1):
       _take_step(loop, step)
@@ -450,11 +476,17 @@ def _train(
         hook(step)
       if _after_step(loop, step, preemption):
         break
+    completed = True
   finally:
     if loop.prefetcher is not None:
       loop.prefetcher.close()
-    loop.manager.wait_until_finished()
-    loop.manager.close()
+    try:
+      _finish_save(loop)
+    except Exception:  # pylint: disable=broad-except
+      if completed:  # else the error that stopped the loop is the one to report
+        raise
+    finally:
+      loop.manager.close()
   return TrainResult(jax.device_get(unreplicate(loop.state)), loop.history, loop.preempted)
 
 
@@ -495,7 +527,37 @@ def _local_example_index(config: ml_collections.ConfigDict) -> np.ndarray:
   )
 
 
-def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+  """Cuts metrics.jsonl back to the records of steps <= `step` (the step resumed from), and
+  drops a line that a kill left half written: a resumed run logs the steps after its checkpoint
+  again, and each step should appear once."""
+  if not path.is_file():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    logging.info(
+        "%s: kept the %d records up to step %d, dropped %d.",
+        path,
+        len(kept),
+        step,
+        len(lines) - len(kept),
+    )
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _build_and_restore(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_config_mismatch: bool = False
+):
   """(model, tx, task, weight_table, state): the run's pieces, state resumed from workdir."""
   root = jax.random.key(config.seed)
   state_key, density_key = jax.random.split(root)
@@ -510,7 +572,7 @@ def _build_and_restore(config: ml_collections.ConfigDict, workdir: pathlib.Path)
       "U-Net parameters: %s", f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}"
   )
 
-  restored = checkpoint.restore_latest(workdir, state)
+  restored = checkpoint.restore_latest(workdir, state, config, allow_config_mismatch)
   if restored is not None:
     state = restored
   return model, tx, task, weight_table, state
@@ -584,7 +646,14 @@ def _take_step(loop: _Loop, step: int) -> None:
 
 
 def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -> bool:
-  """Logs and checkpoints when due after `step`; returns True to stop (SIGTERM, time limit)."""
+  """Logs and checkpoints when due after `step`; returns True to stop (SIGTERM, time limit).
+
+  Raises:
+    errors.StorageError: the asynchronous save in flight failed (a full disk): the run stops
+      at once rather than at the next save.
+  """
+  if loop.saving is not None and not loop.manager.is_saving_in_progress():
+    _finish_save(loop)
   is_last = step == loop.num_steps
   # Several processes agree on stopping only at logging steps (a collective over all of them).
   if jax.process_count() == 1 or step % loop.log_every == 0 or is_last:
@@ -652,8 +721,15 @@ def _log_record(loop: _Loop, step: int) -> None:
   if loop.log_fn is not None:
     loop.log_fn(record)
   if jax.process_index() == 0:
-    with open(loop.workdir / METRICS_FILE, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    path = loop.workdir / METRICS_FILE
+    try:
+      with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      found = errors.storage_error(e, str(path), f"logging step {step}")
+      if found is None:
+        raise
+      raise found from e
   terms = " ".join(f"{k}={record[k]:.4g}" for k in _PROGRESS_TERMS if k in record)
   if "input_wait" in record:
     terms += f" input_wait={record['input_wait']:.0%}"
@@ -678,8 +754,21 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
         f"Parameters became non-finite by step {step}; not saving them. Last good checkpoint: "
         f"step {loop.manager.latest_step()} in {checkpoint.checkpoint_dir(loop.workdir)}."
     )
-  checkpoint.save(loop.manager, step, host_state, loop.config)
+  _finish_save(loop)
+  try:
+    started = checkpoint.save(loop.manager, step, host_state, loop.config)
+  except Exception as e:  # pylint: disable=broad-except  (a storage fault: one line)
+    checkpoint.raise_failed_save(e, loop.workdir, step)
+  if started:
+    loop.saving = step
   logging.info("Saving checkpoint of step %d (asynchronously).", step)
+
+
+def _finish_save(loop: _Loop) -> None:
+  """Waits for the save in flight; a failed one is removed and raised (StorageError for a
+  machine fault)."""
+  step, loop.saving = loop.saving, None
+  checkpoint.finish_saves(loop.manager, loop.workdir, step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -697,19 +786,17 @@ def define_flags() -> None:
       lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
-
-
-class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's INFO chatter (dozens of lines per save) from the console; keeps warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+  flags.DEFINE_bool(
+      "allow_config_mismatch",
+      False,
+      "Resume a checkpoint whose stored config differs from this one in a field that "
+      "defines what its weights mean (data geometry, U-Net architecture).",
+  )
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
   config = flags.FLAGS.config
   host_devices.use_cpu_cores(config.batch_size)  # before the first JAX call initialises XLA
   if config.distributed:
@@ -723,10 +810,19 @@ def main(argv: Sequence[str]) -> None:
       jax.local_devices(),
   )
   try:
-    train(config, flags.FLAGS.workdir)
+    result = train(
+        config, flags.FLAGS.workdir, allow_config_mismatch=flags.FLAGS.allow_config_mismatch
+    )
   except (NonFiniteLossError, checkpoint.CheckpointError) as e:
     logging.error("%s", e)
     raise SystemExit(f"Training stopped: {e}") from None
+  if result.preempted:
+    cli.stopped(
+        f"stopped at step {int(result.state.step)} of {config.num_train_steps} (SIGTERM, SIGINT "
+        f"or the time limit), its checkpoint saved in "
+        f"{checkpoint.checkpoint_dir(flags.FLAGS.workdir)}; rerun the same command to resume "
+        f"(exit status {cli.EXIT_PREEMPTED})."
+    )
 
 
 if __name__ == "__main__":

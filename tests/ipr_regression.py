@@ -79,7 +79,6 @@ def run(name: str) -> dict[str, np.ndarray]:
           patch_size=PATCH,
           sampler_config=sampler_config,
           ipr_config=ipr_config,
-          score_fn=_score,
       )
   )(keys, image, mask, noise)
   out = {
@@ -88,7 +87,10 @@ def run(name: str) -> dict[str, np.ndarray]:
       "resampled": result.resampled,
       "initial_order": result.initial_order,
   }
-  out.update({f"score_{k}": v for k, v in result.scores.items()})
+  # The stored scores were computed inside the scan by the code of 72915ad; today the sampler
+  # returns the iterates and the caller scores them.
+  scores = jax.vmap(_score)(result.iterates)
+  out.update({f"score_{k}": v for k, v in scores.items()})
   return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -24,7 +24,7 @@ from test_ipr_variants import P, SAMPLER, _keys, _standard_setup, batchwise_deno
 CHAIN_STREAM, NOISE_STREAM = 5, 3  # as documented in ipr_jax/sampling/chains.py
 
 
-def _run(ipr_config, keys, x, noise, mask, score_fn=True, num_snapshots=0, denoise=None, **kwargs):
+def _run(ipr_config, keys, x, noise, mask, denoise=None, **kwargs):
   fn = lambda keys, x, noise: sampling.srm_ipr(
       denoise or batchwise_denoiser,
       keys,
@@ -34,8 +34,6 @@ def _run(ipr_config, keys, x, noise, mask, score_fn=True, num_snapshots=0, denoi
       patch_size=P,
       sampler_config=SAMPLER,
       ipr_config=ipr_config,
-      score_fn=(lambda z: {"mean": z.mean((1, 2, 3))}) if score_fn else None,
-      num_snapshots=num_snapshots,
       **kwargs,
   )
   return jax.device_get(jax.jit(fn)(keys, x, noise))
@@ -65,17 +63,16 @@ def test_chains_are_single_chain_runs_and_the_lowest_score_wins(returned):
       x,
       noise,
       mask,
-      num_snapshots=2,
   )
   # Each chain alone, queried after every iterate (return_iterate='confident' queries them all;
-  # its last_scores are those of the last iterates).
+  # its last_iterates are the last iterates).
   single, plain = [], []
   for c in range(k):
     chain_keys, chain_noise = _chain_inputs(keys, noise, c)
     for runs, settings in ((single, dict(return_iterate="confident")), (plain, {})):
       # plain: the paper's IPR, no query, the last iterate.
       config = sampling.IPRConfig(**common, **settings)
-      runs.append(_run(config, chain_keys, x, chain_noise, mask, num_snapshots=4))
+      runs.append(_run(config, chain_keys, x, chain_noise, mask))
   last = np.stack([np.asarray(s.uncertainty) for s in single])  # [K, T, B]
   score = np.minimum.accumulate(last, axis=1) if returned == "confident" else last
   choice = np.argmin(score, axis=0)  # [T, B]
@@ -83,8 +80,8 @@ def test_chains_are_single_chain_runs_and_the_lowest_score_wins(returned):
   for t in range(budget + 1):
     for b in range(4):
       c = choice[t, b]
-      own = single[c].scores if returned == "confident" else single[c].last_scores
-      np.testing.assert_allclose(chained.scores["mean"][t, b], own["mean"][t, b], atol=1e-6)
+      own = single[c].iterates if returned == "confident" else single[c].last_iterates
+      np.testing.assert_allclose(chained.iterates[t, b], own[t, b], atol=1e-5)
       np.testing.assert_allclose(chained.uncertainty[t, b], last[c, t, b], atol=1e-5)
   np.testing.assert_array_equal(
       chained.nfe_per_budget, sum(np.asarray(s.nfe_per_budget) for s in single)
@@ -95,13 +92,8 @@ def test_chains_are_single_chain_runs_and_the_lowest_score_wins(returned):
     np.testing.assert_allclose(chained.z[b], z_single, atol=1e-5)
     np.testing.assert_array_equal(chained.resampled[:, b], final[b].resampled[:, b])
     np.testing.assert_array_equal(chained.initial_order[b], final[b].initial_order[b])
-  assert chained.snapshots.shape[:2] == (budget + 1, 2)
-  np.testing.assert_allclose(chained.snapshots[-1], chained.z[:2], atol=1e-6)
-  if returned == "confident":  # (the single runs' snapshots are their most confident iterates)
-    for t in range(budget + 1):
-      for b in range(2):
-        expected = single[choice[t, b]].snapshots[t, b]
-        np.testing.assert_allclose(chained.snapshots[t, b], expected, atol=1e-5)
+  assert chained.iterates.shape == (budget + 1,) + x.shape
+  np.testing.assert_array_equal(chained.iterates[-1], chained.z)
 
 
 def test_chain_passes_follow_the_schedules():
@@ -131,9 +123,9 @@ def test_chain_passes_follow_the_schedules():
     assert result.nfe[b] == k * per_chain[-1]
 
 
-def test_chains_read_neither_the_solution_nor_a_scorer():
+def test_chains_read_neither_the_solution_nor_a_verifier():
   """The chosen samples do not change when the content under the mask (the solution the
-  generated cells hide) changes, nor when no score_fn is given; no verifier is ever called."""
+  generated cells hide) changes; a verifier handed to the chains is refused."""
   x, _, noise, mask, _ = _standard_setup(seed=13)
   keys = _keys(range(4), seed=5)
   config = sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, chains=2, query_cells="all")
@@ -141,9 +133,12 @@ def test_chains_read_neither_the_solution_nor_a_scorer():
   def refuse(z):
     raise AssertionError("a verifier was called")
 
-  base = _run(config, keys, x, noise, mask, verify_fn=refuse, cell_verify_fn=refuse)
+  for handed in ("verify_fn", "cell_verify_fn"):
+    with pytest.raises(ValueError, match=f"{handed} is read only by"):
+      _run(config, keys, x, noise, mask, **{handed: refuse})
+  base = _run(config, keys, x, noise, mask)
   other_solution = np.where(mask > 0, -x[::-1], x)
-  other = _run(config, keys, other_solution, noise, mask, score_fn=False)
+  other = _run(config, keys, other_solution, noise, mask)
   np.testing.assert_array_equal(base.z, other.z)
   np.testing.assert_array_equal(base.nfe_per_budget, other.nfe_per_budget)
   np.testing.assert_array_equal(base.uncertainty, other.uncertainty)
@@ -178,7 +173,7 @@ def test_query_cells_all_scores_the_given_cells():
         uncertainty_score="sigma",
         query_cells=cells,
     )
-    result = _run(config, _keys(range(4), seed=6), x, noise, mask, score_fn=False, denoise=denoise)
+    result = _run(config, _keys(range(4), seed=6), x, noise, mask, denoise=denoise)
     means[cells] = result.uncertainty
   log_sigma = np.log(sigma).reshape(-1)
   for b in range(4):

@@ -107,7 +107,7 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
   assert np.all(nll[:, 0] == 0) and np.all(log_sigma[:, 0] == 0)
 
 
-def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None, num_snapshots=0):
+def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None):
   return jax.jit(
       lambda z, candidates, noise, keys: sampling.ipr_refine(
           denoise,
@@ -120,9 +120,7 @@ def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None
           patch_size=P,
           sampler_config=SAMPLER,
           ipr_config=ipr_config,
-          score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
           cell_verify_fn=cell_verify_fn,
-          num_snapshots=num_snapshots,
       )
   )(z, candidates, noise, keys)
 
@@ -284,7 +282,7 @@ def _standard_setup(seed=5):
   return x, sigma, noise, mask, unknown
 
 
-def _srm_ipr(ipr_config, x, sigma, noise, mask, num_snapshots=0):
+def _srm_ipr(ipr_config, x, sigma, noise, mask):
   return jax.jit(
       lambda keys: sampling.srm_ipr(
           _noisy_oracle(x, sigma),
@@ -295,8 +293,6 @@ def _srm_ipr(ipr_config, x, sigma, noise, mask, num_snapshots=0):
           patch_size=P,
           sampler_config=SAMPLER,
           ipr_config=ipr_config,
-          score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
-          num_snapshots=num_snapshots,
       )
   )(_keys(range(4), seed=9))
 
@@ -359,30 +355,22 @@ def test_pass_counts_follow_the_schedules(variant):
 def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncertainty():
   x, sigma, noise, mask, _ = _standard_setup(seed=6)
   common = dict(budget=4, steps_per_patch=4, overlap=0.5)
-  paper = _srm_ipr(sampling.IPRConfig(**common), x, sigma, noise, mask, num_snapshots=4)
+  paper = _srm_ipr(sampling.IPRConfig(**common), x, sigma, noise, mask)
   confident = _srm_ipr(
-      sampling.IPRConfig(**common, return_iterate="confident"),
-      x,
-      sigma,
-      noise,
-      mask,
-      num_snapshots=4,
+      sampling.IPRConfig(**common, return_iterate="confident"), x, sigma, noise, mask
   )
   # The query has keys of its own: the re-noised sets and the iterates are the paper's.
   np.testing.assert_array_equal(np.asarray(confident.resampled), np.asarray(paper.resampled))
-  np.testing.assert_array_equal(confident.last_scores["mean"], paper.scores["mean"])
-  assert paper.last_scores is None and paper.uncertainty is None
+  np.testing.assert_array_equal(np.asarray(confident.last_iterates), np.asarray(paper.iterates))
+  assert paper.last_iterates is None and paper.uncertainty is None
   uncertainty = np.asarray(confident.uncertainty)  # [budget + 1, B]
-  snapshots = np.asarray(paper.snapshots)
+  iterates = np.asarray(paper.iterates)
   for b in range(4):
     for budget in range(5):
       best = int(np.argmin(uncertainty[: budget + 1, b]))
-      np.testing.assert_allclose(
-          confident.scores["mean"][budget, b], snapshots[best, b].mean(), rtol=0, atol=1e-7
-      )
-      # Its snapshots are the iterates its scores score: the paper's best so far.
-      np.testing.assert_array_equal(np.asarray(confident.snapshots)[budget, b], snapshots[best, b])
-    np.testing.assert_array_equal(np.asarray(confident.z[b]), snapshots[best, b])
+      # The iterate it returns after each budget: the paper's best so far.
+      np.testing.assert_array_equal(np.asarray(confident.iterates)[budget, b], iterates[best, b])
+    np.testing.assert_array_equal(np.asarray(confident.z[b]), iterates[best, b])
   assert np.any(np.argmin(uncertainty, 0) != 4), "every puzzle returned its last iterate"
 
 
@@ -411,7 +399,6 @@ def test_variants_batch_and_pmap_like_single_puzzles():
         patch_size=P,
         sampler_config=SAMPLER,
         ipr_config=config,
-        score_fn=lambda z: {"mean": z.mean((1, 2, 3))},
     )
 
   together = jax.device_get(jax.jit(run)(keys, x, noise, mask))

@@ -23,7 +23,11 @@ def test_save_load_roundtrip(tiny, tmp_path):
   path = tmp_path / "m.npz"
   pretrained.save(path, params, config, {"steps": 3})
   loaded = pretrained.load_file(path)
-  assert loaded.name == "m" and loaded.metadata == {"steps": 3}
+  # The metadata gains the parameters' sha256, which loading checks.
+  assert loaded.name == "m" and loaded.metadata == {
+      "steps": 3,
+      "params_sha256": checkpoint.params_digest(params),
+  }
   assert jax.tree.structure(loaded.params) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
   pretrained.check_compatible(config, loaded)

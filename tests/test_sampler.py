@@ -312,7 +312,6 @@ def test_nfe_sudoku_corrupted_and_oracle_correction():
           image=x,
           noise=jnp.zeros_like(x),
           patch_size=1,
-          num_snapshots=1,
           sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
           ipr_config=sampling.IPRConfig(
               budget=15, steps_per_patch=10, overlap=0.8, mode="correction", num_corruption_swaps=5
@@ -326,7 +325,7 @@ def test_nfe_sudoku_corrupted_and_oracle_correction():
   # Budget 0 is the corrupted grid (cells swapped, nothing generated yet);
   # every cell re-noised at least once is back to the clean value.
   clean = x[0, ..., 0]
-  corrupted = result.snapshots[0, 0, ..., 0]
+  corrupted = result.iterates[0, 0, ..., 0]
   assert 2 <= np.sum(corrupted != clean) <= 10
   np.testing.assert_array_equal(np.sort(corrupted.ravel()), np.sort(clean.ravel()))
   touched = result.resampled[:, 0].any(0).reshape(9, 9)
@@ -336,7 +335,7 @@ def test_nfe_sudoku_corrupted_and_oracle_correction():
 
 
 # ---------------------------------------------------------------------------
-# Batching, keys, jit / pmap, immediate stop, scores.
+# Batching, keys, jit / pmap, immediate stop, iterates.
 
 _ACCEPTED_VALUE = 0.75  # given content of pixel (0, 0) of puzzle 0 only
 
@@ -354,17 +353,11 @@ def _verify(z):
   return z[:, 0, 0, 0] == _ACCEPTED_VALUE
 
 
-def _score_fn(z):
-  return {"mean": z.mean((1, 2, 3)), "first": z[:, 0, 1, 0]}
-
-
 _BATCH_CONFIGS = dict(
     patch_size=2,
     sampler_config=sampling.SamplerConfig(3, 0.5, stochasticity=0.5),
     ipr_config=sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, immediate_stop=True),
-    score_fn=_score_fn,
     verify_fn=_verify,
-    num_snapshots=2,
 )
 
 
@@ -393,7 +386,7 @@ def test_batch_equals_puzzles_alone(batch_run):
     np.testing.assert_array_equal(alone.initial_order[0], together.initial_order[b])
     np.testing.assert_array_equal(alone.resampled[:, 0], together.resampled[:, b])
     assert alone.nfe[0] == together.nfe[b]
-    np.testing.assert_allclose(alone.scores["mean"][:, 0], together.scores["mean"][:, b], atol=1e-6)
+    np.testing.assert_allclose(alone.iterates[:, 0], together.iterates[:, b], atol=1e-6)
   # Different puzzle keys give different refinements; given cells are kept.
   assert not np.array_equal(together.resampled[:, 2], together.resampled[:, 3])
   np.testing.assert_array_equal(together.z[mask[..., 0] == 0], image[mask[..., 0] == 0])
@@ -422,17 +415,15 @@ def test_pmap_matches_jit(batch_run):
   np.testing.assert_array_equal(got.nfe.reshape(-1), expected.nfe)
 
 
-def test_immediate_stop_scores_and_snapshots(batch_run):
+def test_immediate_stop_and_iterates(batch_run):
   (_, image, mask, _), result = batch_run
   np.testing.assert_array_equal(result.stop_budget, [0, -1, -1, -1])
   # The stopped puzzle keeps its SRM sample, a flat curve and its SRM passes.
   srm_nfe = [schedule.max_steps(n, 3, 0.5) for n in _unknown(mask, 2).sum(-1)]
   np.testing.assert_array_equal(result.nfe_per_budget[0], srm_nfe)
   np.testing.assert_array_equal(result.nfe_per_budget[:, 0], srm_nfe[0])
-  np.testing.assert_array_equal(
-      result.snapshots[:, 0], np.repeat(result.snapshots[:1, 0], 3, axis=0)
-  )
-  np.testing.assert_array_equal(result.z[0], result.snapshots[0, 0])
+  np.testing.assert_array_equal(result.iterates[:, 0], np.repeat(result.iterates[:1, 0], 3, axis=0))
+  np.testing.assert_array_equal(result.z[0], result.iterates[0, 0])
   assert not np.any(result.resampled[:, 0])
   # The others run on: k = max(1, n // 4) patches and 2k + 2 passes each time.
   for b, n in enumerate(_unknown(mask, 2).sum(-1)[1:], start=1):
@@ -441,11 +432,12 @@ def test_immediate_stop_scores_and_snapshots(batch_run):
     np.testing.assert_array_equal(
         np.diff(result.nfe_per_budget[:, b]), schedule.max_steps(k, 4, 0.5)
     )
-  np.testing.assert_array_equal(result.z[1], result.snapshots[-1, 1])
-  # Scores are score_fn of the sample after each budget.
-  assert result.scores["mean"].shape == (3, 4)
-  np.testing.assert_array_equal(result.scores["first"][:, :2], result.snapshots[:, :, 0, 1, 0])
-  np.testing.assert_allclose(result.scores["mean"][-1], result.z.mean((1, 2, 3)), rtol=1e-6)
+  # The iterates are the sample after each budget: budget 0 the SRM sample, the last one z.
+  assert result.iterates.shape == (3,) + image.shape
+  np.testing.assert_array_equal(result.iterates[-1], result.z)
+  assert not np.array_equal(result.iterates[0, 1:], result.iterates[-1, 1:])
+  for iterate in result.iterates:  # given cells as given after every budget
+    np.testing.assert_array_equal(iterate[mask[..., 0] == 0], image[mask[..., 0] == 0])
 
 
 # ---------------------------------------------------------------------------

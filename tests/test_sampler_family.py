@@ -1,7 +1,9 @@
 """The SRM sampler family (fixed, random_sequential, graph_sequential, adaptive top_k >= 1):
-parity with the SRM reference's own runs (tests/golden/sampler_family.npz, made by
-tests/golden/make_sampler_family.py from Chrixtar/SRM's sampler code), pass counts from the
-schedule formulas, and the family through IPR and the evaluation binary."""
+parity with the SRM reference's own runs (tests/golden/sampler_family.npz and, for
+graph_sequential schedules with repeated block starts and planning stopped at max_steps blocks,
+tests/golden/sampler_family_repeats.npz, both made by tests/golden/make_sampler_family.py from
+Chrixtar/SRM's sampler code), pass counts from the schedule formulas, and the family through
+IPR and the evaluation binary."""
 
 import dataclasses
 import json
@@ -30,6 +32,12 @@ def golden(golden_dir):
     return dict(f)
 
 
+@pytest.fixture(scope="module")
+def repeats_golden(golden_dir):
+  with np.load(golden_dir / "sampler_family_repeats.npz") as f:
+    return dict(f)
+
+
 def toy_denoiser(golden):
   """The generator's ToyModel in JAX (NHWC): u = tanh(a z + b t + c), v = (tanh(d z) + 1) / 2,
   log-variance = patch mean of e mean_c(z) + f t + g, sigma = exp(logvar / 2)."""
@@ -54,13 +62,15 @@ def _nhwc(x):
   return np.transpose(np.asarray(x), (0, 2, 3, 1))
 
 
-def _inputs(golden):
-  """(z, masked, mask, unknown) of the golden puzzles, NHWC."""
-  unknown = golden["unknown"] > 0.5
-  mask = np.kron(golden["unknown"].reshape(-1, GRID, GRID), np.ones((PATCH, PATCH)))
+def _inputs(golden, puzzles=None):
+  """(z, masked, mask, unknown) of the golden puzzles (rows `puzzles`, default all), NHWC."""
+  puzzles = slice(None) if puzzles is None else np.asarray(puzzles)
+  rows = golden["unknown"][puzzles]
+  unknown = rows > 0.5
+  mask = np.kron(rows.reshape(-1, GRID, GRID), np.ones((PATCH, PATCH)))
   mask = mask[..., None].astype(np.float32)
-  masked = (1 - mask) * _nhwc(golden["image"])
-  return masked + mask * _nhwc(golden["noise"]), masked, mask, unknown
+  masked = (1 - mask) * _nhwc(golden["image"][puzzles])
+  return masked + mask * _nhwc(golden["noise"][puzzles]), masked, mask, unknown
 
 
 # Each golden case as a SamplerConfig (alpha 0, no clamp noise: the reference's ~3e-7 clamp
@@ -75,10 +85,23 @@ _CASES = {
     "adaptive_top2": dict(max_steps=30, top_k=2, overlap=0.5),
     "adaptive_top3": dict(max_steps=25, top_k=3),
 }
+# The cases of sampler_family_repeats.npz: block starts 0, 0, 1, 2, 3, 3, ... (graph_seq075_repeat,
+# 14 steps for 12-14 unknown patches); 8 steps for 10-14 unknown patches, so the planning stops
+# at 8 blocks and leaves the other patches at start step 0 (L = 2 at overlap 0.75, L = 1 at 0).
+_REPEAT_CASES = {
+    "graph_seq075_repeat": dict(
+        schedule="graph_sequential", max_steps=14, max_order=2, overlap=0.75
+    ),
+    "random_seq075_truncated": dict(
+        schedule="random_sequential", max_steps=8, max_order=0, overlap=0.75
+    ),
+    "graph_seq000_truncated": dict(schedule="graph_sequential", max_steps=8, max_order=1),
+}
 
 
 def _config(case):
-  return sampling.SamplerConfig(stochasticity=0.0, clamp_noise=False, **_CASES[case])
+  settings = _CASES[case] if case in _CASES else _REPEAT_CASES[case]
+  return sampling.SamplerConfig(stochasticity=0.0, clamp_noise=False, **settings)
 
 
 def _lowest_index_ties(batch):
@@ -92,7 +115,7 @@ def _run(golden, case):
 
   A planned case builds its schedule as `srm_sample` does, with the lowest-index tie break."""
   config = _config(case)
-  z, masked, mask, unknown = _inputs(golden)
+  z, masked, mask, unknown = _inputs(golden, golden.get(f"{case}/puzzles"))
   keys = sampling.puzzle_keys(jax.random.key(0), jnp.arange(len(z)))
   denoise = toy_denoiser(golden)
   table = greedy.srm_table(unknown.shape[1], config)
@@ -104,7 +127,11 @@ def _run(golden, case):
           golden["dependency"], config.max_order, config.certainty_decay
       )
     order = planning.sequential_order(
-        jnp.asarray(unknown), weights, config.overlap, _lowest_index_ties(len(z))
+        jnp.asarray(unknown),
+        weights,
+        config.overlap,
+        _lowest_index_ties(len(z)),
+        jnp.asarray(table.num_blocks)[unknown.sum(axis=1)],
     )
   sched = greedy.lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
   out = jax.jit(
@@ -126,8 +153,28 @@ def _run(golden, case):
 def test_each_schedule_matches_the_reference_run(golden, case):
   """Per puzzle: the same passes, the same patch times at every step and the same sample as the
   reference's sampler run with the same denoiser, noise and given cells."""
+  _check_reference_run(golden, case)
+
+
+@pytest.mark.parametrize("case", sorted(_REPEAT_CASES))
+def test_repeated_block_starts_match_the_reference_run(repeats_golden, case):
+  """graph_sequential / random_sequential whose blocks start together (two blocks at one step)
+  or whose planning stops at max_steps blocks: every pass's patch times and the sample as the
+  reference's run (with at most one block per step, the patches behind the first repeated start
+  would stay at t = 1 until the last pass)."""
+  _check_reference_run(repeats_golden, case)
+
+
+def _check_reference_run(golden, case):
   z, t_rows, nfe = _run(golden, case)
-  assert json.loads(str(golden[f"{case}/config_json"]))["max_steps"] == _CASES[case]["max_steps"]
+  config, settings = _config(case), json.loads(str(golden[f"{case}/config_json"]))
+  assert settings["max_steps"] == config.max_steps
+  if "time_scheduler" in settings:
+    planner = settings["time_scheduler"]
+    assert (planner["max_order"], planner["inference_overlap"]) == (
+        config.max_order,
+        config.overlap,
+    )
   for b in range(len(z)):
     ref_rows = golden[f"{case}/t_rows/{b}"]  # [passes + 1, N]: the last is the final t_next
     passes = len(ref_rows) - 1
@@ -141,6 +188,17 @@ def test_each_schedule_matches_the_reference_run(golden, case):
 def test_planned_schedules_match_the_reference_scheduling_matrices(golden, case):
   """The reference's graph_sequential scheduling matrix of 12 more puzzles, rebuilt from the
   planned order and the schedule table: start of each patch's ramp, block length, last row."""
+  _check_scheduling_matrices(golden, case)
+
+
+@pytest.mark.parametrize("case", sorted(_REPEAT_CASES))
+def test_repeated_starts_match_the_reference_scheduling_matrices(repeats_golden, case):
+  """The same for the schedules with repeated starts or fewer steps than patches (6-14 unknown
+  patches: at 8 steps, planning stops at 8 blocks and the rest start at step 0)."""
+  _check_scheduling_matrices(repeats_golden, case)
+
+
+def _check_scheduling_matrices(golden, case):
   config = _config(case)
   rows = [golden[f"{case}/plan_unknown/{i}"] > 0.5 for i in range(12)]
   unknown = jnp.asarray(np.stack(rows))
@@ -149,17 +207,23 @@ def test_planned_schedules_match_the_reference_scheduling_matrices(golden, case)
     weights = planning.weighted_adjacency(
         golden["dependency"], config.max_order, config.certainty_decay
     )
-  order = np.asarray(
-      planning.sequential_order(unknown, weights, config.overlap, _lowest_index_ties(len(rows)))
-  )
   table = greedy.srm_table(GRID * GRID, config)
+  n_values = np.array([int(row.sum()) for row in rows])
+  blocks = table.num_blocks[n_values]  # min(n, max_steps): the reference's planned blocks
+  order = np.asarray(
+      planning.sequential_order(
+          unknown, weights, config.overlap, _lowest_index_ties(len(rows)), jnp.asarray(blocks)
+      )
+  )
   for i, row in enumerate(rows):
-    n = int(row.sum())
+    n, b = n_values[i], blocks[i]
+    assert b == min(n, config.max_steps)
     expected = golden[f"{case}/plan_matrix/{i}"]  # [max_steps, N]
     assert len(expected) == table.max_steps[n] + 1
-    assert sorted(order[i, :n]) == sorted(np.flatnonzero(row)) and np.all(order[i, n:] == -1)
-    start = np.zeros(GRID * GRID, int)
-    start[order[i, :n]] = table.block_starts[n][:n]
+    assert set(order[i, :b]) <= set(np.flatnonzero(row)) and len(set(order[i, :b])) == b
+    assert np.all(order[i, b:] == -1)
+    start = np.zeros(GRID * GRID, int)  # unplanned patches: step 0
+    start[order[i, :b]] = table.block_starts[n][:b]
     length = table.block_len[n]
     steps = np.arange(len(expected))[:, None]
     age = steps - start[None]
@@ -297,24 +361,30 @@ def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iter
   assert np.asarray(result.resampled).sum(axis=-1).tolist() == [[4, 4], [4, 4]]
 
 
-def test_check_schedules_names_a_degenerate_sequential_schedule():
-  """graph_sequential at overlap 0.75 with 3 steps per patch: block starts repeat."""
+def test_check_schedules_refuses_repeated_starts_only_for_the_adaptive_schedule():
+  """3 steps per patch at overlap 0.75 repeats block starts: graph_sequential starts those blocks
+  together (as the reference's scheduling matrix), for the SRM pass and the regeneration; the
+  adaptive schedule, one block per step, is refused, naming the fields."""
+  sampling.check_schedules(
+      sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
+      sampling.IPRConfig(schedule="graph_sequential", steps_per_patch=3, overlap=0.75),
+      16,
+      range(1, 17),
+  )
   with pytest.raises(
       ValueError,
-      match=r"sampler: steps_per_patch=3 and overlap=0.75 give " r"repeated block starts",
+      match=r"sampler: steps_per_patch=3 and overlap=0.75 give repeated block starts",
   ):
     sampling.check_schedules(
-        sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
-        sampling.IPRConfig(),
-        16,
-        [10],
+        sampling.SamplerConfig(overlap=0.75), sampling.IPRConfig(schedule="fixed"), 16, [10]
     )
-  sampling.check_schedules(
-      sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75, steps_per_patch=12),
-      sampling.IPRConfig(schedule="fixed"),
-      16,
-      range(11, 17),
-  )
+  with pytest.raises(ValueError, match=r"ipr: steps_per_patch=3 and overlap=0.75 give repeated"):
+    sampling.check_schedules(
+        sampling.SamplerConfig(schedule="graph_sequential", overlap=0.75),
+        sampling.IPRConfig(steps_per_patch=3, overlap=0.75),
+        16,
+        [16],
+    )
 
 
 def _puzzle_unknowns(workdir, name):

@@ -118,6 +118,56 @@ def test_degenerate_block_starts_are_refused():
   schedule.check_block_starts(range(65), 5, 0.5)
 
 
+def test_degenerate_means_one_thing_per_kind():
+  """Adaptive: repeated starts (one block per step), the message naming max_steps instead of
+  steps_per_patch where it is set, and top_k; fixed and the sequential schedules start repeated
+  blocks together and are refused only without a pass or with a block length of 0."""
+  with pytest.raises(ValueError, match=r"sampler: max_steps=30 and overlap=0.9 give repeated"):
+    schedule.check_block_starts([64], 5, 0.9, total_steps=30)
+  with pytest.raises(
+      ValueError, match=r"ipr: steps_per_patch=5, overlap=0.9 and top_k=2 .* n=64 patches in 32 "
+  ):
+    schedule.check_block_starts([64], 5, 0.9, name="ipr", top_k=2)
+  for kind in ("fixed", "random_sequential", "graph_sequential"):
+    schedule.check_block_starts(range(82), 5, 0.9, kind=kind)
+    schedule.check_block_starts(range(82), 3, 0.75, kind=kind, total_steps=52)
+    schedule.check_block_starts(range(82), 3, 0.0, kind=kind, total_steps=8)
+  with pytest.raises(ValueError, match=r"sampler: max_steps=1 leaves no denoiser pass"):
+    schedule.check_block_starts([3], 3, 0.0, kind="random_sequential", total_steps=1)
+  # M = 41 blocks of 41 steps at overlap 0: float32 41 / 41 < 1 floors to 0 in the reference.
+  with pytest.raises(
+      ValueError, match=r"max_steps=41 and overlap=0.0 leave a block length of 0 for n=50"
+  ):
+    schedule.check_block_starts([50], 3, 0.0, kind="graph_sequential", total_steps=41)
+  schedule.check_block_starts([50], 3, 0.0, kind="graph_sequential", total_steps=42)
+
+
+def test_sequential_blocks_may_start_together():
+  """The issue's 9x9 case, 52 steps for 51 cells at overlap 0.75: L = floor(52 / 13.5) = 3,
+  starts floor(0.75 k) = 0, 0, 1, 2, 3, 3, ...: every cell its own block, 51 passes."""
+  s = schedule.make_schedule(51, 3, 0.75, kind="graph_sequential", total_steps=52)
+  assert (s.max_steps, s.block_len) == (51, 3)
+  np.testing.assert_array_equal(s.block_starts[:-1], np.floor(0.75 * np.arange(51)))
+  assert len(s.block_starts) == 52 and s.block_starts[-1] == -1
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_sequential_planning_stops_at_max_steps_blocks(clean):
+  """Fewer steps than patches: the reference plans M blocks (its loop's block_cnt < max_steps)
+  and computes L from them: M = 8, n = 14, overlap 0.75: L = floor(8 / 2.75) = 2, starts
+  floor(k / 2) for k < 8; the table's num_blocks says how many patches are planned."""
+  s = schedule.make_schedule(14, 3, 0.75, clean, kind="random_sequential", total_steps=8)
+  assert (s.max_steps, s.block_len) == (7, 2)
+  assert list(s.block_starts) == [0, 0, 1, 1, 2, 2, 3, 3, -1]
+  table = schedule.schedule_table(16, 3, 0.75, clean, kind="random_sequential", total_steps=8)
+  np.testing.assert_array_equal(table.num_blocks, [0] + list(range(1, 9)) + [8] * 8)
+  # The derived steps (max_steps 0) of 3 steps per patch at overlap 0.75, M = ceil(3 + 0.75
+  # (n - 1)) + 1, fall below n from n = 17 on: n = 51 plans 42 blocks in 41 passes.
+  for n, steps in ((16, 16), (17, 16), (51, 42)):
+    s = schedule.make_schedule(n, 3, 0.75, clean, kind="graph_sequential")
+    assert s.max_steps == steps - 1 and len(s.block_starts) == min(n, steps) + 1
+
+
 @pytest.mark.parametrize("p,overlap,clean", [(3, 0.0, False), (10, 0.8, False), (30, 0.9, True)])
 def test_every_patch_starts_before_the_end(p, overlap, clean):
   for n in range(1, 82):

@@ -29,9 +29,11 @@ jit-compilable program:
   denoiser call is traced (and compiled) once. The uncertainty query of the
   variants below calls the denoiser on a batch of G x B: a second copy of the
   denoiser in the program (a third where `ipr_refine` queries its input before
-  the scan). An optional `score_fn` is evaluated after every budget inside
-  the scan, so one run yields the whole quality-vs-budget curve. Usable under
-  `jax.jit` and `jax.pmap` with `denoise_fn`, `score_fn`, `verify_fn`, the
+  the scan). It returns the iterate of every puzzle after every budget
+  (`IPRResult.iterates`), which the caller scores (one run, the whole
+  quality-vs-budget curve); it is never given a scorer or a solution, and a
+  verifier only where a setting reads one (immediate_stop, selection='verifier').
+  Usable under `jax.jit` and `jax.pmap` with `denoise_fn`, `verify_fn`, the
   patch size and the configs static. `ipr_refine` runs IPR alone on given
   samples. An iteration's pieces: a selection strategy (`SELECTORS`, one
   signature), the re-noising (`_renoise`), the greedy loop, the uncertainty
@@ -58,7 +60,10 @@ Deviations from the reference (documented choices):
 * The SRM sampler family (`SamplerConfig.schedule`; `IPRConfig.schedule` for the regeneration):
   'adaptive' (the default, the IPR reference's; top_k >= 1 patches per block), 'fixed',
   'random_sequential' and 'graph_sequential' run through the same loop, a planned schedule
-  selecting at each block start the patch `planning.sequential_order` planned for it. Steps:
+  selecting at each block start the patch `planning.sequential_order` planned for it (blocks
+  with the same start together, as the reference's scheduling matrix; planning stops after
+  max_steps blocks and the rest start at step 0); the adaptive schedule starts one block per
+  step, as the reference's, and refuses settings that repeat its starts. Steps:
   `SamplerConfig.max_steps` > 0 is the SRM reference's max_steps (1000 in its configs); 0
   derives them from steps_per_patch, every schedule taking the adaptive schedule's passes.
   Deviations: the graph planning per puzzle (see planning.py); top_k > 1 records the patches

@@ -5,8 +5,8 @@ The K chains of a puzzle run side by side in the batch, puzzle-major: row b * K 
 batch is chain c of puzzle b. Chain 0 keeps the puzzle's key and initial noise, so it is the
 single-chain run; chain c > 0 draws its key and noise from fold_in(fold_in(key, CHAIN_STREAM), c).
 After each budget the result of a puzzle is its chain with the lowest mean uncertainty score
-(`uncertainty_query`; ties to the lowest chain). Nothing here reads a task's scores: `score_fn`
-values are only carried along for the chosen chain.
+(`uncertainty_query`; ties to the lowest chain). Nothing here can read a task's scores: the
+sampler never receives a scorer, and the choice reads only the query's scores.
 """
 
 import jax
@@ -74,32 +74,27 @@ def total(x: jax.Array, chains: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], -1, chains).sum(axis=-1)
 
 
-def chosen(result, ipr_config, num_snapshots: int):
+def chosen(result, ipr_config):
   """The `IPRResult` of B puzzles from `result`, that of their K = ipr_config.chains chains each:
-  after each budget the chain with the lowest mean query score (its scores, snapshots of the
-  first `num_snapshots` puzzles, last-iterate scores and query score); the passes summed over
-  the chains; the final sample and its records (stop budget, re-noised patches, SRM order) of the
-  chain chosen after the last budget."""
+  after each budget the chain with the lowest mean query score (its iterate, last iterate and
+  query score); the passes summed over the chains; the final sample and its records (stop budget,
+  re-noised patches, SRM order) of the chain chosen after the last budget."""
   k = ipr_config.chains
   score = chain_scores(result.uncertainty, ipr_config.return_iterate == "confident")
   choice = choose(score, k)  # [budget + 1, B]
   per_budget = lambda x: pick(x, choice, k)
   final = lambda x: pick_final(x, choice[-1], k)
-  snapshots = None
-  if result.snapshots is not None:
-    snapshots = pick(result.snapshots, choice[:, :num_snapshots], k)
-  last_scores = None
-  if result.last_scores is not None:
-    last_scores = jax.tree.map(per_budget, result.last_scores)
+  last_iterates = None
+  if result.last_iterates is not None:
+    last_iterates = per_budget(result.last_iterates)
   return result.replace(
       z=final(result.z),
-      scores=jax.tree.map(per_budget, result.scores),
+      iterates=per_budget(result.iterates),
       nfe=total(result.nfe, k),
       nfe_per_budget=total(result.nfe_per_budget, k),
       stop_budget=final(result.stop_budget),
       resampled=jax.vmap(final)(result.resampled),
       initial_order=final(result.initial_order),
-      snapshots=snapshots,
-      last_scores=last_scores,
+      last_iterates=last_iterates,
       uncertainty=per_budget(result.uncertainty),
   )

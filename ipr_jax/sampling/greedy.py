@@ -2,7 +2,13 @@
 
 The greedy state of a puzzle is: z, which patches are still waiting, the step
 at which each patch was selected, the block counter and the next block start.
-The patch-level time row fed to the denoiser at step s is then
+A patch is selected at its block's start: the adaptive schedule starts one
+block per step (the reference's sequential_adaptive sampler), choosing its
+patches by sigma; the precomputed schedules (fixed, random_sequential,
+graph_sequential) start every block whose start is s at step s, several at once
+where starts repeat, as the reference's scheduling matrix has them (a patch the
+sequential planning left unplanned starts at step 0). The patch-level time row
+fed to the denoiser at step s is then
 
   waiting (unknown, not yet selected)    1
   selected at step s0, s - s0 < L        prototype[s - s0]
@@ -10,7 +16,8 @@ The patch-level time row fed to the denoiser at step s is then
   any patch, at s >= max_steps           0
 
 which is the reference's scheduling matrix S with its min / truncation rules
-(checked against the reference's recorded rows in tests/test_sampler.py).
+(checked against the reference's recorded rows in tests/test_sampler.py,
+tests/test_sampler_family.py and tests/test_block_starts.py).
 """
 
 from typing import Optional
@@ -42,8 +49,10 @@ class GreedyResult:
 
   Attributes:
     z: `[B, H, W, d]` float32 final samples.
-    order: `[B, N]` int32 patch ids (row-major) in selection order, -1 after
-      the last selection.
+    order: `[B, N]` int32 patch ids (row-major) in selection order (those selected at one
+      step in index order), -1 after the last selection. A patch whose block starts at the
+      schedule's final (all-zero) step is never selected: it goes from t = 1 to 0 in the last
+      pass (the sequential schedules' block length 1).
     order_step: `[B, N]` int32 step at which `order[b, i]` was selected, -1
       padding.
     nfe: `[B]` int32 denoiser passes spent on each puzzle.
@@ -88,6 +97,9 @@ class PuzzleSchedule:
     planned: `[B]` bool: the block's patch is `planned_order[block]`, not chosen by sigma.
     planned_order: `[B, N]` int32 planned patch per block (`planning.sequential_order`), -1
       where nothing is planned.
+    patch_start: `[B, N]` int32 step at which each patch's block starts under a planned
+      schedule (`starts` of its block; 0 for a patch the planning left unplanned); 0 for the
+      others (unused).
   """
 
   max_steps: jax.Array
@@ -97,6 +109,7 @@ class PuzzleSchedule:
   per_block: jax.Array
   planned: jax.Array
   planned_order: jax.Array
+  patch_start: jax.Array
 
 
 def lookup_schedule(
@@ -110,19 +123,29 @@ def lookup_schedule(
   protos = table.prototypes
   if proto_len is not None and proto_len > protos.shape[1]:
     protos = np.pad(protos, ((0, 0), (0, proto_len - protos.shape[1])))
-  batch = n.shape[0]
+  batch, num_patches = n.shape[0], table.num_patches
   if planned_order is None:
     if table.planned:
       raise ValueError("a planned schedule needs the planned order of its patches.")
-    planned_order = jnp.full((batch, table.num_patches), -1, jnp.int32)
+    planned_order = jnp.full((batch, num_patches), -1, jnp.int32)
+  planned_order = planned_order.astype(jnp.int32)
+  starts = jnp.asarray(table.block_starts)[n]
+  # Block k's patch planned_order[k] starts at starts[k]; unplanned patches (-1 slots) at 0.
+  planned = planned_order >= 0
+  patch_start = (
+      jnp.zeros((batch, num_patches), jnp.int32)
+      .at[jnp.arange(batch)[:, None], jnp.where(planned, planned_order, num_patches)]
+      .set(jnp.where(planned, starts[:, :num_patches], 0), mode="drop")
+  )
   return PuzzleSchedule(
       max_steps=jnp.asarray(table.max_steps)[n],
       block_len=jnp.asarray(table.block_len)[n],
-      starts=jnp.asarray(table.block_starts)[n],
+      starts=starts,
       prototype=jnp.asarray(protos)[n],
       per_block=jnp.full([batch], table.patches_per_block, jnp.int32),
       planned=jnp.full([batch], table.planned),
-      planned_order=planned_order.astype(jnp.int32),
+      planned_order=planned_order,
+      patch_start=patch_start,
   )
 
 
@@ -145,8 +168,9 @@ def _time_rows(
 def _select(
     step, live, state: _GreedyState, sched: PuzzleSchedule, sigma: jax.Array
 ) -> _GreedyState:
-  """Block bookkeeping and the patch choice at `step`: at a block start, the `per_block` waiting
-  patches of lowest sigma (ties to the lowest index), or the block's planned patch."""
+  """Block bookkeeping and the patch choice at `step`: at the next block start (one block per
+  step), the `per_block` waiting patches of lowest sigma (ties to the lowest index); under a
+  planned schedule, every waiting patch whose block starts at `step` (`patch_start`)."""
   num_patches = state.waiting.shape[1]
   predict = live & (state.next_start == step)
   block_counter = state.block_counter + predict.astype(jnp.int32)
@@ -162,11 +186,9 @@ def _select(
       axis=1,
       stable=True,
   )
-  by_sigma = state.waiting & (rank < sched.per_block[:, None])
-  block = jnp.clip(block_counter - 1, 0, num_patches - 1)
-  planned_patch = jnp.take_along_axis(sched.planned_order, block[:, None], axis=1)
-  by_plan = state.waiting & (patch_ids[None, :] == planned_patch)
-  chosen = jnp.where(sched.planned[:, None], by_plan, by_sigma) & select[:, None]
+  by_sigma = state.waiting & (rank < sched.per_block[:, None]) & select[:, None]
+  by_start = state.waiting & (sched.patch_start == step) & live[:, None]
+  chosen = jnp.where(sched.planned[:, None], by_start, by_sigma)
   # Record the chosen patches in index order at the next free slots of `order`.
   slot_of = state.num_selected[:, None] + jnp.cumsum(chosen, axis=1) - 1
   hits = chosen[:, :, None] & (slot_of[:, :, None] == patch_ids[None, None, :])  # [B, patch, slot]
@@ -333,6 +355,30 @@ def srm_table(num_patches: int, config: SamplerConfig) -> schedule_lib.ScheduleT
   )
 
 
+def check_sampler_schedule(config: SamplerConfig, counts, name: str = "sampler") -> None:
+  """Refuses a SamplerConfig whose schedule is degenerate for a patch count in `counts`
+  (`schedule.check_block_starts`: the adaptive schedule with repeated block starts, a schedule
+  without passes), with a ValueError naming the fields that set it: `srm_sample`'s check, the
+  same call as the SRM pass's check of the evaluation (`check_schedules`)."""
+  schedule_lib.check_block_starts(
+      counts,
+      config.steps_per_patch,
+      config.overlap,
+      config.clean_schedule,
+      name=name,
+      kind=config.schedule,
+      top_k=config.top_k,
+      total_steps=config.max_steps,
+  )
+
+
+def _patch_counts(unknown) -> list[int]:
+  """The patch counts of `unknown` `[B, N]`: its rows' sums, or every count 0..N under a trace."""
+  if isinstance(unknown, jax.core.Tracer):
+    return list(range(unknown.shape[1] + 1))
+  return [int(c) for c in np.unique(np.sum(np.asarray(unknown), axis=1))]
+
+
 def planned_order(
     table: schedule_lib.ScheduleTable,
     config,
@@ -357,8 +403,10 @@ def planned_order(
           "(`dependency`); this task has none: use random_sequential."
       )
     weights = planning.weighted_adjacency(dependency, config.max_order, config.certainty_decay)
+  # The reference plans at most its max_steps blocks (the table's blocks of each n).
+  max_blocks = jnp.asarray(table.num_blocks)[jnp.sum(unknown, axis=1)]
   return planning.sequential_order(
-      unknown, weights, overlap, planning.tie_priorities(keys, unknown.shape[1])
+      unknown, weights, overlap, planning.tie_priorities(keys, unknown.shape[1]), max_blocks
   )
 
 
@@ -383,8 +431,12 @@ def srm_sample(
   schedule.py (config.schedule, steps_per_patch, overlap, top_k, max_steps) runs for its steps;
   at each block start the adaptive schedule selects the top_k waiting patches with the lowest
   patch-pooled sigma (ties to the lowest index), the fixed one every unknown patch at once, the
-  sequential ones the patch `planning.sequential_order` planned for the block; a selected patch
-  follows the time prototype. Given cells are re-pasted after every step (z = masked + mask z).
+  sequential ones the patch `planning.sequential_order` planned for the block (blocks with the
+  same start together); a selected patch follows the time prototype. Given cells are re-pasted
+  after every step (z = masked + mask z).
+
+  The settings are checked first as the evaluation checks them (`check_sampler_schedule`), for
+  the patch counts of `unknown` (under a trace, where they are unknown: every count 0..N).
 
   Args:
     denoise_fn: (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput with u, v,
@@ -403,8 +455,12 @@ def srm_sample(
 
   Returns:
     GreedyResult.
+
+  Raises:
+    ValueError: bad shapes, or a degenerate schedule (naming its fields).
   """
   check_inputs(z, masked, mask, unknown, keys, patch_size)
+  check_sampler_schedule(config, _patch_counts(unknown))
   table = srm_table(unknown.shape[1], config)
   order = planned_order(
       table, config, unknown, fold_keys(keys, PLAN_STREAM), dependency, config.overlap

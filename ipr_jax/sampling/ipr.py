@@ -19,11 +19,18 @@ program, keys and samples unchanged, checked against runs stored before the vari
 * ratio_schedule='linear': the ratio of iteration i moves linearly from resampling_ratio to
   final_resampling_ratio over ratio_decay_iterations and then stays; k per iteration follows.
 * return_iterate='confident': the returned sample after each budget is the iterate (SRM sample
-  included) with the lowest mean query score so far; the last iterate's scores are returned too.
+  included) with the lowest mean query score so far; the last iterates are returned too.
 * query_cells='all' | 'balanced': the query also scores the given patches, from the completion
   (an iterate's score: `selection.iterate_score`).
 * chains=K > 1: K independent SRM + IPR chains per puzzle in a batch of K x B (`chains.py`); each
   budget's result is the chain with the lowest mean query score; passes are summed over chains.
+
+Verifier-free by construction: nothing here receives a task's scorer or a solution. The sampler
+returns the iterate of every puzzle after every budget (`IPRResult.iterates`) and the caller
+scores them afterwards (`ipr_jax.evaluation`). Only the two settings documented to read a
+verifier are handed one, as an explicitly named argument: `verify_fn` for immediate_stop (the
+reference's) and `cell_verify_fn` for selection='verifier'; a verifier handed to any other
+setting is refused (`_check_refine`), so no setting can read one by accident.
 """
 
 import dataclasses
@@ -38,11 +45,12 @@ from ipr_jax import flow
 from ipr_jax import schedule as schedule_lib
 from ipr_jax.sampling import chains as chains_lib
 from ipr_jax.sampling.config import CellVerifyFn, DenoiseFn, IPRConfig
-from ipr_jax.sampling.config import SamplerConfig, ScoreFn, VerifyFn
+from ipr_jax.sampling.config import SamplerConfig, VerifyFn
 from ipr_jax.sampling.greedy import (
     PLAN_STREAM,
     PuzzleSchedule,
     check_inputs,
+    check_sampler_schedule,
     greedy_loop,
     lookup_schedule,
     planned_order,
@@ -70,8 +78,9 @@ class IPRResult:
   Attributes:
     z: `[B, H, W, d]` float32 returned iterate: the last (the reference's), or
       the most confident one with return_iterate='confident'.
-    scores: `{name: [budget + 1, B]}` score_fn of the sample after budgets
-      0..budget (empty without score_fn).
+    iterates: `[budget + 1, B, H, W, d]` float32 the returned iterate after each
+      budget 0..budget (the last, or the most confident so far with
+      return_iterate='confident'): what a caller scores; `iterates[-1]` is z.
     nfe: `[B]` int32 total denoiser passes (initial SRM + IPR).
     nfe_per_budget: `[budget + 1, B]` int32 cumulative passes after each budget.
     stop_budget: `[B]` int32 budget at which immediate_stop froze the puzzle,
@@ -79,25 +88,21 @@ class IPRResult:
     resampled: `[budget, B, N]` bool patches re-noised at each iteration.
     initial_order: `[B, N]` int32 selection order of the SRM pass (-1 padding;
       all -1 in correction mode).
-    snapshots: `[budget + 1, num_snapshots, H, W, d]` float32 samples of the
-      first puzzles after each budget, the iterates that `scores` scores (the
-      last, or the most confident with return_iterate='confident'), or None.
-    last_scores: with return_iterate='confident', `{name: [budget + 1, B]}`
-      score_fn of the last iterate (`scores` are then those of the returned,
-      most confident iterate); else None.
+    last_iterates: with return_iterate='confident', `[budget + 1, B, H, W, d]`
+      the last iterate after each budget (`iterates` are then the returned, most
+      confident ones); else None.
     uncertainty: `[budget + 1, B]` float32 mean uncertainty score of the last
       iterate after each budget when the configuration queries it, else None.
   """
 
   z: jax.Array
-  scores: dict
+  iterates: jax.Array
   nfe: jax.Array
   nfe_per_budget: jax.Array
   stop_budget: jax.Array
   resampled: jax.Array
   initial_order: jax.Array
-  snapshots: Optional[jax.Array] = None
-  last_scores: Optional[dict] = None
+  last_iterates: Optional[jax.Array] = None
   uncertainty: Optional[jax.Array] = None
 
 
@@ -114,23 +119,17 @@ def check_schedules(
       candidate and there is no SRM pass.
 
   Raises:
-    ValueError: naming steps_per_patch, overlap and the first n with repeated block starts.
+    ValueError: naming the fields that set the schedule and the first degenerate n
+      (`schedule.check_block_starts`: the adaptive schedule with repeated block starts, any
+      schedule without passes); the SRM pass's check is the same call as `srm_sample`'s
+      (`greedy.check_sampler_schedule`).
   """
   clean = sampler_config.clean_schedule
   if ipr_config.mode == "correction":
     counts = [num_patches]
   else:
     counts = [int(c) for c in unknown_counts]
-    schedule_lib.check_block_starts(
-        counts,
-        sampler_config.steps_per_patch,
-        sampler_config.overlap,
-        clean,
-        name="sampler",
-        kind=sampler_config.schedule,
-        top_k=sampler_config.top_k,
-        total_steps=sampler_config.max_steps,
-    )
+    check_sampler_schedule(sampler_config, counts)
   if ipr_config.budget > 0:
     table = resample_counts(ipr_config, num_patches)
     ks = {min(int(k), c) for row in table for k, c in zip(row[counts], counts)}
@@ -150,12 +149,6 @@ def check_schedules(
         kind=ipr_config.schedule,
         top_k=ipr_config.top_k,
     )
-
-
-def _scores(score_fn: Optional[ScoreFn], z) -> dict:
-  if score_fn is None:
-    return {}
-  return {name: jnp.asarray(value) for name, value in score_fn(z).items()}
 
 
 def _renoise(
@@ -220,10 +213,8 @@ class _Refinement:
   patch_size: int
   sampler_config: SamplerConfig
   ipr_config: IPRConfig
-  score_fn: Optional[ScoreFn]
   verify_fn: Optional[VerifyFn]
   cell_verify_fn: Optional[CellVerifyFn]
-  num_snapshots: int
 
   @property
   def with_srm(self) -> bool:
@@ -258,14 +249,25 @@ class _RefineCarry:
 
 
 def _check_refine(z, noise, ipr_config: IPRConfig, verify_fn, cell_verify_fn) -> None:
+  """Refuses a missing verifier where a setting reads one, and a verifier where none does."""
   if noise.shape != z.shape:
     raise ValueError(f"noise must have shape {z.shape}, got {noise.shape}.")
   if ipr_config.immediate_stop and verify_fn is None:
     raise ValueError("immediate_stop=True needs a verify_fn.")
+  if not ipr_config.immediate_stop and verify_fn is not None:
+    raise ValueError(
+        "verify_fn is read only by immediate_stop=True; this setting is verifier-free, pass "
+        "verify_fn=None."
+    )
   if ipr_config.selection == "verifier" and cell_verify_fn is None:
     raise ValueError(
         "selection='verifier' needs a cell_verify_fn (the task's per-cell rule "
         "check); only MNIST Sudoku has one."
+    )
+  if ipr_config.selection != "verifier" and cell_verify_fn is not None:
+    raise ValueError(
+        f"cell_verify_fn is read only by selection='verifier'; selection="
+        f"{ipr_config.selection!r} is verifier-free, pass cell_verify_fn=None."
     )
 
 
@@ -281,14 +283,12 @@ def _refinement(
     patch_size,
     sampler_config,
     ipr_config,
-    score_fn,
     verify_fn,
     cell_verify_fn,
-    num_snapshots,
     dependency,
 ) -> _Refinement:
   """The schedules, keys and resampling counts of `_refine`, with its inputs."""
-  batch, num_patches = candidates.shape
+  num_patches = candidates.shape[1]
   clean = sampler_config.clean_schedule
   ipr_table = schedule_lib.schedule_table(
       num_patches,
@@ -331,10 +331,8 @@ def _refinement(
       patch_size=patch_size,
       sampler_config=sampler_config,
       ipr_config=ipr_config,
-      score_fn=score_fn,
       verify_fn=verify_fn,
       cell_verify_fn=cell_verify_fn,
-      num_snapshots=min(int(num_snapshots), batch),
   )
 
 
@@ -467,8 +465,8 @@ def _immediate_stop(run: _Refinement, carry: _RefineCarry, j, active) -> _Refine
 
 def _iteration(run: _Refinement, carry: _RefineCarry, j):
   """Iteration j of the scan (the SRM pass when j = 0 with it): select, re-noise, regenerate
-  with the greedy loop, query, stop. Outputs: (scores, nfe, chosen, snapshots, scores of the
-  last iterate (confident) or None, mean uncertainty or None)."""
+  with the greedy loop, query, stop. Outputs: (the returned iterate, nfe, chosen, the last
+  iterate (confident) or None, mean uncertainty or None)."""
   # [B, 3]: resampling, re-noising and greedy-step keys of this iteration.
   keys = jax.vmap(lambda k: jax.random.split(k, 3))(fold_keys(run.iteration_keys, j))
   active = ~carry.stopped
@@ -498,18 +496,17 @@ def _iteration(run: _Refinement, carry: _RefineCarry, j):
     carry = _immediate_stop(run, carry, j, active)
   returned = carry.z_best if run.confident else carry.z
   return carry, (
-      _scores(run.score_fn, returned),
+      returned,
       carry.nfe,
       chosen,
-      returned[: run.num_snapshots],
-      _scores(run.score_fn, carry.z) if run.confident else None,
+      carry.z if run.confident else None,
       uncertainty,
   )
 
 
 def _result(run: _Refinement, first: _RefineCarry, last: _RefineCarry, outputs) -> IPRResult:
   """The IPRResult of the scan's final carry and stacked outputs (`first`: the initial carry)."""
-  scores, nfes, resampled, snapshots, last_scores, uncertainty = outputs
+  iterates, nfes, resampled, last_iterates, uncertainty = outputs
   if run.with_srm:
     resampled = resampled[1:]
   else:  # Budget 0 is the input itself.
@@ -517,23 +514,21 @@ def _result(run: _Refinement, first: _RefineCarry, last: _RefineCarry, outputs) 
     def with_budget0(budget0, rest):
       return jnp.concatenate([budget0[None], rest], axis=0)
 
-    scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), scores)
+    iterates = with_budget0(first.z, iterates)
     nfes = with_budget0(first.nfe, nfes)
-    snapshots = with_budget0(first.z[: run.num_snapshots], snapshots)
     if run.confident:
-      last_scores = jax.tree.map(with_budget0, _scores(run.score_fn, first.z), last_scores)
+      last_iterates = with_budget0(first.z, last_iterates)
     if run.ipr_config.queries_uncertainty:  # The input's query, made before the scan.
       uncertainty = with_budget0(first.best, uncertainty)
   return IPRResult(
       z=last.z_best if run.confident else last.z,
-      scores=scores,
+      iterates=iterates,
       nfe=last.nfe,
       nfe_per_budget=nfes,
       stop_budget=last.stop_budget,
       resampled=resampled,
       initial_order=last.initial_order,
-      snapshots=snapshots if run.num_snapshots else None,
-      last_scores=last_scores,
+      last_iterates=last_iterates,
       uncertainty=uncertainty,
   )
 
@@ -551,10 +546,8 @@ def _refine(
     patch_size: int,
     sampler_config: SamplerConfig,
     ipr_config: IPRConfig,
-    score_fn: Optional[ScoreFn],
     verify_fn: Optional[VerifyFn],
     cell_verify_fn: Optional[CellVerifyFn],
-    num_snapshots: int,
     dependency: Optional[np.ndarray] = None,
 ) -> IPRResult:
   """IPR, optionally preceded by the SRM pass, as one scan over iterations.
@@ -584,10 +577,8 @@ def _refine(
       patch_size=patch_size,
       sampler_config=sampler_config,
       ipr_config=ipr_config,
-      score_fn=score_fn,
       verify_fn=verify_fn,
       cell_verify_fn=cell_verify_fn,
-      num_snapshots=num_snapshots,
       dependency=dependency,
   )
   first = _initial_carry(run, z.astype(jnp.float32))
@@ -611,10 +602,8 @@ def ipr_refine(
     patch_size: int,
     sampler_config: SamplerConfig,
     ipr_config: IPRConfig,
-    score_fn: Optional[ScoreFn] = None,
     verify_fn: Optional[VerifyFn] = None,
     cell_verify_fn: Optional[CellVerifyFn] = None,
-    num_snapshots: int = 0,
     dependency: Optional[np.ndarray] = None,
 ) -> IPRResult:
   """IPR iterations on a batch of given samples (spec §4.5).
@@ -637,12 +626,11 @@ def ipr_refine(
     patch_size: P (static).
     sampler_config: SamplerConfig (static).
     ipr_config: IPRConfig (static).
-    score_fn: z [B, H, W, d] -> {name: [B]}, scored after every budget (static).
-    verify_fn: z -> [B] bool; with immediate_stop a puzzle whose sample is
-      accepted (already at budget 0) keeps it and spends no more passes (static).
-    cell_verify_fn: z -> [B, N] bool patches that break the rules, for
-      selection='verifier' (static).
-    num_snapshots: keep the samples of the first this many puzzles at every budget.
+    verify_fn: z -> [B] bool, only for immediate_stop (refused otherwise): a
+      puzzle whose sample is accepted (already at budget 0) keeps it and spends
+      no more passes (static).
+    cell_verify_fn: z -> [B, N] bool patches that break the rules, only for
+      selection='verifier' (refused otherwise; static).
     dependency: `[N, N]` the task's dependency matrix (graph_sequential only).
 
   Returns:
@@ -661,10 +649,8 @@ def ipr_refine(
       patch_size=patch_size,
       sampler_config=sampler_config,
       ipr_config=ipr_config,
-      score_fn=score_fn,
       verify_fn=verify_fn,
       cell_verify_fn=cell_verify_fn,
-      num_snapshots=num_snapshots,
       dependency=dependency,
   )
 
@@ -679,10 +665,8 @@ def srm_ipr(
     patch_size: int,
     sampler_config: SamplerConfig,
     ipr_config: IPRConfig,
-    score_fn: Optional[ScoreFn] = None,
     verify_fn: Optional[VerifyFn] = None,
     cell_verify_fn: Optional[CellVerifyFn] = None,
-    num_snapshots: int = 0,
     dependency: Optional[np.ndarray] = None,
 ) -> IPRResult:
   """Initial SRM pass (or correction-mode corruption) followed by IPR.
@@ -698,8 +682,9 @@ def srm_ipr(
   scan over budgets 0..B), so the greedy loop's denoiser call is traced once;
   with the uncertainty query (`IPRConfig.queries_uncertainty`) the program
   holds a second trace of the denoiser, its call on a G x B batch. Usable under jit
-  and pmap: denoise_fn, score_fn, verify_fn, patch_size, num_snapshots and the
-  configs are static, everything else is arrays.
+  and pmap: denoise_fn, verify_fn, cell_verify_fn, patch_size and the configs are
+  static, everything else is arrays. No scorer is given: the caller scores
+  `IPRResult.iterates`.
 
   Args:
     denoise_fn: (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput.
@@ -714,11 +699,10 @@ def srm_ipr(
     sampler_config: SamplerConfig of the SRM pass (alpha, tau, clean_schedule
       and clamp_noise are also used by IPR).
     ipr_config: IPRConfig.
-    score_fn: z -> {name: [B]}, scored after every budget.
-    verify_fn: z -> [B] bool, for immediate_stop (checked after SRM too).
-    cell_verify_fn: z -> [B, N] bool rule-breaking patches, for
-      selection='verifier'.
-    num_snapshots: samples of the first puzzles kept at every budget.
+    verify_fn: z -> [B] bool, only for immediate_stop (checked after SRM too;
+      refused otherwise).
+    cell_verify_fn: z -> [B, N] bool rule-breaking patches, only for
+      selection='verifier' (refused otherwise).
     dependency: `[N, N]` the task's dependency matrix (graph_sequential only, in the SRM pass or
       the regeneration).
 
@@ -739,10 +723,8 @@ def srm_ipr(
       patch_size=patch_size,
       sampler_config=sampler_config,
       ipr_config=ipr_config,
-      score_fn=score_fn,
       verify_fn=verify_fn,
       cell_verify_fn=cell_verify_fn,
-      num_snapshots=num_snapshots,
       dependency=dependency,
   )
   if ipr_config.mode == "correction":
@@ -764,12 +746,11 @@ def srm_ipr(
     noise = chains_lib.chain_noise(noise, keys, chains)
     image, mask = chains_lib.tile(image, chains), chains_lib.tile(mask, chains)
     patches_shape = (patches_shape[0] * chains, patches_shape[1])
-    common["num_snapshots"] = num_snapshots * chains  # every chain of the first puzzles
   z, masked, mask, unknown = _srm_start(image, mask, noise, patch_size, patches_shape)
   check_inputs(z, masked, mask, unknown, keys, patch_size)
   result = _refine(denoise_fn, z, masked, mask, unknown, noise, keys, srm_unknown=unknown, **common)
   if chains > 1:
-    return chains_lib.chosen(result, ipr_config, num_snapshots)
+    return chains_lib.chosen(result, ipr_config)
   return result
 
 

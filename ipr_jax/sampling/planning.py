@@ -8,7 +8,9 @@ Sudoku: row, column and box) up to `max_order` hops, each hop weighted by `certa
 next block takes, among the patches not yet planned, one of those whose certainty is within
 `TIE_EPS` of the highest (ties broken at random); then every planned or known patch gains
 1 - overlap of knowledge (at most 1) and the new one starts at 1 - overlap. Without propagation
-(max_order 0) every unknown patch ties at every block: a uniformly random order.
+(max_order 0) every unknown patch ties at every block: a uniformly random order. As in the
+reference, planning stops after `max_blocks` blocks (its max_steps); the patches left unplanned
+start at step 0 (`greedy.lookup_schedule`).
 
 Deliberate deviations from the reference, which plans a whole batch at once:
 * certainty is divided by each puzzle's own maximum (the reference: the batch's maximum, which
@@ -65,7 +67,11 @@ def tie_priorities(keys: jax.Array, num_patches: int) -> jax.Array:
 
 
 def sequential_order(
-    unknown: jax.Array, weights: Optional[np.ndarray], overlap: float, priorities: jax.Array
+    unknown: jax.Array,
+    weights: Optional[np.ndarray],
+    overlap: float,
+    priorities: jax.Array,
+    max_blocks: Optional[jax.Array] = None,
 ) -> jax.Array:
   """The planned patch of each block, per puzzle.
 
@@ -74,9 +80,12 @@ def sequential_order(
     weights: `[N, N]` the propagation matrix (`weighted_adjacency`), or None (random order).
     overlap: the schedule's overlap in [0, 1) (knowledge 1 - overlap per block).
     priorities: `[B, N, N]` tie-break priorities per block and patch (`tie_priorities`).
+    max_blocks: `[B]` int blocks to plan at most (the reference's max_steps; the schedule
+      table's `num_blocks`), None: every unknown patch.
 
   Returns:
-    `[B, N]` int32: the patch planned at block k, -1 from block n_b on (n_b = sum(unknown[b])).
+    `[B, N]` int32: the patch planned at block k, -1 from block min(n_b, max_blocks[b]) on
+    (n_b = sum(unknown[b])).
   """
   batch, num_patches = unknown.shape
   gain = np.float32(1.0 - overlap)
@@ -95,6 +104,8 @@ def sequential_order(
   def plan_block(k, carry):
     knowledge, planned, order = carry
     active = jnp.any(knowledge < TIE_EPS, axis=1)
+    if max_blocks is not None:
+      active = active & (k < max_blocks)
     certainty = jnp.where(planned, -jnp.inf, certainty_of(knowledge))
     top = jnp.max(certainty, axis=1, keepdims=True)
     ties = (certainty >= top - TIE_EPS) & ~planned

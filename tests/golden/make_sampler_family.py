@@ -10,6 +10,12 @@ of the reference is copied into ipr-jax; this script imports it from a checkout:
     git clone https://github.com/Chrixtar/SRM /tmp/srm && git -C /tmp/srm checkout ca9da2d
     pip install torch==2.13.0 jaxtyping
     python tests/golden/make_sampler_family.py --srm_repo=/tmp/srm
+    python tests/golden/make_sampler_family.py --srm_repo=/tmp/srm --cases=repeats
+
+The first writes sampler_family.npz (every sampler of the family), the second
+sampler_family_repeats.npz: graph_sequential schedules whose block starts repeat (two blocks
+starting at one step) and whose planning stops at max_steps blocks (fewer steps than unknown
+patches: the patches left unplanned start at step 0).
 
 Only what cannot run without the reference's training stack is replaced: `src.model` (whose
 package __init__ imports the Lightning wrapper) is a bare package with a `Wrapper` placeholder,
@@ -107,6 +113,15 @@ def import_reference(srm_repo: pathlib.Path):
   return flow_lib, sampler_lib, time_scheduler
 
 
+def masks_with_counts(seed: int, counts) -> np.ndarray:
+  """`[len(counts), N]` float32 unknown-patch rows with counts[i] unknown patches in row i."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((len(counts), GRID * GRID), np.float32)
+  for i, count in enumerate(counts):
+    rows[i, rng.permutation(GRID * GRID)[:count]] = 1.0
+  return rows
+
+
 def masks(seed: int, num: int) -> np.ndarray:
   """`[num, N]` float32 unknown-patch rows with 6..14 unknown patches each."""
   rng = np.random.default_rng(seed)
@@ -122,13 +137,34 @@ def to_pixels(rows: np.ndarray) -> np.ndarray:
   return np.kron(grid, np.ones((PATCH, PATCH), np.float32)).astype(np.float32)
 
 
+def _graph(max_steps: int, max_order: int, overlap: float) -> dict:
+  return dict(
+      name="manual",
+      max_steps=max_steps,
+      time_scheduler=dict(name="graph_sequential", max_order=max_order, inference_overlap=overlap),
+  )
+
+
+# --cases=repeats: (settings, unknown-patch counts of its 3 puzzles). Block starts repeat at
+# overlap 0.75 with L = 3 (max_steps 14, n = 12..14: starts 0, 0, 1, 2, 3, 3, ...); max_steps 8
+# < n plans 8 blocks (overlap 0.75: L = 2, starts 0, 0, 1, 1, ...; overlap 0: L = 1, starts
+# 0..7, the last on the final zero row) and leaves the other patches at start step 0.
+REPEAT_CASES = {
+    "graph_seq075_repeat": (_graph(14, 2, 0.75), (12, 13, 14)),
+    "random_seq075_truncated": (_graph(8, 0, 0.75), (10, 12, 14)),
+    "graph_seq000_truncated": (_graph(8, 1, 0.0), (10, 12, 14)),
+}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--srm_repo", required=True, type=pathlib.Path)
-  parser.add_argument(
-      "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "sampler_family.npz"
-  )
+  parser.add_argument("--cases", choices=("family", "repeats"), default="family")
+  parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
+  if args.out is None:
+    name = "sampler_family.npz" if args.cases == "family" else "sampler_family_repeats.npz"
+    args.out = pathlib.Path(__file__).parent / name
   torch.use_deterministic_algorithms(True)
   torch.set_num_threads(2)
   flow_lib, sampler_lib, time_scheduler = import_reference(args.srm_repo)
@@ -140,10 +176,17 @@ def main():
   dependency = sudoku_dependency()
   torch.randperm = lambda n, device=None, **kw: torch.arange(n, device=device)
 
-  rows = masks(seed=1, num=3)
-  rng = np.random.default_rng(2)
+  if args.cases == "repeats":
+    rows = np.concatenate(
+        [masks_with_counts(seed=4 + i, counts=c) for i, (_, c) in enumerate(REPEAT_CASES.values())]
+    )
+    rng = np.random.default_rng(5)
+  else:
+    rows = masks(seed=1, num=3)
+    rng = np.random.default_rng(2)
   images = rng.uniform(-1, 1, (len(rows), CHANNELS, IMAGE, IMAGE)).astype(np.float32)
   noises = rng.standard_normal((len(rows), CHANNELS, IMAGE, IMAGE)).astype(np.float32)
+  # Each case: (settings, the indices of its puzzles in rows).
   cases = {
       "fixed": dict(name="fixed", max_steps=12),
       "random_seq000": dict(
@@ -170,9 +213,15 @@ def main():
       "adaptive_top2": dict(name="sequential_adaptive", max_steps=30, top_k=2, overlap=0.5),
       "adaptive_top3": dict(name="sequential_adaptive", max_steps=25, top_k=3, overlap=0.0),
   }
+  cases = {case: (settings, range(len(rows))) for case, settings in cases.items()}
+  if args.cases == "repeats":
+    cases = {
+        case: (settings, range(3 * i, 3 * i + 3))
+        for i, (case, (settings, _)) in enumerate(REPEAT_CASES.items())
+    }
   out = {f"toy/{k}": v for k, v in arrays.items()}
   out.update(unknown=rows, image=images, noise=noises, dependency=dependency)
-  for case, settings in cases.items():
+  for case, (settings, puzzles) in cases.items():
     settings = dict(settings, alpha=0.0, temperature=1.0, use_ema=False)
     if settings["name"] == "fixed":
       cfg = sampler_lib.FixedSamplerCfg(**settings)
@@ -187,7 +236,7 @@ def main():
       cfg = sampler_lib.SequentialAdaptiveSamplerCfg(**settings)
     sampler = sampler_lib.get_sampler(cfg, PATCH, (GRID, GRID), torch.from_numpy(dependency))
     samples, times = [], []
-    for i in range(len(rows)):
+    for i in puzzles:
       mask = torch.from_numpy(to_pixels(rows[i : i + 1]))
       masked = (1 - mask) * torch.from_numpy(images[i : i + 1])
       torch.manual_seed(0)
@@ -204,6 +253,8 @@ def main():
       t = res["all_t"][0].numpy()[:, 0, ::PATCH, ::PATCH].reshape(len(res["all_t"][0]), -1)
       times.append(t)
     out[f"{case}/sample"] = np.concatenate(samples)
+    if args.cases == "repeats":  # Its puzzles' rows of `unknown`, `image` and `noise`.
+      out[f"{case}/puzzles"] = np.array(list(puzzles), np.int64)
     for i, t in enumerate(times):
       out[f"{case}/t_rows/{i}"] = t.astype(np.float32)
     if settings["name"] == "manual":  # The planned schedules alone, for more masks.
