@@ -137,3 +137,15 @@ def test_sign_test_closed_forms():
   assert module.sign_test(3, 3) == 1.0
   # 2 vs 8: P(X <= 2) = (1 + 10 + 45) / 1024, doubled.
   assert module.sign_test(2, 8) == 2 * 56 / 1024
+
+
+def test_wrong_cells_are_those_repeated_in_their_row_and_their_column():
+  module = _module("failure_kinds")
+  grid = np.array([[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]])
+  broken = grid.copy()
+  broken[0, 0] = 2  # repeats the 2 of row 0 (column 1) and of column 0 (row 2)
+  wrong = module.wrong_cells(np.stack([grid, broken]))
+  assert not wrong[0].any()
+  expected = np.zeros((4, 4), bool)
+  expected[0, 0] = True
+  np.testing.assert_array_equal(wrong[1], expected)
