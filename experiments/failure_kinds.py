@@ -3,7 +3,7 @@ broken" and "The gap"): per run folder, how many final grids are broken, in how 
 "wrong cell" (an invalid cell whose digit repeats in both its row and its column) is a given
 cell, and how many have duplicate count 6 (one digit repeated in a row, a column and a box).
 
-    python experiments/failure_kinds.py experiments/results/beyond_paper/seed35/paper_b30/eval/unique ...
+    python experiments/failure_kinds.py experiments/results/beyond_paper/seed35/paper_b30/eval/hard
 
 Reads the run's puzzles.npz (final digit grids, duplicate counts, validity at the last budget)
 and, for the given cells, regenerates its test puzzles from the settings in its results.json.
