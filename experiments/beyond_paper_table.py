@@ -13,6 +13,7 @@ another environment. Prints markdown and the model, code and machine every run r
 also writes valid_rate_vs_passes.png next to the runs.
 """
 
+import hashlib
 import json
 import math
 import pathlib
@@ -77,10 +78,10 @@ def check_like_for_like(found: dict, required=FINAL_RUNS) -> None:
   ]
   if missing:
     raise SystemExit(f"missing runs: {', '.join(missing)} (run_beyond_paper.sh final, baselines)")
-  records = {}
+  records: dict = {}
   for key, saved in found.items():
     meta = saved["metadata"]
-    env = dict(meta.get("environment") or {})
+    env = meta.get("environment") or {}
     record = (
         (meta.get("code") or {}).get("sha256"),
         json.dumps(env, sort_keys=True),
@@ -89,7 +90,11 @@ def check_like_for_like(found: dict, required=FINAL_RUNS) -> None:
     records.setdefault(record, []).append("/".join(key))
   (code, _, _), *others = records
   if others or code is None:
-    groups = "; ".join(f"{', '.join(v)}: code {str(k[0])[:12]}" for k, v in records.items())
+    groups = "; ".join(
+        f"{', '.join(runs_)}: code {str(k[0])[:12]}, cpu {json.loads(k[1]).get('cpu')!r}, "
+        f"environment {hashlib.sha256(k[1].encode()).hexdigest()[:12]}, model {k[2][:12]}"
+        for k, runs_ in records.items()
+    )
     raise SystemExit(f"not one recorded code, environment and model: {groups}")
 
 
