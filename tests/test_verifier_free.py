@@ -6,7 +6,8 @@ handed a verifier (`evaluation.verifiers`). So under every verifier-free setting
 outputs (every budget's iterate of every puzzle, the passes, the final digits, the model's own
 query scores) must be bit for bit the same whatever the task's scorer and per-cell verifier say:
 here the real Sudoku scorer, an adversary whose "valid" is an arbitrary function of the image,
-and an oracle that reads the solution. The two settings documented to read a verifier are the
+an oracle that reads the solution, and the real scorer with another solution hidden under the
+same given cells. The two settings documented to read a verifier are the
 positive control: their outputs do change under the oracle, so the comparison can fail.
 
 The denoiser is a cheap deterministic function of (z, t) (the U-Net would cost a compilation
@@ -101,13 +102,18 @@ def _outputs(overrides, monkeypatch):
   keys = sampling.puzzle_keys(jax.random.key(7), jnp.asarray(indices))
   noise = jax.random.normal(jax.random.key(8), (NUM_PUZZLES, *task.image_shape))
   solution = jnp.asarray(inputs["image"], jnp.float32)
+  # The same given cells over another solution: what the generated cells hide is changed.
+  hidden = np.asarray(inputs["mask"]) > 0
+  other_image = np.where(hidden, -np.asarray(inputs["image"]), inputs["image"])
+  cases = [(name, s, c, inputs["image"]) for name, s, c in _adversaries(task, solution)]
+  cases.append(("other_solution", task.score_fn, task.cell_verify_fn, other_image))
   produced = {}
-  for name, score_fn, cell_verify_fn in _adversaries(task, solution):
+  for name, score_fn, cell_verify_fn, image in cases:
     adversarial = copy.copy(task)
     adversarial.score_fn, adversarial.cell_verify_fn = score_fn, cell_verify_fn
     run = evaluation.make_run_fn(config, adversarial)
     out = jax.jit(run, static_argnums=(5, 6))(
-        None, keys, noise, inputs["image"], inputs["mask"], NUM_PUZZLES, True
+        None, keys, noise, image, inputs["mask"], NUM_PUZZLES, True
     )
     out = jax.device_get(out)
     produced[name] = {
@@ -151,9 +157,9 @@ def test_verifier_free_outputs_do_not_depend_on_the_scorer(setting, monkeypatch)
   produced = _outputs(VERIFIER_FREE[setting], monkeypatch)
   real = produced["real"]
   assert not np.array_equal(real["iterates"][0], real["iterates"][-1]), "IPR changed nothing"
-  for name in ("arbitrary", "oracle"):
+  for name in ("arbitrary", "oracle", "other_solution"):
     for field, value in real.items():
-      if field == "valid":
+      if field == "valid" and name != "other_solution":
         continue
       if value is None:
         assert produced[name][field] is None
