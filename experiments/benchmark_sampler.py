@@ -23,7 +23,7 @@ model (default: the shipped demo model on hard 4x4 puzzles):
       --config=configs/mnist_sudoku.py:demo --num_puzzles=256 --batch_size=32 --budget=10
 
   * batch order: every batch of `--num_puzzles` puzzles timed through one compiled
-    `evaluate.Evaluator` (compiled before timing), batched in index order and batched by the
+    `runner.Evaluator` (compiled before timing), batched in index order and batched by the
     number of unknown cells (`config.eval.sort_by_unknowns`); total seconds, puzzles/s, passes/s;
   * the transfers the binary no longer makes per batch: copying the parameters to the devices
     (before: pmap broadcast them with every call) and fetching the batch's final images to the
@@ -41,13 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import config_base
-from ipr_jax import evaluate
-from ipr_jax import host_devices
-from ipr_jax import pretrained
 from ipr_jax import sampling
+from ipr_jax.build import config_base
+from ipr_jax.build import pretrained
+from ipr_jax.evaluation import runner
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
+from ipr_jax.runtime import host_devices
 
 _TASK = flags.DEFINE_enum("task", "ms_hard", ["ms_hard", "ep_test", "cp_test"], "Sampler settings.")
 _UNET = flags.DEFINE_string("unet", "tiny", "U-Net preset (unet_32/unet_128/unet_256) or 'tiny'.")
@@ -131,14 +131,14 @@ def evaluation_benchmark() -> dict:
   if not config.eval.pretrained:
     raise app.UsageError(f"{_CONFIG.value} names no shipped model (config.eval.pretrained)")
   params = pretrained.load(config.eval.pretrained).params
-  evaluator = evaluate.Evaluator(config, params)
+  evaluator = runner.Evaluator(config, params)
   pad_to = config.eval.batch_size
   jax.block_until_ready(evaluator(np.arange(pad_to), pad_to=pad_to).nfe)  # compile
   rows = []
   unknown_all = evaluator.task.unknown_patches(config.eval.seed, np.arange(_NUM_PUZZLES.value))
   for sort in (False, True):
     config.eval.sort_by_unknowns = sort
-    batches = evaluate.puzzle_batches(config, unknown_all)
+    batches = runner.puzzle_batches(config, unknown_all)
     start = time.perf_counter()
     passes = 0.0
     for batch in batches:

@@ -38,7 +38,10 @@ def run(
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from ipr_jax import build, config_base, evaluation, sampling  # pylint: disable=g-import-not-at-top
+  from ipr_jax import build  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling
+  from ipr_jax.build import config_base
+  from ipr_jax.evaluation import runner
   from ipr_jax.models import denoiser  # pylint: disable=g-import-not-at-top
   from ipr_jax.sampling.patches import fold_keys  # pylint: disable=g-import-not-at-top
   from ipr_jax.sampling.selection import uncertainty_query  # pylint: disable=g-import-not-at-top
@@ -46,7 +49,7 @@ def run(
   cfg = config_base.load_config(f"mnist_sudoku:{preset}")
   cfg.eval.seed = 36
   cfg.ipr.budget = budget
-  evaluator = evaluation.Evaluator(cfg, evaluation.load_params(cfg, "")[0])
+  evaluator = runner.Evaluator(cfg, runner.load_params(cfg, "")[0])
   task = evaluator.task
   idx = np.arange(num_puzzles)
   inputs = evaluator.inputs(idx)
@@ -55,7 +58,7 @@ def run(
   denoise = functools.partial(
       denoiser.make_denoise_fn(build.make_model(cfg), task.patch_size), evaluator.params
   )
-  sampler_config, ipr_config = evaluation._sampler_configs(cfg)  # pylint: disable=protected-access
+  sampler_config, ipr_config = runner._sampler_configs(cfg)  # pylint: disable=protected-access
   num_cells = task.num_patches
 
   @jax.jit
@@ -70,7 +73,7 @@ def run(
         sampler_config=sampler_config,
         ipr_config=ipr_config,
     )
-    return result.z, evaluation.score_iterates(task.score_fn, result.iterates), result.nfe
+    return result.z, runner.score_iterates(task.score_fn, result.iterates), result.nfe
 
   @functools.partial(jax.jit, static_argnums=(2,))
   def query(z, query_keys, groups):

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from ipr_jax import eval_report
+from ipr_jax.evaluation import report as eval_report
 
 _RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _VARIANTS = os.path.join(_RESULTS, "variants_1000")

@@ -14,9 +14,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ipr_jax import compilation_cache  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import fit  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.build import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.evaluation import fit  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.runtime import compilation_cache  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main():

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from ipr_jax import eval_report
+from ipr_jax.evaluation import report as eval_report
 
 _RUN = flags.DEFINE_string("run", "experiments/results/demo_20494", "Directory of the run.")
 _LEVELS = flags.DEFINE_list(

@@ -8,9 +8,10 @@ that step) within what is left of `--deadline_s`, and its JSON is written to OUT
 soon as it is measured (OUT/summary.md is the readable form), compile time apart from run time:
 
   ms_eval    MNIST Sudoku ms_hard_test, unet_256 in bf16 (random non-zero weights), at the batch
-             `eval.batch_size=auto` picks for this device (`ipr_jax.fit`; printed): seconds per
-             puzzle at budget 0 and, from the measured denoiser passes per second and the passes
-             per budget, at the paper's budget 30; peak memory; the compiled analysis' bytes.
+             `eval.batch_size=auto` picks for this device (`ipr_jax.evaluation.fit`; printed):
+             seconds per puzzle at budget 0 and, from the measured denoiser passes per second and
+             the passes per budget, at the paper's budget 30; peak memory; the compiled
+             analysis' bytes.
   ep_eval    the same for Even Pixels ep_test with unet_32.
   train      training steps/s at the paper's global batch sizes on this one device: Sudoku 56
              (plain, then with remat if the plain step does not fit), Even Pixels 256.
@@ -40,12 +41,12 @@ sys.path.insert(0, str(_ROOT / "tests"))
 
 import device_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax import build  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import evaluation  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import fit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax import tasks  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.data import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.evaluation import fit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.evaluation import runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax.models import unet  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.training import trainer  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # device_check defines --out, --scale and --train_steps, used here as there.
 _DEADLINE = flags.DEFINE_float("deadline_s", 540.0, "The whole campaign's time limit.")
@@ -99,7 +100,7 @@ def eval_step(name: str, scale: str) -> dict:
   params = unet.nonzero_init(
       build.make_model(config).clone(dtype=np.float32), shape, jax.random.key(0)
   )
-  evaluator = evaluation.Evaluator(config, params)
+  evaluator = runner.Evaluator(config, params)
   indices = np.arange(choice.batch_size)
   start = time.perf_counter()
   evaluator(indices)
@@ -145,11 +146,11 @@ def train_case(spec: str, batch: int, overrides: dict, scale: str) -> dict:
   per_device = batch // num_devices
   model, tx = build.make_model(config, training=True), build.make_optimizer(config)
   state_key, density_key = jax.random.split(jax.random.key(0))
-  state = train.create_train_state(config, model, tx, state_key)
+  state = trainer.create_train_state(config, model, tx, state_key)
   task = tasks.get(config.task).make_data(config)
-  table = train.make_loss_weight_table(config, density_key)
+  table = trainer.make_loss_weight_table(config, density_key)
   index = np.arange(batch, dtype=np.int32).reshape(num_devices, per_device)
-  step_fn = train.pmapped_train_step(config, model, tx)
+  step_fn = trainer.pmapped_train_step(config, model, tx)
   state, task, table = jax_utils.replicate((state, task, table), axis_name="batch")
   start = time.perf_counter()
   compiled = step_fn.lower(state, task, table, index, None).compile()

@@ -16,13 +16,13 @@ cut short keeps what it had; OUT/summary.md is the readable form):
            252x252x1) with random non-zero weights: the bf16 error relative to float32; the golden
            U-Net cases of tests/golden (the reference's own float32 outputs) at the default and at
            "highest" matmul precision; XLA's FLOP count of one forward per image.
-  sampler  SRM + IPR through `evaluate.Evaluator` (the evaluation binary's path: real test
+  sampler  SRM + IPR through `runner.Evaluator` (the evaluation binary's path: real test
            puzzles, scoring, pmap) on random non-zero weights in bf16: ms_hard_test with unet_256
            at batch 1, 16, 64 and ep_test with unet_32 at batch 1, 64, 256. The IPR budget is cut
            to `--sampler_budget` to fit the time; the time at the paper's budget 30 is
            extrapolated from the measured denoiser passes per second and the passes the paper's
            budget takes (the per-budget pass counts come from the sampler itself).
-  train    the training step (`train.pmapped_train_step`, bf16 U-Net) at the paper's batch sizes,
+  train    the training step (`trainer.pmapped_train_step`, bf16 U-Net) at the paper's batch sizes,
            each in its own process so that its peak memory is its own and an out-of-memory stops
            only that case: unet_32 at 256 and 2048 (Even Pixels), unet_256 at 28 and 56 (Sudoku).
 
@@ -49,12 +49,12 @@ sys.path.insert(0, str(_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(_ROOT / "tests"))  # golden_io
 
 from ipr_jax import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import geometry  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ipr_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.data import geometry  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.training import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (device_check.json, summary.md).")
 _SCALE = flags.DEFINE_enum(
@@ -183,7 +183,7 @@ def check_forward(scale: str) -> dict:
 def check_golden(cases) -> dict:
   """The reference's own float32 outputs (tests/golden) against ours at both precisions."""
   import golden_io  # pylint: disable=g-import-not-at-top
-  from ipr_jax.models import state_dict as sd_lib  # pylint: disable=g-import-not-at-top
+  from ipr_jax.conversion import state_dict as sd_lib  # pylint: disable=g-import-not-at-top
 
   nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
   out = {}
@@ -216,7 +216,7 @@ def check_sampler(scale: str, budget: int, report) -> dict:
     shape = geometry.image_shape(config)
     model = build.make_model(config)
     params = unet.nonzero_init(model.clone(dtype=jnp.float32), shape, jax.random.key(0))
-    evaluator = evaluate.Evaluator(config, params)
+    evaluator = runner.Evaluator(config, params)
     rows = []
     for batch in batches:
       indices = np.arange(batch)
@@ -263,11 +263,11 @@ def run_train_case(case: str, scale: str) -> dict:
   model = build.make_model(config)
   tx = build.make_optimizer(config)
   state_key, density_key = jax.random.split(jax.random.key(0))
-  state = train.create_train_state(config, model, tx, state_key)
+  state = trainer.create_train_state(config, model, tx, state_key)
   task = tasks.get(config.task).make_data(config)
-  weight_table = train.make_loss_weight_table(config, density_key)
+  weight_table = trainer.make_loss_weight_table(config, density_key)
   example_index = np.arange(config.batch_size, dtype=np.int32).reshape(num_devices, per_device)
-  step_fn = train.pmapped_train_step(config, model, tx)
+  step_fn = trainer.pmapped_train_step(config, model, tx)
   state, task, weight_table = jax_utils.replicate((state, task, weight_table), axis_name="batch")
   start = time.perf_counter()
   # One compilation serves the timing and XLA's FLOP count of the step (per device).
@@ -290,7 +290,7 @@ def run_train_case(case: str, scale: str) -> dict:
       "loss": float(np.asarray(metrics["loss"])[0]),
       "flops_per_step": step_flops,
       "num_params": int(
-          sum(x.size for x in jax.tree_util.tree_leaves(train.unreplicate(state.params)))
+          sum(x.size for x in jax.tree_util.tree_leaves(trainer.unreplicate(state.params)))
       ),
       "approx_tflops_per_s": step_flops / step_s / 1e12,
       "peak_memory_bytes": peak_memory_bytes(),

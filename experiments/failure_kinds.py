@@ -18,9 +18,9 @@ import numpy as np
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 
-from ipr_jax import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import evaluation  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax import sampling  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.build import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.evaluation import runner  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def wrong_cells(grids: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def given_cells(folder: pathlib.Path, indices: np.ndarray) -> np.ndarray:
   for field, value in meta["eval"].items():
     if field in config.eval:
       config.eval[field] = tuple(value) if isinstance(value, list) else value
-  task = evaluation.task_evaluation(config)
+  task = runner.task_evaluation(config)
   inputs = task.inputs(config.eval.seed, indices)
   unknown = sampling.unknown_patches(inputs["mask"], task.patch_size)
   return ~np.asarray(unknown)

@@ -5,7 +5,7 @@ r"""What fits where: the compiled memory and FLOPs of the paper presets, without
 
 For each paper preset (MNIST Sudoku ms_hard_test with unet_256, Even Pixels ep_test with unet_32,
 Counting Polygons cp_test with unet_128) it compiles, on whatever backend JAX has (the CPU here),
-and records XLA's compiled analysis (`ipr_jax.fit`):
+and records XLA's compiled analysis (`ipr_jax.evaluation.fit`):
 
 - the evaluation program (SRM + IPR on one device's puzzles) at per-device batches 1 and 2, with
   the paper's random selection and with the uncertainty query (`ipr.selection=uncertainty`:
@@ -39,9 +39,9 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 
 from ipr_jax import build  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import fit  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.build import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.data import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.evaluation import fit  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PRESETS = {
     "ms": ("configs/mnist_sudoku.py:ms_hard_test", (56,)),

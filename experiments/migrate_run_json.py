@@ -1,4 +1,5 @@
-"""Converts the shard directories' run.json files of format 1 to format 2 (ipr_jax/eval_shards.py).
+"""Converts the shard directories' run.json files of format 1 to format 2
+(ipr_jax/evaluation/shards.py).
 
     python experiments/migrate_run_json.py                      # every shards/run.json below
                                                                 # experiments/results
@@ -8,8 +9,8 @@ Format 1 (before the "format" field) recorded the settings with the IPR variant 
 paper's values left out, without eval.unique_solution, SamplerConfig.clamp_noise or the batching,
 and without the code. Format 2 records every field resolved, the batching and the code. The
 conversion rebuilds the run's config from the recorded sections, resolves it with today's
-`evaluate.resolved_settings` (the omitted fields take the values they had: the paper's variant
-values and the dataclass defaults; the batching that `evaluate.puzzle_batches` gives, unchanged
+`runner.resolved_settings` (the omitted fields take the values they had: the paper's variant
+values and the dataclass defaults; the batching that `runner.puzzle_batches` gives, unchanged
 since these runs) and refuses if that changes any recorded value. The parameters' digest is kept.
 
 The code that computed a format-1 run is unknown, so its "code" record is null: shards under such
@@ -32,8 +33,8 @@ import sys
 
 import ml_collections
 
-from ipr_jax import eval_shards
-from ipr_jax import evaluate
+from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import shards as eval_shards
 
 _RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -52,7 +53,7 @@ def config_of(stored: dict) -> ml_collections.ConfigDict:
 def migrate(stored: dict, assume_current_code: bool = False) -> dict:
   """A format-1 run.json's content as format 2 (see the module docstring)."""
   resolved = {
-      **evaluate.resolved_settings(config_of(stored)),
+      **runner.resolved_settings(config_of(stored)),
       "params": stored["params"],
       "params_sha256": stored["params_sha256"],
   }

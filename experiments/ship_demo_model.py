@@ -4,7 +4,7 @@ r"""Exports a demo training run as the package's shipped model, with its regress
     python experiments/ship_demo_model.py --record_only     # re-record the shipped file's record
 
 1. Writes the EMA weights of the run's checkpoint (and its config, training record and the
-   current git commit) to `ipr_jax/assets/mnist_sudoku_demo.npz` (`ipr_jax.pretrained`).
+   current git commit) to `ipr_jax/assets/mnist_sudoku_demo.npz` (`ipr_jax.build.pretrained`).
 2. Evaluates that file on a fixed regression set (the first `--regression_puzzles` hard test
    puzzles, budgets 0..`--regression_budget`) and stores in the file's metadata ("regression")
    every puzzle's valid flag and duplicate count at every budget ([puzzles, budget + 1] lists),
@@ -30,10 +30,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ipr_jax import environment
-from ipr_jax import evaluate
-from ipr_jax import host_devices
-from ipr_jax import pretrained
+from ipr_jax.build import pretrained
+from ipr_jax.evaluation import runner
+from ipr_jax.runtime import environment
+from ipr_jax.runtime import host_devices
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
@@ -98,13 +98,13 @@ def record_regression(
   """
   config = regression_config(name, num_puzzles, budget, batch_size)
   with tempfile.TemporaryDirectory() as workdir:
-    rows = evaluate.evaluate(config, workdir)
+    rows = runner.evaluate(config, workdir)
     with np.load(os.path.join(workdir, "eval", config.eval.name, "puzzles.npz")) as f:
       index, valid, duplicates = f["index"], f["valid"], f["duplicate_count"]
   assert list(index) == list(range(num_puzzles)), index
   # Every budget's digits and cell means, as tests/test_evaluate.py computes them.
   facts = pretrained.regression_facts(
-      evaluate.Evaluator(config, pretrained.load(name).params), num_puzzles, batch_size
+      runner.Evaluator(config, pretrained.load(name).params), num_puzzles, batch_size
   )
   return {
       "num_puzzles": num_puzzles,
@@ -142,7 +142,7 @@ def rerecord(
   path = pretrained.path_of(name)
   pretrained.save(path, shipped.params, shipped.config, metadata)
   rewritten = pretrained.load(name)
-  if evaluate.params_digest(rewritten.params) != evaluate.params_digest(shipped.params):
+  if runner.params_digest(rewritten.params) != runner.params_digest(shipped.params):
     raise RuntimeError(f"rewriting {path} changed its parameters")
   return path
 

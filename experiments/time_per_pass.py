@@ -16,8 +16,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from ipr_jax import build  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.build import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.data import geometry  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax.models import unet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

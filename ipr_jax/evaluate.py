@@ -51,7 +51,7 @@ the run after the current round of batches with exit status 75 (`cli.EXIT_PREEMP
 the same command to compute the rest. A workdir that cannot be written (a file, read-only, a full
 disk) is one error line, exit status 74.
 
-In Python (`ipr_jax.evaluation`, its names also importable from here): `Evaluator(config,
+In Python (`ipr_jax.evaluation.runner`): `Evaluator(config,
 params)(indices)` runs SRM + IPR on any puzzle indices and returns their per-puzzle scores,
 passes and (optionally) samples; `evaluate(config, workdir)` is the whole run of the binary.
 """
@@ -60,29 +60,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ipr_jax import cli
-from ipr_jax import compilation_cache
-from ipr_jax import evaluation
-from ipr_jax import fit
-from ipr_jax import host_devices
-
-# The library's names, importable from here as before the split (evaluate.Evaluator, ...).
-from ipr_jax.evaluation import BatchResult  # pylint: disable=unused-import
-from ipr_jax.evaluation import check_schedules  # pylint: disable=unused-import
-from ipr_jax.evaluation import evaluate  # pylint: disable=unused-import
-from ipr_jax.evaluation import EvaluationStopped  # pylint: disable=unused-import
-from ipr_jax.evaluation import Evaluator  # pylint: disable=unused-import
-from ipr_jax.evaluation import load_params  # pylint: disable=unused-import
-from ipr_jax.evaluation import MAX_PUZZLES  # pylint: disable=unused-import
-from ipr_jax.evaluation import merge_shards  # pylint: disable=unused-import
-from ipr_jax.evaluation import NOISE_STREAM  # pylint: disable=unused-import
-from ipr_jax.evaluation import params_digest  # pylint: disable=unused-import
-from ipr_jax.evaluation import puzzle_batches  # pylint: disable=unused-import
-from ipr_jax.evaluation import resolved_settings  # pylint: disable=unused-import
-from ipr_jax.evaluation import run_settings  # pylint: disable=unused-import
-from ipr_jax.evaluation import SAMPLING_STREAM  # pylint: disable=unused-import
-from ipr_jax.evaluation import task_evaluation  # pylint: disable=unused-import
-from ipr_jax.evaluation import unknown_counts  # pylint: disable=unused-import
+from ipr_jax.build import cli
+from ipr_jax.evaluation import fit
+from ipr_jax.evaluation import runner
+from ipr_jax.runtime import compilation_cache
+from ipr_jax.runtime import host_devices
 
 
 def define_flags() -> None:
@@ -129,14 +111,14 @@ def main(argv):
   # shards were computed with).
   config = fit.resolve_eval_batch_size(f.config, f.workdir)
   try:
-    evaluation.evaluate(
+    runner.evaluate(
         config,
         f.workdir,
         f.checkpoint,
         allow_environment_change=f.allow_environment_change,
         allow_config_mismatch=f.allow_config_mismatch,
     )
-  except evaluation.EvaluationStopped as e:
+  except runner.EvaluationStopped as e:
     cli.stopped(str(e))  # exit status cli.EXIT_PREEMPTED
 
 

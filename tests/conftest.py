@@ -26,7 +26,7 @@ def golden_dir():
 
 def load_task_config(name: str, arg: str | None = None):
   """`configs/<name>.py:get_config(arg)`, loaded from its file as config_flags does."""
-  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   return config_base.load_config(f"{_ROOT / 'configs' / name}.py:{arg or ''}")
 

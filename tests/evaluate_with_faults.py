@@ -6,10 +6,10 @@ process computes it (tests/test_evaluate.py runs this module with tests/ on PYTH
 
 import os
 
-from ipr_jax import cli
 from ipr_jax import evaluate
-from ipr_jax import evaluation
-from ipr_jax import host_devices
+from ipr_jax.build import cli
+from ipr_jax.evaluation import runner
+from ipr_jax.runtime import host_devices
 
 FAILING_BATCH_ENV = "IPR_JAX_TEST_FAILING_BATCH"
 
@@ -27,7 +27,7 @@ def _failing(compute_batch):
 
 if __name__ == "__main__":
   # pylint: disable-next=protected-access
-  evaluation._compute_batch = _failing(evaluation._compute_batch)
+  runner._compute_batch = _failing(runner._compute_batch)
   host_devices.use_cpu_cores()
   evaluate.define_flags()
   cli.run(evaluate.main)

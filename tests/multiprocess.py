@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from ipr_jax import host_devices
+from ipr_jax.runtime import host_devices
 
 
 def free_port() -> int:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from ipr_jax import sampling
-from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
+from ipr_jax.noise import schedule
 from ipr_jax.sampling import planning
 from ipr_jax.tasks import mnist_sudoku
 

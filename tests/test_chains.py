@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ipr_jax import sampling
-from ipr_jax import schedule
+from ipr_jax.noise import schedule
 from test_ipr_variants import P, SAMPLER, _keys, _standard_setup, batchwise_denoiser
 
 CHAIN_STREAM, NOISE_STREAM = 5, 3  # as documented in ipr_jax/sampling/chains.py

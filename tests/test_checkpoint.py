@@ -1,4 +1,5 @@
-"""Tests of ipr_jax/checkpoint.py: round trips, target-free loading, clear errors on bad dirs."""
+"""Tests of ipr_jax/runtime/checkpoint.py: round trips, target-free loading, clear errors on bad
+dirs."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from ipr_jax import checkpoint
-from ipr_jax import train_state
+from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import train_state
 
 
 def small_params(seed=0, width=4):

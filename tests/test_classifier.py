@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ipr_jax.data import digits
-from ipr_jax.scorers import train_classifier
 from ipr_jax.models import classifier
+from ipr_jax.scorers import train_classifier
 
 
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""The binaries' command-line errors (ipr_jax.cli): one line on stderr naming the bad value, exit
-status 2, no traceback; --verbose (or absl's -v 1) shows the traceback.
+"""The binaries' command-line errors (ipr_jax.build.cli): one line on stderr naming the bad value,
+exit status 2, no traceback; --verbose (or absl's -v 1) shows the traceback.
 
 Every case fails before anything is compiled: a few seconds per process, most of it imports.
 """
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from ipr_jax import cli
+from ipr_jax.build import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO = "--config=configs/mnist_sudoku.py:demo"
@@ -96,7 +96,8 @@ def test_evaluate_reports_a_bad_setting_found_while_running_in_one_line(tmp_path
 _BINARY = """
 import sys
 import jax.numpy as jnp
-from ipr_jax import cli, errors
+from ipr_jax.build import cli
+from ipr_jax.runtime import errors
 
 def main(argv):
   kind = argv[1]

@@ -145,14 +145,14 @@ def every_preset():
 
 @pytest.mark.parametrize("path,arg", list(every_preset()))
 def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
-  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ipr_jax import schedule  # pylint: disable=g-import-not-at-top
+  from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from ipr_jax.noise import schedule  # pylint: disable=g-import-not-at-top
 
   config = get(path, arg)
-  evaluate.check_schedules(config)
+  runner.check_schedules(config)
   # The same, spelled out for the SRM pass: every patch count the preset can produce.
   sampler = config.sampler
-  for n in evaluate.unknown_counts(config):
+  for n in runner.unknown_counts(config):
     starts = schedule.make_schedule(
         n,
         sampler.steps_per_patch,
@@ -166,23 +166,23 @@ def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
 
 
 def test_a_degenerate_override_is_refused_before_sampling():
-  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
 
   config = get(EVEN_PIXELS, "tiny")
   config.sampler.overlap = 0.9  # 5 steps per patch at overlap 0.9: starts 0, 0, 1, 1, ...
   with pytest.raises(ValueError, match=r"sampler: steps_per_patch=5 and overlap=0.9 .*n=64"):
-    evaluate.check_schedules(config)
+    runner.check_schedules(config)
   config = get(MNIST_SUDOKU, "tiny")  # 4x4, hard: 11..16 unknown cells, IPR k = 2..4
   config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
   with pytest.raises(ValueError, match=r"ipr: steps_per_patch=2 and overlap=0.9 .*n=2 "):
-    evaluate.check_schedules(config)
+    runner.check_schedules(config)
   config = get(MNIST_SUDOKU, "tiny,ms_corrupted_test")  # all 16 cells are candidates: k = 4
   config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
   config.sampler.overlap = 0.9  # no SRM pass in correction mode: not checked
   with pytest.raises(ValueError, match=r"ipr: .*n=4 "):
-    evaluate.check_schedules(config)
+    runner.check_schedules(config)
   with pytest.raises(ValueError, match="steps_per_patch=2 and overlap=0.9"):
-    evaluate.evaluate(config, "/nonexistent")  # before any checkpoint is read
+    runner.evaluate(config, "/nonexistent")  # before any checkpoint is read
 
 
 def test_unique_solution_preset():
@@ -317,7 +317,7 @@ def test_tiny_presets_are_small():
 
 
 def test_demo_preset_is_the_shipped_model():
-  from ipr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import pretrained  # pylint: disable=g-import-not-at-top
 
   demo = get(MNIST_SUDOKU, "demo")
   assert (demo.data.box_size, demo.data.cell_size, demo.data.image_size) == (2, 7, 28)
@@ -365,7 +365,8 @@ def test_command_line_overrides_and_lock():
 
 def test_ipr_section_is_made_from_the_ipr_config_dataclass():
   """config.ipr has one source: the fields, defaults (types included) and order of IPRConfig."""
-  from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").ipr
   defaults = sampling.IPRConfig.defaults()
@@ -384,7 +385,8 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
   """config.sampler has one source, as config.ipr: SamplerConfig's fields, defaults (the
   reference's ms_hard_test values, spec §4.3-4.4: 3 steps per patch, overlap 0), order and
   documentation; every field, clamp_noise included, is a config field (--config.sampler.<name>)."""
-  from ipr_jax import config_base, sampling  # pylint: disable=g-import-not-at-top
+  from ipr_jax import sampling
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").sampler
   defaults = sampling.SamplerConfig.defaults()
@@ -449,8 +451,8 @@ CLONE_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def test_clone_and_packaged_names_give_the_packaged_config(path, arg):
   """`configs/<task>.py:<preset>` (a clone's file), `<task>:<preset>` (the packaged name) and the
   packaged file give the same config, through load_config and through the binaries' flag."""
-  from ipr_jax import cli  # pylint: disable=g-import-not-at-top
-  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import cli  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   suffix = f":{arg}" if arg else ""
   packaged = get(path, arg or None)
@@ -462,7 +464,7 @@ def test_clone_and_packaged_names_give_the_packaged_config(path, arg):
 
 
 def test_packaged_configs_are_the_clone_configs():
-  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   assert config_base.packaged_configs() == ("counting_polygons", "even_pixels", "mnist_sudoku")
   assert sorted(p.stem for p in CLONE_CONFIG_DIR.glob("*.py")) == list(
@@ -471,8 +473,8 @@ def test_packaged_configs_are_the_clone_configs():
 
 
 def test_an_unknown_config_name_lists_the_packaged_ones():
-  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
-  from ipr_jax import errors  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax.runtime import errors  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(
       errors.ConfigError, match="packaged: counting_polygons, even_pixels, " "mnist_sudoku"

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import convert
-from ipr_jax import torch_files
-from ipr_jax.models import state_dict as state_dict_lib
+from ipr_jax.conversion import converter
+from ipr_jax.conversion import state_dict as state_dict_lib
+from ipr_jax.conversion import torch_files
+from ipr_jax.runtime import checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -139,11 +139,11 @@ def test_reference_presets_check_the_key_count(config_name, preset, count, task_
   assert config.model.name == preset
   model = build.make_model(config)
   keys = state_dict_lib.expected_state_dict_keys(model)
-  assert len(keys) == count == convert.REFERENCE_KEY_COUNTS[preset]
+  assert len(keys) == count == converter.REFERENCE_KEY_COUNTS[preset]
   shapes = state_dict_lib.expected_state_dict_shapes(model)
   truncated = {k: np.zeros(shapes[k], np.float32) for k in keys[:-1]}
   with pytest.raises(ValueError, match=f"{count} keys"):
-    convert.convert_denoiser(truncated, config)
+    converter.convert_denoiser(truncated, config)
 
 
 def test_mismatched_shapes_and_bad_files_give_clear_errors(golden_dir, tmp_path, task_config):
@@ -155,7 +155,7 @@ def test_mismatched_shapes_and_bad_files_give_clear_errors(golden_dir, tmp_path,
       config[section][field] = v
   config.model.hid_dims = (64,) * 6  # Another config: every conv is too wide.
   with pytest.raises(ValueError, match=r"shape"):
-    convert.convert_denoiser(state_dict, config)
+    converter.convert_denoiser(state_dict, config)
   junk = tmp_path / "junk.ckpt"
   junk.write_bytes(b"this is not a checkpoint")
   with pytest.raises(ValueError, match="junk.ckpt"):

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from ipr_jax import checkpoint
-from ipr_jax import evaluate
-from ipr_jax import train
+from ipr_jax.evaluation import runner
 from ipr_jax.metrics import counting_polygons as cp_metrics
+from ipr_jax.runtime import checkpoint
 from ipr_jax.tasks import counting_polygons as counting_polygons_task
+from ipr_jax.training import trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +51,7 @@ def tiny_config():
 def trained(tmp_path_factory):
   config = tiny_config()
   workdir = tmp_path_factory.mktemp("cp_run")
-  result = train.train(config, workdir)
+  result = trainer.train(config, workdir)
   return config, workdir, result
 
 
@@ -70,8 +70,8 @@ def test_resume_sees_the_same_images(trained, tmp_path):
   workdir = tmp_path / "resumed"
   partial = config.copy_and_resolve_references()
   partial.num_train_steps = 2
-  train.train(partial, workdir)
-  resumed = train.train(config, workdir)
+  trainer.train(partial, workdir)
+  resumed = trainer.train(config, workdir)
   assert int(resumed.state.step) == 3
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -82,7 +82,7 @@ def test_resume_sees_the_same_images(trained, tmp_path):
 
 def test_evaluate_writes_both_metrics_per_budget(trained):
   config, workdir, _ = trained
-  rows = evaluate.evaluate(config, str(workdir))
+  rows = runner.evaluate(config, str(workdir))
   out = workdir / "eval" / config.eval.name
   for name in ("results.json", "results.csv", "valid_rate_vs_budget.png", "ipr_process.png"):
     assert (out / name).is_file(), name
@@ -130,15 +130,15 @@ def test_missing_scorer_weights_are_a_clear_error(trained, tmp_path):
   config = config.copy_and_resolve_references()
   config.eval.scorer_path = str(tmp_path / "nope.npz")
   with pytest.raises(FileNotFoundError, match="nope.npz"):
-    evaluate.evaluate(config, str(workdir))
+    runner.evaluate(config, str(workdir))
 
 
 def test_wrong_geometry_is_a_clear_error(tmp_path):
   config = tiny_config()
   config.data.image_size = 64
   with pytest.raises(ValueError, match="data.image_size=64"):
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)
   config = tiny_config()
   config.data.background_dir = str(tmp_path / "no_such_folder")
   with pytest.raises(ValueError, match="no_such_folder"):
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)

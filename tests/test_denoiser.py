@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ipr_jax.conversion import state_dict as sd_lib
 from ipr_jax.models import denoiser
-from ipr_jax.models import state_dict as sd_lib
 from ipr_jax.models import unet as unet_lib
 
 

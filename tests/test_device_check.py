@@ -16,8 +16,8 @@ import pytest
 
 from conftest import load_task_config
 from ipr_jax import build
-from ipr_jax import config_base
 from ipr_jax import tasks
+from ipr_jax.build import config_base
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

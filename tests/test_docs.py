@@ -13,7 +13,7 @@ import shlex
 
 import pytest
 
-from ipr_jax import config_base
+from ipr_jax.build import config_base
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -1,6 +1,6 @@
-"""Per-batch result files (ipr_jax/eval_shards.py: run.json, crash safety, the checks at resume),
-the agreement of processes on errors (ipr_jax/agreement.py, one process) and the multi-process
-settings of host_devices.initialize_distributed: errors that name what is wrong."""
+"""Per-batch result files (ipr_jax/evaluation/shards.py: run.json, crash safety, the checks at
+resume), the agreement of processes on errors (ipr_jax/runtime/agreement.py, one process) and the
+multi-process settings of host_devices.initialize_distributed: errors that name what is wrong."""
 
 import hashlib
 import json
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import ipr_jax
-from ipr_jax import agreement
-from ipr_jax import config_diff
-from ipr_jax import environment
-from ipr_jax import eval_shards
-from ipr_jax import host_devices
+from ipr_jax.evaluation import shards as eval_shards
+from ipr_jax.runtime import agreement
+from ipr_jax.runtime import config_diff
+from ipr_jax.runtime import environment
+from ipr_jax.runtime import host_devices
 
 
 def test_shards_round_trip_and_list_only_complete_files(tmp_path):
@@ -294,7 +294,7 @@ def test_agree_with_one_process_reraises_or_returns_the_stop_flag():
 def test_other_processes_rebuild_the_error_type_and_message():
   error = agreement.rebuild_error(
       0,
-      "ipr_jax.eval_shards",
+      "ipr_jax.evaluation.shards",
       "SettingsMismatchError",
       "x holds results computed with other settings: ipr.budget",
   )
@@ -305,7 +305,7 @@ def test_other_processes_rebuild_the_error_type_and_message():
   for module, name in (
       ("jaxlib.xla_extension", "XlaRuntimeError"),
       ("builtins", "print"),
-      ("ipr_jax.eval_shards", "NoSuchError"),
+      ("ipr_jax.evaluation.shards", "NoSuchError"),
   ):
     error = agreement.rebuild_error(1, module, name, "boom")
     assert type(error) is agreement.ProcessError
@@ -414,7 +414,7 @@ def test_sigint_asks_for_a_stop_and_a_second_one_interrupts():
   """Ctrl-C: the first SIGINT is a stop request, like SIGTERM; the second raises
   KeyboardInterrupt; the handlers are restored afterwards."""
   import signal  # pylint: disable=g-import-not-at-top
-  from ipr_jax import preemption  # pylint: disable=g-import-not-at-top
+  from ipr_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
 
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   with preemption.Preemption("stopping.") as stop:

@@ -1,6 +1,6 @@
 """The evaluation binary and its report, on models whose samples differ from their noise.
 
-The Sudoku tests evaluate the shipped demo model (`ipr_jax.pretrained`) on the regression set
+The Sudoku tests evaluate the shipped demo model (`ipr_jax.build.pretrained`) on the regression set
 recorded when it was shipped; the Even Pixels tests use a tiny U-Net with random (non-zero)
 weights in every layer, so that its samples differ from the initial noise too (a freshly
 initialised SRM outputs exactly zero).
@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import environment as environment_lib
-from ipr_jax import eval_report
-from ipr_jax import eval_shards
-from ipr_jax import evaluate
-from ipr_jax import pretrained
 from ipr_jax import sampling
 from ipr_jax import tasks
+from ipr_jax.build import pretrained
+from ipr_jax.evaluation import report as eval_report
+from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import shards as eval_shards
+from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import environment as environment_lib
 from ipr_jax.sampling import ipr as sampling_ipr
 from ipr_jax.tasks import mnist_sudoku as mnist_sudoku_task
 import multiprocess
@@ -86,7 +86,7 @@ def _regression_config(shipped, **overrides):
 def demo_run(shipped, tmp_path_factory):
   config = _regression_config(shipped)
   workdir = tmp_path_factory.mktemp("demo_run")
-  rows = evaluate.evaluate(config, str(workdir))  # no checkpoint: the shipped model
+  rows = runner.evaluate(config, str(workdir))  # no checkpoint: the shipped model
   return config, workdir, rows
 
 
@@ -166,7 +166,7 @@ def differing_puzzles(record, facts, valid=None, duplicate_count=None):
 def _regression_facts(config, params, record):
   """The regression set's facts as experiments/ship_demo_model.py records them."""
   return pretrained.regression_facts(
-      evaluate.Evaluator(config, params), record["num_puzzles"], record["batch_size"]
+      runner.Evaluator(config, params), record["num_puzzles"], record["batch_size"]
   )
 
 
@@ -272,7 +272,7 @@ def test_the_record_check_fails_for_a_changed_model_or_sampler(
 def test_budget_zero_is_the_plain_srm_run_at_any_batch_size(shipped, demo_run, tmp_path):
   _, _, rows = demo_run
   config = _regression_config(shipped, ipr__budget=0, eval__batch_size=32)
-  srm_rows = evaluate.evaluate(config, str(tmp_path))
+  srm_rows = runner.evaluate(config, str(tmp_path))
   assert len(srm_rows) == 1
   for key in ("valid_rate", "mean_duplicate_count", "mean_nfe"):
     assert srm_rows[0][key] == rows[0][key], key
@@ -299,15 +299,15 @@ def test_interrupted_run_at_another_batch_size_resumes_to_the_same_results(
   batches and paddings): a puzzle's result depends only on (seed, index)."""
   _, demo_workdir, rows = demo_run
   config = _regression_config(shipped, eval__batch_size=6)  # 6 batches, the last one padded
-  with pytest.raises(evaluate.EvaluationStopped, match="after 3 of 6 batches"):
-    evaluate.evaluate(config, str(tmp_path), after_batch=_sigterm_after(2))
+  with pytest.raises(runner.EvaluationStopped, match="after 3 of 6 batches"):
+    runner.evaluate(config, str(tmp_path), after_batch=_sigterm_after(2))
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   shard_dir = tmp_path / "eval" / "regression" / "shards"
   assert eval_shards.done_batches(shard_dir) == {0, 1, 2}
   assert not (tmp_path / "eval" / "regression" / "results.csv").exists()
 
   computed = []
-  resumed = evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  resumed = runner.evaluate(config, str(tmp_path), after_batch=computed.append)
   assert computed == [3, 4, 5]
   mine, theirs = _load_puzzles(tmp_path), _load_puzzles(demo_workdir)
   assert mine.keys() == theirs.keys()
@@ -329,10 +329,10 @@ def test_shards_of_other_settings_are_refused(shipped, demo_run):
   _, workdir, _ = demo_run
   config = _regression_config(shipped, ipr__budget=3)
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"ipr.budget: 4 -> 3"):
-    evaluate.evaluate(config, str(workdir))
+    runner.evaluate(config, str(workdir))
   config = _regression_config(shipped, eval__seed=36)
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"eval.seed: 35 -> 36"):
-    evaluate.evaluate(config, str(workdir))
+    runner.evaluate(config, str(workdir))
 
 
 def test_per_puzzle_file_agrees_with_the_table(demo_run):
@@ -396,10 +396,10 @@ def test_key_streams_never_share_a_key(shipped, demo_run):
   """Puzzle content (`test_batch`: fold_in(key(seed), i)), initial noise and sampling keys of
   the first 1000 puzzles, and the streams' own keys, are all distinct."""
   config, _, _ = demo_run
-  evaluator = evaluate.Evaluator(config, shipped.params)
+  evaluator = runner.Evaluator(config, shipped.params)
   indices = jax.numpy.arange(1000)
   root = jax.random.key(config.eval.seed)
-  noise_root = jax.random.fold_in(root, evaluate.NOISE_STREAM)
+  noise_root = jax.random.fold_in(root, runner.NOISE_STREAM)
   sampling_key = evaluator._sampling_key  # pylint: disable=protected-access
   keys = [
       sampling.puzzle_keys(root, indices),
@@ -419,7 +419,7 @@ def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_r
   """The library entry point behind the binary (and the notebook): per-puzzle scores, passes
   and samples of a puzzle are the same in any batch, and aggregate to the binary's table."""
   config, _, rows = demo_run
-  evaluator = evaluate.Evaluator(config, shipped.params)
+  evaluator = runner.Evaluator(config, shipped.params)
   budgets = config.ipr.budget + 1
   # The binary's batches of the regression run (16 puzzles = 2 devices x 8).
   full = evaluator(np.arange(16), samples_per_device=4)
@@ -463,10 +463,10 @@ def test_evaluator_per_puzzle_results_do_not_depend_on_the_batch(shipped, demo_r
 def test_a_config_that_changes_the_shipped_model_is_refused(shipped, tmp_path):
   config = _regression_config(shipped, model__hid_dims=(16, 32, 32))
   with pytest.raises(ValueError, match=r"model.hid_dims.*shipped"):
-    evaluate.evaluate(config, str(tmp_path))
+    runner.evaluate(config, str(tmp_path))
   config = _regression_config(shipped, eval__pretrained="no_such_model")
   with pytest.raises(FileNotFoundError, match="no_such_model.*mnist_sudoku_demo"):
-    evaluate.evaluate(config, str(tmp_path))
+    runner.evaluate(config, str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def ep_run(tmp_path_factory):
   config.eval.batch_size = 2
   workdir = tmp_path_factory.mktemp("ep_run")
   _random_weights_checkpoint(config, workdir)
-  rows = evaluate.evaluate(config, str(workdir))
+  rows = runner.evaluate(config, str(workdir))
   return config, workdir, rows
 
 
@@ -507,7 +507,7 @@ def test_even_pixels_results_do_not_depend_on_batch_size(ep_run):
   config = config.copy_and_resolve_references()
   config.eval.batch_size = 4  # One call instead of two, a different padding.
   config.eval.name = "ep_test_batch4"
-  rows4 = evaluate.evaluate(config, str(workdir))
+  rows4 = runner.evaluate(config, str(workdir))
   for a, b in zip(rows, rows4):
     for key in ("valid_rate", "mean_color_imbalance", "mean_saturation_std", "mean_nfe"):
       assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -518,7 +518,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
   config = load_task_config("even_pixels", "tiny")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
-    evaluate.evaluate(config, str(tmp_path / "nothing"))
+    runner.evaluate(config, str(tmp_path / "nothing"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -616,7 +616,7 @@ def test_uncertainty_variant_writes_both_iterates_and_counts_its_query(shipped, 
       ipr__return_iterate="confident",
       ipr__uncertainty_groups=groups,
   )
-  rows = evaluate.evaluate(config, str(tmp_path))
+  rows = runner.evaluate(config, str(tmp_path))
   puzzles = _load_puzzles(tmp_path)
   unknown = puzzles["unknown_patches"]
   k = np.maximum(1, unknown // 4)
@@ -648,7 +648,7 @@ def test_verifier_selection_needs_a_sudoku_verifier():
   config = load_task_config("even_pixels", "tiny,ep_test")
   config.ipr.selection = "verifier"
   with pytest.raises(ValueError, match="only mnist_sudoku has; got task 'even_pixels'"):
-    evaluate.Evaluator(config, params=None)
+    runner.Evaluator(config, params=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,14 +710,14 @@ def _committed_runs_model():
   }
   assert len(digests) == 1, digests
   (digest,) = digests
-  assert digest != evaluate.params_digest(pretrained.load("mnist_sudoku_demo").params)
+  assert digest != runner.params_digest(pretrained.load("mnist_sudoku_demo").params)
   return digest
 
 
 def _committed_run_settings(config, params):
-  """`evaluate.run_settings` of `config`, but for the params digest: the earlier model's that
+  """`runner.run_settings` of `config`, but for the params digest: the earlier model's that
   the committed runs record (`_committed_runs_model`); every other setting is checked."""
-  return {**evaluate.run_settings(config, params, "ema"), "params_sha256": _committed_runs_model()}
+  return {**runner.run_settings(config, params, "ema"), "params_sha256": _committed_runs_model()}
 
 
 @pytest.mark.parametrize("run", sorted(_COMMITTED_RUNS))
@@ -779,7 +779,7 @@ def test_the_shipped_models_committed_tables_record_their_commands(shipped, name
   config = _apply_overrides(load_task_config("mnist_sudoku", preset), args)
   shard_dir = _RESULTS / "demo_20494" / "eval" / name / "shards"
   eval_shards.check_settings(
-      shard_dir, evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+      shard_dir, runner.run_settings(config, shipped.params, "ema"), check_code=False
   )
   stored = json.loads((shard_dir / "run.json").read_text())
   assert stored["eval"].get("unique_solution", False) == name.startswith("ms_unique_test")
@@ -794,7 +794,7 @@ def test_the_cpu_rerun_records_its_command_code_and_environment(shipped):
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), args)
   run_dir = _RESULTS / "demo_20494_cpu" / "eval" / "ms_hard_test_paper"
   eval_shards.check_settings(
-      run_dir / "shards", evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+      run_dir / "shards", runner.run_settings(config, shipped.params, "ema"), check_code=False
   )
   stored = json.loads((run_dir / "shards" / "run.json").read_text())
   assert stored["code"]["sha256"] and "sampling/ipr.py" in stored["code"]["files"]
@@ -856,7 +856,7 @@ def _package_imports(path):
 
 
 def test_the_code_record_covers_what_the_evaluation_imports():
-  """Every package module that evaluate.py imports, directly or through a module of the code
+  """Every package module that runner.py imports, directly or through a module of the code
   record, is in the record or named as left out; and every shipped metric and data asset (what
   the metrics and the test puzzles read) is in it."""
   listed = {name[:-3] for name in eval_shards.CODE_FILES if name.endswith(".py")}
@@ -892,7 +892,7 @@ def test_a_damaged_shard_and_stale_temporaries_are_cleaned_at_resume(shipped, de
   (shard_dir / "batch_000000.npz.tmp999").write_bytes(b"a write killed midway")
   (tmp_path / "eval" / "regression" / "puzzles.npz").unlink()
   computed = []
-  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  runner.evaluate(config, str(tmp_path), after_batch=computed.append)
   assert computed == [1]
   assert sorted(os.listdir(shard_dir)) == ["batch_000000.npz", "batch_000001.npz", "run.json"]
   mine, theirs = _load_puzzles(tmp_path), _load_puzzles(demo_workdir)
@@ -913,7 +913,7 @@ def test_shards_of_other_code_or_other_puzzles_are_refused(demo_run, tmp_path):
       match=r"other code: code.files.sampling/ipr.py: '0{64}' -> '[0-9a-f]{64}'.*"
       r"requires computing the shards again",
   ):
-    evaluate.evaluate(config, str(tmp_path))
+    runner.evaluate(config, str(tmp_path))
   shutil.rmtree(tmp_path / "eval")
   shard_dir = _copy_run(demo_workdir, tmp_path)
   first, second = (eval_shards.shard_path(shard_dir, b) for b in (0, 1))
@@ -925,26 +925,26 @@ def test_shards_of_other_code_or_other_puzzles_are_refused(demo_run, tmp_path):
       match=r"batch_000000.npz holds puzzles \[.*\] \(16\), but batch 0 of this "
       r"run is \[.*\] \(16\): the shards are of another batching",
   ):
-    evaluate.evaluate(config, str(tmp_path))
+    runner.evaluate(config, str(tmp_path))
 
 
 def test_merge_checks_each_batch_and_the_union_of_the_puzzles():
   shard = lambda index: {"index": np.asarray(index), "nfe": np.asarray(index)[:, None] * 10}
   batches = [np.array([0, 2]), np.array([1, 3])]
-  merged = evaluate.merge_shards([shard([0, 2]), shard([1, 3])], batches, 4)
+  merged = runner.merge_shards([shard([0, 2]), shard([1, 3])], batches, 4)
   np.testing.assert_array_equal(merged["index"], [0, 1, 2, 3])
   np.testing.assert_array_equal(merged["nfe"][:, 0], [0, 10, 20, 30])
   with pytest.raises(eval_shards.SettingsMismatchError, match="shard 1 holds puzzles"):
-    evaluate.merge_shards([shard([0, 2]), shard([1, 4])], batches, 4)
+    runner.merge_shards([shard([0, 2]), shard([1, 4])], batches, 4)
   with pytest.raises(eval_shards.SettingsMismatchError, match="1 shards for the run's 2 batches"):
-    evaluate.merge_shards([shard([0, 2])], batches, 4)
+    runner.merge_shards([shard([0, 2])], batches, 4)
   with pytest.raises(
       eval_shards.SettingsMismatchError, match=r"not exactly the run's puzzles " r"0\.\.4"
   ):
-    evaluate.merge_shards([shard([0, 2]), shard([1, 3])], batches, 5)
+    runner.merge_shards([shard([0, 2]), shard([1, 3])], batches, 5)
   twice = [np.array([0, 1]), np.array([1, 2])]
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"\(3 distinct"):
-    evaluate.merge_shards([shard([0, 1]), shard([1, 2])], twice, 4)
+    runner.merge_shards([shard([0, 1]), shard([1, 2])], twice, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -993,7 +993,7 @@ def test_results_json_is_strict_json_for_every_variant(shipped, tmp_path, varian
       ipr__uncertainty_groups=2,
       **variant,
   )
-  rows = evaluate.evaluate(config, str(tmp_path))
+  rows = runner.evaluate(config, str(tmp_path))
   saved = _strict_json((tmp_path / "eval" / "regression" / "results.json").read_text())
   assert [r["budget"] for r in saved["budgets"]] == [0, 1]
   assert saved["budgets"][1]["valid_rate"] == rows[1]["valid_rate"]
@@ -1038,7 +1038,7 @@ def test_a_settings_mismatch_ends_both_processes_with_the_same_message(shipped, 
   config.eval.name = "regression"
   eval_shards.check_settings(
       tmp_path / "eval" / "regression" / "shards",
-      {**evaluate.run_settings(config, shipped.params, "ema"), "code": eval_shards.code_record()},
+      {**runner.run_settings(config, shipped.params, "ema"), "code": eval_shards.code_record()},
       write=True,
   )
   start = time.time()
@@ -1189,11 +1189,9 @@ def test_shards_of_another_environment_are_reused_only_when_allowed(demo_run, tm
       match=r"another environment: environment\.packages\.jaxlib: '0\.0\.1' -> "
       r"'[0-9.]+'.*--allow_environment_change",
   ):
-    evaluate.evaluate(config, str(tmp_path))
+    runner.evaluate(config, str(tmp_path))
   computed = []
-  evaluate.evaluate(
-      config, str(tmp_path), after_batch=computed.append, allow_environment_change=True
-  )
+  runner.evaluate(config, str(tmp_path), after_batch=computed.append, allow_environment_change=True)
   assert not computed  # both shards reused
   stored = json.loads((shard_dir / "run.json").read_text())
   assert stored["environment"]["packages"]["jaxlib"] == "0.0.1"
@@ -1203,7 +1201,7 @@ def test_shards_of_another_environment_are_reused_only_when_allowed(demo_run, tm
   assert metadata["shard_environments"] == {old: 2}
   assert metadata["environment"]["packages"]["jaxlib"] == jaxlib
   # Accepted once, recorded: the same command runs again without the flag.
-  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  runner.evaluate(config, str(tmp_path), after_batch=computed.append)
   assert not computed
 
 
@@ -1220,12 +1218,12 @@ def test_shards_are_refused_without_run_json_when_their_settings_differ(
       eval_shards.SettingsMismatchError,
       match=r"batch_00000[01]\.npz was computed under other settings or code",
   ):
-    evaluate.evaluate(other, str(tmp_path))
+    runner.evaluate(other, str(tmp_path))
   shutil.rmtree(tmp_path / "eval")
   shard_dir = _copy_run(demo_workdir, tmp_path)
   (shard_dir / "run.json").unlink()
   computed = []
-  evaluate.evaluate(config, str(tmp_path), after_batch=computed.append)
+  runner.evaluate(config, str(tmp_path), after_batch=computed.append)
   assert not computed
 
 

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from ipr_jax import config_base
-from ipr_jax import eval_shards
-from ipr_jax import evaluate
 from ipr_jax import tasks
-from ipr_jax import train
+from ipr_jax.build import config_base
+from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import shards as eval_shards
 from ipr_jax.tasks import base
+from ipr_jax.training import trainer
 
 _EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "external_task"
 
@@ -40,8 +40,8 @@ def test_the_example_task_trains_and_evaluates(config, tmp_path):
   assert "checkerboard" in tasks.names() and "checkerboard" not in tasks.TASKS
   config.num_train_steps = 5
   config.log_every_steps = 5
-  train.train(config, tmp_path)
-  rows = evaluate.evaluate(config, str(tmp_path))
+  trainer.train(config, tmp_path)
+  rows = runner.evaluate(config, str(tmp_path))
   assert [row["budget"] for row in rows] == [0, 1, 2]
   assert all(row["num_puzzles"] == 8 and np.isfinite(row["mean_broken_pairs"]) for row in rows)
   run = json.loads((tmp_path / "eval" / "checkerboard_test" / "shards" / "run.json").read_text())

@@ -36,12 +36,12 @@ import numpy as np
 import pytest
 
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import cli
-from ipr_jax import errors
-from ipr_jax import evaluation
-from ipr_jax import pretrained
-from ipr_jax import train
+from ipr_jax.build import cli
+from ipr_jax.build import pretrained
+from ipr_jax.evaluation import runner
+from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import errors
+from ipr_jax.training import trainer
 
 from test_train import fast_compilation  # noqa: F401  pylint: disable=unused-import
 
@@ -217,7 +217,7 @@ def test_every_save_records_the_digests_of_the_live_and_ema_parameters(demo_chec
   # The whole state's, the optimizer state's bytes included, as the restore sees it.
   restored = checkpoint._restore_state_dict(step_dir)  # pylint: disable=protected-access
   assert digests["state_sha256"] == checkpoint.state_digest(restored)
-  assert checkpoint.params_digest(shipped.params) == evaluation.params_digest(shipped.params)
+  assert checkpoint.params_digest(shipped.params) == runner.params_digest(shipped.params)
 
 
 def test_flipped_bytes_in_a_checkpoint_are_refused(demo_checkpoint, tmp_path):
@@ -276,7 +276,7 @@ def test_a_checkpoint_of_another_geometry_is_refused_unless_allowed(tmp_path):
     assert field in line, line
   assert not (tmp_path / "eval").exists()
   # Deliberate reuse, allowed: the weights load (the U-Net is the same).
-  params, source, _ = evaluation.load_params(
+  params, source, _ = runner.load_params(
       demo, str(tmp_path), str(tmp_path / "tiny"), allow_config_mismatch=True
   )
   assert source == str(step_dir) and params
@@ -285,7 +285,7 @@ def test_a_checkpoint_of_another_geometry_is_refused_unless_allowed(tmp_path):
   demo_bf16.model.dtype = "bfloat16"
   assert checkpoint.check_stored_config(step_dir, demo_bf16) == []
   # Resuming training under another geometry is refused too, before config.json is replaced.
-  state = train.create_train_state(
+  state = trainer.create_train_state(
       demo, build.make_model(demo), build.make_optimizer(demo), jax.random.key(0)
   )
   with pytest.raises(checkpoint.ConfigMismatchError, match="data.cell_size"):
@@ -293,15 +293,15 @@ def test_a_checkpoint_of_another_geometry_is_refused_unless_allowed(tmp_path):
 
 
 def test_a_converted_checkpoint_gets_digests(tmp_path):
-  from ipr_jax import convert  # pylint: disable=g-import-not-at-top
-  from ipr_jax.models import state_dict as state_dict_lib  # pylint: disable=g-import-not-at-top
+  from ipr_jax.conversion import converter  # pylint: disable=g-import-not-at-top
+  from ipr_jax.conversion import state_dict as state_dict_lib  # pylint: disable=g-import-not-at-top
 
   shipped = pretrained.load("mnist_sudoku_demo")
   state_dict = state_dict_lib.state_dict_from_unet_params(
       shipped.params, build.make_model(shipped.config)
   )
   np.savez(tmp_path / "sd.npz", **state_dict)
-  step_dir = convert.convert_checkpoint(str(tmp_path / "sd.npz"), _config("demo"), str(tmp_path))
+  step_dir = converter.convert_checkpoint(str(tmp_path / "sd.npz"), _config("demo"), str(tmp_path))
   digests = checkpoint.recorded_digests(step_dir)
   assert digests["ema_params_sha256"] == pretrained.SHIPPED_SHA256["mnist_sudoku_demo"]
 
@@ -314,7 +314,7 @@ def test_a_converted_checkpoint_gets_digests(tmp_path):
 def _convert_input(tmp_path):
   path = tmp_path / "sd.npz"
   if not path.exists():
-    from ipr_jax.models import state_dict as state_dict_lib  # pylint: disable=g-import-not-at-top
+    from ipr_jax.conversion import state_dict as state_dict_lib  # pylint: disable=g-import-not-at-top
 
     shipped = pretrained.load("mnist_sudoku_demo")
     np.savez(
@@ -435,7 +435,7 @@ def test_a_failed_async_save_stops_training_at_the_next_step(tmp_path, monkeypat
   config = _small_config(num_train_steps=12, checkpoint_every_steps=4, log_every_steps=1)
   seen = []
   with pytest.raises(Exception) as raised:  # pylint: disable=broad-exception-caught
-    train.train(config, tmp_path, hooks=[seen.append])
+    trainer.train(config, tmp_path, hooks=[seen.append])
   assert seen == [1, 2, 3, 4, 5]  # not on to the next save at step 8
   assert isinstance(raised.value, errors.StorageError), raised.value
   assert "no space left on the device while saving the checkpoint of step 4" in str(raised.value)
@@ -447,7 +447,7 @@ def test_a_killed_save_does_not_block_the_rerun(tmp_path):
   config = _small_config(num_train_steps=2, checkpoint_every_steps=2)
   leftover = checkpoint.checkpoint_dir(tmp_path) / "4.orbax-checkpoint-tmp"
   (leftover / "state").mkdir(parents=True)
-  result = train.train(config, tmp_path)  # starts over, removing the half-written directory
+  result = trainer.train(config, tmp_path)  # starts over, removing the half-written directory
   assert int(result.state.step) == 2 and not leftover.exists()
   assert checkpoint.find_step_dir(tmp_path).name == "2"
 
@@ -456,12 +456,12 @@ def test_resuming_cuts_metrics_back_to_the_restored_step(tmp_path):
   """kill -9 after the checkpoint of step 4 and the records of steps 5 and 6 (the last one half
   written): the resumed run logs 5 and 6 again, once each."""
   config = _small_config(num_train_steps=6, checkpoint_every_steps=4, log_every_steps=1)
-  train.train(config, tmp_path)
+  trainer.train(config, tmp_path)
   shutil.rmtree(checkpoint.checkpoint_dir(tmp_path) / "6")  # as if killed before this save
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 7, "lo')  # a record the kill cut short
   config.num_train_steps = 8
-  train.train(config, tmp_path)
+  trainer.train(config, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 9))
 

@@ -1,4 +1,5 @@
-"""Tests of ipr_jax/fit.py: compiled memory analysis, eval.batch_size="auto", compilation cache."""
+"""Tests of ipr_jax/evaluation/fit.py: compiled memory analysis, eval.batch_size="auto",
+compilation cache."""
 
 import copy
 import json
@@ -7,8 +8,8 @@ import os
 import jax
 import pytest
 
-from ipr_jax import compilation_cache
-from ipr_jax import fit
+from ipr_jax.evaluation import fit
+from ipr_jax.runtime import compilation_cache
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.flow: golden reference values, special cases and identities."""
+"""Tests for ipr_jax.noise.flow: golden reference values, special cases and identities."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipr_jax import flow
+from ipr_jax.noise import flow
 
 RTOL, ATOL = 1e-5, 1e-6
 

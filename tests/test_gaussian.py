@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.gaussian: clamping, closed forms and the reference's golden values."""
+"""Tests for ipr_jax.noise.gaussian: clamping, closed forms and the reference's golden values."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ipr_jax.gaussian import DiagonalGaussian, approx_standard_normal_cdf
+from ipr_jax.noise.gaussian import DiagonalGaussian, approx_standard_normal_cdf
 
 
 def _nhwc(a):

@@ -18,8 +18,8 @@ import pytest
 
 import ipr_regression
 from ipr_jax import sampling
-from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
+from ipr_jax.noise import schedule
 
 P = 2  # patch size
 GRID = (4, 4)  # patch grid of the 8x8 test images

@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.losses: golden VLB bits, term separation and finite gradients."""
+"""Tests for ipr_jax.training.losses: golden VLB bits, term separation and finite gradients."""
 
 import math
 
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipr_jax import flow, losses
 from ipr_jax.models.denoiser import DenoiserOutput, srm_head
+from ipr_jax.noise import flow
+from ipr_jax.training import losses
 
 # One compiled program per static configuration keeps the test fast.
 _srm_loss = jax.jit(losses.srm_loss, static_argnames=("patch_size",))

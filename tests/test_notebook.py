@@ -17,7 +17,7 @@ import pytest
 
 from conftest import load_task_config
 from ipr_jax import tasks
-from ipr_jax import pretrained
+from ipr_jax.build import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "experiments" / "ipr_colab.ipynb"

@@ -7,8 +7,8 @@ import pytest
 
 from ipr_jax.data import counting_polygons as cp_data
 from ipr_jax.metrics import counting_polygons as cp_metrics
-from ipr_jax.scorers import train_polygon_scorer
 from ipr_jax.models import polygon_scorer
+from ipr_jax.scorers import train_polygon_scorer
 
 SMALL = {"widths": [8, 8, 16], "blocks_per_stage": 1, "stem_patch": 4}
 

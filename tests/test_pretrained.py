@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import pretrained
+from ipr_jax.build import pretrained
+from ipr_jax.runtime import checkpoint
 
 
 @pytest.fixture(scope="module")

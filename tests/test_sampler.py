@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from ipr_jax import sampling
-from ipr_jax import schedule
 from ipr_jax.models.denoiser import DenoiserOutput
+from ipr_jax.noise import schedule
 
 # ---------------------------------------------------------------------------
 # Test data and fake denoisers.
@@ -539,8 +539,8 @@ def test_corruption_swaps_two_cells_in_different_rows_and_columns():
 
 
 def _golden_denoiser(golden_dir, case):
+  from ipr_jax.conversion.state_dict import unet_params_from_state_dict
   from ipr_jax.models.denoiser import srm_head
-  from ipr_jax.models.state_dict import unet_params_from_state_dict
   from ipr_jax.models.unet import UNet
 
   files = [golden_dir / f"unet_{case}_tiny.npz"]
@@ -720,12 +720,3 @@ def test_greedy_ms_first_step_matches_reference(golden_dir):
   np.testing.assert_array_equal(out.t_rows[0, 0], golden["t_rows"][0])
   np.testing.assert_allclose(out.sigma_rows[0, 0], golden["sigma_rows"][0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.z, _nhwc(golden["z_snapshots"][:1]), atol=1e-4)
-
-
-def test_the_former_import_path_gives_the_same_names():
-  """`ipr_jax.sampler` (before the split into ipr_jax/sampling/) re-exports the public names."""
-  from ipr_jax import sampler  # pylint: disable=g-import-not-at-top
-
-  assert sampling.__all__ and all(
-      getattr(sampler, name) is getattr(sampling, name) for name in sampling.__all__
-  )

@@ -431,9 +431,9 @@ def test_the_evaluation_binary_runs_a_reference_sampler_test(tmp_path):
 
 
 def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
-  """evaluate.evaluate with sampler.top_k=2 and ipr.top_k=2: SRM 3 ceil(n / 2), IPR
+  """runner.evaluate with sampler.top_k=2 and ipr.top_k=2: SRM 3 ceil(n / 2), IPR
   2 ceil(k / 2) + 8 passes per puzzle; the samples are scored (valid rates in [0, 1])."""
-  from ipr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
 
   config = task_config("mnist_sudoku", "demo")
   config.eval.num_puzzles = 6
@@ -441,7 +441,7 @@ def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
   config.ipr.budget = 1
   config.sampler.top_k = 2
   config.ipr.top_k = 2
-  rows = evaluate.evaluate(config, str(tmp_path))
+  rows = runner.evaluate(config, str(tmp_path))
   unknown, nfe = _puzzle_unknowns(tmp_path, "ms_hard_test")
   k = np.maximum(1, unknown // 4)
   srm = 3 * np.ceil(unknown / 2)
@@ -499,7 +499,9 @@ def test_the_committed_family_runs_record_their_commands(name, task_config):
   """The runs of experiments/README.md's sampler family table hold the settings of the commands
   in experiments/run_sampler_family.sh (1,000 hard puzzles of seed 35, budget 10), the shipped
   model, and the code and machine they ran on."""
-  from ipr_jax import eval_shards, evaluate, pretrained  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import pretrained
+  from ipr_jax.evaluation import runner
+  from ipr_jax.evaluation import shards as eval_shards  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(__file__).resolve().parents[1]
   script = (root / "experiments" / "run_sampler_family.sh").read_text()
@@ -515,7 +517,7 @@ def test_the_committed_family_runs_record_their_commands(name, task_config):
   run = root / "experiments" / "results" / "sampler_family" / name / "eval" / name
   shipped = pretrained.load("mnist_sudoku_demo")
   eval_shards.check_settings(
-      run / "shards", evaluate.run_settings(config, shipped.params, "ema"), check_code=False
+      run / "shards", runner.run_settings(config, shipped.params, "ema"), check_code=False
   )
   metadata = json.loads((run / "results.json").read_text())["metadata"]
   assert metadata["code"]["sha256"] and "sampling/planning.py" in metadata["code"]["files"]

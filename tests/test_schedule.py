@@ -1,9 +1,9 @@
-"""Tests for ipr_jax.schedule against the reference's recorded schedules."""
+"""Tests for ipr_jax.noise.schedule against the reference's recorded schedules."""
 
 import numpy as np
 import pytest
 
-from ipr_jax import schedule
+from ipr_jax.noise import schedule
 
 # (steps_per_patch, overlap) of each group in tests/golden/schedules.npz.
 GROUPS = {

@@ -1,4 +1,4 @@
-"""Tests for ipr_jax.models.state_dict (spec §1.10)."""
+"""Tests for ipr_jax.conversion.state_dict (spec §1.10)."""
 
 import re
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_golden_unet
 
-from ipr_jax.models import state_dict as sd_lib
+from ipr_jax.conversion import state_dict as sd_lib
 from ipr_jax.models import unet as unet_lib
 
 

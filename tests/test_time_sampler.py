@@ -1,11 +1,11 @@
-"""Tests for ipr_jax.time_sampler: mean_beta times, add_zeros, loss-weight density."""
+"""Tests for ipr_jax.noise.time_sampler: mean_beta times, add_zeros, loss-weight density."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipr_jax import time_sampler as ts
+from ipr_jax.noise import time_sampler as ts
 
 _BATCH = 2000
 _sample = jax.jit(ts.mean_beta_times, static_argnums=(1, 2, 3, 4))

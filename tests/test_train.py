@@ -1,4 +1,4 @@
-"""Tests of the trainer (ipr_jax/train.py, train_state.py) on CPU with 2 host devices.
+"""Tests of the trainer (ipr_jax/trainer.py, train_state.py) on CPU with 2 host devices.
 
 To keep the file near a minute on 2 shared cores, the runs use even_pixels.py:tiny shrunk further
 (16x16 images = a 4x4 grid of 4-pixel patches, U-Net widths 16, batch 8) and XLA's
@@ -18,11 +18,11 @@ import optax
 import pytest
 
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import config_base
 from ipr_jax import tasks
-from ipr_jax import train
-from ipr_jax import train_state
+from ipr_jax.build import config_base
+from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import train_state
+from ipr_jax.training import trainer
 import multiprocess
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -145,10 +145,10 @@ def run_pmapped_steps(config, devices, num_steps):
   """num_steps train steps with the global batch split over `devices`."""
   model, tx = build.make_model(config), build.make_optimizer(config)
   task = tasks.get(config.task).make_data(config)
-  table = train.make_loss_weight_table(config, jax.random.key(1))
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  table = trainer.make_loss_weight_table(config, jax.random.key(1))
+  state = trainer.create_train_state(config, model, tx, jax.random.key(0))
   p_step = jax.pmap(
-      train.make_train_step(config, model, tx),
+      trainer.make_train_step(config, model, tx),
       axis_name="batch",
       devices=devices,
       donate_argnums=(0,),
@@ -159,7 +159,7 @@ def run_pmapped_steps(config, devices, num_steps):
   for _ in range(num_steps):
     state, metrics = p_step(state, task, table, index)
     losses.append(float(metrics["loss"][0]))
-  return jax.device_get(train.unreplicate(state)), losses
+  return jax.device_get(trainer.unreplicate(state)), losses
 
 
 def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
@@ -174,7 +174,7 @@ def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
   assert_trees_close(two.ema_params, one.ema_params)
   assert_trees_close(two.opt_state, one.opt_state)
   # Not vacuous: the parameters moved.
-  init = train.create_train_state(
+  init = trainer.create_train_state(
       config, build.make_model(config), build.make_optimizer(config), jax.random.key(0)
   )
   assert not np.allclose(
@@ -184,7 +184,7 @@ def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
 
 def test_batch_must_split_over_devices(tmp_path):
   with pytest.raises(ValueError, match="batch_size=3"):
-    train.train(small_config(batch_size=3), tmp_path)
+    trainer.train(small_config(batch_size=3), tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def resume_config():
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """4 uninterrupted steps of resume_config() in one process on 2 devices."""
-  result = train.train(resume_config(), tmp_path_factory.mktemp("straight"))
+  result = trainer.train(resume_config(), tmp_path_factory.mktemp("straight"))
   assert not result.preempted and int(result.state.step) == 4
   return result
 
@@ -216,7 +216,7 @@ def straight(tmp_path_factory):
 def stopped_at_2(tmp_path_factory):
   """A run of resume_config() stopped by SIGTERM after step 2 (copy it before resuming it)."""
   workdir = tmp_path_factory.mktemp("stopped_at_2")
-  result = train.train(resume_config(), workdir, hooks=[sigterm_at(2)])
+  result = trainer.train(resume_config(), workdir, hooks=[sigterm_at(2)])
   assert result.preempted and int(result.state.step) == 2
   return workdir
 
@@ -229,7 +229,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(straight, stopped_at_2, tm
   # SIGTERM saved step 2 although checkpoint_every_steps is 3, and the handler was restored.
   assert checkpoint.find_step_dir(workdir).name == "2"
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-  resumed = train.train(config, workdir)
+  resumed = trainer.train(config, workdir)
   assert not resumed.preempted and int(resumed.state.step) == 4
   assert [r["step"] for r in resumed.history] == [3, 4]
 
@@ -245,7 +245,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(straight, stopped_at_2, tm
       checkpoint.restore_params(workdir, "ema"), straight.state.ema_params, rtol=0, atol=0
   )
   # Restarting a finished run does nothing.
-  assert int(train.train(config, workdir).state.step) == 4
+  assert int(trainer.train(config, workdir).state.step) == 4
 
 
 def _override_flags(config):
@@ -295,17 +295,17 @@ def test_time_limit_stops_with_a_checkpoint_and_log_fn_sees_every_record(tmp_pat
   config = small_config(num_train_steps=50, checkpoint_every_steps=100, log_every_steps=1)
   records = []
   # A limit of 0 s has passed by the first step: that step is saved, then the run stops.
-  result = train.train(config, tmp_path, log_fn=records.append, time_limit_s=0)
+  result = trainer.train(config, tmp_path, log_fn=records.append, time_limit_s=0)
   assert result.preempted and int(result.state.step) == 1
   assert checkpoint.find_step_dir(tmp_path).name == "1"
   assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
   with pytest.raises(ValueError, match="time_limit_s=-1"):
-    train.train(config, tmp_path, time_limit_s=-1)
+    trainer.train(config, tmp_path, time_limit_s=-1)
 
 
 def test_a_few_hundred_steps_reduce_the_loss(tmp_path):
   config = small_config(num_train_steps=300, checkpoint_every_steps=300, log_every_steps=25)
-  result = train.train(config, tmp_path)
+  result = trainer.train(config, tmp_path)
   losses = [r["loss"] for r in result.history]
   print("loss every 25 steps:", np.round(losses, 4).tolist())
   assert len(losses) == 12
@@ -319,17 +319,17 @@ def test_a_few_hundred_steps_reduce_the_loss(tmp_path):
 
 def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
   config = small_config(num_train_steps=2, checkpoint_every_steps=2, log_every_steps=1)
-  train.train(config, tmp_path)
+  trainer.train(config, tmp_path)
   # Resume with a corrupted loss-weight table (an input of the compiled step, so nothing is
   # recompiled): step 3 gets a NaN loss.
   monkeypatch.setattr(
-      train,
+      trainer,
       "make_loss_weight_table",
       lambda config, key: jnp.full((config.time_sampler.density_num_bins,), jnp.nan, jnp.float32),
   )
   config.num_train_steps = 6
-  with pytest.raises(train.NonFiniteLossError, match="step 3") as error:
-    train.train(config, tmp_path)
+  with pytest.raises(trainer.NonFiniteLossError, match="step 3") as error:
+    trainer.train(config, tmp_path)
   assert "Last good checkpoint: step 2" in str(error.value)
   assert checkpoint.find_step_dir(tmp_path).name == "2"
   params = checkpoint.restore_params(tmp_path, "live")
@@ -345,9 +345,9 @@ def one_step(config):
   """(state after one step, metrics, grads-free): a jitted single-device step on the batch."""
   model, tx = build.make_model(config, training=True), build.make_optimizer(config)
   task = tasks.get(config.task).make_data(config)
-  table = train.make_loss_weight_table(config, jax.random.key(1))
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
-  step = jax.jit(train.make_train_step(config, model, tx, axis_name=None))
+  table = trainer.make_loss_weight_table(config, jax.random.key(1))
+  state = trainer.create_train_state(config, model, tx, jax.random.key(0))
+  step = jax.jit(trainer.make_train_step(config, model, tx, axis_name=None))
   index = np.arange(config.batch_size, dtype=np.int32)
   return step(state, task, table, index)
 
@@ -379,4 +379,4 @@ def test_bad_grad_accum_steps_is_an_error_naming_it(tmp_path, value, match):
   with config.unlocked():
     config.grad_accum_steps = value
   with pytest.raises(ValueError, match=match):
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import load_golden_unet
 
+from ipr_jax.conversion import state_dict as sd_lib
 from ipr_jax.models import denoiser
-from ipr_jax.models import state_dict as sd_lib
 from ipr_jax.models import unet as unet_lib
 
 # Spec §1.9: unique parameter counts of the reference.

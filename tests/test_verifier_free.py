@@ -1,8 +1,8 @@
 """Verifier-free by construction: the evaluation's sampler never sees the task's scorer.
 
-`evaluation.make_run_fn` hands `sampling.srm_ipr` no scorer and no solution; it scores the
+`runner.make_run_fn` hands `sampling.srm_ipr` no scorer and no solution; it scores the
 returned iterates afterwards. Only immediate_stop (the reference's) and selection='verifier' are
-handed a verifier (`evaluation.verifiers`). So under every verifier-free setting the sampler's
+handed a verifier (`runner.verifiers`). So under every verifier-free setting the sampler's
 outputs (every budget's iterate of every puzzle, the passes, the final digits, the model's own
 query scores) must be bit for bit the same whatever the task's scorer and per-cell verifier say:
 here the real Sudoku scorer, an adversary whose "valid" is an arbitrary function of the image,
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipr_jax import config_base
-from ipr_jax import evaluation
 from ipr_jax import sampling
+from ipr_jax.build import config_base
+from ipr_jax.evaluation import runner
 from ipr_jax.models import denoiser
 from ipr_jax.models.denoiser import DenoiserOutput
 
@@ -95,8 +95,8 @@ def _outputs(overrides, monkeypatch):
       lambda model, patch_size: functools.partial(_toy_denoise, patch_size),
   )
   config = _config(overrides)
-  evaluation.check_schedules(config)
-  task = evaluation.task_evaluation(config)
+  runner.check_schedules(config)
+  task = runner.task_evaluation(config)
   indices = np.arange(NUM_PUZZLES)
   inputs = task.inputs(config.eval.seed, indices)
   keys = sampling.puzzle_keys(jax.random.key(7), jnp.asarray(indices))
@@ -111,7 +111,7 @@ def _outputs(overrides, monkeypatch):
   for name, score_fn, cell_verify_fn, image in cases:
     adversarial = copy.copy(task)
     adversarial.score_fn, adversarial.cell_verify_fn = score_fn, cell_verify_fn
-    run = evaluation.make_run_fn(config, adversarial)
+    run = runner.make_run_fn(config, adversarial)
     out = jax.jit(run, static_argnums=(5, 6))(
         None, keys, noise, image, inputs["mask"], NUM_PUZZLES, True
     )
@@ -205,4 +205,4 @@ def test_a_verifier_handed_to_a_verifier_free_setting_is_refused():
         **common,
     )
   # What the evaluation hands: nothing to a verifier-free setting.
-  assert evaluation.verifiers(sampling.IPRConfig(chains=3, query_cells="balanced"), None) == {}
+  assert runner.verifiers(sampling.IPRConfig(chains=3, query_cells="balanced"), None) == {}

@@ -14,7 +14,7 @@ import sys
 
 import ml_collections
 
-from ipr_jax import config_base
+from ipr_jax.build import config_base
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import checkerboard_task  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ipr_jax import geometry
 from ipr_jax import tasks
+from ipr_jax.data import geometry
 from ipr_jax.tasks import base
 
 NAME = "checkerboard"

@@ -24,7 +24,7 @@ and at most one evaluation (`cp_test`, the default).
 import ml_collections
 from ml_collections import config_dict
 
-from ipr_jax import config_base
+from ipr_jax.build import config_base
 
 _SIZES = ("tiny", "small")
 _EVALS = ("cp_test",)
@@ -33,7 +33,7 @@ _EVALS = ("cp_test",)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config for preset string `arg` (see the module docstring)."""
   size, eval_name = config_base.parse_preset(arg, _SIZES, _EVALS, "cp_test")
-  # Shared sections and their documentation: ipr_jax/config_base.py.
+  # Shared sections and their documentation: ipr_jax/build/config_base.py.
   config = config_base.base_config("counting_polygons", arg, unet_preset="unet_128")
   # Reference cp_ffhq_8: batch 56 on one GPU, 250,001 steps, lr 1e-4 (the defaults).
 

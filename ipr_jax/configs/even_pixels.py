@@ -20,7 +20,7 @@ and at most one evaluation (`ep_test`, the default).
 
 import ml_collections
 
-from ipr_jax import config_base
+from ipr_jax.build import config_base
 
 _SIZES = ("tiny", "small")
 _EVALS = ("ep_test",)
@@ -29,7 +29,7 @@ _EVALS = ("ep_test",)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config for preset string `arg` (see the module docstring)."""
   size, eval_name = config_base.parse_preset(arg, _SIZES, _EVALS, "ep_test")
-  # Shared sections and their documentation: ipr_jax/config_base.py.
+  # Shared sections and their documentation: ipr_jax/build/config_base.py.
   config = config_base.base_config("even_pixels", arg, unet_preset="unet_32")
   # Reference ep_4: batch 2048 on one GPU, 100,001 steps.
   config.batch_size = 2048

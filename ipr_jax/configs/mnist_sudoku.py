@@ -46,7 +46,7 @@ SRM alone). The 4x4 forms (`demo,ms_hard_fixed`, ...) keep the preset's steps (s
 import ml_collections
 from ml_collections import config_dict
 
-from ipr_jax import config_base
+from ipr_jax.build import config_base
 
 _SIZES = ("demo", "tiny", "small")
 # Steps the shipped demo model was trained for (ipr_jax/assets/mnist_sudoku_demo.npz).
@@ -148,7 +148,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         f"preset {arg!r}: ms_unique_test needs a 4x4 preset (demo or tiny); "
         "uniqueness is checked against all 288 solved 4x4 grids"
     )
-  # Shared sections and their documentation: ipr_jax/config_base.py.
+  # Shared sections and their documentation: ipr_jax/build/config_base.py.
   config = config_base.base_config("mnist_sudoku", arg, unet_preset="unet_256")
   # Reference ms1000_28: 28 per GPU x 2 GPUs = global batch 56, 250,001 steps (the defaults).
 
@@ -226,7 +226,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.batch_size = 32
     config.ipr.budget = min(config.ipr.budget, 10)
   elif size == "demo":
-    # The shipped demo model (`ipr_jax.pretrained.load("mnist_sudoku_demo")`) and its recipe:
+    # The shipped demo model (`ipr_jax.build.pretrained.load("mnist_sudoku_demo")`) and its recipe:
     # 4x4 Sudoku of 7x7 digits (28x28 images, 16 patches), the tiny U-Net. 7 px cells make the
     # U-Net about 4x faster than 14 px ones on a CPU (measured: 147 vs 38 images/s on 2 cores),
     # which lets the demo evaluate 128 puzzles at budgets 0..10 in minutes; the metric reads

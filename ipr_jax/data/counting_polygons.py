@@ -59,7 +59,7 @@ Deviations from the reference, on purpose:
   layout i % 5000) and seeds `default_rng(i)`. With a folder, test image i uses background
   i % len(folder) like the reference (which has no background train/test split either).
 
-Why over 800 lines: one rendering pipeline (label space, layouts, colour rule, drawing,
+Why over 600 lines: one rendering pipeline (label space, layouts, colour rule, drawing,
 backgrounds, the training-image prefetcher) whose steps the reference defines together and whose
 constants every step reads; split up, each piece would import most of the others.
 """

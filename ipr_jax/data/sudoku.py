@@ -43,9 +43,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from ipr_jax import errors
 from ipr_jax.data import digits as digits_lib
 from ipr_jax.data import sudoku_grids
+from ipr_jax.runtime import errors
 
 DIFFICULTIES = ("hard", "medium", "easy")
 

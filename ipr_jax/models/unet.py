@@ -37,7 +37,7 @@ Differences from the reference, all deliberate:
 - a `precision` field (not in the reference) selects matmul/conv precision;
   the bottleneck output is sown into 'intermediates' for debugging.
 
-Why over 800 lines: the network mirrors the reference module by module (the state-dict names and
+Why over 600 lines: the network mirrors the reference module by module (the state-dict names and
 the conversion depend on it), and its pieces (time embedding, ResBlock, attention, resampling,
 encoder, decoder) are only meaningful together.
 """

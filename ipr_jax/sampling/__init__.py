@@ -87,8 +87,6 @@ from ipr_jax.sampling.config import UNCERTAINTY_SCORES
 from ipr_jax.sampling.config import VerifyFn
 from ipr_jax.sampling.greedy import GreedyResult
 from ipr_jax.sampling.greedy import srm_sample
-from ipr_jax.sampling.planning import sequential_order
-from ipr_jax.sampling.planning import weighted_adjacency
 from ipr_jax.sampling.ipr import check_schedules
 from ipr_jax.sampling.ipr import ipr_refine
 from ipr_jax.sampling.ipr import IPRResult
@@ -100,6 +98,8 @@ from ipr_jax.sampling.patches import patch_pixel_mask
 from ipr_jax.sampling.patches import patches_to_pixels
 from ipr_jax.sampling.patches import puzzle_keys
 from ipr_jax.sampling.patches import unknown_patches
+from ipr_jax.sampling.planning import sequential_order
+from ipr_jax.sampling.planning import weighted_adjacency
 from ipr_jax.sampling.selection import num_resampled_table
 from ipr_jax.sampling.selection import random_subset
 from ipr_jax.sampling.selection import ranked_subset

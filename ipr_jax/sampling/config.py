@@ -24,7 +24,7 @@ UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
 QUERY_CELLS = ("candidates", "all", "balanced")
-# The SRM sampler family (`ipr_jax.schedule.SCHEDULES`).
+# The SRM sampler family (`ipr_jax.noise.schedule.SCHEDULES`).
 SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
 
 

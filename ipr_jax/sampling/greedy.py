@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import flow
-from ipr_jax import schedule as schedule_lib
+from ipr_jax.noise import flow
+from ipr_jax.noise import schedule as schedule_lib
 from ipr_jax.sampling import planning
 from ipr_jax.sampling.config import DenoiseFn, SamplerConfig
 from ipr_jax.sampling.patches import (

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import flow
-from ipr_jax import schedule as schedule_lib
+from ipr_jax.noise import flow
+from ipr_jax.noise import schedule as schedule_lib
 from ipr_jax.sampling import chains as chains_lib
 from ipr_jax.sampling.config import CellVerifyFn, DenoiseFn, IPRConfig
 from ipr_jax.sampling.config import SamplerConfig, VerifyFn

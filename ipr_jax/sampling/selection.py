@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import flow
+from ipr_jax.noise import flow
 from ipr_jax.sampling.config import (
     DenoiseFn,
     IPRConfig,

@@ -12,7 +12,8 @@ package; a task of one's own project is a module anywhere that calls
 
 and a config file that imports that module (so that every binary that loads the config knows the
 task) and sets `config.task` to its NAME. Its files enter the evaluation's code record
-(`eval_shards.code_record`): a change of them requires computing the shards again.
+(`ipr_jax.evaluation.shards.code_record` reads them from `registered_code_files`): a change of
+them requires computing the shards again.
 """
 
 import os
@@ -20,8 +21,7 @@ import pathlib
 import types
 from typing import Sequence
 
-from ipr_jax import errors
-from ipr_jax import eval_shards
+from ipr_jax.runtime import errors
 from ipr_jax.tasks import base
 from ipr_jax.tasks import counting_polygons
 from ipr_jax.tasks import even_pixels
@@ -33,6 +33,8 @@ _BY_NAME = {module.NAME: module for module in _MODULES}
 TASKS = tuple(_BY_NAME)
 _INTERFACE = ("NAME", "HOST_RENDERED", "CELL_VERIFIER", "make_data", "unknown_counts", "Evaluation")
 _HOST_FEED = ("train_feed", "images_on_device")
+# The files of the registered tasks that determine results, {name in the code record: path}.
+_CODE_FILES: dict[str, pathlib.Path] = {}
 
 
 def names() -> tuple[str, ...]:
@@ -90,9 +92,7 @@ def register_task(module: types.ModuleType, code_files: Sequence[str | os.PathLi
   folder = pathlib.Path(module.__file__).resolve().parent
   files = [pathlib.Path(module.__file__).resolve()]
   files += [(folder / f).resolve() for f in code_files]
-  eval_shards.add_code_files(
-      {f"registered/{module.NAME}/{os.path.relpath(f, folder)}": f for f in files}
-  )
+  _CODE_FILES.update({f"registered/{module.NAME}/{os.path.relpath(f, folder)}": f for f in files})
   _BY_NAME[module.NAME] = module
 
 
@@ -101,7 +101,14 @@ def unregister_task(name: str) -> None:
   if name in TASKS:
     raise ValueError(f"{name!r} is a built-in task")
   if _BY_NAME.pop(name, None) is not None:
-    eval_shards.remove_code_files(f"registered/{name}/")
+    for record_name in [n for n in _CODE_FILES if n.startswith(f"registered/{name}/")]:
+      del _CODE_FILES[record_name]
+
+
+def registered_code_files() -> dict[str, pathlib.Path]:
+  """The files of the registered tasks that enter the evaluation's code record, {name in the
+  record (`registered/<NAME>/<path>`): absolute path}."""
+  return dict(_CODE_FILES)
 
 
 def with_cell_verifier() -> tuple[str, ...]:

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ipr_jax import geometry
+from ipr_jax.data import geometry
 
 
 def all_patches(config: ml_collections.ConfigDict) -> list[int]:

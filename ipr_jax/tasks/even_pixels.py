@@ -6,9 +6,9 @@ Valid: exactly even (`color_imbalance` 0). No given content: the SRM pass genera
 import jax
 import ml_collections
 
-from ipr_jax import errors
 from ipr_jax.data import even_pixels as even_pixels_data
 from ipr_jax.metrics import even_pixels as even_pixels_metrics
+from ipr_jax.runtime import errors
 from ipr_jax.tasks import base
 
 NAME = "even_pixels"

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ipr_jax import errors
 from ipr_jax.data import sudoku
 from ipr_jax.metrics import sudoku as sudoku_metrics
 from ipr_jax.models import classifier as classifier_lib
+from ipr_jax.runtime import errors
 from ipr_jax.tasks import base
 
 NAME = "mnist_sudoku"

@@ -12,7 +12,7 @@ default.
 import os
 from typing import Any, Optional
 
-from ipr_jax import errors
+from ipr_jax.runtime import errors
 
 _FLAG = "--xla_force_host_platform_device_count"
 

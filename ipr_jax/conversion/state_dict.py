@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax import errors
 from ipr_jax.models.unet import UNet
+from ipr_jax.runtime import errors
 
 _TOP_LEVEL = {
     "time_embedding": "time_embedding",

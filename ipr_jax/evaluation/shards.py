@@ -8,15 +8,14 @@ ipr and eval sections with every field (eval.name aside; the sampler and IPR opt
 sampler resolves them, defaults included), the parameters and their digest, and the batching
 (`batches_record`: number of batches, puzzles, a digest of every batch's puzzle indices); the
 code that computed the shards (`code_record`: ipr_jax.__version__ and a sha256 of every file of
-`CODE_FILES`); and the environment they were computed in (`ipr_jax.environment.record`: package
-versions, CPU, backend, device kind and count, numerics options, XLA flags). A run whose settings
-differ is refused (`check_settings`) with an error naming every differing field, rather than
-mixed with the shards already there; so is a run of other code while shards exist: any change of
-a file of `CODE_FILES` (a comment included) requires computing the shards again (delete the
-folder or use another config.eval.name); and so is a run in another environment, unless the
-user accepts it (`allow_environment_change`), which run.json then records under
-"environment_changes". Without shards, run.json's code and environment records are simply
-brought up to date.
+`CODE_FILES`); and the environment they were computed in (`ipr_jax.runtime.environment.record`:
+package versions, CPU, backend, device kind and count, numerics options, XLA flags). A run whose
+settings differ is refused (`check_settings`) with an error naming every differing field, rather
+than mixed with the shards already there; so is a run of other code while shards exist: any change
+of a file of `CODE_FILES` (a comment included) requires computing the shards again (delete the
+folder or use another config.eval.name); and so is a run in another environment, unless the user
+accepts it (`allow_environment_change`), which run.json then records under "environment_changes".
+Without shards, run.json's code and environment records are simply brought up to date.
 
 Every shard holds the indices of its puzzles ("index"), the digest of the settings and code it
 was computed under ("settings_sha256", `settings_digest`) and of its environment
@@ -42,15 +41,16 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
 import ipr_jax
-from ipr_jax import config_diff
-from ipr_jax import environment as environment_lib
-from ipr_jax import errors
+from ipr_jax import tasks
+from ipr_jax.runtime import config_diff
+from ipr_jax.runtime import environment as environment_lib
+from ipr_jax.runtime import errors
 
 SETTINGS_FILE = "run.json"
 # The digests every shard holds (`ShardDigests`).
@@ -64,10 +64,12 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # and parameters (`code_record`), relative to the package folder. Chosen as the evaluation's own
 # module and every module it imports to compute results, with the shipped weights and data those
 # read:
-#   evaluate.py, evaluation.py    the binary; key streams, what a shard holds;
-#   build.py, geometry.py         the U-Net a config builds, the image and patch grid shapes;
+#   evaluate.py, evaluation/runner.py
+#                                 the binary; key streams, what a shard holds;
+#   build/__init__.py, data/geometry.py
+#                                 the U-Net a config builds, the image and patch grid shapes;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
-#   sampling/*.py, schedule.py, flow.py, gaussian.py
+#   sampling/*.py, noise/schedule.py, noise/flow.py, noise/gaussian.py
 #                                 SRM, IPR and its variants, schedules, the reverse kernel;
 #   models/unet.py, models/denoiser.py
 #                                 the denoiser (its weights: params_sha256 in the settings);
@@ -90,9 +92,9 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # left out here, and that every shipped metric and data asset is listed.
 CODE_FILES = (
     "evaluate.py",
-    "evaluation.py",
-    "build.py",
-    "geometry.py",
+    "evaluation/runner.py",
+    "build/__init__.py",
+    "data/geometry.py",
     "tasks/__init__.py",
     "tasks/base.py",
     "tasks/mnist_sudoku.py",
@@ -106,9 +108,9 @@ CODE_FILES = (
     "sampling/selection.py",
     "sampling/chains.py",
     "sampling/ipr.py",
-    "schedule.py",
-    "flow.py",
-    "gaussian.py",
+    "noise/schedule.py",
+    "noise/flow.py",
+    "noise/gaussian.py",
     "models/unet.py",
     "models/denoiser.py",
     "models/classifier.py",
@@ -129,18 +131,18 @@ CODE_FILES = (
 )
 # Package modules that the modules of CODE_FILES import but that do not determine results.
 NOT_IN_CODE_RECORD = (
-    "agreement",
-    "checkpoint",
-    "cli",
-    "compilation_cache",
-    "environment",
-    "errors",
-    "eval_report",
-    "eval_shards",
-    "fit",
-    "host_devices",
-    "preemption",
-    "pretrained",
+    "build/cli",
+    "build/pretrained",
+    "evaluation/fit",
+    "evaluation/report",
+    "evaluation/shards",
+    "runtime/agreement",
+    "runtime/checkpoint",
+    "runtime/compilation_cache",
+    "runtime/environment",
+    "runtime/errors",
+    "runtime/host_devices",
+    "runtime/preemption",
 )
 # run.json's records of where the shards were computed, checked apart from the settings.
 ENVIRONMENT = "environment"
@@ -154,29 +156,13 @@ class SettingsMismatchError(errors.ConfigError):
   or hold other puzzles than the run's batches."""
 
 
-# Files outside the package that determine results too: those of the tasks registered from other
-# projects (`tasks.register_task`), {name in the record: absolute path}.
-_ADDED_CODE_FILES: dict[str, pathlib.Path] = {}
-
-
-def add_code_files(files: Mapping[str, str | os.PathLike]) -> None:
-  """Adds files outside the package to the code record of the installed package ({name in the
-  record: path}); `tasks.register_task` adds a registered task's files."""
-  _ADDED_CODE_FILES.update({name: pathlib.Path(path) for name, path in files.items()})
-
-
-def remove_code_files(prefix: str) -> None:
-  """Drops the added files whose record name starts with `prefix`."""
-  for name in [name for name in _ADDED_CODE_FILES if name.startswith(prefix)]:
-    del _ADDED_CODE_FILES[name]
-
-
 def code_record(
     package_dir: Optional[str | os.PathLike] = None, files: Sequence[str] = CODE_FILES
 ) -> dict[str, Any]:
   """The code that computes results: {"ipr_jax_version", "sha256" (of all files), "files":
   {path: sha256 of its bytes}} for `files` (paths relative to `package_dir`, default: the
-  installed ipr_jax package, then also the files of registered tasks, `add_code_files`).
+  installed ipr_jax package, then also the files of registered tasks,
+  `tasks.registered_code_files`).
 
   Raises:
     FileNotFoundError: a file of `files` is missing.
@@ -184,7 +170,7 @@ def code_record(
   root = pathlib.Path(package_dir) if package_dir is not None else _PACKAGE_DIR
   paths = {name: root / name for name in files}
   if package_dir is None:
-    paths.update(_ADDED_CODE_FILES)
+    paths.update(tasks.registered_code_files())
   digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
   overall = hashlib.sha256(
       "".join(f"{name}:{d}\n" for name, d in sorted(digests.items())).encode()
@@ -601,7 +587,7 @@ def read_shards(
 
 def migrate_format_1(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
   """A format-1 run.json (`stored`) as format 2: `resolved` (the run's full settings, as
-  `evaluate.run_settings` gives them for the config `stored` describes) plus a "code" record
+  `runner.run_settings` gives them for the config `stored` describes) plus a "code" record
   that says the code was not recorded (so that the shards of such a run are never reused).
 
   Raises:

@@ -29,7 +29,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from ipr_jax import errors
+from ipr_jax.runtime import errors
 
 # The exit status of a bad command line or setting (what argparse and absl's usage errors use).
 EXIT_USAGE = 2
@@ -151,7 +151,7 @@ def _config_error_message(argv: Sequence[str], error: BaseException) -> str:
 def check_geometry(config: ml_collections.ConfigDict) -> None:
   """Refuses a patch size that does not divide the image size or, for a task of cells (Sudoku:
   `data.cell_size`), is not the cell size, naming the fields and the value expected."""
-  from ipr_jax import geometry  # pylint: disable=g-import-not-at-top
+  from ipr_jax.data import geometry  # pylint: disable=g-import-not-at-top
 
   data = config.get("data")
   if data is None or "patch_size" not in data or "image_size" not in data:
@@ -182,7 +182,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
   """argv with the value of --config (`--config=V` or `--config V`) resolved by
   `config_base.resolve_config_spec`: a packaged config's name (`mnist_sudoku:demo`) becomes its
   file's path. Raises errors.ConfigError for a name that is no packaged config."""
-  from ipr_jax import config_base  # pylint: disable=g-import-not-at-top
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
 
   resolved = list(argv[:1])
   args = list(argv[1:])

@@ -7,7 +7,7 @@ read it.
 
 import ml_collections
 
-from ipr_jax import errors
+from ipr_jax.runtime import errors
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -16,9 +16,9 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from ipr_jax import errors
 from ipr_jax import sampling
 from ipr_jax.models import unet
+from ipr_jax.runtime import errors
 
 # The packaged task configs (`ipr_jax/configs/<task>.py`), named by `--config=<task>[:preset]`.
 PACKAGED_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -159,7 +159,7 @@ def _add_top_level(config: ml_collections.ConfigDict) -> None:
   config.grad_accum_steps = 1
   # Persistent XLA compilation cache of the binaries, so that a rerun, a resume or the next sweep
   # does not compile again: a directory; "" or "off": no cache; None: $JAX_COMPILATION_CACHE_DIR
-  # if set, else ~/.cache/ipr_jax/xla (`ipr_jax.compilation_cache`).
+  # if set, else ~/.cache/ipr_jax/xla (`ipr_jax.runtime.compilation_cache`).
   config.compilation_cache_dir = config_dict.placeholder(str)
   # eval.batch_size="auto": memory per device in GB (None: the device's own limit, from
   # jax.devices()[0].memory_stats(); needed where the device reports none, e.g. the CPU) ...
@@ -283,8 +283,8 @@ def _eval_section() -> ml_collections.ConfigDict:
   # Puzzles / images generated (the reference yaml runs 1, spec §7.2).
   section.num_puzzles = 100
   # Puzzles / images per sampler call; "auto": the largest batch whose compiled evaluation
-  # program fits the device memory less eval.memory_headroom (`ipr_jax.fit`), printed at the
-  # start and recorded in run.json as the number it resolved to (see memory_limit_gb).
+  # program fits the device memory less eval.memory_headroom (`ipr_jax.evaluation.fit`), printed
+  # at the start and recorded in run.json as the number it resolved to (see memory_limit_gb).
   section.batch_size = config_dict.FieldReference(100, field_type=object)
   # Seed of the evaluation randomness.
   section.seed = 42
@@ -292,7 +292,7 @@ def _eval_section() -> ml_collections.ConfigDict:
   section.given_range = config_dict.placeholder(tuple)
   # Sample with the EMA weights (reference use_ema: true).
   section.use_ema = True
-  # Name of a model shipped in the package (`ipr_jax.pretrained.names()`) to evaluate when no
+  # Name of a model shipped in the package (`ipr_jax.build.pretrained.names()`) to evaluate when no
   # --checkpoint is given; None: the newest checkpoint in --workdir.
   section.pretrained = config_dict.placeholder(str)
   # Puzzles shown in ipr_process.png: those IPR fixed (invalid after SRM, valid at the end) and

@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ipr_jax.gaussian import DiagonalGaussian
+from ipr_jax.noise.gaussian import DiagonalGaussian
 
 Variance = Literal["learned_range", "fixed_small", "fixed_large"]
 

@@ -1,7 +1,7 @@
 """The errors a user can fix: a bad setting, input file or checkpoint, or a machine fault.
 
 `ConfigError` is a ValueError (library callers that catch ValueError keep working). The binaries
-(`ipr_jax.cli`) report it, and FileNotFoundError, in one line without a traceback; every other
+(`ipr_jax.build.cli`) report it, and FileNotFoundError, in one line without a traceback; every other
 exception, JAX's own shape and type errors included, keeps its traceback, since it is a bug to
 look into rather than a value to change.
 

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ipr_jax import flow
-from ipr_jax.gaussian import DiagonalGaussian
 from ipr_jax.models.denoiser import DenoiserOutput, srm_head
+from ipr_jax.noise import flow
+from ipr_jax.noise.gaussian import DiagonalGaussian
 
 VLB_TIME_STEP = 1e-3
 TIME_EPS = 1e-5

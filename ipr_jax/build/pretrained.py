@@ -1,6 +1,6 @@
 r"""SRM weights shipped inside the package: load them with one call, export a run as one.
 
-    from ipr_jax import pretrained
+    from ipr_jax.build import pretrained
     model = pretrained.load("mnist_sudoku_demo")   # .params, .config, .metadata
     pretrained.names()                             # what ships
 
@@ -17,7 +17,7 @@ whose weights changed (a flipped byte) is refused naming it.
 
 Export a training run (EMA weights of its newest or a given checkpoint):
 
-    python -m ipr_jax.pretrained --workdir=runs/demo --name=mnist_sudoku_demo \
+    python -m ipr_jax.build.pretrained --workdir=runs/demo --name=mnist_sudoku_demo \
         --git_commit=$(git rev-parse HEAD)
 """
 
@@ -35,8 +35,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ipr_jax import config_diff
-from ipr_jax import errors
+from ipr_jax.runtime import config_diff
+from ipr_jax.runtime import errors
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
@@ -116,7 +116,7 @@ def save(
 ) -> None:
   """Writes params, config and metadata as one compressed `.npz` (float32 leaves); the metadata
   gains the parameters' sha256 (`params_sha256`), which `load_file` checks."""
-  from ipr_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only to save)
+  from ipr_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only to save)
 
   arrays = {k: np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
   metadata = {**dict(metadata), _DIGEST_KEY: checkpoint.params_digest(_unflatten(arrays))}
@@ -153,7 +153,7 @@ def load_file(path: str | os.PathLike, expected_sha256: Optional[str] = None) ->
   missing = [k for k in (_CONFIG_KEY, _METADATA_KEY) if k not in flat]
   if missing:
     raise errors.ConfigError(
-        f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.pretrained"
+        f"{str(path)!r} lacks {missing}: not a file written by ipr_jax.build.pretrained"
     )
   config = ml_collections.ConfigDict(json.loads(str(flat.pop(_CONFIG_KEY))))
   metadata = json.loads(str(flat.pop(_METADATA_KEY)))
@@ -170,7 +170,7 @@ def load_file(path: str | os.PathLike, expected_sha256: Optional[str] = None) ->
     )
   expected = expected_sha256 or metadata.get(_DIGEST_KEY)
   if expected is not None:
-    from ipr_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from ipr_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
 
     if checkpoint.params_digest(params) != expected:
       raise errors.ConfigError(
@@ -222,7 +222,7 @@ def regression_facts(evaluator, num_puzzles: int, batch_size: int) -> dict[str, 
   before it changes a digit; another XLA or CPU moves them by about 1e-5).
 
   Args:
-    evaluator: an `evaluation.Evaluator` of the regression config and the model's parameters.
+    evaluator: an `runner.Evaluator` of the regression config and the model's parameters.
     num_puzzles: the regression set's size; batch_size: its batch size.
   """
   samples = evaluator.samples_per_budget(np.arange(num_puzzles), batch_size)
@@ -281,7 +281,7 @@ def export_run(
   Returns:
     The written path.
   """
-  from ipr_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ipr_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   step_dir = checkpoint.find_step_dir(workdir, step)

@@ -31,20 +31,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ipr_jax import agreement
 from ipr_jax import build
-from ipr_jax import checkpoint
-from ipr_jax import cli
-from ipr_jax import environment
-from ipr_jax import errors
-from ipr_jax import eval_report
-from ipr_jax import eval_shards
-from ipr_jax import geometry
-from ipr_jax import preemption as preemption_lib
-from ipr_jax import pretrained
 from ipr_jax import sampling
 from ipr_jax import tasks
+from ipr_jax.build import cli
+from ipr_jax.build import pretrained
+from ipr_jax.data import geometry
+from ipr_jax.evaluation import report as eval_report
+from ipr_jax.evaluation import shards as eval_shards
 from ipr_jax.models import denoiser
+from ipr_jax.runtime import agreement
+from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import environment
+from ipr_jax.runtime import errors
+from ipr_jax.runtime import preemption as preemption_lib
 from ipr_jax.tasks import base as tasks_base
 
 # Key streams of an evaluation with seed s. Test puzzle i's content comes from fold_in(key(s), i)
@@ -194,8 +194,8 @@ def verifiers(ipr_config: sampling.IPRConfig, task: tasks_base.Evaluation) -> di
 
 def make_run_fn(config: ml_collections.ConfigDict, task: tasks_base.Evaluation) -> Callable:
   """The per-device evaluation program `run(params, keys, noise, image, mask, num_snapshots,
-  keep_final) -> dict` (SRM + IPR on one device's puzzles; `Evaluator` pmaps it, `ipr_jax.fit`
-  analyses its compiled memory); the last two arguments are static.
+  keep_final) -> dict` (SRM + IPR on one device's puzzles; `Evaluator` pmaps it,
+  `ipr_jax.evaluation.fit` analyses its compiled memory); the last two arguments are static.
 
   The sampler is given no scorer and no solution (only what `verifiers` hands the two settings
   that read a verifier): it returns every budget's iterates, which the task's scorer then scores.

@@ -38,8 +38,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ipr_jax import config_diff
-from ipr_jax import errors
+from ipr_jax.runtime import config_diff
+from ipr_jax.runtime import errors
 
 CHECKPOINT_DIR = "checkpoints"
 _STATE = "state"
@@ -95,7 +95,7 @@ def state_digest(state: Any) -> str:
 
 def params_digest(params: Any) -> str:
   """sha256 of the parameters' names, shapes, dtypes and values (identifies a checkpoint; also
-  what run.json records as params_sha256, `evaluation.params_digest`)."""
+  what run.json records as params_sha256, `runner.params_digest`)."""
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
     leaf = np.ascontiguousarray(leaf)
@@ -543,7 +543,7 @@ def save_params_checkpoint(
   Returns:
     The written step directory.
   """
-  from ipr_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ipr_jax.runtime import train_state  # pylint: disable=g-import-not-at-top
 
   state = train_state.TrainState.create(params, tx, jax.random.key(seed))
   if ema_params is not None:

@@ -3,7 +3,7 @@ learning-rate schedule and AdamW.
 
 The training, evaluation and conversion binaries all build their model here, so that a config
 means the same model in each of them (a task's data: `ipr_jax.tasks.get(config.task).make_data`;
-the image geometry: `ipr_jax.geometry`).
+the image geometry: `ipr_jax.data.geometry`).
 """
 
 import jax
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ipr_jax import errors
-from ipr_jax import geometry
+from ipr_jax.data import geometry
 from ipr_jax.models import unet
+from ipr_jax.runtime import errors
 
 
 def make_model(config: ml_collections.ConfigDict, training: bool = False) -> unet.UNet:

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ipr_jax import errors
+from ipr_jax.runtime import errors
 
 # Prefixes of the SRM LightningModule's checkpoint (reference_spec.md §1.10).
 LIVE_PREFIX = "denoiser."

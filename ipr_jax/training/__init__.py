@@ -1,0 +1,1 @@
+"""Training an SRM denoiser: the loss (`losses`), the train step and the loop (`trainer`)."""
