@@ -49,7 +49,10 @@ def main(argv: Sequence[str]) -> None:
     host_devices.initialize_distributed()
   cache = compilation_cache.enable(config)
   logging.info("Compilation cache: %s", cache or "off (config.compilation_cache_dir)")
-  logging.info(
+  # The devices' reprs are for debugging (-v 1; the trainer logs their count and kind), except in
+  # a multi-process run, where each process's line says which it is.
+  logging.vlog(
+      0 if jax.process_count() > 1 else 1,
       "JAX process %d/%d, local devices %s",
       jax.process_index(),
       jax.process_count(),

@@ -71,14 +71,12 @@ def run(name: str) -> dict[str, np.ndarray]:
   sampler_config = sampling.SamplerConfig(steps_per_patch=3, overlap=0.5, stochasticity=0.5)
   result = jax.jit(
       lambda keys, image, mask, noise: sampling.srm_ipr(
-          denoise,
-          keys,
-          image=image,
-          mask=None if ipr_config.mode == "correction" else mask,
-          noise=noise,
-          patch_size=PATCH,
-          sampler_config=sampler_config,
-          ipr_config=ipr_config,
+          sampling.Denoiser(denoise, PATCH),
+          sampling.Puzzles(
+              keys, image=image, mask=None if ipr_config.mode == "correction" else mask, noise=noise
+          ),
+          sampler_config,
+          ipr_config,
       )
   )(keys, image, mask, noise)
   out = {

@@ -1,5 +1,5 @@
-"""experiments/chain_scores_pilot.py and beyond_paper_table.py on hand-made inputs whose answers
-are known, and the committed runs of issue 32 (settings, passes, provenance)."""
+"""experiments/beyond_paper/beyond_paper_table.py and failure_kinds.py on hand-made inputs whose
+answers are known, and the committed runs of issue 32 (settings, passes, provenance)."""
 
 import importlib.util
 import json
@@ -12,37 +12,10 @@ _EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _module(name):
-  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / "beyond_paper" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def test_chain_scores_analysis_of_hand_made_scores(tmp_path, capsys):
-  """2 puzzles, 2 chains, 4 cells (cell 0 given in puzzle 0, none in puzzle 1). Puzzle 0: chain 0
-  valid, its given cell scores 0 against chain 1's 10, its generated cells 5 against 1: the
-  given cells choose chain 0 (valid), the generated cells chain 1 (broken), the balanced mean
-  (0 + 5) / 2 = 2.5 < (10 + 1) / 2 = 5.5 chain 0. Puzzle 1: chain 1 valid and lower on every
-  cell."""
-  module = _module("chain_scores_pilot")
-  given = np.array([[True, False, False, False], [False] * 4])
-  q = {
-      0: np.array([[0.0, 5, 5, 5], [3.0, 3, 3, 3]]),
-      1: np.array([[10.0, 1, 1, 1], [1.0, 1, 1, 1]]),
-  }
-  valid = {0: np.array([[True, False]]), 1: np.array([[False, True]])}  # [budget + 1, P]
-  arrays = {"given": given}
-  for c in range(2):
-    arrays.update({f"q4_{c}": q[c], f"q16_{c}": q[c], f"valid_{c}": valid[c]})
-    arrays[f"nfe_{c}"] = np.array([10, 10])
-  np.savez(tmp_path / "pilot.npz", **arrays)
-  module.analyse(str(tmp_path / "pilot.npz"))
-  out = capsys.readouterr().out
-  assert "some chain valid 1.000" in out
-  assert "| q4 | generated cells | 0.500 | 0.500 (2) |" in out
-  # Puzzle 1 has no given cells: both chains score 0, the tie goes to chain 0 (broken), AUC 1/2.
-  assert "| q4 | given cells | 0.500 | 0.750 (2) |" in out
-  assert "| q4 | balanced | 1.000 | 1.000 (2) |" in out
 
 
 def test_equal_pass_cells_take_the_largest_budget_within_the_level():
@@ -69,7 +42,7 @@ def _committed(run, split):
   path = _SEED35 / run / "eval" / split / "results.json"
   assert (
       path.is_file()
-  ), f"{path} is not committed (experiments/run_beyond_paper.sh final/baselines)"
+  ), f"{path} is not committed (experiments/beyond_paper/run_beyond_paper.sh final/baselines)"
   return json.loads(path.read_text())["metadata"], path.parent
 
 

@@ -43,16 +43,11 @@ def _lowest_index_ties(keys, num_patches):
 def _srm(config, unknown, record=True):
   z = np.random.default_rng(0).standard_normal((len(unknown), 4, 4, 1)).astype(np.float32)
   return sampling.srm_sample(
-      _denoise,
-      z,
-      None,
-      None,
-      unknown,
-      sampling.puzzle_keys(jax.random.key(0), jnp.arange(len(unknown))),
-      patch_size=1,
-      config=config,
+      sampling.Denoiser(_denoise, 1, mnist_sudoku.dependency_matrix(2)),
+      sampling.Puzzles(sampling.puzzle_keys(jax.random.key(0), jnp.arange(len(unknown))), noise=z),
+      config,
+      unknown=unknown,
       record=record,
-      dependency=mnist_sudoku.dependency_matrix(2),
   )
 
 
@@ -157,16 +152,11 @@ def test_the_issue_s_9x9_schedule_generates_every_cell():
   z = np.random.default_rng(2).standard_normal((1, 9, 9, 1)).astype(np.float32)
   out = jax.device_get(
       sampling.srm_sample(
-          _denoise,
-          z,
-          None,
-          None,
-          unknown,
-          sampling.puzzle_keys(jax.random.key(0), jnp.arange(1)),
-          patch_size=1,
-          config=config,
+          sampling.Denoiser(_denoise, 1, mnist_sudoku.dependency_matrix(3)),
+          sampling.Puzzles(sampling.puzzle_keys(jax.random.key(0), jnp.arange(1)), noise=z),
+          config,
+          unknown=unknown,
           record=True,
-          dependency=mnist_sudoku.dependency_matrix(3),
       )
   )
   rows = out.t_rows[:51, 0]  # 51 passes
@@ -270,17 +260,14 @@ def test_ipr_regenerates_every_patch_with_repeated_starts():
   batch = 2
   z = np.random.default_rng(3).uniform(-1, 1, (batch, 4, 4, 1)).astype(np.float32)
   result = sampling.ipr_refine(
-      denoise,
+      sampling.Denoiser(denoise, 1, mnist_sudoku.dependency_matrix(2)),
+      sampling.Puzzles(
+          sampling.puzzle_keys(jax.random.key(4), jnp.arange(batch)), noise=np.zeros_like(z)
+      ),
       z,
-      None,
-      None,
-      np.ones((batch, N), bool),
-      np.zeros_like(z),
-      sampling.puzzle_keys(jax.random.key(4), jnp.arange(batch)),
-      patch_size=1,
-      sampler_config=sampler_config,
-      ipr_config=ipr_config,
-      dependency=mnist_sudoku.dependency_matrix(2),
+      sampler_config,
+      ipr_config,
+      candidates=np.ones((batch, N), bool),
   )
   jax.effects_barrier()
   resampled = np.asarray(result.resampled)  # [budget, B, N]

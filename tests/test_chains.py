@@ -21,19 +21,15 @@ from ipr_jax import sampling
 from ipr_jax.noise import schedule
 from test_ipr_variants import P, SAMPLER, _keys, _standard_setup, batchwise_denoiser
 
-CHAIN_STREAM, NOISE_STREAM = 5, 3  # as documented in ipr_jax/sampling/chains.py
+CHAIN_STREAM, NOISE_STREAM = 5, 3  # as documented in ipr_jax/sampling/chains.py and inputs.py
 
 
 def _run(ipr_config, keys, x, noise, mask, denoise=None, **kwargs):
   fn = lambda keys, x, noise: sampling.srm_ipr(
-      denoise or batchwise_denoiser,
-      keys,
-      image=x,
-      mask=mask,
-      noise=noise,
-      patch_size=P,
-      sampler_config=SAMPLER,
-      ipr_config=ipr_config,
+      sampling.Denoiser(denoise or batchwise_denoiser, P),
+      sampling.Puzzles(keys, image=x, mask=mask, noise=noise),
+      SAMPLER,
+      ipr_config,
       **kwargs,
   )
   return jax.device_get(jax.jit(fn)(keys, x, noise))
@@ -73,16 +69,17 @@ def test_chains_are_single_chain_runs_and_the_lowest_score_wins(returned):
       # plain: the paper's IPR, no query, the last iterate.
       config = sampling.IPRConfig(**common, **settings)
       runs.append(_run(config, chain_keys, x, chain_noise, mask))
-  last = np.stack([np.asarray(s.uncertainty) for s in single])  # [K, T, B]
+  last = np.stack([np.asarray(s.mean_query_score) for s in single])  # [K, T, B]
   score = np.minimum.accumulate(last, axis=1) if returned == "confident" else last
   choice = np.argmin(score, axis=0)  # [T, B]
   assert len(np.unique(choice)) > 1, "one chain won everywhere: the test shows nothing"
+  np.testing.assert_array_equal(chained.chosen_chain, choice)
   for t in range(budget + 1):
     for b in range(4):
       c = choice[t, b]
       own = single[c].iterates if returned == "confident" else single[c].last_iterates
       np.testing.assert_allclose(chained.iterates[t, b], own[t, b], atol=1e-5)
-      np.testing.assert_allclose(chained.uncertainty[t, b], last[c, t, b], atol=1e-5)
+      np.testing.assert_allclose(chained.mean_query_score[t, b], last[c, t, b], atol=1e-5)
   np.testing.assert_array_equal(
       chained.nfe_per_budget, sum(np.asarray(s.nfe_per_budget) for s in single)
   )
@@ -141,7 +138,7 @@ def test_chains_read_neither_the_solution_nor_a_verifier():
   other = _run(config, keys, other_solution, noise, mask)
   np.testing.assert_array_equal(base.z, other.z)
   np.testing.assert_array_equal(base.nfe_per_budget, other.nfe_per_budget)
-  np.testing.assert_array_equal(base.uncertainty, other.uncertainty)
+  np.testing.assert_array_equal(base.mean_query_score, other.mean_query_score)
   # ... while the given cells do matter (the test can fail).
   other_given = np.where(mask > 0, x, -x)
   assert not np.allclose(_run(config, keys, other_given, noise, mask).z, base.z)
@@ -174,7 +171,7 @@ def test_query_cells_all_scores_the_given_cells():
         query_cells=cells,
     )
     result = _run(config, _keys(range(4), seed=6), x, noise, mask, denoise=denoise)
-    means[cells] = result.uncertainty
+    means[cells] = result.mean_query_score
   log_sigma = np.log(sigma).reshape(-1)
   for b in range(4):
     generated = log_sigma[~given[b]].mean()

@@ -10,6 +10,9 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
+from ipr_jax.data import geometry
+from ipr_jax.runtime import errors
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "ipr_jax" / "configs"
 EVEN_PIXELS = CONFIG_DIR / "even_pixels.py"
 MNIST_SUDOKU = CONFIG_DIR / "mnist_sudoku.py"
@@ -125,11 +128,21 @@ def test_preset_has_schema_and_consistent_geometry(path, arg):
     for name in names:
       assert name in node, f"{path.name}:{arg} lacks {section}.{name}"
   assert config.data.image_size % config.data.patch_size == 0
+  grid = geometry.patch_grid(config)
+  assert grid == (config.data.image_size // config.data.patch_size,) * 2
+  assert geometry.image_shape(config) == (config.data.image_size,) * 2 + (config.data.channels,)
   assert config.batch_size >= 1 and config.num_train_steps >= 1
   assert len(config.model.hid_dims) == len(config.model.attention)
   for width in config.model.hid_dims:
     assert width % config.model.num_groups == 0
   json.loads(config.to_json_best_effort())  # storable beside a checkpoint
+
+
+def test_a_patch_size_that_does_not_divide_the_image_is_a_config_error():
+  config = get(MNIST_SUDOKU, "demo")
+  config.data.patch_size = config.data.image_size // 4 + 1
+  with pytest.raises(errors.ConfigError, match="does not divide"):
+    geometry.patch_grid(config)
 
 
 def every_preset():
@@ -145,14 +158,14 @@ def every_preset():
 
 @pytest.mark.parametrize("path,arg", list(every_preset()))
 def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
-  from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from ipr_jax.evaluation import settings as eval_settings  # pylint: disable=g-import-not-at-top
   from ipr_jax.noise import schedule  # pylint: disable=g-import-not-at-top
 
   config = get(path, arg)
-  runner.check_schedules(config)
+  eval_settings.check_schedules(config)
   # The same, spelled out for the SRM pass: every patch count the preset can produce.
   sampler = config.sampler
-  for n in runner.unknown_counts(config):
+  for n in eval_settings.unknown_counts(config):
     starts = schedule.make_schedule(
         n,
         sampler.steps_per_patch,
@@ -167,20 +180,21 @@ def test_every_preset_samples_with_strictly_increasing_block_starts(path, arg):
 
 def test_a_degenerate_override_is_refused_before_sampling():
   from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from ipr_jax.evaluation import settings as eval_settings  # pylint: disable=g-import-not-at-top
 
   config = get(EVEN_PIXELS, "tiny")
   config.sampler.overlap = 0.9  # 5 steps per patch at overlap 0.9: starts 0, 0, 1, 1, ...
   with pytest.raises(ValueError, match=r"sampler: steps_per_patch=5 and overlap=0.9 .*n=64"):
-    runner.check_schedules(config)
+    eval_settings.check_schedules(config)
   config = get(MNIST_SUDOKU, "tiny")  # 4x4, hard: 11..16 unknown cells, IPR k = 2..4
   config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
   with pytest.raises(ValueError, match=r"ipr: steps_per_patch=2 and overlap=0.9 .*n=2 "):
-    runner.check_schedules(config)
+    eval_settings.check_schedules(config)
   config = get(MNIST_SUDOKU, "tiny,ms_corrupted_test")  # all 16 cells are candidates: k = 4
   config.ipr.steps_per_patch, config.ipr.overlap = 2, 0.9
   config.sampler.overlap = 0.9  # no SRM pass in correction mode: not checked
   with pytest.raises(ValueError, match=r"ipr: .*n=4 "):
-    runner.check_schedules(config)
+    eval_settings.check_schedules(config)
   with pytest.raises(ValueError, match="steps_per_patch=2 and overlap=0.9"):
     runner.evaluate(config, "/nonexistent")  # before any checkpoint is read
 

@@ -1,4 +1,4 @@
-"""experiments/device_campaign.py at its tiny scale on CPU, as the device machine runs it (a
+"""experiments/device/device_campaign.py at its tiny scale on CPU, as the device machine runs it (a
 separate process from the checkout): every step writes its row, the evaluation steps at the batch
 `eval.batch_size=auto` picks under an explicit memory limit, compile time apart from run time."""
 
@@ -20,7 +20,7 @@ def campaign(tmp_path_factory):
   done = subprocess.run(
       [
           sys.executable,
-          str(ROOT / "experiments" / "device_campaign.py"),
+          str(ROOT / "experiments" / "device" / "device_campaign.py"),
           "--scale=tiny",
           "--memory_limit_gb=0.01",
           f"--out={out}",

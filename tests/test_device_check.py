@@ -1,5 +1,5 @@
-"""experiments/device_check.py at its tiny scale on CPU: every section runs and reports numbers
-that agree with facts from elsewhere (the golden tolerance, the spec's pass counts).
+"""experiments/device/device_check.py at its tiny scale on CPU: every section runs and reports
+numbers that agree with facts from elsewhere (the golden tolerance, the spec's pass counts).
 
 It runs as the device machine would run it: a separate process, from the checkout.
 """
@@ -30,7 +30,7 @@ def check(tmp_path_factory):
   done = subprocess.run(
       [
           sys.executable,
-          str(ROOT / "experiments" / "device_check.py"),
+          str(ROOT / "experiments" / "device" / "device_check.py"),
           "--scale=tiny",
           f"--out={out}",
           "--train_steps=2",

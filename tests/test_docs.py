@@ -1,19 +1,28 @@
 """README.md and docs/: every relative link points at a file (and heading) that exists, and every
 command of README.md names modules, configs, presets, extras and files that exist; the first
-screen holds the two fresh-machine commands.
+screen holds the two fresh-machine commands; every Python example imports and names what an
+installed package has, and runs from a folder outside the checkout.
 
-Reads files and loads configs only: about a second.
+Reads files, loads configs and imports modules: a few seconds; running the Python examples (after
+a small main job whose files one of them reads) takes about a minute on 2 cores.
 """
 
+import ast
 import configparser
+import importlib
 import importlib.util
+import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
+import types
 
 import pytest
 
 from ipr_jax.build import config_base
+from ipr_jax.build import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -189,3 +198,153 @@ def test_the_checker_finds_what_does_not_exist():
       "pip install -e '.[test,convert]' -c constraints.txt && "
       "python -m ipr_jax.evaluate --config=mnist_sudoku:demo,ms_unique_test --workdir=runs/x"
   )
+
+
+def python_blocks(page: pathlib.Path) -> list[str]:
+  """The page's Python blocks (```python)."""
+  return [
+      body for language, body in _FENCE.findall(page.read_text()) if language in ("python", "py")
+  ]
+
+
+PYTHON_EXAMPLES = {
+    f"{page.name}#{i}": body for page in PAGES for i, body in enumerate(python_blocks(page))
+}
+
+
+def _resolve(module: types.ModuleType, attribute: str):
+  """module.attribute, importing a submodule of that name if need be; None if neither exists."""
+  if hasattr(module, attribute):
+    return getattr(module, attribute)
+  try:
+    return importlib.import_module(f"{module.__name__}.{attribute}")
+  except ImportError:
+    return None
+
+
+def check_python_names_what_exists(code: str) -> list[str]:
+  """Problems of a Python example, as run by an installed package outside the checkout (call it
+  with the working directory elsewhere): an import that fails, an attribute of an imported module
+  that does not exist (`report.no_such_figure`), a `load_config("...")` that does not load (a
+  checkout's `configs/...` path), a `pretrained.load("...")` of a model that is not shipped."""
+  try:
+    tree = ast.parse(code)
+  except SyntaxError as e:
+    return [f"syntax error: {e}"]
+  problems: list[str] = []
+  modules: dict[str, types.ModuleType] = {}  # the names the example binds to modules
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        try:
+          module = importlib.import_module(alias.name)
+        except ImportError as e:
+          problems.append(f"import {alias.name}: {e}")
+          continue
+        top = alias.name.split(".")[0]
+        modules[alias.asname or top] = module if alias.asname else importlib.import_module(top)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      try:
+        parent = importlib.import_module(node.module)
+      except ImportError as e:
+        problems.append(f"from {node.module} import ...: {e}")
+        continue
+      for alias in node.names:
+        value = _resolve(parent, alias.name)
+        if value is None:
+          problems.append(f"from {node.module} import {alias.name}: no such name")
+        elif isinstance(value, types.ModuleType):
+          modules[alias.asname or alias.name] = value
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute):
+      chain, base = [], node
+      while isinstance(base, ast.Attribute):
+        chain.append(base.attr)
+        base = base.value
+      if isinstance(base, ast.Name) and base.id in modules:
+        value, path = modules[base.id], base.id
+        for attribute in reversed(chain):
+          if not isinstance(value, types.ModuleType):
+            break
+          path += f".{attribute}"
+          value = _resolve(value, attribute)
+          if value is None:
+            problems.append(f"{path} does not exist")
+            break
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+      argument = node.args[0].value
+      if node.func.attr == "load_config":
+        try:
+          config_base.load_config(argument)
+        except Exception as e:  # pylint: disable=broad-except
+          problems.append(f"load_config({argument!r}): {type(e).__name__}: {e}")
+      elif node.func.attr == "load" and ast.unparse(node.func.value) == "pretrained":
+        if argument not in pretrained.names():
+          problems.append(f"pretrained.load({argument!r}): shipped are {pretrained.names()}")
+  return list(dict.fromkeys(problems))
+
+
+def test_the_docs_have_their_python_examples():
+  assert {"binaries_and_configs.md#0", "binaries_and_configs.md#1"} <= set(PYTHON_EXAMPLES), sorted(
+      PYTHON_EXAMPLES
+  )
+
+
+@pytest.mark.parametrize("example", sorted(PYTHON_EXAMPLES))
+def test_the_python_examples_name_what_an_installed_package_has(example, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # outside the checkout: its configs/ and experiments/ are not here
+  problems = check_python_names_what_exists(PYTHON_EXAMPLES[example])
+  assert not problems, (example, problems)
+
+
+def test_the_python_checker_finds_what_does_not_exist(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for code in (
+      "from ipr_jax.evaluation import nosuch",
+      "from ipr_jax import eval_report",  # the module's name before the layers
+      "import ipr_jax.evaluation.nosuch",
+      "from ipr_jax.evaluation import report\nreport.no_such_figure()",
+      "import ipr_jax.evaluation.report\nipr_jax.evaluation.report.nosuch",
+      "from ipr_jax.build import config_base as c\nc.load_config('configs/mnist_sudoku.py:demo')",
+      "from ipr_jax.build import config_base as c\nc.load_config('mnist_sudoku:nosuch')",
+      "from ipr_jax.build import pretrained\npretrained.load('nosuch')",
+      "def broken(:",
+  ):
+    assert check_python_names_what_exists(code), code
+  assert not check_python_names_what_exists(
+      "import numpy as np\nfrom ipr_jax.evaluation import report, runner\n"
+      "from ipr_jax.build import config_base\nconfig_base.load_config('mnist_sudoku:demo')\n"
+      "report.batch_result_figure, runner.Evaluator, np.arange"
+  )
+
+
+def test_the_python_examples_run_outside_the_checkout(tmp_path):
+  """Each example in a fresh interpreter, in a folder outside the checkout where the main job
+  (on 4 puzzles, budget 2) has run, as the examples that read its files expect."""
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env["MPLBACKEND"] = "Agg"
+  run = lambda args: subprocess.run(
+      args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600, check=False
+  )
+  done = run(
+      [
+          sys.executable,
+          "-m",
+          "ipr_jax.evaluate",
+          "--config=mnist_sudoku:demo",
+          "--workdir=runs/demo",
+          "--config.eval.num_puzzles=4",
+          "--config.ipr.budget=2",
+      ]
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  for example, code in sorted(PYTHON_EXAMPLES.items()):
+    done = run([sys.executable, "-c", code])
+    assert done.returncode == 0, (example, done.stderr[-3000:])

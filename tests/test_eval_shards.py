@@ -1,7 +1,9 @@
-"""Per-batch result files (ipr_jax/evaluation/shards.py: run.json, crash safety, the checks at
-resume), the agreement of processes on errors (ipr_jax/runtime/agreement.py, one process) and the
-multi-process settings of host_devices.initialize_distributed: errors that name what is wrong."""
+"""Per-batch result files (ipr_jax/evaluation/shards.py: run.json, crash safety; the checks at
+resume and merge: ipr_jax/evaluation/store.py), the agreement of processes on errors
+(ipr_jax/runtime/agreement.py, one process) and the multi-process settings of
+host_devices.initialize_distributed: errors that name what is wrong."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,29 +13,77 @@ import pytest
 
 import ipr_jax
 from ipr_jax.evaluation import shards as eval_shards
+from ipr_jax.evaluation import store as store_lib
 from ipr_jax.runtime import agreement
 from ipr_jax.runtime import config_diff
 from ipr_jax.runtime import environment
 from ipr_jax.runtime import host_devices
 
 
+def _open(tmp_path, batches, settings=None, **kwargs):
+  """The shard store of a one-process run of `batches` in `tmp_path` (run.json written)."""
+  settings = settings or {"ipr": {"budget": 30}, "code": _code(), "environment": _environment()}
+  return store_lib.ShardStore.open(str(tmp_path), settings, batches, **kwargs)
+
+
 def test_shards_round_trip_and_list_only_complete_files(tmp_path):
-  eval_shards.write_shard(tmp_path, 1, {"index": np.arange(3), "nfe": np.ones((3, 2), np.int32)})
-  eval_shards.write_shard(tmp_path, 0, {"index": np.arange(3, 5), "nfe": np.zeros((2, 2))})
+  batches = [np.arange(3, 5), np.arange(3), np.arange(5, 6)]
+  store = _open(tmp_path, batches)
+  assert store.reused == set() and sorted(os.listdir(tmp_path)) == ["run.json"]
+  store.write(1, {"index": np.arange(3), "nfe": np.ones((3, 2), np.int32)})
+  store.write(0, {"index": np.arange(3, 5), "nfe": np.zeros((2, 2))})
   (tmp_path / "batch_000002.npz.tmp123").write_bytes(b"half a file")  # a killed write
-  assert eval_shards.done_batches(tmp_path) == {0, 1}
-  first, second = eval_shards.read_shards(tmp_path, 2)
+  assert store.done() == eval_shards.done_batches(tmp_path) == {0, 1}
+  with pytest.raises(FileNotFoundError, match=r"1 of 3 batches .*batches 2\)"):
+    store.read()
+  reopened = _open(tmp_path, batches[:2])
+  assert reopened.reused == {0, 1} and reopened.removed == ("batch_000002.npz.tmp123",)
+  first, second = reopened.read()
   np.testing.assert_array_equal(first["index"], [3, 4])
   np.testing.assert_array_equal(second["nfe"], np.ones((3, 2)))
-  with pytest.raises(FileNotFoundError, match=r"1 of 3 batches .*batches 2\)"):
-    eval_shards.read_shards(tmp_path, 3)
+
+
+def test_a_shard_holds_the_runs_digests_after_its_bookkeeping(tmp_path):
+  """FORMAT 2's order of a shard's arrays: index, unknown_patches, nfe, seconds, process, the
+  digests, then the scores and final facts."""
+  store = _open(tmp_path, [np.arange(2)])
+  arrays = {
+      "index": np.arange(2),
+      "unknown_patches": np.ones(2),
+      "nfe": np.ones((2, 3)),
+      "seconds": np.float64(1.0),
+      "process": np.int64(0),
+      "score.valid": np.ones((2, 3), bool),
+      "final.digit_grid": np.zeros((2, 4, 4)),
+  }
+  store.write(0, arrays)
+  with np.load(eval_shards.shard_path(tmp_path, 0)) as shard:
+    assert shard.files == [
+        *list(arrays)[:5],
+        "settings_sha256",
+        "environment_sha256",
+        *list(arrays)[5:],
+    ]
+    assert str(shard["settings_sha256"]) == store.settings_digest
+    assert str(shard["environment_sha256"]) == store.environment
+
+
+def test_opening_the_store_raises_the_set_up_error_and_reports_a_stop(tmp_path):
+  with pytest.raises(ValueError, match="the set-up failed"):
+    store_lib.ShardStore.open(
+        str(tmp_path), None, None, set_up_error=ValueError("the set-up failed")
+    )
+  assert not tmp_path.joinpath("run.json").exists()
+  assert not _open(tmp_path, [np.arange(2)]).stop_requested
+  assert _open(tmp_path, [np.arange(2)], stop=lambda: True).stop_requested
 
 
 def test_a_damaged_shard_is_named(tmp_path):
-  eval_shards.write_shard(tmp_path, 0, {"index": np.arange(3)})
+  store = _open(tmp_path, [np.arange(3)])
+  store.write(0, {"index": np.arange(3)})
   eval_shards.shard_path(tmp_path, 0).write_bytes(b"PK\x03\x04 not really a zip")
   with pytest.raises(ValueError, match="batch_000000.npz.*delete it"):
-    eval_shards.read_shards(tmp_path, 1)
+    store.read()
 
 
 def test_settings_are_written_once_then_compared_field_by_field(tmp_path):
@@ -243,37 +293,40 @@ def test_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
 
 def test_damaged_shards_are_deleted_at_resume_and_others_are_checked(tmp_path):
   batches = [np.array([0, 3]), np.array([1, 4]), np.array([2]), np.array([5])]
+  store = _open(tmp_path, batches)
   for b, batch in enumerate(batches):
-    eval_shards.write_shard(tmp_path, b, {"index": batch, "nfe": np.full((len(batch), 3), b)})
+    store.write(b, {"index": batch, "nfe": np.full((len(batch), 3), b)})
   whole = eval_shards.shard_path(tmp_path, 1).read_bytes()
   eval_shards.shard_path(tmp_path, 1).write_bytes(whole[: len(whole) // 2])  # truncated
   corrupt = bytearray(eval_shards.shard_path(tmp_path, 2).read_bytes())
   position = corrupt.index(b"\x93NUMPY", corrupt.index(b"nfe.npy")) + 140  # in nfe's data
   corrupt[position] ^= 0xFF  # a flipped byte: only the zip's CRC tells
   eval_shards.shard_path(tmp_path, 2).write_bytes(bytes(corrupt))
-  done, damaged = eval_shards.verify_shards(tmp_path, batches)
-  assert done == {0, 3}
-  assert damaged == ["batch_000001.npz", "batch_000002.npz"]
+  store = _open(tmp_path, batches)
+  assert store.reused == {0, 3}
+  assert store.damaged == ("batch_000001.npz", "batch_000002.npz")
   assert eval_shards.done_batches(tmp_path) == {0, 3}
   with pytest.raises(FileNotFoundError, match=r"2 of 4 batches .*batches 1, 2\)"):
-    eval_shards.read_shards(tmp_path, batches)
+    store.read()
   # A readable shard of other puzzles is refused, not recomputed.
   with pytest.raises(
       eval_shards.SettingsMismatchError,
       match=r"batch_000003.npz holds puzzles \[5\] \(1\), but batch 3 of this run "
       r"is \[6\] \(1\)",
   ):
-    eval_shards.verify_shards(tmp_path, batches[:3] + [np.array([6])])
+    _open(tmp_path, batches[:3] + [np.array([6])])
   with pytest.raises(eval_shards.SettingsMismatchError, match="batch 3, but this run has 3"):
-    eval_shards.verify_shards(tmp_path, batches[:3])
+    _open(tmp_path, batches[:3])
 
 
-def test_read_shards_checks_every_shard_against_its_batch(tmp_path):
-  eval_shards.write_shard(tmp_path, 0, {"index": np.array([0, 2])})
-  eval_shards.write_shard(tmp_path, 1, {"index": np.array([1, 3])})
-  assert len(eval_shards.read_shards(tmp_path, [np.array([0, 2]), np.array([1, 3])])) == 2
+def test_reading_checks_every_shard_against_its_batch(tmp_path):
+  store = _open(tmp_path, [np.array([0, 2]), np.array([1, 3])])
+  store.write(0, {"index": np.array([0, 2])})
+  store.write(1, {"index": np.array([1, 3])})
+  assert len(store.read()) == 2
+  other = dataclasses.replace(store, batches=[np.array([0, 1]), np.array([2, 3])])
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"batch_000000.npz holds puzzles"):
-    eval_shards.read_shards(tmp_path, [np.array([0, 1]), np.array([2, 3])])
+    other.read()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,29 +424,33 @@ def test_another_environment_is_refused_while_shards_exist_unless_accepted(tmp_p
 def test_each_shard_is_checked_against_the_runs_digests(tmp_path):
   settings = {"ipr": {"budget": 30}, "code": _code(), "environment": _environment()}
   env = environment.digest(_environment())
-  digests = eval_shards.ShardDigests(eval_shards.settings_digest(settings), env, frozenset({env}))
+  batches = [np.array([0, 1]), np.array([2, 3])]
+  store = _open(tmp_path, batches, settings)
+  assert store.settings_digest == eval_shards.settings_digest(settings)
+  assert store.environment == env and store.environments == {env}
   # The digest ignores the environment records, not the code.
-  assert digests.settings == eval_shards.settings_digest(
+  assert store.settings_digest == eval_shards.settings_digest(
       {**settings, "environment": _environment("0.11.0"), "environment_changes": [{}]}
   )
-  assert digests.settings != eval_shards.settings_digest({**settings, "code": _code("e" * 64)})
-  batches = [np.array([0, 1]), np.array([2, 3])]
-  eval_shards.write_shard(tmp_path, 0, {"index": batches[0], **digests.arrays()})
-  assert eval_shards.verify_shards(tmp_path, batches, digests) == ({0}, [])
-  other = eval_shards.ShardDigests(eval_shards.settings_digest({"ipr": {"budget": 31}}), env, None)
+  assert store.settings_digest != eval_shards.settings_digest({**settings, "code": _code("e" * 64)})
+  store.write(0, {"index": batches[0]})
+  assert _open(tmp_path, batches, settings).reused == {0}
+  # A store of another environment reads the shard only with the change accepted.
+  elsewhere = {**settings, "environment": _environment("0.11.0")}
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"another environment"):
+    store_lib.ShardStore.of(str(tmp_path), elsewhere, batches[:1], environments=()).read()
+  assert len(store_lib.ShardStore.of(str(tmp_path), elsewhere, batches[:1]).read()) == 1
+  eval_shards.write_shard(tmp_path, 1, {"index": batches[1]})  # an earlier ipr-jax's
+  with pytest.raises(eval_shards.SettingsMismatchError, match=r"records no settings digest"):
+    _open(tmp_path, batches, settings)
+  # Left after run.json was replaced: a shard of other settings is refused.
+  eval_shards.shard_path(tmp_path, 1).unlink()
+  (tmp_path / "run.json").unlink()
   with pytest.raises(
       eval_shards.SettingsMismatchError,
       match=r"batch_000000\.npz was computed under other settings or code",
   ):
-    eval_shards.verify_shards(tmp_path, batches, other)
-  elsewhere = eval_shards.ShardDigests(digests.settings, "f" * 64, frozenset({"f" * 64}))
-  with pytest.raises(eval_shards.SettingsMismatchError, match=r"another environment"):
-    eval_shards.read_shards(tmp_path, batches[:1], elsewhere)
-  accepted = eval_shards.ShardDigests(digests.settings, "f" * 64, None)
-  assert len(eval_shards.read_shards(tmp_path, batches[:1], accepted)) == 1
-  eval_shards.write_shard(tmp_path, 1, {"index": batches[1]})  # an earlier ipr-jax's
-  with pytest.raises(eval_shards.SettingsMismatchError, match=r"records no settings digest"):
-    eval_shards.verify_shards(tmp_path, batches, digests)
+    _open(tmp_path, batches, {**settings, "ipr": {"budget": 31}})
 
 
 def test_processes_that_would_compute_different_things_are_named():

@@ -27,10 +27,12 @@ from ipr_jax import tasks
 from ipr_jax.build import pretrained
 from ipr_jax.evaluation import report as eval_report
 from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.evaluation import shards as eval_shards
+from ipr_jax.evaluation import store as store_lib
 from ipr_jax.runtime import checkpoint
 from ipr_jax.runtime import environment as environment_lib
-from ipr_jax.sampling import ipr as sampling_ipr
+from ipr_jax.sampling import refinement as sampling_refinement
 from ipr_jax.tasks import mnist_sudoku as mnist_sudoku_task
 import multiprocess
 
@@ -164,7 +166,7 @@ def differing_puzzles(record, facts, valid=None, duplicate_count=None):
 
 
 def _regression_facts(config, params, record):
-  """The regression set's facts as experiments/ship_demo_model.py records them."""
+  """The regression set's facts as experiments/demo/ship_demo_model.py records them."""
   return pretrained.regression_facts(
       runner.Evaluator(config, params), record["num_puzzles"], record["batch_size"]
   )
@@ -201,7 +203,7 @@ def test_shipped_model_matches_its_record(shipped, demo_run):
       "largest cell mean change "
       f"{np.abs(facts['cell_mean'] - np.asarray(record['cell_mean'])).max():.2e}); if the code "
       "changed what the sampler draws on purpose, re-record: python "
-      "experiments/ship_demo_model.py --record_only"
+      "experiments/demo/ship_demo_model.py --record_only"
   )
   assert [r["mean_nfe"] for r in rows] == pytest.approx(record["mean_nfe"])
 
@@ -228,10 +230,9 @@ def _given_cells_as_candidates(refine):
   """A sampler bug: IPR re-noises among every cell, the given ones included (they are pasted
   back, so only the number and choice of the regenerated cells change)."""
 
-  def buggy(denoise_fn, z, masked, mask, candidates, noise, keys, **kwargs):
-    return refine(
-        denoise_fn, z, masked, mask, jax.numpy.ones_like(candidates), noise, keys, **kwargs
-    )
+  def buggy(denoiser, inputs, *args, **kwargs):
+    every_cell = inputs.replace(candidates=jax.numpy.ones_like(inputs.candidates))
+    return refine(denoiser, every_cell, *args, **kwargs)
 
   return buggy
 
@@ -261,8 +262,8 @@ def test_the_record_check_fails_for_a_changed_model_or_sampler(
         ],
     )
   elif change == "given_cells_as_candidates":
-    buggy = _given_cells_as_candidates(sampling_ipr._refine)  # pylint: disable=protected-access
-    monkeypatch.setattr(sampling_ipr, "_refine", buggy)
+    buggy = _given_cells_as_candidates(sampling_refinement.refine)
+    monkeypatch.setattr(sampling_refinement, "refine", buggy)
   else:
     config = _regression_config(shipped, ipr__renoise_time=0.8)
   differing = differing_puzzles(record, _regression_facts(config, params, record))
@@ -399,7 +400,7 @@ def test_key_streams_never_share_a_key(shipped, demo_run):
   evaluator = runner.Evaluator(config, shipped.params)
   indices = jax.numpy.arange(1000)
   root = jax.random.key(config.eval.seed)
-  noise_root = jax.random.fold_in(root, runner.NOISE_STREAM)
+  noise_root = jax.random.fold_in(root, eval_settings.NOISE_STREAM)
   sampling_key = evaluator._sampling_key  # pylint: disable=protected-access
   keys = [
       sampling.puzzle_keys(root, indices),
@@ -556,7 +557,13 @@ def test_ipr_process_figure_layout_and_shape_errors():
   snapshots = np.zeros((3, 4, 8, 8, 1))  # 3 puzzles, budgets 0..3
   fig = eval_report.ipr_process_figure(snapshots, None, 4, puzzles=np.zeros((3, 8, 8, 1)))
   assert len(fig.axes) == 3 * (1 + 4)
-  assert [ax.get_title() for ax in fig.axes[:5]] == ["puzzle", "SRM", "b = 1", "b = 2", "b = 3"]
+  assert [ax.get_title() for ax in fig.axes[:5]] == [
+      "puzzle\n(its given cells)",
+      "SRM sample\n(before IPR)",
+      "IPR iteration 1",
+      "IPR iteration 2",
+      "IPR iteration 3",
+  ]
   invalid = np.zeros((3, 4, 2, 2), bool)
   invalid[1, 2, 0, 1] = True  # puzzle 1, budget 2, cell (0, 1)
   fig = eval_report.ipr_process_figure(snapshots, invalid, 4)
@@ -566,6 +573,71 @@ def test_ipr_process_figure_layout_and_shape_errors():
     eval_report.ipr_process_figure(snapshots, None, 4, puzzles=np.zeros((2, 8, 8, 1)))
   with pytest.raises(ValueError, match="shape"):
     eval_report.ipr_process_figure(snapshots[0], None, 4)
+
+
+def _legend_texts(fig):
+  return [t.get_text().split(":")[0] for legend in fig.legends for t in legend.get_texts()]
+
+
+def test_ipr_process_figure_reads_by_itself():
+  """Legend (grey = not given, red = broken, blue = box), column titles naming each column's
+  iteration and the ones skipped, row labels (puzzle index, what IPR did), valid or not under
+  every panel, "no given cell" on a puzzle without one, outlines inside their cell."""
+  snapshots = np.zeros((2, 11, 8, 8, 1))  # 2 puzzles, budgets 0..10, 2x2 cells of 4 pixels
+  puzzles = np.zeros((2, 8, 8, 1))
+  puzzles[0, :4, :4] = -1.0  # puzzle 0 gives its top-left cell; puzzle 1 gives none
+  invalid = np.zeros((2, 11, 2, 2), bool)
+  invalid[1, 0, 1, 1] = True  # puzzle 1 after SRM: the bottom-right cell is broken
+  valid = np.ones((2, 11), bool)
+  valid[1, :3] = False  # puzzle 1: fixed by IPR at iteration 3
+  fig = eval_report.ipr_process_figure(
+      snapshots, invalid, 4, [0, 1, 5, 10], puzzles, indices=[7, 12], valid=valid, box_size=1
+  )
+  assert _legend_texts(fig) == ["grey (puzzle column)", "red outline", "blue line"]
+  assert fig.get_suptitle() == (
+      "Columns: the SRM sample and IPR iterations 1, 5, 10 of 1\u201310 (the other 7 not shown)"
+  )
+  axes = np.array(fig.axes).reshape(2, 5)
+  assert [ax.get_title() for ax in axes[0]] == [
+      "puzzle\n(its given cells)",
+      "SRM sample\n(before IPR)",
+      "IPR iteration 1",
+      "IPR iteration 5\n(iterations 2\u20134 not shown)",
+      "IPR iteration 10\n(iterations 6\u20139 not shown)",
+  ]
+  assert [ax.get_ylabel() for ax in axes[:, 0]] == [
+      "puzzle 7\nstays valid",
+      "puzzle 12\nfixed by IPR",
+  ]
+  assert [ax.get_xlabel() for ax in axes[1]] == [
+      "0 of 4 cells given",
+      "invalid",
+      "invalid",
+      "valid",
+      "valid",
+  ]
+  assert axes[0, 0].get_xlabel() == "1 of 4 cells given"
+  assert [t.get_text() for t in axes[1, 0].texts] == ["no given cell"]
+  assert not axes[0, 0].texts
+  (outline,) = axes[1, 1].patches
+  assert outline.get_bbox().bounds == (4.0, 4.0, 3.0, 3.0)  # pixel centres 4..7: inside [-0.5, 7.5]
+  assert len(axes[1, 1].lines) == 2  # box_size 1: a box line between the two cells, each way
+
+  # Without puzzles, broken cells or boxes: no legend; every iteration shown says so.
+  fig = eval_report.ipr_process_figure(snapshots[:, :3], None, 4)
+  assert not fig.legends
+  assert fig.get_suptitle() == "Columns: the SRM sample and every IPR iteration 1\u20132"
+  assert not fig.axes[0].get_ylabel()
+  with pytest.raises(ValueError, match="transpose"):
+    eval_report.ipr_process_figure(snapshots, None, 4, valid=valid.T)
+  with pytest.raises(ValueError, match="budgets_to_show"):
+    eval_report.ipr_process_figure(snapshots, None, 4, [0, 11])
+
+
+def test_outcome_label_names_what_ipr_did():
+  assert [
+      eval_report.outcome_label(v) for v in ([0, 1, 1], [0, 0, 1, 0], [1, 0, 1], [1, 1, 0], [1])
+  ] == ["fixed by IPR", "stays invalid", "stays valid", "broken by IPR", "stays valid"]
 
 
 def _solved_grid():
@@ -676,7 +748,8 @@ def _apply_overrides(config, args):
 
 def _committed_run_commands():
   """{run folder under experiments/results: its --config.* overrides of the demo config}: the
-  reproduction's command (experiments/README.md) and every run of experiments/run_variants.sh."""
+  reproduction's command (experiments/README.md) and every run of
+  experiments/beyond_paper/run_variants.sh."""
   runs = {
       "repro_1000_keys2": [
           "--config.eval.num_puzzles=1000",
@@ -684,7 +757,7 @@ def _committed_run_commands():
           "--config.ipr.budget=30",
       ]
   }
-  script = (_ROOT / "experiments" / "run_variants.sh").read_text()
+  script = (_ROOT / "experiments" / "beyond_paper" / "run_variants.sh").read_text()
   common = re.search(r'^common="([^"]*)"', script, re.M).group(1).split()
   assert common[0] == "--config=configs/mnist_sudoku.py:demo", common
   for line in script.splitlines():
@@ -710,22 +783,25 @@ def _committed_runs_model():
   }
   assert len(digests) == 1, digests
   (digest,) = digests
-  assert digest != runner.params_digest(pretrained.load("mnist_sudoku_demo").params)
+  assert digest != eval_settings.params_digest(pretrained.load("mnist_sudoku_demo").params)
   return digest
 
 
 def _committed_run_settings(config, params):
-  """`runner.run_settings` of `config`, but for the params digest: the earlier model's that
-  the committed runs record (`_committed_runs_model`); every other setting is checked."""
-  return {**runner.run_settings(config, params, "ema"), "params_sha256": _committed_runs_model()}
+  """`eval_settings.run_settings` of `config`, but for the params digest: the earlier model's
+  that the committed runs record (`_committed_runs_model`); every other setting is checked."""
+  return {
+      **eval_settings.run_settings(config, params, "ema"),
+      "params_sha256": _committed_runs_model(),
+  }
 
 
 @pytest.mark.parametrize("run", sorted(_COMMITTED_RUNS))
 def test_the_committed_run_json_records_the_settings_of_its_command(shipped, run):
-  """The committed run.json files (format 1, converted by experiments/migrate_run_json.py) hold
-  the settings of the commands that produced them. They are records: their code is unknown
-  (format 1 did not record it), so their shards would not be reused; reusing shards needs the
-  same code (tests/test_eval_shards.py)."""
+  """The committed run.json files (format 1, converted by experiments/migrate_run_json.py, in
+  git history at commit a976fd0) hold the settings of the commands that produced them. They are
+  records: their code is unknown (format 1 did not record it), so their shards would not be
+  reused; reusing shards needs the same code (tests/test_eval_shards.py)."""
   from conftest import load_task_config  # pylint: disable=g-import-not-at-top
 
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), _COMMITTED_RUNS[run])
@@ -740,8 +816,8 @@ def test_the_committed_run_json_records_the_settings_of_its_command(shipped, run
 
 
 # The step-20,494 model's evaluations (experiments/results/demo_20494, made by
-# experiments/demo_recipes.py on a GPU): eval name -> (preset, overrides), as experiments/README.md
-# gives the commands.
+# experiments/demo/demo_recipes.py on a GPU): eval name -> (preset, overrides), as
+# experiments/README.md gives the commands.
 _TABLE_ARGS = [
     "--config.eval.num_puzzles=1000",
     "--config.eval.batch_size=500",
@@ -779,7 +855,7 @@ def test_the_shipped_models_committed_tables_record_their_commands(shipped, name
   config = _apply_overrides(load_task_config("mnist_sudoku", preset), args)
   shard_dir = _RESULTS / "demo_20494" / "eval" / name / "shards"
   eval_shards.check_settings(
-      shard_dir, runner.run_settings(config, shipped.params, "ema"), check_code=False
+      shard_dir, eval_settings.run_settings(config, shipped.params, "ema"), check_code=False
   )
   stored = json.loads((shard_dir / "run.json").read_text())
   assert stored["eval"].get("unique_solution", False) == name.startswith("ms_unique_test")
@@ -794,7 +870,9 @@ def test_the_cpu_rerun_records_its_command_code_and_environment(shipped):
   config = _apply_overrides(load_task_config("mnist_sudoku", "demo"), args)
   run_dir = _RESULTS / "demo_20494_cpu" / "eval" / "ms_hard_test_paper"
   eval_shards.check_settings(
-      run_dir / "shards", runner.run_settings(config, shipped.params, "ema"), check_code=False
+      run_dir / "shards",
+      eval_settings.run_settings(config, shipped.params, "ema"),
+      check_code=False,
   )
   stored = json.loads((run_dir / "shards" / "run.json").read_text())
   assert stored["code"]["sha256"] and "sampling/ipr.py" in stored["code"]["files"]
@@ -856,7 +934,7 @@ def _package_imports(path):
 
 
 def test_the_code_record_covers_what_the_evaluation_imports():
-  """Every package module that runner.py imports, directly or through a module of the code
+  """Every package module that evaluate.py imports, directly or through a module of the code
   record, is in the record or named as left out; and every shipped metric and data asset (what
   the metrics and the test puzzles read) is in it."""
   listed = {name[:-3] for name in eval_shards.CODE_FILES if name.endswith(".py")}
@@ -931,20 +1009,20 @@ def test_shards_of_other_code_or_other_puzzles_are_refused(demo_run, tmp_path):
 def test_merge_checks_each_batch_and_the_union_of_the_puzzles():
   shard = lambda index: {"index": np.asarray(index), "nfe": np.asarray(index)[:, None] * 10}
   batches = [np.array([0, 2]), np.array([1, 3])]
-  merged = runner.merge_shards([shard([0, 2]), shard([1, 3])], batches, 4)
+  merged = store_lib.merge_shards([shard([0, 2]), shard([1, 3])], batches, 4)
   np.testing.assert_array_equal(merged["index"], [0, 1, 2, 3])
   np.testing.assert_array_equal(merged["nfe"][:, 0], [0, 10, 20, 30])
   with pytest.raises(eval_shards.SettingsMismatchError, match="shard 1 holds puzzles"):
-    runner.merge_shards([shard([0, 2]), shard([1, 4])], batches, 4)
+    store_lib.merge_shards([shard([0, 2]), shard([1, 4])], batches, 4)
   with pytest.raises(eval_shards.SettingsMismatchError, match="1 shards for the run's 2 batches"):
-    runner.merge_shards([shard([0, 2])], batches, 4)
+    store_lib.merge_shards([shard([0, 2])], batches, 4)
   with pytest.raises(
       eval_shards.SettingsMismatchError, match=r"not exactly the run's puzzles " r"0\.\.4"
   ):
-    runner.merge_shards([shard([0, 2]), shard([1, 3])], batches, 5)
+    store_lib.merge_shards([shard([0, 2]), shard([1, 3])], batches, 5)
   twice = [np.array([0, 1]), np.array([1, 2])]
   with pytest.raises(eval_shards.SettingsMismatchError, match=r"\(3 distinct"):
-    runner.merge_shards([shard([0, 1]), shard([1, 2])], twice, 4)
+    store_lib.merge_shards([shard([0, 1]), shard([1, 2])], twice, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1038,7 +1116,10 @@ def test_a_settings_mismatch_ends_both_processes_with_the_same_message(shipped, 
   config.eval.name = "regression"
   eval_shards.check_settings(
       tmp_path / "eval" / "regression" / "shards",
-      {**runner.run_settings(config, shipped.params, "ema"), "code": eval_shards.code_record()},
+      {
+          **eval_settings.run_settings(config, shipped.params, "ema"),
+          "code": eval_shards.code_record(),
+      },
       write=True,
   )
   start = time.time()

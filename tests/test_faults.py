@@ -38,9 +38,10 @@ import pytest
 from ipr_jax import build
 from ipr_jax.build import cli
 from ipr_jax.build import pretrained
-from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.runtime import checkpoint
 from ipr_jax.runtime import errors
+from ipr_jax.training import train_step
 from ipr_jax.training import trainer
 
 from test_train import fast_compilation  # noqa: F401  pylint: disable=unused-import
@@ -217,7 +218,7 @@ def test_every_save_records_the_digests_of_the_live_and_ema_parameters(demo_chec
   # The whole state's, the optimizer state's bytes included, as the restore sees it.
   restored = checkpoint._restore_state_dict(step_dir)  # pylint: disable=protected-access
   assert digests["state_sha256"] == checkpoint.state_digest(restored)
-  assert checkpoint.params_digest(shipped.params) == runner.params_digest(shipped.params)
+  assert checkpoint.params_digest(shipped.params) == eval_settings.params_digest(shipped.params)
 
 
 def test_flipped_bytes_in_a_checkpoint_are_refused(demo_checkpoint, tmp_path):
@@ -276,7 +277,7 @@ def test_a_checkpoint_of_another_geometry_is_refused_unless_allowed(tmp_path):
     assert field in line, line
   assert not (tmp_path / "eval").exists()
   # Deliberate reuse, allowed: the weights load (the U-Net is the same).
-  params, source, _ = runner.load_params(
+  params, source, _ = eval_settings.load_params(
       demo, str(tmp_path), str(tmp_path / "tiny"), allow_config_mismatch=True
   )
   assert source == str(step_dir) and params
@@ -285,7 +286,7 @@ def test_a_checkpoint_of_another_geometry_is_refused_unless_allowed(tmp_path):
   demo_bf16.model.dtype = "bfloat16"
   assert checkpoint.check_stored_config(step_dir, demo_bf16) == []
   # Resuming training under another geometry is refused too, before config.json is replaced.
-  state = trainer.create_train_state(
+  state = train_step.create_train_state(
       demo, build.make_model(demo), build.make_optimizer(demo), jax.random.key(0)
   )
   with pytest.raises(checkpoint.ConfigMismatchError, match="data.cell_size"):

@@ -92,7 +92,7 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
   candidates[:, 0] = False
   denoise = oracle_denoiser(x, sigma)
   query = jax.jit(
-      functools.partial(sampling.uncertainty_query, denoise, patch_size=P, groups=4),
+      functools.partial(sampling.uncertainty_query, sampling.Denoiser(denoise, P), groups=4),
       static_argnames="score",
   )
   nll = np.asarray(query(z, candidates, _keys(range(4)), score="nll"))
@@ -110,16 +110,12 @@ def test_uncertainty_query_is_the_closed_form_nll_and_log_sigma():
 def _refine(ipr_config, denoise, z, candidates, noise, keys, cell_verify_fn=None):
   return jax.jit(
       lambda z, candidates, noise, keys: sampling.ipr_refine(
-          denoise,
+          sampling.Denoiser(denoise, P),
+          sampling.Puzzles(keys, noise=noise),
           z,
-          None,
-          None,
-          candidates,
-          noise,
-          keys,
-          patch_size=P,
-          sampler_config=SAMPLER,
-          ipr_config=ipr_config,
+          SAMPLER,
+          ipr_config,
+          candidates=candidates,
           cell_verify_fn=cell_verify_fn,
       )
   )(z, candidates, noise, keys)
@@ -285,14 +281,10 @@ def _standard_setup(seed=5):
 def _srm_ipr(ipr_config, x, sigma, noise, mask):
   return jax.jit(
       lambda keys: sampling.srm_ipr(
-          _noisy_oracle(x, sigma),
-          keys,
-          image=x,
-          mask=mask,
-          noise=noise,
-          patch_size=P,
-          sampler_config=SAMPLER,
-          ipr_config=ipr_config,
+          sampling.Denoiser(_noisy_oracle(x, sigma), P),
+          sampling.Puzzles(keys, image=x, mask=mask, noise=noise),
+          SAMPLER,
+          ipr_config,
       )
   )(_keys(range(4), seed=9))
 
@@ -362,8 +354,8 @@ def test_confident_return_keeps_the_random_trajectory_and_picks_the_lowest_uncer
   # The query has keys of its own: the re-noised sets and the iterates are the paper's.
   np.testing.assert_array_equal(np.asarray(confident.resampled), np.asarray(paper.resampled))
   np.testing.assert_array_equal(np.asarray(confident.last_iterates), np.asarray(paper.iterates))
-  assert paper.last_iterates is None and paper.uncertainty is None
-  uncertainty = np.asarray(confident.uncertainty)  # [budget + 1, B]
+  assert paper.last_iterates is None and paper.mean_query_score is None
+  uncertainty = np.asarray(confident.mean_query_score)  # [budget + 1, B]
   iterates = np.asarray(paper.iterates)
   for b in range(4):
     for budget in range(5):
@@ -391,14 +383,10 @@ def test_variants_batch_and_pmap_like_single_puzzles():
 
   def run(keys, x, noise, mask):
     return sampling.srm_ipr(
-        batchwise_denoiser,
-        keys,
-        image=x,
-        mask=mask,
-        noise=noise,
-        patch_size=P,
-        sampler_config=SAMPLER,
-        ipr_config=config,
+        sampling.Denoiser(batchwise_denoiser, P),
+        sampling.Puzzles(keys, image=x, mask=mask, noise=noise),
+        SAMPLER,
+        config,
     )
 
   together = jax.device_get(jax.jit(run)(keys, x, noise, mask))

@@ -110,8 +110,8 @@ def test_the_shipped_demo_model_is_small_and_recorded():
 
 def test_the_shipped_demo_weights_are_the_committed_runs_ema_weights(tmp_path):
   """The shipped weights are the EMA weights of the committed training checkpoint
-  (experiments/demo_run), and the metadata's steps are that checkpoint's step, the last step its
-  metrics.jsonl logged, and the demo preset's recipe (DEMO_TRAIN_STEPS)."""
+  (experiments/demo/demo_run), and the metadata's steps are that checkpoint's step, the last step
+  its metrics.jsonl logged, and the demo preset's recipe (DEMO_TRAIN_STEPS)."""
   import json  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   import tarfile  # pylint: disable=g-import-not-at-top
@@ -120,6 +120,7 @@ def test_the_shipped_demo_weights_are_the_committed_runs_ema_weights(tmp_path):
   archive = (
       pathlib.Path(__file__).resolve().parent.parent
       / "experiments"
+      / "demo"
       / "demo_run"
       / "demo_step20494.tar.gz"
   )

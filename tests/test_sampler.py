@@ -140,16 +140,10 @@ def _srm_run(steps_per_patch, overlap, stochasticity, clamp_noise, gain):
 
   @jax.jit
   def run(x, patch_sigma, mask, noise, keys):
-    masked = (1 - mask) * x
     return sampling.srm_sample(
-        fixed_sigma_denoiser(x, patch_sigma, 1, gain),
-        masked + mask * noise,
-        masked,
-        mask,
-        sampling.unknown_patches(mask, 1),
-        keys,
-        patch_size=1,
-        config=config,
+        sampling.Denoiser(fixed_sigma_denoiser(x, patch_sigma, 1, gain), 1),
+        sampling.Puzzles(keys, image=x, mask=mask, noise=noise),
+        config,
         record=True,
     )
 
@@ -236,13 +230,10 @@ _DETERMINISTIC = dict(stochasticity=0.0, clamp_noise=False)
 def test_nfe_even_pixels():
   fn = jax.jit(
       lambda keys: sampling.srm_ipr(
-          toy_denoiser(1),
-          keys,
-          image=None,
-          noise=jnp.zeros((1, 8, 8, 3)),
-          patch_size=1,
-          sampler_config=sampling.SamplerConfig(30, 0.9, **_DETERMINISTIC),
-          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9),
+          sampling.Denoiser(toy_denoiser(1), 1),
+          sampling.Puzzles(keys, noise=jnp.zeros((1, 8, 8, 3))),
+          sampling.SamplerConfig(30, 0.9, **_DETERMINISTIC),
+          sampling.IPRConfig(budget=30, steps_per_patch=30, overlap=0.9),
       )
   )
   result = jax.device_get(fn(_keys([0])))
@@ -256,13 +247,10 @@ def test_nfe_counting_polygons():
   # cp_test on a 16x16 grid (n = 256): SRM 265 passes, each IPR iteration 73 (k = 64).
   fn = jax.jit(
       lambda keys: sampling.srm_ipr(
-          toy_denoiser(1),
-          keys,
-          image=None,
-          noise=jnp.zeros((1, 16, 16, 3)),
-          patch_size=1,
-          sampler_config=sampling.SamplerConfig(10, 0.9, **_DETERMINISTIC),
-          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9),
+          sampling.Denoiser(toy_denoiser(1), 1),
+          sampling.Puzzles(keys, noise=jnp.zeros((1, 16, 16, 3))),
+          sampling.SamplerConfig(10, 0.9, **_DETERMINISTIC),
+          sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.9),
       )
   )
   result = jax.device_get(fn(_keys([0])))
@@ -279,14 +267,10 @@ def test_nfe_sudoku_hard_and_oracle_ipr():
   patch_sigma = _uniform(12, (batch, 9, 9), 0.0, 1.0)
   fn = jax.jit(
       lambda keys, x, mask: sampling.srm_ipr(
-          fixed_sigma_denoiser(x, patch_sigma, 1),
-          keys,
-          image=x,
-          mask=mask,
-          noise=jnp.asarray(_normal(13, x.shape)),
-          patch_size=1,
-          sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-          ipr_config=sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8),
+          sampling.Denoiser(fixed_sigma_denoiser(x, patch_sigma, 1), 1),
+          sampling.Puzzles(keys, image=x, mask=mask, noise=jnp.asarray(_normal(13, x.shape))),
+          sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+          sampling.IPRConfig(budget=30, steps_per_patch=10, overlap=0.8),
       )
   )
   result = jax.device_get(fn(_keys(range(batch)), x, mask))
@@ -307,13 +291,10 @@ def test_nfe_sudoku_corrupted_and_oracle_correction():
   patch_sigma = _uniform(13, (2, 9, 9), 0.0, 1.0)
   fn = jax.jit(
       lambda keys, x: sampling.srm_ipr(
-          fixed_sigma_denoiser(x, patch_sigma, 1),
-          keys,
-          image=x,
-          noise=jnp.zeros_like(x),
-          patch_size=1,
-          sampler_config=sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
-          ipr_config=sampling.IPRConfig(
+          sampling.Denoiser(fixed_sigma_denoiser(x, patch_sigma, 1), 1),
+          sampling.Puzzles(keys, image=x, noise=jnp.zeros_like(x)),
+          sampling.SamplerConfig(3, 0.0, **_DETERMINISTIC),
+          sampling.IPRConfig(
               budget=15, steps_per_patch=10, overlap=0.8, mode="correction", num_corruption_swaps=5
           ),
       )
@@ -354,7 +335,6 @@ def _verify(z):
 
 
 _BATCH_CONFIGS = dict(
-    patch_size=2,
     sampler_config=sampling.SamplerConfig(3, 0.5, stochasticity=0.5),
     ipr_config=sampling.IPRConfig(budget=2, steps_per_patch=4, overlap=0.5, immediate_stop=True),
     verify_fn=_verify,
@@ -365,7 +345,9 @@ _BATCH_CONFIGS = dict(
 @chex.assert_max_traces(n=2)  # batch 4 and batch 1, however often it is called
 def _batch_run(scale, keys, image, mask, noise):
   return sampling.srm_ipr(
-      toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise, **_BATCH_CONFIGS
+      sampling.Denoiser(toy_denoiser(2, scale), 2),
+      sampling.Puzzles(keys, image=image, mask=mask, noise=noise),
+      **_BATCH_CONFIGS,
   )
 
 
@@ -405,7 +387,9 @@ def test_pmap_matches_jit(batch_run):
 
   p_run = jax.pmap(
       lambda scale, keys, image, mask, noise: sampling.srm_ipr(
-          toy_denoiser(2, scale), keys, image=image, mask=mask, noise=noise, **_BATCH_CONFIGS
+          sampling.Denoiser(toy_denoiser(2, scale), 2),
+          sampling.Puzzles(keys, image=image, mask=mask, noise=noise),
+          **_BATCH_CONFIGS,
       ),
       in_axes=(None, 0, 0, 0, 0),
       devices=devices[:2],
@@ -494,25 +478,17 @@ def test_bad_config_values_raise():
     sampling.unknown_patches(np.ones((1, 9, 9, 1)), 2)
   with pytest.raises(ValueError, match="keys"):
     sampling.srm_sample(
-        toy_denoiser(1),
-        np.zeros((2, 3, 3, 1)),
-        None,
-        None,
-        np.ones((2, 9), bool),
-        jax.random.key(0),
-        patch_size=1,
-        config=sampling.SamplerConfig(),
+        sampling.Denoiser(toy_denoiser(1), 1),
+        sampling.Puzzles(jax.random.key(0), noise=np.zeros((2, 3, 3, 1))),
+        sampling.SamplerConfig(),
+        unknown=np.ones((2, 9), bool),
     )
   with pytest.raises(ValueError, match="patch vector"):
     sampling.srm_sample(
-        toy_denoiser(1),
-        np.zeros((2, 3, 3, 1)),
-        None,
-        None,
-        np.ones((2, 8), bool),
-        _keys([0, 1]),
-        patch_size=1,
-        config=sampling.SamplerConfig(),
+        sampling.Denoiser(toy_denoiser(1), 1),
+        sampling.Puzzles(_keys([0, 1]), noise=np.zeros((2, 3, 3, 1))),
+        sampling.SamplerConfig(),
+        unknown=np.ones((2, 8), bool),
     )
 
 
@@ -592,14 +568,10 @@ def _golden_setup(golden_dir, case):
   golden = dict(np.load(golden_dir / f"greedy_{case}_tiny.npz"))
   cfg = json.loads(str(golden["config_json"]))["sampler"]
   z_t = _nhwc(golden["z_T"])
-  if case == "ms":
+  if case == "ms":  # The given content: masked (0 under the mask), re-pasted as (1 - mask) masked.
     mask, masked = _nhwc(golden["mask"]), _nhwc(golden["masked"])
-    z0 = masked + mask * z_t
-    unknown = _unknown(mask, 28)
   else:
     mask = masked = None
-    z0 = z_t
-    unknown = np.ones((1, golden["t_rows"].shape[1]), bool)
   config = sampling.SamplerConfig(
       cfg["steps_per_patch"],
       cfg["overlap"],
@@ -607,29 +579,30 @@ def _golden_setup(golden_dir, case):
       temperature=cfg["temperature"],
       clamp_noise=False,
   )
-  return golden, (z0, masked, mask, unknown), config
+  return golden, (z_t, masked, mask), config
+
+
+def _golden_puzzles(masked, mask, z_t):
+  """The golden run's puzzle: its given content, mask and initial noise z_T (the SRM start
+  masked + mask z_T)."""
+  return sampling.Puzzles(_keys([0]), image=masked, mask=mask, noise=z_t)
 
 
 def test_greedy_matches_reference_run(golden_dir):
   """The whole Even Pixels greedy run (255 calls): selections, times, sigmas and the sample."""
   case = "ep"
   denoise, patch = _golden_denoiser(golden_dir, case)
-  golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, case)
+  golden, (z_t, masked, mask), config = _golden_setup(golden_dir, case)
   start = time.time()
   out = jax.device_get(
       jax.jit(
-          lambda z: sampling.srm_sample(
-              denoise,
-              z,
-              masked,
-              mask,
-              unknown,
-              _keys([0]),
-              patch_size=patch,
-              config=config,
+          lambda z_t: sampling.srm_sample(
+              sampling.Denoiser(denoise, patch),
+              _golden_puzzles(masked, mask, z_t),
+              config,
               record=True,
           )
-      )(z0)
+      )(z_t)
   )
   elapsed = time.time() - start
   calls = int(golden["num_denoiser_calls"])
@@ -645,14 +618,9 @@ def test_greedy_matches_reference_run(golden_dir):
   # The reference's real clamp noise moved it by ~1e-5.
   noisy = jax.device_get(
       sampling.srm_sample(
-          denoise,
-          z0,
-          masked,
-          mask,
-          unknown,
-          _keys([0]),
-          patch_size=patch,
-          config=dataclasses.replace(config, clamp_noise=True),
+          sampling.Denoiser(denoise, patch),
+          _golden_puzzles(masked, mask, z_t),
+          dataclasses.replace(config, clamp_noise=True),
       )
   )
   np.testing.assert_array_equal(noisy.order[0], golden["selected_patches"])
@@ -668,23 +636,18 @@ _MS_PREFIX_STEPS = 40
 
 def test_greedy_ms_run_prefix_matches_reference(golden_dir):
   denoise, patch = _golden_denoiser(golden_dir, "ms")
-  golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
+  golden, (z_t, masked, mask), config = _golden_setup(golden_dir, "ms")
   steps = _MS_PREFIX_STEPS
   out = jax.device_get(
       jax.jit(
-          lambda z: sampling.srm_sample(
-              denoise,
-              z,
-              masked,
-              mask,
-              unknown,
-              _keys([0]),
-              patch_size=patch,
-              config=config,
+          lambda z_t: sampling.srm_sample(
+              sampling.Denoiser(denoise, patch),
+              _golden_puzzles(masked, mask, z_t),
+              config,
               record=True,
               step_limit=steps,
           )
-      )(z0)
+      )(z_t)
   )
   assert int(out.nfe[0]) == steps
   selected = int(np.sum(golden["selection_steps"] < steps))
@@ -700,17 +663,12 @@ def test_greedy_ms_run_prefix_matches_reference(golden_dir):
 def test_greedy_ms_first_step_matches_reference(golden_dir):
   """The cheap part of the ms run: the first update, with the given cells."""
   denoise, patch = _golden_denoiser(golden_dir, "ms")
-  golden, (z0, masked, mask, unknown), config = _golden_setup(golden_dir, "ms")
+  golden, (z_t, masked, mask), config = _golden_setup(golden_dir, "ms")
   out = jax.device_get(
       sampling.srm_sample(
-          denoise,
-          z0,
-          masked,
-          mask,
-          unknown,
-          _keys([0]),
-          patch_size=patch,
-          config=config,
+          sampling.Denoiser(denoise, patch),
+          _golden_puzzles(masked, mask, z_t),
+          config,
           record=True,
           step_limit=1,
       )

@@ -5,7 +5,6 @@ tests/golden/sampler_family_repeats.npz, both made by tests/golden/make_sampler_
 Chrixtar/SRM's sampler code), pass counts from the schedule formulas, and the family through
 IPR and the evaluation binary."""
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -135,17 +134,17 @@ def _run(golden, case):
     )
   sched = greedy.lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
   out = jax.jit(
-      lambda *a: greedy.greedy_loop(
-          denoise,
-          *a,
+      lambda z, given, unknown, keys: greedy.greedy_loop(
+          sampling.Denoiser(denoise, PATCH),
+          z,
+          given,
+          unknown,
+          keys,
           sched,
-          patch_size=PATCH,
-          stochasticity=0.0,
-          temperature=1.0,
-          clamp_noise=False,
+          config,  # the reverse kernel: alpha 0, tau 1, no clamp noise
           record_steps=table.steps_bound(),
       )
-  )(z, masked, mask, jnp.asarray(unknown), keys)
+  )(z, sampling.Given(masked, mask), jnp.asarray(unknown), keys)
   return np.asarray(out.z), np.asarray(out.t_rows), np.asarray(out.nfe)
 
 
@@ -295,15 +294,10 @@ def test_srm_sample_passes(kind, top_k, expected):
   golden = {f"toy/{k}": np.ones((12, 12), np.float32) * 0.3 for k in "abcdefg"}
   config = sampling.SamplerConfig(schedule=kind, top_k=top_k)
   out = sampling.srm_sample(
-      toy_denoiser(golden),
-      z,
-      None,
-      None,
-      unknown,
-      sampling.puzzle_keys(jax.random.key(1), jnp.arange(len(n_values))),
-      patch_size=PATCH,
-      config=config,
-      dependency=mnist_sudoku.dependency_matrix(2),
+      sampling.Denoiser(toy_denoiser(golden), PATCH, mnist_sudoku.dependency_matrix(2)),
+      sampling.Puzzles(sampling.puzzle_keys(jax.random.key(1), jnp.arange(len(n_values))), noise=z),
+      config,
+      unknown=unknown,
   )
   assert list(np.asarray(out.nfe)) == [expected(n) for n in n_values]
   order = np.asarray(out.order)
@@ -316,14 +310,12 @@ def test_graph_sequential_needs_a_dependency_graph():
   golden = {f"toy/{k}": np.zeros((12, 12), np.float32) for k in "abcdefg"}
   with pytest.raises(ValueError, match="graph_sequential.*dependency graph"):
     sampling.srm_sample(
-        toy_denoiser(golden),
-        np.zeros((1, 12, 12, 1), np.float32),
-        None,
-        None,
-        np.ones((1, 16), bool),
-        sampling.puzzle_keys(jax.random.key(0), jnp.arange(1)),
-        patch_size=PATCH,
-        config=config,
+        sampling.Denoiser(toy_denoiser(golden), PATCH),
+        sampling.Puzzles(
+            sampling.puzzle_keys(jax.random.key(0), jnp.arange(1)),
+            noise=np.zeros((1, 12, 12, 1), np.float32),
+        ),
+        config,
     )
 
 
@@ -347,14 +339,10 @@ def test_ipr_regenerates_with_its_own_schedule(ipr_schedule, ipr_top_k, per_iter
   unknown[:, :0] = False
   noise = np.random.default_rng(5).standard_normal((2, 12, 12, 1)).astype(np.float32)
   result = sampling.srm_ipr(
-      toy_denoiser(golden),
-      sampling.puzzle_keys(jax.random.key(2), jnp.arange(2)),
-      image=None,
-      noise=noise,
-      patch_size=PATCH,
-      sampler_config=sampling.SamplerConfig(schedule="graph_sequential"),
-      ipr_config=sampling.IPRConfig(budget=2, schedule=ipr_schedule, top_k=ipr_top_k),
-      dependency=mnist_sudoku.dependency_matrix(2),
+      sampling.Denoiser(toy_denoiser(golden), PATCH, mnist_sudoku.dependency_matrix(2)),
+      sampling.Puzzles(sampling.puzzle_keys(jax.random.key(2), jnp.arange(2)), noise=noise),
+      sampling.SamplerConfig(schedule="graph_sequential"),
+      sampling.IPRConfig(budget=2, schedule=ipr_schedule, top_k=ipr_top_k),
   )
   nfe = np.asarray(result.nfe_per_budget)
   np.testing.assert_array_equal(nfe[:, 0], [48, 48 + per_iteration, 48 + 2 * per_iteration])
@@ -449,37 +437,8 @@ def test_the_python_api_runs_adaptive_top_k(tmp_path, task_config):
   assert all(0.0 <= row["valid_rate"] <= 1.0 for row in rows)
 
 
-def test_a_run_json_from_before_the_family_gets_its_fields(tmp_path):
-  """experiments/migrate_run_json.py gives a format-2 run.json without the family's (or the
-  chains') fields the values its computation had (the defaults), and leaves the other fields as
-  they were."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  root = pathlib.Path(__file__).resolve().parents[1]
-  spec = importlib.util.spec_from_file_location("migrate", root / "experiments/migrate_run_json.py")
-  migrate = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(migrate)
-  committed = root / "experiments/results/demo_20494/eval/ms_hard_test_paper/shards/run.json"
-  stored = json.loads(committed.read_text())
-  old = json.loads(json.dumps(stored))
-  for added_fields in migrate.ADDED_FIELDS:
-    for section, fields in added_fields.items():
-      for name in fields:
-        del old[section][name]
-  (tmp_path / "shards").mkdir()
-  (tmp_path / "shards" / "run.json").write_text(json.dumps(old))
-  assert migrate.main([str(tmp_path / "shards" / "run.json")]) == 0
-  assert json.loads((tmp_path / "shards" / "run.json").read_text()) == stored
-  defaults = {
-      "sampler": dataclasses.asdict(sampling.SamplerConfig()),
-      "ipr": dataclasses.asdict(sampling.IPRConfig()),
-  }
-  for added_fields in migrate.ADDED_FIELDS:
-    for section, fields in added_fields.items():
-      assert all(defaults[section][name] == value for name, value in fields.items())
-
-
-# experiments/run_sampler_family.sh: run name -> (preset, overrides) of the committed runs.
+# experiments/beyond_paper/run_sampler_family.sh: run name -> (preset, overrides) of the committed
+# runs.
 _FAMILY_RUNS = {
     "seq_adaptive000": ("demo,ms_hard_seq_adaptive000", []),
     "fixed": ("demo,ms_hard_fixed", []),
@@ -497,14 +456,14 @@ _FAMILY_RUNS = {
 @pytest.mark.parametrize("name", sorted(_FAMILY_RUNS))
 def test_the_committed_family_runs_record_their_commands(name, task_config):
   """The runs of experiments/README.md's sampler family table hold the settings of the commands
-  in experiments/run_sampler_family.sh (1,000 hard puzzles of seed 35, budget 10), the shipped
-  model, and the code and machine they ran on."""
+  in experiments/beyond_paper/run_sampler_family.sh (1,000 hard puzzles of seed 35, budget 10),
+  the shipped model, and the code and machine they ran on."""
   from ipr_jax.build import pretrained
-  from ipr_jax.evaluation import runner
+  from ipr_jax.evaluation import settings as eval_settings
   from ipr_jax.evaluation import shards as eval_shards  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(__file__).resolve().parents[1]
-  script = (root / "experiments" / "run_sampler_family.sh").read_text()
+  script = (root / "experiments" / "beyond_paper" / "run_sampler_family.sh").read_text()
   preset, overrides = _FAMILY_RUNS[name]
   assert f"run {name} {preset}" in script
   config = task_config("mnist_sudoku", preset)
@@ -517,7 +476,7 @@ def test_the_committed_family_runs_record_their_commands(name, task_config):
   run = root / "experiments" / "results" / "sampler_family" / name / "eval" / name
   shipped = pretrained.load("mnist_sudoku_demo")
   eval_shards.check_settings(
-      run / "shards", runner.run_settings(config, shipped.params, "ema"), check_code=False
+      run / "shards", eval_settings.run_settings(config, shipped.params, "ema"), check_code=False
   )
   metadata = json.loads((run / "results.json").read_text())["metadata"]
   assert metadata["code"]["sha256"] and "sampling/planning.py" in metadata["code"]["files"]

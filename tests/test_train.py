@@ -22,6 +22,7 @@ from ipr_jax import tasks
 from ipr_jax.build import config_base
 from ipr_jax.runtime import checkpoint
 from ipr_jax.runtime import train_state
+from ipr_jax.training import train_step
 from ipr_jax.training import trainer
 import multiprocess
 
@@ -145,10 +146,10 @@ def run_pmapped_steps(config, devices, num_steps):
   """num_steps train steps with the global batch split over `devices`."""
   model, tx = build.make_model(config), build.make_optimizer(config)
   task = tasks.get(config.task).make_data(config)
-  table = trainer.make_loss_weight_table(config, jax.random.key(1))
-  state = trainer.create_train_state(config, model, tx, jax.random.key(0))
+  table = train_step.make_loss_weight_table(config, jax.random.key(1))
+  state = train_step.create_train_state(config, model, tx, jax.random.key(0))
   p_step = jax.pmap(
-      trainer.make_train_step(config, model, tx),
+      train_step.make_train_step(config, model, tx),
       axis_name="batch",
       devices=devices,
       donate_argnums=(0,),
@@ -174,7 +175,7 @@ def test_pmap_over_two_devices_equals_one_device_on_the_full_batch():
   assert_trees_close(two.ema_params, one.ema_params)
   assert_trees_close(two.opt_state, one.opt_state)
   # Not vacuous: the parameters moved.
-  init = trainer.create_train_state(
+  init = train_step.create_train_state(
       config, build.make_model(config), build.make_optimizer(config), jax.random.key(0)
   )
   assert not np.allclose(
@@ -323,7 +324,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
   # Resume with a corrupted loss-weight table (an input of the compiled step, so nothing is
   # recompiled): step 3 gets a NaN loss.
   monkeypatch.setattr(
-      trainer,
+      train_step,
       "make_loss_weight_table",
       lambda config, key: jnp.full((config.time_sampler.density_num_bins,), jnp.nan, jnp.float32),
   )
@@ -345,9 +346,9 @@ def one_step(config):
   """(state after one step, metrics, grads-free): a jitted single-device step on the batch."""
   model, tx = build.make_model(config, training=True), build.make_optimizer(config)
   task = tasks.get(config.task).make_data(config)
-  table = trainer.make_loss_weight_table(config, jax.random.key(1))
-  state = trainer.create_train_state(config, model, tx, jax.random.key(0))
-  step = jax.jit(trainer.make_train_step(config, model, tx, axis_name=None))
+  table = train_step.make_loss_weight_table(config, jax.random.key(1))
+  state = train_step.create_train_state(config, model, tx, jax.random.key(0))
+  step = jax.jit(train_step.make_train_step(config, model, tx, axis_name=None))
   index = np.arange(config.batch_size, dtype=np.int32)
   return step(state, task, table, index)
 

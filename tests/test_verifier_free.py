@@ -25,6 +25,7 @@ import pytest
 from ipr_jax import sampling
 from ipr_jax.build import config_base
 from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.models import denoiser
 from ipr_jax.models.denoiser import DenoiserOutput
 
@@ -95,8 +96,8 @@ def _outputs(overrides, monkeypatch):
       lambda model, patch_size: functools.partial(_toy_denoise, patch_size),
   )
   config = _config(overrides)
-  runner.check_schedules(config)
-  task = runner.task_evaluation(config)
+  eval_settings.check_schedules(config)
+  task = eval_settings.task_evaluation(config)
   indices = np.arange(NUM_PUZZLES)
   inputs = task.inputs(config.eval.seed, indices)
   keys = sampling.puzzle_keys(jax.random.key(7), jnp.asarray(indices))
@@ -183,26 +184,30 @@ def test_the_settings_that_read_a_verifier_do_change_under_an_oracle(overrides, 
 
 def test_a_verifier_handed_to_a_verifier_free_setting_is_refused():
   x = jnp.zeros((2, 4, 4, 1))
-  common = dict(
-      image=x,
-      mask=jnp.ones((2, 4, 4, 1)),
-      noise=x,
-      patch_size=2,
-      sampler_config=sampling.SamplerConfig(2, 0.0),
-  )
   keys = sampling.puzzle_keys(jax.random.key(0), jnp.arange(2))
-  denoise = functools.partial(_toy_denoise, 2, None)
+  denoiser = sampling.Denoiser(functools.partial(_toy_denoise, 2, None), 2)
+  puzzles = sampling.Puzzles(keys, image=x, mask=jnp.ones((2, 4, 4, 1)), noise=x)
+  sampler_config = sampling.SamplerConfig(2, 0.0)
   with pytest.raises(ValueError, match="verify_fn is read only by immediate_stop"):
     sampling.srm_ipr(
-        denoise, keys, ipr_config=sampling.IPRConfig(budget=1), verify_fn=lambda z: z, **common
+        denoiser,
+        puzzles,
+        sampler_config,
+        sampling.IPRConfig(budget=1),
+        verify_fn=lambda z: z,
     )
   with pytest.raises(ValueError, match="cell_verify_fn is read only by selection='verifier'"):
     sampling.srm_ipr(
-        denoise,
-        keys,
-        ipr_config=sampling.IPRConfig(budget=1, selection="uncertainty"),
+        denoiser,
+        puzzles,
+        sampler_config,
+        sampling.IPRConfig(budget=1, selection="uncertainty"),
         cell_verify_fn=lambda z: z,
-        **common,
+    )
+  # ipr_refine refuses them alike.
+  with pytest.raises(ValueError, match="verify_fn is read only by immediate_stop"):
+    sampling.ipr_refine(
+        denoiser, puzzles, x, sampler_config, sampling.IPRConfig(budget=1), verify_fn=lambda z: z
     )
   # What the evaluation hands: nothing to a verifier-free setting.
   assert runner.verifiers(sampling.IPRConfig(chains=3, query_cells="balanced"), None) == {}

@@ -78,6 +78,38 @@ class QuietOrbax(std_logging.Filter):
     return True
 
 
+# The loggers whose INFO (and DEBUG) lines are the libraries' own business, not the user's: JAX's
+# (every run on a machine without a TPU logs "Unable to initialize backend 'tpu': ... libtpu.so"
+# when the backends start; CPU and GPU runs do not need one) and those below them.
+QUIET_LOGGERS = ("jax", "jaxlib")
+
+
+class QuietLibraries(std_logging.Filter):
+  """Drops the INFO and DEBUG lines of JAX's loggers (`QUIET_LOGGERS`: e.g. "Unable to
+  initialize backend 'tpu'" on every machine without one); their warnings and errors stay (a
+  GPU that JAX cannot use, a failed compilation)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(record.name == n or record.name.startswith(n + ".") for n in QUIET_LOGGERS)
+
+
+def quiet_console(verbose: bool) -> None:
+  """The binaries' console log: only what the user needs, the binaries' own lines and every
+  warning and error (`QuietLibraries`, `QuietOrbax`), unless `verbose` (--verbose, -v 1): then
+  the libraries' lines too, JAX's and Orbax's INFO lines and Orbax's tracebacks, as far as absl's
+  verbosity lets them through. Either way the dozens of "Event loop is closed" errors after a
+  failed Orbax save stay away (the binary reports the failure itself)."""
+  handler = logging.get_absl_handler()
+  for old in [f for f in handler.filters if isinstance(f, (QuietOrbax, QuietLibraries))]:
+    handler.removeFilter(old)
+  if not verbose:
+    handler.addFilter(QuietLibraries())
+    handler.addFilter(QuietOrbax())
+  _quiet_closed_event_loops()
+
+
 def verbose_in(argv: Sequence[str]) -> bool:
   """Whether `argv` asks for tracebacks: --verbose, or absl's verbosity of at least 1 (read from
   argv, since a command line that does not parse has no flag values)."""
@@ -245,9 +277,8 @@ def run(
   user = (FileNotFoundError, errors.ConfigError, *user_errors)
 
   def guarded(argv):
-    logging.get_absl_handler().addFilter(QuietOrbax())
-    _quiet_closed_event_loops()
     verbose = lambda: flags.FLAGS.verbose or flags.FLAGS.verbosity >= 1
+    quiet_console(verbose())
     try:
       return main(argv)
     except errors.StorageError as e:

@@ -21,7 +21,7 @@ from ipr_jax.models import unet
 from ipr_jax.runtime import errors
 
 # The packaged task configs (`ipr_jax/configs/<task>.py`), named by `--config=<task>[:preset]`.
-PACKAGED_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+PACKAGED_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def packaged_configs() -> tuple[str, ...]:

@@ -38,7 +38,7 @@ import numpy as np
 from ipr_jax.runtime import config_diff
 from ipr_jax.runtime import errors
 
-ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
 _SEPARATOR = "/"
 # The sections a model's weights depend on: an evaluation config must agree with the shipped one.

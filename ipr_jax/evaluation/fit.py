@@ -3,7 +3,7 @@
 XLA's compiled analysis (`jit(f).lower(...).compile().memory_analysis()`) gives the bytes a
 program needs on its device: its arguments, its outputs and its temporaries (less what the outputs
 alias of the arguments). This module measures it for the evaluation program (SRM + IPR on one
-device's puzzles, `runner.make_run_fn`) and for the train step (`trainer.make_train_step`), fits
+device's puzzles, `runner.make_run_fn`) and for the train step (`train_step.make_train_step`), fits
 it linearly in the batch from two compilations, picks the largest evaluation batch that fits a
 memory limit less a headroom (`eval.batch_size = "auto"`, resolved by the evaluation binary
 before `runner.evaluate`).
@@ -32,6 +32,7 @@ from ipr_jax import sampling
 from ipr_jax import tasks
 from ipr_jax.data import geometry
 from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.evaluation import shards as eval_shards
 from ipr_jax.runtime import errors
 
@@ -172,7 +173,7 @@ def eval_program_cost(
   final images with `config.eval.save_samples`; the figure's few puzzles are computed apart)."""
   if batch_per_device < 1:
     raise ValueError(f"batch_per_device={batch_per_device} must be >= 1")
-  task = runner.task_evaluation(config)
+  task = eval_settings.task_evaluation(config)
   run = runner.make_run_fn(config, task)
   params = abstract_params(config) if params is None else jax.tree_util.tree_map(_abstract, params)
   inputs = task.inputs(config.eval.seed, np.arange(1))
@@ -352,13 +353,13 @@ def resolve_eval_batch_size(
 def train_step_cost(config: ml_collections.ConfigDict, batch_per_device: int) -> ProgramCost:
   """The compiled analysis of one device's train step at `batch_per_device` examples (with
   `config.remat` and `config.grad_accum_steps`; the state donated, as `train` does)."""
-  from ipr_jax.training import trainer  # pylint: disable=g-import-not-at-top  (train is the heavier import)
+  from ipr_jax.training import train_step  # pylint: disable=g-import-not-at-top  (the heavier import)
 
   model = build.make_model(config, training=True)
   tx = build.make_optimizer(config)
-  step = trainer.make_train_step(config, model, tx, axis_name=None)
+  step = train_step.make_train_step(config, model, tx, axis_name=None)
   state = jax.eval_shape(
-      lambda k: trainer.create_train_state(config, model, tx, k), jax.random.key(0)
+      lambda k: train_step.create_train_state(config, model, tx, k), jax.random.key(0)
   )
   num_bins = int(config.time_sampler.density_num_bins)
   weight_table = jax.ShapeDtypeStruct((num_bins,), jnp.float32)

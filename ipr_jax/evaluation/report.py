@@ -261,6 +261,77 @@ def choose_plot_puzzles(valid: np.ndarray, count: int) -> np.ndarray:
   return np.asarray(sorted(chosen + rest[: count - len(chosen)]), np.int64)
 
 
+def outcome_label(valid: Sequence[bool]) -> str:
+  """What IPR did to a puzzle, from its valid flags after budgets 0..B ([B + 1] bool): 'fixed by
+  IPR' (invalid after SRM, valid at the end), 'stays invalid', 'stays valid' or 'broken by IPR'
+  (valid after SRM, invalid at the end)."""
+  flags = np.asarray(valid, bool).reshape(-1)
+  return {
+      (False, True): "fixed by IPR",
+      (False, False): "stays invalid",
+      (True, True): "stays valid",
+      (True, False): "broken by IPR",
+  }[(bool(flags[0]), bool(flags[-1]))]
+
+
+def _iterations(budgets: Sequence[int]) -> str:
+  """'3' or '1-3' for consecutive iterations (an en dash)."""
+  return str(budgets[0]) if len(budgets) == 1 else f"{budgets[0]}\u2013{budgets[-1]}"
+
+
+def _column_title(budget: int, previous: int) -> str:
+  """A column's title: which iteration it shows, and the iterations before it not shown."""
+  title = "SRM sample\n(before IPR)" if budget == 0 else f"IPR iteration {budget}"
+  skipped = list(range(previous + 1, budget))
+  if skipped:
+    title += f"\n(iteration{'s' if len(skipped) > 1 else ''} {_iterations(skipped)} not shown)"
+  return title
+
+
+def _columns_note(budgets_to_show: Sequence[int], num_budgets: int) -> str:
+  """The figure's first line: which iterations the columns are, and that the others are skipped."""
+  last = num_budgets - 1
+  ipr = [b for b in budgets_to_show if b > 0]
+  parts = ["the SRM sample"] if 0 in budgets_to_show else []
+  if len(ipr) == last and last > 0:
+    parts.append(f"every IPR iteration {_iterations(list(range(1, num_budgets)))}")
+  elif ipr:
+    parts.append(
+        f"IPR iteration{'s' if len(ipr) > 1 else ''} {', '.join(map(str, ipr))} of "
+        f"{_iterations(list(range(1, num_budgets)))} (the other {last - len(ipr)} not shown)"
+    )
+  elif last > 0:
+    parts.append(f"no IPR iteration (of {_iterations(list(range(1, num_budgets)))})")
+  return "Columns: " + " and ".join(parts)
+
+
+# Colours of the IPR process figure.
+_BROKEN, _BOX, _CELL_LINE, _UNKNOWN = "red", "#2f8fe8", "0.32", "0.5"
+_VALID_TEXT, _INVALID_TEXT = "#17803a", "#c81e1e"
+
+
+def _draw_grid(ax, shape: Sequence[int], cell_size: int, box_size: int) -> None:
+  """Thin cell lines and thick box lines (every `box_size` cells) over an image of `shape`."""
+  for lines, draw in ((shape[1] // cell_size, ax.axvline), (shape[0] // cell_size, ax.axhline)):
+    for k in range(1, lines):
+      on_box = k % box_size == 0
+      draw(
+          k * cell_size - 0.5,
+          color=_BOX if on_box else _CELL_LINE,
+          linewidth=1.6 if on_box else 0.5,
+          zorder=2 if on_box else 1,
+      )
+
+
+def _given_cells(puzzle: np.ndarray, cell_size: int) -> np.ndarray:
+  """[gh, gw] bool: the cells of a puzzle image (cells to generate exactly 0) that are given."""
+  gh, gw = puzzle.shape[0] // cell_size, puzzle.shape[1] // cell_size
+  cells = np.asarray(puzzle)[: gh * cell_size, : gw * cell_size].reshape(
+      gh, cell_size, gw, cell_size, -1
+  )
+  return np.any(cells != 0, axis=(1, 3, 4))
+
+
 def ipr_process_figure(
     snapshots: np.ndarray,
     invalid_cells: Optional[np.ndarray],
@@ -268,22 +339,39 @@ def ipr_process_figure(
     budgets_to_show: Optional[Sequence[int]] = None,
     puzzles: Optional[np.ndarray] = None,
     labels: Optional[Sequence[str]] = None,
+    *,
+    indices: Optional[Sequence[int] | np.ndarray] = None,
+    valid: Optional[np.ndarray] = None,
+    box_size: Optional[int] = None,
 ):
-  """A few puzzles across IPR iterations, invalid cells outlined in red.
+  """A few puzzles (rows) across IPR iterations (columns), cells that break a rule outlined in
+  red, with a legend, column titles naming each column's iteration (and the iterations not
+  shown), and row labels (puzzle index and what IPR did to it).
+
+  `batch_result_figure` draws it from an `Evaluator` and its result with all of these filled in.
 
   Args:
-    snapshots: [P, num_budgets, H, W, C] samples in [-1, 1].
+    snapshots: [P, num_budgets, H, W, C] samples in [-1, 1] after budgets 0..num_budgets - 1.
     invalid_cells: optional [P, num_budgets, gh, gw] bool, True where a cell breaks a rule.
     cell_size: pixel size of one cell (or patch) for the outlines.
-    budgets_to_show: which budgets to draw (default: up to 8 evenly spaced, first and last kept).
-    puzzles: optional [P, H, W, C] inputs in [-1, 1] (given cells, the rest blank), drawn as a
-      first column.
-    labels: optional P row labels (e.g. the puzzle's index and what IPR did to it).
+    budgets_to_show: which budgets to draw (default: up to 8 evenly spaced, first and last kept);
+      the column titles and the first line of the figure say which iterations are not shown.
+    puzzles: optional [P, H, W, C] inputs in [-1, 1] (given cells, the cells to generate exactly
+      0, mid-grey: `Evaluator.puzzle_images`), drawn as a first column with the number of given
+      cells ("no given cell" written on a puzzle without one).
+    labels: optional P row labels (default: from `indices` and `valid`).
+    indices: optional P puzzle indices, for the row labels ("puzzle 14").
+    valid: optional [P, num_budgets] bool: whether each sample is valid; every panel then says
+      "valid" or "invalid", and the row labels what IPR did ("fixed by IPR", `outcome_label`).
+    box_size: optional Sudoku box side in cells (2 for 4x4, 3 for 9x9): draws the cell and box
+      lines.
 
   Returns:
     A matplotlib Figure (no pyplot, no backend change).
   """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
 
   snapshots = np.asarray(snapshots)
@@ -295,52 +383,149 @@ def ipr_process_figure(
         f"puzzles must be [P, H, W, C] = {(num_puzzles, *snapshots.shape[2:])}, "
         f"got shape {np.shape(puzzles)}"
     )
+  if valid is not None:
+    valid = np.asarray(valid, bool)
+    if valid.shape != (num_puzzles, num_budgets):
+      raise ValueError(
+          f"valid must be [P, budgets] = {(num_puzzles, num_budgets)} like the snapshots, got "
+          f"shape {valid.shape} (a BatchResult's scores['valid'] is [budgets, P]: transpose it)"
+      )
+  if indices is not None and len(indices) != num_puzzles:
+    raise ValueError(f"indices must name the {num_puzzles} puzzles, got {len(indices)}")
   if budgets_to_show is None:
     budgets_to_show = sorted(set(np.linspace(0, num_budgets - 1, min(8, num_budgets)).astype(int)))
-  first = 0 if puzzles is None else 1
-  num_columns = first + len(budgets_to_show)
+  budgets_to_show = [int(b) for b in budgets_to_show]
+  if any(not 0 <= b < num_budgets for b in budgets_to_show):
+    raise ValueError(f"budgets_to_show {budgets_to_show} must be in 0..{num_budgets - 1}")
+  if labels is None and (indices is not None or valid is not None):
+    labels = [
+        "\n".join(
+            ([f"puzzle {int(indices[p])}"] if indices is not None else [])
+            + ([outcome_label(valid[p])] if valid is not None else [])
+        )
+        for p in range(num_puzzles)
+    ]
   if labels is not None and len(labels) != num_puzzles:
     raise ValueError(f"labels must name the {num_puzzles} puzzles, got {len(labels)}")
-  fig = Figure(figsize=(1.6 * num_columns, 1.6 * num_puzzles))
+  first = 0 if puzzles is None else 1
+  num_columns = first + len(budgets_to_show)
+  fig = Figure(
+      figsize=(max(1.7 * num_columns + 0.4, 6.0), 1.75 * num_puzzles + 1.3), layout="constrained"
+  )
   axes = fig.subplots(num_puzzles, num_columns, squeeze=False)
+  grid = (lambda ax: _draw_grid(ax, snapshots.shape[2:], cell_size, box_size)) if box_size else None
   for p in range(num_puzzles):
     if labels is not None:
-      axes[p, 0].set_ylabel(labels[p], fontsize=7)
+      axes[p, 0].set_ylabel(labels[p], fontsize=8)
     if puzzles is not None:
-      _show_image(axes[p, 0], puzzles[p])
+      ax = axes[p, 0]
+      _show_image(ax, puzzles[p])
+      given = _given_cells(puzzles[p], cell_size)
+      ax.set_xlabel(f"{int(given.sum())} of {given.size} cells given", fontsize=7)
+      if not given.any():
+        ax.text(
+            0.5, 0.5, "no given cell", transform=ax.transAxes, ha="center", va="center",
+            fontsize=8, color="white", zorder=4,
+            bbox={"facecolor": "0.2", "edgecolor": "none", "boxstyle": "round,pad=0.3"},
+        )  # fmt: skip
+      if grid:
+        grid(ax)
       if p == 0:
-        axes[p, 0].set_title("puzzle", fontsize=8)
+        ax.set_title("puzzle\n(its given cells)", fontsize=8)
+    previous = -1
     for j, b in enumerate(budgets_to_show):
       ax = axes[p, first + j]
       _show_image(ax, snapshots[p, b])
+      if grid:
+        grid(ax)
       if invalid_cells is not None:
+        # Inset by half a pixel: the outline stays inside its cell (not clipped at the image's
+        # edge, and two broken neighbours keep two outlines).
         for r, c in zip(*np.nonzero(invalid_cells[p, b])):
           ax.add_patch(
               Rectangle(
-                  (c * cell_size - 0.5, r * cell_size - 0.5),
-                  cell_size,
-                  cell_size,
+                  (c * cell_size, r * cell_size),
+                  cell_size - 1,
+                  cell_size - 1,
                   fill=False,
-                  edgecolor="red",
-                  linewidth=1.0,
+                  edgecolor=_BROKEN,
+                  linewidth=1.3,
+                  zorder=3,
               )
           )
+      if valid is not None:
+        ok = bool(valid[p, b])
+        ax.set_xlabel(
+            "valid" if ok else "invalid", fontsize=7, color=_VALID_TEXT if ok else _INVALID_TEXT
+        )
       if p == 0:
-        ax.set_title("SRM" if b == 0 else f"b = {b}", fontsize=8)
-  fig.tight_layout()
+        ax.set_title(_column_title(b, previous), fontsize=8)
+      previous = b
+  fig.suptitle(_columns_note(budgets_to_show, num_budgets), fontsize=9)
+  handles: list[Any] = []
+  if puzzles is not None:
+    handles.append(
+        Patch(
+            facecolor=_UNKNOWN,
+            edgecolor="0.2",
+            label="grey (puzzle column): a cell the puzzle does not give; the model generates it",
+        )
+    )
+  if invalid_cells is not None:
+    handles.append(
+        Patch(
+            fill=False,
+            edgecolor=_BROKEN,
+            linewidth=1.3,
+            label="red outline: a cell that breaks a rule (Sudoku: its digit repeats in its row, "
+            "column or box)",
+        )
+    )
+  if box_size:
+    handles.append(
+        Line2D(
+            [], [], color=_BOX, linewidth=1.6,
+            label=f"blue line: Sudoku box ({box_size} x {box_size} cells)",
+        )  # fmt: skip
+    )
+  if handles:
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False)
   return fig
 
 
-def plot_ipr_process(
-    path: str,
-    snapshots: np.ndarray,
-    invalid_cells: Optional[np.ndarray],
-    cell_size: int,
-    budgets_to_show: Optional[Sequence[int]] = None,
-    puzzles: Optional[np.ndarray] = None,
-    labels: Optional[Sequence[str]] = None,
-) -> None:
-  """Writes `ipr_process_figure(...)` (same arguments) as a PNG to `path`."""
-  ipr_process_figure(snapshots, invalid_cells, cell_size, budgets_to_show, puzzles, labels).savefig(
-      path, dpi=100
+def batch_result_figure(
+    evaluator, result, rows=None, budgets_to_show: Optional[Sequence[int]] = None
+):
+  """`ipr_process_figure` of an `Evaluator`'s result, everything filled in: the puzzles whose
+  samples `result` holds (the evaluator called with samples_per_device=None, or > 0), or the rows
+  `rows` of them (a slice or row numbers), with their given cells, broken cells, Sudoku boxes,
+  puzzle indices and what IPR did to each.
+
+  E.g. `batch_result_figure(evaluator, evaluator(np.arange(8), samples_per_device=None))`.
+  """
+  if result.samples is None:
+    raise ValueError(
+        "the result holds no samples: call the evaluator with samples_per_device=None (every "
+        "puzzle's) or > 0"
+    )
+  samples, indices = np.asarray(result.samples), np.asarray(result.sample_indices)
+  if rows is not None:
+    samples, indices = samples[rows], indices[rows]
+  row_of = {int(i): p for p, i in enumerate(result.indices)}
+  valid = np.asarray(result.scores["valid"]).T[[row_of[int(i)] for i in indices]]
+  task = evaluator.task
+  return ipr_process_figure(
+      samples,
+      evaluator.invalid_cells(samples),
+      task.cell_size,
+      budgets_to_show,
+      puzzles=evaluator.puzzle_images(indices),
+      indices=indices,
+      valid=valid,
+      box_size=getattr(task, "box_size", None),
   )
+
+
+def plot_ipr_process(path: str, *args, **kwargs) -> None:
+  """Writes `ipr_process_figure(*args, **kwargs)` as a PNG to `path`."""
+  ipr_process_figure(*args, **kwargs).savefig(path, dpi=100)

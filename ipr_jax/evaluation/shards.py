@@ -1,4 +1,5 @@
-"""The results of an evaluation run, one file per batch, so that a stopped run can resume.
+"""The results of an evaluation run, one file per batch, so that a stopped run can resume: the
+files, their format and their writing. The evaluation opens them as one object, `store.ShardStore`.
 
     <eval dir>/shards/run.json           what the shards were computed with (below)
     <eval dir>/shards/batch_000012.npz   batch 12's per-puzzle arrays; "index": its puzzles
@@ -19,29 +20,31 @@ Without shards, run.json's code and environment records are simply brought up to
 
 Every shard holds the indices of its puzzles ("index"), the digest of the settings and code it
 was computed under ("settings_sha256", `settings_digest`) and of its environment
-("environment_sha256"); they are checked against the run's when a shard is reused
-(`verify_shards`) and when the shards are merged (`read_shards`), so that shards copied into
-another folder, or left after run.json was deleted, are not mixed into another run.
+("environment_sha256"), in this order: index, unknown_patches, nfe, seconds, process, the two
+digests, then "score.<name>" [P, budget + 1], "final.<name>" and, if saved, "samples"; the digests
+are checked against the run's when a shard is reused (when the store opens) and when the shards
+are merged (`ShardStore.read`), so that shards copied into another folder, or left after run.json
+was deleted, are not mixed into another run.
 
 Crash safety: a shard or run.json is written to a temporary name (`*.tmp<pid>`), flushed to disk
 (fsync), renamed, and the directory fsynced, so a file under its final name is complete even
 after a power cut. A process killed mid-write leaves a temporary file; `remove_temporaries`
 deletes them when a run starts. A shard damaged all the same (truncated or corrupt on a flaky
-disk or network file system) is found when a run starts: `verify_shards` reads every shard in
+disk or network file system) is found when a run starts: opening the store reads every shard in
 full (zip CRCs included), deletes a damaged one with a warning, and the run computes it again.
 
 run.json of format 1 (written before the format field existed: variant fields at the paper's
-values left out, no code record) is refused with a pointer to experiments/migrate_run_json.py.
+values left out, no code record) is refused with a pointer to experiments/migrate_run_json.py (in
+git history at commit a976fd0).
 """
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -53,7 +56,7 @@ from ipr_jax.runtime import environment as environment_lib
 from ipr_jax.runtime import errors
 
 SETTINGS_FILE = "run.json"
-# The digests every shard holds (`ShardDigests`).
+# The digests every shard holds (`store.ShardStore.write`).
 SETTINGS_DIGEST = "settings_sha256"
 ENVIRONMENT_DIGEST = "environment_sha256"
 FORMAT = 2
@@ -64,8 +67,10 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # and parameters (`code_record`), relative to the package folder. Chosen as the evaluation's own
 # module and every module it imports to compute results, with the shipped weights and data those
 # read:
-#   evaluate.py, evaluation/runner.py
-#                                 the binary; key streams, what a shard holds;
+#   evaluate.py, evaluation/runner.py, evaluation/settings.py
+#                                 the binary; the evaluation program (SRM + IPR, the scores of
+#                                 every budget), what a shard holds; a config's key streams,
+#                                 sampler options, test puzzles and batches;
 #   build/__init__.py, data/geometry.py
 #                                 the U-Net a config builds, the image and patch grid shapes;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
@@ -78,11 +83,13 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #   data/*.py, data/assets/mnist_digits_10k*.npz
 #                                 the test puzzles (tasks/__init__.py imports every task).
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
-# pretrained.py (reading parameters: their digest is a setting), eval_report.py (tables and plots,
-# made again from the shards at every merge), cli.py and errors.py (the command line and its
-# messages), eval_shards.py, environment.py (its record is checked on its own), agreement.py,
-# preemption.py and host_devices.py (files, processes, devices: results do not depend on the
-# device or process count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
+# pretrained.py (reading parameters: their digest is a setting), evaluation/results.py (the merge,
+# results.json and, through evaluation/report.py, tables and plots: made again from the shards at
+# every merge), cli.py and errors.py (the command line and its messages), evaluation/shards.py and
+# evaluation/store.py (the shard files and their checks: what a shard holds, runner.py computes),
+# environment.py (its record is checked on its own), agreement.py, preemption.py and
+# host_devices.py (files, processes, devices: results do not depend on the device or process
+# count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
 # on which no result depends), compilation_cache.py (where compiled programs are kept). The
 # configs are not code here: their resolved values are settings. The fingerprint is of whole
 # files, bytes as they are: simple and conservative (an edit of evaluate.py's command line or of
@@ -93,6 +100,7 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 CODE_FILES = (
     "evaluate.py",
     "evaluation/runner.py",
+    "evaluation/settings.py",
     "build/__init__.py",
     "data/geometry.py",
     "tasks/__init__.py",
@@ -103,10 +111,13 @@ CODE_FILES = (
     "sampling/__init__.py",
     "sampling/config.py",
     "sampling/patches.py",
+    "sampling/inputs.py",
     "sampling/planning.py",
     "sampling/greedy.py",
+    "sampling/query.py",
     "sampling/selection.py",
     "sampling/chains.py",
+    "sampling/refinement.py",
     "sampling/ipr.py",
     "noise/schedule.py",
     "noise/flow.py",
@@ -134,8 +145,9 @@ NOT_IN_CODE_RECORD = (
     "build/cli",
     "build/pretrained",
     "evaluation/fit",
-    "evaluation/report",
+    "evaluation/results",
     "evaluation/shards",
+    "evaluation/store",
     "runtime/agreement",
     "runtime/checkpoint",
     "runtime/compilation_cache",
@@ -229,7 +241,8 @@ def check_processes_agree(per_process: Sequence[dict[str, Any]]) -> None:
     )
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
+def fsync_dir(directory: pathlib.Path) -> None:
+  """Syncs `directory` (its entries: names created, renamed, deleted) where the file system can."""
   try:
     fd = os.open(directory, os.O_RDONLY)
   except OSError:
@@ -257,7 +270,7 @@ def _write_atomically(path: pathlib.Path, write) -> None:
     if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
       e.filename = str(path)
     raise
-  _fsync_dir(path.parent)
+  fsync_dir(path.parent)
 
 
 def write_settings(shard_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
@@ -390,8 +403,8 @@ def _read_settings(path: pathlib.Path) -> dict[str, Any]:
     raise SettingsMismatchError(
         f"{path} is of format {found}, not {FORMAT}: written by an earlier ipr-jax, it records "
         "neither every setting nor the code, so its shards cannot be checked against this run. "
-        f"Delete {path.parent} to compute them again (experiments/migrate_run_json.py converts "
-        "such a file, to keep it as a record)."
+        f"Delete {path.parent} to compute them again (experiments/migrate_run_json.py at commit "
+        "a976fd0 converts such a file, to keep it as a record)."
     )
   return stored
 
@@ -417,7 +430,7 @@ def write_shard(shard_dir: str | os.PathLike, batch: int, arrays: dict[str, np.n
 
 
 def done_batches(shard_dir: str | os.PathLike) -> set[int]:
-  """The batch numbers whose shard files exist (by name: `verify_shards` reads them)."""
+  """The batch numbers whose shard files exist (by name: the store reads them when it opens)."""
   shard_dir = pathlib.Path(shard_dir)
   if not shard_dir.is_dir():
     return set()
@@ -436,192 +449,7 @@ def remove_temporaries(shard_dir: str | os.PathLike) -> list[str]:
   return removed
 
 
-def _load(path: pathlib.Path) -> dict[str, np.ndarray]:
+def load_shard(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Every array of a shard, read in full (so that the zip's CRCs are checked)."""
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardDigests:
-  """What a shard must hold to be part of a run: the run's `settings_digest` as "settings_sha256"
-  and, as "environment_sha256", one of `environments` (`environment.digest`s; None: any)."""
-
-  settings: str
-  environment: str
-  environments: Optional[frozenset[str]]
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    """The digest arrays a new shard of this run holds."""
-    return {
-        SETTINGS_DIGEST: np.asarray(self.settings),
-        ENVIRONMENT_DIGEST: np.asarray(self.environment),
-    }
-
-  def check(self, path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Raises SettingsMismatchError unless the shard `arrays` (read from `path`) belong here."""
-    if SETTINGS_DIGEST not in arrays or ENVIRONMENT_DIGEST not in arrays:
-      raise SettingsMismatchError(
-          f"{path} records no settings digest (written by an earlier ipr-jax), so it cannot be "
-          f"checked against this run: delete {path.parent} to compute it again"
-      )
-    if str(arrays[SETTINGS_DIGEST]) != self.settings:
-      raise SettingsMismatchError(
-          f"{path} was computed under other settings or code (settings_sha256 "
-          f"{str(arrays[SETTINGS_DIGEST])[:12]}..., this run's {self.settings[:12]}...): it is "
-          f"not a shard of this run (copied in, or left after run.json was replaced). Delete "
-          f"{path.parent} to start over, or use another config.eval.name."
-      )
-    found = str(arrays[ENVIRONMENT_DIGEST])
-    if self.environments is not None and found not in self.environments:
-      raise SettingsMismatchError(
-          f"{path} was computed in another environment (environment_sha256 {found[:12]}..., "
-          f"this run's {self.environment[:12]}...): delete {path.parent} to compute it again, "
-          "or pass --allow_environment_change to reuse it"
-      )
-
-
-def _check_index(
-    path: pathlib.Path, arrays: dict[str, np.ndarray], batch: int, expected: np.ndarray
-) -> None:
-  if "index" not in arrays:
-    raise SettingsMismatchError(f"{path} has no 'index' array: not a shard of this evaluation")
-  index, expected = np.asarray(arrays["index"]).reshape(-1), np.asarray(expected).reshape(-1)
-  if index.shape != expected.shape or not np.array_equal(index, expected):
-    show = lambda a: np.array2string(a, threshold=12, separator=",")
-    raise SettingsMismatchError(
-        f"{path} holds puzzles {show(index)} ({len(index)}), but batch {batch} of this run is "
-        f"{show(expected)} ({len(expected)}): the shards are of another batching. Delete "
-        f"{path.parent} to start over."
-    )
-
-
-def verify_shards(
-    shard_dir: str | os.PathLike,
-    batches: Sequence[np.ndarray],
-    digests: Optional["ShardDigests"] = None,
-) -> tuple[set[int], list[str]]:
-  """Reads every existing shard in full: the batches done, and the names of the damaged shards
-  (unreadable: truncated, corrupt), which are deleted with a warning so that they are computed
-  again.
-
-  Raises:
-    SettingsMismatchError: a readable shard holds other puzzles than its batch of `batches`, its
-      number is not one of the run's batches, or (with `digests`) it was computed under other
-      settings, code or (not accepted) environment.
-  """
-  done, damaged = set(), []
-  for batch in sorted(done_batches(shard_dir)):
-    path = shard_path(shard_dir, batch)
-    if batch >= len(batches):
-      raise SettingsMismatchError(
-          f"{path} is batch {batch}, but this run has {len(batches)} "
-          f"batches: the shards are of another batching. Delete "
-          f"{path.parent} to start over."
-      )
-    try:
-      arrays = _load(path)
-    except Exception as e:  # a zip, CRC or npy error: the file is damaged
-      logging.warning(
-          "%s is damaged (%s: %s); deleting it, the batch is computed again",
-          path,
-          type(e).__name__,
-          e,
-      )
-      path.unlink(missing_ok=True)
-      damaged.append(path.name)
-      continue
-    _check_index(path, arrays, batch, batches[batch])
-    if digests is not None:
-      digests.check(path, arrays)
-    done.add(batch)
-  if damaged:
-    _fsync_dir(pathlib.Path(shard_dir))
-  return done, damaged
-
-
-def read_shards(
-    shard_dir: str | os.PathLike,
-    batches: int | Sequence[np.ndarray],
-    digests: Optional["ShardDigests"] = None,
-) -> list[dict[str, np.ndarray]]:
-  """The arrays of batches 0..n-1, in batch order.
-
-  Args:
-    shard_dir: the shard directory.
-    batches: the run's batches (each shard's "index" must equal its batch's puzzle indices), or
-      only their number n.
-    digests: if given, each shard's settings and environment digests are checked against them.
-
-  Raises:
-    FileNotFoundError: some batches have no shard (their numbers are listed).
-    ValueError: a shard cannot be read.
-    SettingsMismatchError: a shard holds other puzzles than its batch.
-  """
-  num_batches = batches if isinstance(batches, int) else len(batches)
-  missing = sorted(set(range(num_batches)) - done_batches(shard_dir))
-  if missing:
-    shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-    raise FileNotFoundError(
-        f"{len(missing)} of {num_batches} batches have no results in "
-        f"{shard_dir} (batches {shown}); rerun the same command to "
-        "compute them"
-    )
-  shards = []
-  for batch in range(num_batches):
-    path = shard_path(shard_dir, batch)
-    try:
-      arrays = _load(path)
-    except Exception as e:  # a zip or npy error: the file is damaged
-      raise ValueError(
-          f"cannot read {path} ({type(e).__name__}: {e}); delete it and rerun to "
-          "compute that batch again"
-      ) from None
-    if not isinstance(batches, int):
-      _check_index(path, arrays, batch, batches[batch])
-    if digests is not None:
-      digests.check(path, arrays)
-    shards.append(arrays)
-  return shards
-
-
-def migrate_format_1(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
-  """A format-1 run.json (`stored`) as format 2: `resolved` (the run's full settings, as
-  `runner.run_settings` gives them for the config `stored` describes) plus a "code" record
-  that says the code was not recorded (so that the shards of such a run are never reused).
-
-  Raises:
-    ValueError: `resolved` changes a value `stored` records (it may only add fields), or
-      `stored` is not of format 1.
-  """
-  if "format" in stored:
-    raise ValueError(f"run.json is of format {stored['format']}, not 1")
-  old, new = config_diff.flatten(canonical(stored)), config_diff.flatten(canonical(resolved))
-  changed = [
-      f"{k}: {old[k]!r} -> {new.get(k, '<absent>')!r}"
-      for k in sorted(old)
-      if new.get(k, "<absent>") != old[k]
-  ]
-  if changed:
-    raise ValueError(f"the resolved settings change recorded values: {_listed(changed)}")
-  code = {
-      "ipr_jax_version": None,
-      "sha256": None,
-      "files": None,
-      "note": "format 1 recorded no code; migrated by experiments/migrate_run_json.py",
-  }
-  return {**canonical(resolved), "code": code, "format": FORMAT}
-
-
-def format_of(path: str | os.PathLike) -> Optional[int]:
-  """The format of a run.json file (1 when it has no "format" field), None if unreadable."""
-  try:
-    stored = json.loads(pathlib.Path(path).read_text())
-  except (OSError, ValueError):
-    return None
-  return stored.get("format", 1) if isinstance(stored, dict) else None
-
-
-def iter_settings_files(root: str | os.PathLike) -> Iterable[pathlib.Path]:
-  """Every `shards/run.json` below `root`, sorted."""
-  return sorted(pathlib.Path(root).glob(f"**/shards/{SETTINGS_FILE}"))

@@ -95,7 +95,7 @@ def state_digest(state: Any) -> str:
 
 def params_digest(params: Any) -> str:
   """sha256 of the parameters' names, shapes, dtypes and values (identifies a checkpoint; also
-  what run.json records as params_sha256, `runner.params_digest`)."""
+  what run.json records as params_sha256, `evaluation.settings.params_digest`)."""
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
     leaf = np.ascontiguousarray(leaf)

@@ -2,16 +2,27 @@
 
 The package's modules, each importing only those above it:
 
-  config.py     SamplerConfig, IPRConfig (the one source of IPR's defaults), the function types;
-  patches.py    patch geometry, per-puzzle keys, correction mode's cell swaps;
-  planning.py   patch orders planned before sampling (random_sequential, graph_sequential);
-  greedy.py     the SRM loop of every schedule (`srm_sample`);
-  selection.py  resampling counts, the uncertainty query, the selection strategies (`SELECTORS`);
-  chains.py     several chains per puzzle: their keys and noise, the choice among them;
-  ipr.py        IPR's scan (`srm_ipr`, `ipr_refine`) and `check_schedules`.
+  config.py      SamplerConfig, IPRConfig (the one source of IPR's defaults), the function types;
+  patches.py     patch geometry, per-puzzle keys, correction mode's cell swaps;
+  inputs.py      the records of the interface: `Denoiser` (the model: denoise function, patch
+                 size, dependency matrix), `Puzzles` (keys, image, mask, noise), `Given`; the
+                 fold_in tags of a puzzle key's streams;
+  planning.py    patch orders planned before sampling (random_sequential, graph_sequential);
+  greedy.py      the SRM loop of every schedule (`srm_sample`);
+  query.py       the uncertainty query and an iterate's mean query score;
+  selection.py   resampling counts and the selection strategies (`SELECTORS`);
+  chains.py      several chains per puzzle: their keys and noise, the choice among them;
+  refinement.py  IPR's scan over iterations (`refine`) and its result (`IPRResult`);
+  ipr.py         the entry points `srm_ipr`, `ipr_refine` and `check_schedules`.
 
-Their public names are imported here (`from ipr_jax import sampling; sampling.srm_ipr(...)`);
-`ipr_jax.sampler` re-exports them for code written before the split.
+Their public names are imported here (`from ipr_jax import sampling; sampling.srm_ipr(...)`).
+The entry points take the model, the puzzles and the settings as records:
+
+  denoiser = sampling.Denoiser(denoise_fn, patch_size=4, dependency=task.dependency_matrix)
+  puzzles = sampling.Puzzles(keys, image=image, mask=mask, noise=noise)
+  result = sampling.srm_ipr(denoiser, puzzles, sampler_config, ipr_config)
+  greedy = sampling.srm_sample(denoiser, puzzles, sampler_config)
+  refined = sampling.ipr_refine(denoiser, puzzles, samples, sampler_config, ipr_config)
 
 The reference samples one puzzle at a time in Python loops. Here a whole batch
 of puzzles, each with its own unknown patches and schedule length, runs in one
@@ -33,19 +44,19 @@ jit-compilable program:
   (`IPRResult.iterates`), which the caller scores (one run, the whole
   quality-vs-budget curve); it is never given a scorer or a solution, and a
   verifier only where a setting reads one (immediate_stop, selection='verifier').
-  Usable under `jax.jit` and `jax.pmap` with `denoise_fn`, `verify_fn`, the
-  patch size and the configs static. `ipr_refine` runs IPR alone on given
-  samples. An iteration's pieces: a selection strategy (`SELECTORS`, one
-  signature), the re-noising (`_renoise`), the greedy loop, the uncertainty
-  query with the confident-iterate tracker (`_query_and_track`) and
-  immediate_stop (`_immediate_stop`).
+  Usable under `jax.jit` and `jax.pmap` with the `Denoiser`, `verify_fn` and
+  the configs static and the `Puzzles` arrays. `ipr_refine` runs IPR alone on
+  given samples. An iteration's pieces (`refinement.py`): a selection strategy
+  (`SELECTORS`, one signature), the re-noising (`renoise`), the greedy loop,
+  the uncertainty query (`query.IterateQuery`) with the confident-iterate
+  tracker and immediate_stop.
 
 IPR variants beyond the paper (`IPRConfig`; the defaults are the paper's IPR): see `ipr.py`.
 The greedy state and the time rows fed to the denoiser: see `greedy.py`.
 
 Randomness is per puzzle: every random draw of puzzle b derives from `keys[b]`
 only (via `fold_in` of the step / iteration), so a puzzle gives the same result
-in any batch. Use `puzzle_keys(key, puzzle_ids)` to make the keys.
+in any batch. Use `puzzle_keys(key, puzzle_ids)` to make the keys (`Puzzles.keys`).
 
 Deviations from the reference (documented choices):
 * The reference adds "clamp noise" (std e^-15 ~ 3.06e-7, the floor of its
@@ -87,10 +98,15 @@ from ipr_jax.sampling.config import UNCERTAINTY_SCORES
 from ipr_jax.sampling.config import VerifyFn
 from ipr_jax.sampling.greedy import GreedyResult
 from ipr_jax.sampling.greedy import srm_sample
+from ipr_jax.sampling.inputs import Denoiser
+from ipr_jax.sampling.inputs import Given
+from ipr_jax.sampling.inputs import Puzzles
 from ipr_jax.sampling.ipr import check_schedules
 from ipr_jax.sampling.ipr import ipr_refine
-from ipr_jax.sampling.ipr import IPRResult
 from ipr_jax.sampling.ipr import srm_ipr
+from ipr_jax.sampling.query import iterate_score
+from ipr_jax.sampling.query import uncertainty_query
+from ipr_jax.sampling.refinement import IPRResult
 from ipr_jax.sampling.patches import corrupt_by_swaps
 from ipr_jax.sampling.patches import patch_grid
 from ipr_jax.sampling.patches import patch_mean
@@ -110,7 +126,6 @@ from ipr_jax.sampling.selection import select_uncertainty
 from ipr_jax.sampling.selection import select_verifier
 from ipr_jax.sampling.selection import SELECTORS
 from ipr_jax.sampling.selection import standardized
-from ipr_jax.sampling.selection import uncertainty_query
 
 __all__ = (
     "CellVerifyFn",
@@ -129,6 +144,9 @@ __all__ = (
     "VerifyFn",
     "GreedyResult",
     "srm_sample",
+    "Denoiser",
+    "Given",
+    "Puzzles",
     "sequential_order",
     "weighted_adjacency",
     "check_schedules",
@@ -152,5 +170,6 @@ __all__ = (
     "select_verifier",
     "SELECTORS",
     "standardized",
+    "iterate_score",
     "uncertainty_query",
 )

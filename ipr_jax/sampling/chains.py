@@ -3,19 +3,18 @@ score (`IPRConfig.chains`).
 
 The K chains of a puzzle run side by side in the batch, puzzle-major: row b * K + c of the tiled
 batch is chain c of puzzle b. Chain 0 keeps the puzzle's key and initial noise, so it is the
-single-chain run; chain c > 0 draws its key and noise from fold_in(fold_in(key, CHAIN_STREAM), c).
-After each budget the result of a puzzle is its chain with the lowest mean uncertainty score
-(`uncertainty_query`; ties to the lowest chain). Nothing here can read a task's scores: the
-sampler never receives a scorer, and the choice reads only the query's scores.
+single-chain run; chain c > 0 draws its key from fold_in(fold_in(key, CHAIN_STREAM), c) and its
+noise from fold_in(chain key, NOISE_STREAM) (CHAIN_STREAM = 5, NOISE_STREAM = 3: `inputs.py`).
+After each budget the result of a puzzle is its chain with the lowest mean query score
+(`query.py`; ties to the lowest chain): `IPRResult.chosen_chain`. Nothing here can read a task's
+scores: the sampler never receives a scorer, and the choice reads only the query's scores.
 """
 
 import jax
 import jax.numpy as jnp
 
+from ipr_jax.sampling.inputs import CHAIN_STREAM, NOISE_STREAM
 from ipr_jax.sampling.patches import fold_keys
-
-CHAIN_STREAM = 5  # Distinct from ipr.py's stream tags 1-4.
-_NOISE_STREAM = 3
 
 
 def chain_keys(keys: jax.Array, chains: int) -> jax.Array:
@@ -37,36 +36,36 @@ def chain_noise(noise: jax.Array, tiled_keys: jax.Array, chains: int) -> jax.Arr
   """`[B * K, H, W, d]` initial noise: chain 0 the puzzle's `noise` [B, H, W, d], every other chain
   a standard normal draw from its own key (`tiled_keys` [B * K], of `chain_keys`)."""
   fresh = jax.vmap(lambda k: jax.random.normal(k, noise.shape[1:], jnp.float32))(
-      fold_keys(tiled_keys, _NOISE_STREAM)
+      fold_keys(tiled_keys, NOISE_STREAM)
   )
   first = (jnp.arange(tiled_keys.shape[0]) % chains == 0)[:, None, None, None]
   return jnp.where(first, tile(noise.astype(jnp.float32), chains), fresh)
 
 
-def chain_scores(uncertainty: jax.Array, confident: bool) -> jax.Array:
+def chain_scores(mean_query_score: jax.Array, confident: bool) -> jax.Array:
   """`[T, B * K]` the mean query score of each chain's returned iterate after each budget, from
-  the mean score of its last iterate `uncertainty` [T, B * K]: the running minimum when the
+  the mean score of its last iterate `mean_query_score` [T, B * K]: the running minimum when the
   chain returns its most confident iterate, else the last iterate's own."""
-  return jax.lax.cummin(uncertainty, axis=0) if confident else uncertainty
+  return jax.lax.cummin(mean_query_score, axis=0) if confident else mean_query_score
 
 
-def choose(scores: jax.Array, chains: int) -> jax.Array:
+def lowest_score_chain(scores: jax.Array, chains: int) -> jax.Array:
   """`[T, B]` int32: per budget and puzzle, the chain with the lowest score of `scores`
   [T, B * K] (NaN never wins; ties to the lowest chain)."""
   per_chain = scores.reshape(scores.shape[0], -1, chains)
   return jnp.argmin(jnp.where(jnp.isnan(per_chain), jnp.inf, per_chain), axis=-1).astype(jnp.int32)
 
 
-def pick(x: jax.Array, choice: jax.Array, chains: int) -> jax.Array:
-  """The chosen chains' entries of x `[T, B * K, ...]` by choice `[T, B]`: `[T, B, ...]`."""
+def pick(x: jax.Array, chosen_chain: jax.Array, chains: int) -> jax.Array:
+  """The chosen chains' entries of x `[T, B * K, ...]` by chosen_chain `[T, B]`: `[T, B, ...]`."""
   per_chain = x.reshape(x.shape[0], -1, chains, *x.shape[2:])
-  index = choice.reshape(*choice.shape, 1, *([1] * (x.ndim - 2)))
+  index = chosen_chain.reshape(*chosen_chain.shape, 1, *([1] * (x.ndim - 2)))
   return jnp.take_along_axis(per_chain, index, axis=2)[:, :, 0]
 
 
-def pick_final(x: jax.Array, choice: jax.Array, chains: int) -> jax.Array:
-  """The chosen chains' entries of x `[B * K, ...]` by choice `[B]`: `[B, ...]`."""
-  return pick(x[None], choice[None], chains)[0]
+def pick_final(x: jax.Array, chosen_chain: jax.Array, chains: int) -> jax.Array:
+  """The chosen chains' entries of x `[B * K, ...]` by chosen_chain `[B]`: `[B, ...]`."""
+  return pick(x[None], chosen_chain[None], chains)[0]
 
 
 def total(x: jax.Array, chains: int) -> jax.Array:
@@ -74,16 +73,17 @@ def total(x: jax.Array, chains: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], -1, chains).sum(axis=-1)
 
 
-def chosen(result, ipr_config):
+def choose_chains(result, ipr_config):
   """The `IPRResult` of B puzzles from `result`, that of their K = ipr_config.chains chains each:
   after each budget the chain with the lowest mean query score (its iterate, last iterate and
-  query score); the passes summed over the chains; the final sample and its records (stop budget,
-  re-noised patches, SRM order) of the chain chosen after the last budget."""
+  query score; which chain: `chosen_chain` `[budget + 1, B]`); the passes summed over the chains;
+  the final sample and its records (stop budget, re-noised patches, SRM order) of the chain
+  chosen after the last budget."""
   k = ipr_config.chains
-  score = chain_scores(result.uncertainty, ipr_config.return_iterate == "confident")
-  choice = choose(score, k)  # [budget + 1, B]
-  per_budget = lambda x: pick(x, choice, k)
-  final = lambda x: pick_final(x, choice[-1], k)
+  score = chain_scores(result.mean_query_score, ipr_config.return_iterate == "confident")
+  chosen_chain = lowest_score_chain(score, k)  # [budget + 1, B]
+  per_budget = lambda x: pick(x, chosen_chain, k)
+  final = lambda x: pick_final(x, chosen_chain[-1], k)
   last_iterates = None
   if result.last_iterates is not None:
     last_iterates = per_budget(result.last_iterates)
@@ -96,5 +96,6 @@ def chosen(result, ipr_config):
       resampled=jax.vmap(final)(result.resampled),
       initial_order=final(result.initial_order),
       last_iterates=last_iterates,
-      uncertainty=per_budget(result.uncertainty),
+      mean_query_score=per_budget(result.mean_query_score),
+      chosen_chain=chosen_chain,
   )

@@ -30,7 +30,16 @@ import numpy as np
 from ipr_jax.noise import flow
 from ipr_jax.noise import schedule as schedule_lib
 from ipr_jax.sampling import planning
-from ipr_jax.sampling.config import DenoiseFn, SamplerConfig
+from ipr_jax.sampling.config import SamplerConfig
+from ipr_jax.sampling.inputs import (
+    PLAN_STREAM,
+    Denoiser,
+    Given,
+    Puzzles,
+    generated_patches,
+    given_content,
+    initial_noise,
+)
 from ipr_jax.sampling.patches import (
     check_keys,
     fold_keys,
@@ -38,9 +47,6 @@ from ipr_jax.sampling.patches import (
     patch_mean,
     patches_to_pixels,
 )
-
-# fold_in tag of the SRM pass's planning keys (no step index of the greedy loop reaches it).
-PLAN_STREAM = 2**31 - 1
 
 
 @flax.struct.dataclass
@@ -188,17 +194,18 @@ def _select(
   )
   by_sigma = state.waiting & (rank < sched.per_block[:, None]) & select[:, None]
   by_start = state.waiting & (sched.patch_start == step) & live[:, None]
-  chosen = jnp.where(sched.planned[:, None], by_start, by_sigma)
-  # Record the chosen patches in index order at the next free slots of `order`.
-  slot_of = state.num_selected[:, None] + jnp.cumsum(chosen, axis=1) - 1
-  hits = chosen[:, :, None] & (slot_of[:, :, None] == patch_ids[None, None, :])  # [B, patch, slot]
+  selected = jnp.where(sched.planned[:, None], by_start, by_sigma)
+  # Record the selected patches in index order at the next free slots of `order`.
+  slot_of = state.num_selected[:, None] + jnp.cumsum(selected, axis=1) - 1
+  # [B, patch, slot]: patch i of puzzle b goes to slot s.
+  hits = selected[:, :, None] & (slot_of[:, :, None] == patch_ids[None, None, :])
   filled = jnp.any(hits, axis=1)
   return state.replace(
-      waiting=state.waiting & ~chosen,
-      selected_at=jnp.where(chosen, step, state.selected_at),
+      waiting=state.waiting & ~selected,
+      selected_at=jnp.where(selected, step, state.selected_at),
       order=jnp.where(filled, jnp.argmax(hits, axis=1).astype(jnp.int32), state.order),
       order_step=jnp.where(filled, step, state.order_step),
-      num_selected=state.num_selected + jnp.sum(chosen, axis=1, dtype=jnp.int32),
+      num_selected=state.num_selected + jnp.sum(selected, axis=1, dtype=jnp.int32),
       block_counter=block_counter,
       next_start=next_start,
   )
@@ -267,23 +274,22 @@ def _reverse_step(
 
 
 def greedy_loop(
-    denoise_fn: DenoiseFn,
-    z,
-    masked,
-    mask,
-    waiting,
-    keys,
+    denoiser: Denoiser,
+    z: jax.Array,
+    given: Given,
+    waiting: jax.Array,
+    keys: jax.Array,
     sched: PuzzleSchedule,
+    kernel: SamplerConfig,
     *,
-    patch_size: int,
-    stochasticity: float,
-    temperature: float,
-    clamp_noise: bool,
     record_steps: int = 0,
     step_limit: Optional[int] = None,
     start_time: Optional[jax.Array] = None,
 ) -> GreedyResult:
-  """The greedy loop on a batch; `waiting` [B, N] are the patches to generate.
+  """The greedy loop on a batch: generates the `waiting` `[B, N]` patches of z `[B, H, W, C]`
+  (given cells re-pasted after every step, `given`), puzzle b on its schedule row of `sched`, with
+  the keys `[B]` of its steps' noise and the reverse kernel of `kernel` (its stochasticity,
+  temperature and clamp_noise; SRM's and IPR's regeneration alike).
 
   A `lax.while_loop` over steps that runs until the longest schedule of the
   batch has ended; a puzzle past its own schedule keeps its state and spends
@@ -292,6 +298,9 @@ def greedy_loop(
   steps. Waiting patches start at `start_time` `[B]` (None: t = 1); the
   schedule's prototypes must then start there too.
   """
+  patch_size = denoiser.patch_size
+  stochasticity, temperature = kernel.stochasticity, kernel.temperature
+  clamp_noise = kernel.clamp_noise
   batch, num_patches = waiting.shape
   grid = patch_grid(z.shape, patch_size)
   state = _initial_greedy_state(z.astype(jnp.float32), waiting)
@@ -305,7 +314,7 @@ def greedy_loop(
     live = step < sched.max_steps
     t_now = _time_rows(step, state, sched, start_time)
     t_now_pix = patches_to_pixels(t_now, grid, patch_size)
-    out = denoise_fn(state.z, t_now_pix)
+    out = denoiser.denoise_fn(state.z, t_now_pix)
     sigma = patch_mean(out.sigma.astype(jnp.float32), patch_size)
     new = _select(step, live, state, sched, sigma)
     t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time), grid, patch_size)
@@ -319,8 +328,7 @@ def greedy_loop(
         temperature=temperature,
         clamp_noise=clamp_noise,
     )
-    if mask is not None:
-      z_next = masked + mask * z_next
+    z_next = given.paste(z_next)
     new = new.replace(
         z=jnp.where(live[:, None, None, None], z_next, state.z),
         nfe=state.nfe + live.astype(jnp.int32),
@@ -411,47 +419,40 @@ def planned_order(
 
 
 def srm_sample(
-    denoise_fn: DenoiseFn,
-    z: jax.Array,
-    masked: Optional[jax.Array],
-    mask: Optional[jax.Array],
-    unknown: jax.Array,
-    keys: jax.Array,
-    *,
-    patch_size: int,
+    denoiser: Denoiser,
+    puzzles: Puzzles,
     config: SamplerConfig,
+    *,
+    unknown: Optional[jax.Array] = None,
     record: bool = False,
     step_limit: Optional[int] = None,
-    dependency: Optional[np.ndarray] = None,
 ) -> GreedyResult:
   """SRM sampling of a batch (spec §4.4 and the SRM reference's sampler family), one compiled
   loop over steps.
 
-  Per puzzle b with n_b = sum(unknown[b]) patches to generate, the schedule of
-  schedule.py (config.schedule, steps_per_patch, overlap, top_k, max_steps) runs for its steps;
-  at each block start the adaptive schedule selects the top_k waiting patches with the lowest
-  patch-pooled sigma (ties to the lowest index), the fixed one every unknown patch at once, the
-  sequential ones the patch `planning.sequential_order` planned for the block (blocks with the
-  same start together); a selected patch follows the time prototype. Given cells are re-pasted
-  after every step (z = masked + mask z).
+  The start is `srm_ipr`'s (spec §4.2): z = masked + mask noise with masked = (1 - mask) image
+  (z = noise without a mask). Per puzzle b with n_b = sum(unknown[b]) patches to generate, the
+  schedule of schedule.py (config.schedule, steps_per_patch, overlap, top_k, max_steps) runs for
+  its steps; at each block start the adaptive schedule selects the top_k waiting patches with the
+  lowest patch-pooled sigma (ties to the lowest index), the fixed one every unknown patch at
+  once, the sequential ones the patch `planning.sequential_order` planned for the block (blocks
+  with the same start together); a selected patch follows the time prototype. Given cells are
+  re-pasted after every step (z = masked + mask z).
 
   The settings are checked first as the evaluation checks them (`check_sampler_schedule`), for
   the patch counts of `unknown` (under a trace, where they are unknown: every count 0..N).
 
   Args:
-    denoise_fn: (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput with u, v,
-      sigma; called once per step on the whole batch. Static under jit.
-    z: `[B, H, W, d]` initial state (given cells already pasted, unknown cells noise).
-    masked: `[B, H, W, d]` given content, 0 on unknown cells (None: no mask).
-    mask: `[B, H, W, 1]` 1 = generate, 0 = given (None: everything generated).
-    unknown: `[B, N]` bool patches to generate (see `unknown_patches`).
-    keys: `[B]` typed PRNG keys, one per puzzle.
-    patch_size: P (static).
+    denoiser: the denoise function (called once per step on the whole batch), the patch size P
+      and, for graph_sequential, the dependency matrix (static under jit).
+    puzzles: keys `[B]`, image `[B, H, W, C]` and mask `[B, H, W, 1]` (1 = generate; None:
+      everything), noise `[B, H, W, C]` (None: drawn from the keys, as `srm_ipr` draws it).
     config: SamplerConfig (static).
+    unknown: `[B, N]` bool patches to generate; None: those of the mask (`unknown_patches`),
+      every patch without a mask.
     record: also return the time and sigma rows of every step.
     step_limit: stop after this many steps (a partial run, e.g. to inspect an
       intermediate state); default: run every schedule to its end.
-    dependency: `[N, N]` the task's dependency matrix (graph_sequential only).
 
   Returns:
     GreedyResult.
@@ -459,31 +460,49 @@ def srm_sample(
   Raises:
     ValueError: bad shapes, or a degenerate schedule (naming its fields).
   """
-  check_inputs(z, masked, mask, unknown, keys, patch_size)
+  patch_size = denoiser.patch_size
+  check_keys(puzzles.keys, puzzles.shape[0])
+  z, given, generated = srm_start(puzzles, patch_size)
+  if unknown is None:
+    unknown = generated
+  check_inputs(z, given, unknown, puzzles.keys, patch_size)
   check_sampler_schedule(config, _patch_counts(unknown))
   table = srm_table(unknown.shape[1], config)
   order = planned_order(
-      table, config, unknown, fold_keys(keys, PLAN_STREAM), dependency, config.overlap
+      table,
+      config,
+      unknown,
+      fold_keys(puzzles.keys, PLAN_STREAM),
+      denoiser.dependency,
+      config.overlap,
   )
   sched = lookup_schedule(table, jnp.sum(unknown, axis=1), planned_order=order)
   return greedy_loop(
-      denoise_fn,
+      denoiser,
       z,
-      masked,
-      mask,
+      given,
       unknown,
-      keys,
+      puzzles.keys,
       sched,
-      patch_size=patch_size,
-      stochasticity=config.stochasticity,
-      temperature=config.temperature,
-      clamp_noise=config.clamp_noise,
+      config,
       record_steps=table.steps_bound() if record else 0,
       step_limit=step_limit,
   )
 
 
-def check_inputs(z, masked, mask, unknown, keys, patch_size) -> None:
+def srm_start(puzzles: Puzzles, patch_size: int) -> tuple[jax.Array, Given, jax.Array]:
+  """The SRM pass's start (spec §4.2), of `srm_sample` and `srm_ipr` alike: (z `[B, H, W, C]`
+  float32 = masked + mask noise with masked = (1 - mask) image (the noise without a mask), the
+  given content, the patches to generate `[B, N]` bool (`generated_patches`))."""
+  given = given_content(puzzles)
+  z = given.paste(initial_noise(puzzles).astype(jnp.float32))
+  return z, given, generated_patches(puzzles, patch_size)
+
+
+def check_inputs(z, given: Given, unknown, keys, patch_size: int) -> None:
+  """Refuses inputs whose shapes disagree: z `[B, H, W, C]`, the given content (masked
+  `[B, H, W, C]`, mask `[B, H, W, 1]`, or neither), the patch vector `[B, N]`, keys `[B]`."""
+  masked, mask = given.masked, given.mask
   if z.ndim != 4:
     raise ValueError(f"z must be [B, H, W, d], got shape {z.shape}.")
   gh, gw = patch_grid(z.shape, patch_size)

@@ -5,7 +5,7 @@
 # paper's SRM pass with IPR regenerating under each schedule. Resumable: rerun to finish a cut
 # run (the evaluation binary reuses the finished batches of the same settings and code).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/results/sampler_family}
 PYTHON=${PYTHON:-python}
 common="--config.eval.num_puzzles=1000 --config.eval.batch_size=500 --config.ipr.budget=10"

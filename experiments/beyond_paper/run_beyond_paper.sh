@@ -5,11 +5,11 @@
 # (the test seed) once. Resumable: rerun to finish a cut run (a run whose code changed is refused
 # and must be deleted first). Results under experiments/results/beyond_paper/.
 #
-#   bash experiments/run_beyond_paper.sh pilot
-#   bash experiments/run_beyond_paper.sh final
-#   bash experiments/run_beyond_paper.sh baselines
+#   bash experiments/beyond_paper/run_beyond_paper.sh pilot
+#   bash experiments/beyond_paper/run_beyond_paper.sh final
+#   bash experiments/beyond_paper/run_beyond_paper.sh baselines
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/results/beyond_paper}
 export XLA_FLAGS=${XLA_FLAGS:---xla_force_host_platform_device_count=2}
 declare -A PRESET=([hard]=demo [medium]=demo,ms_medium_test [unique]=demo,ms_unique_test)

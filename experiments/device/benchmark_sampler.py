@@ -1,11 +1,11 @@
 r"""Throughput of SRM + IPR (one compiled program per batch) at several batch sizes.
 
-  python experiments/benchmark_sampler.py --task=ms_hard --unet=tiny --batch_sizes=1,4
-  python experiments/benchmark_sampler.py --task=ms_hard --unet=unet_256 --dtype=bfloat16 \
+  python experiments/device/benchmark_sampler.py --task=ms_hard --unet=tiny --batch_sizes=1,4
+  python experiments/device/benchmark_sampler.py --task=ms_hard --unet=unet_256 --dtype=bfloat16 \
       --batch_sizes=1,16,64 --budget=30          # on a GPU
-  python experiments/benchmark_sampler.py --task=ep_test --unet=unet_32 --dtype=bfloat16 \
+  python experiments/device/benchmark_sampler.py --task=ep_test --unet=unet_32 --dtype=bfloat16 \
       --batch_sizes=1,16,64
-  python experiments/benchmark_sampler.py --task=cp_test --unet=unet_128 --dtype=bfloat16 \
+  python experiments/device/benchmark_sampler.py --task=cp_test --unet=unet_128 --dtype=bfloat16 \
       --batch_sizes=1,16,64
 
 The U-Net has random weights (a fresh init with its zero-initialised layers redrawn, so sigma and
@@ -19,7 +19,7 @@ per second and denoiser passes (NFE) per second, and the speed-up over batch 1 r
 --mode=evaluation measures what the evaluation binary does per batch, with a real config and its
 model (default: the shipped demo model on hard 4x4 puzzles):
 
-  python experiments/benchmark_sampler.py --mode=evaluation \
+  python experiments/device/benchmark_sampler.py --mode=evaluation \
       --config=configs/mnist_sudoku.py:demo --num_puzzles=256 --batch_size=32 --budget=10
 
   * batch order: every batch of `--num_puzzles` puzzles timed through one compiled
@@ -45,6 +45,7 @@ from ipr_jax import sampling
 from ipr_jax.build import config_base
 from ipr_jax.build import pretrained
 from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.models import denoiser
 from ipr_jax.models import unet
 from ipr_jax.runtime import host_devices
@@ -138,7 +139,7 @@ def evaluation_benchmark() -> dict:
   unknown_all = evaluator.task.unknown_patches(config.eval.seed, np.arange(_NUM_PUZZLES.value))
   for sort in (False, True):
     config.eval.sort_by_unknowns = sort
-    batches = runner.puzzle_batches(config, unknown_all)
+    batches = eval_settings.puzzle_batches(config, unknown_all)
     start = time.perf_counter()
     passes = 0.0
     for batch in batches:
@@ -204,14 +205,10 @@ def main(argv):
   @jax.jit
   def run(params, keys, image, mask, noise):
     result = sampling.srm_ipr(
-        lambda z, t: denoise(params, z, t),
-        keys,
-        image=image,
-        mask=mask,
-        noise=noise,
-        patch_size=settings["patch"],
-        sampler_config=settings["sampler"],
-        ipr_config=ipr_config,
+        sampling.Denoiser(lambda z, t: denoise(params, z, t), settings["patch"]),
+        sampling.Puzzles(keys, image=image, mask=mask, noise=noise),
+        settings["sampler"],
+        ipr_config,
     )
     return result.z, result.nfe
 

@@ -1,12 +1,12 @@
 r"""One accelerator check: forward agreement, sampler and training throughput, FLOPs.
 
-  python experiments/device_check.py --out=device_check                # one GPU or TPU, < 9 min
-  python experiments/device_check.py --scale=tiny --out=/tmp/dc        # CPU smoke test (tests)
+  python experiments/device/device_check.py --out=device_check         # one GPU or TPU, < 9 min
+  python experiments/device/device_check.py --scale=tiny --out=/tmp/dc # CPU smoke test (tests)
 
 On a machine without ml-collections (the workplace's device image), bring its wheel along:
   pip download ml-collections --no-deps -d .whl                        # here (git-ignored)
   pip install --no-deps .whl/ml_collections-*.whl \
-      && python experiments/device_check.py --out=$OUT                 # there
+      && python experiments/device/device_check.py --out=$OUT          # there
 (tensorflow-datasets is not needed: the Sudoku digits come from the bundled file.)
 
 Sections, in this order (each written to OUT/device_check.json as soon as it is measured, so a run
@@ -22,9 +22,10 @@ cut short keeps what it had; OUT/summary.md is the readable form):
            to `--sampler_budget` to fit the time; the time at the paper's budget 30 is
            extrapolated from the measured denoiser passes per second and the passes the paper's
            budget takes (the per-budget pass counts come from the sampler itself).
-  train    the training step (`trainer.pmapped_train_step`, bf16 U-Net) at the paper's batch sizes,
-           each in its own process so that its peak memory is its own and an out-of-memory stops
-           only that case: unet_32 at 256 and 2048 (Even Pixels), unet_256 at 28 and 56 (Sudoku).
+  train    the training step (`train_step.pmapped_train_step`, bf16 U-Net) at the paper's batch
+           sizes, each in its own process so that its peak memory is its own and an
+           out-of-memory stops only that case: unet_32 at 256 and 2048 (Even Pixels), unet_256 at
+           28 and 56 (Sudoku).
 
 The reference's figures these are compared with (PyTorch, one H100 80 GB, bf16 autocast, random
 weights): 85.8 s per hard Sudoku puzzle (1,323 passes of unet_256), 117.9 s per Even Pixels image
@@ -44,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(_ROOT / "tests"))  # golden_io
 
@@ -54,6 +55,7 @@ from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top,wro
 from ipr_jax.data import geometry  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.evaluation import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.training import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.training import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (device_check.json, summary.md).")
@@ -263,11 +265,11 @@ def run_train_case(case: str, scale: str) -> dict:
   model = build.make_model(config)
   tx = build.make_optimizer(config)
   state_key, density_key = jax.random.split(jax.random.key(0))
-  state = trainer.create_train_state(config, model, tx, state_key)
+  state = train_step.create_train_state(config, model, tx, state_key)
   task = tasks.get(config.task).make_data(config)
-  weight_table = trainer.make_loss_weight_table(config, density_key)
+  weight_table = train_step.make_loss_weight_table(config, density_key)
   example_index = np.arange(config.batch_size, dtype=np.int32).reshape(num_devices, per_device)
-  step_fn = trainer.pmapped_train_step(config, model, tx)
+  step_fn = train_step.pmapped_train_step(config, model, tx)
   state, task, weight_table = jax_utils.replicate((state, task, weight_table), axis_name="batch")
   start = time.perf_counter()
   # One compilation serves the timing and XLA's FLOP count of the step (per device).

@@ -1,7 +1,7 @@
 r"""What fits where: the compiled memory and FLOPs of the paper presets, without a device.
 
-  python experiments/fit_table.py --out=experiments/fit_table.json [--only=ms,ep,cp]
-  python experiments/fit_table.py --programs=eval --redo   # measure the eval rows again
+  python experiments/scale/fit_table.py --out=experiments/scale/fit_table.json [--only=ms,ep,cp]
+  python experiments/scale/fit_table.py --programs=eval --redo   # measure the eval rows again
 
 For each paper preset (MNIST Sudoku ms_hard_test with unet_256, Even Pixels ep_test with unet_32,
 Counting Polygons cp_test with unet_128) it compiles, on whatever backend JAX has (the CPU here),
@@ -35,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT))
 
 from ipr_jax import build  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -231,7 +231,7 @@ def markdown(record: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=str(_ROOT / "experiments" / "fit_table.json"))
+  parser.add_argument("--out", default=str(_ROOT / "experiments" / "scale" / "fit_table.json"))
   parser.add_argument("--only", default="ms,ep,cp")
   parser.add_argument("--programs", default=None, help="only these, e.g. eval or eval,train")
   parser.add_argument("--redo", action="store_true", help="measure existing rows again")

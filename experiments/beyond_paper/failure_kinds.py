@@ -1,9 +1,10 @@
-"""What a run's broken final grids get wrong (experiments/README.md, "What the paper's IPR leaves
+r"""What a run's broken final grids get wrong (experiments/README.md, "What the paper's IPR leaves
 broken" and "The gap"): per run folder, how many final grids are broken, in how many of them a
 "wrong cell" (an invalid cell whose digit repeats in both its row and its column) is a given
 cell, and how many have duplicate count 6 (one digit repeated in a row, a column and a box).
 
-    python experiments/failure_kinds.py experiments/results/beyond_paper/seed35/paper_b30/eval/hard
+    python experiments/beyond_paper/failure_kinds.py \
+        experiments/results/beyond_paper/seed35/paper_b30/eval/hard
 
 Reads the run's puzzles.npz (final digit grids, duplicate counts, validity at the last budget)
 and, for the given cells, regenerates its test puzzles from the settings in its results.json.
@@ -15,12 +16,12 @@ import sys
 
 import numpy as np
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT))
 
 from ipr_jax import sampling  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax.build import config_base  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax.evaluation import runner  # noqa: E402  pylint: disable=g-import-not-at-top
+from ipr_jax.evaluation import settings as eval_settings  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def wrong_cells(grids: np.ndarray) -> np.ndarray:
@@ -38,7 +39,7 @@ def given_cells(folder: pathlib.Path, indices: np.ndarray) -> np.ndarray:
   for field, value in meta["eval"].items():
     if field in config.eval:
       config.eval[field] = tuple(value) if isinstance(value, list) else value
-  task = runner.task_evaluation(config)
+  task = eval_settings.task_evaluation(config)
   inputs = task.inputs(config.eval.seed, indices)
   unknown = sampling.unknown_patches(inputs["mask"], task.patch_size)
   return ~np.asarray(unknown)

@@ -1,7 +1,8 @@
 r"""The device campaign: the paper's settings on one accelerator, in one call of at most 9 minutes.
 
-  python experiments/device_campaign.py --out=$OUT                      # one GPU or TPU chip
-  python experiments/device_campaign.py --scale=tiny --memory_limit_gb=0.05 --out=/tmp/dc  # CPU
+  python experiments/device/device_campaign.py --out=$OUT        # one GPU or TPU chip
+  python experiments/device/device_campaign.py --scale=tiny --memory_limit_gb=0.05 \
+      --out=/tmp/dc                                               # CPU
 
 Steps, in order of value; each runs in its own process (an out-of-memory or a hang costs only
 that step) within what is left of `--deadline_s`, and its JSON is written to OUT/campaign.json as
@@ -34,9 +35,9 @@ from absl import flags
 import jax
 import numpy as np
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT))
-sys.path.insert(0, str(_ROOT / "experiments"))
+sys.path.insert(0, str(_ROOT / "experiments" / "device"))
 sys.path.insert(0, str(_ROOT / "tests"))
 
 import device_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,7 +47,7 @@ from ipr_jax.data import geometry  # noqa: E402  pylint: disable=g-import-not-at
 from ipr_jax.evaluation import fit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from ipr_jax.evaluation import runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from ipr_jax.models import unet  # noqa: E402  pylint: disable=g-import-not-at-top
-from ipr_jax.training import trainer  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from ipr_jax.training import train_step as train_step_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # device_check defines --out, --scale and --train_steps, used here as there.
 _DEADLINE = flags.DEFINE_float("deadline_s", 540.0, "The whole campaign's time limit.")
@@ -146,11 +147,11 @@ def train_case(spec: str, batch: int, overrides: dict, scale: str) -> dict:
   per_device = batch // num_devices
   model, tx = build.make_model(config, training=True), build.make_optimizer(config)
   state_key, density_key = jax.random.split(jax.random.key(0))
-  state = trainer.create_train_state(config, model, tx, state_key)
+  state = train_step_lib.create_train_state(config, model, tx, state_key)
   task = tasks.get(config.task).make_data(config)
-  table = trainer.make_loss_weight_table(config, density_key)
+  table = train_step_lib.make_loss_weight_table(config, density_key)
   index = np.arange(batch, dtype=np.int32).reshape(num_devices, per_device)
-  step_fn = trainer.pmapped_train_step(config, model, tx)
+  step_fn = train_step_lib.pmapped_train_step(config, model, tx)
   state, task, table = jax_utils.replicate((state, task, table), axis_name="batch")
   start = time.perf_counter()
   compiled = step_fn.lower(state, task, table, index, None).compile()

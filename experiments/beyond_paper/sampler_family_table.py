@@ -1,7 +1,8 @@
 """The SRM sampler family table of experiments/README.md, from the runs of
-experiments/run_sampler_family.sh (experiments/results/sampler_family/<name>/eval/<name>/).
+experiments/beyond_paper/run_sampler_family.sh
+(experiments/results/sampler_family/<name>/eval/<name>/).
 
-    python experiments/sampler_family_table.py [RESULTS_DIR]
+    python experiments/beyond_paper/sampler_family_table.py [RESULTS_DIR]
 
 Per run: the SRM valid rate (budget 0) with its 95% interval and mean denoiser passes, the
 paper's IPR at budget 10, and the valid rate at equal passes: at the largest budget whose mean
@@ -14,7 +15,7 @@ import pathlib
 import sys
 
 PASS_BUDGETS = (60, 120, 180)
-_RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sampler_family"
+_RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "sampler_family"
 
 # name -> (SRM pass, IPR regeneration), in the table's order.
 RUNS = {

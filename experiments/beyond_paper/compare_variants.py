@@ -1,6 +1,6 @@
 """Compares IPR variants at equal mean denoiser passes, from the per-puzzle files of evaluations.
 
-    python experiments/compare_variants.py            # the runs of experiments/run_variants.sh
+    python experiments/beyond_paper/compare_variants.py   # the runs of run_variants.sh (beside it)
 
 Each evaluation's puzzles.npz holds, per puzzle and budget, the valid flag and the cumulative
 denoiser passes. A curve is (mean passes, valid rate) over budgets 0..B. The table reads every
@@ -23,7 +23,7 @@ import numpy as np
 
 from ipr_jax.evaluation import report as eval_report
 
-_RESULTS = os.path.join(os.path.dirname(__file__), "results")
+_RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "results")
 _VARIANTS = os.path.join(_RESULTS, "variants_1000")
 
 flags.DEFINE_string(

@@ -1,8 +1,8 @@
 """The tables and the plot of issue 32 (verifier-free refinement beyond the paper) in
-experiments/README.md, from the runs of experiments/run_beyond_paper.sh.
+experiments/README.md, from the runs of experiments/beyond_paper/run_beyond_paper.sh.
 
-    python experiments/beyond_paper_table.py pilot    # seed 36: every setting tried
-    python experiments/beyond_paper_table.py final    # seed 35: the chosen setting, once
+    python experiments/beyond_paper/beyond_paper_table.py pilot  # seed 36: every setting tried
+    python experiments/beyond_paper/beyond_paper_table.py final  # seed 35: the chosen one, once
 
 Per run the valid rate [95% interval] at equal mean denoiser passes per puzzle: at the largest
 budget whose mean passes stay within each level of `PASS_LEVELS` (every pass counted: the SRM
@@ -26,7 +26,7 @@ from sampler_family_table import _rate, _within  # noqa: E402  pylint: disable=w
 
 PASS_LEVELS = (150, 300, 450, 600)
 _HERE = pathlib.Path(__file__).resolve().parent
-_RESULTS = _HERE / "results" / "beyond_paper"
+_RESULTS = _HERE.parent / "results" / "beyond_paper"
 SPLITS = ("hard", "medium", "unique")
 FINAL_RUNS = ("chains3_b6_bal", "paper_b30")  # the chosen setting and the paper's IPR, seed 35
 

@@ -1,9 +1,9 @@
 r"""Tables and plot of a demo model's evaluations: SRM, the paper's IPR and the uncertainty-guided
 setting on hard, medium and uniquely solvable 4x4 puzzles, per budget and at equal passes.
 
-    python experiments/demo_tables.py --run=experiments/results/demo_20494
+    python experiments/demo/demo_tables.py --run=experiments/results/demo_20494
 
-Reads <run>/eval/<difficulty>_<setting>/puzzles.npz (as experiments/demo_recipes.py names the
+Reads <run>/eval/<difficulty>_<setting>/puzzles.npz (as experiments/demo/demo_recipes.py names the
 evaluations) and writes <run>/tables.md, <run>/tables.json and <run>/valid_rate_vs_passes.png.
 Budget 0 of the paper's run is plain SRM. Equal passes: every curve read at the largest budget
 whose mean denoiser passes per puzzle stay within the level (SRM + IPR + uncertainty queries).

@@ -1,7 +1,7 @@
 r"""Exports a demo training run as the package's shipped model, with its regression record.
 
-    python experiments/ship_demo_model.py --workdir=runs/demo --step=8000
-    python experiments/ship_demo_model.py --record_only     # re-record the shipped file's record
+    python experiments/demo/ship_demo_model.py --workdir=runs/demo --step=8000
+    python experiments/demo/ship_demo_model.py --record_only  # re-record the shipped file's record
 
 1. Writes the EMA weights of the run's checkpoint (and its config, training record and the
    current git commit) to `ipr_jax/assets/mnist_sudoku_demo.npz` (`ipr_jax.build.pretrained`).
@@ -32,10 +32,11 @@ import numpy as np
 
 from ipr_jax.build import pretrained
 from ipr_jax.evaluation import runner
+from ipr_jax.evaluation import settings as eval_settings
 from ipr_jax.runtime import environment
 from ipr_jax.runtime import host_devices
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT))
 from configs import mnist_sudoku  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -142,7 +143,7 @@ def rerecord(
   path = pretrained.path_of(name)
   pretrained.save(path, shipped.params, shipped.config, metadata)
   rewritten = pretrained.load(name)
-  if runner.params_digest(rewritten.params) != runner.params_digest(shipped.params):
+  if eval_settings.params_digest(rewritten.params) != eval_settings.params_digest(shipped.params):
     raise RuntimeError(f"rewriting {path} changed its parameters")
   return path
 

@@ -6,7 +6,7 @@
 # return the most confident iterate and record the last one too). Resumable: rerun to finish a
 # cut run. Ends with the valid rate at budget 6, returned / last iterate, per run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/results/pilot_seed36}
 mkdir -p "$OUT"
 common="--config=configs/mnist_sudoku.py:demo --config.eval.seed=36 --config.eval.num_puzzles=200 --config.eval.batch_size=50 --config.ipr.budget=6"

@@ -4,7 +4,7 @@
 # to finish a cut run. The paper's IPR (random selection) is the run in
 # experiments/results/repro_1000_keys2 (same puzzles, same keys, budget 30).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/results/variants_1000}
 common="--config=configs/mnist_sudoku.py:demo --config.eval.num_puzzles=1000 --config.eval.batch_size=50"
 run() {

@@ -1,7 +1,7 @@
 r"""Trains candidate recipes for the shipped 4x4 demo SRM side by side, picks one, evaluates it.
 
-    python experiments/demo_recipes.py --out=runs/recipes               # one GPU, ~8 minutes
-    python experiments/demo_recipes.py --scale=tiny --out=/tmp/recipes  # CPU smoke test
+    python experiments/demo/demo_recipes.py --out=runs/recipes               # one GPU, ~8 minutes
+    python experiments/demo/demo_recipes.py --scale=tiny --out=/tmp/recipes  # CPU smoke test
 
 1. Train: every recipe of `RECIPES` (the demo preset's U-Net, 28x28 images: the README's main
    command stays as fast on a CPU) as its own `ipr_jax.train` process, all at once on the one
@@ -34,7 +34,7 @@ import time
 from absl import app
 from absl import flags
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _OUT = flags.DEFINE_string("out", "runs/recipes", "Output directory.")
 _SCALE = flags.DEFINE_enum("scale", "full", ["full", "tiny"], "tiny: seconds, for a CPU test.")
@@ -50,7 +50,7 @@ DEMO = "configs/mnist_sudoku.py:demo"
 # a583717:experiments/demo_run/demo_step3250.tar.gz > step3250.tar.gz`, then --resume_archive).
 _RESUME = flags.DEFINE_string(
     "resume_archive",
-    "experiments/demo_run/demo_step20494.tar.gz",
+    "experiments/demo/demo_run/demo_step20494.tar.gz",
     "Checkpoint archive the resumed recipes start from.",
 )
 

@@ -1,7 +1,7 @@
 r"""Host rendering throughput of the Counting Polygons training feed.
 
-  python experiments/benchmark_render.py --workers=1,2 --batch_size=56 --steps=20
-  python experiments/benchmark_render.py --workers=4,8,16 --processes --steps=40   # many cores
+  python experiments/scale/benchmark_render.py --workers=1,2 --batch_size=56 --steps=20
+  python experiments/scale/benchmark_render.py --workers=4,8,16 --processes --steps=40  # many cores
 
 Times `TrainImagePrefetcher` (the feed ipr_jax/train.py uses) delivering `--steps` batches of
 `--batch_size` images with each worker count, threads or processes, after one warm-up batch, and
