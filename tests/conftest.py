@@ -26,9 +26,9 @@ from golden_io import load_golden_unet  # noqa: E402,F401  pylint: disable=unuse
 # tests/test_fast_tier.py checks that the fast tier still imports every module of ipr_jax/ and
 # that every entry names a test that exists.
 SLOW_FILES: dict[str, str] = {
-    "test_device_check.py": "267 s",
-    "test_device_campaign.py": "208 s",
+    "test_bench.py": "369 s (its rehearsal fixture; the plan, cut and wheel tests: 5 s)",
     "test_wheel.py": "31 s",
+    "test_eval_overlap.py": "130 s (-n 0, load 8; 32 s idle): five evaluate runs",
 }
 SLOW_TESTS: dict[str, dict[str, str]] = {
     "test_notebook.py": {

@@ -1,5 +1,5 @@
 """Reading the golden U-Net cases of tests/golden (no environment changes, unlike conftest.py:
-experiments/device/device_check.py imports this on an accelerator)."""
+experiments/device/bench.py imports this on an accelerator)."""
 
 import json
 import pathlib

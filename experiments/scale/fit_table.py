@@ -205,12 +205,8 @@ def markdown(record: dict) -> str:
       cells = []
       for gb in MEMORIES_GB.values():
         budget = fit.memory_budget(gb * fit.GB, HEADROOM)
-        ks = [
-            k
-            for k in range(1, batch + 1)
-            if batch % k == 0 and model(batch // k) + (params if k > 1 else 0) <= budget
-        ]
-        cells.append(str(ks[0]) if ks else "none")
+        k = fit.accumulation_steps(model, batch, budget, params)
+        cells.append("none" if k is None else str(k))
       lines.append(f"| {name} | {batch} | {program} | " + " | ".join(cells) + " |")
   lines += [
       "",

@@ -122,6 +122,18 @@ class LinearFit:
     return int(min(cap, np.floor((budget - self.fixed) / self.per_item)))
 
 
+def accumulation_steps(
+    step_fit: LinearFit, batch: int, budget: float, accumulator_bytes: float
+) -> Optional[int]:
+  """The smallest number of micro-batches k (`grad_accum_steps`, a divisor of `batch`) whose
+  micro-batch step fits `budget`: step_fit(batch / k), plus `accumulator_bytes` (the summed
+  gradients: one copy of the parameters) for k > 1; None if not even one example fits."""
+  for k in range(1, batch + 1):
+    if batch % k == 0 and step_fit(batch // k) + (accumulator_bytes if k > 1 else 0) <= budget:
+      return k
+  return None
+
+
 def memory_budget(limit_bytes: float, headroom: float) -> float:
   """The bytes a program may use: limit * (1 - headroom)."""
   if not 0.0 <= headroom < 1.0:

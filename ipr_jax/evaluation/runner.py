@@ -12,7 +12,8 @@ its module `ipr_jax/tasks/`.
 Test puzzle i is a pure function of (config.eval.seed, i), and so is all of its sampling
 randomness, so results do not depend on the batch size, the order of the batches, the number of
 devices or the number of processes. Several processes (`host_devices.initialize_distributed`)
-split the batches and end together (`agreement`).
+split the batches and end together (`agreement`). The devices compute a process's next batch
+while its host writes and syncs the shard of the batch just fetched (`_compute_batches`).
 """
 
 import dataclasses
@@ -202,7 +203,7 @@ class Evaluator:
       keep_final: bool = False,
       pad_to: Optional[int] = None,
   ) -> BatchResult:
-    """Runs SRM + IPR on puzzles `indices` ([P] ints).
+    """Runs SRM + IPR on puzzles `indices` ([P] ints): `collect(dispatch(...))`.
 
     Args:
       indices: the test puzzle indices.
@@ -215,6 +216,19 @@ class Evaluator:
     Returns:
       BatchResult of the P puzzles.
     """
+    return self.collect(self.dispatch(indices, samples_per_device, keep_final, pad_to))
+
+  def dispatch(
+      self,
+      indices,
+      samples_per_device: Optional[int] = 0,
+      keep_final: bool = False,
+      pad_to: Optional[int] = None,
+  ) -> "Dispatched":
+    """SRM + IPR on puzzles `indices` handed to the devices (arguments as `__call__`'s); returns
+    as soon as JAX has queued the program (asynchronous dispatch), before it has run, so that the
+    host can do other work meanwhile. `collect` waits for it and fetches its results; errors of
+    the computation itself surface there."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     real = len(indices)
     if real == 0:
@@ -236,7 +250,7 @@ class Evaluator:
     keys = sampling.puzzle_keys(self._sampling_key, jnp.asarray(padded))
     noise = self._initial_noise(jnp.asarray(padded))
     shard = lambda x: None if x is None else x.reshape(num_devices, -1, *x.shape[1:])
-    result = self._p_run(
+    outputs = self._p_run(
         self._replicated_params,
         shard(keys),
         shard(noise),
@@ -245,7 +259,13 @@ class Evaluator:
         num_snapshots,
         bool(keep_final),
     )
-    result = jax.device_get(result)
+    return Dispatched(indices, padded, per_device, num_snapshots, outputs)
+
+  def collect(self, dispatched: "Dispatched") -> BatchResult:
+    """Waits for a `dispatch`ed program and fetches its results to the host."""
+    indices, padded, per_device = dispatched.indices, dispatched.padded, dispatched.per_device
+    real, num_devices, num_snapshots = len(indices), self.num_devices, dispatched.num_snapshots
+    result = jax.device_get(dispatched.outputs)
     # [devices, budgets, per_device] -> [budgets, P]; [devices, per_device, ...] -> [P, ...].
     by_budget = lambda x: np.asarray(x).swapaxes(0, 1).reshape(x.shape[1], -1)[:, :real]
     by_puzzle = lambda x: np.asarray(x).reshape(-1, *x.shape[2:])[:real]
@@ -267,6 +287,18 @@ class Evaluator:
       out.samples = snapshots.reshape(-1, *snapshots.shape[2:])[keep]
       out.sample_indices = padded[positions[keep]]
     return out
+
+
+@dataclasses.dataclass
+class Dispatched:
+  """A batch `Evaluator.dispatch` handed to the devices: its indices, padded indices, puzzles per
+  device and snapshots kept, and the program's (not yet computed) outputs."""
+
+  indices: np.ndarray
+  padded: np.ndarray
+  per_device: int
+  num_snapshots: int
+  outputs: Any
 
 
 class EvaluationStopped(Exception):
@@ -385,14 +417,31 @@ def _set_up(
   return Run(config, out_dir, prefix, evaluator, source, which, unknown, batches, settings, store)
 
 
-def _compute_batch(run: Run, b: int, pad_to: int) -> BatchResult:
-  """Batch b: SRM + IPR, then its shard written."""
-  batch_start = time.time()
-  # Every batch runs one program (padded to the largest batch), without samples: the figure's
-  # puzzles are computed again with theirs once the results are known (`results`).
-  result = run.evaluator(run.batches[b], keep_final=run.config.eval.save_samples, pad_to=pad_to)
-  run.store.write(b, _shard_arrays(result, run.unknown[result.indices], time.time() - batch_start))
-  return result
+@dataclasses.dataclass
+class _InFlight:
+  """Batch `batch` handed to the devices at `start`, or the error its dispatch raised."""
+
+  batch: int
+  start: float
+  dispatched: Optional[Dispatched] = None
+  error: Optional[Exception] = None
+
+
+def _dispatch_batch(run: Run, b: int, pad_to: int) -> Dispatched:
+  """Batch b's SRM + IPR handed to the devices (asynchronous). Every batch runs one program
+  (padded to the largest batch), without samples: the figure's puzzles are computed again with
+  theirs once the results are known (`results`)."""
+  return run.evaluator.dispatch(
+      run.batches[b], keep_final=run.config.eval.save_samples, pad_to=pad_to
+  )
+
+
+def _in_flight(run: Run, b: int, pad_to: int) -> _InFlight:
+  start = time.time()
+  try:
+    return _InFlight(b, start, dispatched=_dispatch_batch(run, b, pad_to))
+  except Exception as e:  # pylint: disable=broad-except  (raised in batch b's own round)
+    return _InFlight(b, start, error=e)
 
 
 def _compute_batches(
@@ -400,7 +449,16 @@ def _compute_batches(
 ) -> float:
   """Process p computes batches p, p + N, ... not done yet, one per round; after every round all
   processes agree on errors and stop requests (a collective: the same number of rounds on every
-  process, also for those with fewer batches). Returns the time the batches started."""
+  process, also for those with fewer batches). Returns the time the batches started.
+
+  The devices are kept busy: as soon as a batch's results are fetched, a process hands its
+  next batch to the devices, which compute it while the host writes and syncs the fetched
+  batch's shard, prints the progress and agrees. A shard still holds only its own batch's
+  results, written once they are all fetched; an error of a batch (at its dispatch or at its
+  fetch) is raised in that batch's round, and a batch dispatched ahead of a round that stops or
+  fails is dropped, its shard never written. A process asked to stop (when its batch's results
+  have come) dispatches nothing more, so that it exits without waiting for another batch.
+  """
   process, num_processes = jax.process_index(), jax.process_count()
   batches, done_before = run.batches, run.store.reused
   shares = [
@@ -420,11 +478,21 @@ def _compute_batches(
 
   start_time = time.time()
   done, passes, valid_sum, completed = 0, 0.0, 0.0, len(done_before)
+  ahead = _in_flight(run, mine[0], pad_to) if mine else None
   for r in range(rounds):
     error = None
     if r < len(mine):
       try:
-        result = _compute_batch(run, mine[r], pad_to)
+        current, ahead = ahead, None
+        assert current is not None and current.batch == mine[r]
+        if current.error is not None:
+          raise current.error
+        assert current.dispatched is not None
+        result = run.evaluator.collect(current.dispatched)  # its computation's errors: here
+        seconds = time.time() - current.start
+        if r + 1 < len(mine) and not preemption.this_process():
+          ahead = _in_flight(run, mine[r + 1], pad_to)  # computed while the shard is written
+        run.store.write(current.batch, _shard_arrays(result, run.unknown[result.indices], seconds))
         done += len(result.indices)
         passes += float(result.nfe[-1].sum())
         valid_sum = valid_sum + result.scores["valid"].sum(axis=1)
@@ -435,7 +503,7 @@ def _compute_batches(
             flush=True,
         )
         if after_batch is not None:
-          after_batch(mine[r])
+          after_batch(current.batch)
       except Exception as e:  # pylint: disable=broad-except  (raised on every process by agree)
         error = e
     stop = agreement.agree(error, stop=preemption.this_process()).stop
