@@ -38,6 +38,22 @@ def define_flags() -> None:
       "Resume a checkpoint whose stored config differs from this one in a field that "
       "defines what its weights mean (data geometry, U-Net architecture).",
   )
+  flags.DEFINE_float(
+      "time_limit_s",
+      None,
+      "Stop after this many seconds as on SIGTERM: save a checkpoint of the last step and exit "
+      "with status 75 (rerun to resume).",
+  )
+  flags.DEFINE_float(
+      "checkpoint_every_s",
+      None,
+      "Also save a checkpoint every this many seconds of wall time (besides "
+      "config.checkpoint_every_steps): a run killed without warning loses at most that much.",
+  )
+  flags.register_validator("time_limit_s", lambda v: v is None or v >= 0, "expected a number >= 0")
+  flags.register_validator(
+      "checkpoint_every_s", lambda v: v is None or v > 0, "expected a number > 0"
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -60,7 +76,11 @@ def main(argv: Sequence[str]) -> None:
   )
   try:
     result = trainer.train(
-        config, flags.FLAGS.workdir, allow_config_mismatch=flags.FLAGS.allow_config_mismatch
+        config,
+        flags.FLAGS.workdir,
+        time_limit_s=flags.FLAGS.time_limit_s,
+        allow_config_mismatch=flags.FLAGS.allow_config_mismatch,
+        checkpoint_every_s=flags.FLAGS.checkpoint_every_s,
     )
   except (trainer.NonFiniteLossError, checkpoint.CheckpointError) as e:
     logging.error("%s", e)

@@ -37,6 +37,12 @@ SLOW_TESTS: dict[str, dict[str, str]] = {
         ),
         "test_training_section_trains_saves_and_evaluates": "the same executed notebook",
     },
+    "test_nine_by_nine.py": {
+        "test_the_call_trains_checkpoints_and_writes_the_table": (
+            "180 s: the `rehearsed` fixture (two device calls at tiny size)"
+        ),
+        "test_a_later_call_resumes_the_carried_run": "0 s, and the `rehearsed` fixture",
+    },
     "test_external_task.py": {
         "test_the_example_task_trains_and_evaluates": "93 s",
     },
@@ -48,6 +54,7 @@ SLOW_TESTS: dict[str, dict[str, str]] = {
         "test_a_few_hundred_steps_reduce_the_loss": "122 s",
         "test_nan_loss_stops_without_saving_the_bad_state": "65 s",
         "test_time_limit_stops_with_a_checkpoint_and_log_fn_sees_every_record": "25 s",
+        "test_checkpoint_every_s_saves_by_the_clock_between_step_checkpoints": "13 s",
     },
     "test_counting_polygons_run.py": {
         "test_train_runs_on_host_rendered_images": "118 s: the `trained` fixture",

@@ -3,25 +3,21 @@ it is for, a step cut by its timeout keeps its rows, and its tiny scale runs thr
 environment with the device's package set (no ml-collections, no tensorflow-datasets) after the
 carried wheel is installed with the device command's own `pip install`.
 
-The rehearsal environment: `python -m venv --without-pip`, its site-packages made of symbolic
-links to this environment's, less ml_collections, tensorflow_datasets and the editable ipr_jax
-(the package travels as the working tree: PYTHONPATH, as on the device)."""
+The rehearsal environment: tests/device_env.py."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
+import device_env
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "experiments" / "device" / "bench.py"
-WHEELS = ROOT / "experiments" / "device" / "wheels"
-# Not on the device machine (the editable ipr_jax: the working tree travels instead).
-_ABSENT = ("ml_collections", "tensorflow_datasets", "__editable__", "ipr_jax")
+WHEELS = device_env.WHEELS
 # The tiny steps the rehearsal runs (every kind of step; the other tiny training cases run the
 # same code).
 _REHEARSED = "ms_eval,ep_cliff,train_ep256,golden"
@@ -65,48 +61,10 @@ def test_a_step_cut_by_its_timeout_keeps_its_rows(tmp_path):
   assert "_probe" in (tmp_path / "summary.md").read_text()
 
 
-def _rehearsal_env(root: pathlib.Path) -> pathlib.Path:
-  """A Python whose packages are this environment's but for `_ABSENT`."""
-  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-  python = root / "bin" / "python"
-  site = pathlib.Path(
-      subprocess.run(
-          [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-          capture_output=True,
-          text=True,
-          check=True,
-      ).stdout.strip()
-  )
-  ours = pathlib.Path(sysconfig.get_paths()["purelib"])
-  for entry in ours.iterdir():
-    if not entry.name.startswith(_ABSENT):
-      (site / entry.name).symlink_to(entry)
-  return python
-
-
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("rehearsal")
-  python = _rehearsal_env(tmp / "env")
-  bare = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  # The device's package set: no ml-collections, no tensorflow-datasets.
-  for module in ("ml_collections", "tensorflow_datasets"):
-    probe = subprocess.run([str(python), "-c", f"import {module}"], env=bare, check=False)
-    assert probe.returncode != 0, f"{module} is importable in the rehearsal environment"
-  # The device command's wheel step (docs/device.md), with the target in this test's folder.
-  target = tmp / "site"
-  install = (
-      f"{python} -m pip install -q --no-index --no-deps --no-compile --target {target} "
-      f"experiments/device/wheels/*.whl"
-  )
-  subprocess.run(install, shell=True, cwd=ROOT, env=bare, check=True)
-  env = {
-      **bare,
-      "PYTHONPATH": f"{target}:{ROOT}",
-      "PYTHONUNBUFFERED": "1",
-      # The tiny programs compile ~4x faster without XLA's optimisations and still run in seconds.
-      "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-  }
+  python, env, target = device_env.device_package_env(tmp)
   out = tmp / "out"
   done = _bench(
       "--scale=tiny",

@@ -297,3 +297,12 @@ def test_quiet_console_filters_the_libraries_unless_verbose():
     for f in list(handler.filters):
       if f not in before:
         handler.removeFilter(f)
+
+
+@pytest.mark.parametrize(
+    "flag, bad", [("--time_limit_s=-1", "time_limit_s=-1"), ("--checkpoint_every_s=0", "0")]
+)
+def test_train_refuses_a_bad_time_flag_in_one_line(flag, bad, tmp_path):
+  done = run_binary("ipr_jax.train", [DEMO, flag], tmp_path)
+  assert_one_line_error(done, bad)
+  assert not (tmp_path / "checkpoints").exists()

@@ -497,6 +497,23 @@ def test_sigterm_saves_and_exits_with_the_preempted_status(tmp_path):
   assert [p.name for p in steps.iterdir() if p.name.isdigit()], "no checkpoint saved"
 
 
+def test_the_time_limit_flag_saves_and_exits_with_the_preempted_status(tmp_path):
+  args = [*TRAIN, "--config.num_train_steps=100000", "--time_limit_s=0", f"--workdir={tmp_path}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "ipr_jax.train", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
+  # A limit of 0 s has passed by the first step: that step is saved.
+  assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()] == ["1"]
+
+
 def test_a_patch_size_that_does_not_fit_the_cells_is_one_line(tmp_path):
   done = run_binary(
       "ipr_jax.evaluate", [DEMO, "--config.data.patch_size=14", f"--workdir={tmp_path}"]

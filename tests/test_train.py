@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -381,3 +382,17 @@ def test_bad_grad_accum_steps_is_an_error_naming_it(tmp_path, value, match):
     config.grad_accum_steps = value
   with pytest.raises(ValueError, match=match):
     trainer.train(config, tmp_path)
+
+
+def test_checkpoint_every_s_saves_by_the_clock_between_step_checkpoints(tmp_path):
+  config = small_config(num_train_steps=8, checkpoint_every_steps=100, log_every_steps=1)
+  config.keep_checkpoints = None
+  # Steps 3 and 6 take longer than the cadence; the others are quick (step 1 compiles and may
+  # be saved too). By steps alone only the last step (8) would be saved.
+  slow = lambda step: time.sleep(2.2) if step in (3, 6) else None
+  result = trainer.train(config, tmp_path, hooks=[slow], checkpoint_every_s=2.0)
+  assert int(result.state.step) == 8 and not result.preempted
+  saved = {int(p.name) for p in (tmp_path / "checkpoints").iterdir()}
+  assert {3, 6, 8} <= saved <= {1, 3, 6, 8}, saved
+  with pytest.raises(ValueError, match="checkpoint_every_s=0"):
+    trainer.train(config, tmp_path, checkpoint_every_s=0)

@@ -183,6 +183,26 @@ def shipped_classifier_params(cell_size: int = 28):
   return classifier_lib.load_classifier_params(cell_size=cell_size)
 
 
+def cell_classifier_confidence(
+    images: np.ndarray, labels: np.ndarray, cell_size: int
+) -> np.ndarray:
+  """`classifier_confidence` as the metric reads `cell_size`-pixel cells: each digit box-averaged
+  to `cell_size`, repeated back to 28 px and read by the weights shipped for that cell size.
+
+  Args:
+    images: uint8 [N, 28, 28].
+    labels: [N].
+    cell_size: a divisor of 28.
+
+  Returns:
+    float32 [N].
+  """
+  factor = CLASSIFIER_TILE // cell_size
+  coarse = digits_lib.downsample_digits(np.asarray(images), cell_size)
+  coarse = np.repeat(np.repeat(coarse, factor, axis=1), factor, axis=2)
+  return classifier_confidence(coarse, labels, params=shipped_classifier_params(cell_size))
+
+
 def classifier_confidence(
     images: np.ndarray, labels: np.ndarray, params=None, batch_size: int = 1000
 ) -> np.ndarray:

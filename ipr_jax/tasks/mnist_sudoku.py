@@ -4,6 +4,7 @@ Valid: no digit (as the shipped classifier reads it) repeats in a row, column or
 cells are a test puzzle's content (`config.eval.given_range`); the SRM pass generates the rest.
 """
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -26,14 +27,26 @@ def make_data(config: ml_collections.ConfigDict) -> sudoku.SudokuTask:
   """The on-device Sudoku generator (training images; test puzzles by (seed, index)).
 
   The top-N digits of the bundled file come from its shipped ranking; other digits are ranked by
-  the shipped classifier here.
+  the shipped classifier here. `data.digit_ranking='cell_classifier'` (the 9x9 demo preset) ranks
+  them instead by the classifier that reads `data.cell_size`-pixel cells, as the metric does.
   """
+  ranking = config.data.get("digit_ranking", "shipped")
+  if ranking not in _DIGIT_RANKINGS:
+    raise errors.ConfigError(
+        f"data.digit_ranking={ranking!r}: expected one of {', '.join(_DIGIT_RANKINGS)}"
+    )
   shipped = (
       config.data.get("digits_source", "bundled") == "bundled"
       and config.data.get("digits_path") is None
   )
   confidence = None if shipped else sudoku_metrics.classifier_confidence
+  if ranking == "cell_classifier":
+    cell_size = int(config.data.cell_size)
+    confidence = functools.partial(sudoku_metrics.cell_classifier_confidence, cell_size=cell_size)
   return sudoku.make_sudoku_task_from_config(config.data, digit_confidence=confidence)
+
+
+_DIGIT_RANKINGS = ("shipped", "cell_classifier")
 
 
 def unknown_counts(config: ml_collections.ConfigDict) -> list[int]:

@@ -20,7 +20,8 @@ One binary for one CPU, one GPU or every core of a TPU pod:
   so a run's result does not depend on how many devices share the batch, and a resumed run sees
   the same examples.
 * bfloat16 compute with float32 master weights when `config.model.dtype = 'bfloat16'`.
-* Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps`, at the end and on
+* Orbax checkpoints in `workdir/checkpoints` every `checkpoint_every_steps` (and every
+  `checkpoint_every_s` seconds of wall time if given: `--checkpoint_every_s`), at the end and on
   SIGTERM or Ctrl-C (SIGINT; a second Ctrl-C interrupts at once; the binary then exits with
   status 75, `cli.EXIT_PREEMPTED`); restarting with the same workdir resumes exactly (step,
   params, optimizer state, EMA, PRNG), after checking the checkpoint's parameter digests and that
@@ -56,6 +57,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 from flax import jax_utils
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -135,6 +137,7 @@ def train(
     log_fn: Optional[Callable[[dict[str, Any]], None]] = None,
     time_limit_s: Optional[float] = None,
     allow_config_mismatch: bool = False,
+    checkpoint_every_s: Optional[float] = None,
 ) -> TrainResult:
   """Trains (or resumes training) until `config.num_train_steps`.
 
@@ -149,6 +152,10 @@ def train(
       save a checkpoint of the last step and return (rerun to continue from it).
     allow_config_mismatch: resume a checkpoint whose stored config differs from `config` in a
       field that defines what its weights mean (`checkpoint.WEIGHT_FIELDS`).
+    checkpoint_every_s: if set, also save a checkpoint once this many seconds have passed since
+      the loop started or the last save (besides every `config.checkpoint_every_steps`), so that
+      a run killed without warning loses at most about this much work. With several processes
+      the clock is read at logging steps and process 0's decides.
 
   Returns:
     TrainResult with the final state.
@@ -162,12 +169,22 @@ def train(
   """
   # SIGTERM or SIGINT from here on (also during setup): a save after the next step, then a return.
   with preemption_lib.Preemption("saving a checkpoint and stopping.") as preemption:
+    if checkpoint_every_s is not None and not checkpoint_every_s > 0:
+      raise ValueError(f"checkpoint_every_s={checkpoint_every_s} must be > 0")
     if time_limit_s is not None:
       if time_limit_s < 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0")
       preemption.deadline = time.time() + time_limit_s
     try:
-      return _train(config, pathlib.Path(workdir), hooks, log_fn, preemption, allow_config_mismatch)
+      return _train(
+          config,
+          pathlib.Path(workdir),
+          hooks,
+          log_fn,
+          preemption,
+          allow_config_mismatch,
+          checkpoint_every_s,
+      )
     except OSError as e:  # a write of config.json or metrics.jsonl
       found = errors.storage_error(e)
       if found is None:
@@ -204,6 +221,8 @@ class _Loop:
     window_wait: the prefetcher's wait_seconds when it started.
     preempted: SIGTERM or the time limit stopped the run.
     saving: the step whose asynchronous save is in flight (None: none).
+    ckpt_every_s: seconds between time-triggered saves (None: by steps only).
+    last_save_time: wall time of the loop's start or of its last save.
   """
 
   config: ml_collections.ConfigDict
@@ -228,6 +247,8 @@ class _Loop:
   window_wait: float = 0.0
   preempted: bool = False
   saving: Optional[int] = None
+  ckpt_every_s: Optional[float] = None
+  last_save_time: float = 0.0
 
 
 def _train(
@@ -237,6 +258,7 @@ def _train(
     log_fn: Optional[Callable[[dict[str, Any]], None]],
     preemption: preemption_lib.Preemption,
     allow_config_mismatch: bool = False,
+    checkpoint_every_s: Optional[float] = None,
 ) -> TrainResult:
   """The body of `train`, with the SIGTERM handler installed."""
   errors.check_writable_dir(workdir)
@@ -254,6 +276,7 @@ def _train(
     return TrainResult(jax.device_get(state), [])
 
   loop = _start_loop(config, workdir, model, tx, task, weight_table, state, example_index, log_fn)
+  loop.ckpt_every_s, loop.last_save_time = checkpoint_every_s, time.time()
   logging.info("Training steps %d..%d in %s", start_step + 1, num_steps, workdir)
   completed = False
   try:
@@ -447,7 +470,7 @@ def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -
     loop.preempted = preemption.any_process() and not is_last
   if step % loop.log_every == 0 or is_last or loop.preempted:
     _log_record(loop, step)
-  if step % loop.ckpt_every == 0 or is_last or loop.preempted:
+  if step % loop.ckpt_every == 0 or is_last or loop.preempted or _save_due_by_time(loop, step):
     _save_checkpoint(loop, step)
   if loop.preempted:
     logging.warning(
@@ -456,6 +479,18 @@ def _after_step(loop: _Loop, step: int, preemption: preemption_lib.Preemption) -
         step,
     )
   return loop.preempted
+
+
+def _save_due_by_time(loop: _Loop, step: int) -> bool:
+  """Whether `checkpoint_every_s` has passed since the last save (process 0's clock decides)."""
+  if loop.ckpt_every_s is None:
+    return False
+  due = time.time() - loop.last_save_time >= loop.ckpt_every_s
+  if jax.process_count() == 1:
+    return due
+  if step % loop.log_every:
+    return False
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
 
 
 # Logging and checkpoint hooks.
@@ -548,6 +583,7 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
     checkpoint.raise_failed_save(e, loop.workdir, step)
   if started:
     loop.saving = step
+  loop.last_save_time = time.time()
   logging.info("Saving checkpoint of step %d (asynchronously).", step)
 
 
