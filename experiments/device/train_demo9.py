@@ -47,8 +47,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = bench.ROOT
-# (train preset, evaluation overrides) per scale. The tiny scale is the suite's form of the same
-# task and U-Net, trained for seconds, evaluated on a few puzzles at a small budget.
+# The preset per scale. The tiny scale is the suite's form of the same task and U-Net, trained
+# for seconds, evaluated on a few puzzles at a small budget.
 PRESETS = {"full": "demo9", "tiny": "demo9_tiny"}
 # Seconds kept for the evaluation stages when the training's time limit is set, per scale.
 EVAL_RESERVE_S = {"full": 180.0, "tiny": 120.0}
@@ -127,10 +127,9 @@ def large_files(out: pathlib.Path, max_mib: float) -> list[tuple[str, int]]:
   ]
 
 
-def table_markdown(results_path: pathlib.Path) -> str:
-  """The valid-rate table of one results.json (the budgets of TABLE_BUDGETS that it has)."""
-  results = json.loads(results_path.read_text())
-  rows = {row["budget"]: row for row in results["budgets"]}
+def table_markdown(budgets: list[dict]) -> str:
+  """The valid-rate table of a results.json's `budgets` (those of TABLE_BUDGETS it has)."""
+  rows = {row["budget"]: row for row in budgets}
   lines = [
       "| budget | puzzles | valid % | 95% interval | passes per puzzle |",
       "|---:|---:|---:|---|---:|",
@@ -147,12 +146,8 @@ def table_markdown(results_path: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
-def eval_dir(run_dir: pathlib.Path, step: int, name: str) -> pathlib.Path:
-  """Where the evaluation `name` of checkpoint `step` writes its results."""
-  return run_dir / f"eval_at_step_{step}" / "eval" / name
-
-
-def summary_markdown(out: pathlib.Path, rows: list[dict], evals: list[str]) -> str:
+def summary_markdown(rows: list[dict], evals: list[str]) -> str:
+  """The readable summary of one call's rows."""
   lines = ["# mnist_sudoku:demo9, one accelerator call", ""]
   devices = [r for r in rows if r["kind"] == "devices"]
   if devices:
@@ -173,11 +168,13 @@ def summary_markdown(out: pathlib.Path, rows: list[dict], evals: list[str]) -> s
           f"loss {r.get('loss')}, {r.get('steps_per_sec')} steps/s at the last log; "
           f"checkpoints {r.get('checkpoints')}.",
       ]
-  step = (checkpoint_steps(out / RUN_DIR) or [0])[-1]
+  tables = {r["name"]: r for r in rows if r["kind"] == "eval"}
   for name in evals:
-    path = eval_dir(out / RUN_DIR, step, name) / "results.json"
-    lines += ["", f"## {name} (EMA weights of step {step})", ""]
-    lines.append(table_markdown(path) if path.exists() else "no results.json (see the stages)")
+    if name in tables:
+      lines += ["", f"## {name} (EMA weights of step {tables[name]['step']})", ""]
+      lines.append(table_markdown(tables[name]["budgets"]))
+    else:
+      lines += ["", f"## {name}", "", "no results.json (see the stages)"]
   big = [r for r in rows if r["kind"] == "large_files"]
   if big and big[-1]["files"]:
     lines += ["", f"Files over {big[-1]['max_mib']} MiB: {big[-1]['files']}"]
@@ -230,7 +227,7 @@ def run_call(args) -> pathlib.Path:
     )
     stage_end("train", done)
   else:
-    rows.add("stage_end", name="train", status=f"skipped ({train_s:.0f} s left for it)", wall_s=0)
+    stage_end("train", {"status": f"skipped ({train_s:.0f} s left for it)", "wall_s": 0})
   rows.add(
       "train",
       start_step=start_step,
@@ -239,32 +236,31 @@ def run_call(args) -> pathlib.Path:
   )
 
   for name in args.evals:
-    if not checkpoint_steps(run_dir):
-      rows.add("stage_end", name=f"eval {name}", status="skipped: no checkpoint", wall_s=0)
-      continue
-    if left() < 10:
-      rows.add("stage_end", name=f"eval {name}", status="skipped: no time left", wall_s=0)
+    if not checkpoint_steps(run_dir) or left() < 10:
+      why = "no time left" if checkpoint_steps(run_dir) else "no checkpoint"
+      stage_end(f"eval {name}", {"status": f"skipped: {why}", "wall_s": 0})
       continue
     overrides = [f"--config.{k}={v}" for k, v in args.eval_overrides]
     step = checkpoint_steps(run_dir)[-1]
+    workdir = run_dir / f"eval_at_step_{step}"
     done = _binary(
         "ipr_jax.evaluate",
         [
             f"--config=mnist_sudoku:{preset},{name}",
-            f"--workdir={run_dir / f'eval_at_step_{step}'}",
+            f"--workdir={workdir}",
             f"--checkpoint={run_dir / 'checkpoints' / str(step)}",
             *overrides,
         ],
         timeout_s=left(),
     )
     stage_end(f"eval {name}", done)
-    results = eval_dir(run_dir, step, name) / "results.json"
+    results = workdir / "eval" / name / "results.json"
     if results.exists():
       budgets = json.loads(results.read_text())["budgets"]
       rows.add("eval", name=name, step=step, budgets=budgets)
 
   rows.add("large_files", max_mib=args.max_file_mib, files=large_files(out, args.max_file_mib))
-  summary = summary_markdown(out, bench.read_rows(jsonl, run), args.evals)
+  summary = summary_markdown(bench.read_rows(jsonl, run), args.evals)
   (out / "summary.md").write_text(summary)
   print(summary, flush=True)
   print(f"wrote {jsonl} and {out / 'summary.md'} ({time.time() - started:.0f} s)", flush=True)
