@@ -46,6 +46,9 @@ SLOW_TESTS: dict[str, dict[str, str]] = {
     "test_external_task.py": {
         "test_the_example_task_trains_and_evaluates": "93 s",
     },
+    "test_flows.py": {
+        "test_a_diffusion_flow_trains_and_samples": "35 s (-n 0, load 5): 2 train steps, SRM + IPR",
+    },
     "test_train.py": {
         "test_remat_and_accumulation_give_the_plain_update": "440 s",
         "test_sigterm_then_resume_equals_uninterrupted_run": "191 s",

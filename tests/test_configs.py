@@ -45,6 +45,7 @@ SCHEMA = {
         "num_train_steps",
         "checkpoint_every_steps",
         "log_every_steps",
+        "flow",
     ],
     "model": [
         "hid_dims",
@@ -55,6 +56,8 @@ SCHEMA = {
         "num_head_channels",
         "dropout",
         "dtype",
+        "kind",
+        "dit",
     ],
     "data": ["image_size", "channels", "patch_size"],
     "sampler": [
@@ -69,6 +72,10 @@ SCHEMA = {
         "max_steps",
         "max_order",
         "certainty_decay",
+        "num_groups",
+        "adaptive_alpha",
+        "divergence_threshold",
+        "softmax_scale",
     ],
     "ipr": [
         "budget",
@@ -92,6 +99,10 @@ SCHEMA = {
         "top_k",
         "max_order",
         "certainty_decay",
+        "num_groups",
+        "adaptive_alpha",
+        "divergence_threshold",
+        "softmax_scale",
         "query_cells",
         "chains",
     ],
@@ -405,9 +416,13 @@ def test_sampler_section_is_made_from_the_sampler_config_dataclass():
   section = config_base.base_config("even_pixels", None, unet_preset="unet_32").sampler
   defaults = sampling.SamplerConfig.defaults()
   assert list(json.loads(section.to_json_best_effort(sort_keys=False))) == list(defaults)
-  assert section.to_dict() == defaults == dataclasses.asdict(sampling.SamplerConfig())
+  # SamplerConfig.flow is the run's top-level config.flow, not a field of the section.
+  assert section.to_dict() == defaults
+  assert dataclasses.asdict(sampling.SamplerConfig()) == {**defaults, "flow": "rectified"}
   assert (defaults["steps_per_patch"], defaults["overlap"]) == (3, 0.0)
-  assert [f.name for f in dataclasses.fields(sampling.SamplerConfig)] == SCHEMA["sampler"]
+  assert [f.name for f in dataclasses.fields(sampling.SamplerConfig)] == SCHEMA["sampler"] + [
+      "flow"
+  ]
   docs = sampling.SamplerConfig.field_docs()
   assert list(docs) == SCHEMA["sampler"] and all(doc.strip() for doc in docs.values())
 

@@ -1,29 +1,46 @@
-"""Builds the model and the optimizer of a run from its config: the U-Net, its parameters, the
-learning-rate schedule and AdamW.
+"""Builds the model and the optimizer of a run from its config: the denoiser (U-Net or DiT), its
+parameters, the learning-rate schedule and AdamW.
 
 The training, evaluation and conversion binaries all build their model here, so that a config
 means the same model in each of them (a task's data: `ipr_jax.tasks.get(config.task).make_data`;
 the image geometry: `ipr_jax.data.geometry`).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from ipr_jax.data import geometry
+from ipr_jax.models import dit
+from ipr_jax.models import tokens
 from ipr_jax.models import unet
 from ipr_jax.runtime import errors
 
+MODEL_KINDS = ("unet", "dit")
 
-def make_model(config: ml_collections.ConfigDict, training: bool = False) -> unet.UNet:
-  """The U-Net of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1).
 
-  Its time maps are one value per `config.data.patch_size` patch (training and sampling build
-  them so), which lets it embed the time per patch (`unet.level_time_patch`; the same values).
-  With `training`, `config.remat` rematerialises its blocks in the backward pass (same params).
+def make_model(config: ml_collections.ConfigDict, training: bool = False) -> nn.Module:
+  """The denoiser of `config.model` for `config.data` (d_in = d, d_out = 2 d + 1, spec §1.1).
+
+  `model.kind`: 'unet' (the reference's U-Net) or 'dit' (`dit.DiT` of `model.dit`). Both take
+  (z [B, H, W, d], t [B, H, W, 1], train) and return [B, H, W, 2 d + 1] for `denoiser.srm_head`.
+
+  The U-Net's time maps are one value per `config.data.patch_size` patch (training and sampling
+  build them so), which lets it embed the time per patch (`unet.level_time_patch`; the same
+  values). With `training`, `config.remat` rematerialises its blocks (the U-Net's ResBlocks and
+  attention, the DiT's transformer blocks) in the backward pass (same params).
+
+  Raises:
+    errors.ConfigError: an unknown kind, or a network that cannot be built, naming the field.
   """
   m = config.model
+  kind = m.get("kind", "unet")
+  if kind == "dit":
+    return _make_dit(config, training)
+  if kind != "unet":
+    raise errors.ConfigError(f"model.kind={kind!r} is unknown; expected one of {MODEL_KINDS}")
   d = config.data.channels
   model = unet.UNet(
       hid_dims=tuple(m.hid_dims),
@@ -44,8 +61,34 @@ def make_model(config: ml_collections.ConfigDict, training: bool = False) -> une
   return model
 
 
-def init_params(config: ml_collections.ConfigDict, model: unet.UNet, key: jax.Array):
-  """Freshly initialised U-Net parameters (the inner 'params' dict)."""
+def _make_dit(config: ml_collections.ConfigDict, training: bool) -> dit.DiT:
+  s = config.model.dit
+  h, w, d = geometry.image_shape(config)
+  region = int(config.data.patch_size)
+  token_size = region if s.patch_size is None else int(s.patch_size)
+  try:
+    layout = tokens.TokenLayout(s.token_layout, h, w, d, token_size, region)
+    return dit.make_dit(
+        layout,
+        s.size,
+        s.form,
+        hidden=s.hidden,
+        depth=s.depth,
+        num_heads=s.num_heads,
+        mlp_ratio=s.mlp_ratio,
+        d_emb=s.d_emb,
+        dtype=config.model.dtype,
+        remat=bool(training and config.get("remat", False)),
+    )
+  except ValueError as e:
+    raise errors.ConfigError(
+        f"model.dit (form={s.form!r}, size={s.size!r}, patch_size={token_size}, "
+        f"token_layout={s.token_layout!r}; data.patch_size={region}): {e}"
+    ) from e
+
+
+def init_params(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array):
+  """Freshly initialised denoiser parameters (the inner 'params' dict)."""
   h, w, _ = geometry.image_shape(config)
   z = jnp.zeros((1, *geometry.image_shape(config)), jnp.float32)
   t = jnp.zeros((1, h, w, 1), jnp.float32)

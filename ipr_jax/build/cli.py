@@ -199,11 +199,16 @@ def check_geometry(config: ml_collections.ConfigDict) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses invalid sampler and IPR settings (ValueError naming the field and value), as the
-  sampler would read them, and a patch size that does not fit the image (`check_geometry`):
+  sampler would read them, an unknown flow, and a patch size that does not fit the image
+  (`check_geometry`):
   before a binary restores or compiles anything."""
   from ipr_jax import sampling  # pylint: disable=g-import-not-at-top
 
+  from ipr_jax.build import config_base  # pylint: disable=g-import-not-at-top
+
   check_geometry(config)
+  if "task" in config:
+    config_base.noise_flow(config)
   if "sampler" in config:
     sampling.SamplerConfig(**config.sampler.to_dict())
   if "ipr" in config:

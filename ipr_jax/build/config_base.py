@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from ipr_jax import sampling
 from ipr_jax.models import unet
+from ipr_jax.noise import flows
 from ipr_jax.runtime import errors
 
 # The packaged task configs (`ipr_jax/configs/<task>.py`), named by `--config=<task>[:preset]`.
@@ -143,6 +144,8 @@ def _add_top_level(config: ml_collections.ConfigDict) -> None:
   config.batch_size = 56
   # Optimizer steps (reference max_steps).
   config.num_train_steps = 250_001
+  # The forward process and what the denoiser predicts (`ipr_jax.noise.flows.FLOW_NAMES`).
+  config.flow = "rectified"
   # Save a checkpoint every this many steps (and always at the end or on SIGTERM).
   config.checkpoint_every_steps = 5_000
   # Keep the newest this many checkpoints.
@@ -168,9 +171,28 @@ def _add_top_level(config: ml_collections.ConfigDict) -> None:
   config.memory_headroom = 0.1
 
 
+def noise_flow(config: ml_collections.ConfigDict) -> flows.Flow:
+  """The `flows.Flow` of `config.flow` ('rectified' where a stored config has none).
+
+  Raises:
+    errors.ConfigError: an unknown name, naming the known ones.
+  """
+  name = config.get("flow", "rectified")
+  if name not in flows.FLOW_NAMES:
+    raise errors.ConfigError(
+        f"flow={name!r} is unknown; expected one of {', '.join(flows.FLOW_NAMES)}"
+    )
+  return flows.make_flow(name)
+
+
 def _model_section(unet_preset: str) -> ml_collections.ConfigDict:
-  """config.model: the U-Net of `unet.UNET_PRESETS[unet_preset]` and the shared layer settings."""
+  """config.model: the U-Net of `unet.UNET_PRESETS[unet_preset]` and the shared layer settings,
+  and the transformer denoiser `model.dit` (used with `model.kind='dit'`)."""
   section = ml_collections.ConfigDict()
+  # The denoiser: 'unet' (the reference's U-Net, the fields below) or 'dit' (the transformer of
+  # `model.dit`; the U-Net fields are then unused, `dtype` applies to both).
+  section.kind = "unet"
+  section.dit = _dit_section()
   # Reference preset name (informational; the fields below define the network).
   section.name = unet_preset
   # Channels per resolution level.
@@ -191,6 +213,30 @@ def _model_section(unet_preset: str) -> ml_collections.ConfigDict:
   section.dropout = 0.1
   # Compute dtype; params stay float32 (reference: bf16-mixed).
   section.dtype = "bfloat16"
+  return section
+
+
+def _dit_section() -> ml_collections.ConfigDict:
+  """config.model.dit: the DiT denoiser (`ipr_jax.models.dit`; model.kind='dit')."""
+  section = ml_collections.ConfigDict()
+  # 'dit' (LayerNorm, GELU MLP) or 'lightning_dit' (RMSNorm, q/k norm, SwiGLU, 2D rotary).
+  section.form = "dit"
+  # DiT size: 'S', 'B', 'L' or 'XL' (hidden, depth, heads of `dit.DIT_SIZES`).
+  section.size = "S"
+  # Width, blocks and attention heads; None: the size's, else this value instead.
+  section.hidden = config_dict.placeholder(int)
+  section.depth = config_dict.placeholder(int)
+  section.num_heads = config_dict.placeholder(int)
+  # MLP width over hidden; None: the form's (dit 4, lightning_dit 8/3).
+  section.mlp_ratio = config_dict.placeholder(float)
+  # Width of the time sinusoid.
+  section.d_emb = 256
+  # Side of a token's patch in pixels; must divide data.patch_size (a token lies in one region,
+  # so has one noise level). None: data.patch_size, one token per region.
+  section.patch_size = config_dict.placeholder(int)
+  # 'patch' (a token = a patch) or 'spatialreasoners' (the SRM authors' framework's packing, for
+  # its checkpoints; `ipr_jax.models.tokens`).
+  section.token_layout = "patch"
   return section
 
 

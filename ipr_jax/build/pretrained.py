@@ -42,7 +42,7 @@ ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 _CONFIG_KEY, _METADATA_KEY = "config_json", "metadata_json"
 _SEPARATOR = "/"
 # The sections a model's weights depend on: an evaluation config must agree with the shipped one.
-MODEL_SECTIONS = ("task", "data", "model")
+MODEL_SECTIONS = ("task", "flow", "data", "model")
 # The sha256 of each shipped model's parameters (`checkpoint.params_digest`; the params_sha256 of
 # the run.json files of its committed tables), checked by `load`.
 SHIPPED_SHA256 = {
@@ -194,7 +194,11 @@ def check_compatible(config: ml_collections.ConfigDict, shipped: Pretrained) -> 
   """
 
   def section(c, name):
+    if name == "flow":
+      return c.get("flow", "rectified")
     value = c[name]
+    if name == "model":
+      return config_diff.model_record(value)
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
   def normalise(value):  # JSON turns tuples into lists

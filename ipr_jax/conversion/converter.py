@@ -9,6 +9,12 @@ writes an Orbax checkpoint in `workdir/checkpoints/<global_step>` that `python -
 Accepted inputs: a Lightning `.ckpt` (`denoiser.*` / `ema_denoiser.module.*`), a torch
 state_dict (`.pth`/`.pt`) or an `.npz` of the denoiser state_dict (no torch needed for `.npz`).
 
+With `--config.model.kind=dit` (and the `model.dit` fields of the checkpoint's network) it reads
+the DiT and LightningDiT checkpoints of the SRM authors' framework spatialreasoners
+(`denoising_model.ema_denoiser.module.*` / `denoising_model.denoiser.*`); a framework model
+with more than one token per region needs `--config.model.dit.token_layout=spatialreasoners`
+(its pixel packing; `ipr_jax.models.tokens`). The mapping: `ipr_jax.conversion.dit_state_dict`.
+
   python -m ipr_jax.convert --torch_classifier=mnist_classifier.pth --classifier_out=clf.npz
 
 converts the srmbench MNIST classifier (`conv1`, `conv2`, `fc1`, `fc2`) for the Sudoku metric.
@@ -25,9 +31,12 @@ import ml_collections
 import numpy as np
 
 from ipr_jax import build
+from ipr_jax.conversion import dit_state_dict
 from ipr_jax.conversion import state_dict as state_dict_lib
 from ipr_jax.conversion import torch_files
 from ipr_jax.models import classifier as classifier_lib
+from ipr_jax.models import dit
+from ipr_jax.models import unet
 from ipr_jax.runtime import checkpoint
 from ipr_jax.runtime import errors
 
@@ -38,7 +47,9 @@ REFERENCE_KEY_COUNTS = {"unet_32": 424, "unet_128": 504, "unet_256": 584}
 def convert_denoiser(
     state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict, weights: str = "ema"
 ) -> dict[str, Any]:
-  """A Lightning or plain SRM state_dict -> Flax U-Net params for `config.model`.
+  """A Lightning or plain SRM state_dict -> Flax U-Net params for `config.model`; with
+  `model.kind='dit'`, a spatialreasoners DiT state_dict -> `dit.DiT` params
+  (`dit_state_dict`).
 
   Args:
     state_dict: numpy arrays by reference key name (see `torch_files.load_state_dict_file`).
@@ -52,8 +63,12 @@ def convert_denoiser(
     ValueError: missing, unexpected or mis-shaped keys, or a key count that differs from the
       reference preset's.
   """
-  denoiser_sd = torch_files.select_denoiser(state_dict, weights)
   model = build.make_model(config)
+  if isinstance(model, dit.DiT):
+    dit_sd = dit_state_dict.select_weights(state_dict, weights)
+    return dit_state_dict.dit_params_from_state_dict(dit_sd, model)
+  assert isinstance(model, unet.UNet)
+  denoiser_sd = torch_files.select_denoiser(state_dict, weights)
   expected = REFERENCE_KEY_COUNTS.get(config.model.get("name", ""))
   if expected is not None and _is_reference_preset(config) and len(denoiser_sd) != expected:
     raise errors.ConfigError(
@@ -64,8 +79,6 @@ def convert_denoiser(
 
 
 def _is_reference_preset(config: ml_collections.ConfigDict) -> bool:
-  from ipr_jax.models import unet  # pylint: disable=g-import-not-at-top
-
   preset = unet.UNET_PRESETS.get(config.model.name)
   return preset is not None and all(
       tuple(config.model[k]) == tuple(v)

@@ -13,10 +13,12 @@ import numpy as np
 
 from ipr_jax import sampling
 from ipr_jax import tasks
+from ipr_jax.build import config_base
 from ipr_jax.build import pretrained
 from ipr_jax.data import geometry
 from ipr_jax.evaluation import shards as eval_shards
 from ipr_jax.runtime import checkpoint
+from ipr_jax.runtime import config_diff
 from ipr_jax.runtime import environment
 from ipr_jax.runtime import errors
 from ipr_jax.tasks import base as tasks_base
@@ -58,9 +60,11 @@ def task_evaluation(config: ml_collections.ConfigDict) -> tasks_base.Evaluation:
 def sampler_configs(
     config: ml_collections.ConfigDict,
 ) -> tuple[sampling.SamplerConfig, sampling.IPRConfig]:
-  """The sampler's options of `config`: its sampler and ipr sections as the sampler takes them."""
+  """The sampler's options of `config`: its sampler and ipr sections as the sampler takes them,
+  and its top-level flow (`SamplerConfig.flow`; errors.ConfigError for an unknown one)."""
+  config_base.noise_flow(config)
   return (
-      sampling.SamplerConfig(**config.sampler.to_dict()),
+      sampling.SamplerConfig(**config.sampler.to_dict(), flow=config.get("flow", "rectified")),
       sampling.IPRConfig(**config.ipr.to_dict()),
   )
 
@@ -153,9 +157,10 @@ def resolved_settings(
 ) -> dict[str, Any]:
   """What an evaluation's results depend on besides its parameters and code, every field
   resolved: the task; the data and model sections; the sampler and IPR options as the sampler
-  resolves them (`SamplerConfig`, `IPRConfig`: every field, defaults included); the eval section
-  (eval.name aside; eval.unique_solution resolved); and the batching
-  (`eval_shards.batches_record` of `batches`, default: `puzzle_batches` of `config`).
+  resolves them (`SamplerConfig`, `IPRConfig`: every field, defaults included); the flow, as
+  "flow" where it is not the rectified flow (runs of the rectified flow, the only one before,
+  record none); the eval section (eval.name aside; eval.unique_solution resolved); and the
+  batching (`eval_shards.batches_record` of `batches`, default: `puzzle_batches` of `config`).
   """
   if batches is None:
     task = task_evaluation(config)
@@ -166,15 +171,20 @@ def resolved_settings(
   eval_settings = config.eval.to_dict()
   eval_settings.pop("name", None)
   eval_settings["unique_solution"] = bool(config.eval.get("unique_solution", False))
-  return {
+  sampler_settings = dataclasses.asdict(sampler_config)
+  flow_name = sampler_settings.pop("flow")
+  settings = {
       "task": config.task,
       "data": config.data.to_dict(),
-      "model": config.model.to_dict(),
-      "sampler": dataclasses.asdict(sampler_config),
+      "model": config_diff.model_record(config.model),
+      "sampler": sampler_settings,
       "ipr": dataclasses.asdict(ipr_config),
       "eval": eval_settings,
       "batches": eval_shards.batches_record(batches),
   }
+  if flow_name != "rectified":
+    settings["flow"] = flow_name
+  return settings
 
 
 def run_settings(

@@ -74,9 +74,10 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 #   build/__init__.py, data/geometry.py
 #                                 the U-Net a config builds, the image and patch grid shapes;
 #   tasks/*.py                    each task's data, test inputs, scores and verifier;
-#   sampling/*.py, noise/schedule.py, noise/flow.py, noise/gaussian.py
-#                                 SRM, IPR and its variants, schedules, the reverse kernel;
-#   models/unet.py, models/denoiser.py
+#   sampling/*.py, noise/schedule.py, noise/flow.py, noise/flows.py, noise/gaussian.py
+#                                 SRM, IPR and its variants, schedules, the flows (config.flow)
+#                                 and their reverse kernels;
+#   models/unet.py, models/dit.py, models/tokens.py, models/denoiser.py
 #                                 the denoiser (its weights: params_sha256 in the settings);
 #   models/classifier.py, models/polygon_scorer.py, metrics/*.py (not the trainers)
 #                                 the metrics; metrics/assets/*.npz: their shipped weights;
@@ -85,11 +86,13 @@ _TEMPORARY = re.compile(r".+\.tmp\d*")
 # Left out, as they do not change a puzzle's result (`NOT_IN_CODE_RECORD`): checkpoint.py and
 # pretrained.py (reading parameters: their digest is a setting), evaluation/results.py (the merge,
 # results.json and, through evaluation/report.py, tables and plots: made again from the shards at
-# every merge), cli.py and errors.py (the command line and its messages), evaluation/shards.py and
-# evaluation/store.py (the shard files and their checks: what a shard holds, runner.py computes),
-# environment.py (its record is checked on its own), agreement.py, preemption.py and
-# host_devices.py (files, processes, devices: results do not depend on the device or process
-# count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
+# every merge), cli.py and errors.py (the command line and its messages), config_base.py (the
+# configs' defaults and the check of config.flow: resolved values are settings), config_diff.py
+# (how settings are compared, and the model section as recorded: a record, not a result),
+# evaluation/shards.py and evaluation/store.py (the shard files and their checks: what a shard
+# holds, runner.py computes), environment.py (its record is checked on its own), agreement.py,
+# preemption.py and host_devices.py (files, processes, devices: results do not depend on the
+# device or process count), fit.py (the batch size of eval.batch_size=auto, a recorded setting
 # on which no result depends), compilation_cache.py (where compiled programs are kept). The
 # configs are not code here: their resolved values are settings. The fingerprint is of whole
 # files, bytes as they are: simple and conservative (an edit of evaluate.py's command line or of
@@ -114,15 +117,21 @@ CODE_FILES = (
     "sampling/inputs.py",
     "sampling/planning.py",
     "sampling/greedy.py",
+    "sampling/srm.py",
     "sampling/query.py",
     "sampling/selection.py",
     "sampling/chains.py",
     "sampling/refinement.py",
     "sampling/ipr.py",
+    "sampling/time_maps.py",
+    "sampling/time_map_sampler.py",
     "noise/schedule.py",
     "noise/flow.py",
+    "noise/flows.py",
     "noise/gaussian.py",
     "models/unet.py",
+    "models/dit.py",
+    "models/tokens.py",
     "models/denoiser.py",
     "models/classifier.py",
     "models/polygon_scorer.py",
@@ -143,6 +152,7 @@ CODE_FILES = (
 # Package modules that the modules of CODE_FILES import but that do not determine results.
 NOT_IN_CODE_RECORD = (
     "build/cli",
+    "build/config_base",
     "build/pretrained",
     "evaluation/fit",
     "evaluation/results",
@@ -151,6 +161,7 @@ NOT_IN_CODE_RECORD = (
     "runtime/agreement",
     "runtime/checkpoint",
     "runtime/compilation_cache",
+    "runtime/config_diff",
     "runtime/environment",
     "runtime/errors",
     "runtime/host_devices",

@@ -1,7 +1,10 @@
 """The SRM output head: raw U-Net channels -> (u, v, logvar, sigma), spec §1.1.
 
 The raw output has C = 2 d + 1 channels:
-- `u` = raw[..., :d], the predicted velocity (the "ut" parameterisation);
+- `u` = raw[..., :d], the model output in the flow's parameterisation (`config.flow`,
+  `ipr_jax.noise.flows`): the velocity ("ut") of the default rectified flow and of the
+  cosine flow, the noise ("eps") or v of the diffusion flows; the name is kept from the
+  rectified flow;
 - `v` = (raw[..., d:2d] + 1) / 2, the learned-range interpolation weight,
   deliberately not clamped to [0, 1] (as in the reference);
 - `logvar` = the last channel average-pooled over each P x P patch and
@@ -25,7 +28,7 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class DenoiserOutput:
-  u: Array  # [B, H, W, d] predicted velocity (eps - x)
+  u: Array  # [B, H, W, d] model output in the flow's parameterisation (rectified: eps - x)
   v: Array  # [B, H, W, d] learned-range weight, unclamped
   logvar: Array  # [B, H, W, 1] patch-constant log-variance
   sigma: Array  # [B, H, W, 1] exp(logvar / 2)

@@ -90,7 +90,11 @@ class Schedule:
   prototype: np.ndarray
 
 
-SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
+BLOCK_SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
+# The SRM authors' framework's schedules: per-patch time maps without blocks (`sampling.time_maps`);
+# they have no block table and nothing for `check_block_starts` to refuse.
+TIME_MAP_SCHEDULES = ("raster", "adaptive_inverse", "adaptive_softmax", "mask_git")
+SCHEDULES = BLOCK_SCHEDULES + TIME_MAP_SCHEDULES
 # The schedules whose patch order is planned before sampling (`sampling.planning`).
 PLANNED = ("random_sequential", "graph_sequential")
 
@@ -258,8 +262,8 @@ def make_schedule(
     A `Schedule` (its max_steps: the denoiser passes; block_starts: one start per block).
   """
   _check_args(n, steps_per_patch, overlap)
-  if kind not in SCHEDULES:
-    raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}.")
+  if kind not in BLOCK_SCHEDULES:
+    raise ValueError(f"kind must be one of {BLOCK_SCHEDULES}, got {kind!r}.")
   if int(top_k) != top_k or top_k < 1:
     raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
   if int(total_steps) != total_steps or total_steps < 0:
@@ -310,8 +314,10 @@ def check_block_starts(
     name: the config section the setting comes from, for the message (e.g. 'ipr').
     kind, top_k, total_steps: as in `make_schedule`; the message names the fields that set the
       block starts (max_steps instead of steps_per_patch when total_steps > 0, top_k when it
-      is not 1).
+      is not 1). A time-map kind (`TIME_MAP_SCHEDULES`) has no block starts: nothing to check.
   """
+  if kind in TIME_MAP_SCHEDULES:
+    return
   for n in sorted({int(n) for n in n_values}):
     try:
       made = make_schedule(

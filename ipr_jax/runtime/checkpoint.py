@@ -54,13 +54,15 @@ _STATE_DIGEST = "state_sha256"
 # save; never a checkpoint).
 _TEMPORARY = re.compile(r"\d+\.orbax-checkpoint-tmp.*")
 
-# The config fields that define what a checkpoint's weights mean: its task, the data's geometry
-# and the U-Net's architecture (the whole model section but for the fields named in
+# The config fields that define what a checkpoint's weights mean: its task, the flow it was
+# trained with (its output is in that flow's parameterisation), the data's geometry and the
+# denoiser's architecture (the whole model section but for the fields named in
 # _FREE_MODEL_FIELDS). A run whose config differs from the checkpoint's in one of them is refused
-# (`check_stored_config`). The flow (rectified flow) and the output parameterisation (velocity,
-# variance interpolation, per-patch sigma) are fixed in the code, not settings.
+# (`check_stored_config`). The output layout (prediction, variance interpolation, per-patch
+# sigma) is fixed in the code.
 WEIGHT_FIELDS = (
     "task",
+    "flow",
     "data.image_size",
     "data.patch_size",
     "data.channels",
@@ -434,8 +436,13 @@ def check_digests(step_dir: str | os.PathLike, state: Mapping[str, Any]) -> None
 
 def _weight_fields(config: Mapping[str, Any]) -> dict[str, Any]:
   """The values of `WEIGHT_FIELDS` in a config as JSON, as {'a.b': value} (absent ones left
-  out)."""
-  flat = config_diff.flatten(json.loads(json.dumps(config, default=str)))
+  out; a config without `model.kind` or `flow` is a U-Net's and the rectified flow's, as every
+  config was before the DiT and the other flows existed)."""
+  as_json: dict[str, Any] = json.loads(json.dumps(config, default=str))
+  if isinstance(as_json.get("model"), dict):
+    as_json["model"] = config_diff.model_record(as_json["model"])
+    as_json["model"].setdefault("kind", "unet")
+  flat = config_diff.flatten(config_diff.with_flow(as_json))
   chosen = {}
   for key, value in flat.items():
     for field in WEIGHT_FIELDS:

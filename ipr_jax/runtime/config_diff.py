@@ -26,3 +26,23 @@ def differences(
   old, new = flatten(old), flatten(new)
   differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   return [(k, old.get(k, absent), new.get(k, absent)) for k in differing]
+
+
+def model_record(model: Any) -> dict[str, Any]:
+  """A config's model section as runs and checkpoints record it (a dict).
+
+  A U-Net's record leaves out the transformer's fields (`kind`, `dit`), so that it reads as the
+  records made before the DiT existed (shipped models, committed runs, older checkpoints); a
+  section without `kind` is a U-Net's.
+  """
+  record = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+  if record.get("kind", "unet") == "unet":
+    record.pop("kind", None)
+    record.pop("dit", None)
+  return record
+
+
+def with_flow(config: dict[str, Any]) -> dict[str, Any]:
+  """`config` (a dict) with its flow named: a config without `flow` is the rectified flow's
+  (every config before the other flows existed)."""
+  return {**config, "flow": config.get("flow", "rectified")} if "task" in config else config

@@ -8,7 +8,11 @@ The package's modules, each importing only those above it:
                  size, dependency matrix), `Puzzles` (keys, image, mask, noise), `Given`; the
                  fold_in tags of a puzzle key's streams;
   planning.py    patch orders planned before sampling (random_sequential, graph_sequential);
-  greedy.py      the SRM loop of every schedule (`srm_sample`);
+  greedy.py      the SRM greedy loop of the block schedules (`block_srm_sample`);
+  time_maps.py   the framework's time-map schedules (raster, adaptive_inverse, adaptive_softmax,
+                 mask_git): the next time map from the current one and sigma;
+  time_map_sampler.py  their sampling loop (`srm_time_map_sample`);
+  srm.py         `srm_sample`, the SRM pass of any schedule;
   query.py       the uncertainty query and an iterate's mean query score;
   selection.py   resampling counts and the selection strategies (`SELECTORS`);
   chains.py      several chains per puzzle: their keys and noise, the choice among them;
@@ -97,7 +101,7 @@ from ipr_jax.sampling.config import SELECTIONS
 from ipr_jax.sampling.config import UNCERTAINTY_SCORES
 from ipr_jax.sampling.config import VerifyFn
 from ipr_jax.sampling.greedy import GreedyResult
-from ipr_jax.sampling.greedy import srm_sample
+from ipr_jax.sampling.srm import srm_sample
 from ipr_jax.sampling.inputs import Denoiser
 from ipr_jax.sampling.inputs import Given
 from ipr_jax.sampling.inputs import Puzzles

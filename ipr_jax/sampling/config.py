@@ -6,6 +6,8 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from ipr_jax.noise import flows
+
 # (z [B, H, W, d], t [B, H, W, 1]) -> DenoiserOutput (ipr_jax.models.denoiser),
 # of which the sampler reads u [B, H, W, d], v [B, H, W, d], sigma [B, H, W, 1].
 DenoiseFn = Callable[[jax.Array, jax.Array], Any]
@@ -24,8 +26,11 @@ UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
 QUERY_CELLS = ("candidates", "all", "balanced")
-# The SRM sampler family (`ipr_jax.noise.schedule.SCHEDULES`).
-SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
+# The SRM sampler family (`ipr_jax.noise.schedule.SCHEDULES`): the block schedules, then the
+# SRM authors' framework's time-map schedules (`ipr_jax.sampling.time_maps`).
+BLOCK_SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
+TIME_MAP_SCHEDULES = ("raster", "adaptive_inverse", "adaptive_softmax", "mask_git")
+SCHEDULES = BLOCK_SCHEDULES + TIME_MAP_SCHEDULES
 
 
 def _coerce(config, **types) -> None:
@@ -38,10 +43,11 @@ def _coerce(config, **types) -> None:
     object.__setattr__(config, name, cast)
 
 
-def _field(default, doc: str):
+def _field(default, doc: str, section: bool = True):
   """A dataclass field with its documentation (`field_docs`; config_base's sampler and ipr
-  sections)."""
-  return dataclasses.field(default=default, metadata={"doc": doc})
+  sections). section=False: a field set from elsewhere in the run config, not one of the
+  section's (left out of `defaults` and `field_docs`)."""
+  return dataclasses.field(default=default, metadata={"doc": doc, "section": section})
 
 
 class _DocumentedFields:
@@ -49,13 +55,18 @@ class _DocumentedFields:
 
   @classmethod
   def defaults(cls) -> dict[str, Any]:
-    """{field name: default}, in field order (what the config section starts from)."""
-    return {field.name: field.default for field in dataclasses.fields(cls)}
+    """{field name: default} of the section's fields, in field order (what the config section
+    starts from)."""
+    return {field.name: field.default for field in _section_fields(cls)}
 
   @classmethod
   def field_docs(cls) -> dict[str, str]:
-    """{field name: documentation}, in field order."""
-    return {field.name: field.metadata["doc"] for field in dataclasses.fields(cls)}
+    """{field name: documentation} of the section's fields, in field order."""
+    return {field.name: field.metadata["doc"] for field in _section_fields(cls)}
+
+
+def _section_fields(cls) -> list[dataclasses.Field]:
+  return [field for field in dataclasses.fields(cls) if field.metadata["section"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +105,18 @@ class SamplerConfig(_DocumentedFields):
       "SRM schedule (`SCHEDULES`): 'adaptive' (next patches = lowest predicted "
       "uncertainty, top_k at a time), 'fixed' (every unknown patch on one shared ramp), "
       "'random_sequential' (one patch at a time in random order), 'graph_sequential' (next "
-      "patch = most certain by its known neighbours in the task's dependency graph).",
+      "patch = most certain by its known neighbours in the task's dependency graph); the SRM "
+      "authors' framework's time maps: 'raster' (patches in index order, steps_per_patch "
+      "levels each), 'adaptive_inverse' / 'adaptive_softmax' (every patch's step set by the "
+      "model's sigma, max_steps steps), 'mask_git' (num_groups random groups, steps_per_patch "
+      "levels per group).",
   )
   max_steps: int = _field(
       0,
       "Total steps of the SRM pass (the SRM reference samplers' max_steps, e.g. 1000); 0: "
       "derived from steps_per_patch and overlap, every schedule then taking the adaptive "
-      "schedule's passes.",
+      "schedule's passes (adaptive_inverse / adaptive_softmax: per puzzle, for its patch "
+      "count).",
   )
   max_order: int = _field(
       1,
@@ -108,8 +124,32 @@ class SamplerConfig(_DocumentedFields):
       "spreads (>= 0; 0 is random_sequential).",
   )
   certainty_decay: float = _field(0.5, "graph_sequential: certainty weight per hop, in (0, 1).")
+  num_groups: int = _field(
+      4, "mask_git: groups of patches revealed one after another (cosine group sizes), >= 1."
+  )
+  adaptive_alpha: float = _field(
+      1.0,
+      "adaptive_inverse / adaptive_softmax: alpha of sigma_small in their divergence D (the "
+      "framework's AdaptiveCfg.alpha), in (0, 1].",
+  )
+  divergence_threshold: float = _field(
+      0.0,
+      "adaptive_inverse: every patch steps to this divergence D, >= 0; 0: the framework's "
+      "default, the largest D of the step (1 - 1/(steps left)) t.",
+  )
+  softmax_scale: float = _field(
+      0.1, "adaptive_softmax: weight of D in the softmax over the patches' next times, > 0."
+  )
+  flow: str = _field(
+      "rectified",
+      "The flow the denoiser was trained with (`ipr_jax.noise.flows.FLOW_NAMES`), which every "
+      "pass's reverse kernel, IPR's re-noising and the query's x_hat follow: the run's "
+      "top-level config.flow (`evaluation.settings.sampler_configs`), not a config.sampler field.",
+      section=False,
+  )
 
   def __post_init__(self):
+    flows.make_flow(self.flow)  # ValueError naming an unknown flow
     _coerce(
         self,
         steps_per_patch=int,
@@ -120,6 +160,10 @@ class SamplerConfig(_DocumentedFields):
         max_steps=int,
         max_order=int,
         certainty_decay=float,
+        num_groups=int,
+        adaptive_alpha=float,
+        divergence_threshold=float,
+        softmax_scale=float,
     )
     check_schedule_fields(self)
     if self.max_steps < 0:
@@ -132,6 +176,11 @@ class SamplerConfig(_DocumentedFields):
       raise ValueError(f"stochasticity must lie in [0, 1], got {self.stochasticity!r}.")
     if not self.temperature > 0.0:
       raise ValueError(f"temperature must be positive, got {self.temperature!r}.")
+
+  @property
+  def noise_flow(self) -> flows.Flow:
+    """The `flows.Flow` of `flow`."""
+    return flows.make_flow(self.flow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +252,9 @@ class IPRConfig(_DocumentedFields):
   )
   renoise_time: float = _field(
       1.0,
-      "t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x + t0 eps and are "
-      "regenerated from t0 with round(steps_per_patch * t0) steps per patch (1: the paper's "
-      "full re-noising).",
+      "t0 in (0, 1]: re-noised patches go to z_t0 = (1 - t0) x + t0 eps (another flow's "
+      "a(t0) x + b(t0) eps) and are regenerated from t0 with round(steps_per_patch * t0) steps "
+      "per patch (1: the paper's full re-noising).",
   )
   ratio_schedule: str = _field(
       "constant",
@@ -230,12 +279,30 @@ class IPRConfig(_DocumentedFields):
       "adaptive",
       "Schedule of the regeneration of the re-noised patches (as sampler.schedule; "
       "every other patch is known context): 'adaptive' (the paper's), 'fixed', "
-      "'random_sequential', 'graph_sequential'.",
+      "'random_sequential', 'graph_sequential', or a time map: 'raster', 'mask_git' "
+      "(steps_per_patch levels per patch / group), 'adaptive_inverse', 'adaptive_softmax' "
+      "(the adaptive schedule's passes for the re-noised patch count).",
   )
   top_k: int = _field(1, "Re-noised patches the adaptive regeneration selects at once, >= 1.")
   max_order: int = _field(1, "graph_sequential regeneration: hops of certainty propagation.")
   certainty_decay: float = _field(
       0.5, "graph_sequential regeneration: certainty weight per hop, " "in (0, 1)."
+  )
+  num_groups: int = _field(
+      4, "mask_git regeneration: groups of re-noised patches revealed one after another, >= 1."
+  )
+  adaptive_alpha: float = _field(
+      1.0,
+      "adaptive_inverse / adaptive_softmax regeneration: alpha of sigma_small in their "
+      "divergence D (the framework's AdaptiveCfg.alpha), in (0, 1].",
+  )
+  divergence_threshold: float = _field(
+      0.0,
+      "adaptive_inverse: every patch steps to this divergence D, >= 0; 0: the framework's "
+      "default, the largest D of the step (1 - 1/(steps left)) t.",
+  )
+  softmax_scale: float = _field(
+      0.1, "adaptive_softmax: weight of D in the softmax over the patches' next times, > 0."
   )
   query_cells: str = _field(
       "candidates",
@@ -270,6 +337,10 @@ class IPRConfig(_DocumentedFields):
         top_k=int,
         max_order=int,
         certainty_decay=float,
+        num_groups=int,
+        adaptive_alpha=float,
+        divergence_threshold=float,
+        softmax_scale=float,
         chains=int,
     )
     check_schedule_fields(self)
@@ -359,8 +430,9 @@ class IPRConfig(_DocumentedFields):
 
 
 def check_schedule_fields(config) -> None:
-  """Checks the schedule, top_k, max_order and certainty_decay fields of a SamplerConfig or an
-  IPRConfig."""
+  """Checks the schedule, top_k, max_order, certainty_decay fields and the time-map schedules'
+  fields (num_groups, adaptive_alpha, divergence_threshold, softmax_scale) of a SamplerConfig or
+  an IPRConfig."""
   if config.schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}.")
   if config.top_k < 1:
@@ -374,6 +446,16 @@ def check_schedule_fields(config) -> None:
     raise ValueError(f"max_order must be a non-negative integer, got {config.max_order!r}.")
   if not 0.0 < config.certainty_decay < 1.0:
     raise ValueError(f"certainty_decay must lie in (0, 1), got {config.certainty_decay!r}.")
+  if config.num_groups < 1:
+    raise ValueError(f"num_groups must be a positive integer, got {config.num_groups!r}.")
+  if not 0.0 < config.adaptive_alpha <= 1.0:
+    raise ValueError(f"adaptive_alpha must lie in (0, 1], got {config.adaptive_alpha!r}.")
+  if not config.divergence_threshold >= 0.0:
+    raise ValueError(
+        f"divergence_threshold must be non-negative, got {config.divergence_threshold!r}."
+    )
+  if not config.softmax_scale > 0.0:
+    raise ValueError(f"softmax_scale must be positive, got {config.softmax_scale!r}.")
 
 
 def check_ratio(ratio: float) -> None:

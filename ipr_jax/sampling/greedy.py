@@ -1,4 +1,5 @@
-"""The SRM greedy loop (spec §4.4), batched: `srm_sample`, and `greedy_loop`, which IPR reuses.
+"""The SRM greedy loop (spec §4.4), batched: `block_srm_sample`, and `greedy_loop`, which IPR
+reuses.
 
 The greedy state of a puzzle is: z, which patches are still waiting, the step
 at which each patch was selected, the block counter and the next block start.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipr_jax.noise import flow
+from ipr_jax.noise import flows
 from ipr_jax.noise import schedule as schedule_lib
 from ipr_jax.sampling import planning
 from ipr_jax.sampling.config import SamplerConfig
@@ -239,21 +240,25 @@ def _reverse_step(
     stochasticity: float,
     temperature: float,
     clamp_noise: bool,
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> jax.Array:
   """One step of the reverse kernel p(z_next | z) from the denoiser's output `out`.
 
   Args:
-    out: DenoiserOutput of z (u, v `[B, H, W, d]`).
+    out: DenoiserOutput of z (u: the model output in the flow's parameterisation, v
+      `[B, H, W, d]`).
     z: `[B, H, W, d]` float32 current state.
-    t_now_pix, t_next_pix: `[B, H, W, 1]` pixel times of this step and the next.
+    t_now_pix, t_next_pix: `[B, H, W, 1]` pixel times of this step and the next, already the
+      flow's (`Flow.adjust_time`).
     keys: `[B]` typed keys of this step's noise.
     stochasticity, temperature, clamp_noise: as in `SamplerConfig`.
+    noise_flow: the flow of `SamplerConfig.flow`.
 
   Returns:
     `[B, H, W, d]` float32: the kernel's mean, sampled where noise is added (clamp_noise: wherever
     t_next > 0, as the reference; else only where the unclamped sigma is positive).
   """
-  kernel = flow.reverse_kernel(
+  kernel = noise_flow.reverse_kernel(
       out.u.astype(jnp.float32),
       z,
       t_now_pix,
@@ -289,7 +294,9 @@ def greedy_loop(
   """The greedy loop on a batch: generates the `waiting` `[B, N]` patches of z `[B, H, W, C]`
   (given cells re-pasted after every step, `given`), puzzle b on its schedule row of `sched`, with
   the keys `[B]` of its steps' noise and the reverse kernel of `kernel` (its stochasticity,
-  temperature and clamp_noise; SRM's and IPR's regeneration alike).
+  temperature, clamp_noise and flow; SRM's and IPR's regeneration alike). The denoiser and the
+  kernel see the flow's times (`Flow.adjust_time` of the schedule's; the same times but for the
+  discrete diffusion's grid).
 
   A `lax.while_loop` over steps that runs until the longest schedule of the
   batch has ended; a puzzle past its own schedule keeps its state and spends
@@ -300,7 +307,7 @@ def greedy_loop(
   """
   patch_size = denoiser.patch_size
   stochasticity, temperature = kernel.stochasticity, kernel.temperature
-  clamp_noise = kernel.clamp_noise
+  clamp_noise, noise_flow = kernel.clamp_noise, kernel.noise_flow
   batch, num_patches = waiting.shape
   grid = patch_grid(z.shape, patch_size)
   state = _initial_greedy_state(z.astype(jnp.float32), waiting)
@@ -313,11 +320,12 @@ def greedy_loop(
     step, state, rows = carry
     live = step < sched.max_steps
     t_now = _time_rows(step, state, sched, start_time)
-    t_now_pix = patches_to_pixels(t_now, grid, patch_size)
+    t_now_pix = noise_flow.adjust_time(patches_to_pixels(t_now, grid, patch_size))
     out = denoiser.denoise_fn(state.z, t_now_pix)
     sigma = patch_mean(out.sigma.astype(jnp.float32), patch_size)
     new = _select(step, live, state, sched, sigma)
-    t_next_pix = patches_to_pixels(_time_rows(step + 1, new, sched, start_time), grid, patch_size)
+    t_next = _time_rows(step + 1, new, sched, start_time)
+    t_next_pix = noise_flow.adjust_time(patches_to_pixels(t_next, grid, patch_size))
     z_next = _reverse_step(
         out,
         state.z,
@@ -327,6 +335,7 @@ def greedy_loop(
         stochasticity=stochasticity,
         temperature=temperature,
         clamp_noise=clamp_noise,
+        noise_flow=noise_flow,
     )
     z_next = given.paste(z_next)
     new = new.replace(
@@ -351,13 +360,16 @@ def greedy_loop(
 
 
 def srm_table(num_patches: int, config: SamplerConfig) -> schedule_lib.ScheduleTable:
-  """The SRM pass's schedule table under `config` (schedule, top_k, max_steps)."""
+  """The SRM pass's schedule table under `config` (schedule, top_k, max_steps); for a time-map
+  schedule, which has no blocks, the adaptive schedule's (its passes set the adaptive time maps'
+  steps, `time_map_sampler.derived_max_steps`)."""
+  time_map = config.schedule in schedule_lib.TIME_MAP_SCHEDULES
   return schedule_lib.schedule_table(
       num_patches,
       config.steps_per_patch,
       config.overlap,
       config.clean_schedule,
-      kind=config.schedule,
+      kind="adaptive" if time_map else config.schedule,
       top_k=config.top_k,
       total_steps=config.max_steps,
   )
@@ -418,7 +430,7 @@ def planned_order(
   )
 
 
-def srm_sample(
+def block_srm_sample(
     denoiser: Denoiser,
     puzzles: Puzzles,
     config: SamplerConfig,
@@ -457,9 +469,16 @@ def srm_sample(
   Returns:
     GreedyResult.
 
+  The block schedules only (`srm.srm_sample` runs a time-map schedule by
+  `time_map_sampler.srm_time_map_sample`, from the same start).
+
   Raises:
-    ValueError: bad shapes, or a degenerate schedule (naming its fields).
+    ValueError: bad shapes, a degenerate schedule (naming its fields), or a time-map schedule.
   """
+  if config.schedule in schedule_lib.TIME_MAP_SCHEDULES:
+    raise ValueError(
+        f"schedule={config.schedule!r} is a time-map schedule: use sampling.srm_sample"
+    )
   patch_size = denoiser.patch_size
   check_keys(puzzles.keys, puzzles.shape[0])
   z, given, generated = srm_start(puzzles, patch_size)

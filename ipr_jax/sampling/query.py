@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ipr_jax.noise import flow
+from ipr_jax.noise import flows
 from ipr_jax.sampling.config import UNCERTAINTY_SCORES, IPRConfig
 from ipr_jax.sampling.inputs import QUERY_STREAM, Denoiser
 from ipr_jax.sampling.patches import fold_keys, patch_grid, patch_mean, patch_pixel_mask
@@ -48,6 +48,7 @@ def uncertainty_query(
     *,
     groups: int,
     score: str = "nll",
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> jax.Array:
   """The model's own uncertainty about each candidate patch of the samples z, in G passes.
 
@@ -59,7 +60,9 @@ def uncertainty_query(
     'nll':   log sigma + mean((z - x_hat)^2) / (2 sigma^2), the Gaussian negative
              log-likelihood (per pixel, constant dropped) of the patch's current content under
              the prediction x_hat = z_1 - u from the rest; it is what the sigma head is trained
-             to score (spec §3.3, at t = 1 x - x_hat = u_hat - u).
+             to score (spec §3.3, at t = 1 x - x_hat = u_hat - u). Under another flow x_hat is
+             that flow's (`Flow.x_from_output`) while sigma stays the std of the model's output
+             in its parameterisation, so the two terms no longer share units.
   The G passes run as one denoiser call on a batch of G * B.
 
   Args:
@@ -69,6 +72,7 @@ def uncertainty_query(
     keys: `[B]` typed per-puzzle keys of this query.
     groups: G >= 1.
     score: 'nll' or 'sigma'.
+    noise_flow: the flow the denoiser was trained with (`SamplerConfig.flow`).
 
   Returns:
     `[B, N]` float32 scores, higher = more uncertain; 0 on non-candidates.
@@ -90,12 +94,12 @@ def uncertainty_query(
   )
   z_all = tile(z.astype(jnp.float32))
   z_query = jnp.where(pixels, tile(eps), z_all)
-  t_query = pixels.astype(jnp.float32)
+  t_query = noise_flow.adjust_time(pixels.astype(jnp.float32))
   out = denoiser.denoise_fn(z_query, t_query)
   sigma = out.sigma.astype(jnp.float32)
   per_patch = patch_mean(jnp.log(sigma), patch_size)
   if score == "nll":
-    x_hat = flow.x_from_u(z_query, t_query, out.u.astype(jnp.float32))
+    x_hat = noise_flow.x_from_output(out.u.astype(jnp.float32), z_query, t_query)
     per_patch = per_patch + 0.5 * patch_mean(((z_all - x_hat) / sigma) ** 2, patch_size)
   per_patch = per_patch.reshape(groups, batch, num_patches)
   own = jnp.take_along_axis(per_patch, group[None], axis=0)[0]
@@ -118,6 +122,7 @@ class IterateQuery:
     groups: G, denoiser passes per query (`IPRConfig.uncertainty_groups`).
     score: 'nll' or 'sigma' (`IPRConfig.uncertainty_score`).
     query_cells: `IPRConfig.query_cells`, how the mean score weighs the patches.
+    noise_flow: the flow the denoiser was trained with (`SamplerConfig.flow`).
   """
 
   denoiser: Denoiser
@@ -127,6 +132,7 @@ class IterateQuery:
   groups: int
   score: str
   query_cells: str
+  noise_flow: flows.Flow = flows.RECTIFIED
 
   def patch_scores(self, z: jax.Array, index, active: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Query `index` (keys: fold_in of it) of z `[B, H, W, C]`: (patch scores `[B, N]`, the
@@ -138,6 +144,7 @@ class IterateQuery:
         fold_keys(self.keys, index),
         groups=self.groups,
         score=self.score,
+        noise_flow=self.noise_flow,
     )
     return cells, jnp.where(active, self.groups, 0).astype(jnp.int32)
 
@@ -148,10 +155,15 @@ class IterateQuery:
 
 
 def iterate_query(
-    denoiser: Denoiser, candidates: jax.Array, keys: jax.Array, ipr_config: IPRConfig
+    denoiser: Denoiser,
+    candidates: jax.Array,
+    keys: jax.Array,
+    ipr_config: IPRConfig,
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> IterateQuery:
   """The query of IPR's iterates of puzzles with `candidates` `[B, N]` and puzzle keys `[B]`
-  under `ipr_config` (query keys: fold_in(key, QUERY_STREAM))."""
+  under `ipr_config` (query keys: fold_in(key, QUERY_STREAM)), of a denoiser trained with
+  `noise_flow`."""
   scored = candidates if ipr_config.query_cells == "candidates" else jnp.ones_like(candidates)
   return IterateQuery(
       denoiser=denoiser,
@@ -161,4 +173,5 @@ def iterate_query(
       groups=ipr_config.uncertainty_groups,
       score=ipr_config.uncertainty_score,
       query_cells=ipr_config.query_cells,
+      noise_flow=noise_flow,
   )

@@ -17,7 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from ipr_jax.noise import flow
+from ipr_jax.noise import flows
 from ipr_jax.noise import schedule as schedule_lib
 from ipr_jax.sampling.config import CellVerifyFn, IPRConfig, SamplerConfig, VerifyFn
 from ipr_jax.sampling.greedy import (
@@ -27,6 +27,7 @@ from ipr_jax.sampling.greedy import (
     planned_order,
     srm_table,
 )
+from ipr_jax.sampling import time_map_sampler
 from ipr_jax.sampling.inputs import ITERATION_STREAM, PLAN_STREAM, Denoiser, Given
 from ipr_jax.sampling.patches import fold_keys, patch_grid, patch_pixel_mask
 from ipr_jax.sampling.query import IterateQuery, iterate_query
@@ -210,13 +211,16 @@ def _refinement(
   """The schedules, keys, resampling counts and query of `refine`, with its inputs."""
   num_patches = inputs.candidates.shape[1]
   clean = sampler_config.clean_schedule
+  kind = ipr_config.schedule
+  if kind in schedule_lib.TIME_MAP_SCHEDULES:  # No blocks: the adaptive passes set their M.
+    kind = "adaptive"
   ipr_table = schedule_lib.schedule_table(
       num_patches,
       ipr_config.renoise_steps_per_patch,
       ipr_config.overlap,
       clean,
       ipr_config.renoise_time,
-      kind=ipr_config.schedule,
+      kind=kind,
       top_k=ipr_config.top_k,
   )
   proto_len = ipr_table.prototypes.shape[1]
@@ -235,7 +239,9 @@ def _refinement(
     srm_schedule = lookup_schedule(table, jnp.sum(inputs.srm_unknown, axis=1), proto_len, order)
   query = None
   if ipr_config.queries_uncertainty:
-    query = iterate_query(denoiser, inputs.candidates, inputs.keys, ipr_config)
+    query = iterate_query(
+        denoiser, inputs.candidates, inputs.keys, ipr_config, sampler_config.noise_flow
+    )
   return Refinement(
       denoiser=denoiser,
       sampler_config=sampler_config,
@@ -255,7 +261,16 @@ def _refinement(
 
 
 def renoise(
-    z, renoised, keys, noise, given: Given, *, patch_size: int, noise_type: str, renoise_time: float
+    z,
+    renoised,
+    keys,
+    noise,
+    given: Given,
+    *,
+    patch_size: int,
+    noise_type: str,
+    renoise_time: float,
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> jax.Array:
   """The start of an IPR iteration: z with the `renoised` patches re-noised (spec §4.5).
 
@@ -267,7 +282,9 @@ def renoise(
     given: the given content, re-pasted.
     patch_size: P.
     noise_type: 'random' (fresh noise from `keys`) or 'fixed'.
-    renoise_time: t0; below 1 the re-noised patches go to z_t0 = (1 - t0) z + t0 eps.
+    renoise_time: t0; below 1 the re-noised patches go to z_t0 = a(t0) z + b(t0) eps (the
+      rectified flow: (1 - t0) z + t0 eps) at the flow's time of t0 (`Flow.adjust_time`).
+    noise_flow: the flow of `SamplerConfig.flow`.
 
   Returns:
     `[B, H, W, C]` float32.
@@ -278,7 +295,7 @@ def renoise(
     fresh = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys)
   noised = fresh
   if renoise_time < 1.0:  # t0 stays a Python float: flow.z_t's 1 - t0 is Python arithmetic.
-    noised = flow.z_t(z, fresh, renoise_time)  # type: ignore[arg-type]
+    noised = noise_flow.z_t(z, fresh, noise_flow.adjust_time(renoise_time))
   pixels = patch_pixel_mask(renoised, patch_grid(z.shape, patch_size), patch_size)
   return given.paste(jnp.where(pixels, noised, z))
 
@@ -337,6 +354,7 @@ def _iteration_start(run: Refinement, carry: _RefineCarry, j, keys, active):
       patch_size=run.denoiser.patch_size,
       noise_type=cfg.noise_type,
       renoise_time=cfg.renoise_time,
+      noise_flow=run.sampler_config.noise_flow,
   )
   order = planned_order(
       regeneration.table,
@@ -412,6 +430,57 @@ def _immediate_stop(run: Refinement, carry: _RefineCarry, j, active) -> _RefineC
   return carry
 
 
+def _regenerate(run: Refinement, j, z_start, waiting, sched, start_time, keys):
+  """Iteration j's generation of its `waiting` patches: the greedy loop, or the time-map loop
+  (`time_map_sampler`) for a time-map schedule of the SRM pass (j = 0) or of the regeneration.
+  Without a time map one greedy loop serves both kinds of iteration (`sched` holds either's
+  rows); with one, `lax.cond` picks the SRM pass's loop or the regeneration's."""
+  ipr_config = run.ipr_config
+
+  def generate(config, steps_per_patch, order_keys):
+    if config.schedule not in schedule_lib.TIME_MAP_SCHEDULES:
+      return greedy_loop(
+          run.denoiser,
+          z_start,
+          run.inputs.given,
+          waiting,
+          keys[:, 2],
+          sched,
+          run.sampler_config,
+          start_time=start_time,
+      )
+    max_steps = None if getattr(config, "max_steps", 0) > 0 else sched.max_steps
+    return time_map_sampler.time_map_loop(
+        run.denoiser,
+        z_start,
+        run.inputs.given,
+        waiting,
+        keys[:, 2],
+        time_map_sampler.time_map_settings(config, steps_per_patch),
+        run.sampler_config,
+        order_keys=order_keys,
+        max_steps=max_steps,
+        start_time=start_time,
+    )
+
+  def regeneration():
+    return generate(
+        ipr_config, ipr_config.renoise_steps_per_patch, fold_keys(keys[:, 0], PLAN_STREAM)
+    )
+
+  def srm_pass():
+    return generate(run.sampler_config, None, fold_keys(run.inputs.keys, PLAN_STREAM))
+
+  if not run.with_srm:
+    return regeneration()
+  time_maps_used = {run.sampler_config.schedule, ipr_config.schedule} & set(
+      schedule_lib.TIME_MAP_SCHEDULES
+  )
+  if not time_maps_used:
+    return srm_pass()
+  return jax.lax.cond(j == 0, srm_pass, regeneration)
+
+
 def _iteration(run: Refinement, carry: _RefineCarry, j):
   """Iteration j of the scan (the SRM pass when j = 0 with it): select, re-noise, regenerate
   with the greedy loop, query, stop. Outputs: (the returned iterate, nfe, the re-noised patches,
@@ -420,16 +489,7 @@ def _iteration(run: Refinement, carry: _RefineCarry, j):
   keys = jax.vmap(lambda k: jax.random.split(k, 3))(fold_keys(run.iteration_keys, j))
   active = ~carry.stopped
   renoised, waiting, z_start, sched, start_time = _iteration_start(run, carry, j, keys, active)
-  out = greedy_loop(
-      run.denoiser,
-      z_start,
-      run.inputs.given,
-      waiting,
-      keys[:, 2],
-      sched,
-      run.sampler_config,
-      start_time=start_time,
-  )
+  out = _regenerate(run, j, z_start, waiting, sched, start_time, keys)
   carry = dataclasses.replace(
       carry, z=jnp.where(active[:, None, None, None], out.z, carry.z), nfe=carry.nfe + out.nfe
   )

@@ -8,6 +8,11 @@ times the per-pixel weight map `[B, H, W, 1]`, broadcast over channels:
   L_sigma = mean(w N(stop(u_hat), sigma).nll(u))  trains the log-variance only
   total   = L_mu + vlb_weight L_vlb + sigma_nll_weight L_sigma
 
+u_hat is the model output in the flow's parameterisation and u the flow's target
+(`flows.Flow.target`): the velocity eps - x of the default rectified flow, else the
+velocity, eps or v of `config.flow` (`ipr_jax.noise.flows`), whose z_t, reverse kernel
+and posterior the VLB uses.
+
 As in the reference, the two auxiliary terms are added only when
 step > aux_after_step (default 0, so not on the very first step).
 """
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ipr_jax.models.denoiser import DenoiserOutput, srm_head
-from ipr_jax.noise import flow
+from ipr_jax.noise import flows
 from ipr_jax.noise.gaussian import DiagonalGaussian
 
 VLB_TIME_STEP = 1e-3
@@ -49,35 +54,39 @@ def vlb_bits(
     t: jax.Array,
     time_step: float = VLB_TIME_STEP,
     time_eps: float = TIME_EPS,
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> jax.Array:
   """Per-element VLB term in bits: KL(q || p), or -log p(x) at the last step.
 
   p = reverse_kernel(stop_gradient(u_hat), z_t, t, s, alpha = 1, v) and
-  q = posterior_q(x, eps, t, s). Where s < time_eps (so s = 0) the discretized
-  negative log-likelihood of x under p replaces the KL.
+  q = posterior_q(x, eps, t, s) of `noise_flow`. Where s < time_eps (so s = 0) the
+  discretized negative log-likelihood of x under p replaces the KL.
 
   Args:
-    u_hat: `[B, H, W, C]` predicted velocity (gradient stopped here).
+    u_hat: `[B, H, W, C]` model output in the flow's parameterisation (gradient stopped
+      here).
     v: `[B, H, W, C]` learned-range weight.
     x: `[B, H, W, C]` data in [-1, 1].
     eps: `[B, H, W, C]` the noise used for z_t.
-    t: `[B, H, W, 1]` times.
+    t: `[B, H, W, 1]` times (the flow's, `Flow.adjust_time`).
     time_step: the reference's 1e-3.
     time_eps: the reference's 1e-5.
+    noise_flow: the flow (default: rectified).
 
   Returns:
     `[B, H, W, C]` bits.
   """
   s, nll_branch = vlb_step_times(t, time_step, time_eps)
-  z = flow.z_t(x, eps, t)
-  p = flow.reverse_kernel(jax.lax.stop_gradient(u_hat), z, t, s, v, 1.0)
-  q = flow.posterior_q(x, eps, t, s)
+  z = noise_flow.z_t(x, eps, t)
+  p = noise_flow.reverse_kernel(jax.lax.stop_gradient(u_hat), z, t, s, v, 1.0)
+  q = noise_flow.posterior_q(x, eps, t, s)
   nats = jnp.where(nll_branch, -p.discretized_log_likelihood(x), q.kl(p))
   return nats / math.log(2.0)
 
 
 def sigma_nll(u_hat: jax.Array, sigma: jax.Array, target: jax.Array) -> jax.Array:
-  """Per-element NLL of the velocity target under N(stop_gradient(u_hat), sigma^2)."""
+  """Per-element NLL of the target (in the flow's parameterisation) under
+  N(stop_gradient(u_hat), sigma^2)."""
   gaussian = DiagonalGaussian.from_std(jax.lax.stop_gradient(u_hat), sigma)
   return gaussian.nll(target)
 
@@ -96,6 +105,7 @@ def srm_loss(
     sigma_nll_weight: float = SIGMA_NLL_WEIGHT,
     vlb_time_step: float = VLB_TIME_STEP,
     time_eps: float = TIME_EPS,
+    noise_flow: flows.Flow = flows.RECTIFIED,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The SRM training objective.
 
@@ -103,8 +113,9 @@ def srm_loss(
     output: DenoiserOutput, or the raw `[B, H, W, 2d+1]` network output (then
       `patch_size` is required and `srm_head` splits it).
     x: `[B, H, W, d]` clean data in [-1, 1].
-    eps: `[B, H, W, d]` standard normal noise that made z_t = (1 - t) x + t eps.
-    t_pix: `[B, H, W, 1]` per-pixel times.
+    eps: `[B, H, W, d]` standard normal noise that made z_t = a(t) x + b(t) eps
+      ((1 - t) x + t eps for the rectified flow).
+    t_pix: `[B, H, W, 1]` per-pixel times (the flow's, `Flow.adjust_time`).
     w_pix: `[B, H, W, 1]` per-pixel loss weights.
     patch_size: only for a raw `output`.
     step: current optimizer step (int or scalar array). The VLB and sigma terms
@@ -114,6 +125,7 @@ def srm_loss(
     sigma_nll_weight: weight of L_sigma (0.01).
     vlb_time_step: VLB step size t - s.
     time_eps: s below this takes the NLL branch.
+    noise_flow: the flow of z_t, of the target and of the VLB's kernels (default: rectified).
 
   Returns:
     (total loss, metrics). Metrics 'mse', 'vlb', 'sigma_nll' are the weighted
@@ -130,11 +142,11 @@ def srm_loss(
   if t_pix.shape != expected_map or w_pix.shape != expected_map:
     raise ValueError(f"t_pix {t_pix.shape} and w_pix {w_pix.shape} must have shape {expected_map}")
 
-  target = flow.velocity_target(x, eps)
+  target = noise_flow.target(x, eps, t_pix)
   weight = jnp.broadcast_to(w_pix, x.shape)
 
   mse_per_element = (output.u - target) ** 2
-  vlb_per_element = vlb_bits(output.u, output.v, x, eps, t_pix, vlb_time_step, time_eps)
+  vlb_per_element = vlb_bits(output.u, output.v, x, eps, t_pix, vlb_time_step, time_eps, noise_flow)
   sigma_per_element = jnp.broadcast_to(sigma_nll(output.u, output.sigma, target), x.shape)
 
   mse = jnp.mean(weight * mse_per_element)

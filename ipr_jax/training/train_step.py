@@ -9,6 +9,7 @@ batch (`ipr_jax.training.trainer` runs the loop around it).
 import json
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,10 +17,9 @@ import optax
 
 from ipr_jax import build
 from ipr_jax import tasks
+from ipr_jax.build import config_base
 from ipr_jax.data import geometry
 from ipr_jax.models import denoiser
-from ipr_jax.models import unet
-from ipr_jax.noise import flow
 from ipr_jax.noise import time_sampler
 from ipr_jax.runtime import errors
 from ipr_jax.runtime import train_state as train_state_lib
@@ -79,7 +79,7 @@ def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    model: unet.UNet,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     axis_name: str | None = "batch",
 ) -> Callable[..., Any]:
@@ -103,6 +103,7 @@ def make_train_step(
   ts, loss_cfg = config.time_sampler, config.loss
   ema_decay = float(config.optim.ema_decay)
   schedule = build.learning_rate_schedule(config)
+  noise_flow = config_base.noise_flow(config)
 
   accum = grad_accum_steps(config)
 
@@ -130,7 +131,8 @@ def make_train_step(
     if "mask" in batch:  # given cells: t = 0 (clean context) and no loss (spec §3.2)
       t_pix, w_pix = time_sampler.apply_condition_mask(t_pix, w_pix, batch["mask"])
     eps = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_noise)
-    z = flow.z_t(x, eps, t_pix)
+    t_pix = noise_flow.adjust_time(t_pix)  # the model sees the flow's time, as when sampling
+    z = noise_flow.z_t(x, eps, t_pix)
 
     def loss_fn(params):
       def apply_one(z1, t1, key):
@@ -152,6 +154,7 @@ def make_train_step(
           sigma_nll_weight=loss_cfg.sigma_nll_weight,
           vlb_time_step=loss_cfg.vlb_time_step,
           time_eps=loss_cfg.time_eps,
+          noise_flow=noise_flow,
       )
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -205,7 +208,7 @@ def make_train_step(
 
 # Sections of the config that the compiled train step depends on.
 _STEP_SECTIONS = ("task", "data", "model", "time_sampler", "loss", "optim")
-_STEP_FIELDS = ("remat", "grad_accum_steps")
+_STEP_FIELDS = ("remat", "grad_accum_steps", "flow")
 _P_TRAIN_STEPS: dict[str, Callable[..., Any]] = {}
 
 

@@ -56,6 +56,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from flax import jax_utils
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -65,7 +66,6 @@ import optax
 from ipr_jax import build
 from ipr_jax import tasks
 from ipr_jax.data import geometry
-from ipr_jax.models import unet
 from ipr_jax.runtime import checkpoint
 from ipr_jax.runtime import errors
 from ipr_jax.runtime import preemption as preemption_lib
@@ -391,7 +391,7 @@ def _build_and_restore(
 def _start_loop(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
-    model: unet.UNet,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     task: Any,
     weight_table: jax.Array,

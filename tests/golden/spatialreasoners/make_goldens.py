@@ -511,10 +511,71 @@ def make_samplers():
   save("samplers.npz", arrays, conf)
 
 
+def make_tokenizer():
+  """The framework's image tokenizer for the DiT (`ImageDiTTokenizer` with an `ImageVariableMapper`)
+  on a 2-channel 12x12 image: variables of 4x4 pixels (3x3 = 9), 2x2 tokens per variable (36).
+  Stores how it packs pixels into tokens, the token coordinates, the per-token times and how it
+  reassembles a model output into variables and the image."""
+  from spatialreasoners.variable_mapper.image_variable_mapper import (
+      ImageVariableMapper,
+      ImageVariableMapperCfg,
+  )
+  from spatialreasoners.denoising_model.tokenizer.dit_tokenizer.image_dit_tokenizer import (
+      ImageDiTTokenizerCfg,
+  )
+
+  torch.manual_seed(7)
+  shape, patch, n, B = (2, 12, 12), 4, 2, 2
+  vm = ImageVariableMapper(ImageVariableMapperCfg(variable_patch_size=patch), shape)
+  arrays = {}
+  conf = dict(
+      image_shape_chw=list(shape),
+      variable_patch_size=patch,
+      num_tokens_per_spatial_dim=n,
+      batch=B,
+      seed=7,
+      cases={},
+  )
+  x = torch.randn(B, *shape)
+  t_var = torch.rand(B, 1, vm.num_variables)
+  arrays["x_img"] = x
+  arrays["t_var"] = t_var[:, 0]
+  variables = vm.unstructured_tensor_to_variables(x)
+  arrays["variables"] = variables
+  for name, kw in (
+      ("uncertainty", dict(predict_uncertainty=True)),
+      ("uncertainty_variance", dict(predict_uncertainty=True, predict_variance=True)),
+  ):
+    tok = ImageDiTTokenizer(ImageDiTTokenizerCfg(num_tokens_per_spatial_dim=n), vm, **kw)
+    inputs = tok.variables_to_model_inputs(variables[:, None], t_var)
+    out = torch.randn(B, inputs.z_t.shape[1], tok.model_d_out)
+    pred = tok.model_outputs_to_variable_predictions(out, B, 1)
+    arrays[f"{name}/z_tokens"] = inputs.z_t
+    arrays[f"{name}/t_tokens"] = inputs.t
+    arrays[f"{name}/coords_xy"] = inputs.token_coordinates_xy[0]
+    arrays[f"{name}/coords_ij"] = inputs.token_coordinates_ij[0]
+    arrays[f"{name}/model_out"] = out
+    arrays[f"{name}/mean_variables"] = pred.mean_theta[:, 0]
+    arrays[f"{name}/mean_img"] = vm.variables_tensor_to_unstructured(pred.mean_theta[:, 0])
+    arrays[f"{name}/logvar_variables"] = pred.logvar_theta[:, 0]
+    if pred.variance_theta is not None:
+      arrays[f"{name}/v_variables"] = pred.variance_theta[:, 0]
+    conf["cases"][name] = dict(
+        kw,
+        model_d_in=tok.model_d_in,
+        model_d_data=tok.model_d_data,
+        model_d_out=tok.model_d_out,
+        token_grid_size=tok.token_grid_size,
+    )
+  save("image_dit_tokenizer.npz", arrays, conf)
+
+
 if __name__ == "__main__":
-  which = sys.argv[1:] or ["dit", "lightning_dit", "flows", "counts", "samplers"]
+  which = sys.argv[1:] or ["dit", "lightning_dit", "flows", "counts", "samplers", "tokenizer"]
   if "samplers" in which:
     make_samplers()
+  if "tokenizer" in which:
+    make_tokenizer()
   if "dit" in which:
     make_dit("dit", "dit_tiny.npz", 0)
   if "lightning_dit" in which:
