@@ -150,6 +150,14 @@ VERIFIER_FREE = {
         "sampler.schedule": "graph_sequential",
         "ipr.schedule": "graph_sequential",
     },
+    "time_maps_inverse_raster": {
+        "sampler.schedule": "adaptive_inverse",
+        "ipr.schedule": "raster",
+    },
+    "time_maps_softmax_mask_git": {
+        "sampler.schedule": "adaptive_softmax",
+        "ipr.schedule": "mask_git",
+    },
 }
 
 
