@@ -152,3 +152,85 @@ def test_the_table_refuses_weights_that_are_not_the_trained_ones(tmp_path):
   runs = {name: module.load(tmp_path, name) for name in ("unet_rectified", "unet_cosine")}
   with pytest.raises(SystemExit, match="training stopped at step 50 of 100"):
     module.table(runs, module.load_costs(tmp_path))
+
+
+_NAMES = ("unet_rectified", "dit_rectified", "unet_cosine")
+
+
+def _committed(name):
+  folder = _COMMITTED / name / "eval" / "ms_hard_test"
+  assert (
+      folder / "results.json"
+  ).is_file(), f"{folder} is not committed (experiments/transformer/run_equal_compute.sh evaluate)"
+  run = json.loads((folder / "shards" / "run.json").read_text())
+  with np.load(folder / "puzzles.npz") as f:
+    puzzles = {key: f[key] for key in f.files}
+  return run, puzzles
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_the_committed_runs_are_the_papers_ipr_on_1000_hard_puzzles_of_seed_35(name):
+  """Each model on the same 1,000 hard puzzles (0-5 of 16 cells given), the paper's IPR to
+  budget 30, and each puzzle's passes 3n + b (2k + 8): 3 SRM steps per unknown cell, then k =
+  max(1, n // 4) cells regenerated in 10 steps at overlap 0.8 per iteration."""
+  run, puzzles = _committed(name)
+  assert (run["eval"]["seed"], run["eval"]["num_puzzles"]) == (35, 1000)
+  assert tuple(run["eval"]["given_range"]) == (0, 5)
+  ipr = run["ipr"]
+  assert (ipr["budget"], ipr["chains"], ipr["selection"], ipr["return_iterate"]) == (
+      30,
+      1,
+      "random",
+      "last",
+  )
+  unknown = puzzles["unknown_patches"]
+  np.testing.assert_array_equal(16 - unknown, puzzles["num_given"])
+  assert unknown.min() >= 11
+  k = np.maximum(1, unknown // 4)
+  expected = np.stack([3 * unknown + b * (2 * k + 8) for b in range(31)], axis=1)
+  np.testing.assert_array_equal(puzzles["nfe"], expected)
+  reference, reference_puzzles = _committed("unet_rectified")
+  np.testing.assert_array_equal(np.sort(puzzles["index"]), np.arange(1000))
+  for key in ("index", "unknown_patches"):
+    np.testing.assert_array_equal(puzzles[key], reference_puzzles[key])
+  assert (run["sampler"], run["ipr"]) == (reference["sampler"], reference["ipr"])
+
+
+def test_the_committed_runs_are_the_models_they_are_named_after():
+  records = {name: _committed(name)[0] for name in _NAMES}
+  assert records["dit_rectified"]["model"]["kind"] == "dit"
+  assert (
+      records["dit_rectified"]["model"]["dit"]["hidden"],
+      records["dit_rectified"]["model"]["dit"]["depth"],
+  ) == (192, 6)
+  assert "kind" not in records["unet_rectified"]["model"]  # the U-Net's record, as before
+  assert records["unet_cosine"]["model"] == records["unet_rectified"]["model"]
+  assert records["unet_cosine"].get("flow") == "cosine"
+  assert "flow" not in records["unet_rectified"] and "flow" not in records["dit_rectified"]
+  assert len({r["params_sha256"] for r in records.values()}) == 3
+
+
+def test_the_committed_models_were_trained_at_equal_compute():
+  module = _module()
+  costs = module.load_costs(_COMMITTED)
+  steps = {}
+  for name in _NAMES:
+    config = json.loads((_COMMITTED / name / "train" / "config.json").read_text())
+    kind = config["model"].get("kind", "unet")
+    steps[name] = config["num_train_steps"]
+    assert config["batch_size"] == 32
+    assert costs[kind]["steps"] == steps[name]
+  unet = steps["unet_rectified"] * costs["unet"]["gflop_per_step"]
+  dit = steps["dit_rectified"] * costs["dit"]["gflop_per_step"]
+  assert abs(dit - unet) / unet < 1e-3  # within one DiT step of the U-Net's compute
+  assert steps["unet_cosine"] == steps["unet_rectified"]
+
+
+def test_the_readme_shows_the_scripts_table():
+  module = _module()
+  runs = {name: module.load(_COMMITTED, name) for name in module.RUNS}
+  module.check_like_for_like(runs)
+  readme = (_EXPERIMENTS / "README.md").read_text()
+  assert module.table(runs, module.load_costs(_COMMITTED)) in readme
+  for line in module.paired(runs).splitlines():
+    assert line in readme
