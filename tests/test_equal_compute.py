@@ -107,7 +107,7 @@ def test_paired_counts_the_puzzles_only_one_run_solves(tmp_path):
   lines = module.paired(runs, pairs=(("dit_rectified", "unet_rectified"),)).splitlines()
   # 4 vs 1 discordant: p = 2 (1 + 5) / 32.
   assert lines[0] == (
-      f"- budget 0: dit_rectified only 4, unet_rectified only 1, p = " f"{2 * 6 / 32:.2g}"
+      f"- budget 0: dit_rectified only 4, unet_rectified only 1, p = {2 * 6 / 32:.2g}"
   )
   assert lines[1] == "- budget 30: dit_rectified only 0, unet_rectified only 0, p = 1"
 
