@@ -1,4 +1,5 @@
-"""Tests for several chains per puzzle (`IPRConfig.chains`) and the query of the given cells
+"""Tests for several chains per puzzle (`IPRConfig.chains`), their choice after the final budget
+only (`IPRConfig.choose_at='final_budget'`) and the query of the given cells
 (`IPRConfig.query_cells='all'`).
 
 Expected values come from single-chain runs of the public `srm_ipr` on the keys and noise the
@@ -120,6 +121,48 @@ def test_chain_passes_follow_the_schedules():
     assert result.nfe[b] == k * per_chain[-1]
 
 
+def test_chains_chosen_at_the_final_budget_query_only_the_last_iterates():
+  """choose_at='final_budget': after the final budget the chain of lowest score among the chains'
+  last iterates (each chain's single-chain run, queried with the query of that budget), before
+  it chain 0, the single-chain run; the passes K (SRM + iterations) and G per chain once, at the
+  final budget (from max_steps)."""
+  x, _, noise, mask, unknown = _standard_setup(seed=11)
+  keys = _keys(range(4), seed=3)
+  k, budget, groups, p, overlap = 3, 3, 2, 4, 0.5
+  common = dict(
+      budget=budget,
+      steps_per_patch=p,
+      overlap=overlap,
+      query_cells="all",
+      uncertainty_groups=groups,
+  )
+  config = sampling.IPRConfig(**common, chains=k, choose_at="final_budget")
+  chosen = _run(config, keys, x, noise, mask)
+  # return_iterate='confident' queries every iterate of a chain; its last_iterates are the last.
+  single = []
+  for c in range(k):
+    chain_keys, chain_noise = _chain_inputs(keys, noise, c)
+    config = sampling.IPRConfig(**common, return_iterate="confident")
+    single.append(_run(config, chain_keys, x, chain_noise, mask))
+  last_score = np.stack([np.asarray(s.mean_query_score[-1]) for s in single])  # [K, B]
+  choice = np.argmin(last_score, axis=0)
+  assert len(np.unique(choice)) > 1, "one chain won everywhere: the test shows nothing"
+  np.testing.assert_array_equal(chosen.chosen_chain[-1], choice)
+  np.testing.assert_array_equal(chosen.chosen_chain[:-1], 0)
+  for b in range(4):
+    np.testing.assert_allclose(chosen.z[b], single[choice[b]].last_iterates[-1, b], atol=1e-5)
+    np.testing.assert_allclose(chosen.mean_query_score[-1, b], last_score[choice[b], b], atol=1e-5)
+    np.testing.assert_allclose(chosen.iterates[:-1, b], single[0].last_iterates[:-1, b], atol=1e-5)
+  assert np.isnan(chosen.mean_query_score[:-1]).all()
+  for b, n in enumerate(unknown):
+    per_chain = [schedule.max_steps(n, 3, 0.5)]
+    for _ in range(budget):
+      per_chain.append(per_chain[-1] + schedule.max_steps(max(1, int(n * 0.25)), p, overlap))
+    per_chain[-1] += groups
+    np.testing.assert_array_equal(chosen.nfe_per_budget[:, b], k * np.array(per_chain))
+    assert chosen.nfe[b] == k * per_chain[-1]
+
+
 def test_chains_read_neither_the_solution_nor_a_verifier():
   """The chosen samples do not change when the content under the mask (the solution the
   generated cells hide) changes; a verifier handed to the chains is refused."""
@@ -189,6 +232,10 @@ def test_query_cells_all_scores_the_given_cells():
         (dict(chains=2, mode="correction"), "mode"),
         (dict(chains=2, immediate_stop=True), "immediate_stop"),
         (dict(query_cells="given"), "query_cells"),
+        (dict(chains=2, choose_at="first_budget"), "choose_at"),
+        (dict(choose_at="final_budget"), "choose_at='final_budget' needs chains > 1"),
+        (dict(chains=2, choose_at="final_budget", selection="uncertainty"), "selection='uncert"),
+        (dict(chains=2, choose_at="final_budget", return_iterate="confident"), "return_iterate"),
     ],
 )
 def test_bad_chain_settings_raise_naming_the_field(settings, named):
@@ -196,10 +243,12 @@ def test_bad_chain_settings_raise_naming_the_field(settings, named):
     sampling.IPRConfig(**settings)
 
 
-def test_the_evaluation_binary_runs_chains(tmp_path):
+@pytest.mark.parametrize("choose_at", ["every_budget", "final_budget"])
+def test_the_evaluation_binary_runs_chains(tmp_path, choose_at):
   """`--config.ipr.chains=2 --config.ipr.query_cells=all` on the shipped model through the
-  binary: each puzzle's passes from the formulas, 2 (3n + G + b (2k + 8 + G)), and the setting
-  in results.json."""
+  binary: each puzzle's passes from the formulas, 2 (3n + G + b (2k + 8 + G)), with
+  choose_at=final_budget 2 (3n + b (2k + 8)) and 2G more at the final budget; the setting in
+  results.json."""
   done = subprocess.run(
       [
           sys.executable,
@@ -211,6 +260,7 @@ def test_the_evaluation_binary_runs_chains(tmp_path):
           "--config.ipr.budget=1",
           "--config.ipr.chains=2",
           "--config.ipr.query_cells=all",
+          f"--config.ipr.choose_at={choose_at}",
           f"--workdir={tmp_path}",
       ],
       capture_output=True,
@@ -224,8 +274,14 @@ def test_the_evaluation_binary_runs_chains(tmp_path):
   with np.load(run / "puzzles.npz") as f:
     unknown, nfe, valid = f["unknown_patches"], f["nfe"], f["valid"]
   k, groups = np.maximum(1, unknown // 4), 4
-  expected = np.stack([2 * (3 * unknown + groups + b * (2 * k + 8 + groups)) for b in range(2)], 1)
+  if choose_at == "every_budget":
+    expected = np.stack(
+        [2 * (3 * unknown + groups + b * (2 * k + 8 + groups)) for b in range(2)], 1
+    )
+  else:
+    expected = np.stack([2 * (3 * unknown), 2 * (3 * unknown + 2 * k + 8 + groups)], 1)
   np.testing.assert_array_equal(nfe, expected)
   assert valid.dtype == bool and valid.shape == (6, 2)
   metadata = json.loads((run / "results.json").read_text())["metadata"]
   assert (metadata["ipr"]["chains"], metadata["ipr"]["query_cells"]) == (2, "all")
+  assert metadata["ipr"]["choose_at"] == choose_at

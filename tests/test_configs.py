@@ -105,6 +105,7 @@ SCHEMA = {
         "softmax_scale",
         "query_cells",
         "chains",
+        "choose_at",
     ],
     "eval": ["name", "num_puzzles", "batch_size", "seed", "given_range"],
 }

@@ -135,6 +135,12 @@ VERIFIER_FREE = {
         "ipr.return_iterate": "confident",
     },
     "chains_balanced": {"ipr.chains": 2, "ipr.query_cells": "balanced"},
+    "chains_final_budget_cheap": {
+        "ipr.chains": 2,
+        "ipr.query_cells": "balanced",
+        "ipr.choose_at": "final_budget",
+        "ipr.steps_per_patch": 5,
+    },
     "chains_confident_all": {
         "ipr.chains": 3,
         "ipr.query_cells": "all",

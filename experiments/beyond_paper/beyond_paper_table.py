@@ -70,14 +70,16 @@ def runs(seed_dir: pathlib.Path) -> dict:
   return found
 
 
-def check_like_for_like(found: dict, required=FINAL_RUNS) -> None:
-  """Raises SystemExit unless every split has every run of `required`, all made by one code
-  record in one environment (machine, packages, devices) with one model."""
+def check_like_for_like(found: dict, required=FINAL_RUNS, splits=SPLITS) -> None:
+  """Raises SystemExit unless every split of `splits` has every run of `required`, all made by
+  one code record in one environment (machine, packages, devices) with one model."""
   missing = [
-      f"{split}/{name}" for split in SPLITS for name in required if (split, name) not in found
+      f"{split}/{name}" for split in splits for name in required if (split, name) not in found
   ]
   if missing:
-    raise SystemExit(f"missing runs: {', '.join(missing)} (run_beyond_paper.sh final, baselines)")
+    raise SystemExit(f"missing runs: {', '.join(missing)} (their run script's final stages)")
+  if not found:
+    raise SystemExit("no runs found")
   records: dict = {}
   for key, saved in found.items():
     meta = saved["metadata"]

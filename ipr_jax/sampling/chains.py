@@ -6,7 +6,9 @@ batch is chain c of puzzle b. Chain 0 keeps the puzzle's key and initial noise, 
 single-chain run; chain c > 0 draws its key from fold_in(fold_in(key, CHAIN_STREAM), c) and its
 noise from fold_in(chain key, NOISE_STREAM) (CHAIN_STREAM = 5, NOISE_STREAM = 3: `inputs.py`).
 After each budget the result of a puzzle is its chain with the lowest mean query score
-(`query.py`; ties to the lowest chain): `IPRResult.chosen_chain`. Nothing here can read a task's
+(`query.py`; ties to the lowest chain): `IPRResult.chosen_chain`. With choose_at='final_budget'
+only the last iterates are queried and chosen among; before the final budget the result is
+chain 0, which is the single-chain run. Nothing here can read a task's
 scores: the sampler never receives a scorer, and the choice reads only the query's scores.
 """
 
@@ -76,12 +78,15 @@ def total(x: jax.Array, chains: int) -> jax.Array:
 def choose_chains(result, ipr_config):
   """The `IPRResult` of B puzzles from `result`, that of their K = ipr_config.chains chains each:
   after each budget the chain with the lowest mean query score (its iterate, last iterate and
-  query score; which chain: `chosen_chain` `[budget + 1, B]`); the passes summed over the chains;
+  query score; which chain: `chosen_chain` `[budget + 1, B]`; with choose_at='final_budget' after
+  the final budget only, chain 0 before); the passes summed over the chains;
   the final sample and its records (stop budget, re-noised patches, SRM order) of the chain
   chosen after the last budget."""
   k = ipr_config.chains
   score = chain_scores(result.mean_query_score, ipr_config.return_iterate == "confident")
   chosen_chain = lowest_score_chain(score, k)  # [budget + 1, B]
+  if not ipr_config.chooses_every_budget:  # No choice before the final budget: chain 0.
+    chosen_chain = chosen_chain.at[:-1].set(0)
   per_budget = lambda x: pick(x, chosen_chain, k)
   final = lambda x: pick_final(x, chosen_chain[-1], k)
   last_iterates = None

@@ -26,6 +26,7 @@ UNCERTAINTY_SCORES = ("nll", "sigma")
 RATIO_SCHEDULES = ("constant", "linear")
 RETURN_ITERATES = ("last", "confident")
 QUERY_CELLS = ("candidates", "all", "balanced")
+CHAIN_CHOICES = ("every_budget", "final_budget")
 # The SRM sampler family (`ipr_jax.noise.schedule.SCHEDULES`): the block schedules, then the
 # SRM authors' framework's time-map schedules (`ipr_jax.sampling.time_maps`).
 BLOCK_SCHEDULES = ("adaptive", "fixed", "random_sequential", "graph_sequential")
@@ -320,6 +321,15 @@ class IPRConfig(_DocumentedFields):
       "the chain whose returned iterate has the lowest mean query score; the passes of every "
       "chain are counted. Standard mode only; not with immediate_stop.",
   )
+  choose_at: str = _field(
+      "every_budget",
+      "When chains > 1 choose: 'every_budget' (every iterate of every chain queried, the "
+      "choice made after each budget) or 'final_budget' (only each chain's last iterate "
+      "queried, once, after the final budget: uncertainty_groups passes per chain instead of "
+      "uncertainty_groups (budget + 1); the rows of the earlier budgets report chain 0, with "
+      "every chain's passes counted). 'final_budget' needs chains > 1, selection='random' and "
+      "return_iterate='last' (the settings that read no earlier query).",
+  )
 
   def __post_init__(self):
     _coerce(
@@ -366,6 +376,7 @@ class IPRConfig(_DocumentedFields):
         ("ratio_schedule", RATIO_SCHEDULES),
         ("return_iterate", RETURN_ITERATES),
         ("query_cells", QUERY_CELLS),
+        ("choose_at", CHAIN_CHOICES),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -380,6 +391,14 @@ class IPRConfig(_DocumentedFields):
       raise ValueError(
           f"chains={self.chains} cannot be combined with immediate_stop=True: the chain is "
           "chosen by the model's own score, not by the task's check."
+      )
+    if self.choose_at == "final_budget" and (
+        self.chains < 2 or self.selection != "random" or self.return_iterate != "last"
+    ):
+      raise ValueError(
+          "choose_at='final_budget' needs chains > 1, selection='random' and "
+          f"return_iterate='last' (nothing else may read an earlier query), got chains="
+          f"{self.chains}, selection={self.selection!r}, return_iterate={self.return_iterate!r}."
       )
     if self.uncertainty_groups < 1:
       raise ValueError(
@@ -405,6 +424,11 @@ class IPRConfig(_DocumentedFields):
   def queries_uncertainty(self) -> bool:
     """Whether iterations run the uncertainty query (it costs denoiser passes)."""
     return self.selection == "uncertainty" or self.return_iterate == "confident" or self.chains > 1
+
+  @property
+  def chooses_every_budget(self) -> bool:
+    """Whether chains > 1 choose after every budget (and so query every iterate)."""
+    return self.chains > 1 and self.choose_at == "every_budget"
 
   @property
   def renoise_steps_per_patch(self) -> int:

@@ -30,7 +30,8 @@ program, keys and samples unchanged, checked against runs stored before the vari
   (an iterate's score: `query.iterate_score`).
 * chains=K > 1: K independent SRM + IPR chains per puzzle in a batch of K x B (`chains.py`); each
   budget's result is the chain with the lowest mean query score (`IPRResult.chosen_chain`);
-  passes are summed over chains.
+  passes are summed over chains. choose_at='final_budget' queries only the chains' last
+  iterates and chooses once, after the final budget (chain 0 before it).
 
 Verifier-free by construction: nothing here receives a task's scorer or a solution. The sampler
 returns the iterate of every puzzle after every budget (`IPRResult.iterates`) and the caller

@@ -158,8 +158,20 @@ class Refinement:
 
   @property
   def scores_every_iterate(self) -> bool:
-    """Whether the last iterate is queried too (its score ranks it among iterates or chains)."""
-    return self.confident or self.ipr_config.chains > 1
+    """Whether every iterate is queried (its score ranks it among iterates or chains after each
+    budget)."""
+    return self.confident or self.ipr_config.chooses_every_budget
+
+  def queries_after(self, j):
+    """Whether the iterate of iteration j is queried: every one where scores rank them; with
+    chains chosen at the final budget only the last; else (the uncertainty-guided selection)
+    all but the last, which no selection follows."""
+    last = j == self.num_iterations - 1
+    if self.scores_every_iterate:
+      return True
+    if self.ipr_config.chains > 1:
+      return last
+    return ~last
 
 
 @flax.struct.dataclass
@@ -387,11 +399,9 @@ def _query_and_track(run: Refinement, carry: _RefineCarry, j, active):
   query = run.query
   if query is None:
     return carry, None
-  # With return_iterate='last' and one chain the last iterate is never ranked: skip its query.
-  needed = True if run.scores_every_iterate else j < run.num_iterations - 1
   batch = run.inputs.candidates.shape[0]
   cells, cost = jax.lax.cond(
-      needed,
+      run.queries_after(j),
       lambda: query.patch_scores(carry.z, j + 1, active),
       lambda: (jnp.full_like(carry.cells, jnp.nan), jnp.zeros([batch], jnp.int32)),
   )
