@@ -68,6 +68,9 @@ SLOW_TESTS: dict[str, dict[str, str]] = {
     },
     "test_chains.py": {
         "test_chains_are_single_chain_runs_and_the_lowest_score_wins": "111 s",
+        "test_chains_chosen_at_the_final_budget_query_only_the_last_iterates": (
+            "22 s beside an evaluation, compile cache warm"
+        ),
         "test_chains_read_neither_the_solution_nor_a_verifier": "24 s",
         "test_query_cells_all_scores_the_given_cells": "43 s",
         "test_the_evaluation_binary_runs_chains": "196 s",
