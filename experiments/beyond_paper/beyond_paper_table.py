@@ -149,15 +149,30 @@ def paired(seed_dir: pathlib.Path, runs=FINAL_RUNS) -> str:
   return "\n".join(lines)
 
 
-def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
+def plot_splits(path: pathlib.Path, draw) -> None:
+  """One panel per split of `SPLITS`, valid rate against mean passes, saved to `path`; `draw(ax,
+  split)` draws a split's curves."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  found = runs(seed_dir)
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
   for ax, split in zip(axes, SPLITS):
+    draw(ax, split)
+    ax.set_title(f"{split}, 1,000 puzzles of eval seed 35")
+    ax.set_xlabel("mean denoiser passes per puzzle")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel("valid rate (%)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
+  found = runs(seed_dir)
+
+  def draw(ax, split):
     curves = {name: saved for (s, name), saved in found.items() if s == split}
     for name, saved in sorted(curves.items()):
       budgets = saved["budgets"]
@@ -172,13 +187,8 @@ def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
           color=colour,
           alpha=0.15,
       )
-    ax.set_title(f"{split}, 1,000 puzzles of eval seed 35")
-    ax.set_xlabel("mean denoiser passes per puzzle")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  axes[0].set_ylabel("valid rate (%)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+
+  plot_splits(path, draw)
 
 
 def main(argv):

@@ -11,21 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/results/beyond_paper}
-export XLA_FLAGS=${XLA_FLAGS:---xla_force_host_platform_device_count=2}
-declare -A PRESET=([hard]=demo [medium]=demo,ms_medium_test [unique]=demo,ms_unique_test)
-BATCH=128
-run() {  # run <seed> <num_puzzles> <split> <name> overrides...
-  seed=$1 num=$2 split=$3 name=$4; shift 4
-  dir="$OUT/seed$seed/$name"
-  if [[ -f "$dir/eval/$split/results.json" ]]; then echo "== $split $name: done"; return; fi
-  mkdir -p "$dir"
-  echo "== seed $seed $split $name $(date -u +%H:%M:%S)"
-  python -m ipr_jax.evaluate --config="mnist_sudoku:${PRESET[$split]}" \
-      --config.eval.seed="$seed" --config.eval.num_puzzles="$num" --config.eval.batch_size="$BATCH" \
-      --config.eval.name="$split" --workdir="$dir" "$@" 2>&1 \
-      | grep -v "^I1\|^W1\|Warning" > "$dir/$split.log"
-  tail -2 "$dir/$split.log"
-}
+source experiments/beyond_paper/eval_runs.sh  # PRESET, BATCH=128 and run()
 CHAINS3="--config.ipr.chains=3 --config.ipr.budget=6"
 CHAINS10="--config.ipr.chains=10 --config.ipr.budget=0"
 ALL="--config.ipr.query_cells=all"

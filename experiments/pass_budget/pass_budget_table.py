@@ -28,7 +28,13 @@ import numpy as np
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent / "beyond_paper"))
 # pylint: disable=wrong-import-position
-from beyond_paper_table import _provenance, check_like_for_like, runs, sign_test  # noqa: E402
+from beyond_paper_table import (  # noqa: E402
+    _provenance,
+    check_like_for_like,
+    plot_splits,
+    runs,
+    sign_test,
+)
 from sampler_family_table import _rate, _within  # noqa: E402
 
 _RESULTS = _HERE.parent / "results" / "pass_budget"
@@ -94,11 +100,6 @@ def chosen_row(saved) -> dict:
   return saved["budgets"][-1]
 
 
-def matched_row(saved, passes: float):
-  """A baseline's row at the largest budget within `passes` mean passes (None if none)."""
-  return _within(saved["budgets"], passes)
-
-
 def final_table(seed_dir: pathlib.Path) -> str:
   found = runs(seed_dir)
   lines = [
@@ -110,7 +111,7 @@ def final_table(seed_dir: pathlib.Path) -> str:
     row = chosen_row(ours)
     rows = [(CHOSEN, ours, row)]
     rows += [
-        (name, found[(split, name)], matched_row(found[(split, name)], row["mean_nfe"]))
+        (name, found[(split, name)], _within(found[(split, name)]["budgets"], row["mean_nfe"]))
         for name in BASELINES
     ]
     for name, saved, picked in rows:
@@ -143,7 +144,7 @@ def paired(seed_dir: pathlib.Path) -> str:
     row = chosen_row(found[(split, CHOSEN)])
     ours = _valid(seed_dir, CHOSEN, split, row["budget"])
     for name in BASELINES:
-      picked = matched_row(found[(split, name)], row["mean_nfe"])
+      picked = _within(found[(split, name)]["budgets"], row["mean_nfe"])
       if picked is None:
         raise SystemExit(f"{split}/{name} has no budget within {row['mean_nfe']:.0f} passes")
       theirs = _valid(seed_dir, name, split, picked["budget"])
@@ -157,35 +158,28 @@ def paired(seed_dir: pathlib.Path) -> str:
 
 
 def plot(seed_dir: pathlib.Path, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   found = runs(seed_dir)
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-  for ax, split in zip(axes, SPLITS):
+
+  def draw(ax, split):
     for colour, name in zip(("C0", "C2", "C1"), FINAL_RUNS):
       saved = found[(split, name)]
-      label = f"{name}: {setting(saved['metadata'])}"
       rows = [chosen_row(saved)] if name == CHOSEN else saved["budgets"]
-      x = [row["mean_nfe"] for row in rows]
-      y = [100 * row["valid_rate"] for row in rows]
       err = [
           [100 * (r["valid_rate"] - r["valid_ci_low"]) for r in rows],
           [100 * (r["valid_ci_high"] - r["valid_rate"]) for r in rows],
       ]
-      style = "*" if name == CHOSEN else ".-"
       ax.errorbar(
-          x, y, yerr=err, fmt=style, color=colour, label=label, markersize=9, capsize=3, alpha=0.9
+          [r["mean_nfe"] for r in rows],
+          [100 * r["valid_rate"] for r in rows],
+          yerr=err,
+          fmt="*" if name == CHOSEN else ".-",
+          color=colour,
+          label=name,  # the settings are in the table
+          markersize=9,
+          capsize=3,
       )
-    ax.set_title(f"{split}, 1,000 puzzles of eval seed 35")
-    ax.set_xlabel("mean denoiser passes per puzzle")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  axes[0].set_ylabel("valid rate (%)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+
+  plot_splits(path, draw)
 
 
 def main(argv):
